@@ -1,0 +1,345 @@
+"""Training throughput of the policy model: our megatron-core GPTModel vs Hugging Face transformers.
+
+One process, one device. Each run builds a randomly initialised model of the given shape (default: the
+Qwen2.5-1.5B / OpenMath-Nemotron-1.5B shape), trains a few steps on one packed micro-batch of `seq` tokens
+(a single sequence, causal) with the same loss and optimizer for both implementations, and records
+tokens/s, MFU against the card's dense bf16 peak, and peak memory. Runs are written to a JSON file naming
+the card.
+
+Loss (both): -mean(advantage * log p(target)) with random +-1 advantages, a stand-in for the policy-gradient
+loss. Our head is `chunked_logprobs` on the final hidden states (no full logits); transformers' head is its
+own full logits followed by an fp32 log-softmax, as its causal-LM loss does. Optimizer (both): torch AdamW
+(fused on CUDA) directly on the bf16 parameters.
+
+A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
+  recompute=none|full|selective  activation recompute (hf: none|full = gradient checkpointing per layer)
+  layers=N                        mcore, recompute=full: recompute only the first N layers
+  fusions=0|1                     mcore: megatron's torch.compile'd SwiGLU / bias-dropout-add (default 1)
+  compile=0|1                     torch.compile every decoder layer (both impls)
+  sdpa=auto|flash|cudnn|efficient SDPA backend for the run
+  chunk=N                         mcore: tokens per log-prob chunk (default 4096)
+  docs=N                          mcore: pack N equal causal sequences into the micro-batch (THD, default 1)
+
+GPU:  python bench/bench_train.py --device cuda --preset h100 --out bench/results/train_h100.json
+CPU smoke test (tiny shapes): python bench/bench_train.py --device cpu --tiny --out /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA initialises
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+QWEN25_15B = dict(
+    model_type="qwen2",
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=131072,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+)
+TINY = {
+    **QWEN25_15B,
+    "vocab_size": 1000,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched on torch.cuda.get_device_name().
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0)]
+
+PRESETS: dict[str, list[str]] = {
+    "none": [],
+    "h100": [
+        "8192/hf:recompute=none",
+        "8192/mcore:recompute=none",
+        "8192/hf:recompute=full",
+        "8192/mcore:recompute=full",
+        "8192/mcore:recompute=selective",
+        "8192/mcore:recompute=none,fusions=0",
+        "8192/mcore:recompute=none,sdpa=cudnn",
+        "32768/hf:recompute=full",
+        "32768/mcore:recompute=full",
+        "32768/mcore:recompute=full,layers=20",
+        "8192/mcore:recompute=none,docs=8",
+        "8192/mcore:recompute=none,compile=1",
+        "8192/hf:recompute=none,compile=1",
+    ],
+    "tiny": [
+        "64/hf:recompute=none",
+        "64/mcore:recompute=none",
+        "64/hf:recompute=full",
+        "64/mcore:recompute=full",
+        "64/mcore:recompute=selective",
+        "64/mcore:recompute=full,layers=1,chunk=16",
+        "64/mcore:recompute=none,docs=4",
+    ],
+}
+
+
+@dataclass
+class Run:
+    seq: int
+    impl: str  # mcore | hf
+    options: dict[str, str]
+    status: str = "pending"  # ok | oom | error: ... | skipped: ...
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    step_s: list[float] = field(default_factory=list)
+    peak_mem_gib: float | None = None
+    build_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.seq}/{self.impl}:" + ",".join(f"{k}={v}" for k, v in self.options.items())
+
+
+def parse_run(text: str) -> Run:
+    seq, _, rest = text.partition("/")
+    impl, _, opts = rest.partition(":")
+    if impl not in ("mcore", "hf"):
+        raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
+    options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+    known = {"recompute", "layers", "fusions", "compile", "sdpa", "chunk", "docs"}
+    if set(options) - known:
+        raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
+    return Run(int(seq), impl, options)
+
+
+def flops_per_token(hf: dict, seq: int) -> float:
+    """Model FLOPs of one trained token (forward + backward, no recompute): 6 x matmul parameters (LM head
+    included, embedding lookup not) + causal attention 6 x seq x (heads x head_dim) per layer."""
+    h, layers = hf["hidden_size"], hf["num_hidden_layers"]
+    head_dim = h // hf["num_attention_heads"]
+    q_dim, kv_dim = hf["num_attention_heads"] * head_dim, hf["num_key_value_heads"] * head_dim
+    per_layer = h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * hf["intermediate_size"]
+    matmul_params = layers * per_layer + h * hf["vocab_size"]
+    return 6.0 * matmul_params + 6.0 * layers * seq * q_dim
+
+
+def card_peak_tflops(device: str) -> tuple[str, float | None]:
+    if device != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name()
+    return name, next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+@contextlib.contextmanager
+def sdpa_backend(name: str):
+    if name == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}.get(
+        name, SDPBackend.EFFICIENT_ATTENTION
+    )
+    with sdpa_kernel([backend]):
+        yield
+
+
+# ------------------------------------------------------------------------------------------ models
+def build_mcore(hf: dict, run: Run, device: str):
+    """(model, step_loss(ids, targets, adv) -> loss) for our GPTModel."""
+    from questa_nemo.config import ModelConfig
+    from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
+    from questa_nemo.model.megatron import build_model
+
+    recompute = run.options.get("recompute", "none")
+    cfg = ModelConfig(
+        params_dtype="bf16" if device == "cuda" else "fp32",
+        attention="sdpa",
+        recompute=recompute,
+        recompute_num_layers=int(run.options["layers"]) if "layers" in run.options else None,
+        fusions=run.options.get("fusions", "1") == "1",
+    )
+    model = build_model(hf, cfg)
+    model.train()
+    if run.options.get("compile") == "1":
+        for layer in model.decoder.layers:
+            layer.compile()
+    chunk = int(run.options.get("chunk", 4096))
+    docs = int(run.options.get("docs", 1))
+    packed, positions = None, torch.arange(run.seq, device=device)[None]
+    if docs > 1:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        length = run.seq // docs
+        cu = torch.arange(docs + 1, device=device, dtype=torch.int32) * length
+        cu[-1] = run.seq
+        packed = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=run.seq - cu[-2].item(),
+            max_seqlen_kv=run.seq - cu[-2].item(),
+        )  # fmt: skip
+        positions = (positions - cu[:-1].repeat_interleave(cu.diff()).long()[None]).contiguous()
+
+    def loss_fn(ids: torch.Tensor, targets: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        hidden = final_hidden_states(model, ids, positions, packed_seq_params=packed)  # [s, 1, h]
+        out = chunked_logprobs(
+            hidden, output_weight(model), targets.t(), vocab_size=hf["vocab_size"], chunk_tokens=chunk
+        )
+        return -(out.logprobs * adv.t()).mean()
+
+    return model, loss_fn
+
+
+def build_hf(hf: dict, run: Run, device: str):
+    """(model, step_loss) for transformers' Qwen2ForCausalLM with SDPA attention."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    fields = {k: v for k, v in hf.items() if k != "model_type"}
+    config = Qwen2Config(**fields, use_cache=False)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = Qwen2ForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.train()
+    recompute = run.options.get("recompute", "none")
+    if recompute == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif recompute != "none":
+        raise SystemExit(f"run {run.label}: transformers has recompute none or full only")
+    if run.options.get("compile") == "1":
+        for layer in model.model.layers:
+            layer.compile()
+
+    def loss_fn(ids: torch.Tensor, targets: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=ids).logits  # [1, s, V]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        return -(logprobs * adv).mean()
+
+    return model, loss_fn
+
+
+# ------------------------------------------------------------------------------------------ runner
+def measure(run: Run, hf: dict, device: str, steps: int, warmup: int, peak: float | None) -> None:
+    built_at = time.perf_counter()
+    model, loss_fn = (build_mcore if run.impl == "mcore" else build_hf)(hf, run, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=1e-6, betas=(0.9, 0.95), weight_decay=0.05, fused=device == "cuda"
+    )
+    run.build_s = time.perf_counter() - built_at
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, hf["vocab_size"], (1, run.seq), device=device, generator=g)
+    targets = ids.roll(-1, dims=1)
+    adv = torch.randint(0, 2, (1, run.seq), device=device, generator=g).float() * 2 - 1
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with sdpa_backend(run.options.get("sdpa", "auto")):
+        for step in range(warmup + steps):
+            start = time.perf_counter()
+            loss = loss_fn(ids, targets, adv)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss is {loss.item()}")
+            if step >= warmup:
+                run.step_s.append(time.perf_counter() - start)
+    mean_step = sum(run.step_s) / len(run.step_s)
+    run.tokens_per_s = run.seq / mean_step
+    if peak is not None:
+        run.mfu = run.tokens_per_s * flops_per_token(hf, run.seq) / (peak * 1e12)
+    if device == "cuda":
+        run.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    run.status = "ok"
+
+
+def free_device(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny model shape (CPU smoke test)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    parser.add_argument(
+        "--runs", nargs="*", default=[], help="SEQ/IMPL:key=value,... (added after the preset)"
+    )
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per run (compile, allocator)")
+    parser.add_argument("--time-budget-s", type=float, default=420.0, help="skip runs that start after this")
+    parser.add_argument("--out", type=Path, required=True, help="JSON result file")
+    args = parser.parse_args(argv)
+
+    hf = TINY if args.tiny else QWEN25_15B
+    runs = [parse_run(r) for r in PRESETS.get(args.preset or ("tiny" if args.tiny else "h100"), [])]
+    runs += [parse_run(r) for r in args.runs]
+
+    from questa_nemo.config import ModelConfig
+    from questa_nemo.model.parallel import destroy_distributed, init_distributed
+
+    init_distributed(ModelConfig())
+    card, peak = card_peak_tflops(args.device)
+    began = time.perf_counter()
+    for run in runs:
+        if time.perf_counter() - began > args.time_budget_s:
+            run.status = "skipped: time budget"
+            continue
+        try:
+            measure(run, hf, args.device, args.steps, args.warmup, peak)
+        except torch.OutOfMemoryError:
+            run.status = "oom"
+        except Exception as e:  # one failing variant must not hide the others' numbers
+            run.status = f"error: {type(e).__name__}: {str(e)[:300]}"
+        free_device(args.device)
+        mfu = f"{run.mfu:6.1%}" if run.mfu is not None else "   n/a"
+        tps = f"{run.tokens_per_s:9.0f}" if run.tokens_per_s else "      n/a"
+        mem = f"{run.peak_mem_gib:5.1f} GiB" if run.peak_mem_gib else "      n/a"
+        print(f"{run.label:55s} {tps} tok/s  MFU {mfu}  peak {mem}  {run.status}", flush=True)
+    destroy_distributed()
+
+    import megatron.core
+    import transformers
+
+    result = {
+        "card": card,
+        "peak_bf16_tflops": peak,
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "transformers": transformers.__version__,
+        "model": hf,
+        "flops_per_token": {str(r.seq): flops_per_token(hf, r.seq) for r in runs},
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "runs": [{**asdict(r), "label": r.label} for r in runs],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} ({card})")
+    return 0 if all(r.status in ("ok", "oom") or r.status.startswith("skipped") for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

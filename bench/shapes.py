@@ -1,0 +1,35 @@
+"""Model shapes the GPU benchmarks build with random weights.
+
+QWEN25_1P5B is the Qwen2.5 1.5B shape of the reference policy (OpenMath-Nemotron-1.5B): GQA 12 / 2 heads, q/k/v
+bias, SwiGLU 8960, 28 layers, vocab 151,936, RoPE theta 1e6, untied embeddings as issue 3 states. It is a
+benchmark stand-in only: a real run reads every dimension from the model's own config.json.
+"""
+
+QWEN25_1P5B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "attention_dropout": 0.0,
+    "torch_dtype": "bfloat16",
+}
+
+TINY_QWEN2 = {
+    **QWEN25_1P5B,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 4096,
+}

@@ -1,0 +1,155 @@
+"""Dynamic filtering of groups by success rate, refilling a step's batch, and overlong completions.
+
+A group whose samples all succeed or all fail has zero advantage under any group baseline and carries almost no
+signal under the reference's batch normalisation either; the recipe keeps a group only when its success rate is
+within [0.05, 0.95] and draws more prompts until the step is full (DAPO's dynamic sampling, bounded here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, NamedTuple, TypeVar
+
+import torch
+
+
+@dataclass
+class FilterCounts:
+    """Why groups were kept or dropped; add counts of several prompt batches with `+`."""
+
+    kept: int = 0
+    all_correct: int = 0  # success rate 1
+    all_wrong: int = 0  # success rate 0
+    too_easy: int = 0  # above the upper bound but not all correct
+    too_hard: int = 0  # below the lower bound but not all wrong
+
+    @property
+    def dropped(self) -> int:
+        return self.all_correct + self.all_wrong + self.too_easy + self.too_hard
+
+    def metrics(self) -> dict[str, int]:
+        """For the step log (the trainer adds the `filter/` prefix)."""
+        return {
+            "groups_kept": self.kept,
+            "dropped_all_correct": self.all_correct,
+            "dropped_all_wrong": self.all_wrong,
+            "dropped_too_easy": self.too_easy,
+            "dropped_too_hard": self.too_hard,
+        }
+
+    def __add__(self, other: FilterCounts) -> FilterCounts:
+        return FilterCounts(
+            self.kept + other.kept,
+            self.all_correct + other.all_correct,
+            self.all_wrong + other.all_wrong,
+            self.too_easy + other.too_easy,
+            self.too_hard + other.too_hard,
+        )
+
+
+class GroupFilter(NamedTuple):
+    keep: torch.Tensor  # [num_groups] bool
+    success_rate: torch.Tensor  # [num_groups] float32
+    counts: FilterCounts
+
+
+def filter_groups(correct: torch.Tensor, lower: float, upper: float) -> GroupFilter:
+    """Keep groups whose success rate lies in [lower, upper] (both inclusive, as the reference).
+
+    correct: [num_groups, G] with 1 for a correct sample (the raw correctness, before reward shaping).
+    """
+    rate = (correct > 0).float().mean(dim=-1)
+    keep = (rate >= lower) & (rate <= upper)
+    all_correct = rate == 1.0
+    all_wrong = rate == 0.0
+    counts = FilterCounts(
+        kept=int(keep.sum()),
+        all_correct=int((all_correct & ~keep).sum()),
+        all_wrong=int((all_wrong & ~keep).sum()),
+        too_easy=int(((rate > upper) & ~all_correct).sum()),
+        too_hard=int(((rate < lower) & ~all_wrong).sum()),
+    )
+    return GroupFilter(keep=keep, success_rate=rate, counts=counts)
+
+
+GroupT = TypeVar("GroupT")
+
+
+@dataclass
+class FilledStep(Generic[GroupT]):
+    """The groups of one training step after filtering, and how they were found."""
+
+    groups: list[GroupT]  # at most `target_groups`, in the order they were drawn
+    counts: FilterCounts  # over every group drawn
+    prompt_batches: int  # prompt batches drawn (generated and scored)
+    surplus: int  # kept groups beyond the target, discarded
+    full: bool  # False when the bound on prompt batches was hit first
+
+
+def fill_step(
+    draw: Callable[[], Sequence[GroupT]],
+    correctness: Callable[[GroupT], Sequence[float]],
+    target_groups: int,
+    max_prompt_batches: int,
+    lower: float,
+    upper: float,
+    enabled: bool = True,
+) -> FilledStep[GroupT]:
+    """Draw prompt batches (each one generated and scored by `draw`) until `target_groups` groups pass the filter.
+
+    Draws at most 1 + max_prompt_batches batches (config `algo.max_prompt_batches` bounds the extra ones); a
+    step that is still short runs with fewer groups, and `full` says so. With `enabled` False the first batch
+    is taken as it is. `correctness(group)` gives its G samples' correctness.
+    """
+    kept: list[GroupT] = []
+    counts = FilterCounts()
+    batches = 0
+    while len(kept) < target_groups and batches < 1 + max_prompt_batches:
+        groups = list(draw())
+        batches += 1
+        if not enabled:
+            kept.extend(groups)
+            counts = counts + FilterCounts(kept=len(groups))
+            break
+        if not groups:
+            continue
+        correct = torch.tensor([list(correctness(g)) for g in groups], dtype=torch.float32)
+        result = filter_groups(correct, lower, upper)
+        counts = counts + result.counts
+        kept.extend(g for g, k in zip(groups, result.keep.tolist()) if k)
+    surplus = max(len(kept) - target_groups, 0)
+    return FilledStep(
+        groups=kept[:target_groups],
+        counts=counts,
+        prompt_batches=batches,
+        surplus=surplus,
+        full=len(kept) >= target_groups,
+    )
+
+
+class Overlong(NamedTuple):
+    rewards: torch.Tensor  # [N] raw rewards, truncated ones replaced by the penalty in `penalty` mode
+    sequence_mask: torch.Tensor  # [N] bool, False for completions dropped from the loss in `mask` mode
+    truncated: int  # completions cut at max_new_tokens (finish_reason "length")
+
+
+def handle_overlong(
+    rewards: torch.Tensor, truncated: torch.Tensor, mode: str, penalty: float = 0.0
+) -> Overlong:
+    """Config `reward.overlong`: none (count only) | mask (drop from the loss) | penalty (reward := penalty).
+
+    rewards: [N] raw correctness, truncated: [N] bool. In `mask` mode the completion still counts in its
+    group's success rate and baseline (it was a real attempt); the caller multiplies its completion-token mask by
+    `sequence_mask` before advantages and loss, so its tokens neither move the policy nor the batch statistics.
+    The penalty replaces the raw reward, before shaping.
+    """
+    truncated = truncated.bool()
+    keep = torch.ones_like(truncated)
+    if mode == "mask":
+        keep = ~truncated
+    elif mode == "penalty":
+        rewards = torch.where(truncated, torch.full_like(rewards, penalty, dtype=rewards.dtype), rewards)
+    elif mode != "none":
+        raise ValueError(f"reward.overlong: unknown mode {mode!r} (none | mask | penalty)")
+    return Overlong(rewards=rewards, sequence_mask=keep, truncated=int(truncated.sum()))

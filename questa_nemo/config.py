@@ -1,0 +1,483 @@
+"""Config schemas for every recipe stage, and their validation.
+
+The YAML files under conf/ are commented examples of these schemas; Hydra composes them and command-line
+overrides (`train.steps=10`) apply on top. `load_config` merges the composed YAML into the dataclasses below
+(OmegaConf rejects unknown keys and wrong types, naming the key) and `validate` checks the relations between
+keys (TP must divide the heads, ...) before any process group or GPU is touched.
+
+Every knob of the reference recipe (../shared/RECIPE.md) keeps its meaning here; the comment on each field
+names its reference counterpart where there is one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message starts with the dotted key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass
+class DifficultyFilterConfig:
+    pass_rate_file: str | None = None  # JSONL written by `questa-nemo eval mode=profile`; None = no filter
+    min_pass_rate: float = 0.0  # keep problems with min <= pass rate <= max
+    max_pass_rate: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """`questa-nemo data build`: raw problems -> hinted prompts, one split per hint ratio."""
+
+    inputs: list[str] = field(default_factory=list)  # parquet / jsonl files, or datasets save_to_disk folders
+    input_format: str = "auto"  # auto | openr1 | reference_jsonl
+    output_dir: str = "outputs/data"
+    hint_ratios: list[float] = field(default_factory=lambda: [50.0, 25.0])  # p in "first p% of the solution"
+    cut_mode: str = "char"  # char (reference parity) | token | sentence | step
+    tokenizer: str | None = None  # HF tokenizer folder, needed by cut_mode=token and by chat templates
+    min_hint_chars: int = 10  # reference: a hint under 10 characters is left out
+    prompt_separator: str = "\n\n"  # reference: problem + "\n\n" + "## Hint." + hint
+    hint_prefix: str = "## Hint."  # opens the hint section of the prompt
+    hint_slot_chars: int = 0  # > 0: pad every prompt's hint to this width with "_" (small world); 0 = reference
+    answer_leak: str = "keep"  # keep (reference) | drop | recut: hints that already contain the final answer
+    test_size: int = 0  # rows held out into the `test` split (reference DatasetDict has train/test)
+    output_formats: list[str] = field(default_factory=lambda: ["hf_disk"])  # hf_disk | jsonl | parquet
+    difficulty: DifficultyFilterConfig = field(default_factory=DifficultyFilterConfig)
+    seed: int = 1
+    field_map: dict[str, str] = field(default_factory=dict)  # e.g. {problem: question} for other readers
+    max_rows: int | None = None  # read at most this many input rows (smoke runs)
+
+
+@dataclass
+class WorldConfig:
+    """The embedded default's small world: procedural multi-step arithmetic mod 100."""
+
+    max_ops: int = 8  # N: longest chain
+    modulus: int = 100
+    hard_min_ops: int = 7  # the "hard" range RL trains and evaluates on
+    warmup_examples: int = 20000
+    rl_problems: int = 4000
+    eval_problems: int = 500
+    calib_problems_per_length: int = 100  # no-hint problems per chain length 1..max_ops (calibration set)
+    hint_ratios: list[float] = field(default_factory=lambda: [50.0, 0.0])  # RL sets written (p50 = floor(n/2) steps)
+    output_dir: str = "outputs/world"  # `questa-nemo world` writes raw/, rl/, eval/, calib/, warmup.jsonl here
+    seed: int = 1
+
+
+# -------------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """The policy: a megatron-core GPTModel built from a Hugging Face config.json."""
+
+    hf_config: str | None = None  # config.json, or a folder holding one (Qwen2 / Llama / Mistral)
+    checkpoint: str | None = None  # weights to start from: HF folder, .nemo, GGUF, or one of our checkpoints
+    tokenizer: str | None = None  # HF tokenizer folder; defaults to the hf_config folder
+    params_dtype: str = "bf16"  # bf16 | fp32 (CPU runs use fp32)
+    attention: str = "auto"  # auto (TE if importable, else sdpa) | te | sdpa | local
+    recompute: str = "full"  # none | full | selective  (reference: activation checkpointing on)
+    # recompute=selective: megatron submodules recomputed in backward (core_attn | mlp | layernorm)
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn", "mlp"])
+    # recompute=full: recompute only the first N layers of each pipeline stage (None = all of them)
+    recompute_num_layers: int | None = None
+    fusions: bool = True  # torch.compile'd SwiGLU and bias-dropout-add kernels (GPU only; ignored on CPU)
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    logprob_chunk_tokens: int = 4096  # tokens per chunk when computing log-probs from vocab-parallel logits
+    seed: int = 1
+
+
+# ------------------------------------------------------------------------------------------ rollout
+@dataclass
+class RolloutConfig:
+    backend: str = "megatron"  # megatron (colocated, shares the trainer's weights) | hf | trtllm
+    n_samples: int = 16  # group size (reference: 16)
+    temperature: float = 1.0
+    top_p: float = 1.0  # reference training: no top-p
+    max_new_tokens: int = 24000
+    max_prompt_tokens: int = 4096  # 2048 in stage 2; longer prompts are counted and skipped
+    max_batch_sequences: int = 512  # sequences decoded at once by the engine
+    cuda_graphs: bool = True  # capture the decode step on GPU
+    kv_cache_memory_fraction: float = 0.5  # megatron, trtllm: share of free GPU memory for the KV cache
+    prefill_chunk_tokens: int = 2048  # megatron: prompt tokens per prefill forward (bounds activation memory)
+    tensor_parallel: int = 1  # trtllm: rollout TP (may differ from training TP)
+    max_staleness: int = 0  # 0 = synchronous; async: samples at most this many policy versions old (ref: 4)
+    seed: int = 1
+
+
+# ------------------------------------------------------------------------------------------- reward
+@dataclass
+class RewardConfig:
+    kind: str = "math"  # math (math-verify, worker processes) | world (exact integer answer)
+    scaling: float = 5.0  # reference reward_scaling
+    bias: float = 0.0  # reference reward_bias
+    clip: float = 20.0  # reference max_reward_clip
+    num_workers: int = 4  # math: worker processes running math-verify (about one per spare CPU core)
+    timeout_s: float = 5.0  # math: soft limit per completion in the worker (SIGALRM); past it: 0, timeout
+    kill_grace_s: float = 1.0  # math: a worker still busy timeout_s + this later is killed and replaced
+    max_answer_chars: int = 1000  # math: longer extracted answers score 0 (parse_error) before any parsing
+    memory_limit_mb: int = 4096  # math: heap cap of each worker (RLIMIT_DATA); 0 = no cap
+    start_method: str = "spawn"  # math: spawn | forkserver (never fork: the trainer holds torch threads)
+    overlong: str = "none"  # none | mask (drop truncated completions from the loss) | penalty
+    overlong_penalty: float = 0.0  # reward given to a truncated completion when overlong=penalty
+
+
+# --------------------------------------------------------------------------------------- algorithm
+@dataclass
+class AlgoConfig:
+    advantage: str = "reference"  # reference (batch token norm) | grpo (group mean/std) | drgrpo (group mean)
+    adv_norm: bool = True  # reference: normalise over all completion tokens of the batch
+    group_std: bool = True  # grpo: divide by the group std
+    eps: float = 1e-5  # reference advantage-normalisation eps
+    clip_eps: float = 0.2  # PPO clip
+    clip_eps_high: float | None = None  # clip-higher (DAPO); None = symmetric
+    # token (reference: token mean over the step) | sequence (mean of per-sequence means) | sequence_sum
+    # (Dr. GRPO: token sum / (sequences x rollout.max_new_tokens), no length normalisation)
+    loss_agg: str = "token"
+    behave_imp_weight_cap: float | None = 5.0  # decoupled loss: tokens above the cap are masked out
+    kl_coef: float = 0.0  # reference kl_ctl 0: no reference model is built
+    kl_type: str = "k3"  # k1 | k3
+    filter_min_success: float = 0.05  # dynamic filtering: keep groups with success rate in [min, max]
+    filter_max_success: float = 0.95
+    filter_enabled: bool = True
+    max_prompt_batches: int = 4  # bound on extra prompt batches drawn to refill a filtered step
+
+
+# ---------------------------------------------------------------------------------------- optimizer
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    warmup_ratio: float = 0.001  # reference: 0.1% of steps
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-5
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    distributed: bool = True  # megatron distributed optimizer (shards state over DP)
+
+
+# -------------------------------------------------------------------------------------------- train
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up before RL (the embedded default needs one; the reference recipe does not)."""
+
+    steps: int = 0
+    batch_size: int = 64
+    lr: float = 2e-3
+    hint_fraction: float = 0.4
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    dataset: str | None = None  # output of `questa-nemo data build` (a split folder) or a jsonl
+    split: str = "train"
+    steps: int = 100
+    prompts_per_step: int = 128  # reference: 128 prompts x 16 samples
+    micro_batch_tokens: int = 32768  # token budget of one packed micro-batch
+    save_every: int = 50  # full checkpoint (model + optimizer)
+    recovery_every: int = 3  # small recovery state (data position, RNG, step, rollout version)
+    eval_every: int = 50
+    keep_checkpoints: int = 2
+    parent_stage: str | None = None  # run_dir of the stage whose final weights this stage starts from
+    seed: int = 1
+    log_tensorboard: bool = True
+    progress_bar: bool = True
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    # Arms trained side by side from the same initial weights and seed, each into run_dir/<arm>: e.g. the
+    # embedded default's {hint: <p50 set>, no_hint: <p0 set>}. Empty: one run on `dataset` into run_dir.
+    arms: dict[str, str] = field(default_factory=dict)
+    build_world_data: bool = False  # generate the small world's data sets under run_dir/data first
+    final_eval: bool = True  # after training: evaluate the initial and every arm's final weights (eval section)
+    validation_problems: int = 0  # problems of the first eval benchmark used every eval_every steps; 0 = all
+    validation_samples: int = 4  # samples per problem in validation and calibration (pass@1 and pass@n)
+
+
+# --------------------------------------------------------------------------------------------- eval
+@dataclass
+class BenchmarkConfig:
+    """One benchmark (or, in profile mode, one training set) read from a local file."""
+
+    name: str = ""  # key of its result files and row in the report; default: the preset, else the file stem
+    path: str = ""  # JSONL / JSON list / parquet file, or a datasets save_to_disk folder
+    preset: str | None = None  # aime24 | aime25 | hmmt_feb25 | olympiadbench | brumo25: field names and title
+    problem_field: str | None = None  # None: the preset's, else "problem"
+    answer_field: str | None = None  # None: the preset's, else "answer"
+    id_field: str | None = None  # None: the preset's, else the row number (from 1) is the id
+    split: str | None = None  # DatasetDict folders: None = "test" when present, else the first split
+    limit: int | None = None  # evaluate only the first `limit` problems (smoke runs)
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "benchmark"  # benchmark | profile (pass rate per training problem, for the data filter)
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)  # models compared ; [] = model.checkpoint
+    labels: list[str] = field(default_factory=list)  # names of the checkpoints in reports; [] = folder names
+    n_samples: int = 32  # reference evaluation script: 32 (validation inside training: 16)
+    temperature: float = 0.6  # reference evaluation script: 0.6 (validation inside training: 0.7)
+    top_p: float = 0.95
+    max_new_tokens: int = 32768  # reference evaluation script: 32,768 (validation inside training: 30,720)
+    prompt_template: str = "{problem}"  # user message; {problem} is replaced; no hint ever
+    problems_per_batch: int = 16  # problems per generate call; also the unit of resumption
+    seed: int = 1  # sampling seed of batch i is seed + i, so a resumed run draws what a whole run draws
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # pass@k columns of the table
+    output_dir: str = "outputs/eval"  # <label>/<benchmark>.jsonl per problem, results.json, passk.png
+
+
+# -------------------------------------------------------------------------------------------- top
+@dataclass
+class Config:
+    recipe: str = "default"  # name printed in logs; stage name for chaining
+    data: DataConfig = field(default_factory=DataConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# eval/benchmarks.py holds their field names; kept here too so validation needs no import from above config.
+BENCHMARK_PRESETS: tuple[str, ...] = ("aime24", "aime25", "hmmt_feb25", "olympiadbench", "brumo25")
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.input_format": ("auto", "openr1", "reference_jsonl"),
+    "data.cut_mode": ("char", "token", "sentence", "step"),
+    "data.answer_leak": ("keep", "drop", "recut"),
+    "model.params_dtype": ("bf16", "fp32"),
+    "model.attention": ("auto", "te", "sdpa", "local"),
+    "model.recompute": ("none", "full", "selective"),
+    "rollout.backend": ("megatron", "hf", "trtllm"),
+    "reward.kind": ("math", "world"),
+    "reward.overlong": ("none", "mask", "penalty"),
+    "reward.start_method": ("spawn", "forkserver"),
+    "algo.advantage": ("reference", "grpo", "drgrpo"),
+    "algo.loss_agg": ("token", "sequence", "sequence_sum"),
+    "algo.kl_type": ("k1", "k3"),
+    "eval.mode": ("benchmark", "profile"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_config(raw: DictConfig | dict) -> Config:
+    """Merge composed YAML into the schema; unknown keys and wrong types raise ConfigError naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(str(key), str(e).splitlines()[0]) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """The Hugging Face config.json a model is built from (a file or the folder holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ConfigError("model.hf_config", f"no config.json at {path}")
+    with open(p) as f:
+        return json.load(f)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check relations between keys before anything expensive happens; raise ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
+
+    for key in ("data.hint_ratios",):
+        for r in _get(cfg, key):
+            if not 0 <= r <= 100:
+                raise ConfigError(key, f"ratio {r} is outside [0, 100]")
+    if cfg.data.cut_mode == "token" and not cfg.data.tokenizer:
+        raise ConfigError("data.tokenizer", "cut_mode=token needs a tokenizer folder")
+    d = cfg.data.difficulty
+    if not 0 <= d.min_pass_rate <= d.max_pass_rate <= 1:
+        raise ConfigError("data.difficulty.min_pass_rate", "need 0 <= min_pass_rate <= max_pass_rate <= 1")
+
+    m = cfg.model
+    for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}", "must be >= 1")
+    if m.hf_config is not None:
+        hf = read_hf_config(m.hf_config)
+        heads = hf.get("num_attention_heads")
+        groups = hf.get("num_key_value_heads", heads)
+        layers = hf.get("num_hidden_layers")
+        tp, pp = m.tensor_parallel, m.pipeline_parallel
+        if heads % tp:
+            raise ConfigError("model.tensor_parallel", f"{tp} does not divide num_attention_heads={heads}")
+        if groups % tp:
+            raise ConfigError("model.tensor_parallel", f"{tp} does not divide num_key_value_heads={groups}")
+        vpp = m.virtual_pipeline or 1
+        if layers % (pp * vpp):
+            raise ConfigError(
+                "model.pipeline_parallel",
+                f"pipeline_parallel x virtual_pipeline = {pp * vpp} does not divide num_hidden_layers={layers}",
+            )
+    if m.recompute_num_layers is not None and (m.recompute != "full" or m.recompute_num_layers < 1):
+        raise ConfigError("model.recompute_num_layers", "needs recompute=full and a value >= 1")
+    if m.virtual_pipeline is not None and m.pipeline_parallel < 2:
+        raise ConfigError("model.virtual_pipeline", "needs pipeline_parallel >= 2")
+    if m.sequence_parallel and m.tensor_parallel < 2:
+        raise ConfigError("model.sequence_parallel", "needs tensor_parallel >= 2")
+    if world_size is not None:
+        mp = m.tensor_parallel * m.pipeline_parallel * m.context_parallel
+        if world_size % mp:
+            raise ConfigError(
+                "model.tensor_parallel",
+                f"TP x PP x CP = {mp} does not divide the world size {world_size}",
+            )
+
+    r = cfg.rollout
+    if r.n_samples < 1:
+        raise ConfigError("rollout.n_samples", "must be >= 1")
+    if r.temperature < 0:
+        raise ConfigError("rollout.temperature", "must be >= 0")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError("rollout.top_p", "must be in (0, 1]")
+    if r.max_staleness < 0:
+        raise ConfigError("rollout.max_staleness", "must be >= 0")
+    for key in ("max_batch_sequences", "prefill_chunk_tokens", "max_new_tokens", "tensor_parallel"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"rollout.{key}", "must be >= 1")
+    if not 0 < r.kv_cache_memory_fraction <= 1:
+        raise ConfigError("rollout.kv_cache_memory_fraction", "must be in (0, 1]")
+
+    rw = cfg.reward
+    for key in ("num_workers", "max_answer_chars"):
+        if getattr(rw, key) < 1:
+            raise ConfigError(f"reward.{key}", "must be >= 1")
+    if rw.timeout_s <= 0:
+        raise ConfigError("reward.timeout_s", "must be > 0")
+    for key in ("kill_grace_s", "memory_limit_mb"):
+        if getattr(rw, key) < 0:
+            raise ConfigError(f"reward.{key}", "must be >= 0")
+
+    a = cfg.algo
+    if not 0 <= a.filter_min_success <= a.filter_max_success <= 1:
+        raise ConfigError("algo.filter_min_success", "need 0 <= filter_min_success <= filter_max_success <= 1")
+    if a.clip_eps <= 0:
+        raise ConfigError("algo.clip_eps", "must be > 0")
+    if a.behave_imp_weight_cap is not None and a.behave_imp_weight_cap <= 0:
+        raise ConfigError("algo.behave_imp_weight_cap", "must be > 0 or null")
+    if a.clip_eps_high is not None and a.clip_eps_high <= 0:
+        raise ConfigError("algo.clip_eps_high", "must be > 0 or null")
+    if a.advantage == "drgrpo" and a.loss_agg != "sequence_sum":
+        raise ConfigError("algo.loss_agg", "advantage=drgrpo needs sequence_sum (no length normalisation)")
+    if a.kl_coef < 0:
+        raise ConfigError("algo.kl_coef", "must be >= 0")
+    if a.max_prompt_batches < 0:
+        raise ConfigError("algo.max_prompt_batches", "must be >= 0")
+
+    t = cfg.train
+    for key in ("steps", "prompts_per_step", "micro_batch_tokens", "save_every", "recovery_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}", "must be >= 1")
+    if t.micro_batch_tokens < r.max_prompt_tokens + r.max_new_tokens:
+        raise ConfigError(
+            "train.micro_batch_tokens",
+            f"{t.micro_batch_tokens} cannot hold one sequence of rollout.max_prompt_tokens + "
+            f"rollout.max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens} tokens",
+        )
+    e = cfg.eval
+    if e.n_samples < 1:
+        raise ConfigError("eval.n_samples", "must be >= 1")
+    if any(k < 1 or k > e.n_samples for k in e.ks):
+        raise ConfigError("eval.ks", f"every k must be in [1, eval.n_samples={e.n_samples}]")
+    if e.temperature < 0:
+        raise ConfigError("eval.temperature", "must be >= 0")
+    if not 0 < e.top_p <= 1:
+        raise ConfigError("eval.top_p", "must be in (0, 1]")
+    for key in ("max_new_tokens", "problems_per_batch"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"eval.{key}", "must be >= 1")
+    if "{problem}" not in e.prompt_template:
+        raise ConfigError("eval.prompt_template", "must contain {problem}")
+    if e.labels and len(e.labels) != len(e.checkpoints):
+        raise ConfigError("eval.labels", f"{len(e.labels)} labels for {len(e.checkpoints)} checkpoints")
+    for i, b in enumerate(e.benchmarks):
+        if not b.path:
+            raise ConfigError(f"eval.benchmarks[{i}].path", "is empty")
+        if b.preset is not None and b.preset not in BENCHMARK_PRESETS:
+            allowed = ", ".join(BENCHMARK_PRESETS)
+            raise ConfigError(f"eval.benchmarks[{i}].preset", f"{b.preset!r} is not one of {allowed}")
+
+
+def conf_dir() -> Path:
+    """conf/ of a source checkout, or the copy packed into the wheel."""
+    packaged = Path(__file__).parent / "_conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
+
+
+def data_dir() -> Path:
+    """data/ of a source checkout, or the copy packed into the wheel (the small world's model and tokenizer)."""
+    packaged = Path(__file__).parent / "_data"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "data"
+
+
+if not OmegaConf.has_resolver("data_dir"):
+    # `${data_dir:world/config.json}` in YAML: shipped files, wherever the package is installed
+    OmegaConf.register_new_resolver("data_dir", lambda rel="": str(data_dir() / rel))
+
+
+def load_config(name: str = "default", overrides: list[str] | None = None, world_size: int | None = None) -> Config:
+    """Compose conf/<name>.yaml, merge it into the schema, apply command-line overrides, validate.
+
+    Overrides that pick a config group (`rollout=hf`) go through Hydra's composition; `key=value` overrides
+    are applied after the merge with the schema, so every schema key can be set even when no YAML mentions it.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides or [])
+    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    picks = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in groups]
+    values = [o for o in overrides if o not in picks]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            raw = compose(config_name=name, overrides=picks)
+        parsed = OverridesParser.create().parse_overrides(values)
+    except HydraException as e:
+        raise ConfigError("overrides" if overrides else name, str(e).splitlines()[0]) from None
+    merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    for o in parsed:
+        key = o.key_or_group
+        try:
+            value = o.value()
+            # lists merge (so list-of-dict overrides become typed entries); dicts and scalars replace
+            OmegaConf.update(merged, key, value, merge=isinstance(value, list), force_add=False)
+        except OmegaConfBaseException as e:
+            raise ConfigError(key, str(e).splitlines()[0]) from None
+    cfg = to_config(merged)
+    validate(cfg, world_size=world_size)
+    return cfg

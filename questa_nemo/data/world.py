@@ -1,0 +1,251 @@
+"""The embedded default's small world: chains of arithmetic mod 100, in OpenR1's row shape.
+
+A problem is a start value and n <= N operations from {+, -, *} with operands 1..9, all mod 100. Its solution is
+one line per step holding that step's result, zero-padded to two digits, the last line boxed:
+
+    problem  "07+3*7-2____________"   start, n ops, "__" up to N + 1 slots (one spare: a full row is no cliff)
+    solution "10\n70\n\\boxed{68}"     n lines: a "50% hint" (step cut) is the first floor(n / 2) lines
+
+Rows go through the same build pipeline as real data (cut_mode=step), with a prompt format that keeps every
+prompt the same width: problem + "|" + hint slot padded with "_" to (N - 1) steps. The chat template of the
+world tokenizer adds "?" as the generation prompt; the model then writes the full solution (hinted lines
+copied) and <|endoftext|>. For N = 8 the longest sequence is 43 prompt + 32 completion characters.
+Why this format: ../shared/TOY_WORLD.md (fixed-width prompts, hints inside the prompt, one spare op slot).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Collection, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from questa_nemo.config import DataConfig, WorldConfig
+from questa_nemo.data import hints
+
+OPERATORS = ("+", "-", "*")
+OPERANDS = tuple(range(1, 10))
+SLOT_PAD = "_"  # an empty operation slot, two characters per slot
+SEPARATOR = "|"  # between the problem and the hint slot
+LENGTH_DECAY = 0.85  # warm-up draws chain length n with weight LENGTH_DECAY ** (n - 1)
+_PROBLEM = re.compile(r"^(\d+)((?:[+\-*]\d)*)")
+
+
+@dataclass(frozen=True)
+class WorldProblem:
+    start: int
+    ops: tuple[tuple[str, int], ...]  # (operator, operand), applied left to right
+    modulus: int = 100
+
+    @property
+    def results(self) -> tuple[int, ...]:
+        """The value after each step.  # [n_ops]"""
+        values, value = [], self.start
+        for op, operand in self.ops:
+            if op == "+":
+                value = (value + operand) % self.modulus
+            elif op == "-":
+                value = (value - operand) % self.modulus
+            else:
+                value = (value * operand) % self.modulus
+            values.append(value)
+        return tuple(values)
+
+    @property
+    def width(self) -> int:  # digits of every number
+        return len(str(self.modulus - 1))
+
+    def text(self, max_ops: int) -> str:
+        """Fixed-width problem: start and max_ops + 1 operation slots."""
+        if len(self.ops) > max_ops:
+            raise ValueError(f"{len(self.ops)} operations do not fit max_ops={max_ops}")
+        ops = "".join(f"{op}{operand}" for op, operand in self.ops)
+        return f"{self.start:0{self.width}d}" + ops + SLOT_PAD * 2 * (max_ops + 1 - len(self.ops))
+
+    def answer(self) -> str:
+        return f"{self.results[-1]:0{self.width}d}"
+
+    def solution(self) -> str:
+        """One line per step; the last one boxed."""
+        lines = [f"{r:0{self.width}d}" for r in self.results[:-1]]
+        return "\n".join([*lines, "\\boxed{" + self.answer() + "}"])
+
+
+def count_ops(text: str) -> int:
+    """n of a world problem or prompt (the reward needs it: a solution has n lines)."""
+    m = _PROBLEM.match(text)
+    if m is None:
+        raise ValueError(f"not a world problem: {text[:40]!r}")
+    return len(m.group(2)) // 2
+
+
+def prompt_format(cfg: WorldConfig) -> hints.PromptFormat:
+    """problem | hint slot wide enough for N - 1 hinted steps; every hint is shown, however short."""
+    width = len(str(cfg.modulus - 1)) + 1  # digits + newline
+    return hints.PromptFormat(
+        separator=SEPARATOR, hint_prefix="", min_hint_chars=0, hint_slot_chars=(cfg.max_ops - 1) * width
+    )
+
+
+def data_config(cfg: WorldConfig, inputs: list[str], output_dir: str, ratios: list[float]) -> DataConfig:
+    """The build settings that give world prompts: step cuts, the fixed-width format, the reference answer."""
+    fmt = prompt_format(cfg)
+    return DataConfig(
+        inputs=inputs,
+        input_format="openr1",
+        output_dir=output_dir,
+        hint_ratios=list(ratios),
+        cut_mode="step",
+        min_hint_chars=fmt.min_hint_chars,
+        prompt_separator=fmt.separator,
+        hint_prefix=fmt.hint_prefix,
+        hint_slot_chars=fmt.hint_slot_chars,
+        answer_leak="keep",  # two-digit results repeat by chance; counted, never acted on
+        seed=cfg.seed,
+    )
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def sample_problem(rng: random.Random, n_ops: int, modulus: int = 100) -> WorldProblem:
+    ops = tuple((rng.choice(OPERATORS), rng.choice(OPERANDS)) for _ in range(n_ops))
+    return WorldProblem(start=rng.randrange(modulus), ops=ops, modulus=modulus)
+
+
+def problem_set(
+    name: str, lengths: Iterable[int], cfg: WorldConfig, exclude: Collection[str] = ()
+) -> list[WorldProblem]:
+    """Distinct problems, one per entry of `lengths`, none of whose text is in `exclude` (held-out sets).
+    Seeded by (cfg.seed, name): the same call gives the same set."""
+    rng = random.Random(f"{cfg.seed}:{name}")
+    seen = set(exclude)
+    problems = []
+    for n in lengths:
+        for _ in range(1000):
+            problem = sample_problem(rng, n, cfg.modulus)
+            text = problem.text(cfg.max_ops)
+            if text not in seen:
+                break
+        else:
+            raise ValueError(f"world.{name}: cannot draw that many distinct problems with {n} operations")
+        seen.add(text)
+        problems.append(problem)
+    return problems
+
+
+def hard_lengths(count: int, cfg: WorldConfig, name: str) -> list[int]:
+    """Chain lengths drawn uniformly from the hard range hard_min_ops..max_ops."""
+    rng = random.Random(f"{cfg.seed}:{name}:lengths")
+    return [rng.randint(cfg.hard_min_ops, cfg.max_ops) for _ in range(count)]
+
+
+def openr1_rows(problems: list[WorldProblem], name: str, cfg: WorldConfig) -> list[dict]:
+    """The rows the build pipeline reads (OpenR1's shape, one generation, judged correct)."""
+    return [
+        {
+            "uuid": f"world-{name}-{i:06d}",
+            "problem": p.text(cfg.max_ops),
+            "answer": p.answer(),
+            "generations": [p.solution()],
+            "correctness_math_verify": [True],
+            "n_ops": len(p.ops),
+        }
+        for i, p in enumerate(problems)
+    ]
+
+
+@dataclass(frozen=True)
+class WarmupExample:
+    """One supervised example: the user message, the full solution the model must write after it."""
+
+    prompt: str  # user message content (apply the world chat template with add_generation_prompt=True)
+    completion: str  # the full solution, hinted lines included; append <|endoftext|>
+    n_ops: int
+    hint_steps: int
+
+
+def warmup_examples(
+    count: int, cfg: WorldConfig, hint_fraction: float = 0.4, exclude: Collection[str] = ()
+) -> list[WarmupExample]:
+    """Chain length n drawn with weight 0.85^(n - 1); a share `hint_fraction` carries a hint of k ~ U[1, n - 1]
+    steps (n >= 2), cut by the same step cut as the RL sets."""
+    rng = random.Random(f"{cfg.seed}:warmup")
+    lengths = list(range(1, cfg.max_ops + 1))
+    weights = [LENGTH_DECAY ** (n - 1) for n in lengths]
+    fmt = prompt_format(cfg)
+    examples: list[WarmupExample] = []
+    while len(examples) < count:
+        n = rng.choices(lengths, weights)[0]
+        problem = sample_problem(rng, n, cfg.modulus)
+        hinted = n >= 2 and rng.random() < hint_fraction
+        k = rng.randint(1, n - 1) if hinted else 0
+        text, solution = problem.text(cfg.max_ops), problem.solution()
+        if text in exclude:
+            continue
+        end = hints.unit_cut(solution, hints.step_boundaries(solution), k)
+        prompt, _ = hints.render_prompt(text, solution[:end], fmt)
+        examples.append(WarmupExample(prompt=prompt, completion=solution, n_ops=n, hint_steps=k))
+    return examples
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]:
+    """Write the world's sets under cfg.output_dir; returns name -> folder (or file).
+
+    raw/{rl,eval,calib}.jsonl   OpenR1-shaped rows (the pipeline's inputs)
+    rl/p<ratio>/                RL prompts of the hard range, one DatasetDict per cfg.hint_ratios
+    eval/p0/                    held-out hard problems, no hint
+    calib/p0/                   calib_problems_per_length per n = 1..max_ops, no hint (calibration)
+    warmup.jsonl                supervised warm-up examples (WarmupExample fields)
+    """
+    from questa_nemo.data.build import build
+
+    out = Path(cfg.output_dir)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    eval_set = problem_set("eval", hard_lengths(cfg.eval_problems, cfg, "eval"), cfg)
+    held_out = {p.text(cfg.max_ops) for p in eval_set}
+    calib_lengths = [n for n in range(1, cfg.max_ops + 1) for _ in range(cfg.calib_problems_per_length)]
+    sets = {
+        "eval": eval_set,
+        "calib": problem_set("calib", calib_lengths, cfg, held_out),
+        "rl": problem_set("rl", hard_lengths(cfg.rl_problems, cfg, "rl"), cfg, held_out),
+    }
+    written: dict[str, Path] = {}
+    for name, problems in sets.items():
+        raw = out / "raw" / f"{name}.jsonl"
+        _write_jsonl(raw, openr1_rows(problems, name, cfg))
+        ratios = cfg.hint_ratios if name == "rl" else [0.0]
+        build(data_config(cfg, [str(raw)], str(out / name), ratios))
+        written[name] = out / name
+    examples = warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out)
+    _write_jsonl(out / "warmup.jsonl", (asdict(e) for e in examples))
+    written["warmup"] = out / "warmup.jsonl"
+    return written
+
+
+def main(config_name: str = "default", overrides: list[str] | None = None, positional=None) -> int:
+    """`questa-nemo world [key=value ...]`: write the small world's data sets under world.output_dir."""
+    import datasets
+
+    from questa_nemo.config import ConfigError, load_config
+
+    datasets.disable_progress_bars()
+    cfg = load_config(config_name, overrides)
+    w = cfg.world
+    if not 1 <= w.hard_min_ops <= w.max_ops:
+        raise ConfigError("world.hard_min_ops", f"need 1 <= hard_min_ops <= max_ops={w.max_ops}")
+    if w.modulus < 2:
+        raise ConfigError("world.modulus", "must be >= 2")
+    for name, path in write_world(w, cfg.train.warmup.hint_fraction).items():
+        print(f"{name:>7}: {path}")
+    return 0

@@ -1,0 +1,32 @@
+"""A generation backend for a checkpoint: build this rank's model chunks, load the weights (any format we read)
+and put the rollout engine of `rollout.backend` on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from questa_nemo.config import Config, ConfigError, read_hf_config
+from questa_nemo.rollout.base import GenerationBackend
+
+
+def model_hf_config(cfg: Config, checkpoint: str) -> dict:
+    """model.hf_config when set, else the config.json that travels with the checkpoint."""
+    if cfg.model.hf_config:
+        return read_hf_config(cfg.model.hf_config)
+    if (Path(checkpoint) / "config.json").is_file():
+        return read_hf_config(checkpoint)
+    raise ConfigError("model.hf_config", f"not set, and {checkpoint} holds no config.json")
+
+
+def backend_for_checkpoint(cfg: Config, checkpoint: str, hf: dict | None = None) -> GenerationBackend:
+    import torch
+
+    from questa_nemo.ckpt.load import load_chunks
+    from questa_nemo.model.parallel import init_distributed
+    from questa_nemo.rollout import make_backend
+
+    hf = hf or model_hf_config(cfg, checkpoint)
+    if not torch.distributed.is_initialized():
+        init_distributed(cfg.model)
+    chunks = load_chunks(cfg.model, hf, checkpoint)
+    return make_backend(cfg.rollout, policy=chunks[0], vocab_size=hf["vocab_size"])

@@ -1,0 +1,279 @@
+"""`questa-nemo eval`: pass@k of one or more checkpoints on benchmarks, or pass-rate profiles of training problems.
+
+The core, `evaluate`, takes any GenerationBackend, tokenizer and scorer, so it is tested with small doubles and
+run with the real engines; `main` only builds those from the config and writes the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from questa_nemo.config import Config, ConfigError, load_config
+from questa_nemo.eval.benchmarks import BenchmarkRow, benchmark_key, load_benchmark
+from questa_nemo.eval.passk import majority_vote
+from questa_nemo.eval.report import build_report, format_table, plot_pass_at_k, write_pass_rates
+from questa_nemo.eval.store import ProblemResult, ResultStore, write_json_atomic
+from questa_nemo.reward.types import RewardResult
+from questa_nemo.rollout.base import GenerationBackend, SamplingParams
+
+
+class Scorer(Protocol):
+    """Scores completions, each against the row of the problem it answers: one RewardResult per completion.
+
+    An adapter over the reward module: the math reward needs the reference answer, the small world's also the
+    problem (its number of steps); see `math_scorer` and `score_world`.
+    """
+
+    def __call__(self, completions: list[str], rows: list[BenchmarkRow]) -> list[RewardResult]: ...
+
+
+def math_scorer(reward: Any) -> Scorer:
+    """Adapt a reward with `score(completions, references)` (reward.math.MathReward, a worker pool)."""
+
+    def score(completions: list[str], rows: list[BenchmarkRow]) -> list[RewardResult]:
+        return reward.score(completions, [r.answer for r in rows])
+
+    return score
+
+
+def score_world(completions: list[str], rows: list[BenchmarkRow]) -> list[RewardResult]:
+    """The small world's reward; a row's problem is the world prompt, whose step count the reward checks."""
+    from questa_nemo.data.world import count_ops
+    from questa_nemo.reward.world import world_rewards
+
+    return world_rewards(completions, [r.answer for r in rows], [count_ops(r.problem) for r in rows])
+
+
+def render_prompt(tokenizer: Any, problem: str, template: str) -> list[int]:
+    """The problem alone (no hint) as one user message through the tokenizer's chat template."""
+    messages = [{"role": "user", "content": template.replace("{problem}", problem)}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _check_shape(completions: Sequence[Sequence[Any]], prompts: int, n: int) -> None:
+    if len(completions) != prompts or any(len(c) != n for c in completions):
+        got = [len(c) for c in completions]
+        raise RuntimeError(f"generation backend returned {got} completions for {prompts} prompts x n={n}")
+
+
+def evaluate(
+    backend: GenerationBackend | None,
+    tokenizer: Any,
+    rows: Sequence[BenchmarkRow],
+    sampling: SamplingParams,
+    scorer: Scorer,
+    extract_answer: Callable[[str], str | None],
+    prompt_template: str = "{problem}",
+    problems_per_batch: int = 16,
+    store: ResultStore | None = None,
+) -> list[ProblemResult]:
+    """Sample `sampling.n` completions per problem, score them, and return one result per row, in row order.
+
+    Rows go to the backend in fixed batches of `problems_per_batch`; batch i samples with seed sampling.seed + i
+    whatever was finished before, so a resumed run draws what an uninterrupted one would. With a store, finished
+    problems are read back and skipped and each batch is appended as soon as it is scored. `backend` may be
+    None when the store already holds every row.
+    """
+    finished = store.load() if store is not None else {}
+    by_id: dict[str, ProblemResult] = {r.id: finished[r.id] for r in rows if r.id in finished}
+    for batch_index, start in enumerate(range(0, len(rows), problems_per_batch)):
+        todo = [r for r in rows[start : start + problems_per_batch] if r.id not in by_id]
+        if not todo:
+            continue
+        if backend is None:
+            raise ValueError("evaluate: problems are left to run but no backend was given")
+        params = dataclasses.replace(sampling, seed=sampling.seed + batch_index)
+        prompts = [render_prompt(tokenizer, r.problem, prompt_template) for r in todo]
+        generated = backend.generate(prompts, params).completions
+        _check_shape(generated, len(prompts), sampling.n)
+        texts = [
+            [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group] for group in generated
+        ]
+        flat_texts = [t for group in texts for t in group]
+        scores = scorer(flat_texts, [r for r in todo for _ in range(sampling.n)])
+        if len(scores) != len(flat_texts):
+            raise RuntimeError(f"scorer returned {len(scores)} results for {len(flat_texts)} completions")
+        batch: list[ProblemResult] = []
+        for i, row in enumerate(todo):
+            group_scores = scores[i * sampling.n : (i + 1) * sampling.n]
+            correct = [s.reward > 0 for s in group_scores]
+            answers = [extract_answer(t) for t in texts[i]]
+            batch.append(
+                ProblemResult(
+                    id=row.id,
+                    n=sampling.n,
+                    correct=sum(correct),
+                    majority_correct=majority_vote(answers, correct),
+                    answers=answers,
+                    reasons=dict(Counter(s.reason for s in group_scores)),
+                    mean_tokens=sum(len(c.token_ids) for c in generated[i]) / sampling.n,
+                    truncated=sum(c.finish_reason == "length" for c in generated[i]),
+                )
+            )
+        if store is not None:
+            store.append(batch)
+        by_id.update((r.id, r) for r in batch)
+    return [by_id[r.id] for r in rows]
+
+
+def sampling_from(cfg: Config, tokenizer: Any) -> SamplingParams:
+    """The eval section's sampling, stopping at the tokenizer's EOS."""
+    e = cfg.eval
+    eos = tokenizer.eos_token_id
+    return SamplingParams(
+        n=e.n_samples,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens,
+        stop_token_ids=(eos,) if eos is not None else (),
+        seed=e.seed,
+    )
+
+
+def model_labels(checkpoints: Sequence[str], labels: Sequence[str]) -> list[str]:
+    """Report names: the given labels, else folder names made unique and safe as folder names themselves."""
+    names = list(labels) or [Path(c.rstrip("/")).name or "model" for c in checkpoints]
+    safe = [re.sub(r"[^A-Za-z0-9_.+-]", "_", n) for n in names]
+    seen: Counter[str] = Counter()
+    unique = []
+    for name in safe:
+        seen[name] += 1
+        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return unique
+
+
+def run_settings(cfg: Config, checkpoint: str, benchmark_path: str) -> dict[str, Any]:
+    """What the per-problem results depend on; a resumed run must match it."""
+    e = cfg.eval
+    return {
+        "checkpoint": checkpoint,
+        "benchmark": benchmark_path,
+        "n_samples": e.n_samples,
+        "temperature": e.temperature,
+        "top_p": e.top_p,
+        "max_new_tokens": e.max_new_tokens,
+        "prompt_template": e.prompt_template,
+        "problems_per_batch": e.problems_per_batch,
+        "seed": e.seed,
+        "rollout_backend": cfg.rollout.backend,  # engines sample differently even with the same seed
+    }
+
+
+def _load_tokenizer(cfg: Config) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = cfg.model.tokenizer or cfg.model.hf_config
+    if not folder:
+        raise ConfigError("model.tokenizer", "evaluation needs a tokenizer folder (or model.hf_config)")
+    path = Path(folder)
+    return AutoTokenizer.from_pretrained(str(path.parent if path.is_file() else path))
+
+
+def evaluate_all(
+    cfg: Config,
+    checkpoints: Sequence[str],
+    labels: Sequence[str],
+    benchmarks: Sequence[tuple[str, str, list[BenchmarkRow]]],
+    tokenizer: Any,
+    scorer: Scorer,
+    extract_answer: Callable[[str], str | None],
+    make_backend: Callable[[Config, str], GenerationBackend],
+) -> dict[str, dict[str, list[ProblemResult]]]:
+    """Every checkpoint on every (key, path, rows) benchmark, resuming from <output_dir>/<label>/<key>.jsonl.
+
+    A checkpoint's backend is built only when one of its problems is still unfinished, and put to sleep after.
+    """
+    e = cfg.eval
+    out = Path(e.output_dir)
+    sampling = sampling_from(cfg, tokenizer)
+    results: dict[str, dict[str, list[ProblemResult]]] = {}
+    for label, checkpoint in zip(labels, checkpoints):
+        backend: GenerationBackend | None = None
+        results[label] = {}
+        for key, path, rows in benchmarks:
+            store = ResultStore(out / label / f"{key}.jsonl", run_settings(cfg, checkpoint, path))
+            finished = store.load()
+            pending = sum(r.id not in finished for r in rows)
+            print(f"eval: {label} on {key}: {pending} of {len(rows)} problems to run", file=sys.stderr)
+            if backend is None and pending:
+                backend = make_backend(cfg, checkpoint)
+            results[label][key] = evaluate(
+                backend,
+                tokenizer,
+                rows,
+                sampling,
+                scorer,
+                extract_answer,
+                e.prompt_template,
+                e.problems_per_batch,
+                store,
+            )
+            if e.mode == "profile":
+                write_pass_rates(out / label / f"{key}.pass_rates.jsonl", results[label][key])
+        if backend is not None:
+            backend.sleep()
+    return results
+
+
+def write_report(
+    cfg: Config, results: dict[str, dict[str, list[ProblemResult]]], checkpoints: dict[str, str]
+) -> None:
+    """results.json, the table on stdout and passk.png under eval.output_dir."""
+    out = Path(cfg.eval.output_dir)
+    report = build_report(results, checkpoints, run_settings(cfg, "", ""), cfg.eval.ks)
+    write_json_atomic(out / "results.json", report)
+    print(format_table(report, cfg.eval.ks))
+    plot_pass_at_k(report, out / "passk.png")
+    print(f"eval: wrote {out / 'results.json'} and {out / 'passk.png'}", file=sys.stderr)
+
+
+def main(config_name: str, overrides: list[str], positional: list[str]) -> int:
+    """Evaluate every checkpoint on every benchmark (resuming finished problems), then report."""
+    # The checkpoint -> GenerationBackend factory is the rollout module's; imported here so that everything
+    # above depends on the GenerationBackend protocol only.
+    from questa_nemo.reward.extract import extract_answer
+    from questa_nemo.reward.math import MathReward
+    from questa_nemo.eval.backend import backend_for_checkpoint
+
+    cfg = load_config(config_name, overrides)
+    e = cfg.eval
+    if positional:
+        raise ConfigError(
+            "eval", f"takes no positional arguments, got {positional} (use eval.checkpoints=[..])"
+        )
+    if not e.benchmarks:
+        raise ConfigError("eval.benchmarks", "no benchmark given")
+    checkpoints = list(e.checkpoints) or ([cfg.model.checkpoint] if cfg.model.checkpoint else [])
+    if not checkpoints:
+        raise ConfigError("eval.checkpoints", "no checkpoint given (nor model.checkpoint)")
+    keys = [benchmark_key(b) for b in e.benchmarks]
+    repeated = sorted(k for k, c in Counter(keys).items() if c > 1)
+    if repeated:
+        raise ConfigError("eval.benchmarks", f"two benchmarks share a name: {repeated} (set their `name`)")
+    benchmarks = [(key, b.path, load_benchmark(b)) for key, b in zip(keys, e.benchmarks)]
+    labels = model_labels(checkpoints, e.labels)
+    tokenizer = _load_tokenizer(cfg)
+
+    def answer_of(text: str) -> str | None:
+        return extract_answer(text, cfg.reward.max_answer_chars).answer or None
+
+    with contextlib.ExitStack() as resources:
+        if cfg.reward.kind == "world":
+            scorer: Scorer = score_world
+        else:
+            scorer = math_scorer(resources.enter_context(MathReward.from_config(cfg.reward)))
+        results = evaluate_all(
+            cfg, checkpoints, labels, benchmarks, tokenizer, scorer, answer_of, backend_for_checkpoint
+        )
+    write_report(cfg, results, dict(zip(labels, checkpoints)))
+    return 0

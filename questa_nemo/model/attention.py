@@ -1,0 +1,114 @@
+"""Core attention on torch's scaled_dot_product_attention, for megatron layer specs without Transformer Engine.
+
+megatron-core's own fallback (`DotProductAttention`) materialises the [b, heads, s, s] score matrix and
+rejects packed sequences; SDPA runs flash / memory-efficient kernels on GPU, never builds the matrix, and
+handles GQA natively. Packed (THD) micro-batches are attended segment by segment from `cu_seqlens`, each
+segment causal on its own, so no [T, T] block-diagonal mask is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention with grouped key/value heads.
+
+    query: [b, heads, s, d]; key, value: [b, groups, s, d] with groups dividing heads. Returns [b, heads, s, d].
+    """
+    return F.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scale, enable_gqa=key.size(1) != query.size(1)
+    )
+
+
+def packed_causal_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    starts: list[int],
+    lengths: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention within each packed segment.
+
+    query: [t, heads, d]; key, value: [t, groups, d]; segment i is rows starts[i] : starts[i] + lengths[i].
+    Rows outside every segment (padding) come back as zeros. Returns [t, heads, d].
+    """
+    out = torch.zeros_like(query)
+    for start, length in zip(starts, lengths):
+        if length == 0:
+            continue
+        rows = slice(start, start + length)
+        # [len, h, d] -> [1, h, len, d]
+        q, k, v = (x[rows].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+        out[rows] = causal_sdpa(q, k, v, scale).squeeze(0).transpose(0, 1)
+    return out
+
+
+def _segments(params: PackedSeqParams) -> tuple[list[int], list[int]]:
+    """Segment starts (padded layout when given) and true lengths from cu_seqlens; CPU ints."""
+    cu = params.cu_seqlens_q.tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    padded = params.cu_seqlens_q_padded
+    starts = padded.tolist()[:-1] if padded is not None else cu[:-1]
+    return starts, lengths
+
+
+class SDPACoreAttention(MegatronModule):
+    """Drop-in for megatron's `core_attention` submodule (same constructor and forward signature)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPACoreAttention: context parallelism needs Transformer Engine attention")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout != 0.0:
+            raise ValueError("SDPACoreAttention: attention dropout must be 0 (RL training runs without it)")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"SDPACoreAttention: mask type {attn_mask_type} is not supported (causal only)")
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """sbhd: query [s, b, heads, d], key/value [s, b, groups, d] -> [s, b, heads * d].
+
+        thd (packed): query [t, heads, d], key/value [t, groups, d] -> [t, heads * d]. `attention_mask` is
+        ignored: the mask is causal (per segment when packed); padding is handled by packing, not masking.
+        """
+        if attention_bias is not None:
+            raise ValueError("SDPACoreAttention: attention_bias is not supported")
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            starts, lengths = _segments(packed_seq_params)
+            out = packed_causal_sdpa(query, key, value, starts, lengths, self.softmax_scale)
+            return out.reshape(out.size(0), -1)
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        out = causal_sdpa(q, k, v, self.softmax_scale)
+        s, b = query.shape[:2]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)

@@ -1,0 +1,309 @@
+"""Training checkpoints with megatron-core dist_checkpointing: model, optimizer, lr schedule and RNG states.
+
+A checkpoint directory holds:
+    model/          the model chunks' sharded state dict (keys as GPTModel.sharded_state_dict(), no prefix)
+    optimizer/      optimizer state mapped onto the same parameter shards, plus the lr schedule (common part)
+    rng/rank_<r>.pt this rank's RNG states (CPU, CUDA, megatron's tracker); tensors only (weights_only loads)
+    config.json     the Hugging Face config the model was built from (when given), tokenizer files beside it
+    metadata.json   step, the TP / PP / DP layout it was saved at, what it holds
+    complete        written last: a directory without it is not a checkpoint
+
+Saves write into `<dir>.tmp-<uuid>` (one name agreed by all ranks) and rename it into place once every rank
+has finished, so an interrupted save leaves earlier checkpoints untouched and never a half-written `<dir>`.
+Sharded tensors are global, so a checkpoint loads at another TP / PP layout; see `load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+COMPLETE_MARKER = "complete"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
+
+
+@dataclass
+class CheckpointMetadata:
+    """What `metadata.json` records; `load_checkpoint` returns it with what was restored."""
+
+    step: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    virtual_pipeline: int | None
+    data_parallel: int
+    world_size: int
+    has_optimizer: bool
+    format_version: int = FORMAT_VERSION
+    rng_restored: bool = False  # set on load: RNG states are per rank, restored only at the same layout
+    optimizer_restored: bool = False  # set on load
+
+
+def is_complete(directory: str | Path) -> bool:
+    """Whether `directory` is a finished checkpoint (its `complete` marker exists)."""
+    return (Path(directory) / COMPLETE_MARKER).is_file()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank()
+
+
+def _layout(step: int, has_optimizer: bool) -> CheckpointMetadata:
+    ps = parallel_state
+    return CheckpointMetadata(
+        step=step,
+        tensor_parallel=ps.get_tensor_model_parallel_world_size(),
+        pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline=ps.get_virtual_pipeline_model_parallel_world_size(),
+        data_parallel=ps.get_data_parallel_world_size(),
+        world_size=torch.distributed.get_world_size(),
+        has_optimizer=has_optimizer,
+    )
+
+
+def _bare(chunk: torch.nn.Module) -> torch.nn.Module:
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
+    """The chunks' sharded state dicts, one entry per virtual-pipeline chunk (keys inside are global)."""
+    return {f"chunk{i}": _bare(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def _save_strategy():
+    """torch_dist, written fully in parallel over data-parallel replicas (each writes a share of the shards)."""
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if torch.distributed.get_world_size(group) > 1:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+    return strategy
+
+
+def _write_json(path: Path, payload: Mapping) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _agreed_temp_dir(final: Path) -> Path:
+    """A fresh sibling `<final>.tmp-<uuid>` with its sub-folders, the same on every rank, made by rank 0."""
+    token = [uuid.uuid4().hex if _rank() == 0 else None]
+    torch.distributed.broadcast_object_list(token, src=0)
+    tmp = final.with_name(f"{final.name}.tmp-{token[0]}")
+    if _rank() == 0:
+        for sub in ("model", "optimizer", "rng"):
+            (tmp / sub).mkdir(parents=True)
+    torch.distributed.barrier()
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rank 0: mark `tmp` complete and rename it to `final` (an older `final` is moved aside, then removed)."""
+    marker = tmp / COMPLETE_MARKER
+    with open(marker, "w") as f:
+        f.write("ok\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _rng_states() -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    states: dict = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _restore_rng(states: Mapping) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    get_cuda_rng_tracker().set_states(dict(states["tracker"]))
+
+
+def _write_side_files(tmp: Path, hf_config: Mapping | None, tokenizer_dir: str | Path | None) -> None:
+    """Rank 0: the HF config and tokenizer files, so a checkpoint exports on its own."""
+    if hf_config is not None:
+        _write_json(tmp / "config.json", hf_config)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            source = Path(tokenizer_dir) / name
+            if source.is_file():
+                shutil.copy2(source, tmp / name)
+
+
+def _save(
+    directory: str | Path,
+    model_chunks: list[torch.nn.Module],
+    step: int,
+    optimizer=None,
+    scheduler=None,
+    extra_common: Mapping | None = None,
+    hf_config: Mapping | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    final = Path(directory).absolute()
+    tmp = _agreed_temp_dir(final)
+    try:
+        model_sd = model_sharded_state_dict(model_chunks)
+        dist_checkpointing.save(model_sd, str(tmp / "model"), sharded_strategy=_save_strategy())
+        if optimizer is not None:
+            optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks))
+            optim_sd = {"optimizer": optim_sd, "lr_scheduler": scheduler.state_dict(), **(extra_common or {})}
+            dist_checkpointing.save(optim_sd, str(tmp / "optimizer"), sharded_strategy=_save_strategy())
+        torch.save(_rng_states(), tmp / "rng" / f"rank_{_rank()}.pt")
+        if _rank() == 0:
+            _write_side_files(tmp, hf_config, tokenizer_dir)
+            _write_json(tmp / "metadata.json", asdict(_layout(step, optimizer is not None)))
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # earlier checkpoints were never touched
+        raise
+    torch.distributed.barrier()
+    if _rank() == 0:
+        _publish(tmp, final)
+    torch.distributed.barrier()
+    return final
+
+
+def save_checkpoint(
+    policy,
+    directory: str | Path,
+    *,
+    step: int,
+    hf_config: Mapping | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Save a MegatronPolicy's model, optimizer, lr schedule, skip count and RNG states (collective)."""
+    return _save(
+        directory,
+        policy.model_chunks,
+        step,
+        optimizer=policy.optimizer,
+        scheduler=policy.scheduler,
+        extra_common={"skipped_total": policy.skipped_total},
+        hf_config=hf_config,
+        tokenizer_dir=tokenizer_dir,
+    )
+
+
+def save_model_checkpoint(
+    model_chunks: list[torch.nn.Module],
+    directory: str | Path,
+    *,
+    step: int = 0,
+    hf_config: Mapping | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Save model weights only (e.g. an imported HF model), in the same layout as `save_checkpoint`."""
+    return _save(directory, model_chunks, step, hf_config=hf_config, tokenizer_dir=tokenizer_dir)
+
+
+def read_metadata(directory: str | Path) -> CheckpointMetadata:
+    """The metadata of a complete checkpoint; raises FileNotFoundError naming the directory otherwise."""
+    directory = Path(directory)
+    if not is_complete(directory):
+        raise FileNotFoundError(f"{directory}: not a complete checkpoint (no '{COMPLETE_MARKER}' marker)")
+    return CheckpointMetadata(**json.loads((directory / "metadata.json").read_text()))
+
+
+def load_model_checkpoint(model_chunks: list[torch.nn.Module], directory: str | Path) -> CheckpointMetadata:
+    """Load model weights into this rank's chunks, whatever TP / PP layout the checkpoint was saved at."""
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(directory / "model"))
+    for i, chunk in enumerate(model_chunks):
+        result = _bare(chunk).load_state_dict(loaded[f"chunk{i}"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]  # TE's FP8 metadata
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{directory / 'model'}: chunk {i} is missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
+    return meta
+
+
+def _same_layout(meta: CheckpointMetadata) -> bool:
+    now = _layout(meta.step, meta.has_optimizer)
+    keys = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline", "data_parallel", "world_size")
+    return all(getattr(now, k) == getattr(meta, k) for k in keys)
+
+
+def load_checkpoint(
+    policy, directory: str | Path, *, load_optimizer: bool = True, load_rng: bool = True
+) -> CheckpointMetadata:
+    """Restore a MegatronPolicy from `directory` (collective).
+
+    Model weights load at any TP / PP layout. Optimizer state (Adam moments, step, and fp32 master weights
+    under bf16) is stored per parameter shard, so it reshards with the model; the lr schedule and skip count
+    are global. RNG states are per rank and restored only at the same layout (`rng_restored` says which).
+    Without optimizer state, the optimizer's master weights are refreshed from the loaded model.
+    """
+    directory = Path(directory)
+    meta = load_model_checkpoint(policy.model_chunks, directory)
+    if load_optimizer and meta.has_optimizer:
+        optim_sd = policy.optimizer.sharded_state_dict(
+            model_sharded_state_dict(policy.model_chunks), is_loading=True
+        )
+        template = {"optimizer": optim_sd, "lr_scheduler": None, "skipped_total": None}
+        loaded = dist_checkpointing.load(template, str(directory / "optimizer"))
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+        policy.scheduler.load_state_dict(loaded["lr_scheduler"])
+        policy.skipped_total = int(loaded["skipped_total"])
+        meta.optimizer_restored = True
+    else:
+        policy.optimizer.reload_model_params()
+    rng_file = directory / "rng" / f"rank_{_rank()}.pt"
+    if load_rng and _same_layout(meta) and rng_file.is_file():
+        _restore_rng(torch.load(rng_file, weights_only=True))
+        meta.rng_restored = True
+    return meta
+
+
+def load_hf_checkpoint(
+    model_chunks: list[torch.nn.Module], folder: str | Path, hf_config: Mapping, model_cfg
+) -> None:
+    """Copy an HF safetensors folder into this rank's chunks, reading only the tensors of its shard."""
+    from questa_nemo.model.hf_io import HFCheckpoint
+    from questa_nemo.model.megatron import load_hf_weights
+
+    tensors = HFCheckpoint(folder)
+    for vp_stage, chunk in enumerate(model_chunks):
+        load_hf_weights(
+            _bare(chunk), tensors, hf_config, model_cfg, vp_stage=vp_stage if len(model_chunks) > 1 else None
+        )

@@ -1,0 +1,240 @@
+"""Log-probs and entropy of target tokens from vocab-parallel logits, without materialising the logits.
+
+A 32K-token micro-batch against a 152K vocabulary would need 20 GB for fp32 logits, and as much again for
+their gradient. `chunked_logprobs` instead walks the tokens in chunks: forward keeps only per-token softmax
+statistics ([T] floats), backward recomputes each chunk's logits from the hidden states and the output
+weight. With tensor parallelism every rank holds a slice of the vocabulary; the max, the partition sum, the
+target logit and the entropy sum are all-reduced over the TP group, so the result equals the full softmax.
+
+The trainer calls `final_hidden_states` (the GPTModel up to its final norm) and then
+`chunked_logprobs(hidden, output_weight(model), targets, temperature)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+class TokenLogprobs(NamedTuple):
+    logprobs: (
+        torch.Tensor
+    )  # [T] fp32 (fp64 for fp64 inputs), log p(target) under softmax(logits / temperature)
+    entropy: torch.Tensor  # [T], entropy of that same distribution
+
+
+def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _stats_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+# Per-chunk elementwise math on raw (matmul-dtype) logits [n, V_local]. Each is one pass over the chunk;
+# under torch.compile each becomes one fused kernel that never writes an upcast copy of the logits.
+def _max_and_target(logits, local_t, mine, temperature: float):
+    """-> (row max [n], target logit [n] or 0 where the target is on another rank), both / temperature."""
+    scaled = logits.to(_stats_dtype(logits)) / temperature
+    picked = scaled.gather(1, local_t.clamp(0, scaled.size(1) - 1)[:, None]).squeeze(1)
+    return scaled.max(dim=-1).values, torch.where(mine, picked, 0.0)
+
+
+def _exp_sums(logits, row_max, temperature: float):
+    """-> (sum_v exp(l_v - max) [n], sum_v exp(l_v - max) * l_v [n]) with l = logits / temperature."""
+    scaled = logits.to(_stats_dtype(logits)) / temperature
+    shifted = torch.exp(scaled - row_max[:, None])
+    return shifted.sum(-1), (shifted * scaled).sum(-1)
+
+
+def _grad_logits(logits, log_z, entropy, g_lp, g_h, local_t, mine, temperature: float):
+    """d(sum g_lp * logp_target + g_h * H) / d logits, in the logits' dtype [n, V_local].
+
+    d logp_target / d l_v = [v == target] - p_v;  d H / d l_v = -p_v (log p_v + H).
+    """
+    scaled = logits.to(_stats_dtype(logits)) / temperature
+    log_p = scaled - log_z[:, None]
+    grad = -torch.exp(log_p) * (g_lp[:, None] + g_h[:, None] * (log_p + entropy[:, None]))
+    grad = grad.scatter_add(
+        1, local_t.clamp(0, grad.size(1) - 1)[:, None], torch.where(mine, g_lp, 0.0)[:, None]
+    )
+    return (grad / temperature).to(logits.dtype)
+
+
+_EAGER = (_max_and_target, _exp_sums, _grad_logits)
+_COMPILED: tuple | None = None
+
+
+def _kernels(compiled: bool) -> tuple:
+    global _COMPILED
+    if not compiled:
+        return _EAGER
+    if _COMPILED is None:
+        _COMPILED = tuple(torch.compile(fn, dynamic=True) for fn in _EAGER)
+    return _COMPILED
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_tokens, vocab_start, group, compiled):
+        # hidden [T, h]; weight [V_local, h] holding only real (unpadded) vocabulary rows;
+        # targets [T] global token ids; vocab_start: global id of this rank's first row.
+        max_and_target, exp_sums, _ = _kernels(compiled)
+        n_tokens, v_local = hidden.size(0), weight.size(0)
+        stats_dtype = _stats_dtype(hidden)
+        log_z = torch.empty(n_tokens, dtype=stats_dtype, device=hidden.device)
+        entropy = torch.empty_like(log_z)
+        target_logit = torch.empty_like(log_z)
+        for start in range(0, n_tokens, chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            local_t = targets[rows] - vocab_start
+            mine = (local_t >= 0) & (local_t < v_local)
+            n = local_t.size(0)
+            if v_local:
+                logits = hidden[rows] @ weight.t()  # [n, V_local], matmul dtype
+                row_max, picked = max_and_target(logits, local_t, mine, temperature)
+            else:  # this rank holds only vocabulary padding
+                logits = None
+                row_max = torch.full((n,), -torch.inf, dtype=stats_dtype, device=hidden.device)
+                picked = torch.zeros(n, dtype=stats_dtype, device=hidden.device)
+            row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
+            if logits is not None:
+                sum_exp, weighted = exp_sums(logits, row_max, temperature)
+            else:
+                sum_exp = weighted = torch.zeros(n, dtype=stats_dtype, device=hidden.device)
+            del logits
+            sum_exp, weighted, picked = _all_reduce(
+                torch.stack([sum_exp, weighted, picked]), dist.ReduceOp.SUM, group
+            )
+            log_z[rows] = row_max + sum_exp.log()
+            entropy[rows] = log_z[rows] - weighted / sum_exp  # H = log Z - E_p[l]
+            target_logit[rows] = picked
+        ctx.save_for_backward(hidden, weight, targets, log_z, entropy)
+        ctx.temperature, ctx.chunk_tokens, ctx.vocab_start = temperature, chunk_tokens, vocab_start
+        ctx.group, ctx.compiled = group, compiled
+        return target_logit - log_z, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, targets, log_z, entropy = ctx.saved_tensors
+        _, _, grad_logits_fn = _kernels(ctx.compiled)
+        v_local = weight.size(0)
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=_stats_dtype(weight), device=weight.device)
+        zeros = torch.zeros_like(log_z)
+        g_lp = grad_logprobs if grad_logprobs is not None else zeros
+        g_h = grad_entropy if grad_entropy is not None else zeros
+        for start in range(0, hidden.size(0) if v_local else 0, ctx.chunk_tokens):
+            rows = slice(start, start + ctx.chunk_tokens)
+            local_t = targets[rows] - ctx.vocab_start
+            mine = (local_t >= 0) & (local_t < v_local)
+            logits = hidden[rows] @ weight.t()  # recomputed [n, V_local]
+            grad_logits = grad_logits_fn(
+                logits, log_z[rows], entropy[rows], g_lp[rows], g_h[rows], local_t, mine, ctx.temperature
+            )
+            del logits
+            grad_hidden[rows] = grad_logits @ weight
+            grad_weight += grad_logits.t() @ hidden[rows]
+        # Each rank saw only its vocabulary slice: the hidden-state gradient is the sum over TP ranks.
+        _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 4096,
+    tp_group: dist.ProcessGroup | None = None,
+    compiled: bool | None = None,
+) -> TokenLogprobs:
+    """Log-prob and entropy of each target token under softmax(hidden @ output_weight.T / temperature).
+
+    hidden: [T, h] (or [s, b, h], flattened s-major like megatron's layout; targets then [s, b]).
+    output_weight: [V_pad / tp, h], this TP rank's rows of the (padded) vocabulary; rows at global index
+    >= vocab_size are padding and are excluded from the softmax. targets: [T] global token ids.
+    Returns fp32 [T] (or [s, b]) tensors; differentiable in hidden and output_weight.
+    compiled: fuse the per-chunk softmax math with torch.compile (default: on CUDA; eager on CPU).
+    """
+    shape = targets.shape
+    hidden = hidden.reshape(-1, hidden.size(-1))
+    targets = targets.reshape(-1)
+    if hidden.size(0) != targets.size(0):
+        raise ValueError(f"chunked_logprobs: {hidden.size(0)} hidden rows but {targets.size(0)} targets")
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    vocab_start = tp_rank * output_weight.size(0)
+    real_rows = output_weight.size(0)
+    if vocab_size is not None:
+        real_rows = max(0, min(output_weight.size(0), vocab_size - vocab_start))
+    logprobs, entropy = _ChunkedLogprobs.apply(
+        hidden,
+        output_weight[:real_rows],
+        targets,
+        float(temperature),
+        int(chunk_tokens),
+        vocab_start,
+        tp_group,
+        hidden.is_cuda if compiled is None else compiled,
+    )
+    return TokenLogprobs(logprobs.reshape(shape), entropy.reshape(shape))
+
+
+def naive_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> TokenLogprobs:
+    """Reference: full fp32 log-softmax over gathered logits [..., V] (V = real vocabulary only)."""
+    log_p = torch.log_softmax(logits.to(_stats_dtype(logits)) / temperature, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return TokenLogprobs(log_p.gather(-1, targets[..., None]).squeeze(-1), entropy)
+
+
+# ---------------------------------------------------------------------------- GPTModel helpers
+def _unwrap(model):
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def output_weight(model) -> torch.Tensor:
+    """The LM head's [V_pad / tp, h] weight on the last pipeline stage (the embedding when tied)."""
+    gpt = _unwrap(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+@contextlib.contextmanager
+def _without_output_layer(gpt):
+    """GPTModel returns the decoder's output (final norm applied) when post_process is off."""
+    saved = gpt.post_process
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = saved
+
+
+def final_hidden_states(model, input_ids, position_ids, attention_mask=None, packed_seq_params=None):
+    """The model's forward up to and including the final norm: [s, b, h] (full sequence, even with SP).
+
+    Works on any pipeline stage (non-last stages return their output hidden states, as megatron does).
+    With sequence parallelism the last stage's [s / tp, b, h] shard is all-gathered; its backward keeps
+    only this rank's rows, and `chunked_logprobs` sums the gradient over TP, together a reduce-scatter.
+    """
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    gpt = _unwrap(model)
+    if not gpt.post_process:
+        return model(input_ids, position_ids, attention_mask, packed_seq_params=packed_seq_params)
+    with _without_output_layer(gpt):
+        hidden = model(input_ids, position_ids, attention_mask, packed_seq_params=packed_seq_params)
+    if gpt.config.sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    return hidden

@@ -1,0 +1,106 @@
+"""The decode step over static buffers, run eagerly (CPU) or replayed from CUDA graphs (GPU).
+
+A step reads `tokens` / `positions` of the first B slots, appends their keys/values to the cache, samples the
+next tokens and writes them back into `tokens` and their log-probs into `logprobs`; then positions advance.
+Stop tokens are found on the host when the engine harvests a chunk of steps (one sync per chunk), so the step
+has no data-dependent control flow. Everything it touches is a preallocated tensor, so on GPU the step is captured
+once per (batch bucket, attention length bucket, sampling settings) and replayed: one launch instead of
+~20 per layer. The Exp(1) sampling noise is drawn into its static buffer outside the graph (one kernel), so
+eager and graph runs consume the same random numbers and give the same tokens.
+
+Graphs share one memory pool. That is safe here because a replay leaves nothing in the pool that a later
+replay reads: all state lives in the buffers below and the KV cache, allocated outside the pool.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from questa_nemo.rollout.decoder import DecoderWeights, KVCache, decode_logits
+from questa_nemo.rollout.sampling import sample_tokens
+
+# Attention spans grow in steps of this many positions: at most max_len / 256 graphs per batch bucket.
+ATTEND_LEN_BUCKET = 256
+
+
+class StepKey(NamedTuple):
+    """What a captured step bakes in."""
+
+    batch: int  # slots 0..batch-1 are decoded
+    attend_len: int  # keys at positions < attend_len are read
+    temperature: float
+    top_p: float
+
+
+def batch_bucket(n: int, slots: int) -> int:
+    """Smallest power of two >= n (at least 8), capped at the cache's slot count: few graphs, little waste."""
+    bucket = 8
+    while bucket < n:
+        bucket *= 2
+    return min(bucket, slots)
+
+
+def attend_bucket(max_position: int, max_len: int) -> int:
+    """Attention span covering positions 0..max_position, rounded up to ATTEND_LEN_BUCKET."""
+    span = -(-(max_position + 1) // ATTEND_LEN_BUCKET) * ATTEND_LEN_BUCKET
+    return min(span, max_len)
+
+
+class DecodeRunner:
+    """Static step buffers for every cache slot, and the captured graphs keyed by StepKey."""
+
+    def __init__(self, weights: DecoderWeights, cache: KVCache, use_graphs: bool):
+        self.weights, self.cache, self.use_graphs = weights, cache, use_graphs
+        slots, vocab = cache.k.size(1), weights.lm_head.size(0)
+        device = weights.embedding.device
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # [S] next input token per slot
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # [S] where that token sits
+        self.logprobs = torch.zeros(slots, dtype=torch.float32, device=device)  # [S] of the last sample
+        self.noise = torch.ones(slots, vocab, dtype=torch.float32, device=device)  # [S, V] Exp(1) draws
+        self._graphs: dict[StepKey, torch.cuda.CUDAGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def _step(self, key: StepKey) -> None:
+        """The captured region: static shapes, no host syncs."""
+        b = key.batch
+        tokens, positions = self.tokens[:b], self.positions[:b]
+        logits = decode_logits(self.weights, self.cache, tokens, positions, key.attend_len)
+        noise = self.noise[:b].clamp_min(1e-20) if key.temperature > 0 else None
+        next_tokens, logprobs = sample_tokens(logits, noise, key.temperature, key.top_p)
+        tokens.copy_(next_tokens)
+        self.logprobs[:b].copy_(logprobs)
+        positions.add_(1)
+
+    def step(self, key: StepKey, generator: torch.Generator | None) -> None:
+        """Draw the sampling noise, then run one decode step (captured on first use when graphs are on)."""
+        if key.temperature > 0:
+            self.noise[: key.batch].exponential_(generator=generator)
+        if not self.use_graphs:
+            self._step(key)
+            return
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(key)
+        graph.replay()
+
+    def _capture(self, key: StepKey) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream (lazy library init), restore the state the warm-up advanced, capture."""
+        saved = [t.clone() for t in (self.tokens, self.positions)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(key)
+        torch.cuda.current_stream().wait_stream(side)
+        for buffer, value in zip((self.tokens, self.positions), saved):
+            buffer.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(key)
+        self._graphs[key] = graph
+        return graph

@@ -1,0 +1,327 @@
+"""One GRPO step, top to bottom, each phase a call into its own module and timed by name:
+
+    generate -> score -> filter -> advantages -> log-probs -> loss / optimizer step -> update rollout weights
+
+The loop around it (resume, checkpoints, logs) is loop.py; nothing here knows about files or megatron.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from questa_nemo.algo.advantages import compute_advantages, no_all_reduce, shape_rewards
+from questa_nemo.algo.filtering import FilledStep, fill_step, handle_overlong
+from questa_nemo.algo.loss import PolicyLossConfig, loss_config_from, policy_loss, step_normaliser
+from questa_nemo.config import Config
+from questa_nemo.model.packing import PackedMicroBatch, TokenSequence
+from questa_nemo.reward.types import RewardResult
+from questa_nemo.rollout.base import Completion, GenerationBackend, SamplingParams
+from questa_nemo.train.metrics import PhaseTimer
+from questa_nemo.train.prompts import PromptRow, PromptSource
+
+# (completion texts [N], the prompt row of each [N]) -> a handle whose .result() gives [N] RewardResults, so
+# scoring of one chunk runs in the reward workers while the next chunk generates.
+Scorer = Callable[[list[str], list[PromptRow]], "RewardHandleLike"]
+
+
+class RewardHandleLike:  # the one method the loop needs of reward.pool.RewardHandle
+    def result(self, timeout: float | None = None) -> list[RewardResult]: ...
+
+
+@dataclass
+class Group:
+    """One prompt and its G sampled completions, scored."""
+
+    prompt: PromptRow
+    completions: list[Completion]  # [G]
+    results: list[RewardResult]  # [G]
+    texts: list[str]  # [G] decoded completions (for logs and samples)
+
+
+@dataclass
+class StepData:
+    """What the optimizer step trains on; N = kept groups x G, sequences in group-major order."""
+
+    groups: list[Group]
+    sequences: list[TokenSequence]  # [N] prompt + completion with per-token mask, advantages, behaviour log-probs
+    correct: torch.Tensor  # [N] raw correctness 0/1
+    truncated: torch.Tensor  # [N] bool: finished by length, not by a stop token
+    hinted: torch.Tensor  # [N] bool: the prompt carried a hint
+    completion_lengths: torch.Tensor  # [N] generated tokens
+    stale: torch.Tensor  # [N] policy versions behind the trainer when sampled
+
+
+def sampling_params(cfg: Config, stop_token_ids: tuple[int, ...], seed: int) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(
+        n=r.n_samples,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_new_tokens=r.max_new_tokens,
+        stop_token_ids=stop_token_ids,
+        seed=seed,
+    )
+
+
+def step_seed(seed: int, step: int, attempt: int) -> int:
+    """Sampling seed of a prompt batch: a pure function of (seed, step, attempt), so a resumed run redraws
+    exactly the samples the uninterrupted run drew."""
+    return (seed * 1_000_003 + step * 1_009 + attempt) % (2**31 - 1)
+
+
+def generate_groups(
+    backend: GenerationBackend,
+    prompts: list[PromptRow],
+    params: SamplingParams,
+    decode: Callable[[list[int]], str],
+    scorer: Scorer,
+    chunk_prompts: int,
+) -> list[Group]:
+    """Generate in chunks and hand each chunk to the reward workers as soon as it is done (overlapping
+    scoring with the next chunk's generation); then wait for all scores."""
+    pending = []
+    for start in range(0, len(prompts), chunk_prompts):
+        chunk = prompts[start : start + chunk_prompts]
+        result = backend.generate([p.prompt_ids for p in chunk], params)
+        texts = [[decode(c.token_ids) for c in completions] for completions in result.completions]
+        flat_texts = [t for ts in texts for t in ts]
+        flat_rows = [p for p, ts in zip(chunk, texts) for _ in ts]
+        pending.append((chunk, result.completions, texts, scorer(flat_texts, flat_rows)))
+    groups = []
+    for chunk, completions, texts, handle in pending:
+        results = handle.result()
+        g = params.n
+        for i, prompt in enumerate(chunk):
+            groups.append(Group(prompt, completions[i], results[i * g : (i + 1) * g], texts[i]))
+    return groups
+
+
+def collect_step(
+    cfg: Config,
+    step: int,
+    source: PromptSource,
+    backend: GenerationBackend,
+    scorer: Scorer,
+    decode: Callable[[list[int]], str],
+    stop_token_ids: tuple[int, ...],
+    dp_rank: int = 0,
+    dp_size: int = 1,
+) -> FilledStep[Group]:
+    """Draw prompt batches until this rank's share of `prompts_per_step` groups passes dynamic filtering.
+
+    Every DP rank draws the same prompt batches (the source is seeded identically) and keeps its own slice, so
+    the ranks' data never overlap and a resumed run sees the same prompts.
+    """
+    target = cfg.train.prompts_per_step // dp_size
+    attempt = 0
+
+    def draw() -> list[Group]:
+        nonlocal attempt
+        batch = source.next(cfg.train.prompts_per_step)[dp_rank::dp_size]
+        params = sampling_params(cfg, stop_token_ids, step_seed(cfg.train.seed, step, attempt) + dp_rank)
+        attempt += 1
+        chunk = max(1, cfg.rollout.max_batch_sequences // cfg.rollout.n_samples)
+        return generate_groups(backend, batch, params, decode, scorer, chunk)
+
+    a = cfg.algo
+    return fill_step(
+        draw,
+        lambda group: [r.reward for r in group.results],
+        target_groups=target,
+        max_prompt_batches=a.max_prompt_batches,
+        lower=a.filter_min_success,
+        upper=a.filter_max_success,
+        enabled=a.filter_enabled,
+    )
+
+
+def build_step_data(cfg: Config, groups: list[Group], trainer_version: int, all_reduce=no_all_reduce) -> StepData:
+    """Rewards -> overlong handling -> shaped rewards -> per-token advantages -> training sequences."""
+    completions = [c for g in groups for c in g.completions]
+    n_samples = len(groups[0].completions) if groups else 0
+    correct = torch.tensor([r.reward for g in groups for r in g.results], dtype=torch.float32)
+    truncated = torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.bool)
+    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.long)
+    overlong = handle_overlong(correct, truncated, cfg.reward.overlong, cfg.reward.overlong_penalty)
+    shaped = shape_rewards(overlong.rewards, cfg.reward.scaling, cfg.reward.bias, cfg.reward.clip)
+
+    width = int(lengths.max()) if len(completions) else 0
+    mask = (torch.arange(width)[None, :] < lengths[:, None]) & overlong.sequence_mask[:, None]  # [N, T]
+    group_ids = torch.arange(len(completions)) // max(n_samples, 1)
+    a = cfg.algo
+    advantages = compute_advantages(
+        a.advantage, shaped, mask, group_ids, adv_norm=a.adv_norm, group_std=a.group_std, eps=a.eps,
+        all_reduce=all_reduce,
+    )  # [N, T]
+
+    sequences = []
+    prompts = [g.prompt for g in groups for _ in g.completions]
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        p, t = len(prompt.prompt_ids), len(completion.token_ids)
+        zeros = torch.zeros(p + t, dtype=torch.float32)
+        loss_mask, adv, behaviour = zeros.clone(), zeros.clone(), zeros.clone()
+        loss_mask[p:] = mask[i, :t].float()
+        adv[p:] = advantages[i, :t]
+        behaviour[p:] = torch.tensor(completion.logprobs, dtype=torch.float32)
+        ids = torch.tensor(prompt.prompt_ids + completion.token_ids, dtype=torch.long)
+        sequences.append(TokenSequence(ids, loss_mask, adv, behaviour))
+
+    return StepData(
+        groups=groups,
+        sequences=sequences,
+        correct=correct,
+        truncated=truncated,
+        hinted=torch.tensor([p.hinted for p in prompts], dtype=torch.bool),
+        completion_lengths=lengths,
+        stale=torch.tensor([trainer_version - c.version for c in completions], dtype=torch.long),
+    )
+
+
+def segments(row: torch.Tensor, mb: PackedMicroBatch) -> torch.Tensor:
+    """A packed row's real sequences as a padded matrix: [1, T] -> [S, L_max] (zeros past each end)."""
+    cu = mb.cu_seqlens.tolist()
+    spans = [(cu[i], cu[i + 1]) for i in range(len(mb.sequence_ids))]
+    width = max((b - a for a, b in spans), default=0)
+    out = row.new_zeros((len(spans), width))
+    for i, (a, b) in enumerate(spans):
+        out[i, : b - a] = row[0, a:b]
+    return out
+
+
+def make_loss_fn(cfg: Config):
+    """The per-micro-batch loss callback MegatronPolicy.train_step calls: (logprobs [1, T], entropy [1, T],
+    micro-batch) -> (loss summed over the micro-batch, summed stats). The policy divides by the step
+    normaliser, so the callback passes normaliser 1 to policy_loss."""
+    loss_cfg = loss_config_from(cfg.algo)
+
+    def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: PackedMicroBatch):
+        def view(x: torch.Tensor) -> torch.Tensor:  # [1, T] -> [S, L]: one row per sequence
+            return segments(x.to(logprobs.device), mb)
+
+        proximal = view(mb.proximal_logprobs) if mb.proximal_logprobs is not None else None
+        loss, stats = policy_loss(
+            view(logprobs), view(mb.advantages), view(mb.loss_mask) > 0, view(mb.behaviour_logprobs),
+            normaliser=1.0, cfg=loss_cfg, proximal_logprobs=proximal, entropy=view(entropy),
+        )
+        # behave_weight_max is merged with max, not summed: the policy sums stats, so report it separately.
+        return loss, {f.name: getattr(stats, f.name) for f in fields(stats) if f.name != "behave_weight_max"}
+
+    return loss_fn, loss_cfg
+
+
+def normaliser_for(data: StepData, loss_cfg: PolicyLossConfig, max_new_tokens: int) -> float:
+    """This rank's share of the loss normaliser (token count, sequence count, or sequences x constant)."""
+    total = 0.0
+    for s in data.sequences:
+        total += step_normaliser(s.loss_mask[None, :] > 0, loss_cfg.agg, float(max_new_tokens))
+    return total
+
+
+def step_metrics(data: StepData, filled: FilledStep[Group]) -> dict[str, float]:
+    """Rollout and reward metrics of a step, hinted and unhinted prompts apart."""
+    out: dict[str, float] = {}
+    c, hinted = data.correct, data.hinted
+    out["reward/success"] = float(c.mean()) if c.numel() else math.nan
+    for name, sel in (("hinted", hinted), ("unhinted", ~hinted)):
+        if sel.any():
+            out[f"reward/success_{name}"] = float(c[sel].mean())
+    reasons: dict[str, int] = {}
+    for g in filled.groups:
+        for r in g.results:
+            reasons[r.reason] = reasons.get(r.reason, 0) + 1
+    for reason, count in reasons.items():
+        out[f"reward/reason_{reason}"] = float(count)
+    lengths = data.completion_lengths.float()
+    if lengths.numel():
+        out["rollout/length_mean"] = float(lengths.mean())
+        out["rollout/length_max"] = float(lengths.max())
+        out["rollout/truncated_fraction"] = float(data.truncated.float().mean())
+        out["rollout/staleness_max"] = float(data.stale.max())
+    counts = filled.counts
+    out["filter/kept_groups"] = float(len(filled.groups))
+    out["filter/dropped_all_correct"] = float(counts.all_correct)
+    out["filter/dropped_all_wrong"] = float(counts.all_wrong)
+    out["filter/dropped_too_easy"] = float(counts.too_easy)
+    out["filter/dropped_too_hard"] = float(counts.too_hard)
+    out["filter/prompt_batches"] = float(filled.prompt_batches)
+    out["filter/full"] = float(filled.full)
+    return out
+
+
+class SyncRollouts:
+    """Rollouts generated when the step asks for them, with the current weights (the colocated default)."""
+
+    def __init__(self, cfg: Config, source: PromptSource, backend: GenerationBackend, scorer: Scorer,
+                 decode: Callable[[list[int]], str], stop_token_ids: tuple[int, ...], dp_rank: int = 0,
+                 dp_size: int = 1):
+        self.cfg, self.source, self.backend, self.scorer = cfg, source, backend, scorer
+        self.decode, self.stop_token_ids, self.dp_rank, self.dp_size = decode, stop_token_ids, dp_rank, dp_size
+
+    def next(self, step: int) -> FilledStep[Group]:
+        return collect_step(self.cfg, step, self.source, self.backend, self.scorer, self.decode,
+                            self.stop_token_ids, self.dp_rank, self.dp_size)
+
+    def source_state(self) -> dict:
+        """Prompt-stream position after the last step handed out (what a resumed run restores)."""
+        return self.source.state_dict()
+
+
+def grpo_step(
+    cfg: Config,
+    step: int,
+    policy,
+    backend: GenerationBackend,
+    rollouts: SyncRollouts,
+    timer: PhaseTimer,
+    all_reduce=no_all_reduce,
+) -> tuple[dict[str, float], StepData]:
+    """Run GRPO step `step` (1-based) on the groups `rollouts` hands out; returns its metrics and data."""
+    temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+    with timer("rollout"):
+        policy.eval()
+        filled = rollouts.next(step)
+    metrics = {}
+    with timer("advantages"):
+        data = build_step_data(cfg, filled.groups, backend.version, all_reduce)
+    metrics.update(step_metrics(data, filled))
+    if not data.sequences:  # every group filtered out: nothing to learn from this step
+        metrics["actor/skipped_empty"] = 1.0
+        return metrics, data
+
+    loss_fn, loss_cfg = make_loss_fn(cfg)
+    with timer("pack"):
+        micro_batches = policy.pack(data.sequences)
+    with timer("logprobs"):
+        proximal = policy.logprobs(micro_batches, temperature=temperature)
+        for mb, lp in zip(micro_batches, proximal.logprobs):
+            mb.proximal_logprobs = lp
+    with timer("train"):
+        normaliser = all_reduce(torch.tensor(normaliser_for(data, loss_cfg, cfg.rollout.max_new_tokens)))
+        stats = policy.train_step(micro_batches, loss_fn, float(normaliser), temperature=temperature)
+    with timer("update_weights"):
+        backend.update_weights(backend.version + (0 if stats.skipped else 1))
+
+    tokens = max(stats.metrics.get("tokens", 0.0), 1.0)
+    metrics.update(
+        {
+            "actor/loss": stats.loss,
+            "actor/grad_norm": stats.grad_norm,
+            "actor/lr": stats.lr,
+            "actor/skipped_nonfinite": float(stats.skipped),
+            "actor/skipped_nonfinite_total": float(stats.skipped_total),
+            "actor/micro_batches": float(stats.num_micro_batches),
+            "actor/clip_fraction": stats.metrics.get("clipped", 0.0) / tokens,
+            "actor/capped_fraction": stats.metrics.get("capped", 0.0) / tokens,
+            "actor/entropy": stats.metrics.get("entropy", 0.0) / tokens,
+            # KL between the rollout engine's behaviour log-probs and the trainer's recompute (k3, per token):
+            # the train/rollout mismatch; large values mean the engines disagree or samples are stale.
+            "actor/behave_kl": stats.metrics.get("behave_kl_k3", 0.0) / tokens,
+            "actor/loss_tokens": tokens,
+        }
+    )
+    return metrics, data

@@ -1,0 +1,222 @@
+"""The GRPO run around the step: resume, per-step logging and progress bar, periodic evaluation, atomic
+checkpoints, preemption. Kept generic: algorithm variants live in algo/ and grpo.py, never here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from questa_nemo.config import Config
+from questa_nemo.train.async_rollouts import AsyncRollouts
+from questa_nemo.train.grpo import SyncRollouts, grpo_step
+from questa_nemo.train.metrics import MetricsLogger, PhaseTimer
+from questa_nemo.train.preempt import EXIT_PREEMPTED, PreemptionFlag
+from questa_nemo.train.prompts import PromptSource
+
+STATE_FILE = "run_state.json"
+
+
+@dataclass
+class RunState:
+    """Everything besides model and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    version: int = 0  # policy version the rollout engine holds
+    source: dict | None = None  # PromptSource position (epoch, cursor)
+    python_rng: list | None = None
+    numpy_rng: dict | None = None
+    torch_rng: list[int] | None = None  # torch.get_rng_state() as a list of bytes (JSON, no pickle)
+
+
+def capture_rng(state: RunState) -> None:
+    state.python_rng = [list(x) if isinstance(x, tuple) else x for x in random.getstate()]
+    state.numpy_rng = _jsonable_numpy_state(np.random.get_state(legacy=False))
+    state.torch_rng = torch.get_rng_state().tolist()
+
+
+def restore_rng(state: RunState) -> None:
+    if state.python_rng is not None:
+        version, internal, gauss = state.python_rng
+        random.setstate((version, tuple(internal), gauss))
+    if state.numpy_rng is not None:
+        np.random.set_state(state.numpy_rng)
+    if state.torch_rng is not None:
+        torch.set_rng_state(torch.tensor(state.torch_rng, dtype=torch.uint8))
+
+
+def _jsonable_numpy_state(state: dict) -> dict:
+    return json.loads(json.dumps(state, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under run_dir/checkpoints, oldest first. Half-written ones never match: they live
+    under a temporary name until their final rename."""
+    root = run_dir / "checkpoints"
+    found = []
+    for p in root.glob("step_*") if root.exists() else []:
+        if p.name[5:].isdigit() and (p / STATE_FILE).exists():
+            found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+class Checkpointer:
+    """Full checkpoints (model + optimizer + RunState) every `save_every` steps, kept; recovery checkpoints every
+    `recovery_every` steps, each replacing the previous recovery one. Written via model/checkpoint.py, which
+    writes to a temporary folder and renames it, so a crash mid-write leaves the previous checkpoint usable."""
+
+    def __init__(self, run_dir: Path, policy, save_every: int, recovery_every: int, keep: int, hf_config: dict,
+                 tokenizer_dir: str | None, is_main: bool):
+        self.run_dir, self.policy = run_dir, policy
+        self.hf_config, self.tokenizer_dir, self.is_main = hf_config, tokenizer_dir, is_main
+        self.save_every, self.recovery_every, self.keep = save_every, recovery_every, keep
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or step % self.save_every == 0 or step % self.recovery_every == 0
+
+    def save(self, state: RunState) -> Path:
+        """Model + optimizer via model/checkpoint.py (atomic), then run_state.json (atomic rename): a
+        checkpoint without run_state.json is not listed, so a crash between the two loses nothing."""
+        from questa_nemo.model.checkpoint import save_checkpoint
+
+        path = self.run_dir / "checkpoints" / f"step_{state.step}"
+        capture_rng(state)
+        save_checkpoint(self.policy, path, step=state.step, hf_config=self.hf_config, tokenizer_dir=self.tokenizer_dir)
+        if self.is_main:
+            tmp = path / f".{STATE_FILE}.tmp"
+            tmp.write_text(json.dumps(asdict(state)))
+            os.replace(tmp, path / STATE_FILE)
+        torch.distributed.barrier()
+        self._prune(state.step)
+        return path
+
+    def _prune(self, newest: int) -> None:
+        """Drop recovery-only checkpoints older than the newest, and permanent ones beyond `keep`."""
+        permanent = [s for s, _ in checkpoint_dirs(self.run_dir) if s % self.save_every == 0]
+        keep = set(permanent[-self.keep :]) | {newest}
+        if not self.is_main:
+            return
+        for step, path in checkpoint_dirs(self.run_dir):
+            if step not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def latest(self) -> tuple[int, Path] | None:
+        found = checkpoint_dirs(self.run_dir)
+        return found[-1] if found else None
+
+    def load(self, path: Path) -> RunState:
+        from questa_nemo.model.checkpoint import load_checkpoint
+
+        load_checkpoint(self.policy, path)
+        state = RunState(**json.loads((path / STATE_FILE).read_text()))
+        restore_rng(state)
+        return state
+
+
+def memory_metrics() -> dict[str, float]:
+    if torch.cuda.is_available():
+        return {"perf/gpu_max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+    import resource
+
+    return {"perf/cpu_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def fit(
+    cfg: Config,
+    run_dir: Path,
+    policy,
+    backend,
+    source: PromptSource,
+    scorer,
+    decode: Callable[[list[int]], str],
+    stop_token_ids: tuple[int, ...],
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    all_reduce=None,
+    is_main: bool = True,
+    hf_config: dict | None = None,
+    tokenizer_dir: str | None = None,
+) -> int:
+    """Train `cfg.train.steps` GRPO steps into run_dir, resuming from its newest checkpoint. Returns 0 when
+    done, EXIT_PREEMPTED after a preemption signal (checkpoint written)."""
+    from tqdm import tqdm
+
+    from questa_nemo.algo.advantages import no_all_reduce
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    ckpt = Checkpointer(run_dir, policy, t.save_every, t.recovery_every, t.keep_checkpoints, hf_config, tokenizer_dir,
+                        is_main)
+    state = RunState()
+    latest = ckpt.latest()
+    if latest is not None:
+        state = ckpt.load(latest[1])
+        source.load_state_dict(state.source)
+        backend.update_weights(state.version)
+        print(f"[questa-nemo] resumed {run_dir} at step {state.step}", flush=True)
+    logger = MetricsLogger(run_dir, cfg.train.log_tensorboard and is_main, resume_step=state.step) if is_main else None
+    preempt = PreemptionFlag()
+    bar = tqdm(
+        total=cfg.train.steps, initial=state.step, desc=run_dir.name, disable=not (cfg.train.progress_bar and is_main),
+        dynamic_ncols=True,
+    )
+    if cfg.rollout.max_staleness > 0:  # async mode: a producer thread samples ahead, at most this many versions
+        rollouts = AsyncRollouts(cfg, source, backend, scorer, decode, stop_token_ids, state.step + 1, dp_rank, dp_size)
+    else:
+        rollouts = SyncRollouts(cfg, source, backend, scorer, decode, stop_token_ids, dp_rank, dp_size)
+    try:
+        while state.step < cfg.train.steps:
+            step = state.step + 1
+            timer = PhaseTimer()
+            start = time.perf_counter()
+            metrics, data = grpo_step(cfg, step, policy, backend, rollouts, timer, all_reduce or no_all_reduce)
+            seconds = timer.pop()
+            metrics.update(seconds)
+            generated = float(data.completion_lengths.sum()) if data.sequences else 0.0
+            trained = float(sum(len(s) for s in data.sequences))
+            metrics["perf/rollout_tokens_per_s"] = generated / max(seconds.get("time/rollout_s", 0.0), 1e-9)
+            metrics["perf/train_tokens_per_s"] = trained / max(seconds.get("time/train_s", 0.0), 1e-9)
+            if evaluate is not None and cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0:
+                with timer("eval"):
+                    metrics.update(evaluate(step))
+                metrics.update(timer.pop())
+            metrics["time/step_s"] = time.perf_counter() - start
+            metrics.update(memory_metrics())
+            if not math.isfinite(metrics.get("actor/loss", 0.0)):
+                print(f"[questa-nemo] step {step}: non-finite loss, update skipped", flush=True)
+
+            state.step, state.version, state.source = step, backend.version, rollouts.source_state()
+            if logger is not None:
+                logger.log(step, metrics)
+            bar.update(1)
+            bar.set_postfix(
+                success=f"{metrics.get('reward/success', math.nan):.3f}",
+                loss=f"{metrics.get('actor/loss', math.nan):.4f}",
+            )
+            last = step == cfg.train.steps
+            if ckpt.due(step, last) or preempt.requested:
+                ckpt.save(state)
+            if preempt.requested and not last:
+                print(f"[questa-nemo] {preempt.signal_name}: checkpoint at step {step} written; exiting for requeue",
+                      flush=True)
+                return EXIT_PREEMPTED
+    finally:
+        if isinstance(rollouts, AsyncRollouts):  # stop the producer thread
+            rollouts.close()
+        bar.close()
+        preempt.restore()
+        if logger is not None:
+            logger.close()
+    if is_main:
+        (run_dir / "DONE").write_text(json.dumps({"step": state.step}) + "\n")
+    return 0

@@ -1,0 +1,249 @@
+"""`questa-nemo train`: build the pieces a recipe names, then run its stages.
+
+    [world data] -> [supervised warm-up] -> GRPO per arm (hint / no_hint / one run) -> final evaluation
+
+Every stage resumes: finished stages are detected by their outputs (DONE markers, checkpoints) and skipped, so
+rerunning the same command after a crash or a Slurm requeue continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from questa_nemo.config import Config, ConfigError, OptimConfig, load_config, read_hf_config
+from questa_nemo.train.preempt import EXIT_PREEMPTED
+
+
+@dataclass
+class Session:
+    """What every stage of a run shares: the parallel layout, the model's HF config and the tokenizer."""
+
+    cfg: Config
+    info: object  # model.parallel.ParallelInfo
+    hf: dict
+    tokenizer: object
+    tokenizer_dir: str
+    run_dir: Path
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary (config.json); megatron's padding rows past it are masked."""
+        return int(self.hf["vocab_size"])
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = self.tokenizer.eos_token_id
+        return (eos,) if eos is not None else ()
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+
+def model_source(cfg: Config) -> tuple[str, str]:
+    """(config.json path, tokenizer folder) of the policy."""
+    if not cfg.model.hf_config:
+        raise ConfigError("model.hf_config", "the policy needs a Hugging Face config.json (or its folder)")
+    hf_path = Path(cfg.model.hf_config)
+    folder = hf_path if hf_path.is_dir() else hf_path.parent
+    return str(hf_path), cfg.model.tokenizer or str(folder)
+
+
+def open_session(cfg: Config) -> Session:
+    from transformers import AutoTokenizer
+
+    from questa_nemo.model.parallel import init_distributed
+
+    hf_path, tokenizer_dir = model_source(cfg)
+    hf = read_hf_config(hf_path)
+    info = init_distributed(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return Session(cfg, info, hf, tokenizer, tokenizer_dir, Path(cfg.train.run_dir))
+
+
+def build_policy(s: Session, optim: OptimConfig, total_steps: int, init: str | None):
+    """This rank's model chunks with `init`'s weights (an HF folder, .nemo, GGUF or one of our checkpoints;
+    None = random), wrapped in a MegatronPolicy."""
+    from questa_nemo.ckpt.load import load_chunks
+    from questa_nemo.model.policy import MegatronPolicy
+
+    chunks = load_chunks(s.cfg.model, s.hf, init)
+    return MegatronPolicy(chunks, s.cfg.model, optim, total_steps, s.cfg.train.micro_batch_tokens, s.vocab_size)
+
+
+def build_backend(s: Session, policy):
+    from questa_nemo.rollout import make_backend
+
+    if s.cfg.rollout.max_staleness > 0:  # async mode: the engine samples from its own copy of the weights
+        from questa_nemo.rollout.snapshot import SnapshotBackend
+
+        return SnapshotBackend(s.cfg.rollout, policy.modules[0], s.vocab_size)
+    return make_backend(s.cfg.rollout, policy=policy.modules[0], vocab_size=s.vocab_size)
+
+
+def final_checkpoint(run_dir: Path) -> Path | None:
+    from questa_nemo.train.loop import checkpoint_dirs
+
+    found = checkpoint_dirs(run_dir)
+    return found[-1][1] if found else None
+
+
+# ------------------------------------------------------------------------------------------ stages
+def prepare_world(s: Session) -> None:
+    """Write the small world's data under world.output_dir once (rank 0), others wait."""
+    from questa_nemo.data.world import write_world
+
+    out = Path(s.cfg.world.output_dir)
+    if s.is_main and not (out / "warmup.jsonl").exists():
+        s.log(f"[world] writing data sets under {out}")
+        write_world(s.cfg.world, s.cfg.train.warmup.hint_fraction)
+    torch.distributed.barrier()
+
+
+def warmup_stage(s: Session) -> Path:
+    """Supervised warm-up into run_dir/warmup; returns its checkpoint (reused when already there)."""
+    from questa_nemo.model.checkpoint import save_checkpoint
+    from questa_nemo.train.warmup import run_warmup
+
+    w = s.cfg.train.warmup
+    out = s.run_dir / "warmup" / "checkpoint"
+    if (out.parent / "warmup.json").exists():
+        s.log(f"[warm-up] reusing {out}")
+        return out
+    examples = []
+    with open(Path(s.cfg.world.output_dir) / "warmup.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            prompt = render(s.tokenizer, row["prompt"])
+            target = s.tokenizer.encode(row["completion"], add_special_tokens=False) + [s.tokenizer.eos_token_id]
+            examples.append((prompt, target))
+    optim = OptimConfig(**{**s.cfg.optim.__dict__, "lr": w.lr, "warmup_ratio": 0.0})
+    policy = build_policy(s, optim, w.steps, s.cfg.model.checkpoint)
+    losses = run_warmup(policy, examples, w.steps, w.batch_size, s.cfg.train.seed, log=s.log)
+    save_checkpoint(policy, out, step=w.steps, hf_config=s.hf, tokenizer_dir=s.tokenizer_dir)
+    if s.is_main:  # written after the checkpoint: its presence marks the warm-up as done
+        (out.parent / "warmup.json").write_text(json.dumps({"steps": w.steps, "nll": losses}) + "\n")
+    torch.distributed.barrier()
+    return out
+
+
+def render(tokenizer, content: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "input_ids") else ids)
+
+
+def make_scorer(s: Session, resources: contextlib.ExitStack):
+    """(texts, prompt rows) -> handle with .result(): the world's exact check, or the math reward pool."""
+    from questa_nemo.train.scoring import make_train_scorer
+
+    return make_train_scorer(s.cfg.reward, resources)
+
+
+def grpo_stage(s: Session, arm: str, dataset: str, init: str | None, resources) -> int:
+    """GRPO on `dataset` from `init` into run_dir/<arm> (run_dir itself for a single run)."""
+    from questa_nemo.train.loop import fit
+    from questa_nemo.train.prompts import PromptSource, read_rows, tokenize_rows
+    from questa_nemo.train.validation import make_validator
+
+    cfg = s.cfg
+    run_dir = s.run_dir / arm if arm else s.run_dir
+    if (run_dir / "DONE").exists():
+        s.log(f"[{arm or 'grpo'}] already done: {run_dir}")
+        return 0
+    rows, too_long = tokenize_rows(read_rows(dataset, cfg.train.split), s.tokenizer, cfg.rollout.max_prompt_tokens,
+                                   dataset)
+    if too_long:
+        s.log(f"[{arm or 'grpo'}] {too_long} prompts longer than rollout.max_prompt_tokens skipped")
+    source = PromptSource(rows, cfg.train.seed)
+    policy = build_policy(s, cfg.optim, cfg.train.steps, init)
+    backend = build_backend(s, policy)
+    scorer = make_scorer(s, resources)
+    evaluate = make_validator(s, backend, resources)
+    s.log(f"[{arm or 'grpo'}] {len(rows)} prompts from {dataset}; {cfg.train.steps} steps into {run_dir}")
+    return fit(
+        cfg, run_dir, policy, backend, source, scorer, s.decode, s.stop_token_ids, evaluate,
+        dp_rank=s.info.dp_rank, dp_size=s.info.dp_size, all_reduce=dp_all_reduce(s), is_main=s.is_main,
+        hf_config=s.hf, tokenizer_dir=s.tokenizer_dir,
+    )
+
+
+def dp_all_reduce(s: Session):
+    if s.info.dp_size == 1:
+        return None
+    from megatron.core import parallel_state
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        torch.distributed.all_reduce(y, group=parallel_state.get_data_parallel_group())
+        return y
+
+    return reduce
+
+
+def initial_weights(s: Session) -> str | None:
+    """Where GRPO starts: the warm-up, else the parent stage's final checkpoint, else model.checkpoint."""
+    t = s.cfg.train
+    if t.parent_stage:
+        parent = final_checkpoint(Path(t.parent_stage))
+        if parent is None or not (Path(t.parent_stage) / "DONE").exists():
+            raise ConfigError("train.parent_stage", f"{t.parent_stage} has not finished (no DONE marker)")
+        return str(parent)
+    return s.cfg.model.checkpoint
+
+
+def run(cfg: Config) -> int:
+    s = open_session(cfg)
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    if s.is_main:
+        from omegaconf import OmegaConf
+
+        (s.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if cfg.train.build_world_data:
+        prepare_world(s)
+    init = initial_weights(s)
+    if cfg.train.warmup.steps > 0:
+        init = str(warmup_stage(s))
+        from questa_nemo.train.validation import calibrate
+
+        calibrate(s, init)
+    arms = dict(cfg.train.arms) or {"": cfg.train.dataset}
+    with contextlib.ExitStack() as resources:
+        for arm, dataset in arms.items():
+            if not dataset:
+                raise ConfigError("train.dataset", "no RL data set given (build one with `questa-nemo data`)")
+            status = grpo_stage(s, arm, dataset, init, resources)
+            if status == EXIT_PREEMPTED:
+                return status
+        if cfg.train.final_eval and cfg.eval.benchmarks:
+            from questa_nemo.train.report import final_report
+
+            final_report(s, init, arms, resources)
+    return 0
+
+
+def main(config_name: str = "default", overrides: list[str] | None = None, positional=None) -> int:
+    from questa_nemo.doctor import check_config
+
+    if positional:
+        raise ConfigError("train", f"takes no positional arguments, got {positional}")
+    cfg = load_config(config_name, overrides)
+    problems = check_config(cfg)
+    if problems:
+        for p in problems:
+            print(f"questa-nemo train: {p}", file=sys.stderr)
+        return 2
+    return run(cfg)

@@ -1,0 +1,104 @@
+"""Evaluation inside a run: the calibration table after the warm-up (no-hint pass rate per chain length, which
+should fall off smoothly; a cliff means a format problem) and periodic validation during GRPO on the first
+eval benchmark, without hints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from questa_nemo.eval.benchmarks import BenchmarkRow, load_benchmark
+from questa_nemo.eval.passk import pass_at_k_over_problems
+from questa_nemo.eval.run import evaluate, math_scorer, score_world
+from questa_nemo.rollout.base import SamplingParams
+
+
+def eval_scorer(s, resources):
+    """The eval-side scorer (texts, BenchmarkRows) -> results, sharing one math worker pool per run."""
+    if s.cfg.reward.kind == "world":
+        return score_world
+    pool = getattr(s, "_math_pool", None)
+    if pool is None:
+        from questa_nemo.reward.math import MathReward
+
+        pool = resources.enter_context(MathReward.from_config(s.cfg.reward))
+        s._math_pool = pool
+    return math_scorer(pool)
+
+
+def answer_extractor(s) -> Callable[[str], str | None]:
+    from questa_nemo.reward.extract import extract_answer
+
+    limit = s.cfg.reward.max_answer_chars
+    return lambda text: extract_answer(text, limit).answer or None
+
+
+def eval_sampling(s, n: int, seed: int) -> SamplingParams:
+    e = s.cfg.eval
+    return SamplingParams(
+        n=n, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
+        stop_token_ids=s.stop_token_ids, seed=seed,
+    )
+
+
+def pass_metrics(results, prefix: str, ks: tuple[int, ...]) -> dict[str, float]:
+    counts = [(r.n, r.correct) for r in results]
+    out = {}
+    for k in ks:
+        if k <= min(n for n, _ in counts):
+            est = pass_at_k_over_problems(counts, k)
+            out[f"{prefix}pass@{k}"] = est.mean
+            out[f"{prefix}pass@{k}_stderr"] = est.stderr
+    return out
+
+
+def make_validator(s, backend, resources) -> Callable[[int], dict[str, float]] | None:
+    """pass@1 (and pass@n) of the current policy on the first eval benchmark's first validation problems."""
+    t, e = s.cfg.train, s.cfg.eval
+    if not e.benchmarks or t.validation_samples < 1:
+        return None
+    rows = load_benchmark(e.benchmarks[0])
+    if t.validation_problems > 0:
+        rows = rows[: t.validation_problems]
+    scorer, extract = eval_scorer(s, resources), answer_extractor(s)
+
+    def validate(step: int) -> dict[str, float]:
+        params = eval_sampling(s, t.validation_samples, e.seed)
+        results = evaluate(backend, s.tokenizer, rows, params, scorer, extract, e.prompt_template,
+                           e.problems_per_batch)
+        return pass_metrics(results, "eval/", (1, t.validation_samples))
+
+    return validate
+
+
+def calibrate(s, weights: str) -> dict[str, float]:
+    """No-hint pass@1 per chain length on the small world's calibration set; printed and saved beside the
+    warm-up checkpoint. Returns {n: pass@1}; empty when the run has no small world."""
+    from questa_nemo.data.world import count_ops
+    from questa_nemo.eval.benchmarks import read_records
+
+    out = Path(s.run_dir) / "warmup" / "calibration.json"
+    if out.exists():
+        table = json.loads(out.read_text())
+        s.log("[calibration] " + " ".join(f"n={n}:{v:.2f}" for n, v in table.items()))
+        return table
+    folder = Path(s.cfg.world.output_dir) / "calib" / "p0"
+    if not folder.exists():
+        return {}
+    from questa_nemo.eval.backend import backend_for_checkpoint
+
+    records = read_records(folder, "train")
+    rows = [BenchmarkRow(str(r["id"]), r["prompt"], r["answer"]) for r in records]
+    backend = backend_for_checkpoint(s.cfg, weights, s.hf)
+    params = eval_sampling(s, s.cfg.train.validation_samples, s.cfg.eval.seed)
+    results = evaluate(backend, s.tokenizer, rows, params, score_world, answer_extractor(s),
+                       s.cfg.eval.prompt_template, s.cfg.eval.problems_per_batch)
+    by_length: dict[int, list] = {}
+    for row, result in zip(rows, results):
+        by_length.setdefault(count_ops(row.problem), []).append(result)
+    table = {str(n): pass_metrics(rs, "", (1,))["pass@1"] for n, rs in sorted(by_length.items())}
+    if s.is_main:
+        out.write_text(json.dumps(table, indent=1) + "\n")
+    s.log("[calibration] no-hint pass@1 by chain length: " + " ".join(f"n={n}:{v:.2f}" for n, v in table.items()))
+    return table

@@ -1,0 +1,62 @@
+"""Tiny random Qwen2 / Llama models for the rollout tests: an HF model and the megatron GPTModel converted
+from it by the model-core code (build_model + load_hf_weights), sharing one world-of-one process group."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 96
+
+
+def hf_model(kind: str, seed: int = 0):
+    """A random float32 causal LM; weights are scaled up so greedy choices are not near-ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+    )
+    torch.manual_seed(seed)
+    if kind == "qwen2":  # q/k/v biases, untied head
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
+    else:  # no biases, tied head, another RoPE base
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.15)
+    return model.eval()
+
+
+def megatron_twin(hf) -> torch.nn.Module:
+    """The GPTModel holding `hf`'s weights (CPU, float32, SDPA attention)."""
+    from questa_nemo.config import ModelConfig
+    from questa_nemo.model.megatron import build_model, load_hf_weights
+    from questa_nemo.model.parallel import init_distributed
+
+    cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none")
+    init_distributed(cfg)
+    config = hf.config.to_dict()
+    model = build_model(config, cfg)
+    load_hf_weights(model, hf.state_dict(), config, cfg)
+    return model.eval()
+
+
+@torch.no_grad()
+def full_forward_logprobs(
+    model, prompt: list[int], completion: list[int], temperature: float
+) -> torch.Tensor:
+    """What the trainer recomputes: log_softmax(logits / T) of each completion token, one forward. [C]"""
+    ids = torch.tensor([prompt + completion])
+    logits = model(ids, torch.arange(ids.size(1))[None], None)[0, len(prompt) - 1 : -1, :VOCAB].float()
+    if temperature > 0:
+        logits = logits / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]

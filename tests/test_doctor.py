@@ -1,0 +1,111 @@
+"""`questa-nemo doctor` and `check_config`: what this environment can run, and the reason when it cannot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from questa_nemo import doctor
+from questa_nemo.config import Config, ConfigError
+
+CPU = doctor.Gpus((), bf16=False, nodes=1)
+EIGHT_H100 = doctor.Gpus(("NVIDIA H100 80GB HBM3",) * 8, bf16=True, nodes=1)
+
+
+def _config(**sections) -> Config:
+    """Schema defaults with some fields replaced: _config(rollout={"backend": "trtllm"})."""
+    cfg = Config()
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def test_import_error_names_the_missing_module():
+    assert doctor.import_error("json") is None
+    assert "No module named 'questa_nemo_no_such_module'" in doctor.import_error("questa_nemo_no_such_module")
+
+
+def test_schema_defaults_can_run_on_this_cpu():
+    assert doctor.check_config(Config(), CPU) == []
+
+
+@pytest.mark.skipif(doctor.import_error("tensorrt_llm") is None, reason="TensorRT-LLM imports here")
+def test_trtllm_without_tensorrt_llm_is_blocked_with_the_reason():
+    problems = doctor.check_config(_config(rollout={"backend": "trtllm"}), CPU)
+    assert len(problems) == 1
+    assert problems[0].startswith("TensorRT-LLM not importable: rollout.backend=trtllm unavailable (")
+
+
+@pytest.mark.skipif(doctor.import_error("transformer_engine.pytorch") is None, reason="TE imports here")
+def test_te_attention_without_transformer_engine_is_blocked():
+    problems = doctor.check_config(_config(model={"attention": "te"}), CPU)
+    assert problems and problems[0].startswith(
+        "Transformer Engine not importable: model.attention=te unavailable"
+    )
+    assert doctor.check_config(_config(model={"attention": "auto"}), CPU) == []  # auto falls back to sdpa
+
+
+def test_model_parallel_larger_than_the_gpus_is_blocked():
+    fits = _config(model={"tensor_parallel": 4, "pipeline_parallel": 2})
+    too_big = _config(model={"tensor_parallel": 4, "pipeline_parallel": 4})
+    assert doctor.check_config(fits, EIGHT_H100) == []
+    (problem,) = doctor.check_config(too_big, EIGHT_H100)
+    assert "= 16 is larger than the 8 GPUs" in problem
+    two_nodes = doctor.Gpus(EIGHT_H100.names, bf16=True, nodes=2)
+    assert doctor.check_config(too_big, two_nodes) == []
+
+
+def test_bf16_on_a_gpu_without_bf16_is_blocked():
+    v100 = doctor.Gpus(("Tesla V100",), bf16=False, nodes=1)
+    (problem,) = doctor.check_config(_config(model={"params_dtype": "bf16"}), v100)
+    assert problem.startswith("model.params_dtype=bf16 unavailable: Tesla V100")
+    assert doctor.check_config(_config(model={"params_dtype": "fp32"}), v100) == []
+
+
+@pytest.mark.skipif(doctor.import_error("tensorrt_llm") is None, reason="TensorRT-LLM imports here")
+def test_assert_runnable_raises_a_config_error_with_the_reason():
+    with pytest.raises(ConfigError, match="rollout.backend=trtllm unavailable"):
+        doctor.assert_runnable(_config(rollout={"backend": "trtllm"}))
+
+
+def test_doctor_command_prints_the_table_and_exits_zero():
+    out = subprocess.run(
+        [sys.executable, "-m", "questa_nemo.cli", "doctor"], capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    for row in ("Python", "torch", "megatron-core", "Transformer Engine", "TensorRT-LLM", "math-verify"):
+        assert f"  {row} " in out.stdout
+    assert "rollout.backend=megatron  ok" in out.stdout
+    assert "config default  can run here" in out.stdout
+
+
+@pytest.mark.skipif(doctor.import_error("tensorrt_llm") is None, reason="TensorRT-LLM imports here")
+def test_doctor_reports_an_unavailable_backend_and_exits_one(capsys):
+    assert doctor.main("default", ["rollout.backend=trtllm"], []) == 1
+    out = capsys.readouterr().out
+    assert "config default  TensorRT-LLM not importable: rollout.backend=trtllm unavailable" in out
+
+
+@pytest.mark.skipif(doctor.import_error("tensorrt_llm") is None, reason="TensorRT-LLM imports here")
+def test_train_with_an_unavailable_backend_stops_before_building_anything(tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "questa_nemo.cli",
+            "train",
+            f"train.run_dir={run_dir}",
+            "rollout.backend=trtllm",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "TensorRT-LLM not importable: rollout.backend=trtllm unavailable" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (run_dir / "checkpoints").exists()

@@ -1,0 +1,484 @@
+"""Evaluation: the core loop with scripted doubles, resumption, bad benchmark files, reports (eval/)."""
+
+import json
+import re
+
+import pytest
+
+from questa_nemo.config import BenchmarkConfig
+from questa_nemo.eval.benchmarks import BenchmarkError, benchmark_key, load_benchmark
+from questa_nemo.eval.report import build_report, format_table, plot_pass_at_k, write_pass_rates
+from questa_nemo.eval.run import evaluate, model_labels, render_prompt
+from questa_nemo.eval.store import ProblemResult, ResultStore, StoreError
+from questa_nemo.reward.types import RewardResult
+from questa_nemo.rollout.base import Completion, GenerationResult, SamplingParams
+
+EOS = 0
+
+
+class CharTokenizer:
+    """Test double: one token per character (code point + 1), EOS = 0, a visible chat template."""
+
+    eos_token_id = EOS
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and tokenize
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        return [ord(c) + 1 for c in text]
+
+    def decode(self, ids, skip_special_tokens):
+        return "".join(chr(i - 1) for i in ids if not (skip_special_tokens and i == EOS))
+
+    def encode(self, text):
+        return [ord(c) + 1 for c in text]
+
+
+TOK = CharTokenizer()
+
+
+class ScriptedBackend:
+    """Test double: answers each problem with fixed completion texts; records every call."""
+
+    version = 0
+
+    def __init__(self, script, fail_on_call=None):
+        self.script = script  # problem text -> list of (completion text, finish_reason)
+        self.calls = []
+        self.fail_on_call = fail_on_call
+
+    def generate(self, prompts, params):
+        self.calls.append(([TOK.decode(p, True) for p in prompts], params))
+        if self.fail_on_call == len(self.calls):
+            raise KeyboardInterrupt("killed mid-evaluation")
+        out = []
+        for p in prompts:
+            problem = re.search(r"<user>(.*)<assistant>", TOK.decode(p, True)).group(1)
+            group = self.script[problem][: params.n]
+            out.append([Completion(TOK.encode(t) + [EOS], [0.0] * (len(t) + 1), fr, 0) for t, fr in group])
+        return GenerationResult(out)
+
+    def update_weights(self, version):
+        pass
+
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
+
+class ExactScorer:
+    """Test double: correct when the last \\boxed{...} equals the reference."""
+
+    def __call__(self, completions, rows):
+        out = []
+        for text, ref in zip(completions, [r.answer for r in rows]):
+            found = boxed(text)
+            out.append(
+                RewardResult(1.0, "correct")
+                if found == ref
+                else RewardResult(0.0, "wrong" if found else "no_answer")
+            )
+        return out
+
+
+def boxed(text):
+    found = re.findall(r"\\boxed\{([^}]*)\}", text)
+    return found[-1] if found else None
+
+
+ROWS_FILE = [
+    {"id": "p1", "problem": "1+1", "answer": "2"},
+    {"id": "p2", "problem": "2+2", "answer": 4},
+    {"id": "p3", "problem": "3+3", "answer": "6"},
+]
+SCRIPT = {
+    "1+1": [("so \\boxed{2}", "stop"), ("\\boxed{3}", "stop"), ("\\boxed{2}", "stop"), ("hmm", "length")],
+    "2+2": [("\\boxed{5}", "stop"), ("\\boxed{5}", "stop"), ("\\boxed{4}", "stop"), ("\\boxed{ 5 }", "stop")],
+    "3+3": [("\\boxed{7}", "stop")] * 4,
+}
+SAMPLING = SamplingParams(n=4, temperature=0.6, top_p=0.95, max_new_tokens=64, stop_token_ids=(EOS,), seed=10)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run(tmp_path, backend, store=None, per_batch=2):
+    rows = load_benchmark(
+        BenchmarkConfig(path=str(write_jsonl(tmp_path / "b.jsonl", ROWS_FILE)), id_field="id")
+    )
+    return evaluate(backend, TOK, rows, SAMPLING, ExactScorer(), boxed, "Q: {problem}", per_batch, store)
+
+
+def test_evaluate_counts_and_majority(tmp_path):
+    backend = ScriptedBackend({"Q: " + k: v for k, v in SCRIPT.items()})
+    results = run(tmp_path, backend)
+    assert [r.id for r in results] == ["p1", "p2", "p3"]
+    assert [r.correct for r in results] == [2, 1, 0]
+    assert [r.majority_correct for r in results] == [True, False, False]  # p2: "5" and " 5 " outvote "4"
+    p1 = results[0]
+    assert p1.reasons == {"correct": 2, "wrong": 1, "no_answer": 1}
+    assert p1.truncated == 1 and p1.answers == ["2", "3", "2", None]
+    assert p1.mean_tokens == pytest.approx((12 + 9 + 9 + 3 + 4) / 4)
+    # prompts: the template around the bare problem, through the chat template; seeds advance per batch
+    assert backend.calls[0][0] == ["<user>Q: 1+1<assistant>", "<user>Q: 2+2<assistant>"]
+    assert [c[1].seed for c in backend.calls] == [10, 11]
+    assert render_prompt(TOK, "x", "{problem}") == TOK.encode("<user>x<assistant>")
+
+
+def test_resume_skips_finished_problems_and_matches_a_whole_run(tmp_path):
+    script = {"Q: " + k: v for k, v in SCRIPT.items()}
+    whole = run(tmp_path, ScriptedBackend(script))
+    store = ResultStore(tmp_path / "out" / "bench.jsonl", {"n": 4})
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, ScriptedBackend(script, fail_on_call=2), store)
+    assert len(store.load()) == 2  # the first batch was saved before the kill
+    with open(store.path, "a") as f:
+        f.write('{"id": "p3", "n": 4, "corr')  # a line torn by the kill
+    backend = ScriptedBackend(script)
+    resumed = run(tmp_path, backend, store)
+    assert resumed == whole
+    assert len(backend.calls) == 1 and backend.calls[0][0] == ["<user>Q: 3+3<assistant>"]
+    assert backend.calls[0][1].seed == 11  # batch 1's seed, as in the whole run
+    assert len(store.path.read_text().splitlines()) == 3
+    again = ScriptedBackend(script)
+    assert run(tmp_path, again, store) == whole and again.calls == []
+
+
+def test_resume_refuses_other_settings_and_names_bad_lines(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    ResultStore(path, {"temperature": 0.6}).load()
+    with pytest.raises(StoreError, match="temperature"):
+        ResultStore(path, {"temperature": 1.0}).load()
+    path.write_text("not json\n")
+    with pytest.raises(StoreError, match="line 1"):
+        ResultStore(path, {"temperature": 0.6}).load()
+
+
+def test_backend_returning_wrong_shape_is_an_error(tmp_path):
+    short = {"Q: " + k: v[:2] for k, v in SCRIPT.items()}
+    with pytest.raises(RuntimeError, match="n=4"):
+        run(tmp_path, ScriptedBackend(short))
+
+
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        (
+            [{"id": "a", "problem": "x", "answer": "1"}, {"id": "b", "problem": "y"}],
+            r"row 2: no field 'answer'",
+        ),
+        ([{"id": "a", "problem": "x", "answer": ""}], r"row 1: field 'answer' \(answer\) is empty"),
+        (
+            [{"id": "a", "problem": "x", "answer": "1"}, {"id": "a", "problem": "y", "answer": "2"}],
+            "row 2: id 'a' duplicates row 1",
+        ),
+        ([{"problem": "x", "answer": "1"}], "row 1: no value in id field 'id'"),
+    ],
+)
+def test_bad_rows_name_file_and_row(tmp_path, rows, match):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(BenchmarkError, match=match) as err:
+        load_benchmark(BenchmarkConfig(path=str(path), id_field="id"))
+    assert str(path) in str(err.value)
+
+
+def test_empty_and_broken_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(BenchmarkError, match="empty.jsonl: no rows"):
+        load_benchmark(BenchmarkConfig(path=str(empty)))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"problem": "x", "answer": "1"}\n{oops\n')
+    with pytest.raises(BenchmarkError, match="broken.jsonl row 2: not valid JSON"):
+        load_benchmark(BenchmarkConfig(path=str(broken)))
+    with pytest.raises(BenchmarkError, match="no such file"):
+        load_benchmark(BenchmarkConfig(path=str(tmp_path / "missing.jsonl")))
+
+
+def test_presets_parquet_datasets_folder_and_limit(tmp_path):
+    import datasets
+
+    rows = [
+        {"id": 7, "question": "q1", "final_answer": ["$\\frac12$"]},
+        {"id": 8, "question": "q2", "final_answer": ["3"]},
+    ]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "olymp"))
+    cfg = BenchmarkConfig(path=str(tmp_path / "olymp"), preset="olympiadbench")
+    loaded = load_benchmark(cfg)
+    assert [(r.id, r.problem, r.answer) for r in loaded] == [("7", "q1", "$\\frac12$"), ("8", "q2", "3")]
+    assert benchmark_key(cfg) == "olympiadbench"
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "o.parquet"))
+    limited = load_benchmark(
+        BenchmarkConfig(path=str(tmp_path / "o.parquet"), preset="olympiadbench", limit=1)
+    )
+    assert [r.id for r in limited] == ["7"]
+    plain = write_jsonl(tmp_path / "aime.jsonl", [{"Problem": "p", "Answer": 12}])
+    got = load_benchmark(BenchmarkConfig(path=str(plain), problem_field="Problem", answer_field="Answer"))
+    assert got[0].id == "1" and got[0].answer == "12"
+
+
+def result(id_, n, correct, majority=False):
+    return ProblemResult(id_, n, correct, majority, [None] * n, {"correct": correct}, 10.0, 0)
+
+
+def test_report_table_plot_and_pass_rates(tmp_path):
+    base = [result("a", 4, 0), result("b", 4, 2, True)]
+    trained = [result("a", 4, 1), result("b", 4, 4, True)]
+    report = build_report(
+        {"base": {"aime24": base}, "trained": {"aime24": trained}},
+        {"base": "/ckpt/base", "trained": "/ckpt/trained"},
+        {"n_samples": 4, "checkpoint": "", "benchmark": ""},
+        [1, 2, 4],
+    )
+    s = report["models"]["trained"]["benchmarks"]["aime24"]
+    assert s["title"] == "AIME 2024" and s["problems"] == 2
+    assert s["pass_at_k"]["1"]["mean"] == pytest.approx((0.25 + 1.0) / 2)
+    assert s["pass_at_k"]["4"]["mean"] == 1.0 and set(s["pass_at_k"]) == {"1", "2", "3", "4"}
+    assert report["models"]["base"]["benchmarks"]["aime24"]["majority"]["mean"] == 0.5
+    assert "checkpoint" not in report["settings"]
+    table = format_table(report, [1, 2, 4])
+    assert "pass@4" in table.splitlines()[0]
+    assert re.search(r"aime24\s+trained\s+2\s+62\.50 \+- 37\.50", table)
+    plot_pass_at_k(report, tmp_path / "passk.png")
+    assert (tmp_path / "passk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_pass_rates(tmp_path / "rates.jsonl", base)
+    lines = [json.loads(line) for line in (tmp_path / "rates.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"id": "a", "pass_rate": 0.0, "n": 4, "correct": 0},
+        {"id": "b", "pass_rate": 0.5, "n": 4, "correct": 2},
+    ]
+
+
+def test_model_labels():
+    assert model_labels(["/x/base/", "/y/base", "/z/step 50"], []) == ["base", "base-2", "step_50"]
+    assert model_labels(["/a", "/b"], ["before", "after"]) == ["before", "after"]
+
+
+def eval_config(tmp_path, *extra):
+    from questa_nemo.config import load_config
+
+    return load_config(
+        "eval_default",
+        [
+            f"eval.output_dir={tmp_path / 'out'}",
+            "eval.n_samples=4",
+            "eval.ks=[1,2,4]",
+            "eval.problems_per_batch=2",
+            "eval.seed=10",
+            "eval.prompt_template='Q: {problem}'",
+            *extra,
+        ],
+    )
+
+
+def test_two_checkpoints_compared_resumed_and_reported(tmp_path, capsys):
+    from questa_nemo.eval.run import evaluate_all, write_report
+
+    cfg = eval_config(tmp_path)
+    rows = load_benchmark(
+        BenchmarkConfig(path=str(write_jsonl(tmp_path / "b.jsonl", ROWS_FILE)), id_field="id")
+    )
+    good = {"Q: " + k: [(f"\\boxed{{{int(k[0]) * 2}}}", "stop")] * 4 for k in SCRIPT}
+    scripts = {"/ck/base": {"Q: " + k: v for k, v in SCRIPT.items()}, "/ck/trained": good}
+    built = []
+
+    def make_backend(cfg_, checkpoint):
+        built.append(checkpoint)
+        return ScriptedBackend(scripts[checkpoint])
+
+    args = (
+        ["/ck/base", "/ck/trained"],
+        ["base", "trained"],
+        [("mini", "b.jsonl", rows)],
+        TOK,
+        ExactScorer(),
+        boxed,
+    )
+    results = evaluate_all(cfg, *args, make_backend)
+    assert [r.correct for r in results["base"]["mini"]] == [2, 1, 0]
+    assert [r.correct for r in results["trained"]["mini"]] == [4, 4, 4]
+    assert built == ["/ck/base", "/ck/trained"]
+    assert (
+        evaluate_all(cfg, *args, make_backend) == results and len(built) == 2
+    )  # all finished: no backend built
+    write_report(cfg, results, {"base": "/ck/base", "trained": "/ck/trained"})
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["models"]["trained"]["benchmarks"]["mini"]["pass_at_k"]["1"]["mean"] == 1.0
+    assert report["settings"]["n_samples"] == 4
+    assert (tmp_path / "out" / "passk.png").exists()
+    assert "trained" in capsys.readouterr().out
+    # another temperature must not reuse these results
+    hotter = eval_config(tmp_path, "eval.temperature=1.0")
+    with pytest.raises(StoreError, match="temperature"):
+        evaluate_all(hotter, *args, make_backend)
+
+
+def test_profile_mode_writes_pass_rates(tmp_path):
+    from questa_nemo.eval.run import evaluate_all
+
+    cfg = eval_config(tmp_path, "eval=profile")
+    rows = load_benchmark(
+        BenchmarkConfig(path=str(write_jsonl(tmp_path / "b.jsonl", ROWS_FILE)), id_field="id")
+    )
+    backend = ScriptedBackend({"Q: " + k: v for k, v in SCRIPT.items()})
+    evaluate_all(
+        cfg, ["/m"], ["m"], [("train", "b.jsonl", rows)], TOK, ExactScorer(), boxed, lambda c, k: backend
+    )
+    lines = (tmp_path / "out" / "m" / "train.pass_rates.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [
+        {"id": "p1", "pass_rate": 0.5, "n": 4, "correct": 2},
+        {"id": "p2", "pass_rate": 0.25, "n": 4, "correct": 1},
+        {"id": "p3", "pass_rate": 0.0, "n": 4, "correct": 0},
+    ]
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("eval.ks=[1,64]", "eval.ks"),
+        ("eval.labels=[a]", "eval.labels"),
+        ("eval.benchmarks=[{preset:aime99,path:x.jsonl}]", "eval.benchmarks[0].preset"),
+        ("eval.prompt_template=nothing", "eval.prompt_template"),
+        ("+algo=drgrpo algo.loss_agg=token", "algo.loss_agg"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, override, key):
+    from questa_nemo.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        eval_config(tmp_path, *override.split())
+    assert err.value.key == key
+
+
+def test_real_hf_tokenizer_renders_the_bare_problem(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from questa_nemo.eval.run import _load_tokenizer, sampling_from
+
+    chars = ["<unk>", "<eos>"] + [chr(i) for i in range(32, 127)]
+    core = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    core.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    fast.save_pretrained(tmp_path / "tok")
+    cfg = eval_config(tmp_path, f"model.tokenizer={tmp_path / 'tok'}")
+    tokenizer = _load_tokenizer(cfg)
+    ids = render_prompt(tokenizer, "1+1", cfg.eval.prompt_template)
+    assert tokenizer.decode(ids) == "<user>Q: 1+1<assistant>"
+    params = sampling_from(cfg, tokenizer)
+    assert params.stop_token_ids == (1,) and params.n == 4 and params.temperature == 0.6 and params.seed == 10
+
+
+def test_math_scorer_hands_the_reward_each_rows_reference():
+    from questa_nemo.eval.benchmarks import BenchmarkRow
+    from questa_nemo.eval.run import math_scorer
+
+    class RecordingReward:
+        def score(self, completions, references):
+            self.seen = (completions, references)
+            return [RewardResult(0.0, "wrong")] * len(completions)
+
+    reward = RecordingReward()
+    rows = [BenchmarkRow("a", "p", "\\boxed{1}"), BenchmarkRow("b", "q", "2")]
+    assert len(math_scorer(reward)(["x", "y"], rows)) == 2
+    assert reward.seen == (["x", "y"], ["\\boxed{1}", "2"])
+
+
+def test_small_world_end_to_end_with_its_tokenizer_and_reward(tmp_path):
+    """The shipped world tokenizer and the world reward through `evaluate`; generation is scripted."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from questa_nemo.data.world import WorldProblem
+    from questa_nemo.eval.benchmarks import BenchmarkRow
+    from questa_nemo.eval.run import score_world
+
+    folder = Path(__file__).resolve().parents[1] / "data" / "world" / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    problems = [WorldProblem(5, (("+", 3), ("*", 2))), WorldProblem(7, (("-", 9), ("+", 1), ("*", 3)))]
+    rows = [BenchmarkRow(str(i), p.text(8) + "|" + "_" * 21, p.answer()) for i, p in enumerate(problems)]
+    solutions = {rows[0].problem: problems[0].solution(), rows[1].problem: "98\n99\n\\boxed{96}"}
+
+    class WorldBackend(ScriptedBackend):
+        def generate(self, prompts, params):
+            self.calls.append(params)
+            out = []
+            for p in prompts:
+                text = tokenizer.decode(p, skip_special_tokens=True)
+                ids = tokenizer(solutions[text.removesuffix("?")], add_special_tokens=False)["input_ids"]
+                ids = ids + [tokenizer.eos_token_id]
+                out.append([Completion(ids, [0.0] * len(ids), "stop", 0)] * params.n)
+            return GenerationResult(out)
+
+    sampling = SamplingParams(n=2, max_new_tokens=32, stop_token_ids=(tokenizer.eos_token_id,))
+    results = evaluate(WorldBackend({}), tokenizer, rows, sampling, score_world, boxed)
+    assert problems[1].answer() == "97"  # 7 - 9 = 98, + 1 = 99, * 3 = 297 = 97 (mod 100): 96 is wrong
+    assert [r.correct for r in results] == [2, 0]
+    assert results[1].reasons == {"wrong": 2} and results[0].answers == ["16", "16"]
+
+
+def test_main_runs_the_command_end_to_end(tmp_path, monkeypatch, capsys):
+    """`questa-nemo eval` on small-world rows; only the checkpoint -> backend factory is a double."""
+    from pathlib import Path
+
+    import questa_nemo.rollout
+    from questa_nemo.data.world import WorldProblem
+    from questa_nemo.eval.run import main
+
+    problem = WorldProblem(5, (("+", 3), ("*", 2)))
+    prompt = problem.text(8) + "|" + "_" * 21
+    bench = write_jsonl(
+        tmp_path / "world.jsonl", [{"id": "w0", "problem": prompt, "answer": problem.answer()}]
+    )
+    built = []
+
+    def backend_for_checkpoint(cfg, checkpoint):
+        from transformers import AutoTokenizer
+
+        built.append(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+        ids = tokenizer(problem.solution(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+        class Fixed(ScriptedBackend):
+            def generate(self, prompts, params):
+                return GenerationResult(
+                    [[Completion(ids, [0.0] * len(ids), "stop", 0)] * params.n] * len(prompts)
+                )
+
+        return Fixed({})
+
+    monkeypatch.setattr(questa_nemo.rollout, "backend_for_checkpoint", backend_for_checkpoint, raising=False)
+    folder = Path(__file__).resolve().parents[1] / "data" / "world" / "tokenizer"
+    overrides = [
+        f"model.tokenizer={folder}",
+        "reward.kind=world",
+        "eval.checkpoints=[/ck/a]",
+        "eval.n_samples=2",
+        "eval.ks=[1,2]",
+        f"eval.output_dir={tmp_path / 'out'}",
+        f"eval.benchmarks=[{{name:world,path:'{bench}',id_field:id}}]",
+    ]
+    assert main("eval_default", overrides, []) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["models"]["a"]["benchmarks"]["world"]["pass_at_k"]["2"]["mean"] == 1.0
+    assert (tmp_path / "out" / "passk.png").exists() and built == ["/ck/a"]
+    assert re.search(r"world\s+a\s+1\s+100\.00", capsys.readouterr().out)
+    assert main("eval_default", overrides, []) == 0 and built == [
+        "/ck/a"
+    ]  # resumed: nothing left to generate
+
+
+def test_config_knows_every_preset():
+    from questa_nemo.config import BENCHMARK_PRESETS
+    from questa_nemo.eval.benchmarks import PRESETS
+
+    assert set(BENCHMARK_PRESETS) == set(PRESETS)

@@ -1,0 +1,136 @@
+"""Model build details: activation recompute leaves gradients unchanged, SDPA core attention, the bench smoke."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from tiny_hf import VOCAB, tiny_hf_model  # noqa: E402
+
+from questa_nemo.config import ModelConfig  # noqa: E402
+from questa_nemo.model.attention import packed_causal_sdpa  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    from questa_nemo.model.parallel import destroy_distributed, init_distributed
+
+    init_distributed(ModelConfig(params_dtype="fp32"))
+    yield
+    destroy_distributed()
+
+
+def _grads(cfg: ModelConfig, ref, hf) -> dict[str, torch.Tensor]:
+    from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
+    from questa_nemo.model.megatron import build_model, load_hf_weights
+
+    model = build_model(hf, cfg)
+    load_hf_weights(model, ref.state_dict(), hf, cfg)
+    model.train()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    hidden = final_hidden_states(model, ids, torch.arange(16).expand_as(ids))  # [s, b, h]
+    out = chunked_logprobs(
+        hidden, output_weight(model), ids.roll(-1, 1).t(), vocab_size=VOCAB, chunk_tokens=9
+    )
+    (out.logprobs.mean() + 0.1 * out.entropy.mean()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_recompute_variants_give_the_same_gradients(single_process):
+    ref, hf = tiny_hf_model("qwen2")
+    base = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none")
+    expected = _grads(base, ref, hf)
+    variants = [
+        ModelConfig(params_dtype="fp32", attention="sdpa", recompute="full"),
+        ModelConfig(params_dtype="fp32", attention="sdpa", recompute="full", recompute_num_layers=2),
+        ModelConfig(
+            params_dtype="fp32",
+            attention="sdpa",
+            recompute="selective",
+            recompute_modules=["core_attn", "mlp"],
+        ),
+    ]
+    for cfg in variants:
+        got = _grads(cfg, ref, hf)
+        assert set(got) == set(expected)
+        for name in expected:
+            torch.testing.assert_close(
+                got[name], expected[name], rtol=1e-5, atol=1e-6, msg=f"{cfg.recompute}: {name}"
+            )
+
+
+def test_recompute_config_reaches_megatron():
+    from questa_nemo.model.megatron import transformer_config_from_hf
+
+    _, hf = tiny_hf_model("llama")
+    full = transformer_config_from_hf(
+        hf, ModelConfig(params_dtype="fp32", recompute="full", recompute_num_layers=3)
+    )
+    assert (full.recompute_granularity, full.recompute_method, full.recompute_num_layers) == (
+        "full",
+        "block",
+        3,
+    )
+    sel = transformer_config_from_hf(hf, ModelConfig(params_dtype="bf16", recompute="selective"))
+    assert sel.recompute_granularity == "selective" and sel.bf16 and sel.params_dtype == torch.bfloat16
+    none = transformer_config_from_hf(hf, ModelConfig(recompute="none"))
+    assert none.recompute_granularity is None
+    assert none.hidden_dropout == 0 and none.attention_dropout == 0
+
+
+def test_packed_sdpa_is_causal_within_segments_and_zero_on_padding():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(12, 4, 8, generator=g)  # [t, heads, d]
+    k, v = torch.randn(12, 2, 8, generator=g), torch.randn(12, 2, 8, generator=g)  # 2 query groups
+    starts, lengths = [0, 5], [5, 6]  # row 11 is padding
+    out = packed_causal_sdpa(q, k, v, starts, lengths, scale=8**-0.5)
+    for start, length in zip(starts, lengths):
+        rows = slice(start, start + length)
+        kk = k[rows].repeat_interleave(2, dim=1)  # GQA: query head i reads group i // 2
+        vv = v[rows].repeat_interleave(2, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[rows], kk) * 8**-0.5
+        scores = scores.masked_fill(torch.ones(length, length).triu(1).bool(), -torch.inf)
+        expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv)
+        torch.testing.assert_close(out[rows], expected, rtol=1e-5, atol=1e-6)
+    assert out[11].abs().max() == 0
+
+
+def test_bench_train_cpu_smoke(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_train
+
+    out = tmp_path / "bench.json"
+    runs = ["32/mcore:recompute=full,chunk=8", "32/mcore:recompute=selective,docs=3", "32/hf:recompute=none"]
+    code = bench_train.main(["--device", "cpu", "--tiny", "--preset", "none", "--runs", *runs,
+                             "--steps", "1", "--warmup", "1", "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert code == 0 and result["card"] == "cpu"
+    assert [r["status"] for r in result["runs"]] == ["ok", "ok", "ok"]
+    assert all(r["tokens_per_s"] > 0 for r in result["runs"])
+    assert bench_train.flops_per_token(bench_train.QWEN25_15B, 8192) == pytest.approx(11.36e9, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["openmath_nemotron_1p5b", "world_cpu"])
+def test_model_yaml_loads_and_validates(name, tmp_path):
+    """conf/model/*.yaml merge into the schema; the reference one against a Qwen2.5-1.5B-shaped config.json."""
+    from omegaconf import OmegaConf
+
+    from questa_nemo.config import Config, to_config, validate
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_train
+
+    raw = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+    if name == "openmath_nemotron_1p5b":
+        (tmp_path / "config.json").write_text(json.dumps(bench_train.QWEN25_15B))
+        raw.hf_config = raw.checkpoint = str(tmp_path)
+    cfg = to_config({"model": raw, "train": {"micro_batch_tokens": 10**6}})
+    validate(cfg)
+    assert isinstance(cfg, Config) and cfg.model.recompute in ("none", "full")

@@ -1,0 +1,257 @@
+"""The Megatron rollout backend on CPU against transformers on the same tiny converted models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rollout_models import VOCAB, full_forward_logprobs, hf_model, megatron_twin
+
+from questa_nemo.config import ConfigError, RolloutConfig
+from questa_nemo.rollout import make_backend, sampling_params
+from questa_nemo.rollout.base import SamplingParams
+from questa_nemo.rollout.hf import HFBackend
+from questa_nemo.rollout.megatron_engine import EngineOptions, MegatronBackend
+
+PROMPTS = [[5, 17, 3, 44, 9], [7], [60, 2, 2, 81, 13, 13, 40, 1, 90, 33, 8, 27]]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def pair(request):
+    hf = hf_model(request.param)
+    return hf, megatron_twin(hf)
+
+
+def ours(model, **options) -> MegatronBackend:
+    return MegatronBackend(model, VOCAB, EngineOptions(**{"max_batch_sequences": 16, **options}))
+
+
+def tokens(result) -> list[list[list[int]]]:
+    return [[c.token_ids for c in group] for group in result.completions]
+
+
+@pytest.mark.parametrize("hf_batch", [2, 6], ids=["one_prompt_per_call", "left_padded_batch"])
+def test_greedy_equals_transformers(pair, hf_batch):
+    hf, model = pair
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=24)
+    got = ours(model).generate(PROMPTS, params)
+    ref = HFBackend(hf, batch_sequences=hf_batch).generate(PROMPTS, params)
+    assert tokens(got) == tokens(ref)
+    diff = max(
+        (torch.tensor(a.logprobs) - torch.tensor(b.logprobs)).abs().max().item()
+        for ga, gb in zip(got.completions, ref.completions)
+        for a, b in zip(ga, gb)
+    )
+    print(f"greedy log-prob max |megatron - transformers| = {diff:.2e}")
+    assert diff < 1e-4
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 24 for g in got.completions for c in g)
+
+
+def test_sampled_reproducible_under_seed(pair):
+    _, model = pair
+    backend = ours(model)
+    params = SamplingParams(n=4, temperature=1.0, top_p=0.9, max_new_tokens=16, seed=11)
+    first, again = backend.generate(PROMPTS, params), backend.generate(PROMPTS, params)
+    other = backend.generate(
+        PROMPTS, SamplingParams(n=4, temperature=1.0, top_p=0.9, max_new_tokens=16, seed=12)
+    )
+    assert tokens(first) == tokens(again)
+    assert tokens(first) != tokens(other)
+    samples = tokens(first)[0]
+    assert len({tuple(s) for s in samples}) > 1  # the n samples of a prompt differ
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_logprobs_match_full_forward(pair, temperature, top_p):
+    _, model = pair
+    params = SamplingParams(n=3, temperature=temperature, top_p=top_p, max_new_tokens=20, seed=5)
+    result = ours(model).generate(PROMPTS, params)
+    diff = max(
+        (full_forward_logprobs(model, PROMPTS[i], c.token_ids, temperature) - torch.tensor(c.logprobs))
+        .abs()
+        .max()
+        for i, group in enumerate(result.completions)
+        for c in group
+    ).item()
+    print(f"T={temperature} top_p={top_p}: log-prob max |engine - full forward| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_weight_update_is_seen_by_next_rollout(pair):
+    hf, model = pair
+    backend = ours(model)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+    before = backend.generate(PROMPTS, params)
+    assert {c.version for g in before.completions for c in g} == {0}
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        with torch.no_grad():  # an optimizer step: in place, same storage
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        backend.update_weights(1)
+        after = backend.generate(PROMPTS, params)
+        assert backend.version == 1
+        assert {c.version for g in after.completions for c in g} == {1}
+        assert tokens(after) != tokens(before)
+        # still exact against a full forward of the updated weights
+        c = after.completions[0][0]
+        assert torch.allclose(
+            full_forward_logprobs(model, PROMPTS[0], c.token_ids, 0.0), torch.tensor(c.logprobs), atol=1e-4
+        )
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+
+
+def test_rebound_parameters_are_followed(pair):
+    """A trainer that moves its parameters into new storage (e.g. DDP buffers) is followed on update."""
+    _, model = pair
+    backend = ours(model)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+    before = tokens(backend.generate(PROMPTS, params))
+    head = model.decoder.final_layernorm.weight
+    old = head.data
+    try:
+        head.data = -old.clone()
+        backend.update_weights(2)
+        assert tokens(backend.generate(PROMPTS, params)) != before
+    finally:
+        head.data = old
+
+
+def test_stop_tokens_end_sequences(pair):
+    _, model = pair
+    backend = ours(model)
+    free = backend.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_new_tokens=16))
+    stop = free.completions[0][0].token_ids[3]
+    stopped = backend.generate(
+        PROMPTS, SamplingParams(n=1, temperature=0.0, max_new_tokens=16, stop_token_ids=(stop,))
+    )
+    first = stopped.completions[0][0]
+    cut = free.completions[0][0].token_ids.index(stop) + 1
+    assert first.token_ids == free.completions[0][0].token_ids[:cut]
+    assert first.finish_reason == "stop" and len(first.logprobs) == cut
+    ignored = backend.generate(
+        PROMPTS,
+        SamplingParams(n=1, temperature=0.0, max_new_tokens=16, stop_token_ids=(stop,), ignore_eos=True),
+    )
+    assert tokens(ignored) == tokens(free)
+
+
+def test_slot_refill_and_chunked_prefill_agree(pair):
+    """Fewer slots than sequences (slots refilled mid-run, a prompt's samples spread over refills) and tiny
+    prefill chunks change nothing: the same greedy tokens."""
+    _, model = pair
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=10)
+    wide = ours(model).generate(PROMPTS, params)
+    narrow = ours(model, max_batch_sequences=3, prefill_chunk_tokens=4).generate(PROMPTS, params)
+    assert narrow.stats["slots"] == 3 and narrow.stats["decode_steps"] == 20
+    assert tokens(narrow) == tokens(wide)
+
+
+def test_finished_slots_are_refilled_with_varied_lengths(pair):
+    """Sequences stopping at different steps free their slots for waiting ones; every result is still
+    exactly what a single-slot run produces (no cross-talk through reused cache slots)."""
+    _, model = pair
+    stops = (3, 50, 77)
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=40, stop_token_ids=stops, seed=2)
+    many = MegatronBackend(model, VOCAB, EngineOptions(max_batch_sequences=2)).generate(PROMPTS, params)
+    assert many.stats["slots"] == 2
+    assert {c.finish_reason for g in many.completions for c in g} == {"stop", "length"}
+    for i, group in enumerate(many.completions):
+        for c in group:
+            expected = full_forward_logprobs(model, PROMPTS[i], c.token_ids, 1.0)
+            assert torch.allclose(expected, torch.tensor(c.logprobs), atol=1e-4)
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] in stops and not set(stops) & set(c.token_ids[:-1])
+            else:
+                assert len(c.token_ids) == 40 and not set(stops) & set(c.token_ids)
+
+
+def test_sleep_frees_and_generation_resumes(pair):
+    _, model = pair
+    backend = ours(model)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
+    before = tokens(backend.generate(PROMPTS, params))
+    backend.sleep()
+    assert backend._runner is None
+    backend.wake()
+    assert tokens(backend.generate(PROMPTS, params)) == before
+
+
+def test_empty_prompt_is_rejected(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        ours(model).generate([[1], []], SamplingParams())
+
+
+def test_hf_backend_reproducible_and_self_consistent():
+    hf = hf_model("qwen2")
+    backend = HFBackend(hf, batch_sequences=3)
+    params = SamplingParams(n=3, temperature=0.8, max_new_tokens=10, seed=4)
+    a, b = backend.generate(PROMPTS[:2], params), backend.generate(PROMPTS[:2], params)
+    assert tokens(a) == tokens(b)
+    c = a.completions[0][0]
+    with torch.no_grad():
+        logits = hf(torch.tensor([PROMPTS[0] + c.token_ids])).logits[0, len(PROMPTS[0]) - 1 : -1] / 0.8
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+    assert torch.allclose(expected, torch.tensor(c.logprobs), atol=1e-5)
+
+
+def test_make_backend_by_config(pair):
+    hf, model = pair
+    cfg = RolloutConfig(backend="megatron", max_batch_sequences=8)
+    assert isinstance(make_backend(cfg, policy=model, vocab_size=VOCAB), MegatronBackend)
+    assert isinstance(make_backend(RolloutConfig(backend="hf"), hf_model=hf), HFBackend)
+    with pytest.raises(ConfigError, match="rollout.backend"):
+        make_backend(cfg)
+    with pytest.raises(ConfigError, match="rollout.backend"):
+        make_backend(RolloutConfig(backend="vllm"))
+    params = sampling_params(RolloutConfig(n_samples=4, temperature=0.6), stop_token_ids=(2,), seed=9)
+    assert (params.n, params.temperature, params.stop_token_ids, params.seed) == (4, 0.6, (2,), 9)
+
+
+def test_decode_step_is_capture_safe(pair, monkeypatch):
+    """What CUDA-graph capture needs, checked on CPU: the step never reads a tensor value on the host
+    (.item / .tolist / bool / nonzero) and replaying it from restored buffers reproduces it exactly."""
+    from questa_nemo.rollout.graphs import DecodeRunner, StepKey
+
+    _, model = pair
+    backend = ours(model)
+    backend.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=4))  # fills the cache
+    runner: DecodeRunner = backend._runner
+
+    def host_sync(*_args, **_kwargs):
+        raise AssertionError("host sync inside the decode step")
+
+    for key in (StepKey(8, 256, 0.0, 1.0), StepKey(8, 256, 0.8, 1.0), StepKey(8, 256, 1.0, 0.9)):
+        runner.noise[:8].exponential_(generator=torch.Generator().manual_seed(0))
+        saved = runner.tokens.clone(), runner.positions.clone()
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "nonzero"):
+                m.setattr(torch.Tensor, name, host_sync)
+            m.setattr(torch, "nonzero", host_sync)
+            runner._step(key)
+        first = runner.tokens.clone(), runner.logprobs.clone(), runner.positions.clone()
+        runner.tokens.copy_(saved[0])
+        runner.positions.copy_(saved[1])
+        runner._step(key)
+        assert all(
+            torch.equal(a, b) for a, b in zip(first, (runner.tokens, runner.logprobs, runner.positions))
+        )
+
+
+def test_long_tail_compacts_live_slots(pair):
+    """With the queue empty and most sequences stopped, live ones move to the lowest slots and the batch
+    shrinks; their caches move with them, so every log-prob still matches a full forward."""
+    _, model = pair
+    stops = (3, 50, 77, 12, 64)
+    params = SamplingParams(n=6, temperature=1.0, max_new_tokens=40, stop_token_ids=stops, seed=8)
+    result = ours(model, max_batch_sequences=32, harvest_every=4).generate(PROMPTS, params)
+    assert result.stats["slots"] == 18 and result.stats["compactions"] >= 1  # 18 -> 16 -> 8
+    lengths = sorted(len(c.token_ids) for g in result.completions for c in g)
+    assert lengths[0] < 40 and lengths[-1] > 20
+    for i, group in enumerate(result.completions):
+        for c in group:
+            expected = full_forward_logprobs(model, PROMPTS[i], c.token_ids, 1.0)
+            assert torch.allclose(expected, torch.tensor(c.logprobs), atol=1e-4)

@@ -1,0 +1,68 @@
+"""Token sampling (rollout/sampling.py) and the static-shape bucketing (rollout/graphs.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from questa_nemo.rollout.graphs import ATTEND_LEN_BUCKET, attend_bucket, batch_bucket
+from questa_nemo.rollout.sampling import sample_tokens, top_p_filter
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])
+    # sorted: 0.5, 0.25, 0.15, 0.1 -> mass before each: 0, 0.5, 0.75, 0.9
+    assert torch.equal(top_p_filter(probs, 0.7), torch.tensor([[0.0, 0.5, 0.0, 0.25]]))
+    assert torch.equal(top_p_filter(probs, 0.75), torch.tensor([[0.0, 0.5, 0.0, 0.25]]))
+    assert torch.equal(top_p_filter(probs, 0.3), torch.tensor([[0.0, 0.5, 0.0, 0.0]]))  # top token survives
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
+
+
+def test_greedy_takes_argmax_and_its_raw_logprob():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, -1.0, 0.5]])
+    tokens, logprobs = sample_tokens(logits, None, temperature=0.0, top_p=1.0)
+    assert tokens.tolist() == [1, 0]
+    assert torch.allclose(logprobs, logits.log_softmax(-1)[[0, 1], [1, 0]])
+
+
+def test_exponential_race_samples_the_tempered_distribution():
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5]).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.empty_like(logits).exponential_(generator=g)
+    tokens, logprobs = sample_tokens(logits, noise, temperature=0.5, top_p=1.0)
+    expected = (logits[0] / 0.5).softmax(-1)
+    freq = torch.bincount(tokens, minlength=4).float() / tokens.numel()
+    assert (freq - expected).abs().max() < 0.01
+    assert torch.allclose(logprobs, expected.log()[tokens])  # log-prob at temperature, not at 1
+
+
+def test_top_p_never_samples_the_tail_but_reports_untruncated_logprob():
+    logits = torch.tensor([3.0, 2.9, -5.0, -5.0]).repeat(5000, 1)
+    noise = torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(1))
+    tokens, logprobs = sample_tokens(logits, noise, temperature=1.0, top_p=0.9)
+    assert set(tokens.tolist()) == {0, 1}
+    assert torch.allclose(logprobs, logits[0].log_softmax(-1)[tokens])
+
+
+def test_buckets():
+    assert [batch_bucket(n, 512) for n in (1, 8, 9, 100, 256, 300)] == [8, 8, 16, 128, 256, 512]
+    assert batch_bucket(300, 300) == 300  # capped at the slot count
+    assert attend_bucket(0, 4096) == ATTEND_LEN_BUCKET
+    assert attend_bucket(ATTEND_LEN_BUCKET - 1, 4096) == ATTEND_LEN_BUCKET
+    assert attend_bucket(ATTEND_LEN_BUCKET, 4096) == 2 * ATTEND_LEN_BUCKET
+    assert attend_bucket(4095, 4096) == 4096
+
+
+def test_rollout_yamls_load_and_validate():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from questa_nemo.config import to_config, validate
+
+    folder = Path(__file__).resolve().parents[1] / "conf" / "rollout"
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    assert names == ["hf", "megatron", "trtllm"]
+    for name in names:
+        cfg = to_config({"rollout": OmegaConf.load(folder / f"{name}.yaml")})
+        validate(cfg)
+        assert cfg.rollout.backend == name

@@ -1,0 +1,284 @@
+"""Slurm launch: the torchrun command derived from SLURM_*, the submit script's dry run, and a real Slurm.
+
+The `slurm` tests need the one-node Slurm that .ci/slurm_up.sh starts (CI's .ci/run does); they read its
+env file and skip with the reason when it is not there. They submit the embedded default through
+slurm/submit.py and slurm/train.sbatch from the venv the tests run in, on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO / "slurm"
+ENV_FILE = Path(os.environ.get("QUESTA_SLURM_ENV", "/tmp/questa-slurm/slurm.env"))
+FAST = ["train.steps=4", "train.warmup.steps=10", "world.rl_problems=64", "world.eval_problems=32"]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SLURM_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # submit.py imports launch by name
+    spec.loader.exec_module(module)
+    return module
+
+
+launch = _load("launch")
+
+
+# ------------------------------------------------------------------------------------------ launch.py
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [("gpu[003-010,12]", "gpu003"), ("node7", "node7"), ("a-1,b2", "a-1"), ("dgx[1,4]", "dgx1")],
+)
+def test_first_host_of_a_slurm_hostlist(nodelist, host):
+    assert launch.first_host(nodelist) == host
+
+
+def test_one_node_uses_a_standalone_rendezvous_with_the_nodes_gpus():
+    plan = launch.plan_from_env({"SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "8"})
+    argv = launch.torchrun_argv(plan, ["train", "--config-name", "questa_partial_50"], python="py")
+    assert argv == [
+        "py", "-m", "torch.distributed.run", "--nproc-per-node=8", "--standalone",
+        "-m", "questa_nemo.cli", "train", "--config-name", "questa_partial_50",
+    ]  # fmt: skip
+
+
+def test_several_nodes_rendezvous_at_the_first_host_with_slurms_node_rank():
+    env = {
+        "SLURM_NNODES": "4",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_NODELIST": "gpu[017-020]",
+        "SLURM_JOB_ID": "123456",
+    }
+    argv = launch.torchrun_argv(launch.plan_from_env(env, nproc_per_node=8), ["train"], python="py")
+    assert "--nnodes=4" in argv and "--node-rank=2" in argv and "--nproc-per-node=8" in argv
+    assert "--rdzv-backend=static" in argv
+    assert f"--rdzv-endpoint=gpu017:{20000 + 123456 % 10000}" in argv
+    assert "--standalone" not in argv
+
+
+def test_outside_slurm_and_without_gpus_it_is_one_cpu_process():
+    plan = launch.plan_from_env({})
+    assert (plan.nnodes, plan.node_rank, plan.nproc_per_node) == (1, 0, 1)
+
+
+def test_a_node_rank_outside_the_job_is_an_error():
+    with pytest.raises(ValueError, match="SLURM_NODEID=4"):
+        launch.plan_from_env({"SLURM_NNODES": "4", "SLURM_NODEID": "4"})
+
+
+@pytest.mark.slow
+def test_two_node_static_rendezvous_really_starts(tmp_path):
+    """Two launchers on this machine as nodes 0 and 1 of one job: torchrun accepts our flags and ranks meet."""
+    procs = []
+    for node in (0, 1):
+        env = {
+            **os.environ,
+            "SLURM_NNODES": "2",
+            "SLURM_NODEID": str(node),
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_JOB_ID": str(os.getpid()),
+        }
+        cmd = [sys.executable, str(SLURM_DIR / "launch.py"), "--nproc-per-node=1", "--", "--help"]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    for out in outputs:
+        assert "--nnodes=2" in out and "usage: questa-nemo" in out
+
+
+# ------------------------------------------------------------------------------------------ submit.py
+def test_dry_run_prints_the_chain_the_launch_and_the_resolved_config(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable, str(SLURM_DIR / "submit.py"), "--dry-run", "--runs-root", str(tmp_path),
+            "--image", "/images/questa.sqsh", "--mounts", "/lustre:/lustre", "--nodes", "2",
+            "--time", "04:00:00", "--stages", "default,default", "--eval-config", "", "rollout.n_samples=6",
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    sbatch = [line for line in out.stdout.splitlines() if line.startswith("env ")]
+    assert len(sbatch) == 2
+    assert "QUESTA_IMAGE=/images/questa.sqsh" in sbatch[0] and "QUESTA_MOUNTS=/lustre:/lustre" in sbatch[0]
+    assert "--signal=B:USR1@600" in sbatch[0] and "--time=04:00:00" in sbatch[0] and "--nodes=2" in sbatch[0]
+    assert "--dependency" not in sbatch[0] and "--dependency=afterok:" in sbatch[1]
+    assert f"++train.parent_stage={tmp_path / 'default'}" in sbatch[1]
+    assert "python -m torch.distributed.run --nproc-per-node=8 --nnodes=2 --node-rank=0" in out.stdout
+    assert out.stdout.count("n_samples: 6") == 2  # the override reached both stages' resolved configs
+    assert not (tmp_path / "logs").exists()  # nothing was submitted
+
+
+def test_submit_refuses_a_bad_config_before_queueing_anything(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable, str(SLURM_DIR / "submit.py"), "--runs-root", str(tmp_path), "--venv", sys.prefix,
+            "--stages", "default", "--eval-config", "", "train.no_such_key=1",
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "config error" in out.stderr and "train.no_such_key" in out.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_dry_run_of_the_questa_recipe_chains_both_stages_and_the_evaluation(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(SLURM_DIR / "submit.py"), "--dry-run", "--runs-root", str(tmp_path), "--venv", sys.prefix],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    sbatch = [line for line in out.stdout.splitlines() if line.startswith("env ")]
+    assert [line.split("--job-name=")[1].split()[0] for line in sbatch] == [
+        "questa-questa_partial_50", "questa-questa_partial_50_25", "questa-eval",
+    ]  # fmt: skip
+    assert "train.sbatch --config-name questa_partial_50 " in sbatch[0]
+    assert "--dependency=afterok:" in sbatch[1] and "--dependency=afterok:" in sbatch[2]
+    assert f"++train.parent_stage={tmp_path / 'questa_partial_50'}" in sbatch[1]
+    assert "eval.sbatch --config-name eval_default" in sbatch[2]
+    assert "--signal=B:USR1@600" in sbatch[1] and "--signal" not in sbatch[2]
+
+
+# ------------------------------------------------------------------------------------------ real Slurm
+def _slurm_env() -> dict[str, str]:
+    if not ENV_FILE.is_file():
+        pytest.skip(f"no Slurm started: {ENV_FILE} missing (run .ci/slurm_up.sh; .ci/run does)")
+    values = dict(line.split("=", 1) for line in ENV_FILE.read_text().split("\n") if "=" in line)
+    env = {**os.environ, "SLURM_CONF": values["SLURM_CONF"]}
+    state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
+    if state.returncode != 0 or state.stdout.strip() not in ("idle", "mix", "alloc"):
+        pytest.skip(f"Slurm from {ENV_FILE} does not answer: {state.stderr.strip() or state.stdout.strip()}")
+    return env
+
+
+def _job(job_id: str, env: dict[str, str]) -> dict[str, str]:
+    """`scontrol show job` as key -> value (JobState, Restarts, ExitCode, ...)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _submit_default(tmp_path: Path, env: dict[str, str], overrides: list[str]) -> tuple[str, Path]:
+    """Submit the embedded default through slurm/submit.py (bare metal, this venv, CPU); job id and run dir."""
+    out = subprocess.run(
+        [
+            sys.executable, str(SLURM_DIR / "submit.py"), "--runs-root", str(tmp_path), "--venv", sys.prefix,
+            "--nodes", "1", "--gpus-per-node", "0", "--stages", "default", "--eval-config", "", *overrides,
+        ],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("job ")[-1].strip(), tmp_path / "default"
+
+
+def _metric_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _arm_dirs(run_dir: Path) -> list[Path]:
+    """Where the trainer writes metrics, checkpoints and DONE: run_dir/<arm> per train.arms entry, else run_dir.
+
+    Read from the config.yaml the trainer writes into run_dir at start; [] before it exists.
+    """
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return []
+    arms = yaml.safe_load(path.read_text())["train"].get("arms") or {}
+    return [run_dir / arm for arm in arms] or [run_dir]
+
+
+def _saved_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def _log(tmp_path: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.out")))
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_embedded_default_runs_to_completion_under_slurm(tmp_path):
+    env = _slurm_env()
+    job_id, run_dir = _submit_default(tmp_path, env, FAST)
+    state = _wait(
+        lambda: (
+            _job(job_id, env).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+            and _job(job_id, env)
+        ),
+        300,
+        f"job {job_id} to end",
+    )
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), _log(tmp_path)
+    arms = _arm_dirs(run_dir)
+    assert arms, f"the trainer wrote no config.yaml into {run_dir}"
+    for arm in arms:
+        assert (arm / "DONE").is_file(), f"{arm} has no DONE"
+        assert _metric_steps(arm) == [1, 2, 3, 4], arm
+        assert _saved_steps(arm)[-1] == 4, f"{arm}: no checkpoint of the last step"
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_pre_timeout_signal_saves_requeues_and_resumes_without_losing_a_step(tmp_path):
+    env = _slurm_env()
+    steps = 8
+    overrides = [o for o in FAST if not o.startswith("train.steps=")] + [f"train.steps={steps}"]
+    job_id, run_dir = _submit_default(tmp_path, env, overrides)
+    first = _wait(
+        lambda: (arms := _arm_dirs(run_dir)) and _metric_steps(arms[0]) and arms[0], 300, "a GRPO step"
+    )
+    # What --signal=B:USR1@secs does before the time limit: USR1 to the batch shell only.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+    requeued = _wait(
+        lambda: (
+            (job := _job(job_id, env)).get("Restarts") == "1" and job.get("JobState") == "PENDING" and job
+        ),
+        180,
+        f"job {job_id} to requeue",
+    )
+    logged = _metric_steps(first)
+    assert requeued and 1 <= len(logged) < steps, _log(tmp_path)
+    assert _saved_steps(first)[-1] == logged[-1], (
+        "the checkpoint written on the signal must hold every logged step"
+    )
+    assert not (first / "DONE").exists()
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env=env, check=True)
+    state = _wait(
+        lambda: (
+            _job(job_id, env).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+            and _job(job_id, env)
+        ),
+        300,
+        f"requeued job {job_id} to end",
+    )
+    log = _log(tmp_path)
+    assert (state["JobState"], state["Restarts"]) == ("COMPLETED", "1"), log
+    assert "restart 1 on" in log  # the batch script saw SLURM_RESTART_COUNT=1
+    for arm in _arm_dirs(run_dir):
+        assert _metric_steps(arm) == list(range(1, steps + 1)), f"{arm}: a step lost or repeated\n{log}"
+        assert (arm / "DONE").is_file()
