@@ -2,7 +2,8 @@
 # Start a real one-node Slurm (munged, slurmctld, slurmd) for tests/test_slurm.py, as /work/shared/SLURM_LOCAL.md
 # describes. Installs Debian's slurm-wlm and munge when missing (CI runs as root with the Debian registry
 # reachable). Writes KEY=VALUE lines (SLURM_CONF, the daemons' pids) to $QUESTA_SLURM_ENV, which the tests read
-# and .ci/slurm_down.sh uses to stop exactly the daemons started here.
+# and .ci/slurm_down.sh uses to stop exactly the daemons started here. When that file names a live slurmctld,
+# the Slurm it describes is reused.
 set -euo pipefail
 
 STATE_DIR="${QUESTA_SLURM_DIR:-/tmp/questa-slurm}"
@@ -10,8 +11,13 @@ ENV_FILE="${QUESTA_SLURM_ENV:-$STATE_DIR/slurm.env}"
 HOST="$(hostname -s)"
 
 if [[ -f "$ENV_FILE" ]]; then
-    echo "slurm_up: $ENV_FILE exists; run .ci/slurm_down.sh first" >&2
-    exit 1
+    # shellcheck disable=SC1090
+    SLURMCTLD_PID="$(source "$ENV_FILE" && echo "${SLURMCTLD_PID:-}")"
+    if [[ -n "$SLURMCTLD_PID" ]] && kill -0 "$SLURMCTLD_PID" 2>/dev/null; then
+        echo "slurm_up: already running (slurmctld pid $SLURMCTLD_PID, env in $ENV_FILE)"
+        exit 0
+    fi
+    rm -f "$ENV_FILE"  # left by a run whose daemons are gone
 fi
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then

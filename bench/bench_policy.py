@@ -8,7 +8,7 @@ lengths spread like RL completions. Side by side in one process, on the same seq
 Then a checkpoint round trip: save (timed, size on disk), one more step, reload, and the same step again:
 the resumed step must give the same loss and grad norm (bf16 / distributed-optimizer resume on GPU).
 
-    python bench/bench_policy.py --out bench/results/policy_step.json           # H100: about 4 minutes
+    python bench/bench_policy.py --out bench/results/policy_step.json           # H100: about 5 minutes
     python bench/bench_policy.py --device cpu --tiny --out /tmp/policy.json     # CPU smoke run, ~30 s
 """
 
@@ -123,7 +123,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny Qwen2 shape (CPU smoke runs)")
-    p.add_argument("--sequences", type=int, default=64)
+    p.add_argument("--sequences", type=int, default=32)
     p.add_argument("--min-len", type=int, default=1024)
     p.add_argument("--max-len", type=int, default=16384)
     p.add_argument("--micro-batch-tokens", type=int, default=32768)

@@ -130,7 +130,8 @@ def parse_run(text: str) -> Run:
 
 def flops_per_token(hf: dict, seq: int) -> float:
     """Model FLOPs of one trained token (forward + backward, no recompute): 6 x matmul parameters (LM head
-    included, embedding lookup not) + causal attention 6 x seq x (heads x head_dim) per layer."""
+    included, embedding lookup not) + causal attention 6 x seq x (heads x head_dim) per layer, where seq is
+    the length of the sequence the token attends within."""
     h, layers = hf["hidden_size"], hf["num_hidden_layers"]
     head_dim = h // hf["num_attention_heads"]
     q_dim, kv_dim = hf["num_attention_heads"] * head_dim, hf["num_key_value_heads"] * head_dim
@@ -263,7 +264,8 @@ def measure(run: Run, hf: dict, device: str, steps: int, warmup: int, peak: floa
     mean_step = sum(run.step_s) / len(run.step_s)
     run.tokens_per_s = run.seq / mean_step
     if peak is not None:
-        run.mfu = run.tokens_per_s * flops_per_token(hf, run.seq) / (peak * 1e12)
+        attended = run.seq // int(run.options.get("docs", 1))
+        run.mfu = run.tokens_per_s * flops_per_token(hf, attended) / (peak * 1e12)
     if device == "cuda":
         run.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
     run.status = "ok"
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per run (compile, allocator)")
-    parser.add_argument("--time-budget-s", type=float, default=420.0, help="skip runs that start after this")
+    parser.add_argument("--time-budget-s", type=float, default=330.0, help="skip runs that start after this")
     parser.add_argument("--out", type=Path, required=True, help="JSON result file")
     args = parser.parse_args(argv)
 

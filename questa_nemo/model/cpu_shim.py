@@ -9,7 +9,8 @@ What is patched, and why:
    `device=torch.cuda.current_device()`; on CPU this places those tensors on the CPU.
 2. `torch.cuda.synchronize()` -> no-op: p2p communication calls it after batched send/recv.
 3. `torch.cuda.get_rng_state` / `torch.cuda.manual_seed` -> the CPU generator: the RNG tracker
-   (`CudaRNGStatesTracker.add`) snapshots and seeds "the CUDA generator" per parallel region.
+   (`CudaRNGStatesTracker.add`) snapshots and seeds "the CUDA generator" per parallel region. As a
+   consequence `model_parallel_cuda_manual_seed(seed)` also seeds torch's CPU generator with `seed`.
 4. `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state` -> CPU get/set: the tracker's
    `fork()` and activation recompute swap generator states through these two helpers.
 5. `schedules.torch` -> a view of torch whose tensor factories (`zeros(..., device="cuda")`, ...) allocate on

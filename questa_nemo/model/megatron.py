@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from questa_nemo.config import ConfigError, ModelConfig
 from questa_nemo.model.attention import SDPACoreAttention
-from questa_nemo.model.convert import ModelShape, ShardLayout
+from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, te_norm_names
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
@@ -189,6 +189,10 @@ def build_model(
         rotary_base=int(rope_theta(hf)),
         vp_stage=vp_stage,
     )
+    if config.bf16:
+        # megatron's torch norms are created in fp32; bf16 weights keep rms_norm on its fused kernel (a dtype
+        # mismatch falls back to the unfused path). Megatron-LM's Float16Module casts the same way.
+        model.bfloat16()
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
@@ -198,8 +202,6 @@ def load_hf_weights(
     model: GPTModel, hf_tensors, hf: Mapping, cfg: ModelConfig, vp_stage: int | None = None
 ) -> None:
     """Copy HF weights (a mapping or a getter by name, see `hf_io.HFCheckpoint`) into this rank's chunk."""
-    from questa_nemo.model.convert import hf_to_megatron, te_norm_names
-
     shape = ModelShape.from_hf(hf)
     layout = shard_layout(vp_stage)
     converted = hf_to_megatron(hf_tensors, shape, layout)

@@ -95,19 +95,3 @@ def save_layer_stacked(
         for i in range(num_layers):
             sharded[f"{key}#{i}"] = ShardedObject(key, None, (num_layers,), (i,), replica_id=0)
     dist_checkpointing.save(sharded, str(directory))
-
-
-def save_model(model: torch.nn.Module, directory: str | Path) -> None:
-    """Save a built GPTModel chunk (any TP/PP layout, every rank calls this) as a model-only checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
-
-
-def load_model(model: torch.nn.Module, directory: str | Path) -> None:
-    """Load a model-only checkpoint into a built GPTModel chunk (resharded to its TP/PP layout)."""
-    from megatron.core import dist_checkpointing
-
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
-    model.load_state_dict(state, strict=False)

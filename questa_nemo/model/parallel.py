@@ -73,7 +73,18 @@ def init_distributed(cfg: ModelConfig, timeout_minutes: int = 30) -> ParallelInf
             world_size=world_size,
             timeout=timedelta(minutes=timeout_minutes),
         )
-    if not parallel_state.model_parallel_is_initialized():
+    if parallel_state.model_parallel_is_initialized():
+        have = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
+        )
+        want = (cfg.tensor_parallel, cfg.pipeline_parallel, cfg.context_parallel)
+        if have != want:
+            raise RuntimeError(
+                f"init_distributed: parallel state is already (TP, PP, CP) = {have}, not {want}"
+            )
+    else:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.tensor_parallel,
             pipeline_model_parallel_size=cfg.pipeline_parallel,

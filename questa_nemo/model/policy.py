@@ -39,7 +39,7 @@ LossFn = Callable[
 ]
 
 
-class TokenLogprobs(NamedTuple):
+class MicroBatchLogprobs(NamedTuple):
     """Per micro-batch results of the forward-only pass, aligned with each micro-batch's tokens."""
 
     logprobs: list[torch.Tensor]  # [1, T] fp32 per micro-batch; 0 at segment starts
@@ -228,7 +228,7 @@ class MegatronPolicy:
         return logprobs, align_to_tokens(next_token.entropy.t(), starts)
 
     @torch.no_grad()
-    def logprobs(self, micro_batches: list[PackedMicroBatch], temperature: float = 1.0) -> TokenLogprobs:
+    def logprobs(self, micro_batches: list[PackedMicroBatch], temperature: float = 1.0) -> MicroBatchLogprobs:
         """Per-token log-probs and entropy without grad (the proximal policy), on every rank."""
 
         def collect(mb, model, hidden):
@@ -253,7 +253,7 @@ class MegatronPolicy:
                 group=parallel_state.get_pipeline_model_parallel_group(),
             )
         per_mb = flat.float().cpu().split(lengths, dim=1)
-        return TokenLogprobs(logprobs=[x[0:1] for x in per_mb], entropy=[x[1:2] for x in per_mb])
+        return MicroBatchLogprobs(logprobs=[x[0:1] for x in per_mb], entropy=[x[1:2] for x in per_mb])
 
     def train_step(
         self,

@@ -4,7 +4,7 @@ One dispatcher thread in the calling process owns the workers: it keeps up to PR
 worker's pipe (a worker judges them in order and answers each at once, so it never waits for a round trip),
 waits on the workers' pipes, their process sentinels and a wake-up pipe together, and
 - records a verdict when a worker answers;
-- scores the job at the head of a worker's line 0 (PARSE_ERROR: the checker died under it) when the worker
+- scores the job at the head of a worker's line 0 (CRASH: the checker died under it) when the worker
   dies, puts the jobs behind it back in the queue, and starts a new worker;
 - kills the worker (SIGKILL), scores the head job 0 (TIMEOUT), requeues the rest and starts a new worker when
   no answer came for timeout_s + kill_grace_s (the worker's soft limit, timeout_s, missed: stuck in C code).
@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from questa_nemo.reward.types import PARSE_ERROR, TIMEOUT, RewardResult
+from questa_nemo.reward.types import CRASH, TIMEOUT, RewardResult
 from questa_nemo.reward.worker import READY, worker_main
 
 logger = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ class JudgePool:
             logger.warning(
                 "reward: worker %d died (exit code %s) on a job", w.process.pid, self._last_exit_code
             )
-            culprit.handle._set(culprit.index, RewardResult(0.0, PARSE_ERROR))
+            culprit.handle._set(culprit.index, RewardResult(0.0, CRASH))
 
     def _fail_everything_locked(self, message: str) -> None:
         for job in self._state.queue:

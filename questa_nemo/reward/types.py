@@ -10,8 +10,9 @@ NO_ANSWER = "no_answer"  # no final answer could be found in the completion
 TIMEOUT = "timeout"  # the checker ran past its time limit
 PARSE_ERROR = "parse_error"  # the answer or the reference could not be parsed / the checker raised
 BAD_FORMAT = "bad_format"  # the completion breaks the required format (small world: wrong number of steps)
+CRASH = "crash"  # the checker's worker process died while scoring this completion
 
-REASONS: tuple[str, ...] = (CORRECT, WRONG, NO_ANSWER, TIMEOUT, PARSE_ERROR, BAD_FORMAT)
+REASONS: tuple[str, ...] = (CORRECT, WRONG, NO_ANSWER, TIMEOUT, PARSE_ERROR, BAD_FORMAT, CRASH)
 
 
 @dataclass(frozen=True)

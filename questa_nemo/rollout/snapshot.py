@@ -24,8 +24,8 @@ from questa_nemo.rollout.base import GenerationBackend, GenerationResult, Sampli
 
 def detached_clone(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of `module`'s tree whose parameters and buffers are fresh tensors (no grad); every other
-    attribute is shared with the original. A plain deepcopy fails on megatron modules: they hold process
-    groups, which cannot be copied (and must not be)."""
+    attribute (config, process groups, ...) is shared with the original, dicts copied one level deep. A plain
+    deepcopy fails on megatron modules: they hold process groups, which cannot be copied (and must not be)."""
     clones: dict[int, torch.Tensor] = {}  # id(original tensor) -> its copy, so tied weights stay tied
 
     def tensor(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -45,16 +45,20 @@ def detached_clone(module: torch.nn.Module) -> torch.nn.Module:
         out._modules = {
             name: clone(child) if child is not None else None for name, child in m._modules.items()
         }
-        for name, value in vars(m).items():  # a tensor attribute aliasing one of the tensors copied above
-            if isinstance(value, torch.Tensor) and id(value) in clones:
-                setattr(out, name, clones[id(value)])
+        for name, value in vars(m).items():
+            if isinstance(value, torch.Tensor) and id(value) in clones:  # aliases a tensor copied above
+                out.__dict__[name] = clones[id(value)]  # plain attribute: not registered as a parameter
+            elif isinstance(value, dict) and name not in ("_parameters", "_buffers", "_modules"):
+                out.__dict__[name] = copy.copy(
+                    value
+                )  # hook registries: a hook added to one stays off the other
         return out
 
     return clone(module)
 
 
 class SnapshotBackend:
-    """GenerationBackend over a private copy of the trainer's GPTModel (TP = PP = 1, rollout.backend=megatron).
+    """GenerationBackend over a private copy of the trainer's GPTModel (TP = PP = 1, backend megatron).
 
     `version` is the policy version last published by the trainer (the weights the copy holds)."""
 
@@ -64,8 +68,8 @@ class SnapshotBackend:
         if cfg.backend != "megatron":
             raise ConfigError(
                 "rollout.max_staleness",
-                f"asynchronous rollouts snapshot the colocated megatron engine; rollout.backend={cfg.backend!r} "
-                "is not supported with max_staleness > 0",
+                "asynchronous rollouts snapshot the colocated megatron engine; "
+                f"rollout.backend={cfg.backend!r} is not supported with max_staleness > 0",
             )
         self.source = policy  # the trainer's bare module (its parameters may be views into DDP buffers)
         self.shadow = detached_clone(policy)

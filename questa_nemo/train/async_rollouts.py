@@ -37,7 +37,7 @@ POLL_S = 1.0  # how often a waiting side re-checks that the other is still alive
 
 
 class StaleRolloutError(RuntimeError):
-    """A sample older than rollout.max_staleness reached the trainer (a scheduling bug, never a data issue)."""
+    """A sample older than rollout.max_staleness reached the trainer (a scheduling bug, not a data issue)."""
 
 
 class RolloutProducerError(RuntimeError):
@@ -57,7 +57,8 @@ class AsyncRollouts:
     """Rollouts generated ahead of the trainer by a producer thread; `next(step)` / `source_state()` as
     SyncRollouts. `backend` must generate on its own copy of the weights (rollout/snapshot.py); its `version`
     is the trainer's published policy version. `first_step` is the step the trainer will ask for first (the
-    resumed step + 1). Call `close()` when done (also a context manager)."""
+    resumed step + 1). The finished steps waiting for the trainer are at most max_staleness + 1 (the bound is
+    the queue's). Call `close()` when done (also a context manager)."""
 
     def __init__(
         self,
@@ -80,6 +81,7 @@ class AsyncRollouts:
 
         self._collect = collect
         self.max_staleness = cfg.rollout.max_staleness
+        self.last_step = cfg.train.steps  # nothing is sampled past the run's end
         self._expected = first_step  # the step the trainer asks for next
         self._published = first_step - 1  # the last step whose weights the backend holds
         self._source_state = source.state_dict()  # as of the last step handed out
@@ -118,10 +120,11 @@ class AsyncRollouts:
 
     def _check_staleness(self, produced: _Produced) -> None:
         versions = [c.version for g in produced.filled.groups for c in g.completions]
-        if versions and self.backend.version - min(versions) > self.max_staleness:
+        trainer = self.backend.version
+        if versions and trainer - min(versions) > self.max_staleness:
             raise StaleRolloutError(
                 f"async rollouts: step {produced.step} holds a sample of policy version {min(versions)}, "
-                f"{self.backend.version - min(versions)} versions behind the trainer's {self.backend.version} "
+                f"{trainer - min(versions)} versions behind the trainer's {trainer} "
                 f"(rollout.max_staleness={self.max_staleness})"
             )
 
@@ -155,7 +158,7 @@ class AsyncRollouts:
                 with self._cond:
                     while not self._stop and not self._may_start(step):
                         self._cond.wait()
-                    if self._stop:
+                    if self._stop or step > self.last_step:
                         return
                 filled = self._collect(step)
                 with self._cond:

@@ -124,7 +124,8 @@ def collect_step(
         batch = source.next(cfg.train.prompts_per_step)[dp_rank::dp_size]
         params = sampling_params(cfg, stop_token_ids, step_seed(cfg.train.seed, step, attempt) + dp_rank)
         attempt += 1
-        chunk = max(1, cfg.rollout.max_batch_sequences // cfg.rollout.n_samples)
+        # several waves per call: the engine refills finished slots from the queue (continuous batching)
+        chunk = max(1, 4 * cfg.rollout.max_batch_sequences // cfg.rollout.n_samples)
         return generate_groups(backend, batch, params, decode, scorer, chunk)
 
     a = cfg.algo

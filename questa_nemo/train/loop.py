@@ -170,8 +170,9 @@ def fit(
         total=cfg.train.steps, initial=state.step, desc=run_dir.name, disable=not (cfg.train.progress_bar and is_main),
         dynamic_ncols=True,
     )
-    if cfg.rollout.max_staleness > 0:  # async mode: a producer thread samples ahead, at most this many versions
-        rollouts = AsyncRollouts(cfg, source, backend, scorer, decode, stop_token_ids, state.step + 1, dp_rank, dp_size)
+    if cfg.rollout.max_staleness > 0:  # async mode: a producer thread samples ahead (train/async_rollouts.py)
+        rollouts = AsyncRollouts(cfg, source, backend, scorer, decode, stop_token_ids, state.step + 1, dp_rank,
+                                 dp_size)
     else:
         rollouts = SyncRollouts(cfg, source, backend, scorer, decode, stop_token_ids, dp_rank, dp_size)
     try:

@@ -1,7 +1,7 @@
 """torchrun worker for the export tests: a tiny model on a TP / PP layout saves, or loads and checks, our checkpoint.
 
     torchrun --nproc-per-node 2 tests/dist/export_worker.py --hf SRC --tp 2 --save DIR
-        build the model from the HF folder SRC, save it with `nemo_io.save_model` (model-only checkpoint)
+        build the model from the HF folder SRC, save it with `checkpoint.save_model_checkpoint` (model only)
     torchrun --nproc-per-node 2 tests/dist/export_worker.py --hf SRC --tp 2 --load DIR
         build the model, load DIR (written by `questa-nemo import`), require every tensor to equal SRC's
 Exits non-zero (with the error on stderr) when anything differs.
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from questa_nemo.config import ModelConfig
-from questa_nemo.model import nemo_io
+from questa_nemo.model.checkpoint import load_model_checkpoint, save_model_checkpoint
 from questa_nemo.model.convert import ModelShape, hf_to_megatron
 from questa_nemo.model.hf_io import HFCheckpoint
 from questa_nemo.model.megatron import build_model, load_hf_weights, shard_layout
@@ -33,7 +33,11 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = ModelConfig(
-        params_dtype="fp32", recompute="none", attention="sdpa", tensor_parallel=args.tp, pipeline_parallel=args.pp
+        params_dtype="fp32",
+        recompute="none",
+        attention="sdpa",
+        tensor_parallel=args.tp,
+        pipeline_parallel=args.pp,
     )
     init_distributed(cfg)
     hf = json.loads((Path(args.hf) / "config.json").read_text())
@@ -41,9 +45,9 @@ def main() -> None:
     model = build_model(hf, cfg)
     if args.save:
         load_hf_weights(model, weights, hf, cfg)
-        nemo_io.save_model(model, args.save)
+        save_model_checkpoint([model], args.save, hf_config=hf)
     if args.load:
-        nemo_io.load_model(model, args.load)
+        load_model_checkpoint([model], args.load)
         expected = hf_to_megatron(weights, ModelShape.from_hf(hf), shard_layout())
         actual = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         if sorted(actual) != sorted(expected):

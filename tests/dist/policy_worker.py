@@ -2,6 +2,7 @@
 
 jobs:
   train  - pack the fixed batch, one NLL train step; write this rank's updated weights and the step stats
+           (and, given --ckpt, save a model-only checkpoint of the updated weights there)
   save   - one train step, a full checkpoint (model + optimizer + schedule + RNG) to --ckpt, then a second
            step whose stats and updated weights are written (what a resumed run must reproduce)
 """
@@ -61,6 +62,10 @@ def main() -> int:
     if args.job == "train":
         if dp_rank == 0:
             write_shards(policy, args.out)
+        if args.ckpt is not None:
+            from questa_nemo.model.checkpoint import save_model_checkpoint
+
+            save_model_checkpoint(policy.model_chunks, args.ckpt, step=1)
         logprobs = policy.logprobs(micro_batches)
         if torch.distributed.get_rank() == 0 and dp_size == 1:
             save_file(

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# QuestA on SmolLM2-135M-Instruct, one GPU, one device call of at most 9 minutes (issue 10):
+#   join + check the GGUF -> import to an HF folder -> word-world data -> GRPO, hint arm (p50) and no_hint arm
+#   (p0), same steps and seed -> final evaluation of initial / hint / no_hint without hints -> results in $OUT.
+# Usage (repository root, GPU image):
+#   bash bench/smollm2_questa.sh GGUF [PART1 PART2] [key=value ...]
+# GGUF: where the re-joined file lives (or already lives); PART1 PART2: its halves from bench/split_gguf.sh,
+# joined into GGUF first. The sha256 must match bench/smollm2_gguf.sha256. A `gguf-*.whl` beside GGUF or in
+# .gguf/ is installed when `import gguf` fails. Overrides go to both the data command and the trainer.
+# Budget (H100, estimated): import ~30 s, data ~10 s, per arm ~3 min (40 steps x 32 prompts x 8 samples,
+# <= 256 new tokens: ~2-3 s rollout + ~1 s training a step, plus startup and CUDA graph capture), final
+# evaluation ~1 min (3 models x 128 problems x 16 samples). Set STEPS=... to trade steps for time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GGUF=${1:?usage: bench/smollm2_questa.sh GGUF [PART1 PART2] [key=value ...]}
+shift
+PARTS=()
+while [ $# -gt 0 ] && [[ "$1" != *=* ]]; do PARTS+=("$1"); shift; done
+OVERRIDES=("$@")
+OUT=${OUT:-outputs/smollm2_questa_out}
+RUN=${RUN:-runs/smollm2_world}
+STEPS=${STEPS:-40}
+START=$(date +%s)
+stamp() { echo "[smollm2_questa +$(( $(date +%s) - START ))s] $*"; }
+
+if [ ${#PARTS[@]} -gt 0 ]; then
+  mkdir -p "$(dirname "$GGUF")"
+  cat "${PARTS[@]}" > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"
+fi
+EXPECTED=$(cut -d' ' -f1 bench/smollm2_gguf.sha256)
+ACTUAL=$(sha256sum "$GGUF" | cut -d' ' -f1)
+if [ "$ACTUAL" != "$EXPECTED" ]; then
+  echo "smollm2_questa: $GGUF has sha256 $ACTUAL, expected $EXPECTED (bench/smollm2_gguf.sha256)" >&2
+  exit 1
+fi
+stamp "GGUF ok: $GGUF"
+
+if [ -f bench/gpu_setup.sh ] && [ -d .whl ]; then . bench/gpu_setup.sh; fi
+if ! python3 -c 'import gguf' 2>/dev/null; then
+  WHEEL=$(ls "$(dirname "$GGUF")"/gguf-*.whl .gguf/gguf-*.whl 2>/dev/null | head -n 1 || true)
+  [ -n "$WHEEL" ] || { echo "smollm2_questa: no gguf package and no gguf-*.whl to install" >&2; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$WHEEL"
+  export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+fi
+mkdir -p "$OUT"
+python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")' \
+  | tee "$OUT/device.txt"
+
+M=$RUN/hf
+if [ ! -f "$M/config.json" ]; then
+  python3 -m questa_nemo.cli import "$GGUF" "$M" format=hf
+fi
+stamp "imported: $M"
+COMMON=(model.hf_config="$M" model.checkpoint="$M" train.run_dir="$RUN" train.steps="$STEPS"
+        train.save_every="$STEPS" "${OVERRIDES[@]}")
+python3 -m questa_nemo.data.word_world --config-name smollm2_world "${COMMON[@]}"
+stamp "word world written: $RUN/data"
+set +e
+python3 -m questa_nemo.cli train --config-name smollm2_world "${COMMON[@]}" train.progress_bar=false \
+  2>&1 | tee "$OUT/train.log"
+STATUS=${PIPESTATUS[0]}
+set -e
+stamp "train exited with $STATUS"
+
+for f in summary.json curves.png config.yaml eval/passk.png; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
+[ -d "$RUN/eval" ] && cp -r "$RUN/eval" "$OUT/eval"
+for arm in hint no_hint; do
+  mkdir -p "$OUT/$arm"
+  for f in "$RUN/$arm"/*.jsonl "$RUN/$arm"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/$arm/"; done
+done
+cp "$RUN/data/rl/manifest.json" "$OUT/data_manifest.json" 2>/dev/null || true
+stamp "results in $OUT"
+exit "$STATUS"
