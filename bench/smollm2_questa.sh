@@ -9,7 +9,8 @@
 # .gguf/ is installed when `import gguf` fails. Overrides go to both the data command and the trainer.
 # Budget (H100, estimated): import ~30 s, data ~10 s, per arm ~3 min (40 steps x 32 prompts x 8 samples,
 # <= 256 new tokens: ~2-3 s rollout + ~1 s training a step, plus startup and CUDA graph capture), final
-# evaluation ~1 min (3 models x 128 problems x 16 samples). Set STEPS=... to trade steps for time.
+# evaluation ~1 min (3 models x 128 problems x 16 samples). Set STEPS=... to trade steps for time;
+# TRAIN_BUDGET_S (default 480) bounds training + evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF=${1:?usage: bench/smollm2_questa.sh GGUF [PART1 PART2] [key=value ...]}
@@ -56,7 +57,9 @@ COMMON=(model.hf_config="$M" model.checkpoint="$M" train.run_dir="$RUN" train.st
 python3 -m questa_nemo.data.word_world --config-name smollm2_world "${COMMON[@]}"
 stamp "word world written: $RUN/data"
 set +e
-python3 -m questa_nemo.cli train --config-name smollm2_world "${COMMON[@]}" train.progress_bar=false \
+# Bounded so that the results copied below always come back inside the device call's limit.
+timeout --signal=TERM "${TRAIN_BUDGET_S:-480}" \
+  python3 -m questa_nemo.cli train --config-name smollm2_world "${COMMON[@]}" train.progress_bar=false \
   2>&1 | tee "$OUT/train.log"
 STATUS=${PIPESTATUS[0]}
 set -e

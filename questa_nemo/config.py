@@ -399,6 +399,20 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if a.max_prompt_batches < 0:
         raise ConfigError("algo.max_prompt_batches", "must be >= 0")
 
+    o = cfg.optim
+    if o.lr <= 0:
+        raise ConfigError("optim.lr", "must be > 0")
+    if not 0 <= o.warmup_ratio < 1:
+        raise ConfigError("optim.warmup_ratio", "must be in [0, 1)")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            raise ConfigError(f"optim.{key}", "must be in [0, 1)")
+    if o.adam_eps <= 0:
+        raise ConfigError("optim.adam_eps", "must be > 0")
+    for key in ("weight_decay", "grad_clip"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"optim.{key}", "must be >= 0")
+
     t = cfg.train
     for key in ("steps", "prompts_per_step", "micro_batch_tokens", "save_every", "recovery_every"):
         if getattr(t, key) < 1:

@@ -23,7 +23,6 @@ SLURM_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(SLURM_DIR))
 from launch import DEFAULT_PORT_BASE, LaunchPlan, torchrun_argv  # noqa: E402  (this folder is not a package)
 
-CONTAINER_LAUNCHER = "/opt/questa-nemo/slurm/launch.py"  # must match common.sh and the Dockerfile
 STAGES = ("questa_partial_50", "questa_partial_50_25")
 
 
@@ -72,6 +71,7 @@ def job_env(ns: argparse.Namespace) -> dict[str, str]:
 
 
 def sbatch_argv(ns: argparse.Namespace, job: Job, dependency: str | None) -> list[str]:
+    """The sbatch command line of one job; `dependency` is the job id it waits for (afterok)."""
     log_dir = Path(ns.runs_root) / "logs"
     argv = ["sbatch", "--parsable", f"--job-name=questa-{job.name}", f"--nodes={ns.nodes}"]
     argv.append(f"--output={log_dir}/%x-%j.out")

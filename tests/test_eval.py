@@ -430,7 +430,7 @@ def test_main_runs_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     """`questa-nemo eval` on small-world rows; only the checkpoint -> backend factory is a double."""
     from pathlib import Path
 
-    import questa_nemo.rollout
+    import questa_nemo.eval.backend
     from questa_nemo.data.world import WorldProblem
     from questa_nemo.eval.run import main
 
@@ -456,7 +456,7 @@ def test_main_runs_the_command_end_to_end(tmp_path, monkeypatch, capsys):
 
         return Fixed({})
 
-    monkeypatch.setattr(questa_nemo.rollout, "backend_for_checkpoint", backend_for_checkpoint, raising=False)
+    monkeypatch.setattr(questa_nemo.eval.backend, "backend_for_checkpoint", backend_for_checkpoint)
     folder = Path(__file__).resolve().parents[1] / "data" / "world" / "tokenizer"
     overrides = [
         f"model.tokenizer={folder}",

@@ -39,7 +39,9 @@ def train_cmd(run_dir: Path, *extra: str) -> list[str]:
 
 
 def env() -> dict:
-    e = dict(os.environ)
+    # a fresh single-process world: drop what an in-process test's init_distributed left in os.environ
+    e = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                          "LOCAL_RANK")}
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     e["OMP_NUM_THREADS"] = "1"  # deterministic and fair on 2 cores
     return e
@@ -79,21 +81,68 @@ def test_sigkill_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [m["step"] for m in metrics(cut / "hint" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_grpo_steps_raise_reward_on_a_learnable_task():
+    """Real tiny Megatron model, real engine, real GRPO step: reward 1 when the first generated token id is even.
+    A random model starts near 0.5; ten steps at lr 1e-2 must move it clearly up."""
+    import torch
+
+    from questa_nemo.ckpt.load import load_chunks
+    from questa_nemo.config import load_config, read_hf_config
+    from questa_nemo.model.parallel import destroy_distributed, init_distributed
+    from questa_nemo.model.policy import MegatronPolicy
+    from questa_nemo.reward.types import RewardResult
+    from questa_nemo.rollout import make_backend
+    from questa_nemo.train.grpo import SyncRollouts, grpo_step
+    from questa_nemo.train.metrics import PhaseTimer
+    from questa_nemo.train.prompts import PromptRow, PromptSource
+    from questa_nemo.train.scoring import Done
+
+    cfg = load_config("default", ["optim.lr=1e-2", "rollout.max_new_tokens=4", "train.prompts_per_step=8"])
+    hf = read_hf_config(cfg.model.hf_config)
+    init_distributed(cfg.model)
+    try:
+        policy = MegatronPolicy(load_chunks(cfg.model, hf, None), cfg.model, cfg.optim, 10, 4096, hf["vocab_size"])
+        backend = make_backend(cfg.rollout, policy=policy.modules[0], vocab_size=hf["vocab_size"])
+        g = torch.Generator().manual_seed(0)
+        rows = [PromptRow(str(i), torch.randint(3, 100, (12,), generator=g).tolist(), "", False, {}) for i in range(64)]
+        first_tokens: list[int] = []
+
+        def decode(ids: list[int]) -> str:
+            first_tokens.append(ids[0])
+            return str(ids[0])
+
+        def even_first(texts, prompt_rows):
+            return Done([RewardResult(float(int(t) % 2 == 0), "correct" if int(t) % 2 == 0 else "wrong") for t in texts])
+
+        rollouts = SyncRollouts(cfg, PromptSource(rows, seed=1), backend, even_first, decode, ())
+        success = []
+        for step in range(1, 11):
+            metrics, _ = grpo_step(cfg, step, policy, backend, rollouts, PhaseTimer())
+            success.append(metrics["reward/success"])
+            assert metrics["actor/skipped_nonfinite"] == 0.0
+        assert backend.version == 10
+        print("success per step", success)
+        assert sum(success[-3:]) / 3 > sum(success[:3]) / 3 + 0.15, success
+    finally:
+        destroy_distributed()
+
+
 @pytest.mark.slow
-def test_grpo_raises_reward_and_reports(tmp_path):
-    """Both arms of the embedded default, shortened: the hint arm's training success rises over its steps,
-    and the run ends with summary.json, curves.png and passk.png."""
+def test_embedded_default_runs_both_arms_and_reports(tmp_path):
+    """Both arms of the embedded default, shortened: every stage runs and the run ends with its reports."""
     run = tmp_path / "run"
     done = subprocess.run(
-        train_cmd(run, "train.steps=12", "train.warmup.steps=150", "train.final_eval=true", "optim.lr=3e-4"),
+        train_cmd(run, "train.steps=3", "train.final_eval=true"),
         env=env(), cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    hint = metrics(run / "hint" / "metrics.jsonl")
-    first = sum(m["reward/success"] for m in hint[:4]) / 4
-    last = sum(m["reward/success"] for m in hint[-4:]) / 4
-    assert last > first, (first, last)
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) == {"initial", "hint", "no_hint"}
-    for name in ("curves.png", "eval/passk.png", "warmup/calibration.json", "hint/DONE", "no_hint/DONE"):
+    assert set(summary["hint"]["world_hard"]) == {"1", "2"}  # pass@k for k up to eval.n_samples
+    for name in ("curves.png", "eval/passk.png", "eval/results.json", "warmup/calibration.json", "hint/DONE",
+                 "no_hint/DONE"):
         assert (run / name).exists(), name
+    hint = metrics(run / "hint" / "metrics.jsonl")
+    assert [m["step"] for m in hint] == [1, 2, 3]
+    assert all(m["reward/success_hinted"] >= 0 for m in hint)
+    assert "reward/success_unhinted" in metrics(run / "no_hint" / "metrics.jsonl")[0]

@@ -26,23 +26,36 @@ from pathlib import Path
 from questa_nemo.config import DataConfig, WorldConfig
 from questa_nemo.data.world import _write_jsonl, hard_lengths
 
-NAMES = (("Mia", "she", "her"), ("Leo", "he", "his"), ("Ava", "she", "her"), ("Sam", "he", "his"),
-         ("Zoe", "she", "her"), ("Ben", "he", "his"), ("Lily", "she", "her"), ("Omar", "he", "his"))
+NAMES = (
+    ("Mia", "she", "her"),
+    ("Leo", "he", "his"),
+    ("Ava", "she", "her"),
+    ("Sam", "he", "his"),
+    ("Zoe", "she", "her"),
+    ("Ben", "he", "his"),
+    ("Lily", "she", "her"),
+    ("Omar", "he", "his"),
+)
 ITEMS = ("marbles", "apples", "stickers", "coins", "books", "pencils", "cookies", "stamps")
 START_RANGE = (2, 20)  # the first count
 OPERAND_RANGE = (2, 9)  # added or taken away in one step
 FACTORS = (2, 3)  # "doubles", "triples"
-HINT_PREFIX = "## Hint.\n"  # the reference's "## Hint." plus a line break: the hint's first line reads cleanly
+# The reference's "## Hint." plus a line break: the hint's first line then reads like a solution line.
+HINT_PREFIX = "## Hint.\n"
 INSTRUCTION = "Solve it step by step and put the final answer in \\boxed{}."
 
 # What one event says in the problem and in its solution line, per operator; {n} is the operand.
 EVENTS = {
-    "+": (("{Sub} buys {n} more {item}.", "{Sub} buys {n} more"),
-          ("{Sub} finds {n} more {item}.", "{Sub} finds {n} more"),
-          ("A friend gives {obj} {n} {item}.", "{Sub} gets {n} more")),
-    "-": (("{Sub} gives away {n} {item}.", "{Sub} gives away {n}"),
-          ("{Sub} loses {n} {item}.", "{Sub} loses {n}"),
-          ("{Sub} uses {n} {item}.", "{Sub} uses {n}")),
+    "+": (
+        ("{Sub} buys {n} more {item}.", "{Sub} buys {n} more"),
+        ("{Sub} finds {n} more {item}.", "{Sub} finds {n} more"),
+        ("A friend gives {obj} {n} {item}.", "{Sub} gets {n} more"),
+    ),
+    "-": (
+        ("{Sub} gives away {n} {item}.", "{Sub} gives away {n}"),
+        ("{Sub} loses {n} {item}.", "{Sub} loses {n}"),
+        ("{Sub} uses {n} {item}.", "{Sub} uses {n}"),
+    ),
     "*": (("Then the number of {item} {sub} has {verb}.", "The number {verb}"),),
 }
 VERBS = {2: "doubles", 3: "triples"}
@@ -78,8 +91,15 @@ class WordProblem:
 
     def _words(self, e: Event) -> dict[str, str]:
         name, sub, obj = NAMES[self.name]
-        return {"Sub": sub.capitalize(), "sub": sub, "obj": obj if obj != "his" else "him", "name": name,
-                "item": ITEMS[self.item], "n": str(e.operand), "verb": VERBS.get(e.operand, "")}
+        return {
+            "Sub": sub.capitalize(),
+            "sub": sub,
+            "obj": obj if obj != "his" else "him",
+            "name": name,
+            "item": ITEMS[self.item],
+            "n": str(e.operand),
+            "verb": VERBS.get(e.operand, ""),
+        }
 
     def text(self) -> str:
         name, _, _ = NAMES[self.name]
@@ -138,7 +158,9 @@ def sample_problem(rng: random.Random, n_steps: int, modulus: int = 100) -> Word
     """A problem of n_steps events whose answer is none of its other numbers (start, operands, intermediate
     counts), so a partial-solution hint never states it."""
     if modulus <= START_RANGE[1] + OPERAND_RANGE[1]:
-        raise ValueError(f"world.modulus={modulus}: counts need room above {START_RANGE[1] + OPERAND_RANGE[1]}")
+        raise ValueError(
+            f"world.modulus={modulus}: counts need room above {START_RANGE[1] + OPERAND_RANGE[1]}"
+        )
     while True:
         start = rng.randint(*START_RANGE)
         events, value = [], start

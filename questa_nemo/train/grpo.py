@@ -186,7 +186,9 @@ def segments(row: torch.Tensor, mb: PackedMicroBatch) -> torch.Tensor:
     """A packed row's real sequences as a padded matrix: [1, T] -> [S, L_max] (zeros past each end)."""
     cu = mb.cu_seqlens.tolist()
     spans = [(cu[i], cu[i + 1]) for i in range(len(mb.sequence_ids))]
-    width = max((b - a for a, b in spans), default=0)
+    if not spans:  # an all-padding micro-batch (a DP rank with nothing to train): empty, still on the graph
+        return row[:, :0]
+    width = max(b - a for a, b in spans)
     out = row.new_zeros((len(spans), width))
     for i, (a, b) in enumerate(spans):
         out[i, : b - a] = row[0, a:b]
@@ -290,7 +292,8 @@ def grpo_step(
     with timer("advantages"):
         data = build_step_data(cfg, filled.groups, backend.version, all_reduce)
     metrics.update(step_metrics(data, filled))
-    if not data.sequences:  # every group filtered out: nothing to learn from this step
+    # every DP rank must enter the same collectives: skip only when no rank has anything to learn from
+    if float(all_reduce(torch.tensor(float(len(data.sequences)), dtype=torch.float64))) == 0:
         metrics["actor/skipped_empty"] = 1.0
         return metrics, data
 

@@ -104,8 +104,11 @@ def final_checkpoint(run_dir: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------ stages
 def prepare_world(s: Session) -> None:
     """Write the small world's data under world.output_dir once (rank 0), others wait."""
+    import datasets
+
     from questa_nemo.data.world import write_world
 
+    datasets.disable_progress_bars()
     out = Path(s.cfg.world.output_dir)
     if s.is_main and not (out / "warmup.jsonl").exists():
         s.log(f"[world] writing data sets under {out}")
