@@ -9,7 +9,7 @@
 # .gguf/ is installed when `import gguf` fails. Overrides go to both the data command and the trainer.
 # Budget (H100, estimated): import ~30 s, data ~10 s, per arm ~3 min (40 steps x 32 prompts x 8 samples,
 # <= 256 new tokens: ~2-3 s rollout + ~1 s training a step, plus startup and CUDA graph capture), final
-# evaluation ~1 min (3 models x 128 problems x 16 samples). Set STEPS=... to trade steps for time;
+# evaluation ~1.5 min (3 models x (128 + 64) problems x 16 samples). Set STEPS=... to trade steps for time;
 # TRAIN_BUDGET_S (default 480) bounds training + evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ if [ "$ACTUAL" != "$EXPECTED" ]; then
 fi
 stamp "GGUF ok: $GGUF"
 
-if [ -f bench/gpu_setup.sh ] && [ -d .whl ]; then . bench/gpu_setup.sh; fi
+if ! python3 -c "import megatron.core, hydra" 2>/dev/null; then . bench/gpu_setup.sh; fi  # the GPU image
 if ! python3 -c 'import gguf' 2>/dev/null; then
   WHEEL=$(ls "$(dirname "$GGUF")"/gguf-*.whl .gguf/gguf-*.whl 2>/dev/null | head -n 1 || true)
   [ -n "$WHEEL" ] || { echo "smollm2_questa: no gguf package and no gguf-*.whl to install" >&2; exit 1; }

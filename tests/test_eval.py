@@ -482,3 +482,49 @@ def test_config_knows_every_preset():
     from questa_nemo.eval.benchmarks import PRESETS
 
     assert set(BENCHMARK_PRESETS) == set(PRESETS)
+
+
+@pytest.mark.slow
+def test_eval_of_a_tiny_converted_model_on_hand_written_problems(tmp_path):
+    """`questa-nemo eval` with nothing replaced: a random tiny Llama saved by transformers (the world's
+    tokenizer beside it) is imported, run by our Megatron engine and scored by the math reward pool."""
+    import json as _json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    repo = Path(__file__).resolve().parents[1]
+    config = _json.loads((repo / "data" / "world" / "config.json").read_text())
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny"
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(model_dir)
+    for f in (repo / "data" / "world" / "tokenizer").iterdir():
+        shutil.copy(f, model_dir / f.name)
+    bench = write_jsonl(
+        tmp_path / "hand.jsonl",
+        [
+            {"id": "add", "problem": "What is 12 + 35?", "answer": "47"},
+            {"id": "frac", "problem": "Simplify 6/8.", "answer": "\\frac{3}{4}"},
+            {"id": "sq", "problem": "What is 9 squared?", "answer": "81"},
+        ],
+    )
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    done = subprocess.run(
+        [sys.executable, "-m", "questa_nemo.cli", "eval", f"model.hf_config={model_dir}", "model.params_dtype=fp32",
+         "model.attention=sdpa", "rollout.cuda_graphs=false", f"eval.checkpoints=[{model_dir}]", "eval.labels=[tiny]",
+         "eval.n_samples=2", "eval.ks=[1,2]", "eval.max_new_tokens=16", "reward.num_workers=1",
+         f"eval.output_dir={out}", f"eval.benchmarks=[{{name:hand,path:'{bench}',id_field:id}}]"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = _json.loads((out / "results.json").read_text())
+    hand = report["models"]["tiny"]["benchmarks"]["hand"]
+    assert hand["problems"] == 3 and hand["n_samples"] == 2
+    assert sum(hand["reasons"].values()) == 6  # every sample scored, with its reason
+    assert (out / "passk.png").exists() and (out / "tiny" / "hand.jsonl").exists()

@@ -121,7 +121,6 @@ def test_grpo_steps_raise_reward_on_a_learnable_task():
             success.append(metrics["reward/success"])
             assert metrics["actor/skipped_nonfinite"] == 0.0
         assert backend.version == 10
-        print("success per step", success)
         assert sum(success[-3:]) / 3 > sum(success[:3]) / 3 + 0.15, success
     finally:
         destroy_distributed()

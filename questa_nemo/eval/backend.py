@@ -22,9 +22,11 @@ def backend_for_checkpoint(cfg: Config, checkpoint: str, hf: dict | None = None)
     import torch
 
     from questa_nemo.ckpt.load import load_chunks
+    from questa_nemo.ckpt.runs import resolve_checkpoint
     from questa_nemo.model.parallel import init_distributed
     from questa_nemo.rollout import make_backend
 
+    checkpoint = resolve_checkpoint(checkpoint)  # a run folder stands for its newest checkpoint
     hf = hf or model_hf_config(cfg, checkpoint)
     if not torch.distributed.is_initialized():
         init_distributed(cfg.model)

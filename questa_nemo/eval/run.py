@@ -239,11 +239,11 @@ def write_report(
 
 def main(config_name: str, overrides: list[str], positional: list[str]) -> int:
     """Evaluate every checkpoint on every benchmark (resuming finished problems), then report."""
-    # The checkpoint -> GenerationBackend factory is the rollout module's; imported here so that everything
+    # The checkpoint -> GenerationBackend factory (eval/backend.py) builds a model; imported here so that everything
     # above depends on the GenerationBackend protocol only.
+    from questa_nemo.eval.backend import backend_for_checkpoint
     from questa_nemo.reward.extract import extract_answer
     from questa_nemo.reward.math import MathReward
-    from questa_nemo.eval.backend import backend_for_checkpoint
 
     cfg = load_config(config_name, overrides)
     e = cfg.eval

@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from questa_nemo.ckpt.runs import STATE_FILE, checkpoint_dirs
 from questa_nemo.config import Config
 from questa_nemo.train.async_rollouts import AsyncRollouts
 from questa_nemo.train.grpo import SyncRollouts, grpo_step
 from questa_nemo.train.metrics import MetricsLogger, PhaseTimer
 from questa_nemo.train.preempt import EXIT_PREEMPTED, PreemptionFlag
 from questa_nemo.train.prompts import PromptSource
-
-STATE_FILE = "run_state.json"
 
 
 @dataclass
@@ -56,17 +55,6 @@ def restore_rng(state: RunState) -> None:
 
 def _jsonable_numpy_state(state: dict) -> dict:
     return json.loads(json.dumps(state, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
-
-
-def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under run_dir/checkpoints, oldest first. Half-written ones never match: they live
-    under a temporary name until their final rename."""
-    root = run_dir / "checkpoints"
-    found = []
-    for p in root.glob("step_*") if root.exists() else []:
-        if p.name[5:].isdigit() and (p / STATE_FILE).exists():
-            found.append((int(p.name[5:]), p))
-    return sorted(found)
 
 
 class Checkpointer:
@@ -146,6 +134,7 @@ def fit(
     is_main: bool = True,
     hf_config: dict | None = None,
     tokenizer_dir: str | None = None,
+    preempt: PreemptionFlag | None = None,
 ) -> int:
     """Train `cfg.train.steps` GRPO steps into run_dir, resuming from its newest checkpoint. Returns 0 when
     done, EXIT_PREEMPTED after a preemption signal (checkpoint written)."""
@@ -165,7 +154,8 @@ def fit(
         backend.update_weights(state.version)
         print(f"[questa-nemo] resumed {run_dir} at step {state.step}", flush=True)
     logger = MetricsLogger(run_dir, cfg.train.log_tensorboard and is_main, resume_step=state.step) if is_main else None
-    preempt = PreemptionFlag()
+    own_flag = preempt is None
+    preempt = preempt or PreemptionFlag()
     bar = tqdm(
         total=cfg.train.steps, initial=state.step, desc=run_dir.name, disable=not (cfg.train.progress_bar and is_main),
         dynamic_ncols=True,
@@ -205,9 +195,10 @@ def fit(
                 loss=f"{metrics.get('actor/loss', math.nan):.4f}",
             )
             last = step == cfg.train.steps
-            if ckpt.due(step, last) or preempt.requested:
+            stop = preempt.agreed()
+            if ckpt.due(step, last) or stop:
                 ckpt.save(state)
-            if preempt.requested and not last:
+            if stop and not last:
                 print(f"[questa-nemo] {preempt.signal_name}: checkpoint at step {step} written; exiting for requeue",
                       flush=True)
                 return EXIT_PREEMPTED
@@ -215,7 +206,8 @@ def fit(
         if isinstance(rollouts, AsyncRollouts):  # stop the producer thread
             rollouts.close()
         bar.close()
-        preempt.restore()
+        if own_flag:
+            preempt.restore()
         if logger is not None:
             logger.close()
     if is_main:

@@ -1,6 +1,7 @@
 """Preemption: Slurm sends SIGUSR1 (`--signal=B:USR1@secs`, forwarded by the batch script) or SIGTERM before it
 kills a job. The handler only sets a flag; the loop finishes its step, writes a full checkpoint and exits with
-EXIT_PREEMPTED, which the batch script turns into `scontrol requeue`."""
+EXIT_PREEMPTED, which the batch script turns into `scontrol requeue`. One flag lives for the whole run
+(train/recipe.py), so a signal during model building, warm-up or evaluation is seen at the next stage boundary."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ class PreemptionFlag:
     def _handle(self, signum, frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Whether any rank was signalled: ranks see the signal at different steps, and all of them must
+        checkpoint at the same step (the save is collective)."""
+        import torch
+
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

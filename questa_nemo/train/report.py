@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from questa_nemo.ckpt.runs import latest_checkpoint
 from questa_nemo.eval.benchmarks import benchmark_key, load_benchmark
 from questa_nemo.eval.run import evaluate_all, write_report
 from questa_nemo.train.metrics import read_metrics
@@ -40,7 +41,6 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> None:
 
 def final_report(s, init: str | None, arms: dict[str, str], resources) -> dict:
     from questa_nemo.eval.backend import backend_for_checkpoint
-    from questa_nemo.train.recipe import final_checkpoint
 
     cfg = s.cfg
     run_dirs = {arm: s.run_dir / arm if arm else s.run_dir for arm in arms}
@@ -49,7 +49,7 @@ def final_report(s, init: str | None, arms: dict[str, str], resources) -> dict:
         checkpoints.append(init)
         labels.append("initial")
     for arm, run_dir in run_dirs.items():
-        final = final_checkpoint(run_dir)
+        final = latest_checkpoint(run_dir)
         if final is not None:
             checkpoints.append(str(final))
             labels.append(arm or "grpo")
