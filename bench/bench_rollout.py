@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shapes import QWEN25_1P5B, TINY_QWEN2  # noqa: E402
 
 from questa_nemo.config import ModelConfig  # noqa: E402
 from questa_nemo.model.convert import ModelShape, ShardLayout, megatron_to_hf  # noqa: E402
@@ -34,26 +37,10 @@ from questa_nemo.model.parallel import init_distributed  # noqa: E402
 from questa_nemo.rollout.base import SamplingParams  # noqa: E402
 from questa_nemo.rollout.megatron_engine import EngineOptions, MegatronBackend  # noqa: E402
 
-QWEN25_15B = dict(
-    hidden_size=1536,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    intermediate_size=8960,
-    vocab_size=151936,
-    max_position_embeddings=32768,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
-TINY = dict(
-    QWEN25_15B,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=128,
-    vocab_size=512,
-)
+# The rollout results in bench/results/rollout_h100.json were measured with tied embeddings (the earlier local
+# copy of this shape); ties change memory, not the decode arithmetic.
+QWEN25_15B = QWEN25_1P5B
+TINY = TINY_QWEN2
 
 
 def hf_config(tiny: bool) -> dict:

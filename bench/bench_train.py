@@ -42,30 +42,12 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-QWEN25_15B = dict(
-    model_type="qwen2",
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=131072,
-    rope_theta=1e6,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    hidden_act="silu",
-)
-TINY = {
-    **QWEN25_15B,
-    "vocab_size": 1000,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+from shapes import QWEN25_1P5B, TINY_QWEN2  # noqa: E402
+
+QWEN25_15B = QWEN25_1P5B
+TINY = {**TINY_QWEN2, "vocab_size": 1000}
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched on torch.cuda.get_device_name().
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0)]

@@ -133,6 +133,7 @@ def data_config(inputs: list[str], output_dir: str, ratios: list[float], seed: i
         hint_prefix=HINT_PREFIX,
         answer_leak="keep",  # sample_problem keeps the answer out of every earlier number: none occur
         seed=seed,
+        output_formats=["hf_disk", "jsonl"],  # JSONL: readable where `datasets` is not installed (GPU images)
     )
 
 

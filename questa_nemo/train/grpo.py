@@ -19,6 +19,7 @@ from questa_nemo.algo.loss import PolicyLossConfig, loss_config_from, policy_los
 from questa_nemo.config import Config
 from questa_nemo.model.packing import PackedMicroBatch, TokenSequence
 from questa_nemo.reward.types import RewardResult
+from questa_nemo.rollout import sampling_params
 from questa_nemo.rollout.base import Completion, GenerationBackend, SamplingParams
 from questa_nemo.train.metrics import PhaseTimer
 from questa_nemo.train.prompts import PromptRow, PromptSource
@@ -53,18 +54,6 @@ class StepData:
     hinted: torch.Tensor  # [N] bool: the prompt carried a hint
     completion_lengths: torch.Tensor  # [N] generated tokens
     stale: torch.Tensor  # [N] policy versions behind the trainer when sampled
-
-
-def sampling_params(cfg: Config, stop_token_ids: tuple[int, ...], seed: int) -> SamplingParams:
-    r = cfg.rollout
-    return SamplingParams(
-        n=r.n_samples,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        max_new_tokens=r.max_new_tokens,
-        stop_token_ids=stop_token_ids,
-        seed=seed,
-    )
 
 
 def step_seed(seed: int, step: int, attempt: int) -> int:
@@ -122,7 +111,7 @@ def collect_step(
     def draw() -> list[Group]:
         nonlocal attempt
         batch = source.next(cfg.train.prompts_per_step)[dp_rank::dp_size]
-        params = sampling_params(cfg, stop_token_ids, step_seed(cfg.train.seed, step, attempt) + dp_rank)
+        params = sampling_params(cfg.rollout, stop_token_ids, step_seed(cfg.train.seed, step, attempt) + dp_rank)
         attempt += 1
         # several waves per call: the engine refills finished slots from the queue (continuous batching)
         chunk = max(1, 4 * cfg.rollout.max_batch_sequences // cfg.rollout.n_samples)
