@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from questa_nemo.config import DataConfig, WorldConfig
-from questa_nemo.data.world import _write_jsonl, hard_lengths
+from questa_nemo.data.world import hard_lengths, write_jsonl
 
 NAMES = (
     ("Mia", "she", "her"),
@@ -233,7 +233,7 @@ def write_word_world(cfg: WorldConfig) -> dict[str, Path]:
     written: dict[str, Path] = {}
     for name, problems in sets.items():
         raw = out / "raw" / f"{name}.jsonl"
-        _write_jsonl(raw, openr1_rows(problems, name))
+        write_jsonl(raw, openr1_rows(problems, name))
         ratios = cfg.hint_ratios if name == "rl" else [0.0]
         build(data_config([str(raw)], str(out / name), ratios, cfg.seed))
         written[name] = out / name

@@ -191,7 +191,7 @@ def warmup_examples(
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
@@ -223,12 +223,12 @@ def write_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]
     written: dict[str, Path] = {}
     for name, problems in sets.items():
         raw = out / "raw" / f"{name}.jsonl"
-        _write_jsonl(raw, openr1_rows(problems, name, cfg))
+        write_jsonl(raw, openr1_rows(problems, name, cfg))
         ratios = cfg.hint_ratios if name == "rl" else [0.0]
         build(data_config(cfg, [str(raw)], str(out / name), ratios))
         written[name] = out / name
     examples = warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out)
-    _write_jsonl(out / "warmup.jsonl", (asdict(e) for e in examples))
+    write_jsonl(out / "warmup.jsonl", (asdict(e) for e in examples))
     written["warmup"] = out / "warmup.jsonl"
     return written
 
