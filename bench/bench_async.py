@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_grpo_step import make_config, pseudo_reward  # noqa: E402
-from shapes import QWEN25_1P5B, TINY_QWEN2  # noqa: E402
+from shapes import QWEN25_1P5B, TINY_QWEN2, write_result  # noqa: E402
 
 from questa_nemo.train.metrics import PhaseTimer  # noqa: E402
 from questa_nemo.train.prompts import PromptRow, PromptSource  # noqa: E402
@@ -139,17 +138,7 @@ def main() -> int:
     for m in modes[1:]:
         if sync and "mean_step_s_after_first" in m:
             m["speedup_vs_sync"] = sync / m["mean_step_s_after_first"]
-    result = {
-        "bench": "async_rollouts",
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "shape": "tiny" if args.tiny else "qwen2.5-1.5b",
-        "settings": vars(args),
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
-        "modes": modes,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, "async_rollouts", args.tiny, vars(args), modes=modes)
     return 0
 
 

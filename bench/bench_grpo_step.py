@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shapes import QWEN25_1P5B, TINY_QWEN2  # noqa: E402
+from shapes import QWEN25_1P5B, TINY_QWEN2, write_result  # noqa: E402
 
 from questa_nemo.config import Config  # noqa: E402
 from questa_nemo.reward.types import RewardResult  # noqa: E402
@@ -130,17 +129,7 @@ def main() -> int:
         record["train_tokens_per_s"] = record["trained_tokens"] / seconds["time/train_s"]
         records.append(record)
         print(json.dumps(record), flush=True)
-    result = {
-        "bench": "grpo_step",
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "shape": "tiny" if args.tiny else "qwen2.5-1.5b",
-        "settings": vars(args),
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
-        "steps": records,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, "grpo_step", args.tiny, vars(args), steps=records)
     return 0
 
 

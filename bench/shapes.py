@@ -1,4 +1,4 @@
-"""Model shapes the GPU benchmarks build with random weights.
+"""Model shapes the GPU benchmarks build with random weights, and the result file they all write.
 
 QWEN25_1P5B is the Qwen2.5 1.5B shape of the reference policy (OpenMath-Nemotron-1.5B): GQA 12 / 2 heads, q/k/v
 bias, SwiGLU 8960, 28 layers, vocab 151,936, RoPE theta 1e6, untied embeddings as issue 3 states. It is a
@@ -33,3 +33,25 @@ TINY_QWEN2 = {
     "vocab_size": 512,
     "max_position_embeddings": 4096,
 }
+
+
+def write_result(path: str, bench: str, tiny: bool, settings: dict, **payload) -> None:
+    """bench/results JSON: which benchmark, on which card (or CPU), at which shape and settings, then the data."""
+    import json
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    on_gpu = torch.cuda.is_available() and settings.get("device", "cuda") == "cuda"
+    result = {
+        "bench": bench,
+        "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+        "shape": "tiny" if tiny else "qwen2.5-1.5b",
+        "settings": settings,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+        **payload,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
