@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import torch
 
@@ -24,13 +25,16 @@ from questa_nemo.rollout.base import Completion, GenerationBackend, SamplingPara
 from questa_nemo.train.metrics import PhaseTimer
 from questa_nemo.train.prompts import PromptRow, PromptSource
 
+
+class RewardHandle(Protocol):
+    """What the loop needs of reward.pool.RewardHandle (and train.scoring.Done)."""
+
+    def result(self, timeout: float | None = None) -> list[RewardResult]: ...
+
+
 # (completion texts [N], the prompt row of each [N]) -> a handle whose .result() gives [N] RewardResults, so
 # scoring of one chunk runs in the reward workers while the next chunk generates.
-Scorer = Callable[[list[str], list[PromptRow]], "RewardHandleLike"]
-
-
-class RewardHandleLike:  # the one method the loop needs of reward.pool.RewardHandle
-    def result(self, timeout: float | None = None) -> list[RewardResult]: ...
+Scorer = Callable[[list[str], list[PromptRow]], RewardHandle]
 
 
 @dataclass
