@@ -125,12 +125,13 @@ def test_recipe_config_has_two_matched_arms_and_hint_free_passk(smollm2):  # noq
         "smollm2_world", [f"model.hf_config={smollm2.hf_dir}", f"model.checkpoint={smollm2.hf_dir}"]
     )
     assert set(cfg.train.arms) == {"hint", "no_hint"}
-    assert cfg.train.arms["hint"].endswith("rl/p50") and cfg.train.arms["no_hint"].endswith("rl/p0")
+    assert cfg.train.arms["hint"].endswith("rl/p50/train.jsonl")
+    assert cfg.train.arms["no_hint"].endswith("rl/p0/train.jsonl")
     assert cfg.world.hint_ratios == [50.0, 0.0] and not cfg.train.build_world_data
     assert (cfg.reward.kind, cfg.algo.advantage, cfg.model.params_dtype) == ("math", "grpo", "bf16")
     assert cfg.rollout.backend == "megatron" and cfg.rollout.cuda_graphs
     assert max(cfg.eval.ks) <= cfg.eval.n_samples and 8 in cfg.eval.ks
-    assert cfg.eval.benchmarks[0].path.endswith("eval/p0")
+    assert cfg.eval.benchmarks[0].path.endswith("eval/p0/train.jsonl")
     assert cfg.rollout.n_samples * cfg.train.prompts_per_step <= cfg.rollout.max_batch_sequences
 
 

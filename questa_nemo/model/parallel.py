@@ -64,11 +64,12 @@ def init_distributed(cfg: ModelConfig, timeout_minutes: int = 30) -> ParallelInf
     if on_gpu:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+        # A world of one process (no torchrun): a free local port, passed directly rather than through
+        # os.environ, so processes this one starts (tests, tools) never inherit a port already taken.
+        single = "MASTER_ADDR" not in os.environ
         torch.distributed.init_process_group(
             backend="nccl" if on_gpu else "gloo",
+            init_method=f"tcp://127.0.0.1:{_free_port()}" if single else None,
             rank=rank,
             world_size=world_size,
             timeout=timedelta(minutes=timeout_minutes),
