@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from questa_nemo.config import DataConfig, WorldConfig
-from questa_nemo.data.world import hard_lengths, write_jsonl
+from questa_nemo.data.world import distinct_problems, hard_lengths, write_jsonl
 
 NAMES = (
     ("Mia", "she", "her"),
@@ -180,19 +180,14 @@ def problem_set(
 ) -> list[WordProblem]:
     """Distinct problems, one per entry of `lengths`, none of whose text is in `exclude` (held-out sets).
     Seeded by (cfg.seed, name): the same call gives the same set."""
-    rng = random.Random(f"{cfg.seed}:word:{name}")
-    seen = set(exclude)
-    problems = []
-    for n in lengths:
-        for _ in range(1000):
-            problem = sample_problem(rng, n, cfg.modulus)
-            if problem.text() not in seen:
-                break
-        else:
-            raise ValueError(f"world.{name}: cannot draw that many distinct problems with {n} steps")
-        seen.add(problem.text())
-        problems.append(problem)
-    return problems
+    return distinct_problems(
+        random.Random(f"{cfg.seed}:word:{name}"),
+        lengths,
+        lambda rng, n: sample_problem(rng, n, cfg.modulus),
+        lambda problem: problem.text(),
+        exclude,
+        name,
+    )
 
 
 def openr1_rows(problems: list[WordProblem], name: str) -> list[dict]:

@@ -19,9 +19,10 @@ import json
 import os
 import random
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from questa_nemo.config import DataConfig, WorldConfig
 from questa_nemo.data import hints
@@ -31,6 +32,7 @@ OPERANDS = tuple(range(1, 10))
 SLOT_PAD = "_"  # an empty operation slot, two characters per slot
 SEPARATOR = "|"  # between the problem and the hint slot
 LENGTH_DECAY = 0.85  # warm-up draws chain length n with weight LENGTH_DECAY ** (n - 1)
+P = TypeVar("P")  # a problem type of one of the worlds
 _PROBLEM = re.compile(r"^(\d+)((?:[+\-*]\d)*)")
 
 
@@ -114,25 +116,43 @@ def sample_problem(rng: random.Random, n_ops: int, modulus: int = 100) -> WorldP
     return WorldProblem(start=rng.randrange(modulus), ops=ops, modulus=modulus)
 
 
+def distinct_problems(
+    rng: random.Random,
+    lengths: Iterable[int],
+    sample: Callable[[random.Random, int], P],
+    text: Callable[[P], str],
+    exclude: Collection[str],
+    name: str,
+) -> list[P]:
+    """One problem per entry of `lengths` (its number of steps), no two with the same text and none whose text
+    is in `exclude` (held-out sets). Shared by the small world and the word world."""
+    seen = set(exclude)
+    problems = []
+    for n in lengths:
+        for _ in range(1000):
+            problem = sample(rng, n)
+            if text(problem) not in seen:
+                break
+        else:
+            raise ValueError(f"world.{name}: cannot draw that many distinct problems with {n} steps")
+        seen.add(text(problem))
+        problems.append(problem)
+    return problems
+
+
 def problem_set(
     name: str, lengths: Iterable[int], cfg: WorldConfig, exclude: Collection[str] = ()
 ) -> list[WorldProblem]:
     """Distinct problems, one per entry of `lengths`, none of whose text is in `exclude` (held-out sets).
     Seeded by (cfg.seed, name): the same call gives the same set."""
-    rng = random.Random(f"{cfg.seed}:{name}")
-    seen = set(exclude)
-    problems = []
-    for n in lengths:
-        for _ in range(1000):
-            problem = sample_problem(rng, n, cfg.modulus)
-            text = problem.text(cfg.max_ops)
-            if text not in seen:
-                break
-        else:
-            raise ValueError(f"world.{name}: cannot draw that many distinct problems with {n} operations")
-        seen.add(text)
-        problems.append(problem)
-    return problems
+    return distinct_problems(
+        random.Random(f"{cfg.seed}:{name}"),
+        lengths,
+        lambda rng, n: sample_problem(rng, n, cfg.modulus),
+        lambda problem: problem.text(cfg.max_ops),
+        exclude,
+        name,
+    )
 
 
 def hard_lengths(count: int, cfg: WorldConfig, name: str) -> list[int]:
