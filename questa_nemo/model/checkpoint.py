@@ -90,6 +90,25 @@ def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
     return {f"chunk{i}": _bare(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
+def _shield_writer_manager() -> None:
+    """megatron's checkpoint writer keeps one spawned multiprocessing Manager for write results. Slurm's
+    pre-timeout SIGUSR1 reaches every process of the job step, and a spawned process dies of it (default
+    action) - mid-save, as the preemption save starts (seen in tests/test_slurm.py). Start that manager once
+    with SIGUSR1 ignored: a spawned child inherits SIG_IGN, and the trainer's own handler is put back."""
+    import signal
+    import threading
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def _save_strategy():
     """torch_dist, written fully in parallel over data-parallel replicas (each writes a share of the shards)."""
     strategy = get_default_save_sharded_strategy("torch_dist")
@@ -180,6 +199,7 @@ def _save(
 ) -> Path:
     final = Path(directory).absolute()
     tmp = _agreed_temp_dir(final)
+    _shield_writer_manager()
     try:
         model_sd = model_sharded_state_dict(model_chunks)
         dist_checkpointing.save(model_sd, str(tmp / "model"), sharded_strategy=_save_strategy())
