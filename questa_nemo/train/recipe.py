@@ -118,6 +118,7 @@ def prepare_world(s: Session) -> None:
 
 def warmup_stage(s: Session) -> Path:
     """Supervised warm-up into run_dir/warmup; returns its checkpoint (reused when already there)."""
+    from questa_nemo.eval.run import render_prompt
     from questa_nemo.model.checkpoint import save_checkpoint
     from questa_nemo.train.warmup import run_warmup
 
@@ -130,7 +131,7 @@ def warmup_stage(s: Session) -> Path:
     with open(Path(s.cfg.world.output_dir) / "warmup.jsonl") as f:
         for line in f:
             row = json.loads(line)
-            prompt = render(s.tokenizer, row["prompt"])
+            prompt = render_prompt(s.tokenizer, row["prompt"], "{problem}")
             target = s.tokenizer.encode(row["completion"], add_special_tokens=False) + [s.tokenizer.eos_token_id]
             examples.append((prompt, target))
     optim = OptimConfig(**{**s.cfg.optim.__dict__, "lr": w.lr, "warmup_ratio": 0.0})
@@ -143,23 +144,11 @@ def warmup_stage(s: Session) -> Path:
     return out
 
 
-def render(tokenizer, content: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                        tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "input_ids") else ids)
-
-
-def make_scorer(s: Session, resources: contextlib.ExitStack):
-    """(texts, prompt rows) -> handle with .result(): the world's exact check, or the math reward pool."""
-    from questa_nemo.train.scoring import make_train_scorer
-
-    return make_train_scorer(s.cfg.reward, resources)
-
-
 def grpo_stage(s: Session, arm: str, dataset: str, init: str | None, resources, preempt: PreemptionFlag) -> int:
     """GRPO on `dataset` from `init` into run_dir/<arm> (run_dir itself for a single run)."""
     from questa_nemo.train.loop import fit
     from questa_nemo.train.prompts import PromptSource, read_rows, tokenize_rows
+    from questa_nemo.train.scoring import make_train_scorer
     from questa_nemo.train.validation import make_validator
 
     cfg = s.cfg
@@ -174,7 +163,7 @@ def grpo_stage(s: Session, arm: str, dataset: str, init: str | None, resources, 
     source = PromptSource(rows, cfg.train.seed)
     policy = build_policy(s, cfg.optim, cfg.train.steps, init)
     backend = build_backend(s, policy)
-    scorer = make_scorer(s, resources)
+    scorer = make_train_scorer(cfg.reward, resources)
     evaluate = make_validator(s, backend, resources)
     s.log(f"[{arm or 'grpo'}] {len(rows)} prompts from {dataset}; {cfg.train.steps} steps into {run_dir}")
     return fit(
