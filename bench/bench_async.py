@@ -29,15 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_grpo_step import make_config, pseudo_reward  # noqa: E402
-from shapes import QWEN25_1P5B, TINY_QWEN2, write_result  # noqa: E402
+from bench_grpo_step import decode, make_config, pseudo_reward  # noqa: E402
+from shapes import QWEN25_1P5B, TINY_QWEN2, add_grpo_step_arguments, write_result  # noqa: E402
 
 from questa_nemo.train.metrics import PhaseTimer  # noqa: E402
 from questa_nemo.train.prompts import PromptRow, PromptSource  # noqa: E402
-
-
-def decode(ids: list[int]) -> str:
-    return " ".join(map(str, ids))
 
 
 def run_mode(args, shape: dict, hf_path: str, max_staleness: int) -> dict:
@@ -102,15 +98,7 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU smoke run)")
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=1024)
-    p.add_argument("--micro-batch-tokens", type=int, default=16384)
-    p.add_argument("--recompute", default="full", choices=("none", "full", "selective"))
-    p.add_argument("--steps", type=int, default=6, help="GRPO steps per mode; the first is a warm-up")
+    add_grpo_step_arguments(p, new_tokens=1024, steps=6)
     p.add_argument(
         "--staleness", type=int, nargs="+", default=[1, 4], help="async bounds to compare with sync"
     )

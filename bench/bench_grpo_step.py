@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shapes import QWEN25_1P5B, TINY_QWEN2, write_result  # noqa: E402
+from shapes import QWEN25_1P5B, TINY_QWEN2, add_grpo_step_arguments, write_result  # noqa: E402
 
 from questa_nemo.config import Config  # noqa: E402
 from questa_nemo.reward.types import RewardResult  # noqa: E402
@@ -55,17 +55,14 @@ def pseudo_reward(texts: list[str], rows: list[PromptRow]) -> Done:
     return Done([RewardResult(float(hash(t) % 2), "correct" if hash(t) % 2 else "wrong") for t in texts])
 
 
+def decode(ids: list[int]) -> str:
+    """Token ids as text: the pseudo reward only needs distinct completions to read distinctly."""
+    return " ".join(map(str, ids))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU smoke run)")
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=512)
-    p.add_argument("--micro-batch-tokens", type=int, default=16384)
-    p.add_argument("--recompute", default="full", choices=("none", "full", "selective"))
-    p.add_argument("--steps", type=int, default=3, help="GRPO steps; the first is a warm-up (graph capture)")
+    add_grpo_step_arguments(p, new_tokens=512, steps=3)
     p.add_argument("--out", default="bench/results/grpo_step.json")
     args = p.parse_args()
 
@@ -102,9 +99,6 @@ def main() -> int:
         for i in range(args.prompts * args.steps)
     ]
     source = PromptSource(rows, seed=1)
-
-    def decode(ids: list[int]) -> str:
-        return " ".join(map(str, ids))
 
     rollouts = SyncRollouts(cfg, source, backend, pseudo_reward, decode, ())
     records = []

@@ -55,3 +55,16 @@ def write_result(path: str, bench: str, tiny: bool, settings: dict, **payload) -
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def add_grpo_step_arguments(p, *, new_tokens: int, steps: int) -> None:
+    """The GRPO-step sizes shared by bench_grpo_step.py and bench_async.py (defaults differ per bench)."""
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU smoke run)")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=new_tokens)
+    p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--recompute", default="full", choices=("none", "full", "selective"))
+    p.add_argument("--steps", type=int, default=steps, help="GRPO steps; the first is a warm-up (graph capture)")
