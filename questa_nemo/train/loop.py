@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from questa_nemo.ckpt.runs import STATE_FILE, checkpoint_dirs
+from questa_nemo.ckpt.runs import STATE_FILE, checkpoint_dirs, latest_checkpoint
 from questa_nemo.config import Config
 from questa_nemo.train.async_rollouts import AsyncRollouts
 from questa_nemo.train.grpo import SyncRollouts, grpo_step
@@ -97,10 +97,6 @@ class Checkpointer:
             if step not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def latest(self) -> tuple[int, Path] | None:
-        found = checkpoint_dirs(self.run_dir)
-        return found[-1] if found else None
-
     def load(self, path: Path) -> RunState:
         from questa_nemo.model.checkpoint import load_checkpoint
 
@@ -147,9 +143,9 @@ def fit(
     ckpt = Checkpointer(run_dir, policy, t.save_every, t.recovery_every, t.keep_checkpoints, hf_config, tokenizer_dir,
                         is_main)
     state = RunState()
-    latest = ckpt.latest()
+    latest = latest_checkpoint(run_dir)
     if latest is not None:
-        state = ckpt.load(latest[1])
+        state = ckpt.load(latest)
         source.load_state_dict(state.source)
         backend.update_weights(state.version)
         print(f"[questa-nemo] resumed {run_dir} at step {state.step}", flush=True)
