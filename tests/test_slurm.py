@@ -220,6 +220,24 @@ def _arm_dirs(run_dir: Path) -> list[Path]:
     return [run_dir / arm for arm in arms] or [run_dir]
 
 
+def _start_requeued_now(job_id: str, env: dict[str, str]) -> None:
+    """Skip the begin-time delay Slurm gives a requeued job, once the node has let the old run go.
+
+    slurmd revokes the old run's credential at the requeue and refuses a new one created in that same second
+    ("Killing non-startable batch JobId=N: Job credential revoked", seen in CI when StartTime=now came within a
+    second); Slurm's own delay (about two minutes) is what normally avoids it. So: the node idle again (every
+    step of the old run ended), then more than a second past the requeue.
+    """
+    _wait(
+        lambda: subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip()
+        == "idle",
+        120,
+        "the node to be idle after the requeue",
+    )
+    time.sleep(2.0)
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env=env, check=True)
+
+
 def _saved_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
 
@@ -274,7 +292,7 @@ def test_pre_timeout_signal_saves_requeues_and_resumes_without_losing_a_step(tmp
     assert _saved_steps(stopped)[-1] == logged[-1], (
         "the checkpoint written on the signal must hold every step"
     )
-    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env=env, check=True)
+    _start_requeued_now(job_id, env)
     state = _wait(
         lambda: (
             _job(job_id, env).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
