@@ -94,21 +94,33 @@ def test_recompute_config_reaches_megatron():
     assert none.hidden_dropout == 0 and none.attention_dropout == 0
 
 
-def test_packed_sdpa_is_causal_within_segments_and_zero_on_padding():
+@pytest.mark.parametrize(
+    "lengths",
+    [[5, 6], [7, 7, 6, 1], [20, 2, 1]],  # batched (similar lengths), batched with a 1-token one, per segment
+)
+def test_packed_sdpa_is_causal_within_segments_and_zero_on_padding(lengths):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(12, 4, 8, generator=g)  # [t, heads, d]
-    k, v = torch.randn(12, 2, 8, generator=g), torch.randn(12, 2, 8, generator=g)  # 2 query groups
-    starts, lengths = [0, 5], [5, 6]  # row 11 is padding
+    t = sum(lengths) + 1  # the last row is padding
+    q = torch.randn(t, 4, 8, generator=g, requires_grad=True)  # [t, heads, d]
+    k = torch.randn(t, 2, 8, generator=g, requires_grad=True)  # 2 query groups
+    v = torch.randn(t, 2, 8, generator=g, requires_grad=True)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
     out = packed_causal_sdpa(q, k, v, starts, lengths, scale=8**-0.5)
+    expected = torch.zeros_like(out)
     for start, length in zip(starts, lengths):
         rows = slice(start, start + length)
         kk = k[rows].repeat_interleave(2, dim=1)  # GQA: query head i reads group i // 2
         vv = v[rows].repeat_interleave(2, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[rows], kk) * 8**-0.5
         scores = scores.masked_fill(torch.ones(length, length).triu(1).bool(), -torch.inf)
-        expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv)
-        torch.testing.assert_close(out[rows], expected, rtol=1e-5, atol=1e-6)
-    assert out[11].abs().max() == 0
+        expected[rows] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert out[-1].abs().max() == 0
+    weights = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bench_train_cpu_smoke(tmp_path):

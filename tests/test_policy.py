@@ -129,3 +129,40 @@ def test_warmup_then_constant_lr_and_skips_do_not_advance_it():
         assert lrs == [(False, OPTIM.lr / 2), (True, OPTIM.lr / 2), (False, OPTIM.lr), (False, OPTIM.lr)]
     finally:
         destroy_distributed()
+
+
+def test_padding_is_the_last_sequences_padded_extent_and_is_never_attended():
+    from questa_nemo.model.packing import TokenSequence, pack
+    from questa_nemo.model.policy import _packed_params
+
+    def seq(n):
+        zeros = torch.zeros(n)
+        return TokenSequence(torch.arange(n), torch.ones(n), zeros, zeros.clone())
+
+    full, mostly_padding, padding_only = pack([seq(6), seq(5), seq(2)], token_budget=8, min_micro_batches=3)
+    assert mostly_padding.cu_seqlens.tolist() == [0, 5, 8]  # 5 tokens, then a padding segment of 3
+    params = _packed_params(mostly_padding, torch.device("cpu"))
+    assert params.cu_seqlens_q.tolist() == params.cu_seqlens_kv.tolist() == [0, 5]  # attended: the sequence
+    assert params.cu_seqlens_q_padded.tolist() == [0, 8]  # laid out: the sequence and its padding
+    assert params.max_seqlen_q == 8
+    params = _packed_params(full, torch.device("cpu"))
+    assert params.cu_seqlens_q.tolist() == params.cu_seqlens_q_padded.tolist() == [0, 6, 8]
+    assert _packed_params(padding_only, torch.device("cpu")).cu_seqlens_q.tolist() == [0, 8]
+
+
+def test_step_loss_is_the_normalised_sum_whatever_the_callback_names_its_stats(policy):
+    """A callback may report a stat called "loss" (policy_loss does: the unnormalised token sum); the step's
+    loss stays sum(loss) / normaliser (it once had that stat added to it)."""
+    sequences = fixed_sequences()
+    micro_batches = policy.pack(sequences)
+    tokens = sum(float(s.loss_mask.sum()) for s in sequences)
+
+    def loss_with_a_loss_stat(logprobs, entropy, mb):
+        loss, stats = nll_loss(logprobs, entropy, mb)
+        return loss, {**stats, "loss": loss.detach()}
+
+    expected = policy.logprobs(micro_batches)
+    nll = -sum(float((lp * mb.loss_mask).sum()) for lp, mb in zip(expected.logprobs, micro_batches))
+    step = policy.train_step(micro_batches, loss_with_a_loss_stat, tokens)
+    assert step.loss == pytest.approx(nll / tokens, rel=1e-5)
+    assert step.metrics["loss"] == pytest.approx(nll, rel=1e-5)

@@ -2,8 +2,9 @@
 
 megatron-core's own fallback (`DotProductAttention`) materialises the [b, heads, s, s] score matrix and
 rejects packed sequences; SDPA runs flash / memory-efficient kernels on GPU, never builds the matrix, and
-handles GQA natively. Packed (THD) micro-batches are attended segment by segment from `cu_seqlens`, each
-segment causal on its own, so no [T, T] block-diagonal mask is ever built.
+handles GQA natively. Packed (THD) micro-batches are attended per segment from `cu_seqlens`, each segment
+causal on its own (segments of similar length batched into one call), so no [T, T] block-diagonal mask is
+ever built.
 """
 
 from __future__ import annotations
@@ -40,15 +41,39 @@ def packed_causal_sdpa(
 
     query: [t, heads, d]; key, value: [t, groups, d]; segment i is rows starts[i] : starts[i] + lengths[i].
     Rows outside every segment (padding) come back as zeros. Returns [t, heads, d].
+
+    Segments of similar length (many short rollouts) go through one batched SDPA call, right-padded to the
+    longest: under a causal mask a real row never sees the padding after it, so the result is exact. When
+    padding would more than double the rows (one long sequence among short ones) each segment is attended on
+    its own instead.
     """
+    segments = [(start, length) for start, length in zip(starts, lengths) if length > 0]
     out = torch.zeros_like(query)
-    for start, length in zip(starts, lengths):
-        if length == 0:
-            continue
+    if not segments:
+        return out
+    longest = max(length for _, length in segments)
+    if len(segments) * longest <= 2 * sum(length for _, length in segments):
+        return _batched_segments(query, key, value, segments, longest, scale, out)
+    for start, length in segments:
         rows = slice(start, start + length)
         # [len, h, d] -> [1, h, len, d]
         q, k, v = (x[rows].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
         out[rows] = causal_sdpa(q, k, v, scale).squeeze(0).transpose(0, 1)
+    return out
+
+
+def _batched_segments(query, key, value, segments, longest, scale, out):
+    """The segments gathered into [S, h, longest, d] (right-padded), one causal SDPA call, scattered back."""
+    offsets = torch.arange(longest, device=query.device)
+    starts = torch.tensor([s for s, _ in segments], device=query.device)
+    lengths = torch.tensor([n for _, n in segments], device=query.device)
+    valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # [S, longest]
+    # padded slots read row 0 (any real row would do): their outputs are dropped below
+    index = torch.where(valid, starts.unsqueeze(1) + offsets.unsqueeze(0), torch.zeros_like(valid, dtype=torch.long))
+    # [t, h, d] -> [S, longest, h, d] -> [S, h, longest, d]
+    q, k, v = (x[index].transpose(1, 2) for x in (query, key, value))
+    attended = causal_sdpa(q, k, v, scale).transpose(1, 2)  # [S, longest, h, d]
+    out[index[valid]] = attended[valid]
     return out
 
 

@@ -62,13 +62,25 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def _packed_params(mb: PackedMicroBatch, device: torch.device) -> PackedSeqParams:
-    cu = mb.cu_seqlens.to(device=device, dtype=torch.int32)
+    """THD params in the padded layout: the row's tail of padding belongs to the last sequence's padded extent
+    (`*_padded`, where RoPE and the layout find each sequence) but not to its length (`cu_seqlens_q/kv`, what
+    attention attends), so no attention is spent on it. It can be most of a micro-batch: every micro-batch of
+    a step is as long as the fullest one. A micro-batch of padding alone keeps it as a segment of its own."""
+    cu = mb.cu_seqlens.to(torch.int32)
+    n = len(mb.sequence_ids)
+    real = cu[: n + 1] if n else cu
+    padded = real.clone()
+    padded[-1] = cu[-1]
+    max_seqlen = int(padded.diff().max())
+    real, padded = real.to(device), padded.to(device)
     return PackedSeqParams(
         qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=mb.max_seqlen,
-        max_seqlen_kv=mb.max_seqlen,
+        cu_seqlens_q=real,
+        cu_seqlens_kv=real,
+        cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
     )
 
 
@@ -334,19 +346,21 @@ class MegatronPolicy:
             and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_context_parallel_rank() == 0
         )
-        local: dict[str, float] = {}
-        if contributes:
-            local["loss"] = sum(float(loss_sum) for loss_sum, _ in outputs) / normaliser
-            for _, stats in outputs:
-                for key, value in stats.items():
-                    local[key] = local.get(key, 0.0) + float(value)
-        gathered: list[dict[str, float] | None] = [None] * torch.distributed.get_world_size()
+        local: tuple[float, dict[str, float]] | None = None
+        if contributes:  # the loss apart from the callback's stats, which may have a "loss" of their own
+            stats: dict[str, float] = {}
+            for _, micro_batch_stats in outputs:
+                for key, value in micro_batch_stats.items():
+                    stats[key] = stats.get(key, 0.0) + float(value)
+            local = (sum(float(loss_sum) for loss_sum, _ in outputs) / normaliser, stats)
+        gathered: list[tuple[float, dict[str, float]] | None] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, local)
+        parts = [part for part in gathered if part is not None]
         total: dict[str, float] = {}
-        for part in gathered:
-            for key, value in (part or {}).items():
+        for _, stats in parts:
+            for key, value in stats.items():
                 total[key] = total.get(key, 0.0) + value
-        loss = total.pop("loss", float("nan"))
+        loss = sum(loss for loss, _ in parts) if parts else float("nan")
         return loss, total
 
     # ------------------------------------------------------------------------------------------ state
