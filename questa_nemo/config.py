@@ -69,7 +69,7 @@ class WorldConfig:
     rl_problems: int = 4000
     eval_problems: int = 500
     calib_problems_per_length: int = 100  # no-hint problems per chain length 1..max_ops (calibration set)
-    hint_ratios: list[float] = field(default_factory=lambda: [50.0, 0.0])  # RL sets written (p50 = floor(n/2) steps)
+    hint_ratios: list[float] = field(default_factory=lambda: [50.0, 0.0])  # RL sets written (p50: the first floor((n+1)/2) of n+1 lines)
     output_dir: str = "outputs/world"  # `questa-nemo world` writes raw/, rl/, eval/, calib/, warmup.jsonl here
     seed: int = 1
 
@@ -175,10 +175,15 @@ class OptimConfig:
 class WarmupConfig:
     """Supervised warm-up before RL (the embedded default needs one; the reference recipe does not)."""
 
-    steps: int = 0
+    steps: int = 0  # at most this many updates (all of them when stop_at_pass1 is null)
     batch_size: int = 64
     lr: float = 2e-3
     hint_fraction: float = 0.4
+    # Stop once the no-hint pass@1 on the calibration set's hard range reaches this, checked every check_every
+    # steps: the small world's learning turns sharply, so the RL start is picked by calibration, not by a
+    # step count (../shared/TOY_WORLD.md). null: run `steps`.
+    stop_at_pass1: float | None = None
+    check_every: int = 100
 
 
 @dataclass
@@ -417,6 +422,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key in ("steps", "prompts_per_step", "micro_batch_tokens", "save_every", "recovery_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}", "must be >= 1")
+    w = t.warmup
+    if w.steps < 0:
+        raise ConfigError("train.warmup.steps", "must be >= 0")
+    if w.stop_at_pass1 is not None:
+        if not 0 < w.stop_at_pass1 <= 1:
+            raise ConfigError("train.warmup.stop_at_pass1", "must be in (0, 1] or null")
+        if w.check_every < 1:
+            raise ConfigError("train.warmup.check_every", "must be >= 1")
+        if not t.build_world_data:
+            raise ConfigError("train.warmup.stop_at_pass1", "checks the small world's calibration set: needs "
+                              "train.build_world_data=true")
     if t.micro_batch_tokens < r.max_prompt_tokens + r.max_new_tokens:
         raise ConfigError(
             "train.micro_batch_tokens",

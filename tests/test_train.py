@@ -131,7 +131,8 @@ def test_embedded_default_runs_both_arms_and_reports(tmp_path):
     """Both arms of the embedded default, shortened: every stage runs and the run ends with its reports."""
     run = tmp_path / "run"
     done = subprocess.run(
-        train_cmd(run, "train.steps=3", "train.final_eval=true"),
+        train_cmd(run, "train.steps=3", "train.final_eval=true", "train.warmup.check_every=10",
+                  "train.warmup.stop_at_pass1=0.5"),
         env=env(), cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -141,7 +142,54 @@ def test_embedded_default_runs_both_arms_and_reports(tmp_path):
     for name in ("curves.png", "eval/passk.png", "eval/results.json", "warmup/calibration.json", "hint/DONE",
                  "no_hint/DONE"):
         assert (run / name).exists(), name
+    warmup = json.loads((run / "warmup" / "warmup.json").read_text())
+    checks = {int(step): value for step, value in warmup["hard_pass1_checks"].items()}
+    assert checks and set(checks) <= {10, 20}  # every check_every=10 steps, the last step excepted
+    stopped = max(checks) if checks[max(checks)] >= 0.5 else 30
+    assert len(warmup["nll"]) == warmup["steps"] == stopped
     hint = metrics(run / "hint" / "metrics.jsonl")
     assert [m["step"] for m in hint] == [1, 2, 3]
     assert all(m["reward/success_hinted"] >= 0 for m in hint)
     assert "reward/success_unhinted" in metrics(run / "no_hint" / "metrics.jsonl")[0]
+
+
+def test_warmup_stops_when_asked_and_only_at_its_checks():
+    from types import SimpleNamespace
+
+    from questa_nemo.train.warmup import run_warmup
+
+    class CountingPolicy:
+        def pack(self, sequences):
+            return sequences
+
+        def train_step(self, micro_batches, loss_fn, normaliser):
+            return SimpleNamespace(loss=1.0, skipped=False)
+
+    examples = [([1, 2], [3, 4])] * 8
+    asked = []
+
+    def stop(step):
+        asked.append(step)
+        return step >= 30
+
+    losses = run_warmup(CountingPolicy(), examples, 100, 4, seed=0, log=lambda m: None, stop=stop, check_every=10)
+    assert len(losses) == 30 and asked == [10, 20, 30]
+    asked.clear()
+    assert len(run_warmup(CountingPolicy(), examples, 25, 4, 0, lambda m: None, stop, 10)) == 25
+    assert asked == [10, 20]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.warmup.stop_at_pass1=1.5", "train.warmup.stop_at_pass1"),
+        ("train.warmup.check_every=0", "train.warmup.check_every"),
+        ("train.build_world_data=false", "train.warmup.stop_at_pass1"),
+        ("train.warmup.steps=-1", "train.warmup.steps"),
+    ],
+)
+def test_warmup_config_errors_name_the_key(override, key):
+    from questa_nemo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("default", [override])

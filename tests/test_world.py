@@ -37,18 +37,18 @@ def test_solution_arithmetic_is_right():
     for problem in random_problems(300):
         value = problem.start
         lines = problem.solution().split("\n")
-        assert len(lines) == len(problem.ops)
+        assert len(lines) == len(problem.ops) + 1
         for (op, operand), line in zip(problem.ops, lines):
             value = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % 100
-            assert line in (f"{value:02d}", "\\boxed{" + f"{value:02d}" + "}")
+            assert line == f"{value:02d}"
         assert problem.answer() == f"{value:02d}"
         assert lines[-1] == "\\boxed{" + problem.answer() + "}"
 
 
 def test_hand_worked_example():
     problem = world.WorldProblem(start=7, ops=(("+", 3), ("*", 7), ("-", 2), ("*", 9)))
-    assert problem.text(8) == "07+3*7-2*9__________"
-    assert problem.solution() == "10\n70\n68\n\\boxed{12}"  # 68 * 9 = 612
+    assert problem.text(8) == "07 +3 *7 -2 *9 __ __ __ __ __"
+    assert problem.solution() == "10\n70\n68\n12\n\\boxed{12}"  # 68 * 9 = 612
     assert world.count_ops(problem.text(8)) == 4
 
 
@@ -57,18 +57,41 @@ def test_problems_and_prompts_are_fixed_width():
     widths = set()
     for problem in random_problems(200):
         text, solution = problem.text(CFG.max_ops), problem.solution()
-        assert len(text) == 2 + 2 * (CFG.max_ops + 1)
+        assert len(text) == 2 + 3 * (CFG.max_ops + 1)
         for ratio in (0, 25, 50, 75):
             prompt, _ = hints.render_prompt(text, solution[: hints.hint_end(solution, ratio, "step")], fmt)
             widths.add(len(prompt))
-    assert widths == {2 + 2 * (CFG.max_ops + 1) + 1 + 3 * (CFG.max_ops - 1)}
+    assert widths == {2 + 3 * (CFG.max_ops + 1) + 1 + 3 * (CFG.max_ops - 1)}
 
 
-def test_a_50_percent_step_hint_is_the_first_half_of_the_steps():
+def test_operation_and_hint_of_each_step_sit_at_one_distance_from_its_line():
+    """What makes the world learnable by a RoPE model: for every step i, the operation of step i and the hint
+    slot's copy of line i lie the same number of characters before line i (the line before: 3 characters)."""
+    fmt = world.prompt_format(CFG)
+    problem = world.WorldProblem(start=7, ops=(("+", 3), ("*", 7), ("-", 2), ("*", 9), ("+", 1), ("-", 8)))
+    solution = problem.solution()
+    problem_text = problem.text(CFG.max_ops)
+    prompt, _ = hints.render_prompt(problem_text, solution[: hints.hint_end(solution, 100 * 5 / 7, "step")], fmt)
+    text = prompt + "?" + solution  # "?": the world chat template's generation prompt
+    slot = len(problem_text) + 1  # the hint slot, after "|"
+    op_distance, hint_distance = set(), set()
+    for i, (op, operand) in enumerate(problem.ops):
+        line = len(prompt) + 1 + 3 * i
+        operator = 2 + 3 * i + 1  # slot i is " " + operator + operand, after the two-digit start
+        assert text[operator : operator + 2] == f"{op}{operand}"
+        assert text[line : line + 3] == f"{problem.results[i]:02d}\n"
+        op_distance.add(line - operator)
+        if i < 5:  # the hinted lines
+            assert text[slot + 3 * i : slot + 3 * i + 3] == text[line : line + 3]
+            hint_distance.add(line - (slot + 3 * i))
+    assert len(op_distance) == 1 and len(hint_distance) == 1
+
+
+def test_a_50_percent_step_hint_is_the_first_half_of_the_lines():
     for problem in random_problems(200, seed=1):
         n, solution = len(problem.ops), problem.solution()
         hint = solution[: hints.hint_end(solution, 50, "step")]
-        assert hint == "".join(line + "\n" for line in solution.split("\n")[: n // 2])
+        assert hint == "".join(line + "\n" for line in solution.split("\n")[: (n + 1) // 2])
 
 
 def test_sequences_stay_under_100_characters():
@@ -80,7 +103,7 @@ def test_sequences_stay_under_100_characters():
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
     n_tokens = len(tokenizer(text + longest.solution() + EOS)["input_ids"])
-    assert n_tokens == 43 + 32
+    assert n_tokens == 52 + 35
 
 
 # ------------------------------------------------------------------------------------------- sets
@@ -111,7 +134,7 @@ def test_write_world_builds_every_set_through_the_pipeline(tmp_path):
         n = world.count_ops(row["prompt"])
         assert CFG.hard_min_ops <= n <= CFG.max_ops
         solution = raw[row["source_id"]]["generations"][0]
-        assert row["hint"] == "".join(line + "\n" for line in solution.split("\n")[: n // 2])
+        assert row["hint"] == "".join(line + "\n" for line in solution.split("\n")[: (n + 1) // 2])
         assert row["prompt"].startswith(raw[row["source_id"]]["problem"] + "|" + row["hint"])
         assert plain["hint"] == "" and plain["prompt"].endswith("|" + "_" * 21)
         assert world_reward(solution, row["answer"], n).reward == 1.0
@@ -133,7 +156,7 @@ def test_warmup_examples_follow_the_length_weights_and_hint_share():
     assert 0.3 < len(hinted) / len([e for e in examples if e.n_ops >= 2]) < 0.5
     for e in examples:
         lines = e.completion.split("\n")
-        assert len(lines) == e.n_ops and 0 <= e.hint_steps <= max(0, e.n_ops - 1)
+        assert len(lines) == e.n_ops + 1 and 0 <= e.hint_steps <= max(0, e.n_ops - 1)
         slot = e.prompt.split("|")[1]
         assert slot == "".join(x + "\n" for x in lines[: e.hint_steps]).ljust(21, "_")
 
@@ -192,12 +215,12 @@ def test_tokenizer_round_trips_and_renders_the_chat_template():
         text = problem.text(8) + "|_\n?" + problem.solution()
         ids = tokenizer(text)["input_ids"]
         assert len(ids) == len(text) and tokenizer.decode(ids) == text
-    messages = [{"role": "user", "content": "07+3__|___"}]
+    messages = [{"role": "user", "content": "07 +3 __|___"}]
     assert (
-        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "07+3__|___?"
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "07 +3 __|___?"
     )
     full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": "10"}], tokenize=False)
-    assert full == "07+3__|___?10" + EOS
+    assert full == "07 +3 __|___?10" + EOS
     assert tokenizer(EOS)["input_ids"] == [tokenizer.eos_token_id]
     config = json.loads((asset_dir() / "config.json").read_text())
     assert config["vocab_size"] % 8 == 0 and len(tokenizer) <= config["vocab_size"] < len(tokenizer) + 8
@@ -218,16 +241,16 @@ def test_policy_config_builds_a_034m_llama():
 @pytest.mark.parametrize(
     "completion, reward, reason",
     [
-        ("10\n70\n68\n\\boxed{12}", 1.0, "correct"),
-        ("10\n70\n68\n\\boxed{12}<|endoftext|>", 1.0, "correct"),
-        ("11\n70\n68\n\\boxed{12}\n", 1.0, "correct"),  # only the final answer is checked
-        ("10\n70\n68\n\\boxed{13}", 0.0, "wrong"),
+        ("10\n70\n68\n12\n\\boxed{12}", 1.0, "correct"),
+        ("10\n70\n68\n12\n\\boxed{12}<|endoftext|>", 1.0, "correct"),
+        ("11\n70\n68\n13\n\\boxed{12}\n", 1.0, "correct"),  # only the final answer is checked
+        ("10\n70\n68\n12\n\\boxed{13}", 0.0, "wrong"),
         ("10\n70\n68\n12", 0.0, "no_answer"),
         ("", 0.0, "no_answer"),
-        ("10\n70\n\\boxed{12}", 0.0, "bad_format"),  # one step short
-        ("10\n70\n68\n12\n\\boxed{12}", 0.0, "bad_format"),  # one step too many
-        ("10\nseventy\n68\n\\boxed{12}", 0.0, "bad_format"),
-        ("10\n70\n68\n\\boxed{12} and more", 0.0, "bad_format"),
+        ("10\n70\n68\n\\boxed{12}", 0.0, "bad_format"),  # one step short
+        ("10\n70\n68\n12\n12\n\\boxed{12}", 0.0, "bad_format"),  # one step too many
+        ("10\nseventy\n68\n12\n\\boxed{12}", 0.0, "bad_format"),
+        ("10\n70\n68\n12\n\\boxed{12} and more", 0.0, "bad_format"),
     ],
 )
 def test_world_reward_cases(completion, reward, reason):
@@ -237,9 +260,9 @@ def test_world_reward_cases(completion, reward, reason):
 
 
 def test_world_reward_rejects_a_bad_reference_and_scores_batches():
-    assert world_reward("\\boxed{1}", "x", 1).reason == "parse_error"
+    assert world_reward("01\n\\boxed{1}", "x", 1).reason == "parse_error"
     results = world_rewards(
-        ["\\boxed{05}", "\\boxed{5}", "\\boxed{6}"], ["05", "\\boxed{05}", "05"], [1, 1, 1]
+        ["05\n\\boxed{05}", "05\n\\boxed{5}", "06\n\\boxed{6}"], ["05", "\\boxed{05}", "05"], [1, 1, 1]
     )
     assert [r.reason for r in results] == ["correct", "correct", "wrong"]
     with pytest.raises(ValueError):

@@ -1,16 +1,23 @@
 """The embedded default's small world: chains of arithmetic mod 100, in OpenR1's row shape.
 
 A problem is a start value and n <= N operations from {+, -, *} with operands 1..9, all mod 100. Its solution is
-one line per step holding that step's result, zero-padded to two digits, the last line boxed:
+one line per step holding that step's result, zero-padded to two digits, then the result boxed:
 
-    problem  "07+3*7-2____________"   start, n ops, "__" up to N + 1 slots (one spare: a full row is no cliff)
-    solution "10\n70\n\\boxed{68}"     n lines: a "50% hint" (step cut) is the first floor(n / 2) lines
+    problem  "07 +3 *7 -2 __ __ __ __ __ __"   start, n ops, " __" up to N + 1 slots (one spare: no cliff at n = N)
+    solution "10\n70\n68\n\\boxed{68}"          n result lines + the boxed answer
 
-Rows go through the same build pipeline as real data (cut_mode=step), with a prompt format that keeps every
-prompt the same width: problem + "|" + hint slot padded with "_" to (N - 1) steps. The chat template of the
-world tokenizer adds "?" as the generation prompt; the model then writes the full solution (hinted lines
-copied) and <|endoftext|>. For N = 8 the longest sequence is 43 prompt + 32 completion characters.
-Why this format: ../shared/TOY_WORLD.md (fixed-width prompts, hints inside the prompt, one spare op slot).
+Rows go through the same build pipeline as real data (cut_mode=step: a solution has n + 1 lines, so a "50%
+hint" is its first floor((n + 1) / 2) result lines), with a prompt format that keeps every prompt the same
+width: problem + "|" + hint slot padded with "_" to (N - 1) lines. The chat template of the world tokenizer adds
+"?" as the generation prompt; the model then writes the full solution (hinted lines copied) and <|endoftext|>.
+For N = 8 the longest sequence is 52 prompt + 35 completion tokens (characters).
+
+Why this format (../shared/TOY_WORLD.md has the prototypes' lessons: fixed-width prompts, hints inside the
+prompt, one spare op slot): an operation slot is as wide as a result line (3 characters), so the operation of
+step i, the hinted copy of line i and the line before it all sit at the same distance from where line i is
+written, whatever i is. A RoPE model then learns one relative lookup for every step. With 2-character slots the
+distance changed with i and the tiny model learned far slower: on the same budget (1,400 warm-up steps of the
+3-layer model, plain PyTorch) greedy exact match at n = 8 was 0.00 with 2-character slots and 0.47 with these.
 """
 
 from __future__ import annotations
@@ -29,11 +36,11 @@ from questa_nemo.data import hints
 
 OPERATORS = ("+", "-", "*")
 OPERANDS = tuple(range(1, 10))
-SLOT_PAD = "_"  # an empty operation slot, two characters per slot
+EMPTY_SLOT = " __"  # an operation slot is " " + operator + operand: as wide as a result line "dd\n"
 SEPARATOR = "|"  # between the problem and the hint slot
 LENGTH_DECAY = 0.85  # warm-up draws chain length n with weight LENGTH_DECAY ** (n - 1)
 P = TypeVar("P")  # a problem type of one of the worlds
-_PROBLEM = re.compile(r"^(\d+)((?:[+\-*]\d)*)")
+_PROBLEM = re.compile(r"^(\d+)((?: [+\-*]\d)*)")
 
 
 @dataclass(frozen=True)
@@ -64,16 +71,15 @@ class WorldProblem:
         """Fixed-width problem: start and max_ops + 1 operation slots."""
         if len(self.ops) > max_ops:
             raise ValueError(f"{len(self.ops)} operations do not fit max_ops={max_ops}")
-        ops = "".join(f"{op}{operand}" for op, operand in self.ops)
-        return f"{self.start:0{self.width}d}" + ops + SLOT_PAD * 2 * (max_ops + 1 - len(self.ops))
+        ops = "".join(f" {op}{operand}" for op, operand in self.ops)
+        return f"{self.start:0{self.width}d}" + ops + EMPTY_SLOT * (max_ops + 1 - len(self.ops))
 
     def answer(self) -> str:
         return f"{self.results[-1]:0{self.width}d}"
 
     def solution(self) -> str:
-        """One line per step; the last one boxed."""
-        lines = [f"{r:0{self.width}d}" for r in self.results[:-1]]
-        return "\n".join([*lines, "\\boxed{" + self.answer() + "}"])
+        """One line per step, then the last result boxed."""
+        return "".join(f"{r:0{self.width}d}\n" for r in self.results) + "\\boxed{" + self.answer() + "}"
 
 
 def count_ops(text: str) -> int:
@@ -81,7 +87,7 @@ def count_ops(text: str) -> int:
     m = _PROBLEM.match(text)
     if m is None:
         raise ValueError(f"not a world problem: {text[:40]!r}")
-    return len(m.group(2)) // 2
+    return len(m.group(2)) // len(EMPTY_SLOT)
 
 
 def prompt_format(cfg: WorldConfig) -> hints.PromptFormat:

@@ -1,5 +1,5 @@
-"""Reward of the small world (questa_nemo/data/world.py): 1 when the completion has exactly one line per step,
-every line but the last a number and the last `\\boxed{<number>}`, and the boxed number is the reference result.
+"""Reward of the small world (questa_nemo/data/world.py): 1 when the completion has exactly one number line per
+step followed by one `\\boxed{<number>}` line, and the boxed number is the reference result.
 Intermediate results are not checked (as in ../shared/TOY_WORLD.md): the final answer decides, the line count
 keeps the format honest.
 """
@@ -34,7 +34,7 @@ def world_reward(completion: str, reference_answer: str, n_steps: int) -> Reward
         return RewardResult(0.0, NO_ANSWER)
     lines = text.split("\n")
     well_formed = (
-        len(lines) == n_steps
+        len(lines) == n_steps + 1
         and all(_STEP.fullmatch(line) for line in lines[:-1])
         and _BOXED.fullmatch(lines[-1]) is not None
     )

@@ -69,10 +69,11 @@ def open_session(cfg: Config) -> Session:
 
     from questa_nemo.model.parallel import init_distributed
 
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        # One intra-op thread on CPU unless asked otherwise: with the reward workers and data loading beside
-        # it, torch's spinning thread pool on an oversubscribed 2-core machine ran a step 40x slower (10.6 s
-        # against 0.27 s, measured on the embedded default's warm-up step).
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ and cfg.reward.kind != "world":
+        # One intra-op thread on CPU beside the math reward's worker processes, unless asked otherwise: torch's
+        # spinning thread pool on an oversubscribed 2-core machine ran a step 40x slower (10.6 s against
+        # 0.27 s). The small world scores inline, so its runs keep every core (warm-up step 0.34 s on 2
+        # threads against 0.49 s on 1, measured on a 2-core VM).
         torch.set_num_threads(1)
     hf_path, tokenizer_dir = model_source(cfg)
     hf = read_hf_config(hf_path)
@@ -120,6 +121,7 @@ def warmup_stage(s: Session) -> Path:
     """Supervised warm-up into run_dir/warmup; returns its checkpoint (reused when already there)."""
     from questa_nemo.eval.run import render_prompt
     from questa_nemo.model.checkpoint import save_checkpoint
+    from questa_nemo.train.validation import warmup_stopper
     from questa_nemo.train.warmup import run_warmup
 
     w = s.cfg.train.warmup
@@ -136,10 +138,14 @@ def warmup_stage(s: Session) -> Path:
             examples.append((prompt, target))
     optim = OptimConfig(**{**s.cfg.optim.__dict__, "lr": w.lr, "warmup_ratio": 0.0})
     policy = build_policy(s, optim, w.steps, s.cfg.model.checkpoint)
-    losses = run_warmup(policy, examples, w.steps, w.batch_size, s.cfg.train.seed, log=s.log)
-    save_checkpoint(policy, out, step=w.steps, hf_config=s.hf, tokenizer_dir=s.tokenizer_dir)
+    checks: dict[int, float] = {}  # step -> hard no-hint pass@1, when the warm-up stops by calibration
+    stop = warmup_stopper(s, policy, checks) if w.stop_at_pass1 is not None else None
+    losses = run_warmup(policy, examples, w.steps, w.batch_size, s.cfg.train.seed, log=s.log, stop=stop,
+                        check_every=w.check_every)
+    save_checkpoint(policy, out, step=len(losses), hf_config=s.hf, tokenizer_dir=s.tokenizer_dir)
     if s.is_main:  # written after the checkpoint: its presence marks the warm-up as done
-        (out.parent / "warmup.json").write_text(json.dumps({"steps": w.steps, "nll": losses}) + "\n")
+        record = {"steps": len(losses), "nll": losses, "hard_pass1_checks": checks}
+        (out.parent / "warmup.json").write_text(json.dumps(record) + "\n")
     torch.distributed.barrier()
     return out
 

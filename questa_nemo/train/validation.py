@@ -8,7 +8,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from questa_nemo.eval.benchmarks import BenchmarkRow, load_benchmark
+from questa_nemo.data.world import count_ops
+from questa_nemo.eval.benchmarks import BenchmarkRow, load_benchmark, read_records
 from questa_nemo.eval.passk import pass_at_k_over_problems
 from questa_nemo.eval.run import evaluate, math_scorer, score_world
 from questa_nemo.rollout.base import SamplingParams
@@ -72,32 +73,63 @@ def make_validator(s, backend, resources) -> Callable[[int], dict[str, float]] |
     return validate
 
 
-def calibrate(s, weights: str) -> dict[str, float]:
-    """No-hint pass@1 per chain length on the small world's calibration set; printed and saved beside the
-    warm-up checkpoint. Returns {n: pass@1}; empty when the run has no small world."""
-    from questa_nemo.data.world import count_ops
-    from questa_nemo.eval.benchmarks import read_records
-
-    out = Path(s.run_dir) / "warmup" / "calibration.json"
-    if out.exists():
-        table = json.loads(out.read_text())
-        s.log("[calibration] " + " ".join(f"n={n}:{v:.2f}" for n, v in table.items()))
-        return table
+def calibration_rows(s) -> list[BenchmarkRow]:
+    """The small world's calibration set (no hint, calib_problems_per_length per chain length); [] when the
+    run has no small world."""
     folder = Path(s.cfg.world.output_dir) / "calib" / "p0"
     if not folder.exists():
-        return {}
-    from questa_nemo.eval.backend import backend_for_checkpoint
+        return []
+    return [BenchmarkRow(str(r["id"]), r["prompt"], r["answer"]) for r in read_records(folder, "train")]
 
-    records = read_records(folder, "train")
-    rows = [BenchmarkRow(str(r["id"]), r["prompt"], r["answer"]) for r in records]
-    backend = backend_for_checkpoint(s.cfg, weights, s.hf)
+
+def pass_by_length(s, backend, rows: list[BenchmarkRow]) -> dict[int, float]:
+    """No-hint pass@1 per chain length of `rows` (train.validation_samples samples each)."""
     params = eval_sampling(s, s.cfg.train.validation_samples, s.cfg.eval.seed)
     results = evaluate(backend, s.tokenizer, rows, params, score_world, answer_extractor(s),
                        s.cfg.eval.prompt_template, s.cfg.eval.problems_per_batch)
     by_length: dict[int, list] = {}
     for row, result in zip(rows, results):
         by_length.setdefault(count_ops(row.problem), []).append(result)
-    table = {str(n): pass_metrics(rs, "", (1,))["pass@1"] for n, rs in sorted(by_length.items())}
+    return {n: pass_metrics(rs, "", (1,))["pass@1"] for n, rs in sorted(by_length.items())}
+
+
+def warmup_stopper(s, policy, checks: dict[int, float]) -> Callable[[int], bool]:
+    """For run_warmup: the policy's no-hint pass@1 on the calibration set's hard range (n >= hard_min_ops),
+    sampled on its live weights; True once it reaches train.warmup.stop_at_pass1. Records step -> pass@1 in
+    `checks`."""
+    from questa_nemo.rollout import make_backend
+
+    hard = [r for r in calibration_rows(s) if count_ops(r.problem) >= s.cfg.world.hard_min_ops]
+    if not hard:
+        raise ValueError(f"train.warmup.stop_at_pass1: no hard problems in {s.cfg.world.output_dir}/calib")
+    backend = make_backend(s.cfg.rollout, policy=policy.modules[0], vocab_size=s.vocab_size)
+    target = s.cfg.train.warmup.stop_at_pass1
+
+    def stop(step: int) -> bool:
+        table = pass_by_length(s, backend, hard)
+        value = sum(table.values()) / len(table)  # every hard length has the same number of problems
+        checks[step] = value
+        s.log(f"[warm-up] step {step}: hard no-hint pass@1 {value:.3f} (stop at {target})")
+        return value >= target
+
+    return stop
+
+
+def calibrate(s, weights: str) -> dict[str, float]:
+    """No-hint pass@1 per chain length on the small world's calibration set; printed and saved beside the
+    warm-up checkpoint. Returns {n: pass@1}; empty when the run has no small world."""
+    out = Path(s.run_dir) / "warmup" / "calibration.json"
+    if out.exists():
+        table = json.loads(out.read_text())
+        s.log("[calibration] " + " ".join(f"n={n}:{v:.2f}" for n, v in table.items()))
+        return table
+    rows = calibration_rows(s)
+    if not rows:
+        return {}
+    from questa_nemo.eval.backend import backend_for_checkpoint
+
+    backend = backend_for_checkpoint(s.cfg, weights, s.hf)
+    table = {str(n): v for n, v in pass_by_length(s, backend, rows).items()}
     if s.is_main:
         out.write_text(json.dumps(table, indent=1) + "\n")
     s.log("[calibration] no-hint pass@1 by chain length: " + " ".join(f"n={n}:{v:.2f}" for n, v in table.items()))

@@ -5,6 +5,7 @@ negative log-likelihood of the solution tokens, through the same policy.train_st
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -29,9 +30,17 @@ def nll_loss(logprobs: torch.Tensor, entropy: torch.Tensor, mb: PackedMicroBatch
 
 
 def run_warmup(
-    policy, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, seed: int, log=print
+    policy,
+    examples: list[tuple[list[int], list[int]]],
+    steps: int,
+    batch_size: int,
+    seed: int,
+    log=print,
+    stop: Callable[[int], bool] | None = None,
+    check_every: int = 0,
 ) -> list[float]:
-    """`steps` updates on batches drawn from `examples` [(prompt_ids, target_ids)]; returns the loss curve."""
+    """Up to `steps` updates on batches drawn from `examples` [(prompt_ids, target_ids)]; with `stop`, asked
+    every `check_every` steps whether to end here. Returns the loss curve (one value per update made)."""
     rng = np.random.default_rng(seed)
     losses = []
     for step in range(1, steps + 1):
@@ -45,4 +54,6 @@ def run_warmup(
             log(f"[warm-up] step {step}/{steps} nll {stats.loss:.4f}" + (" (skipped)" if stats.skipped else ""))
         if not math.isfinite(stats.loss):
             log(f"[warm-up] step {step}: non-finite loss, update skipped")
+        if stop is not None and step % check_every == 0 and step < steps and stop(step):
+            break
     return losses
