@@ -406,7 +406,7 @@ def test_small_world_end_to_end_with_its_tokenizer_and_reward(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     problems = [WorldProblem(5, (("+", 3), ("*", 2))), WorldProblem(7, (("-", 9), ("+", 1), ("*", 3)))]
     rows = [BenchmarkRow(str(i), p.text(8) + "|" + "_" * 21, p.answer()) for i, p in enumerate(problems)]
-    solutions = {rows[0].problem: problems[0].solution(), rows[1].problem: "98\n99\n\\boxed{96}"}
+    solutions = {rows[0].problem: problems[0].solution(), rows[1].problem: "98\n99\n96\n\\boxed{96}"}
 
     class WorldBackend(ScriptedBackend):
         def generate(self, prompts, params):
