@@ -69,7 +69,8 @@ class WorldConfig:
     rl_problems: int = 4000
     eval_problems: int = 500
     calib_problems_per_length: int = 100  # no-hint problems per chain length 1..max_ops (calibration set)
-    hint_ratios: list[float] = field(default_factory=lambda: [50.0, 0.0])  # RL sets written (p50: the first floor((n+1)/2) of n+1 lines)
+    # RL sets written; p50 holds the first floor((n + 1) / 2) of a solution's n + 1 lines
+    hint_ratios: list[float] = field(default_factory=lambda: [50.0, 0.0])
     output_dir: str = "outputs/world"  # `questa-nemo world` writes raw/, rl/, eval/, calib/, warmup.jsonl here
     seed: int = 1
 
@@ -179,9 +180,9 @@ class WarmupConfig:
     batch_size: int = 64
     lr: float = 2e-3
     hint_fraction: float = 0.4
-    # Stop once the no-hint pass@1 on the calibration set's hard range reaches this, checked every check_every
-    # steps: the small world's learning turns sharply, so the RL start is picked by calibration, not by a
-    # step count (../shared/TOY_WORLD.md). null: run `steps`.
+    # Stop once the pass@1 of the calibration set's hard problems with the RL hint reaches this, checked every
+    # check_every steps: the small world's learning turns sharply, so the RL start is picked by calibration,
+    # not by a step count (../shared/TOY_WORLD.md). null: run `steps`.
     stop_at_pass1: float | None = None
     check_every: int = 100
 

@@ -143,9 +143,10 @@ def test_embedded_default_runs_both_arms_and_reports(tmp_path):
                  "no_hint/DONE"):
         assert (run / name).exists(), name
     warmup = json.loads((run / "warmup" / "warmup.json").read_text())
-    checks = {int(step): value for step, value in warmup["hard_pass1_checks"].items()}
+    checks = {int(step): value for step, value in warmup["pass1_checks"].items()}
     assert checks and set(checks) <= {10, 20}  # every check_every=10 steps, the last step excepted
-    stopped = max(checks) if checks[max(checks)] >= 0.5 else 30
+    assert all(set(c) == {"hinted", "no_hint"} and 0 <= c["hinted"] <= 1 for c in checks.values())
+    stopped = max(checks) if checks[max(checks)]["hinted"] >= 0.5 else 30
     assert len(warmup["nll"]) == warmup["steps"] == stopped
     hint = metrics(run / "hint" / "metrics.jsonl")
     assert [m["step"] for m in hint] == [1, 2, 3]

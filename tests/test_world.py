@@ -125,6 +125,9 @@ def test_write_world_builds_every_set_through_the_pipeline(tmp_path):
     bare = datasets.load_from_disk(str(out["rl"] / "p0"))["train"].to_list()
     evaluation = datasets.load_from_disk(str(out["eval"] / "p0"))["train"].to_list()
     calib = datasets.load_from_disk(str(out["calib"] / "p0"))["train"].to_list()
+    hinted_calib = datasets.load_from_disk(str(out["calib"] / "p50"))["train"].to_list()
+    assert [r["source_id"] for r in hinted_calib] == [r["source_id"] for r in calib]
+    assert all(r["hint"] for r in hinted_calib if world.count_ops(r["prompt"]) >= 2)
     assert (len(rl), len(bare), len(evaluation), len(calib)) == (120, 120, 40, 5 * CFG.max_ops)
     raw = {
         json.loads(x)["uuid"]: json.loads(x)

@@ -3,7 +3,7 @@
 A problem is a start value and n <= N operations from {+, -, *} with operands 1..9, all mod 100. Its solution is
 one line per step holding that step's result, zero-padded to two digits, then the result boxed:
 
-    problem  "07 +3 *7 -2 __ __ __ __ __ __"   start, n ops, " __" up to N + 1 slots (one spare: no cliff at n = N)
+    problem  "07 +3 *7 -2 __ __ __ __ __ __"   start, n ops, " __" up to N + 1 slots (one spare)
     solution "10\n70\n68\n\\boxed{68}"          n result lines + the boxed answer
 
 Rows go through the same build pipeline as real data (cut_mode=step: a solution has n + 1 lines, so a "50%
@@ -14,7 +14,7 @@ For N = 8 the longest sequence is 52 prompt + 35 completion tokens (characters).
 
 Why this format (../shared/TOY_WORLD.md has the prototypes' lessons: fixed-width prompts, hints inside the
 prompt, one spare op slot): an operation slot is as wide as a result line (3 characters), so the operation of
-step i, the hinted copy of line i and the line before it all sit at the same distance from where line i is
+step i, the hinted copy of line i and the line before it each sit at one fixed distance from where line i is
 written, whatever i is. A RoPE model then learns one relative lookup for every step. With 2-character slots the
 distance changed with i and the tiny model learned far slower: on the same budget (1,400 warm-up steps of the
 3-layer model, plain PyTorch) greedy exact match at n = 8 was 0.00 with 2-character slots and 0.47 with these.
@@ -231,7 +231,8 @@ def write_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]
     raw/{rl,eval,calib}.jsonl   OpenR1-shaped rows (the pipeline's inputs)
     rl/p<ratio>/                RL prompts of the hard range, one DatasetDict per cfg.hint_ratios
     eval/p0/                    held-out hard problems, no hint
-    calib/p0/                   calib_problems_per_length per n = 1..max_ops, no hint (calibration)
+    calib/p<ratio>/             calib_problems_per_length per n = 1..max_ops, without a hint (p0: the calibration
+                                table) and with each hint ratio of the RL sets (what the warm-up's stop checks)
     warmup.jsonl                supervised warm-up examples (WarmupExample fields)
     """
     from questa_nemo.data.build import build
@@ -250,8 +251,8 @@ def write_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]
     for name, problems in sets.items():
         raw = out / "raw" / f"{name}.jsonl"
         write_jsonl(raw, openr1_rows(problems, name, cfg))
-        ratios = cfg.hint_ratios if name == "rl" else [0.0]
-        build(data_config(cfg, [str(raw)], str(out / name), ratios))
+        ratios = {"eval": [0.0], "calib": [0.0, *(r for r in cfg.hint_ratios if r > 0)], "rl": cfg.hint_ratios}
+        build(data_config(cfg, [str(raw)], str(out / name), ratios[name]))
         written[name] = out / name
     examples = warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out)
     write_jsonl(out / "warmup.jsonl", (asdict(e) for e in examples))

@@ -69,7 +69,7 @@ def _batched_segments(query, key, value, segments, longest, scale, out):
     lengths = torch.tensor([n for _, n in segments], device=query.device)
     valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # [S, longest]
     # padded slots read row 0 (any real row would do): their outputs are dropped below
-    index = torch.where(valid, starts.unsqueeze(1) + offsets.unsqueeze(0), torch.zeros_like(valid, dtype=torch.long))
+    index = torch.where(valid, starts.unsqueeze(1) + offsets.unsqueeze(0), torch.zeros_like(starts).unsqueeze(1))
     # [t, h, d] -> [S, longest, h, d] -> [S, h, longest, d]
     q, k, v = (x[index].transpose(1, 2) for x in (query, key, value))
     attended = causal_sdpa(q, k, v, scale).transpose(1, 2)  # [S, longest, h, d]

@@ -138,13 +138,13 @@ def warmup_stage(s: Session) -> Path:
             examples.append((prompt, target))
     optim = OptimConfig(**{**s.cfg.optim.__dict__, "lr": w.lr, "warmup_ratio": 0.0})
     policy = build_policy(s, optim, w.steps, s.cfg.model.checkpoint)
-    checks: dict[int, float] = {}  # step -> hard no-hint pass@1, when the warm-up stops by calibration
+    checks: dict[int, dict[str, float]] = {}  # step -> hard pass@1 with and without hints (stop by calibration)
     stop = warmup_stopper(s, policy, checks) if w.stop_at_pass1 is not None else None
     losses = run_warmup(policy, examples, w.steps, w.batch_size, s.cfg.train.seed, log=s.log, stop=stop,
                         check_every=w.check_every)
     save_checkpoint(policy, out, step=len(losses), hf_config=s.hf, tokenizer_dir=s.tokenizer_dir)
     if s.is_main:  # written after the checkpoint: its presence marks the warm-up as done
-        record = {"steps": len(losses), "nll": losses, "hard_pass1_checks": checks}
+        record = {"steps": len(losses), "nll": losses, "pass1_checks": checks}
         (out.parent / "warmup.json").write_text(json.dumps(record) + "\n")
     torch.distributed.barrier()
     return out
