@@ -1,6 +1,6 @@
-"""Evaluation inside a run: the calibration table after the warm-up (no-hint pass rate per chain length, which
-should fall off smoothly; a cliff means a format problem) and periodic validation during GRPO on the first
-eval benchmark, without hints."""
+"""Evaluation inside a run: the warm-up's stop (hard calibration problems with and without hints), the
+calibration table after the warm-up (no-hint pass rate per chain length, which should fall off smoothly; a
+cliff means a format problem) and periodic validation during GRPO on the first eval benchmark, without hints."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from questa_nemo.data.outputs import ratio_name
 from questa_nemo.data.world import count_ops
 from questa_nemo.eval.benchmarks import BenchmarkRow, load_benchmark, read_records
 from questa_nemo.eval.passk import pass_at_k_over_problems
@@ -76,8 +77,6 @@ def make_validator(s, backend, resources) -> Callable[[int], dict[str, float]] |
 def calibration_rows(s, hint_ratio: float = 0.0) -> list[BenchmarkRow]:
     """The small world's calibration set (calib_problems_per_length per chain length), with a hint of
     `hint_ratio` percent (0: none); [] when the run has no small world or no such set."""
-    from questa_nemo.data.outputs import ratio_name
-
     folder = Path(s.cfg.world.output_dir) / "calib" / ratio_name(hint_ratio)
     if not folder.exists():
         return []
@@ -107,15 +106,15 @@ def warmup_stopper(s, policy, checks: dict[int, dict[str, float]]) -> Callable[[
     """
     from questa_nemo.rollout import make_backend
 
-    ratio = next((r for r in s.cfg.world.hint_ratios if r > 0), None)
+    ratio = next((r for r in s.cfg.world.hint_ratios if r > 0), 0.0)
     hard = {
-        name: [r for r in calibration_rows(s, r_) if count_ops(r.problem) >= s.cfg.world.hard_min_ops]
-        for name, r_ in (("hinted", ratio or 0.0), ("no_hint", 0.0))
+        name: [r for r in calibration_rows(s, hint) if count_ops(r.problem) >= s.cfg.world.hard_min_ops]
+        for name, hint in (("hinted", ratio), ("no_hint", 0.0))
     }
-    if ratio is None or not hard["hinted"]:
+    if not ratio or not hard["hinted"]:
         raise ValueError(
             f"train.warmup.stop_at_pass1: no hinted hard calibration problems in {s.cfg.world.output_dir}/calib "
-            f"(world.hint_ratios={s.cfg.world.hint_ratios} has no ratio above 0)"
+            f"(world.hint_ratios={s.cfg.world.hint_ratios} needs a ratio above 0)"
         )
     backend = make_backend(s.cfg.rollout, policy=policy.modules[0], vocab_size=s.vocab_size)
     target = s.cfg.train.warmup.stop_at_pass1
