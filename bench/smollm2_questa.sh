@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# QuestA on SmolLM2-135M-Instruct, one GPU, one device call of at most 9 minutes (issue 10):
-#   join + check the GGUF -> import to an HF folder -> word-world data -> GRPO, hint arm (p50) and no_hint arm
-#   (p0), same steps and seed -> final evaluation of initial / hint / no_hint without hints -> results in $OUT.
+# QuestA on SmolLM2-135M-Instruct, one GPU (issue 10): join + check the GGUF -> import to an HF folder ->
+#   word-world data -> supervised warm-up (stops by calibration) -> GRPO, hint arm (p50) and no_hint arm (p0),
+#   same steps and seed -> final evaluation of initial / hint / no_hint without hints -> results in $OUT.
 # Usage (repository root, GPU image):
 #   bash bench/smollm2_questa.sh GGUF [PART1 PART2] [key=value ...]
 # GGUF: where the re-joined file lives (or already lives); PART1 PART2: its halves from bench/split_gguf.sh,
 # joined into GGUF first. The sha256 must match bench/smollm2_gguf.sha256. A `gguf-*.whl` beside GGUF or in
 # .gguf/ is installed when `import gguf` fails. Overrides go to both the data command and the trainer.
-# Budget (H100, estimated): import ~30 s, data ~10 s, per arm ~3 min (40 steps x 32 prompts x 8 samples,
-# <= 256 new tokens: ~2-3 s rollout + ~1 s training a step, plus startup and CUDA graph capture), final
-# evaluation ~1.5 min (3 models x (128 + 64) problems x 16 samples). Set STEPS=... to trade steps for time;
-# TRAIN_BUDGET_S (default 480) bounds training + evaluation.
+# Budget (H200, estimated): import ~30 s, warm-up <= 600 steps (stops by calibration), per arm 50 steps x 32
+# prompts x 8 samples (<= 256 new tokens), final evaluation of 3 models x (128 + 96) problems x 16 samples.
+# More than one device call's 10 minutes: run it with DETACH=1 and wait with bench/device_wait.sh in the same
+# and the next call. STEPS=... sets the GRPO steps per arm; TRAIN_BUDGET_S (default 480) bounds the trainer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF=${1:?usage: bench/smollm2_questa.sh GGUF [PART1 PART2] [key=value ...]}
@@ -20,7 +20,7 @@ while [ $# -gt 0 ] && [[ "$1" != *=* ]]; do PARTS+=("$1"); shift; done
 OVERRIDES=("$@")
 OUT=${OUT:-outputs/smollm2_questa_out}
 RUN=${RUN:-runs/smollm2_world}
-STEPS=${STEPS:-40}
+STEPS=${STEPS:-50}
 START=$(date +%s)
 stamp() { echo "[smollm2_questa +$(( $(date +%s) - START ))s] $*"; }
 
@@ -35,6 +35,22 @@ if [ "$ACTUAL" != "$EXPECTED" ]; then
   exit 1
 fi
 stamp "GGUF ok: $GGUF"
+
+# DETACH=1: go on in a new process session, from a copy of the repository outside the synced working tree,
+# so the run outlives this device call (later calls keep the machine warm: bench/device_wait.sh waits on
+# $OUT/done and brings $OUT back as one archive). Output goes to $OUT/run.log.
+if [ -n "${DETACH:-}" ]; then
+  COPY=${DETACH_REPO:-/root/questa_nemo_run}
+  rm -rf "$COPY" && mkdir -p "$COPY" "$OUT"
+  tar --exclude=./.gguf --exclude=./.git --exclude=./runs --exclude=./outputs -cf - . | tar -xf - -C "$COPY"
+  [ -n "${WORLD_DATA:-}" ] && mkdir -p "$COPY/.world" && cp -r "$WORLD_DATA"/. "$COPY/.world/"
+  for w in "$(dirname "$GGUF")"/gguf-*.whl .gguf/gguf-*.whl; do [ -f "$w" ] && mkdir -p "$COPY/.gguf" && cp "$w" "$COPY/.gguf/"; done
+  WORLD_DATA=${WORLD_DATA:+$COPY/.world} DETACH= OUT="$OUT" setsid nohup bash "$COPY/bench/smollm2_questa.sh" \
+    "$GGUF" "${OVERRIDES[@]}" > "$OUT/run.log" 2>&1 < /dev/null &
+  stamp "detached (pid $!): log $OUT/run.log, $OUT/done at the end"
+  exit 0
+fi
+trap 'touch "$OUT/done"' EXIT
 
 if ! python3 -c "import megatron.core, hydra" 2>/dev/null; then . bench/gpu_setup.sh; fi  # the GPU image
 if ! python3 -c 'import gguf' 2>/dev/null; then
@@ -69,7 +85,9 @@ STATUS=${PIPESTATUS[0]}
 set -e
 stamp "train exited with $STATUS"
 
-for f in summary.json curves.png config.yaml eval/passk.png; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
+for f in summary.json curves.png config.yaml eval/passk.png warmup/warmup.json warmup/calibration.json; do
+  [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"
+done
 [ -d "$RUN/eval" ] && cp -r "$RUN/eval" "$OUT/eval"
 for arm in hint no_hint; do
   mkdir -p "$OUT/$arm"

@@ -431,7 +431,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError("train.warmup.stop_at_pass1", "must be in (0, 1] or null")
         if w.check_every < 1:
             raise ConfigError("train.warmup.check_every", "must be >= 1")
-        if not t.build_world_data:
+        if not t.build_world_data and cfg.reward.kind == "world":
             raise ConfigError("train.warmup.stop_at_pass1", "checks the small world's calibration set: needs "
                               "train.build_world_data=true")
     if t.micro_batch_tokens < r.max_prompt_tokens + r.max_new_tokens:

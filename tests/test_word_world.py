@@ -30,6 +30,7 @@ def _small(tmp_path: Path, **kw) -> WorldConfig:
         rl_problems=40,
         eval_problems=10,
         calib_problems_per_length=2,
+        warmup_examples=50,
         output_dir=str(tmp_path / "data"),
     )
     return WorldConfig(**{**base, **kw})
@@ -60,6 +61,38 @@ def test_solution_lines_recompute_the_answer_within_range(n_steps):
         stated = [str(p.start)] + [str(e.operand) for e in p.events if e.op != "*"]
         assert re.findall(r"\d+", story) == stated  # products are said in words: "doubles", "triples"
         assert len(re.findall(r"doubles|triples", story)) == sum(e.op == "*" for e in p.events)
+
+
+def test_count_steps_reads_problems_and_their_prompts():
+    rng = random.Random(5)
+    for n in (1, 2, 4, 6, 8):
+        p = ww.sample_problem(rng, n)
+        hint = "\n".join(p.solution().split("\n")[: n // 2])
+        assert ww.count_steps(p.text()) == n == ww.count_steps(p.text() + "\n\n" + ww.HINT_PREFIX + hint)
+    with pytest.raises(ValueError, match="not a word problem"):
+        ww.count_steps("07 +3 *7 -2 __")
+
+
+def test_warmup_examples_teach_the_format_in_the_rl_prompt_format(tmp_path):
+    cfg = _small(tmp_path, max_ops=6)
+    examples = ww.warmup_examples(400, cfg, hint_fraction=0.4)
+    assert examples == ww.warmup_examples(400, cfg, hint_fraction=0.4)  # seeded
+    counts = [sum(e.n_ops == n for e in examples) for n in range(1, 7)]
+    assert all(c > 0 for c in counts) and counts[0] > counts[-1]  # short chains most often
+    hinted = [e for e in examples if e.hint_steps]
+    assert 0.25 < len(hinted) / sum(e.n_ops >= 2 for e in examples) < 0.55
+    for e in examples:
+        problem, sep, hint = e.prompt.partition("\n\n")
+        assert sep and ww.count_steps(problem) == e.n_ops == len(e.completion.split("\n"))
+        lines = e.completion.split("\n")
+        assert e.completion.endswith("}.") and "\\boxed{" in lines[-1]
+        if e.hint_steps:
+            assert 1 <= e.hint_steps < e.n_ops
+            assert hint == ww.HINT_PREFIX + "\n".join(lines[: e.hint_steps]) + "\n"  # as the RL sets cut it
+        else:
+            assert hint == ""
+    held_out = {examples[0].prompt.partition("\n\n")[0]}
+    assert not held_out & {e.prompt.partition("\n\n")[0] for e in ww.warmup_examples(400, cfg, 0.4, held_out)}
 
 
 def test_problem_sets_are_seeded_distinct_and_exclude_held_out(tmp_path):
@@ -104,6 +137,11 @@ def test_written_sets_have_step_cut_hints_and_reference_prompts(tmp_path):
     assert len(evals) == cfg.eval_problems and not set(evals) & {p["prompt"] for p in plain}
     calib = [json.loads(line)["n_steps"] for line in (Path(cfg.output_dir) / "raw" / "calib.jsonl").open()]
     assert sorted(calib) == sorted(list(range(1, cfg.max_ops + 1)) * cfg.calib_problems_per_length)
+    hinted_calib = datasets.load_from_disk(str(written["calib"] / "p50"))["train"]["prompt"]
+    assert [ww.count_steps(p) for p in hinted_calib] == calib and all("## Hint." in p for p in hinted_calib[2:])
+    warmup = [json.loads(line) for line in written["warmup"].open()]
+    assert len(warmup) == cfg.warmup_examples and set(warmup[0]) == {"prompt", "completion", "n_ops", "hint_steps"}
+    assert not set(evals) & {w["prompt"] for w in warmup}
 
 
 def test_math_reward_scores_the_worked_solution_and_rejects_a_wrong_one():
@@ -176,9 +214,29 @@ def test_runner_rejects_a_gguf_whose_hash_differs(tmp_path):
     assert joined.read_bytes() == b"GGUF" + b"\0" * 10 + b"\1" * 10  # the halves, joined in order
 
 
+def test_device_wait_brings_back_the_detached_runs_output_as_one_archive(tmp_path):
+    import tarfile
+
+    run_out, out = tmp_path / "run_out", tmp_path / "out"
+    (run_out / "eval").mkdir(parents=True)
+    out.mkdir()
+    (run_out / "run.log").write_text("[hint] 50 steps\n\n[report] done\n")
+    (run_out / "eval" / "passk.png").write_bytes(b"png")
+    wait = ["bash", str(REPO / "bench" / "device_wait.sh"), str(run_out), "1"]
+    env = {**os.environ, "OUT": str(out)}
+    running = subprocess.run(wait, capture_output=True, text=True, timeout=60, env=env)
+    assert running.returncode == 0 and "still running" in running.stdout and "[report] done" in running.stdout
+    (run_out / "done").touch()
+    ended = subprocess.run(wait, capture_output=True, text=True, timeout=60, env=env)
+    assert "the run has ended" in ended.stdout
+    with tarfile.open(out / "results.tar.gz") as tar:
+        assert {"./run.log", "./eval/passk.png", "./done"} <= set(tar.getnames())
+
+
 @pytest.mark.slow
 def test_recipe_smoke_on_real_smollm2_weights(smollm2, tmp_path):  # noqa: F811
-    """1 GRPO step per arm with tiny sizes on CPU, then the hint-free final evaluation: every output is written."""
+    """2 warm-up steps (the stop by calibration checked after the first), 1 GRPO step per arm with tiny sizes on
+    CPU, then the hint-free final evaluation: every output is written."""
     run = tmp_path / "run"
     common = [
         f"model.hf_config={smollm2.hf_dir}",
@@ -187,6 +245,10 @@ def test_recipe_smoke_on_real_smollm2_weights(smollm2, tmp_path):  # noqa: F811
         "world.rl_problems=8",
         "world.eval_problems=2",
         "world.calib_problems_per_length=1",
+        "world.warmup_examples=8",
+        "train.warmup.steps=2",
+        "train.warmup.batch_size=2",
+        "train.warmup.check_every=1",
         "model.params_dtype=fp32",
         "model.fusions=false",
         "rollout.cuda_graphs=false",
@@ -195,7 +257,8 @@ def test_recipe_smoke_on_real_smollm2_weights(smollm2, tmp_path):  # noqa: F811
         "train.prompts_per_step=2",
         "rollout.n_samples=2",
         "rollout.max_new_tokens=8",
-        "train.validation_samples=0",
+        "train.validation_samples=1",
+        "train.validation_problems=1",
         "train.log_tensorboard=false",
         "train.progress_bar=false",
         "reward.num_workers=1",
@@ -210,6 +273,9 @@ def test_recipe_smoke_on_real_smollm2_weights(smollm2, tmp_path):  # noqa: F811
         cmd = [sys.executable, "-m", module, *args, "--config-name", "smollm2_world", *common]
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    warmup = json.loads((run / "warmup" / "warmup.json").read_text())
+    assert warmup["steps"] == 2 and set(warmup["pass1_checks"]["1"]) == {"hinted", "no_hint"}
+    assert set(json.loads((run / "warmup" / "calibration.json").read_text())) == {"1", "2", "3", "4", "5", "6"}
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) == {"initial", "hint", "no_hint"}
     for label in summary:

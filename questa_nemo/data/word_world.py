@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from questa_nemo.config import DataConfig, WorldConfig
-from questa_nemo.data.world import distinct_problems, hard_lengths, write_jsonl
+from questa_nemo.data import hints
+from questa_nemo.data.world import LENGTH_DECAY, WarmupExample, distinct_problems, hard_lengths, write_jsonl
 
 NAMES = (
     ("Mia", "she", "her"),
@@ -122,6 +123,15 @@ class WordProblem:
         return "\n".join(lines)
 
 
+def count_steps(text: str) -> int:
+    """n of a word problem or of a prompt built from one: its event sentences, between the opening count and
+    the question (names and items carry no full stops)."""
+    body = text.split(" How many ", 1)[0]
+    if body == text:
+        raise ValueError(f"not a word problem: {text[:40]!r}")
+    return body.count(".") - 1
+
+
 def data_config(inputs: list[str], output_dir: str, ratios: list[float], seed: int) -> DataConfig:
     """The build settings for word-world prompts: step cuts, the reference prompt format, the boxed answer."""
     return DataConfig(
@@ -205,13 +215,41 @@ def openr1_rows(problems: list[WordProblem], name: str) -> list[dict]:
     ]
 
 
-def write_word_world(cfg: WorldConfig) -> dict[str, Path]:
+def warmup_examples(
+    count: int, cfg: WorldConfig, hint_fraction: float, exclude: Collection[str] = ()
+) -> list[WarmupExample]:
+    """Supervised examples that teach the solution format (the instruct model ignores it at first): n drawn
+    with weight LENGTH_DECAY^(n - 1) over 1..max_ops, a share `hint_fraction` with a hint of k ~ U[1, n - 1]
+    solution lines, in the prompt format of the RL sets."""
+    from questa_nemo.data.build import prompt_format
+
+    rng = random.Random(f"{cfg.seed}:word:warmup")
+    lengths = list(range(1, cfg.max_ops + 1))
+    weights = [LENGTH_DECAY ** (n - 1) for n in lengths]
+    fmt = prompt_format(data_config([], "", [0.0], cfg.seed))
+    examples: list[WarmupExample] = []
+    while len(examples) < count:
+        n = rng.choices(lengths, weights)[0]
+        problem = sample_problem(rng, n, cfg.modulus)
+        k = rng.randint(1, n - 1) if n >= 2 and rng.random() < hint_fraction else 0
+        if problem.text() in exclude:
+            continue
+        solution = problem.solution()
+        end = hints.unit_cut(solution, hints.step_boundaries(solution), k)  # the RL sets' step cut
+        prompt, _ = hints.render_prompt(problem.text(), solution[:end], fmt)
+        examples.append(WarmupExample(prompt=prompt, completion=solution, n_ops=n, hint_steps=k))
+    return examples
+
+
+def write_word_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]:
     """Write the word world's sets under cfg.output_dir; returns name -> folder.
 
     raw/{rl,eval,calib}.jsonl   OpenR1-shaped rows (the pipeline's inputs)
     rl/p<ratio>/                RL prompts of the hard range, one DatasetDict per cfg.hint_ratios
     eval/p0/                    held-out hard problems, no hint
-    calib/p0/                   calib_problems_per_length per n = 1..max_ops, no hint (difficulty profile)
+    calib/p<ratio>/             calib_problems_per_length per n = 1..max_ops, without a hint (p0: the difficulty
+                                profile) and with each hint ratio of the RL sets (what the warm-up's stop checks)
+    warmup.jsonl                supervised warm-up examples (WarmupExample fields)
     """
     from questa_nemo.data.build import build
 
@@ -229,9 +267,12 @@ def write_word_world(cfg: WorldConfig) -> dict[str, Path]:
     for name, problems in sets.items():
         raw = out / "raw" / f"{name}.jsonl"
         write_jsonl(raw, openr1_rows(problems, name))
-        ratios = cfg.hint_ratios if name == "rl" else [0.0]
-        build(data_config([str(raw)], str(out / name), ratios, cfg.seed))
+        ratios = {"eval": [0.0], "calib": [0.0, *(r for r in cfg.hint_ratios if r > 0)], "rl": cfg.hint_ratios}
+        build(data_config([str(raw)], str(out / name), ratios[name], cfg.seed))
         written[name] = out / name
+    examples = warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out)
+    write_jsonl(out / "warmup.jsonl", (asdict(e) for e in examples))
+    written["warmup"] = out / "warmup.jsonl"
     return written
 
 
@@ -251,7 +292,7 @@ def main(config_name: str = "smollm2_world", overrides: list[str] | None = None,
         raise ConfigError("world.hard_min_ops", f"need 1 <= hard_min_ops <= max_ops={w.max_ops}")
     if w.modulus <= START_RANGE[1] + OPERAND_RANGE[1]:
         raise ConfigError("world.modulus", f"must exceed {START_RANGE[1] + OPERAND_RANGE[1]}")
-    for name, path in write_word_world(w).items():
+    for name, path in write_word_world(w, cfg.train.warmup.hint_fraction).items():
         print(f"{name:>5}: {path}")
     return 0
 

@@ -117,8 +117,9 @@ def prepare_world(s: Session) -> None:
     torch.distributed.barrier()
 
 
-def warmup_stage(s: Session) -> Path:
-    """Supervised warm-up into run_dir/warmup; returns its checkpoint (reused when already there)."""
+def warmup_stage(s: Session, scorer) -> Path:
+    """Supervised warm-up into run_dir/warmup; returns its checkpoint (reused when already there). `scorer`
+    judges the calibration samples of the stop by calibration."""
     from questa_nemo.eval.run import render_prompt
     from questa_nemo.model.checkpoint import save_checkpoint
     from questa_nemo.train.validation import warmup_stopper
@@ -130,7 +131,13 @@ def warmup_stage(s: Session) -> Path:
         s.log(f"[warm-up] reusing {out}")
         return out
     examples = []
-    with open(Path(s.cfg.world.output_dir) / "warmup.jsonl") as f:
+    source = Path(s.cfg.world.output_dir) / "warmup.jsonl"
+    if not source.exists():
+        raise FileNotFoundError(
+            f"train.warmup.steps={w.steps}: no warm-up examples at {source} (train.build_world_data=true writes "
+            "the small world's; `python -m questa_nemo.data.word_world` the word world's)"
+        )
+    with open(source) as f:
         for line in f:
             row = json.loads(line)
             prompt = render_prompt(s.tokenizer, row["prompt"], "{problem}")
@@ -139,7 +146,7 @@ def warmup_stage(s: Session) -> Path:
     optim = OptimConfig(**{**s.cfg.optim.__dict__, "lr": w.lr, "warmup_ratio": 0.0})
     policy = build_policy(s, optim, w.steps, s.cfg.model.checkpoint)
     checks: dict[int, dict[str, float]] = {}  # step -> hard pass@1 with and without hints (stop by calibration)
-    stop = warmup_stopper(s, policy, checks) if w.stop_at_pass1 is not None else None
+    stop = warmup_stopper(s, policy, checks, scorer) if w.stop_at_pass1 is not None else None
     losses = run_warmup(policy, examples, w.steps, w.batch_size, s.cfg.train.seed, log=s.log, stop=stop,
                         check_every=w.check_every)
     save_checkpoint(policy, out, step=len(losses), hf_config=s.hf, tokenizer_dir=s.tokenizer_dir)
@@ -223,13 +230,13 @@ def _run_stages(cfg: Config, preempt: PreemptionFlag) -> int:
     if cfg.train.build_world_data:
         prepare_world(s)
     init = initial_weights(s)
-    if cfg.train.warmup.steps > 0:
-        init = str(warmup_stage(s))
-        from questa_nemo.train.validation import calibrate
-
-        calibrate(s, init)
     arms = dict(cfg.train.arms) or {"": cfg.train.dataset}
-    with contextlib.ExitStack() as resources:
+    with contextlib.ExitStack() as resources:  # the math reward's worker pool, shared by every stage
+        if cfg.train.warmup.steps > 0:
+            from questa_nemo.train.validation import calibrate, eval_scorer
+
+            init = str(warmup_stage(s, eval_scorer(s, resources)))
+            calibrate(s, init, eval_scorer(s, resources))
         for arm, dataset in arms.items():
             if preempt.agreed():
                 return EXIT_PREEMPTED

@@ -1,6 +1,8 @@
 """Evaluation inside a run: the warm-up's stop (hard calibration problems with and without hints), the
 calibration table after the warm-up (no-hint pass rate per chain length, which should fall off smoothly; a
-cliff means a format problem) and periodic validation during GRPO on the first eval benchmark, without hints."""
+cliff means a format problem) and periodic validation during GRPO on the first eval benchmark, without hints.
+Calibration works on both small worlds: the character world (reward.kind=world) and the word world of the
+real-model recipe (math reward), whose chain length is read from the problem text."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from questa_nemo.data.outputs import ratio_name
+from questa_nemo.data.word_world import count_steps
 from questa_nemo.data.world import count_ops
 from questa_nemo.eval.benchmarks import BenchmarkRow, load_benchmark, read_records
 from questa_nemo.eval.passk import pass_at_k_over_problems
@@ -80,21 +83,29 @@ def calibration_rows(s, hint_ratio: float = 0.0) -> list[BenchmarkRow]:
     folder = Path(s.cfg.world.output_dir) / "calib" / ratio_name(hint_ratio)
     if not folder.exists():
         return []
-    return [BenchmarkRow(str(r["id"]), r["prompt"], r["answer"]) for r in read_records(folder, "train")]
+    jsonl = folder / "train.jsonl"  # the JSONL copy, where written, reads without `datasets` (GPU images)
+    records = read_records(jsonl if jsonl.exists() else folder, "train")
+    return [BenchmarkRow(str(r["id"]), r["prompt"], r["answer"]) for r in records]
 
 
-def pass_by_length(s, backend, rows: list[BenchmarkRow]) -> dict[int, float]:
+def chain_length(s) -> Callable[[str], int]:
+    """n of a calibration problem: the character world's op count, else the word world's step count."""
+    return count_ops if s.cfg.reward.kind == "world" else count_steps
+
+
+def pass_by_length(s, backend, rows: list[BenchmarkRow], scorer) -> dict[int, float]:
     """pass@1 per chain length of `rows` (train.validation_samples samples each)."""
     params = eval_sampling(s, s.cfg.train.validation_samples, s.cfg.eval.seed)
-    results = evaluate(backend, s.tokenizer, rows, params, score_world, answer_extractor(s),
+    results = evaluate(backend, s.tokenizer, rows, params, scorer, answer_extractor(s),
                        s.cfg.eval.prompt_template, s.cfg.eval.problems_per_batch)
+    length = chain_length(s)
     by_length: dict[int, list] = {}
     for row, result in zip(rows, results):
-        by_length.setdefault(count_ops(row.problem), []).append(result)
+        by_length.setdefault(length(row.problem), []).append(result)
     return {n: pass_metrics(rs, "", (1,))["pass@1"] for n, rs in sorted(by_length.items())}
 
 
-def warmup_stopper(s, policy, checks: dict[int, dict[str, float]]) -> Callable[[int], bool]:
+def warmup_stopper(s, policy, checks: dict[int, dict[str, float]], scorer) -> Callable[[int], bool]:
     """For run_warmup: pass@1 of the policy's live weights on the calibration set's hard problems (n >=
     hard_min_ops) with the RL hint (the first non-zero world.hint_ratios) and without; True once the hinted
     rate reaches train.warmup.stop_at_pass1. Records step -> {"hinted", "no_hint"} in `checks`.
@@ -108,7 +119,7 @@ def warmup_stopper(s, policy, checks: dict[int, dict[str, float]]) -> Callable[[
 
     ratio = next((r for r in s.cfg.world.hint_ratios if r > 0), 0.0)
     hard = {
-        name: [r for r in calibration_rows(s, hint) if count_ops(r.problem) >= s.cfg.world.hard_min_ops]
+        name: [r for r in calibration_rows(s, hint) if chain_length(s)(r.problem) >= s.cfg.world.hard_min_ops]
         for name, hint in (("hinted", ratio), ("no_hint", 0.0))
     }
     if not ratio or not hard["hinted"]:
@@ -122,7 +133,7 @@ def warmup_stopper(s, policy, checks: dict[int, dict[str, float]]) -> Callable[[
     def stop(step: int) -> bool:
         rates = {}
         for name, rows in hard.items():
-            table = pass_by_length(s, backend, rows)
+            table = pass_by_length(s, backend, rows, scorer)
             rates[name] = sum(table.values()) / len(table)  # every length has as many problems
         checks[step] = rates
         s.log(f"[warm-up] step {step}: hard pass@1 with {ratio:g}% hints {rates['hinted']:.3f} (stop at {target}), "
@@ -132,7 +143,7 @@ def warmup_stopper(s, policy, checks: dict[int, dict[str, float]]) -> Callable[[
     return stop
 
 
-def calibrate(s, weights: str) -> dict[str, float]:
+def calibrate(s, weights: str, scorer) -> dict[str, float]:
     """No-hint pass@1 per chain length on the small world's calibration set; printed and saved beside the
     warm-up checkpoint. Returns {n: pass@1}; empty when the run has no small world."""
     out = Path(s.run_dir) / "warmup" / "calibration.json"
@@ -146,7 +157,7 @@ def calibrate(s, weights: str) -> dict[str, float]:
     from questa_nemo.eval.backend import backend_for_checkpoint
 
     backend = backend_for_checkpoint(s.cfg, weights, s.hf)
-    table = {str(n): v for n, v in pass_by_length(s, backend, rows).items()}
+    table = {str(n): v for n, v in pass_by_length(s, backend, rows, scorer).items()}
     if s.is_main:
         out.write_text(json.dumps(table, indent=1) + "\n")
     s.log("[calibration] no-hint pass@1 by chain length: " + " ".join(f"n={n}:{v:.2f}" for n, v in table.items()))
