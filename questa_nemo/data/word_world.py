@@ -24,8 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from questa_nemo.config import DataConfig, WorldConfig
-from questa_nemo.data import hints
-from questa_nemo.data.world import LENGTH_DECAY, WarmupExample, distinct_problems, hard_lengths, write_jsonl
+from questa_nemo.data.world import (
+    WarmupExample,
+    distinct_problems,
+    draw_warmup_examples,
+    hard_lengths,
+    write_jsonl,
+)
 
 NAMES = (
     ("Mia", "she", "her"),
@@ -218,27 +223,18 @@ def openr1_rows(problems: list[WordProblem], name: str) -> list[dict]:
 def warmup_examples(
     count: int, cfg: WorldConfig, hint_fraction: float, exclude: Collection[str] = ()
 ) -> list[WarmupExample]:
-    """Supervised examples that teach the solution format (the instruct model ignores it at first): n drawn
-    with weight LENGTH_DECAY^(n - 1) over 1..max_ops, a share `hint_fraction` with a hint of k ~ U[1, n - 1]
-    solution lines, in the prompt format of the RL sets."""
+    """Supervised examples that teach the solution format (the instruct model ignores it at first), drawn as
+    the small world's are (data.world.draw_warmup_examples: mostly short chains, a share `hint_fraction`
+    hinted), in the prompt format of the RL sets."""
     from questa_nemo.data.build import prompt_format
 
-    rng = random.Random(f"{cfg.seed}:word:warmup")
-    lengths = list(range(1, cfg.max_ops + 1))
-    weights = [LENGTH_DECAY ** (n - 1) for n in lengths]
-    fmt = prompt_format(data_config([], "", [0.0], cfg.seed))
-    examples: list[WarmupExample] = []
-    while len(examples) < count:
-        n = rng.choices(lengths, weights)[0]
+    def sample(rng: random.Random, n: int) -> tuple[str, str]:
         problem = sample_problem(rng, n, cfg.modulus)
-        k = rng.randint(1, n - 1) if n >= 2 and rng.random() < hint_fraction else 0
-        if problem.text() in exclude:
-            continue
-        solution = problem.solution()
-        end = hints.unit_cut(solution, hints.step_boundaries(solution), k)  # the RL sets' step cut
-        prompt, _ = hints.render_prompt(problem.text(), solution[:end], fmt)
-        examples.append(WarmupExample(prompt=prompt, completion=solution, n_ops=n, hint_steps=k))
-    return examples
+        return problem.text(), problem.solution()
+
+    rng = random.Random(f"{cfg.seed}:word:warmup")
+    fmt = prompt_format(data_config([], "", [0.0], cfg.seed))
+    return draw_warmup_examples(rng, count, cfg.max_ops, hint_fraction, exclude, sample, fmt)
 
 
 def write_word_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]:

@@ -195,19 +195,36 @@ class WarmupExample:
 def warmup_examples(
     count: int, cfg: WorldConfig, hint_fraction: float = 0.4, exclude: Collection[str] = ()
 ) -> list[WarmupExample]:
-    """Chain length n drawn with weight 0.85^(n - 1); a share `hint_fraction` carries a hint of k ~ U[1, n - 1]
-    steps (n >= 2), cut by the same step cut as the RL sets."""
+    """The small world's warm-up examples (draw_warmup_examples), in its hint-slot prompt format."""
+
+    def sample(rng: random.Random, n: int) -> tuple[str, str]:
+        problem = sample_problem(rng, n, cfg.modulus)
+        return problem.text(cfg.max_ops), problem.solution()
+
     rng = random.Random(f"{cfg.seed}:warmup")
-    lengths = list(range(1, cfg.max_ops + 1))
+    return draw_warmup_examples(rng, count, cfg.max_ops, hint_fraction, exclude, sample, prompt_format(cfg))
+
+
+def draw_warmup_examples(
+    rng: random.Random,
+    count: int,
+    max_ops: int,
+    hint_fraction: float,
+    exclude: Collection[str],
+    sample: Callable[[random.Random, int], tuple[str, str]],
+    fmt: hints.PromptFormat,
+) -> list[WarmupExample]:
+    """Chain length n drawn with weight 0.85^(n - 1) over 1..max_ops; a share `hint_fraction` carries a hint of
+    k ~ U[1, n - 1] steps (n >= 2), cut by the same step cut as the RL sets. `sample(rng, n)` gives a problem's
+    (text, solution); texts in `exclude` (held-out sets) are drawn again."""
+    lengths = list(range(1, max_ops + 1))
     weights = [LENGTH_DECAY ** (n - 1) for n in lengths]
-    fmt = prompt_format(cfg)
     examples: list[WarmupExample] = []
     while len(examples) < count:
         n = rng.choices(lengths, weights)[0]
-        problem = sample_problem(rng, n, cfg.modulus)
+        text, solution = sample(rng, n)
         hinted = n >= 2 and rng.random() < hint_fraction
         k = rng.randint(1, n - 1) if hinted else 0
-        text, solution = problem.text(cfg.max_ops), problem.solution()
         if text in exclude:
             continue
         end = hints.unit_cut(solution, hints.step_boundaries(solution), k)

@@ -235,8 +235,9 @@ def _run_stages(cfg: Config, preempt: PreemptionFlag) -> int:
         if cfg.train.warmup.steps > 0:
             from questa_nemo.train.validation import calibrate, eval_scorer
 
-            init = str(warmup_stage(s, eval_scorer(s, resources)))
-            calibrate(s, init, eval_scorer(s, resources))
+            scorer = eval_scorer(s, resources)
+            init = str(warmup_stage(s, scorer))
+            calibrate(s, init, scorer)
         for arm, dataset in arms.items():
             if preempt.agreed():
                 return EXIT_PREEMPTED

@@ -118,8 +118,9 @@ def warmup_stopper(s, policy, checks: dict[int, dict[str, float]], scorer) -> Ca
     from questa_nemo.rollout import make_backend
 
     ratio = next((r for r in s.cfg.world.hint_ratios if r > 0), 0.0)
+    length = chain_length(s)
     hard = {
-        name: [r for r in calibration_rows(s, hint) if chain_length(s)(r.problem) >= s.cfg.world.hard_min_ops]
+        name: [r for r in calibration_rows(s, hint) if length(r.problem) >= s.cfg.world.hard_min_ops]
         for name, hint in (("hinted", ratio), ("no_hint", 0.0))
     }
     if not ratio or not hard["hinted"]:
