@@ -14,13 +14,17 @@ own full logits followed by an fp32 log-softmax, as its causal-LM loss does. Opt
 A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   recompute=none|full|selective  activation recompute (hf: none|full = gradient checkpointing per layer)
   layers=N                        mcore, recompute=full: recompute only the first N layers
-  fusions=0|1                     mcore: megatron's torch.compile'd SwiGLU / bias-dropout-add (default 1)
+  fusions=0|1                     mcore: fused RoPE and SwiGLU (model/fused.py; default 1)
+  rope=megatron                   mcore, fusions=1: megatron's unfused RoPE instead of ours
+  swiglu=megatron                 mcore, fusions=1: megatron's torch.compile'd SwiGLU instead of ours
   compile=0|1                     torch.compile every decoder layer (both impls)
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
-  chunk=N                         mcore: tokens per log-prob chunk (default 4096)
+  chunk=N                         mcore: tokens per log-prob chunk (default: ModelConfig's)
   docs=N                          mcore: pack N equal causal sequences into the micro-batch (THD, default 1)
+  accum=N                         N micro-batches (gradients accumulated) per optimizer step (default 1)
 
-GPU:  python bench/bench_train.py --device cuda --preset h100 --out bench/results/train_h100.json
+GPU:  python bench/bench_train.py --device cuda --preset gpu --out bench/results/train_h200.json
+      add --profile DIR for each run's kernel-time breakdown (one profiled step after the timed ones)
 CPU smoke test (tiny shapes): python bench/bench_train.py --device cpu --tiny --out /tmp/bench.json
 """
 
@@ -54,20 +58,23 @@ PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 
 
 PRESETS: dict[str, list[str]] = {
     "none": [],
-    "h100": [
+    "gpu": [  # the README table: transformers and ours side by side, then what each of our parts is worth
         "8192/hf:recompute=none",
         "8192/mcore:recompute=none",
+        "8192/hf:recompute=none,compile=1",
+        "8192/mcore:recompute=none,fusions=0",
+        "8192/mcore:recompute=none,rope=megatron",
+        "8192/mcore:recompute=none,swiglu=megatron",
+        "8192/mcore:recompute=none,chunk=4096",
+        "8192/hf:recompute=none,accum=4",
+        "8192/mcore:recompute=none,accum=4",
         "8192/hf:recompute=full",
         "8192/mcore:recompute=full",
         "8192/mcore:recompute=selective",
-        "8192/mcore:recompute=none,fusions=0",
-        "8192/mcore:recompute=none,sdpa=cudnn",
         "32768/hf:recompute=full",
         "32768/mcore:recompute=full",
         "32768/mcore:recompute=full,layers=20",
         "8192/mcore:recompute=none,docs=8",
-        "8192/mcore:recompute=none,compile=1",
-        "8192/hf:recompute=none,compile=1",
     ],
     "tiny": [
         "64/hf:recompute=none",
@@ -90,6 +97,7 @@ class Run:
     tokens_per_s: float | None = None
     mfu: float | None = None
     step_s: list[float] = field(default_factory=list)
+    host_ms: dict[str, float] = field(default_factory=dict)  # host time to issue each phase of one step
     peak_mem_gib: float | None = None
     build_s: float | None = None
 
@@ -104,7 +112,7 @@ def parse_run(text: str) -> Run:
     if impl not in ("mcore", "hf"):
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
-    known = {"recompute", "layers", "fusions", "compile", "sdpa", "chunk", "docs"}
+    known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum"}
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
     return Run(int(seq), impl, options)
@@ -160,10 +168,17 @@ def build_mcore(hf: dict, run: Run, device: str):
     )
     model = build_model(hf, cfg)
     model.train()
+    if run.options.get("rope") == "megatron":
+        model.config.apply_rope_fusion = False
+    if run.options.get("swiglu") == "megatron":  # megatron's own fusion, as built without ours
+        model.config.use_te_activation_func, model.config.bias_activation_fusion = False, True
+        for layer in model.decoder.layers:
+            del layer.mlp.activation_func
+            layer.mlp.activation_func = torch.nn.functional.silu
     if run.options.get("compile") == "1":
         for layer in model.decoder.layers:
             layer.compile()
-    chunk = int(run.options.get("chunk", 4096))
+    chunk = int(run.options.get("chunk", cfg.logprob_chunk_tokens))
     docs = int(run.options.get("docs", 1))
     packed, positions = None, torch.arange(run.seq, device=device)[None]
     if docs > 1:
@@ -215,8 +230,110 @@ def build_hf(hf: dict, run: Run, device: str):
     return model, loss_fn
 
 
+# ------------------------------------------------------------------------------------------ profile
+KERNEL_KINDS = [  # (kind, substrings of CUDA kernel names), first match wins
+    ("attention", ("flash", "fmha", "cudnn", "attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("compiled", ("triton",)),
+    ("copy", ("copy", "cat", "memcpy", "memset", "fill")),
+    ("reduce", ("reduce", "softmax", "norm")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_step(step, label: str, out_dir: Path) -> dict:
+    """One step under torch.profiler: GPU time per kernel kind and the top kernels, written to out_dir."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3
+    events = prof.events()
+    # GPU-side copies of record_function ranges (e.g. Optimizer.step) are annotations, not kernels
+    kernels = [
+        e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
+    kernels.sort(key=lambda e: e.time_range.start)
+    gaps = []  # GPU idle between consecutive kernels: (us, at ms from the first kernel, after, before)
+    first = kernels[0].time_range.start if kernels else 0
+    busy_until = kernels[0].time_range.end if kernels else 0
+    for prev, e in zip(kernels, kernels[1:]):
+        if e.time_range.start - busy_until > 20:
+            gaps.append((e.time_range.start - busy_until, (busy_until - first) / 1e3, prev.name, e.name))
+        busy_until = max(busy_until, e.time_range.end)
+    span_ms = (busy_until - first) / 1e3
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + e.device_time / 1e3
+        entry = by_name.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]
+    summary = {
+        "wall_ms": wall_ms,
+        "gpu_busy_ms": sum(by_kind.values()),
+        "kernels": len(kernels),
+        "gpu_span_ms": span_ms,
+        "gpu_idle_ms": sum(g[0] for g in gaps) / 1e3,
+        "largest_gaps": [
+            {"us": g, "at_ms": at, "after": a[:100], "before": b[:100]}
+            for g, at, a, b in sorted(gaps, reverse=True)[:15]
+        ],
+        "ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [
+            {"name": n[:160], "calls": c, "ms": ms, "kind": kernel_kind(n)} for n, (c, ms) in top
+        ],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = label.replace("/", "_").replace(":", "_").replace(",", "_").replace("=", "-")
+    (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def host_timing(forward, optimizer, accum: int) -> dict[str, float]:
+    """When the host finished issuing forward, backward and the optimizer step, and when the GPU finished
+    (ms from the step's start). A step whose GPU finishes right after the host is bound by the host."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    marks = {"forward": 0.0, "backward": 0.0}
+    for _ in range(accum):
+        t = time.perf_counter()
+        loss = forward()
+        marks["forward"] += time.perf_counter() - t
+        t = time.perf_counter()
+        loss.backward()
+        marks["backward"] += time.perf_counter() - t
+    t = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    marks["optimizer"] = time.perf_counter() - t
+    marks["host_done"] = time.perf_counter() - start
+    torch.cuda.synchronize()
+    marks["gpu_done"] = time.perf_counter() - start
+    return {k: v * 1e3 for k, v in marks.items()}
+
+
 # ------------------------------------------------------------------------------------------ runner
-def measure(run: Run, hf: dict, device: str, steps: int, warmup: int, peak: float | None) -> None:
+def measure(
+    run: Run,
+    hf: dict,
+    device: str,
+    steps: int,
+    warmup: int,
+    peak: float | None,
+    profile_dir: Path | None = None,
+) -> None:
     built_at = time.perf_counter()
     model, loss_fn = (build_mcore if run.impl == "mcore" else build_hf)(hf, run, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -230,27 +347,94 @@ def measure(run: Run, hf: dict, device: str, steps: int, warmup: int, peak: floa
     adv = torch.randint(0, 2, (1, run.seq), device=device, generator=g).float() * 2 - 1
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+    accum = int(run.options.get("accum", 1))
+
+    def train_step() -> torch.Tensor:
+        for _ in range(accum):
+            loss = loss_fn(ids, targets, adv)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
     with sdpa_backend(run.options.get("sdpa", "auto")):
         for step in range(warmup + steps):
             start = time.perf_counter()
-            loss = loss_fn(ids, targets, adv)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step()
             if device == "cuda":
                 torch.cuda.synchronize()
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss is {loss.item()}")
             if step >= warmup:
                 run.step_s.append(time.perf_counter() - start)
+        if device == "cuda":
+            run.host_ms = host_timing(lambda: loss_fn(ids, targets, adv), optimizer, accum)
+        if profile_dir is not None and device == "cuda":
+            summary = profile_step(train_step, run.label, profile_dir)
+            kinds = "  ".join(f"{k} {v:.1f}" for k, v in summary["ms_by_kind"].items())
+            print(
+                f"  profile {run.label}: wall {summary['wall_ms']:.1f} ms, GPU {summary['gpu_busy_ms']:.1f} ms"
+                f" (idle {summary['gpu_idle_ms']:.1f} ms in {summary['gpu_span_ms']:.1f}): {kinds}"
+            )
     mean_step = sum(run.step_s) / len(run.step_s)
-    run.tokens_per_s = run.seq / mean_step
+    run.tokens_per_s = accum * run.seq / mean_step
     if peak is not None:
         attended = run.seq // int(run.options.get("docs", 1))
         run.mfu = run.tokens_per_s * flops_per_token(hf, attended) / (peak * 1e12)
     if device == "cuda":
         run.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
     run.status = "ok"
+
+
+def check_fused_kernels(device: str) -> dict:
+    """Max |difference| of our GPU kernels (Triton SwiGLU and RoPE) from the reference maths, bf16."""
+    if device != "cuda":
+        return {}
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from questa_nemo.model import fused
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    y = torch.randn(4096, 2 * 8960, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    up = torch.randn(4096, 8960, device="cuda", dtype=torch.bfloat16, generator=g)
+    outs, grads = [], []
+    for fn in (fused.SwiGLU(), fused.swiglu_reference):  # Triton kernels, eager fp32 autograd
+        outs.append(fn(y))
+        grads.append(torch.autograd.grad(outs[-1], y, up)[0])
+    inv = 1.0 / (1e6 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
+    angles = torch.outer(torch.arange(8192, device="cuda").float(), inv)
+    freqs = torch.cat((angles, angles), -1)[:, None, None, :]
+    # megatron's query (contiguous) and key (a view into the fused qkv projection): ours vs fp32 unfused
+    mixed = torch.randn(8192, 1, 2, 8 * 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    rope = {}
+    for name, t in (("query", torch.randn(8192, 1, 12, 128, device="cuda", dtype=torch.bfloat16)),
+                    ("key", mixed[..., 6 * 128 : 7 * 128])):  # fmt: skip
+        t = t.detach().requires_grad_()
+        up = torch.randn(t.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+        ours = fused.fused_rope_sbhd(t, freqs)
+        (grad_ours,) = torch.autograd.grad(ours, t, up)
+        ref_in = t.detach().float().requires_grad_()
+        ref = rope_utils._apply_rotary_pos_emb_bshd(ref_in, freqs)
+        (grad_ref,) = torch.autograd.grad(ref, ref_in, up.float())
+        rope[f"rope_{name}_max_abs_diff"] = (ours.float() - ref).abs().max().item()
+        rope[f"rope_{name}_grad_max_abs_diff"] = (grad_ours.float() - grad_ref).abs().max().item()
+    rope["rope_megatron_bf16_max_abs_diff"] = (
+        (rope_utils._apply_rotary_pos_emb_bshd(t.detach(), freqs).float() - ref).abs().max().item()
+    )
+    cu = torch.tensor([0, 3000, 8192], device="cuda", dtype=torch.int32)
+    packed = torch.randn(8192, 12, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    thd_ref = rope_utils._apply_rotary_pos_emb_thd(
+        packed.float(), cu, freqs[:5192], cp_group=torch.distributed.group.WORLD
+    )
+    rope["rope_thd_max_abs_diff"] = (
+        (fused.fused_rope_thd(packed, cu, freqs[:5192]).float() - thd_ref).abs().max().item()
+    )
+    return {
+        "swiglu_forward_max_abs_diff": (outs[0] - outs[1]).abs().max().item(),
+        "swiglu_backward_max_abs_diff": (grads[0] - grads[1]).abs().max().item(),
+        **rope,
+    }
 
 
 def free_device(device: str) -> None:
@@ -273,10 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per run (compile, allocator)")
     parser.add_argument("--time-budget-s", type=float, default=330.0, help="skip runs that start after this")
     parser.add_argument("--out", type=Path, required=True, help="JSON result file")
+    parser.add_argument("--profile", type=Path, default=None, help="write a kernel breakdown per run here")
     args = parser.parse_args(argv)
 
     hf = TINY if args.tiny else QWEN25_15B
-    runs = [parse_run(r) for r in PRESETS.get(args.preset or ("tiny" if args.tiny else "h100"), [])]
+    runs = [parse_run(r) for r in PRESETS.get(args.preset or ("tiny" if args.tiny else "gpu"), [])]
     runs += [parse_run(r) for r in args.runs]
 
     from questa_nemo.config import ModelConfig
@@ -284,13 +469,16 @@ def main(argv: list[str] | None = None) -> int:
 
     init_distributed(ModelConfig())
     card, peak = card_peak_tflops(args.device)
+    fused_check = check_fused_kernels(args.device)
+    if fused_check:
+        print("fused kernels vs reference:", json.dumps(fused_check), flush=True)
     began = time.perf_counter()
     for run in runs:
         if time.perf_counter() - began > args.time_budget_s:
             run.status = "skipped: time budget"
             continue
         try:
-            measure(run, hf, args.device, args.steps, args.warmup, peak)
+            measure(run, hf, args.device, args.steps, args.warmup, peak, args.profile)
         except torch.OutOfMemoryError:
             run.status = "oom"
         except Exception as e:  # one failing variant must not hide the others' numbers
@@ -299,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{run.mfu:6.1%}" if run.mfu is not None else "   n/a"
         tps = f"{run.tokens_per_s:9.0f}" if run.tokens_per_s else "      n/a"
         mem = f"{run.peak_mem_gib:5.1f} GiB" if run.peak_mem_gib else "      n/a"
-        print(f"{run.label:55s} {tps} tok/s  MFU {mfu}  peak {mem}  {run.status}", flush=True)
+        host = "  host " + "/".join(f"{v:.0f}" for v in run.host_ms.values()) if run.host_ms else ""
+        print(f"{run.label:55s} {tps} tok/s  MFU {mfu}  peak {mem}  {run.status}{host}", flush=True)
     destroy_distributed()
 
     import megatron.core
@@ -313,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__,
         "model": hf,
         "flops_per_token": {str(r.seq): flops_per_token(hf, r.seq) for r in runs},
+        "fused_kernel_check": fused_check,
         "steps": args.steps,
         "warmup": args.warmup,
         "runs": [{**asdict(r), "label": r.label} for r in runs],

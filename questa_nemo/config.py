@@ -90,13 +90,14 @@ class ModelConfig:
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn", "mlp"])
     # recompute=full: recompute only the first N layers of each pipeline stage (None = all of them)
     recompute_num_layers: int | None = None
-    fusions: bool = True  # torch.compile'd SwiGLU and bias-dropout-add kernels (GPU only; ignored on CPU)
+    fusions: bool = True  # fused RoPE and SwiGLU kernels (model/fused.py; GPU only, ignored on CPU)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None
     context_parallel: int = 1
     sequence_parallel: bool = False
-    logprob_chunk_tokens: int = 4096  # tokens per chunk when computing log-probs from vocab-parallel logits
+    # tokens per chunk of the log-prob head (vocab-parallel logits); the last chunk's logits are kept
+    logprob_chunk_tokens: int = 8192
     seed: int = 1
 
 

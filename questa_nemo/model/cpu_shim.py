@@ -2,7 +2,8 @@
 
 megatron-core assumes CUDA in a few places that matter to us; each patch below redirects one of them to the
 CPU. `apply()` is called by `init_distributed` only when `torch.cuda.is_available()` is False, and is
-idempotent. Nothing else in the project patches megatron; on a GPU none of this runs.
+idempotent. On a GPU none of this runs; there the one other change to megatron is model/fused.py filling
+the fused-RoPE slot that Transformer Engine leaves empty.
 
 What is patched, and why:
 1. `torch.cuda.current_device()` -> "cpu": layers, rotary embeddings and p2p communication allocate on

@@ -3,8 +3,11 @@
 A 32K-token micro-batch against a 152K vocabulary would need 20 GB for fp32 logits, and as much again for
 their gradient. `chunked_logprobs` instead walks the tokens in chunks: forward keeps only per-token softmax
 statistics ([T] floats), backward recomputes each chunk's logits from the hidden states and the output
-weight. With tensor parallelism every rank holds a slice of the vocabulary; the max, the partition sum, the
-target logit and the entropy sum are all-reduced over the TP group, so the result equals the full softmax.
+weight. The last chunk's logits are still in memory when the forward ends, and backward begins with them:
+they are kept, not recomputed, which costs no peak memory (forward held them anyway); a micro-batch of one
+chunk is never recomputed and its weight gradient needs no fp32 accumulator. With tensor parallelism every
+rank holds a slice of the vocabulary; the max, the partition sum, the target logit and the entropy sum are
+all-reduced over the TP group, so the result equals the full softmax.
 
 The trainer calls `final_hidden_states` (the GPTModel up to its final norm) and then
 `chunked_logprobs(hidden, output_weight(model), targets, temperature)`.
@@ -59,9 +62,11 @@ def _grad_logits(logits, log_z, entropy, g_lp, g_h, local_t, mine, temperature: 
     """
     scaled = logits.to(_stats_dtype(logits)) / temperature
     log_p = scaled - log_z[:, None]
-    grad = -torch.exp(log_p) * (g_lp[:, None] + g_h[:, None] * (log_p + entropy[:, None]))
-    grad = grad.scatter_add(
-        1, local_t.clamp(0, grad.size(1) - 1)[:, None], torch.where(mine, g_lp, 0.0)[:, None]
+    # the target's one-hot as a comparison, not a scatter: one pass, no fp32 [n, V] intermediate
+    columns = torch.arange(logits.size(1), device=logits.device)
+    is_target = (columns[None, :] == local_t[:, None]) & mine[:, None]
+    grad = torch.where(is_target, g_lp[:, None], 0.0) - torch.exp(log_p) * (
+        g_lp[:, None] + g_h[:, None] * (log_p + entropy[:, None])
     )
     return (grad / temperature).to(logits.dtype)
 
@@ -75,13 +80,17 @@ def _kernels(compiled: bool) -> tuple:
     if not compiled:
         return _EAGER
     if _COMPILED is None:
-        _COMPILED = tuple(torch.compile(fn, dynamic=True) for fn in _EAGER)
+        # automatic dynamic shapes: the chunk length becomes symbolic once it varies, the vocabulary stays a
+        # constant (with dynamic=True the gradient kernel ran at a quarter of the memory bandwidth)
+        _COMPILED = tuple(torch.compile(fn) for fn in _EAGER)
     return _COMPILED
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_tokens, vocab_start, group, compiled):
+    def forward(
+        ctx, hidden, weight, targets, temperature, chunk_tokens, vocab_start, group, compiled, keep_last
+    ):
         # hidden [T, h]; weight [V_local, h] holding only real (unpadded) vocabulary rows;
         # targets [T] global token ids; vocab_start: global id of this rank's first row.
         max_and_target, exp_sums, _ = _kernels(compiled)
@@ -90,6 +99,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         log_z = torch.empty(n_tokens, dtype=stats_dtype, device=hidden.device)
         entropy = torch.empty_like(log_z)
         target_logit = torch.empty_like(log_z)
+        last_start = (n_tokens - 1) // chunk_tokens * chunk_tokens if n_tokens else 0
+        kept = None  # the last chunk's logits, for backward
         for start in range(0, n_tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             local_t = targets[rows] - vocab_start
@@ -107,6 +118,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 sum_exp, weighted = exp_sums(logits, row_max, temperature)
             else:
                 sum_exp = weighted = torch.zeros(n, dtype=stats_dtype, device=hidden.device)
+            if start == last_start and keep_last:
+                kept = logits
             del logits
             sum_exp, weighted, picked = _all_reduce(
                 torch.stack([sum_exp, weighted, picked]), dist.ReduceOp.SUM, group
@@ -114,35 +127,43 @@ class _ChunkedLogprobs(torch.autograd.Function):
             log_z[rows] = row_max + sum_exp.log()
             entropy[rows] = log_z[rows] - weighted / sum_exp  # H = log Z - E_p[l]
             target_logit[rows] = picked
-        ctx.save_for_backward(hidden, weight, targets, log_z, entropy)
+        ctx.save_for_backward(hidden, weight, targets, log_z, entropy, kept)
         ctx.temperature, ctx.chunk_tokens, ctx.vocab_start = temperature, chunk_tokens, vocab_start
         ctx.group, ctx.compiled = group, compiled
         return target_logit - log_z, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, targets, log_z, entropy = ctx.saved_tensors
+        hidden, weight, targets, log_z, entropy, kept = ctx.saved_tensors
         _, _, grad_logits_fn = _kernels(ctx.compiled)
-        v_local = weight.size(0)
+        v_local, n_tokens = weight.size(0), hidden.size(0)
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=_stats_dtype(weight), device=weight.device)
         zeros = torch.zeros_like(log_z)
         g_lp = grad_logprobs if grad_logprobs is not None else zeros
         g_h = grad_entropy if grad_entropy is not None else zeros
-        for start in range(0, hidden.size(0) if v_local else 0, ctx.chunk_tokens):
+        starts = list(range(0, n_tokens if v_local else 0, ctx.chunk_tokens))
+        # one chunk: the matmul's own (fp32-accumulated) result; several: summed in fp32
+        grad_weight = None if len(starts) <= 1 else torch.zeros_like(weight, dtype=_stats_dtype(weight))
+        for start in reversed(starts):  # the last chunk first: its logits were kept
             rows = slice(start, start + ctx.chunk_tokens)
             local_t = targets[rows] - ctx.vocab_start
             mine = (local_t >= 0) & (local_t < v_local)
-            logits = hidden[rows] @ weight.t()  # recomputed [n, V_local]
+            logits = kept if kept is not None else hidden[rows] @ weight.t()  # [n, V_local]
+            kept = None
             grad_logits = grad_logits_fn(
                 logits, log_z[rows], entropy[rows], g_lp[rows], g_h[rows], local_t, mine, ctx.temperature
             )
             del logits
             grad_hidden[rows] = grad_logits @ weight
-            grad_weight += grad_logits.t() @ hidden[rows]
+            if grad_weight is None:
+                grad_weight = grad_logits.t() @ hidden[rows]
+            else:
+                grad_weight += grad_logits.t() @ hidden[rows]
+        if grad_weight is None:  # no tokens, or no vocabulary rows on this rank
+            grad_weight = torch.zeros_like(weight)
         # Each rank saw only its vocabulary slice: the hidden-state gradient is the sum over TP ranks.
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None, None
 
 
 def chunked_logprobs(
@@ -183,6 +204,7 @@ def chunked_logprobs(
         vocab_start,
         tp_group,
         hidden.is_cuda if compiled is None else compiled,
+        torch.is_grad_enabled() and (hidden.requires_grad or output_weight.requires_grad),
     )
     return TokenLogprobs(logprobs.reshape(shape), entropy.reshape(shape))
 

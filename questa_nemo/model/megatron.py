@@ -22,8 +22,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from questa_nemo.config import ConfigError, ModelConfig
+from questa_nemo.model import fused
 from questa_nemo.model.attention import SDPACoreAttention
 from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, te_norm_names
+from questa_nemo.model.linear import ColumnLinear, RowLinear
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
@@ -78,7 +80,9 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
             "model.sequence_parallel", "needs Transformer Engine (megatron's torch norms reject it)"
         )
     shape = ModelShape.from_hf(hf)
-    fuse = cfg.fusions and torch.cuda.is_available()
+    fuse = fusions_on(cfg)
+    if fuse:
+        fused.install()
     dtype = torch.bfloat16 if cfg.params_dtype == "bf16" else torch.float32
     recompute: dict = {}
     if cfg.recompute == "full" and cfg.recompute_num_layers is None:
@@ -116,13 +120,16 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
         context_parallel_size=cfg.context_parallel,
         sequence_parallel=cfg.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
-        # SwiGLU and bias-dropout-add fusions are torch.compile'd by megatron (jit_fuser); the others need
-        # apex / TE and stay off so the build is portable.
-        bias_activation_fusion=fuse,
-        bias_dropout_fusion=fuse,
+        # Fusions: RoPE TE's kernel or, without TE, ours (model/fused.py); SwiGLU megatron's jit_fuser under
+        # TE, else our activation submodule (built from the layer spec, which is what use_te_activation_func
+        # asks for). Bias-dropout-add stays unfused: no bias, dropout 0, so it is one add either way and the
+        # compiled call only costs host time. The others need apex / TE.
+        bias_activation_fusion=fuse and uses_te(cfg),
+        use_te_activation_func=fuse and not uses_te(cfg),
+        bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=fuse,
         gradient_accumulation_fusion=False,
         variable_seq_lengths=True,  # packed micro-batches differ in length: PP stages exchange shapes first
         moe_token_dispatcher_type="alltoall",  # no MoE here; megatron rejects variable lengths with "allgather"
@@ -131,13 +138,24 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
 
 
 def layer_spec(cfg: ModelConfig) -> ModuleSpec:
-    """The decoder-layer spec: TE's, or megatron's local spec with SDPA core attention (or its own)."""
+    """The decoder-layer spec: TE's, or megatron's local spec with SDPA core attention (or its own), linear
+    layers with a plain single-rank path (model/linear.py) and, with fusions, our SwiGLU."""
     if uses_te(cfg):
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
     if cfg.attention != "local":
-        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        attention.core_attention = SDPACoreAttention
+    attention.linear_qkv, attention.linear_proj = ColumnLinear, RowLinear
+    mlp.linear_fc1, mlp.linear_fc2 = ColumnLinear, RowLinear
+    if fusions_on(cfg):
+        mlp.activation_func = fused.SwiGLU
     return spec
+
+
+def fusions_on(cfg: ModelConfig) -> bool:
+    """Fused kernels run on GPU only; CPU runs (tests, the embedded default) take megatron's plain ops."""
+    return cfg.fusions and torch.cuda.is_available()
 
 
 def shard_layout(vp_stage: int | None = None) -> ShardLayout:

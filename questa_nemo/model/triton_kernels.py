@@ -1,0 +1,103 @@
+"""Triton kernels for the fused ops of model/fused.py (imported on CUDA only: triton ships with CUDA torch).
+
+SwiGLU over megatron's fused fc1 output y = [gate | up] ([rows, 2f], contiguous): each program handles one
+row's block of columns, reads gate, up (and the upstream gradient) once and writes both halves of the input
+gradient, where a compiled `cat` of the two halves reads its inputs twice.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _swiglu_forward_kernel(y_ptr, out_ptr, f, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < f
+    gate = tl.load(y_ptr + row * 2 * f + cols, mask=mask).to(tl.float32)
+    up = tl.load(y_ptr + row * 2 * f + f + cols, mask=mask).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + row * f + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_kernel(g_ptr, y_ptr, dy_ptr, f, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < f
+    g = tl.load(g_ptr + row * f + cols, mask=mask).to(tl.float32)
+    gate = tl.load(y_ptr + row * 2 * f + cols, mask=mask).to(tl.float32)
+    up = tl.load(y_ptr + row * 2 * f + f + cols, mask=mask).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    d_gate = g * up * sig * (1.0 + gate * (1.0 - sig))
+    d_up = g * gate * sig
+    tl.store(dy_ptr + row * 2 * f + cols, d_gate.to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dy_ptr + row * 2 * f + f + cols, d_up.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu_forward(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for y [..., 2f] -> [..., f]."""
+    f = y.size(-1) // 2
+    y2d = y.reshape(-1, 2 * f).contiguous()
+    out = torch.empty(y2d.size(0), f, dtype=y.dtype, device=y.device)
+    if out.numel():
+        _swiglu_forward_kernel[(y2d.size(0), triton.cdiv(f, BLOCK))](y2d, out, f, BLOCK=BLOCK, num_warps=4)
+    return out.view(*y.shape[:-1], f)
+
+
+def swiglu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gradient of `swiglu_forward` at y for upstream gradient g ([..., f]) -> [..., 2f]."""
+    f = y.size(-1) // 2
+    y2d, g2d = y.reshape(-1, 2 * f).contiguous(), g.reshape(-1, f).contiguous()
+    dy = torch.empty_like(y2d)
+    if dy.numel():
+        _swiglu_backward_kernel[(y2d.size(0), triton.cdiv(f, BLOCK))](
+            g2d, y2d, dy, f, BLOCK=BLOCK, num_warps=4
+        )
+    return dy.view(y.shape)
+
+
+# ------------------------------------------------------------------------------------------ RoPE
+@triton.jit
+def _rope_kernel(
+    x_ptr, cos_ptr, sin_ptr, out_ptr, batch, heads, stride_s, stride_b, stride_h,
+    SIGN: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """One (position, batch row, block of heads) per program. out1 = x1 cos - x2 sin', out2 = x2 cos + x1 sin'
+    with sin' = SIGN sin: SIGN = 1 rotates (forward), -1 rotates back (the backward of a rotation)."""
+    row = tl.program_id(0)
+    s, b = row // batch, row % batch
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HALF)
+    mask = (h < heads)[:, None]
+    src = x_ptr + s.to(tl.int64) * stride_s + b * stride_b + h[:, None] * stride_h + d[None, :]
+    x1 = tl.load(src, mask=mask).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask).to(tl.float32)
+    cos = tl.load(cos_ptr + s.to(tl.int64) * 2 * HALF + d)[None, :]  # both halves of a table row are equal
+    sin = SIGN * tl.load(sin_ptr + s.to(tl.int64) * 2 * HALF + d)[None, :]
+    dst = out_ptr + (row.to(tl.int64) * heads + h[:, None]) * 2 * HALF + d[None, :]
+    tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x [s, b, heads, d] (any strides, d contiguous) rotated by fp32 tables cos / sin [s, 1, 1, d] (or
+    [s, d]); inverse: the opposite rotation. Returns a contiguous tensor of x's shape and dtype."""
+    s, b, heads, dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.reshape(-1, dim).contiguous(), sin.reshape(-1, dim).contiguous()
+    out = torch.empty(s, b, heads, dim, dtype=x.dtype, device=x.device)
+    if out.numel():
+        block_h = min(triton.next_power_of_2(heads), 16)
+        grid = (s * b, triton.cdiv(heads, block_h))
+        _rope_kernel[grid](
+            x, cos, sin, out, b, heads, x.stride(0), x.stride(1), x.stride(2),
+            SIGN=-1.0 if inverse else 1.0, HALF=dim // 2, BLOCK_H=block_h, num_warps=4,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,165 @@
+"""Our fused RoPE and SwiGLU (model/fused.py) against megatron's unfused ops: functions, and a whole model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from megatron.core.models.common.embeddings import rope_utils
+from megatron.core.packed_seq_params import PackedSeqParams
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from tiny_hf import VOCAB, tiny_hf_model  # noqa: E402
+
+from questa_nemo.config import ModelConfig  # noqa: E402
+from questa_nemo.model import fused  # noqa: E402
+
+
+class _OneRank:
+    """The context-parallel group megatron's thd RoPE asks for its size and rank."""
+
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
+
+def _freqs(positions: int, dim: int) -> torch.Tensor:
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    angles = torch.outer(torch.arange(positions).float(), inv)
+    return torch.cat((angles, angles), dim=-1)[:, None, None, :]  # megatron's [s, 1, 1, d]
+
+
+def test_rope_equals_megatron_unfused_values_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(12, 2, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    freqs = _freqs(12, 16).double()
+    upstream = torch.randn(12, 2, 3, 16, generator=g, dtype=torch.float64)
+    ours = fused.fused_rope_sbhd(t, freqs)
+    (grad_ours,) = torch.autograd.grad(ours, t, upstream)
+    ref = rope_utils._apply_rotary_pos_emb_bshd(t, freqs)
+    (grad_ref,) = torch.autograd.grad(ref, t, upstream)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=1e-12)
+
+
+def test_thd_positions_restart_at_each_segment_as_in_megatron():
+    cu = torch.tensor([0, 5, 6, 13, 16], dtype=torch.int32)
+    assert fused.segment_positions(cu, 16).tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+    t = torch.randn(16, 3, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # more rows than tokens: megatron's unfused path reads freqs of exactly T rows as per-token angles (its
+    # "exact mapping"), TE's fused one, whose slot ours fills, always by position within the segment
+    freqs = _freqs(20, 8).double()
+    # same angles, other packings, one after the other: the cos / sin tables kept from a call are not reused
+    packings = (cu, torch.tensor([0, 16], dtype=torch.int32), torch.tensor([0, 9, 16], dtype=torch.int32))
+    for packing in packings:
+        ours = fused.fused_rope_thd(t, packing, freqs)
+        ref = rope_utils._apply_rotary_pos_emb_thd(t, packing, freqs, cp_group=_OneRank())
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    # nor across dtypes
+    half = fused.fused_rope_thd(t.float(), packing, freqs.float())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_unsupported_variants_raise():
+    t, freqs = torch.randn(4, 1, 2, 8), _freqs(4, 8)
+    with pytest.raises(ValueError, match="interleaved"):
+        fused.fused_rope_sbhd(t, freqs, interleaved=True)
+    with pytest.raises(ValueError, match="partial"):
+        fused.fused_rope_sbhd(t, freqs[..., :4])
+    with pytest.raises(ValueError, match="context parallelism"):
+        fused.fused_rope_thd(t[:, 0], torch.tensor([0, 4], dtype=torch.int32), freqs, cp_size=2)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    from questa_nemo.model.parallel import destroy_distributed, init_distributed
+
+    init_distributed(ModelConfig(params_dtype="fp32"))
+    yield
+    destroy_distributed()
+
+
+def test_model_logits_with_fused_rope_equal_unfused(single_process):
+    """megatron's layers call the installed functions through `apply_rope_fusion` (bshd and packed thd)."""
+    from questa_nemo.model.logprobs import final_hidden_states
+    from questa_nemo.model.megatron import build_model, load_hf_weights
+
+    ref, hf = tiny_hf_model("qwen2")
+    cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none")
+    model = build_model(hf, cfg)
+    load_hf_weights(model, ref.state_dict(), hf, cfg)
+    model.eval()
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(2))
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    packed = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=13, max_seqlen_kv=13
+    )
+    positions = fused.segment_positions(cu, 20)[None]
+    inputs = [(torch.arange(20)[None], None), (positions, packed)]
+    fused.install()
+    calls = []
+    original = rope_utils.fused_apply_rotary_pos_emb
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    try:
+        rope_utils.fused_apply_rotary_pos_emb = counting
+        with torch.no_grad():
+            for pos, params in inputs:
+                model.config.apply_rope_fusion = False
+                expected = final_hidden_states(model, ids, pos, packed_seq_params=params)
+                model.config.apply_rope_fusion = True
+                got = final_hidden_states(model, ids, pos, packed_seq_params=params)
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        rope_utils.fused_apply_rotary_pos_emb = original
+        model.config.apply_rope_fusion = False
+    assert calls, "megatron did not call the fused RoPE"
+
+
+def test_swiglu_equals_megatron_glu_values_and_gradients():
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(5, 2, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 2, 6, generator=g, dtype=torch.float64)
+    ours = fused.SwiGLU()(y)
+    (grad_ours,) = torch.autograd.grad(ours, y, upstream)
+    gate, up = torch.chunk(y, 2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up  # megatron MLP's unfused glu
+    (grad_ref,) = torch.autograd.grad(ref, y, upstream)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=1e-12)
+
+
+def test_model_with_swiglu_submodule_equals_megatron_glu(single_process):
+    """megatron's MLP calls the spec's activation submodule on the whole fc1 output (use_te_activation_func)."""
+    from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
+    from questa_nemo.model.megatron import build_model, load_hf_weights
+
+    ref, hf = tiny_hf_model("llama")
+    cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none")
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+
+    def loss_and_grads(ours: bool):
+        model = build_model(hf, cfg)
+        load_hf_weights(model, ref.state_dict(), hf, cfg)
+        if ours:
+            model.config.use_te_activation_func = True
+            for layer in model.decoder.layers:
+                layer.mlp.activation_func = fused.SwiGLU()
+        hidden = final_hidden_states(model, ids, torch.arange(12).expand_as(ids))
+        out = chunked_logprobs(hidden, output_weight(model), ids.t(), vocab_size=VOCAB)
+        out.logprobs.sum().backward()
+        return out.logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected, expected_grads = loss_and_grads(ours=False)
+    got, got_grads = loss_and_grads(ours=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

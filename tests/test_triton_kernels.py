@@ -1,0 +1,50 @@
+"""The Triton kernels of model/triton_kernels.py on the CPU, through Triton's interpreter.
+
+CI's CPU image has no Triton (it ships with CUDA builds of torch), so there this module is skipped and the
+kernels are checked on the GPU by every `bench/bench_train.py` run (`fused_kernel_check`). Locally:
+`pip install --no-deps triton==3.6.0` and run this file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU tensors
+pytest.importorskip("triton")
+
+from megatron.core.models.common.embeddings import rope_utils  # noqa: E402
+
+from questa_nemo.model import fused, triton_kernels  # noqa: E402
+
+
+def test_swiglu_kernels_equal_the_reference():
+    g = torch.Generator().manual_seed(0)
+    y, up = torch.randn(6, 80, generator=g), torch.randn(6, 40, generator=g)
+    torch.testing.assert_close(triton_kernels.swiglu_forward(y), fused.swiglu_reference(y))
+    torch.testing.assert_close(
+        triton_kernels.swiglu_backward(up, y), fused.swiglu_reference_backward(up, y)
+    )
+
+
+@pytest.mark.parametrize("layout", ["query", "key"])
+def test_rope_kernel_equals_megatron_and_inverts(layout):
+    """query: contiguous [s, b, heads, d]; key: a strided view into a fused projection, as megatron's is."""
+    g = torch.Generator().manual_seed(1)
+    dim = 16
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    angles = torch.outer(torch.arange(10).float(), inv)
+    freqs = torch.cat((angles, angles), -1)[:, None, None, :]
+    if layout == "query":
+        t = torch.randn(10, 2, 5, dim, generator=g)  # 5 heads: a partly masked head block
+    else:
+        t = torch.randn(10, 2, 3, 4 * dim, generator=g)[..., dim : 2 * dim]
+    cos, sin = freqs.cos(), freqs.sin()
+    out = triton_kernels.rope(t, cos, sin)
+    torch.testing.assert_close(out, rope_utils._apply_rotary_pos_emb_bshd(t, freqs))
+    torch.testing.assert_close(triton_kernels.rope(out, cos, sin, inverse=True), t)
+    leaf, upstream = t.clone().requires_grad_(), torch.randn(t.shape, generator=g)
+    (grad,) = torch.autograd.grad(rope_utils._apply_rotary_pos_emb_bshd(leaf, freqs), leaf, upstream)
+    torch.testing.assert_close(triton_kernels.rope(upstream, cos, sin, inverse=True), grad)
