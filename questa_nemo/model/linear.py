@@ -4,7 +4,7 @@ At TP = 1 megatron's ColumnParallelLinear / RowParallelLinear still route every 
 autograd Functions (an identity "copy to / reduce from the TP region" and
 `LinearWithGradAccumulationAndAsyncCommunication`), forward and backward, and add the bias in a kernel of
 its own. Four per layer: on an H200 the 1.5B training step at 8K tokens waited on the host launching kernels
-(the GPU idle a quarter of the step). These subclasses compute the same product with one `F.linear` (autograd
+(GPU idle 73 of 246 ms in a profiled step; after this change 1 ms). These subclasses compute the same product with one `F.linear` (autograd
 in C++, the bias in the GEMM's epilogue) whenever megatron's forward would reduce to it, and defer to it
 otherwise. Parameters, state dict and sharded checkpoint layout are megatron's.
 """
