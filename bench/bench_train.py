@@ -275,7 +275,8 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
     by_kind: dict[str, float] = {}
     by_name: dict[str, list] = {}
     for e in kernels:
-        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + e.device_time / 1e3
+        kind = kernel_kind(e.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time / 1e3
         entry = by_name.setdefault(e.name, [0, 0.0])
         entry[0] += 1
         entry[1] += e.device_time / 1e3
@@ -301,23 +302,35 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
     return summary
 
 
+def train_step(forward, optimizer, accum: int, marks: dict[str, float] | None = None) -> torch.Tensor:
+    """`accum` forward + backward passes, then one optimizer step; returns the last loss. With `marks`, adds
+    the host time each phase took to issue (seconds) under "forward", "backward" and "optimizer"."""
+
+    def lap(phase: str, since: float) -> None:
+        if marks is not None:
+            marks[phase] = marks.get(phase, 0.0) + time.perf_counter() - since
+
+    for _ in range(accum):
+        t = time.perf_counter()
+        loss = forward()
+        lap("forward", t)
+        t = time.perf_counter()
+        loss.backward()
+        lap("backward", t)
+    t = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lap("optimizer", t)
+    return loss
+
+
 def host_timing(forward, optimizer, accum: int) -> dict[str, float]:
     """When the host finished issuing forward, backward and the optimizer step, and when the GPU finished
     (ms from the step's start). A step whose GPU finishes right after the host is bound by the host."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    marks = {"forward": 0.0, "backward": 0.0}
-    for _ in range(accum):
-        t = time.perf_counter()
-        loss = forward()
-        marks["forward"] += time.perf_counter() - t
-        t = time.perf_counter()
-        loss.backward()
-        marks["backward"] += time.perf_counter() - t
-    t = time.perf_counter()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    marks["optimizer"] = time.perf_counter() - t
+    marks: dict[str, float] = {}
+    train_step(forward, optimizer, accum, marks)
     marks["host_done"] = time.perf_counter() - start
     torch.cuda.synchronize()
     marks["gpu_done"] = time.perf_counter() - start
@@ -350,18 +363,16 @@ def measure(
 
     accum = int(run.options.get("accum", 1))
 
-    def train_step() -> torch.Tensor:
-        for _ in range(accum):
-            loss = loss_fn(ids, targets, adv)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+    def forward() -> torch.Tensor:
+        return loss_fn(ids, targets, adv)
+
+    def step_once() -> torch.Tensor:
+        return train_step(forward, optimizer, accum)
 
     with sdpa_backend(run.options.get("sdpa", "auto")):
         for step in range(warmup + steps):
             start = time.perf_counter()
-            loss = train_step()
+            loss = step_once()
             if device == "cuda":
                 torch.cuda.synchronize()
             if not torch.isfinite(loss):
@@ -369,9 +380,9 @@ def measure(
             if step >= warmup:
                 run.step_s.append(time.perf_counter() - start)
         if device == "cuda":
-            run.host_ms = host_timing(lambda: loss_fn(ids, targets, adv), optimizer, accum)
+            run.host_ms = host_timing(forward, optimizer, accum)
         if profile_dir is not None and device == "cuda":
-            summary = profile_step(train_step, run.label, profile_dir)
+            summary = profile_step(step_once, run.label, profile_dir)
             kinds = "  ".join(f"{k} {v:.1f}" for k, v in summary["ms_by_kind"].items())
             print(
                 f"  profile {run.label}: wall {summary['wall_ms']:.1f} ms, GPU {summary['gpu_busy_ms']:.1f} ms"

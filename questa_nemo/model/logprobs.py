@@ -99,7 +99,6 @@ class _ChunkedLogprobs(torch.autograd.Function):
         log_z = torch.empty(n_tokens, dtype=stats_dtype, device=hidden.device)
         entropy = torch.empty_like(log_z)
         target_logit = torch.empty_like(log_z)
-        last_start = (n_tokens - 1) // chunk_tokens * chunk_tokens if n_tokens else 0
         kept = None  # the last chunk's logits, for backward
         for start in range(0, n_tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
@@ -118,7 +117,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 sum_exp, weighted = exp_sums(logits, row_max, temperature)
             else:
                 sum_exp = weighted = torch.zeros(n, dtype=stats_dtype, device=hidden.device)
-            if start == last_start and keep_last:
+            if keep_last and start + chunk_tokens >= n_tokens:
                 kept = logits
             del logits
             sum_exp, weighted, picked = _all_reduce(
