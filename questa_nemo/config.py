@@ -5,7 +5,7 @@ overrides (`train.steps=10`) apply on top. `load_config` merges the composed YAM
 (OmegaConf rejects unknown keys and wrong types, naming the key) and `validate` checks the relations between
 keys (TP must divide the heads, ...) before any process group or GPU is touched.
 
-Every knob of the reference recipe (../shared/RECIPE.md) keeps its meaning here; the comment on each field
+Every knob of the reference recipe (docs/recipe.md) keeps its meaning here; the comment on each field
 names its reference counterpart where there is one.
 """
 
@@ -183,7 +183,7 @@ class WarmupConfig:
     hint_fraction: float = 0.4
     # Stop once the pass@1 of the calibration set's hard problems with the RL hint reaches this, checked every
     # check_every steps: the small world's learning turns sharply, so the RL start is picked by calibration,
-    # not by a step count (../shared/TOY_WORLD.md). null: run `steps`.
+    # not by a step count (docs/world.md). null: run `steps`.
     stop_at_pass1: float | None = None
     check_every: int = 100
 
