@@ -29,6 +29,13 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def _at_least(section: str, obj: Any, keys: tuple[str, ...], low: int) -> None:
+    """Raise ConfigError naming the first of `keys` (fields of `obj`, the `section` config) below `low`."""
+    for key in keys:
+        if getattr(obj, key) < low:
+            raise ConfigError(f"{section}.{key}", f"must be >= {low}")
+
+
 # --------------------------------------------------------------------------------------------- data
 @dataclass
 class DifficultyFilterConfig:
@@ -38,7 +45,9 @@ class DifficultyFilterConfig:
 
     def validate(self) -> None:
         if not 0 <= self.min_pass_rate <= self.max_pass_rate <= 1:
-            raise ConfigError("data.difficulty.min_pass_rate", "need 0 <= min_pass_rate <= max_pass_rate <= 1")
+            raise ConfigError(
+                "data.difficulty.min_pass_rate", "need 0 <= min_pass_rate <= max_pass_rate <= 1"
+            )
 
 
 @dataclass
@@ -117,10 +126,9 @@ class ModelConfig:
     def validate(self) -> None:
         """Relations between this section's keys; the model's shapes are checked at build time
         (`validate_model_shapes`), where its config.json is read anyway."""
-        for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key}", "must be >= 1")
-        if self.recompute_num_layers is not None and (self.recompute != "full" or self.recompute_num_layers < 1):
+        _at_least("model", self, ("tensor_parallel", "pipeline_parallel", "context_parallel"), 1)
+        n = self.recompute_num_layers
+        if n is not None and (self.recompute != "full" or n < 1):
             raise ConfigError("model.recompute_num_layers", "needs recompute=full and a value >= 1")
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
             raise ConfigError("model.virtual_pipeline", "needs pipeline_parallel >= 2")
@@ -154,9 +162,8 @@ class RolloutConfig:
             raise ConfigError("rollout.top_p", "must be in (0, 1]")
         if self.max_staleness < 0:
             raise ConfigError("rollout.max_staleness", "must be >= 0")
-        for key in ("max_batch_sequences", "prefill_chunk_tokens", "max_new_tokens", "tensor_parallel"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"rollout.{key}", "must be >= 1")
+        keys = ("max_batch_sequences", "prefill_chunk_tokens", "max_new_tokens", "tensor_parallel")
+        _at_least("rollout", self, keys, 1)
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError("rollout.kv_cache_memory_fraction", "must be in (0, 1]")
 
@@ -178,14 +185,10 @@ class RewardConfig:
     overlong_penalty: float = 0.0  # reward given to a truncated completion when overlong=penalty
 
     def validate(self) -> None:
-        for key in ("num_workers", "max_answer_chars"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"reward.{key}", "must be >= 1")
+        _at_least("reward", self, ("num_workers", "max_answer_chars"), 1)
         if self.timeout_s <= 0:
             raise ConfigError("reward.timeout_s", "must be > 0")
-        for key in ("kill_grace_s", "memory_limit_mb"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"reward.{key}", "must be >= 0")
+        _at_least("reward", self, ("kill_grace_s", "memory_limit_mb"), 0)
 
 
 # --------------------------------------------------------------------------------------- algorithm
@@ -210,7 +213,9 @@ class AlgoConfig:
 
     def validate(self) -> None:
         if not 0 <= self.filter_min_success <= self.filter_max_success <= 1:
-            raise ConfigError("algo.filter_min_success", "need 0 <= filter_min_success <= filter_max_success <= 1")
+            raise ConfigError(
+                "algo.filter_min_success", "need 0 <= filter_min_success <= filter_max_success <= 1"
+            )
         if self.clip_eps <= 0:
             raise ConfigError("algo.clip_eps", "must be > 0")
         if self.behave_imp_weight_cap is not None and self.behave_imp_weight_cap <= 0:
@@ -218,7 +223,9 @@ class AlgoConfig:
         if self.clip_eps_high is not None and self.clip_eps_high <= 0:
             raise ConfigError("algo.clip_eps_high", "must be > 0 or null")
         if self.advantage == "drgrpo" and self.loss_agg != "sequence_sum":
-            raise ConfigError("algo.loss_agg", "advantage=drgrpo needs sequence_sum (no length normalisation)")
+            raise ConfigError(
+                "algo.loss_agg", "advantage=drgrpo needs sequence_sum (no length normalisation)"
+            )
         if self.kl_coef < 0:
             raise ConfigError("algo.kl_coef", "must be >= 0")
         if self.max_prompt_batches < 0:
@@ -249,9 +256,7 @@ class OptimConfig:
                 raise ConfigError(f"optim.{key}", "must be in [0, 1)")
         if self.adam_eps <= 0:
             raise ConfigError("optim.adam_eps", "must be > 0")
-        for key in ("weight_decay", "grad_clip"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"optim.{key}", "must be >= 0")
+        _at_least("optim", self, ("weight_decay", "grad_clip"), 0)
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -305,9 +310,8 @@ class TrainConfig:
     validation_samples: int = 4  # samples per problem in validation and calibration (pass@1 and pass@n)
 
     def validate(self) -> None:
-        for key in ("steps", "prompts_per_step", "micro_batch_tokens", "save_every", "recovery_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key}", "must be >= 1")
+        keys = ("steps", "prompts_per_step", "micro_batch_tokens", "save_every", "recovery_every")
+        _at_least("train", self, keys, 1)
         self.warmup.validate()
 
 
@@ -359,13 +363,13 @@ class EvalConfig:
             raise ConfigError("eval.temperature", "must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError("eval.top_p", "must be in (0, 1]")
-        for key in ("max_new_tokens", "problems_per_batch"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"eval.{key}", "must be >= 1")
+        _at_least("eval", self, ("max_new_tokens", "problems_per_batch"), 1)
         if "{problem}" not in self.prompt_template:
             raise ConfigError("eval.prompt_template", "must contain {problem}")
         if self.labels and len(self.labels) != len(self.checkpoints):
-            raise ConfigError("eval.labels", f"{len(self.labels)} labels for {len(self.checkpoints)} checkpoints")
+            raise ConfigError(
+                "eval.labels", f"{len(self.labels)} labels for {len(self.checkpoints)} checkpoints"
+            )
         for i, b in enumerate(self.benchmarks):
             b.validate(f"eval.benchmarks[{i}]")
 

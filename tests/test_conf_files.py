@@ -1,10 +1,10 @@
 """Every YAML under conf/ loads and validates, the way the CLI loads it (issue 18).
 
 - Each recipe file (conf/*.yaml) is composed through Hydra by `load_config(name)`, as `questa-nemo <command>
-  -c name` does, without any model on disk: config load reads no file (the model's config.json is read at build
-  time). The model shapes are then checked with `validate_model_shapes` against a stubbed read of config.json.
-- Each group file (conf/<group>/<option>.yaml) is picked by a command-line override (`algo=drgrpo`) on a recipe
-  that composes that group, and on its own merges into the schema and passes its section's validation.
+  -c name` does, without any model on disk: config load reads no file (the model's config.json is read at
+  build time). The model shapes are then checked with `validate_model_shapes` against a stubbed config.json.
+- Each group file (conf/<group>/<option>.yaml) is picked by a command-line override (`algo=drgrpo`) on a
+  recipe that composes that group, and on its own merges into the schema and passes its section's validation.
 - Each recipe file is used by a test or named in the docs; a file nobody uses should be removed.
 New files are picked up by the globs; a new group needs its base recipe in BASE_RECIPE.
 """
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in CONF.glob("*.yaml"))
 GROUP_FILES = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
 
-# A recipe that composes each group, so `group=option` swaps the file in as `questa-nemo train group=option` does.
+# A recipe composing each group: `group=option` swaps the file in, as `questa-nemo train group=option` does.
 BASE_RECIPE = {
     "algo": "default",
     "rollout": "default",
@@ -40,15 +40,17 @@ BASE_RECIPE = {
 # The shapes (from each model's config.json) behind the placeholder paths the shipped files name; nothing of
 # these models is on disk in CI. The small world's config.json is shipped (data/world/) and read for real.
 STUB_SHAPES = {
-    "/models/OpenMath-Nemotron-1.5B": {"num_attention_heads": 12, "num_key_value_heads": 2, "num_hidden_layers": 28},
-    "outputs/smollm2/hf": {"num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30},
+    "/models/OpenMath-Nemotron-1.5B": dict(
+        num_attention_heads=12, num_key_value_heads=2, num_hidden_layers=28
+    ),
+    "outputs/smollm2/hf": dict(num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30),
 }
 
 
 def stub_read_hf_config(path: str) -> dict:
     if path in STUB_SHAPES:
         return STUB_SHAPES[path]
-    assert Path(path).exists(), f"{path}: a shipped config names a model file that is neither shipped nor stubbed"
+    assert Path(path).exists(), f"{path}: a shipped config names a model neither shipped nor stubbed here"
     return config_module.read_hf_config(path)
 
 
@@ -78,7 +80,7 @@ def test_recipe_composes_and_validates(name, no_model_reads, monkeypatch):
 
 @pytest.mark.parametrize(("group", "option"), GROUP_FILES)
 def test_group_file_composes_into_its_recipe(group, option, no_model_reads, monkeypatch):
-    assert group in BASE_RECIPE, f"conf/{group}/ is a new group: name a recipe that composes it in BASE_RECIPE"
+    assert group in BASE_RECIPE, f"conf/{group}/ is a new group: add a recipe composing it to BASE_RECIPE"
     cfg = load_config(BASE_RECIPE[group], [f"{group}={option}"])
     monkeypatch.undo()
     if group == "model":
@@ -102,14 +104,15 @@ def test_recipe_load_needs_no_model_on_disk(no_model_reads):
 
 def test_model_shapes_are_checked_at_build_time():
     cfg = load_config("questa_partial_50", ["model.tensor_parallel=3"])  # loads: 3 does not divide 2 kv heads
-    with pytest.raises(config_module.ConfigError, match="^model.tensor_parallel: 3 does not divide num_key_value"):
+    with pytest.raises(config_module.ConfigError, match="^model.tensor_parallel: 3 does not divide num_key"):
         validate_model_shapes(cfg.model, stub_read_hf_config(cfg.model.hf_config))
 
 
 def _tracked_text(paths: list[str]) -> str:
     try:
         out = subprocess.run(
-            ["git", "-C", str(REPO), "ls-files", "-z", "--", *paths], check=True, capture_output=True, timeout=60
+            ["git", "-C", str(REPO), "ls-files", "-z", "--", *paths],
+            check=True, capture_output=True, timeout=60,
         ).stdout.decode()
     except (OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"not a git checkout: {e}")

@@ -9,11 +9,11 @@ The rule, for every tracked text file (git ls-files) except the recorded outputs
 2. Home and work folders: an absolute path under /home, /root, /Users, /work or /scratch names one machine's
    (or one person's) files and fails wherever it appears. `$HOME/...` and `~/...` are fine: they mean the
    reader's own home.
-3. The temp folder: `/tmp/NAME...` is allowed only when some tracked file creates /tmp/NAME itself, i.e. writes
-   it in a visible write position: a redirect (`> /tmp/x`), an output flag (`--out`, `--out-dir`, `--target`,
-   `-o`), `mkdir`/`mktemp`, or a shell default (`${VAR:-/tmp/x}`) of a folder the script then creates. A
-   /tmp path nobody in the repository writes is a pointer to one machine's leftovers, and fails. A bare `/tmp`
-   (e.g. `TMPDIR=/tmp`) is the folder itself, not a citation.
+3. The temp folder: `/tmp/NAME...` is allowed only when some tracked file creates /tmp/NAME itself, i.e.
+   writes it in a visible write position: a redirect (`> /tmp/x`), an output flag (`--out`, `--out-dir`,
+   `--target`, `-o`), `mkdir`/`mktemp`, or a shell default (`${VAR:-/tmp/x}`) of a folder the script then
+   creates. A /tmp path nobody in the repository writes is a pointer to one machine's leftovers, and fails. A
+   bare `/tmp` (e.g. `TMPDIR=/tmp`) is the folder itself, not a citation.
 4. Everything else absolute is a system or container path that is the same on every machine of its kind and
    is allowed: /dev/null, /usr/bin/env, /etc/..., /proc/..., /opt/..., /cache or /models in container mounts
    and examples (placeholders the user replaces), URLs (a path preceded by a host name is not matched).
@@ -46,7 +46,8 @@ HOME_WORK = re.compile(_START + r"(/(?:home|root|Users|work|scratch)(?:/[^\s'\"`
 TMP_PATH = re.compile(_START + r"/tmp/([\w.+-]+)")
 # Write positions that create /tmp/NAME: redirect, output flags, mkdir/mktemp, shell default "${VAR:-/tmp/x}".
 TMP_WRITE = re.compile(
-    r"(?:>>?|--out(?:-dir)?|--target|-o|mkdir(?:\s+-p)?|mktemp(?:\s+-d)?(?:\s+-p)?|:-)[\s=\"']*/tmp/([\w.+-]+)"
+    r"(?:>>?|--out(?:-dir)?|--target|-o|mkdir(?:\s+-p)?|mktemp(?:\s+-d)?(?:\s+-p)?|:-)"
+    r"[\s=\"']*/tmp/([\w.+-]+)"
 )
 
 

@@ -1,7 +1,7 @@
 """The glue from scored groups to training sequences, against hand-computed values (issue 18).
 
-build_step_data (train/grpo.py): rewards -> overlong handling -> shaping -> advantages -> one TokenSequence per
-completion, prompt tokens masked out at their offset; segments: a packed row back to one row per sequence;
+build_step_data (train/grpo.py): rewards -> overlong handling -> shaping -> advantages -> one TokenSequence
+per completion, prompt tokens masked out at their offset; segments: a packed row back to one row per sequence;
 normaliser_for: the loss normaliser of each aggregation; align_to_tokens (model/policy.py): a next-token value
 moved onto the token it predicts, which is what makes the prompt-offset mask line up with the log-probs.
 
@@ -92,8 +92,9 @@ def test_reference_recipe_sequences_by_hand():
 
 def test_reference_advantages_use_the_all_reduced_moments():
     """Another DP rank holding 8 completion tokens of reward 0 (count 8, sum 0, sum of squares 0) makes the
-    global moments count 16, sum 20, sum of squares 100: mean 1.25, variance 100/16 - 1.25^2 = 4.6875, so a
-    token worth 5 gets 3.75 / sqrt(4.6875) = sqrt(3) and one worth 0 gets -1.25 / sqrt(4.6875) = -1/sqrt(3)."""
+    global moments count 16, sum 20, sum of squares 100: mean 1.25, variance 100/16 - 1.25^2 = 4.6875,
+    so a token worth 5 gets 3.75 / sqrt(4.6875) = sqrt(3) and one worth 0 gets -1.25 / sqrt(4.6875)
+    = -1/sqrt(3)."""
     other_rank = torch.tensor([8.0, 0.0, 0.0], dtype=torch.float64)
     data = build_step_data(config(), fixture_groups(), trainer_version=7, all_reduce=lambda x: x + other_rank)
     std = math.sqrt(4.6875)
@@ -120,8 +121,9 @@ def test_grpo_with_overlong_mask_by_hand():
 
 
 def test_overlong_penalty_replaces_the_reward_before_shaping():
-    """Penalty -1 for the truncated B, then x 5: shaped rewards 5, -5, 0, 5 over tokens (5, 5), (-5), (0, 0, 0),
-    (5, 5): sum 15, sum of squares 125, count 8: mean 1.875, variance 125/8 - 1.875^2 = 12.109375."""
+    """Penalty -1 for the truncated B, then x 5: shaped rewards 5, -5, 0, 5 over tokens (5, 5), (-5),
+    (0, 0, 0), (5, 5): sum 15, sum of squares 125, count 8: mean 1.875, variance 125/8 - 1.875^2
+    = 12.109375."""
     cfg = config(reward__overlong="penalty", reward__overlong_penalty=-1.0)
     data = build_step_data(cfg, fixture_groups(), trainer_version=7)
     mean, std = 1.875, math.sqrt(12.109375)
