@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# QuestA on SmolLM2-135M-Instruct, one GPU (issue 10): join + check the GGUF -> import to an HF folder ->
+# QuestA on SmolLM2-135M-Instruct, one GPU: join + check the GGUF -> import to an HF folder ->
 #   word-world data -> supervised warm-up (stops by calibration) -> GRPO, hint arm (p50) and no_hint arm (p0),
 #   same steps and seed -> final evaluation of initial / hint / no_hint without hints -> results in $OUT.
 # Usage (repository root, GPU image):

@@ -1,4 +1,4 @@
-"""Every YAML under conf/ loads and validates, the way the CLI loads it (issue 18).
+"""Every YAML under conf/ loads and validates, the way the CLI loads it.
 
 - Each recipe file (conf/*.yaml) is composed through Hydra by `load_config(name)`, as `questa-nemo <command>
   -c name` does, without any model on disk: config load reads no file (the model's config.json is read at

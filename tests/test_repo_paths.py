@@ -1,4 +1,4 @@
-"""Every path a tracked file cites lies inside the repository (issue 19): a clone is self-contained.
+"""Every path a tracked file cites lies inside the repository: a clone is self-contained.
 
 The rule, for every tracked text file (git ls-files) except the recorded outputs under bench/results/:
 

@@ -1,4 +1,4 @@
-"""The glue from scored groups to training sequences, against hand-computed values (issue 18).
+"""The glue from scored groups to training sequences, against hand-computed values.
 
 build_step_data (train/grpo.py): rewards -> overlong handling -> shaping -> advantages -> one TokenSequence
 per completion, prompt tokens masked out at their offset; segments: a packed row back to one row per sequence;
