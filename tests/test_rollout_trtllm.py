@@ -319,3 +319,34 @@ def test_refit_through_the_model_parallel_all_gather():
 
     out = torchrun("trtllm_refit_worker.py")
     assert out.count("trtllm refit ok") == 2, out[-3000:]
+
+
+def _open_like_a_trtllm_worker(handles, device_id, out):
+    """What WorkerExtension.update_weights does with one rank's list (rlhf_utils.py): func(*args) with
+    args[6] replaced by the worker's device id; reports each tensor's sum."""
+    sums = {}
+    for name, (func, args) in handles:
+        list_args = list(args)
+        list_args[6] = device_id
+        sums[name] = float(func(*list_args).double().sum())
+    out.put(sums)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
+def test_shared_bucket_opens_in_another_process_like_tensorrt_llm_does():
+    """The real _share_bucket (no fake): another process rebuilds its handles the way TensorRT-LLM's
+    worker does and sees the same values."""
+    import torch.multiprocessing as mp
+
+    bucket = [("a", torch.arange(1000, dtype=torch.bfloat16)), ("b", torch.randn(64, 32))]
+    live, handles = trtllm._share_bucket(bucket)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_open_like_a_trtllm_worker, args=(handles, torch.cuda.current_device(), out))
+    child.start()
+    sums = out.get(timeout=120)
+    child.join(60)
+    assert child.exitcode == 0
+    for name, tensor in bucket:
+        assert sums[name] == pytest.approx(float(tensor.double().sum()), rel=1e-6), name
+    del live
