@@ -350,3 +350,38 @@ def test_shared_bucket_opens_in_another_process_like_tensorrt_llm_does():
     for name, tensor in bucket:
         assert sums[name] == pytest.approx(float(tensor.double().sum()), rel=1e-6), name
     del live
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank_instead_of_a_hang(monkeypatch, fake_rank):
+    uuids = ("GPU-a", "GPU-b")
+    trtllm_api.install(monkeypatch, worker_uuids=uuids)
+    options = TRTLLMOptions(tensor_parallel=2)
+
+    def ranks(body):
+        gathers = thread_gathers(2)
+
+        def rank(r):
+            GPU.uuid = uuids[r]
+            weights = [("a", torch.ones(2)), ("b", torch.ones(3))][: 2 - r]  # rank 1 forgets a tensor
+            backend = TRTLLMBackend("/models/qwen", options, lambda: iter(weights), gather=gathers[r])
+            try:
+                body(backend)
+            except RuntimeError as e:
+                return str(e)
+            return "no error"
+
+        return run_ranks([lambda: rank(0), lambda: rank(1)])
+
+    messages = ranks(lambda b: b.update_weights(1))
+    assert all("send different weights in bucket 0 (tensors per rank: [2, 1])" in m for m in messages)
+
+    def broken_engine(backend):
+        if backend.leader:
+            backend.llm.generate = lambda *a, **k: (_ for _ in ()).throw(
+                RuntimeError("CUDA error: out of memory")
+            )
+        backend.generate([[1]], SamplingParams(max_new_tokens=1))
+
+    leader, other = ranks(broken_engine)
+    assert leader == "CUDA error: out of memory"
+    assert other == "trtllm: the replica's first rank failed: RuntimeError: CUDA error: out of memory"

@@ -38,6 +38,7 @@ completions through the same gather.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -257,8 +258,25 @@ class TRTLLMBackend:
         uuids = self.gather(self.uuid)
         merge_handles([(u, None) for u in uuids], options.tensor_parallel)  # fail before the engine starts
         self.leader = uuids.index(self.uuid) == 0
-        self.llm = self._start_engine(model_dir) if self.leader else None
+        self.llm = self._on_leader(lambda: self._start_engine(model_dir))
         self._asleep = False
+
+    def _on_leader(self, fn: Callable[[], Any], share: bool = False) -> Any:
+        """Run fn on the first rank; every rank waits for it and gets its value when `share` (else only the
+        first rank does). A failure there is raised on every rank: the others would otherwise wait in
+        their next gather for ever."""
+        value, error, failure = None, None, None
+        if self.leader:
+            try:
+                value = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                failure, error = e, f"{type(e).__name__}: {e}"
+        shared, error = self.gather((value if share else None, error))[0]
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise RuntimeError(f"trtllm: the replica's first rank failed: {error}")
+        return shared if share else value
 
     def _start_engine(self, model_dir: str) -> Any:
         from tensorrt_llm import LLM
@@ -284,8 +302,10 @@ class TRTLLMBackend:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> GenerationResult:
         """Every group rank calls this with the same prompts; the first rank decodes, all get the result."""
-        result = None
-        if self.leader:
+        if not prompts:
+            return GenerationResult([], {"tokens": 0.0, "seconds": 0.0})
+
+        def decode() -> GenerationResult:
             from tensorrt_llm import SamplingParams as TRTSamplingParams
 
             self.wake()
@@ -297,27 +317,46 @@ class TRTLLMBackend:
             seconds = time.perf_counter() - started
             tokens = sum(len(c.token_ids) for group in completions for c in group)
             stats = {"tokens": float(tokens), "seconds": seconds, "tokens_per_second": tokens / seconds}
-            result = GenerationResult(completions, stats)
-        return self.gather(result)[0]
+            return GenerationResult(completions, stats)
+
+        return self._on_leader(decode, share=True)
 
     def update_weights(self, version: int) -> None:
         """Every group rank sends its GPU's copy of each bucket; the first rank hands the engine every
-        rank's handles keyed by device UUID, then finalises (post-load processing, prefix-cache reset)."""
-        if self.leader and self.options.release_weights and self._asleep:
-            self.llm._collective_rpc("wakeup", args=([WEIGHTS_TAG],))  # fresh pages; the refit fills them
-        if self.weights_fn is not None:
-            for bucket in weight_buckets(self.weights_fn(), self.options.refit_bucket_bytes):
-                live, handles = _share_bucket(bucket)
-                merged = merge_handles(self.gather((self.uuid, handles)), self.options.tensor_parallel)
-                if self.leader:
-                    self.llm._collective_rpc("update_weights", args=(merged,))
-                self.gather(None)  # no rank frees its copies before the workers have opened them
-                del live
-        if self.leader:
+        rank's handles keyed by device UUID, then finalises (post-load processing, prefix-cache reset).
+
+        The ranks must yield the same names in the same order (they compare each bucket's names, and all
+        raise together when they differ, rather than losing step in the gathers)."""
+        tp = self.options.tensor_parallel
+        if self.options.release_weights and self._asleep:
+            self._on_leader(lambda: self.llm._collective_rpc("wakeup", args=([WEIGHTS_TAG],)))  # empty pages
+        named = self.weights_fn() if self.weights_fn is not None else ()
+        buckets = weight_buckets(named, self.options.refit_bucket_bytes)
+        for index in itertools.count():
+            bucket = next(buckets, None)
+            live, handles = _share_bucket(bucket) if bucket else ([], None)
+            names = [name for name, _ in bucket] if bucket else None
+            gathered = self.gather((self.uuid, names, handles))
+            if all(g[1] is None for g in gathered):
+                break
+            if any(g[1] != gathered[0][1] for g in gathered):
+                counts = [len(g[1]) if g[1] is not None else "none" for g in gathered]
+                raise RuntimeError(
+                    f"trtllm refit: the replica's ranks send different weights in bucket {index} "
+                    f"(tensors per rank: {counts}); every rank must yield the same HF-named tensors"
+                )
+            merged = merge_handles([(uuid, h) for uuid, _, h in gathered], tp)
+            # the barrier in _on_leader keeps every rank's copies alive until the workers have opened them
+            self._on_leader(lambda merged=merged: self.llm._collective_rpc("update_weights", args=(merged,)))
+            del live
+
+        def finalise() -> None:
             self.llm._collective_rpc("update_weights", args=(None,))
             if self.options.release_weights and self._asleep:
                 self.llm._collective_rpc("wakeup", args=([KV_CACHE_TAG],))
                 self._asleep = False
+
+        self._on_leader(finalise)
         self.version = version
 
     def sleep(self) -> None:
