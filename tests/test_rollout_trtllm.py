@@ -385,3 +385,20 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_instead_of_a_hang(monkeyp
     leader, other = ranks(broken_engine)
     assert leader == "CUDA error: out of memory"
     assert other == "trtllm: the replica's first rank failed: RuntimeError: CUDA error: out of memory"
+
+
+def test_doctor_reports_a_tensorrt_llm_outside_the_supported_range(monkeypatch):
+    from questa_nemo import doctor
+
+    one_gpu = doctor.Gpus(("NVIDIA H100 80GB HBM3",), bf16=True, nodes=1)
+    doctor.import_error.cache_clear()  # other tests cached "tensorrt_llm does not import"
+    try:
+        trtllm_api.install(monkeypatch, version="1.2.1")
+        row = doctor.rollout_availability("trtllm", one_gpu)
+        assert (
+            not row.ok and "TensorRT-LLM 1.2.1 is outside the supported range >=1.3.0rc0,<1.4" in row.reason
+        )
+        trtllm_api.install(monkeypatch)
+        assert doctor.rollout_availability("trtllm", one_gpu).ok
+    finally:
+        doctor.import_error.cache_clear()  # the fake leaves sys.modules with the test
