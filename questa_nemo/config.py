@@ -149,7 +149,9 @@ class RolloutConfig:
     cuda_graphs: bool = True  # capture the decode step on GPU
     kv_cache_memory_fraction: float = 0.5  # megatron, trtllm: share of free GPU memory for the KV cache
     prefill_chunk_tokens: int = 2048  # megatron: prompt tokens per prefill forward (bounds activation memory)
-    tensor_parallel: int = 1  # trtllm: rollout TP (may differ from training TP)
+    tensor_parallel: int = 1  # trtllm: engine TP = model.tensor_parallel x model.pipeline_parallel
+    trtllm_refit_bucket_mb: int = 1024  # trtllm: weights per update_weights RPC (each rank's GPU holds one)
+    trtllm_release_weights: bool = False  # trtllm: sleep also drops the engine's weights (the refit refills)
     max_staleness: int = 0  # 0 = synchronous; async: samples at most this many policy versions old (ref: 4)
     seed: int = 1
 
@@ -166,6 +168,8 @@ class RolloutConfig:
         _at_least("rollout", self, keys, 1)
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError("rollout.kv_cache_memory_fraction", "must be in (0, 1]")
+        if self.backend == "trtllm" and self.trtllm_refit_bucket_mb < 1:
+            raise ConfigError("rollout.trtllm_refit_bucket_mb", "must be >= 1")
 
 
 # ------------------------------------------------------------------------------------------- reward
@@ -463,6 +467,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             )
     r = cfg.rollout
     r.validate()
+    if r.backend == "trtllm":
+        replica = cfg.model.tensor_parallel * cfg.model.pipeline_parallel
+        if r.tensor_parallel != replica:
+            raise ConfigError(
+                "rollout.tensor_parallel",
+                f"trtllm runs one engine on each data-parallel replica's GPUs: must equal model.tensor_parallel"
+                f" x model.pipeline_parallel = {replica}, not {r.tensor_parallel}",
+            )
     cfg.reward.validate()
     cfg.algo.validate()
     cfg.optim.validate()

@@ -129,6 +129,13 @@ def rollout_availability(backend: str, gpus: Gpus) -> Availability:
     key = f"rollout.backend={backend}"
     needs = {"megatron": "megatron", "hf": "transformers", "trtllm": "trtllm"}[backend]
     problem = not_importable(needs, key)
+    if problem is None and backend == "trtllm":
+        from questa_nemo.rollout.trtllm import check_trtllm
+
+        try:
+            check_trtllm(importlib.import_module("tensorrt_llm"))
+        except ImportError as e:
+            problem = f"{e}: {key} unavailable"
     if problem is None and backend == "trtllm" and not gpus.count:
         problem = f"TensorRT-LLM needs a CUDA GPU: {key} unavailable on CPU"
     return Availability(key, problem is None, problem or "")

@@ -48,13 +48,15 @@ def make_backend(
     model_dir: str | None = None,
     hf_weights_fn: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
     pad_token_id: int = 0,
+    gather: Callable[[object], list[object]] | None = None,
 ) -> GenerationBackend:
     """Build the backend `cfg.backend` names.
 
     megatron: `policy` is the trainer's unwrapped GPTModel (TP = PP = 1) and `vocab_size` the tokenizer's
     (unpadded) vocabulary. hf: `hf_model` a transformers causal LM. trtllm: `model_dir` an HF folder
     TensorRT-LLM loads first. hf and trtllm take the trainer's weights as HF-named tensors from `hf_weights_fn`
-    on `update_weights`.
+    on `update_weights`; trtllm's `gather` is model.parallel.model_parallel_all_gather_object when the
+    replica has several ranks.
     """
     if cfg.backend == "megatron":
         from questa_nemo.rollout.megatron_engine import EngineOptions, MegatronBackend
@@ -80,11 +82,5 @@ def make_backend(
 
         if model_dir is None:
             raise ConfigError("rollout.backend", "trtllm needs an HF model folder to start from")
-        options = TRTLLMOptions(
-            tensor_parallel=cfg.tensor_parallel,
-            kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
-            max_batch_sequences=cfg.max_batch_sequences,
-            max_seq_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
-        )
-        return TRTLLMBackend(model_dir, options, hf_weights_fn)
+        return TRTLLMBackend(model_dir, TRTLLMOptions.from_config(cfg), hf_weights_fn, gather=gather)
     raise ConfigError("rollout.backend", f"{cfg.backend!r} is not one of megatron, hf, trtllm")
