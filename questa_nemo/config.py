@@ -48,7 +48,9 @@ class DataConfig:
     min_hint_chars: int = 10  # reference: a hint under 10 characters is left out
     prompt_separator: str = "\n\n"  # reference: problem + "\n\n" + "## Hint." + hint
     hint_prefix: str = "## Hint."  # opens the hint section of the prompt
-    hint_slot_chars: int = 0  # > 0: pad every prompt's hint to this width with "_" (small world); 0 = reference
+    hint_slot_chars: int = (
+        0  # > 0: pad every prompt's hint to this width with "_" (small world); 0 = reference
+    )
     answer_leak: str = "keep"  # keep (reference) | drop | recut: hints that already contain the final answer
     test_size: int = 0  # rows held out into the `test` split (reference DatasetDict has train/test)
     output_formats: list[str] = field(default_factory=lambda: ["hf_disk"])  # hf_disk | jsonl | parquet
@@ -71,7 +73,9 @@ class WorldConfig:
     calib_problems_per_length: int = 100  # no-hint problems per chain length 1..max_ops (calibration set)
     # RL sets written; p50 holds the first floor((n + 1) / 2) of a solution's n + 1 lines
     hint_ratios: list[float] = field(default_factory=lambda: [50.0, 0.0])
-    output_dir: str = "outputs/world"  # `questa-nemo world` writes raw/, rl/, eval/, calib/, warmup.jsonl here
+    output_dir: str = (
+        "outputs/world"  # `questa-nemo world` writes raw/, rl/, eval/, calib/, warmup.jsonl here
+    )
     seed: int = 1
 
 
@@ -209,7 +213,9 @@ class TrainConfig:
     # embedded default's {hint: <p50 set>, no_hint: <p0 set>}. Empty: one run on `dataset` into run_dir.
     arms: dict[str, str] = field(default_factory=dict)
     build_world_data: bool = False  # generate the small world's data sets under run_dir/data first
-    final_eval: bool = True  # after training: evaluate the initial and every arm's final weights (eval section)
+    final_eval: bool = (
+        True  # after training: evaluate the initial and every arm's final weights (eval section)
+    )
     validation_problems: int = 0  # problems of the first eval benchmark used every eval_every steps; 0 = all
     validation_samples: int = 4  # samples per problem in validation and calibration (pass@1 and pass@n)
 
@@ -227,10 +233,15 @@ class BenchmarkConfig:
     id_field: str | None = None  # None: the preset's, else the row number (from 1) is the id
     split: str | None = None  # DatasetDict folders: None = "test" when present, else the first split
     limit: int | None = None  # evaluate only the first `limit` problems (smoke runs)
+    seeds: list[int] | None = None  # None = eval.seeds; the leaderboard runs AIME/AMC 10 seeds, others 3
 
 
 @dataclass
 class EvalConfig:
+    # Evaluation protocol, recorded with every result (results.json settings.preset, with the keys that differ
+    # from it): questa (AReaL's script, conf/eval/reference.yaml) | leaderboard (sober-reasoning,
+    # conf/eval/leaderboard.yaml) | validation | profile | custom. eval/protocols.py holds their values.
+    preset: str = "custom"
     mode: str = "benchmark"  # benchmark | profile (pass rate per training problem, for the data filter)
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)  # models compared ; [] = model.checkpoint
@@ -244,6 +255,12 @@ class EvalConfig:
     seed: int = 1  # sampling seed of batch i is seed + i, so a resumed run draws what a whole run draws
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # pass@k columns of the table
     output_dir: str = "outputs/eval"  # <label>/<benchmark>.jsonl per problem, results.json, passk.png
+    # [] = one run seeded with eval.seed; else one run per seed (<label>/<benchmark>.seed<S>.jsonl) and the
+    # report gives each metric's mean and std over the seeds (the leaderboard's mean +- std over 10 seeds)
+    seeds: list[int] = field(default_factory=list)
+    # prompt + max_new_tokens must fit the model's context (config.json max_position_embeddings): error |
+    # truncate (keep the prompt's last context - max_new_tokens tokens, as vLLM's truncate_prompt_tokens; counted)
+    overlong_prompts: str = "error"
 
 
 # -------------------------------------------------------------------------------------------- top
@@ -262,7 +279,17 @@ class Config:
 
 
 # eval/benchmarks.py holds their field names; kept here too so validation needs no import from above config.
-BENCHMARK_PRESETS: tuple[str, ...] = ("aime24", "aime25", "hmmt_feb25", "olympiadbench", "brumo25")
+BENCHMARK_PRESETS: tuple[str, ...] = (
+    "aime24",
+    "aime25",
+    "hmmt_feb25",
+    "olympiadbench",
+    "brumo25",
+    "amc23",
+    "math500",
+    "minerva",
+)
+EVAL_PRESETS: tuple[str, ...] = ("questa", "leaderboard", "validation", "profile", "custom")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.input_format": ("auto", "openr1", "reference_jsonl"),
@@ -279,6 +306,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.loss_agg": ("token", "sequence", "sequence_sum"),
     "algo.kl_type": ("k1", "k3"),
     "eval.mode": ("benchmark", "profile"),
+    "eval.preset": EVAL_PRESETS,
+    "eval.overlong_prompts": ("error", "truncate"),
 }
 
 
@@ -392,7 +421,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     a = cfg.algo
     if not 0 <= a.filter_min_success <= a.filter_max_success <= 1:
-        raise ConfigError("algo.filter_min_success", "need 0 <= filter_min_success <= filter_max_success <= 1")
+        raise ConfigError(
+            "algo.filter_min_success", "need 0 <= filter_min_success <= filter_max_success <= 1"
+        )
     if a.clip_eps <= 0:
         raise ConfigError("algo.clip_eps", "must be > 0")
     if a.behave_imp_weight_cap is not None and a.behave_imp_weight_cap <= 0:
@@ -433,8 +464,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if w.check_every < 1:
             raise ConfigError("train.warmup.check_every", "must be >= 1")
         if not t.build_world_data and cfg.reward.kind == "world":
-            raise ConfigError("train.warmup.stop_at_pass1", "checks the small world's calibration set: needs "
-                              "train.build_world_data=true")
+            raise ConfigError(
+                "train.warmup.stop_at_pass1",
+                "checks the small world's calibration set: needs train.build_world_data=true",
+            )
     if t.micro_batch_tokens < r.max_prompt_tokens + r.max_new_tokens:
         raise ConfigError(
             "train.micro_batch_tokens",
@@ -457,9 +490,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("eval.prompt_template", "must contain {problem}")
     if e.labels and len(e.labels) != len(e.checkpoints):
         raise ConfigError("eval.labels", f"{len(e.labels)} labels for {len(e.checkpoints)} checkpoints")
+    if len(set(e.seeds)) != len(e.seeds):
+        raise ConfigError("eval.seeds", f"{e.seeds} repeats a seed")
     for i, b in enumerate(e.benchmarks):
         if not b.path:
             raise ConfigError(f"eval.benchmarks[{i}].path", "is empty")
+        if b.seeds is not None and (not b.seeds or len(set(b.seeds)) != len(b.seeds)):
+            raise ConfigError(f"eval.benchmarks[{i}].seeds", f"{b.seeds}: give distinct seeds, or null")
         if b.preset is not None and b.preset not in BENCHMARK_PRESETS:
             allowed = ", ".join(BENCHMARK_PRESETS)
             raise ConfigError(f"eval.benchmarks[{i}].preset", f"{b.preset!r} is not one of {allowed}")
@@ -482,7 +519,9 @@ if not OmegaConf.has_resolver("data_dir"):
     OmegaConf.register_new_resolver("data_dir", lambda rel="": str(data_dir() / rel))
 
 
-def load_config(name: str = "default", overrides: list[str] | None = None, world_size: int | None = None) -> Config:
+def load_config(
+    name: str = "default", overrides: list[str] | None = None, world_size: int | None = None
+) -> Config:
     """Compose conf/<name>.yaml, merge it into the schema, apply command-line overrides, validate.
 
     Overrides that pick a config group (`rollout=hf`) go through Hydra's composition; `key=value` overrides

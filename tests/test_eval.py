@@ -168,14 +168,14 @@ def test_backend_returning_wrong_shape_is_an_error(tmp_path):
     [
         (
             [{"id": "a", "problem": "x", "answer": "1"}, {"id": "b", "problem": "y"}],
-            r"row 2: no field 'answer'",
+            r"bad.jsonl line 2: no field 'answer'",
         ),
-        ([{"id": "a", "problem": "x", "answer": ""}], r"row 1: field 'answer' \(answer\) is empty"),
+        ([{"id": "a", "problem": "x", "answer": ""}], r"line 1: field 'answer' \(answer\) is empty"),
         (
             [{"id": "a", "problem": "x", "answer": "1"}, {"id": "a", "problem": "y", "answer": "2"}],
-            "row 2: id 'a' duplicates row 1",
+            "line 2: id 'a' duplicates line 1",
         ),
-        ([{"problem": "x", "answer": "1"}], "row 1: no value in id field 'id'"),
+        ([{"problem": "x", "answer": "1"}], "line 1: no value in id field 'id'"),
     ],
 )
 def test_bad_rows_name_file_and_row(tmp_path, rows, match):
@@ -192,7 +192,7 @@ def test_empty_and_broken_files(tmp_path):
         load_benchmark(BenchmarkConfig(path=str(empty)))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"problem": "x", "answer": "1"}\n{oops\n')
-    with pytest.raises(BenchmarkError, match="broken.jsonl row 2: not valid JSON"):
+    with pytest.raises(BenchmarkError, match="broken.jsonl line 2: not valid JSON"):
         load_benchmark(BenchmarkConfig(path=str(broken)))
     with pytest.raises(BenchmarkError, match="no such file"):
         load_benchmark(BenchmarkConfig(path=str(tmp_path / "missing.jsonl")))
@@ -298,8 +298,8 @@ def test_two_checkpoints_compared_resumed_and_reported(tmp_path, capsys):
         boxed,
     )
     results = evaluate_all(cfg, *args, make_backend)
-    assert [r.correct for r in results["base"]["mini"]] == [2, 1, 0]
-    assert [r.correct for r in results["trained"]["mini"]] == [4, 4, 4]
+    assert [r.correct for r in results["base"]["mini"][10]] == [2, 1, 0]  # one run, seeded with eval.seed
+    assert [r.correct for r in results["trained"]["mini"][10]] == [4, 4, 4]
     assert built == ["/ck/base", "/ck/trained"]
     assert (
         evaluate_all(cfg, *args, make_backend) == results and len(built) == 2
@@ -460,10 +460,12 @@ def test_main_runs_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     folder = Path(__file__).resolve().parents[1] / "data" / "world" / "tokenizer"
     overrides = [
         f"model.tokenizer={folder}",
+        f"model.hf_config={folder.parent / 'config.json'}",  # the context the prompts are checked against
         "reward.kind=world",
         "eval.checkpoints=[/ck/a]",
         "eval.n_samples=2",
         "eval.ks=[1,2]",
+        "eval.max_new_tokens=64",
         f"eval.output_dir={tmp_path / 'out'}",
         f"eval.benchmarks=[{{name:world,path:'{bench}',id_field:id}}]",
     ]
