@@ -48,9 +48,7 @@ class DataConfig:
     min_hint_chars: int = 10  # reference: a hint under 10 characters is left out
     prompt_separator: str = "\n\n"  # reference: problem + "\n\n" + "## Hint." + hint
     hint_prefix: str = "## Hint."  # opens the hint section of the prompt
-    hint_slot_chars: int = (
-        0  # > 0: pad every prompt's hint to this width with "_" (small world); 0 = reference
-    )
+    hint_slot_chars: int = 0  # > 0: pad every prompt's hint to this width with "_" (small world); 0 = reference
     answer_leak: str = "keep"  # keep (reference) | drop | recut: hints that already contain the final answer
     test_size: int = 0  # rows held out into the `test` split (reference DatasetDict has train/test)
     output_formats: list[str] = field(default_factory=lambda: ["hf_disk"])  # hf_disk | jsonl | parquet
@@ -73,9 +71,7 @@ class WorldConfig:
     calib_problems_per_length: int = 100  # no-hint problems per chain length 1..max_ops (calibration set)
     # RL sets written; p50 holds the first floor((n + 1) / 2) of a solution's n + 1 lines
     hint_ratios: list[float] = field(default_factory=lambda: [50.0, 0.0])
-    output_dir: str = (
-        "outputs/world"  # `questa-nemo world` writes raw/, rl/, eval/, calib/, warmup.jsonl here
-    )
+    output_dir: str = "outputs/world"  # `questa-nemo world` writes raw/, rl/, eval/, calib/, warmup.jsonl here
     seed: int = 1
 
 
@@ -213,9 +209,7 @@ class TrainConfig:
     # embedded default's {hint: <p50 set>, no_hint: <p0 set>}. Empty: one run on `dataset` into run_dir.
     arms: dict[str, str] = field(default_factory=dict)
     build_world_data: bool = False  # generate the small world's data sets under run_dir/data first
-    final_eval: bool = (
-        True  # after training: evaluate the initial and every arm's final weights (eval section)
-    )
+    final_eval: bool = True  # after training: evaluate the initial and every arm's final weights (eval section)
     validation_problems: int = 0  # problems of the first eval benchmark used every eval_every steps; 0 = all
     validation_samples: int = 4  # samples per problem in validation and calibration (pass@1 and pass@n)
 
@@ -280,14 +274,7 @@ class Config:
 
 # eval/benchmarks.py holds their field names; kept here too so validation needs no import from above config.
 BENCHMARK_PRESETS: tuple[str, ...] = (
-    "aime24",
-    "aime25",
-    "hmmt_feb25",
-    "olympiadbench",
-    "brumo25",
-    "amc23",
-    "math500",
-    "minerva",
+    "aime24", "aime25", "hmmt_feb25", "olympiadbench", "brumo25", "amc23", "math500", "minerva"
 )
 EVAL_PRESETS: tuple[str, ...] = ("questa", "leaderboard", "validation", "profile", "custom")
 
@@ -421,9 +408,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     a = cfg.algo
     if not 0 <= a.filter_min_success <= a.filter_max_success <= 1:
-        raise ConfigError(
-            "algo.filter_min_success", "need 0 <= filter_min_success <= filter_max_success <= 1"
-        )
+        raise ConfigError("algo.filter_min_success", "need 0 <= filter_min_success <= filter_max_success <= 1")
     if a.clip_eps <= 0:
         raise ConfigError("algo.clip_eps", "must be > 0")
     if a.behave_imp_weight_cap is not None and a.behave_imp_weight_cap <= 0:
@@ -464,10 +449,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if w.check_every < 1:
             raise ConfigError("train.warmup.check_every", "must be >= 1")
         if not t.build_world_data and cfg.reward.kind == "world":
-            raise ConfigError(
-                "train.warmup.stop_at_pass1",
-                "checks the small world's calibration set: needs train.build_world_data=true",
-            )
+            raise ConfigError("train.warmup.stop_at_pass1", "checks the small world's calibration set: needs "
+                              "train.build_world_data=true")
     if t.micro_batch_tokens < r.max_prompt_tokens + r.max_new_tokens:
         raise ConfigError(
             "train.micro_batch_tokens",
@@ -519,9 +502,7 @@ if not OmegaConf.has_resolver("data_dir"):
     OmegaConf.register_new_resolver("data_dir", lambda rel="": str(data_dir() / rel))
 
 
-def load_config(
-    name: str = "default", overrides: list[str] | None = None, world_size: int | None = None
-) -> Config:
+def load_config(name: str = "default", overrides: list[str] | None = None, world_size: int | None = None) -> Config:
     """Compose conf/<name>.yaml, merge it into the schema, apply command-line overrides, validate.
 
     Overrides that pick a config group (`rollout=hf`) go through Hydra's composition; `key=value` overrides
