@@ -233,7 +233,7 @@ class BenchmarkConfig:
 @dataclass
 class EvalConfig:
     # Evaluation protocol, recorded with every result (results.json settings.preset, with the keys that differ
-    # from it): questa (AReaL's script, conf/eval/reference.yaml) | leaderboard (sober-reasoning,
+    # from it): questa (AReaL's script, conf/eval/questa.yaml) | leaderboard (sober-reasoning,
     # conf/eval/leaderboard.yaml) | validation | profile | custom. eval/protocols.py holds their values.
     preset: str = "custom"
     mode: str = "benchmark"  # benchmark | profile (pass rate per training problem, for the data filter)
