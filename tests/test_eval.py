@@ -520,37 +520,51 @@ def test_eval_of_a_tiny_converted_model_on_hand_written_problems(tmp_path):
     env = {
         k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
     }
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "questa_nemo.cli",
-            "eval",
-            f"model.hf_config={model_dir}",
-            "model.params_dtype=fp32",
-            "model.attention=sdpa",
-            "rollout.cuda_graphs=false",
-            f"eval.checkpoints=[{model_dir}]",
-            "eval.labels=[tiny]",
-            "eval.n_samples=2",
-            "eval.ks=[1,2]",
-            "eval.max_new_tokens=16",
-            "reward.num_workers=1",
-            f"eval.output_dir={out}",
-            f"eval.benchmarks=[{{name:hand,path:'{bench}',id_field:id}}]",
-        ],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def cli(*extra):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "questa_nemo.cli",
+                "eval",
+                f"model.hf_config={model_dir}",
+                "model.params_dtype=fp32",
+                "model.attention=sdpa",
+                "rollout.cuda_graphs=false",
+                f"eval.checkpoints=[{model_dir}]",
+                "eval.labels=[tiny]",
+                "eval.max_new_tokens=16",
+                "reward.num_workers=1",
+                f"eval.benchmarks=[{{name:hand,path:'{bench}',id_field:id}}]",
+                *extra,
+            ],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    # QuestA's preset (the default) with 2 samples instead of 32
+    done = cli("eval.n_samples=2", "eval.ks=[1,2]", f"eval.output_dir={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     report = _json.loads((out / "results.json").read_text())
     hand = report["models"]["tiny"]["benchmarks"]["hand"]
     assert hand["problems"] == 3 and hand["n_samples"] == 2
     assert sum(hand["reasons"].values()) == 6  # every sample scored, with its reason
     assert (out / "passk.png").exists() and (out / "tiny" / "hand.jsonl").exists()
+    assert report["preset"] == "questa"
+    assert report["settings"]["preset_deviations"] == {"n_samples": 2, "max_new_tokens": 16}
+    # the leaderboard's preset with 2 seeds instead of 10: one sample per problem and seed, mean and std
+    board = tmp_path / "board"
+    done = cli("eval=leaderboard", "eval.seeds=[0,1]", f"eval.output_dir={board}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = _json.loads((board / "results.json").read_text())
+    hand = report["models"]["tiny"]["benchmarks"]["hand"]
+    assert report["preset"] == "leaderboard" and hand["seeds"] == [0, 1] and hand["n_samples"] == 2  # pooled
+    assert hand["over_seeds"]["pass_at_k"]["1"]["seeds"] == 2 and set(hand["per_seed"]) == {"0", "1"}
+    assert all((board / "tiny" / f"hand.seed{s}.jsonl").exists() for s in (0, 1))
 
 
 # ------------------------------------------------------------------------------- context, seeds, presets
