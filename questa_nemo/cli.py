@@ -43,6 +43,25 @@ RUNTIME_ERROR = 1
 INTERRUPTED = 130
 
 
+# What to do, for config errors whose message (from OmegaConf / Hydra) does not say it.
+_CONFIG_HINTS = (
+    ("not in '", "check the spelling; a section's keys are its dataclass fields in questa_nemo/config.py"),
+    ("Cannot find primary config", "config names are the files under conf/, without .yaml"),
+    (
+        "Could not override",
+        "check the spelling; a section's keys are its dataclass fields in questa_nemo/config.py",
+    ),
+)
+
+
+def config_hint(message: str) -> str:
+    """The message, with what to do appended when it is one of the known bare library messages."""
+    for needle, hint in _CONFIG_HINTS:
+        if needle in message:
+            return f"{message}; {hint}"
+    return message
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (not the usage block), exit code 2."""
 
@@ -86,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if debug:
             raise
-        print(f"{prefix}: config error: {one_line(e)}", file=sys.stderr)
+        print(f"{prefix}: config error: {config_hint(one_line(e))}", file=sys.stderr)
         return USAGE_ERROR
     except (InputError, FileExistsError) as e:  # FileExistsError: an output is there; the message says which
         if debug:

@@ -99,4 +99,6 @@ def test_data_rows_and_eval_rows_share_one_numbering(tmp_path, capsys):
     assert main(_data(tmp_path, path)) == 2
     assert main(_eval(tmp_path, path)) == 2
     data_err, eval_err = _lines(capsys.readouterr().err)
-    assert "three.jsonl line 3: not valid JSON" in data_err and "three.jsonl line 3: not valid JSON" in eval_err
+    assert (
+        "three.jsonl line 3: not valid JSON" in data_err and "three.jsonl line 3: not valid JSON" in eval_err
+    )

@@ -173,7 +173,9 @@ def load_benchmark(cfg: BenchmarkConfig) -> list[BenchmarkRow]:
         unit = record.pop("__unit__", "row")
         at = where(str(path), row_no, unit)
         if "__bad__" in record:
-            raise BenchmarkError(f"{at}: expected a JSON object, got {type(record['__bad__']).__name__}")
+            raise BenchmarkError(
+                f"{at}: expected a JSON object, got {type(record['__bad__']).__name__}; fix or remove the row"
+            )
         fields = {}
         for role, name in (("problem", problem_field), ("answer", answer_field)):
             if name not in record:

@@ -340,10 +340,15 @@ def main(config_name: str, overrides: list[str], positional: list[str]) -> int:
             "eval", f"takes no positional arguments, got {positional} (use eval.checkpoints=[..])"
         )
     if not e.benchmarks:
-        raise ConfigError("eval.benchmarks", "no benchmark given")
+        raise ConfigError(
+            "eval.benchmarks", "no benchmark given; set eval.benchmarks=[{path:/path/to/bench.jsonl}]"
+        )
     checkpoints = list(e.checkpoints) or ([cfg.model.checkpoint] if cfg.model.checkpoint else [])
     if not checkpoints:
-        raise ConfigError("eval.checkpoints", "no checkpoint given (nor model.checkpoint)")
+        raise ConfigError(
+            "eval.checkpoints",
+            "no checkpoint given (nor model.checkpoint); set eval.checkpoints=[/path/to/model]",
+        )
     keys = [benchmark_key(b) for b in e.benchmarks]
     repeated = sorted(k for k, c in Counter(keys).items() if c > 1)
     if repeated:
