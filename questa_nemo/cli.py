@@ -6,7 +6,8 @@ lives here but the mapping of errors to one line on stderr and an exit code:
   1  runtime failures (a dying worker, a full disk, a bug): one line naming the exception;
   130 interrupted (Ctrl-C).
 
-No traceback unless `--debug` is given (or QUESTA_DEBUG=1 is set, e.g. for torchrun-launched ranks).
+No traceback on the terminal unless `--debug` is given (or QUESTA_DEBUG=1 is set, e.g. for torchrun-launched
+ranks); a runtime failure's traceback is written to a temporary file that its line names.
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: usage error: {message} (see {self.prog} --help)\n")
 
 
+def _save_traceback(command: str) -> str | None:
+    """Write the current exception's traceback to a temporary file (a long run need not be rerun to see it)."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"questa-nemo-{command}-", suffix=".traceback.txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(traceback.format_exc())
+        return path
+    except OSError:
+        return None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="questa-nemo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -117,15 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prefix}: interrupted", file=sys.stderr)
         return INTERRUPTED
-    except Exception as e:  # a runtime failure: one line, the traceback only with --debug
+    except Exception as e:  # a runtime failure: one line; the traceback goes to a file (printed with --debug)
         if debug:
             raise
         lines = [line for line in str(e).splitlines() if line.strip()]
         detail = f": {lines[0].strip()}" if lines else ""
-        print(
-            f"{prefix}: error: {type(e).__name__}{detail} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
+        saved = _save_traceback(ns.command)
+        where = f"traceback in {saved}" if saved else "rerun with --debug for the traceback"
+        print(f"{prefix}: error: {type(e).__name__}{detail} ({where})", file=sys.stderr)
         return RUNTIME_ERROR
 
 
