@@ -39,6 +39,14 @@ def _jsonl(path: Path, rows: list) -> str:
     return _write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _parquet(path: Path, rows: list[dict]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
 def _data(tmp: Path, *args: str) -> list[str]:
     return ["data", *args, f"data.output_dir={tmp / 'out'}", "data.hint_ratios=[50]"]
 
@@ -141,6 +149,12 @@ CASES: list[Case] = [
         2,
     ),
     Case(
+        "data: empty problem in parquet row 2",
+        lambda t: _data(t, _parquet(t / "rows.parquet", [GOOD_ROW, {**GOOD_ROW, "uuid": "u2", "problem": " "}])),
+        ("rows.parquet row 2: field 'problem': empty; fix or remove that row",),
+        2,
+    ),
+    Case(
         "data: .csv input",
         lambda t: _data(t, _write(t / "rows.csv", "problem,answer\n1+1,2\n")),
         ("rows.csv: unknown format; give a .parquet, .jsonl or a datasets save_to_disk folder",),
@@ -187,6 +201,12 @@ CASES: list[Case] = [
         "eval: missing field on line 2",
         lambda t: _eval(t, _jsonl(t / "nofield.jsonl", [ROWS[0], {"problem": "x"}])),
         ("nofield.jsonl line 2: no field 'answer' (answer)", "set eval.benchmarks[i].problem_field"),
+        2,
+    ),
+    Case(
+        "eval: empty answer in parquet row 2",
+        lambda t: _eval(t, _parquet(t / "b.parquet", [ROWS[0], {"problem": "x", "answer": None}])),
+        ("b.parquet row 2: field 'answer' (answer) is empty",),
         2,
     ),
     Case(
