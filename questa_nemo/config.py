@@ -332,11 +332,14 @@ class BenchmarkConfig:
     id_field: str | None = None  # None: the preset's, else the row number (from 1) is the id
     split: str | None = None  # DatasetDict folders: None = "test" when present, else the first split
     limit: int | None = None  # evaluate only the first `limit` problems (smoke runs)
+    seeds: list[int] | None = None  # None = eval.seeds; the leaderboard runs AIME/AMC 10 seeds, others 3
 
     def validate(self, key: str) -> None:
         """`key` is where this entry sits, e.g. "eval.benchmarks[0]"."""
         if not self.path:
             raise ConfigError(f"{key}.path", "is empty")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"{key}.seeds", f"{self.seeds}: give distinct seeds, or null")
         if self.preset is not None and self.preset not in BENCHMARK_PRESETS:
             allowed = ", ".join(BENCHMARK_PRESETS)
             raise ConfigError(f"{key}.preset", f"{self.preset!r} is not one of {allowed}")
@@ -344,6 +347,10 @@ class BenchmarkConfig:
 
 @dataclass
 class EvalConfig:
+    # Evaluation protocol, recorded with every result (results.json settings.preset, with the keys that differ
+    # from it): questa (AReaL's script, conf/eval/questa.yaml) | leaderboard (sober-reasoning,
+    # conf/eval/leaderboard.yaml) | validation | profile | custom. eval/protocols.py holds their values.
+    preset: str = "custom"
     mode: str = "benchmark"  # benchmark | profile (pass rate per training problem, for the data filter)
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)  # models compared ; [] = model.checkpoint
@@ -357,6 +364,12 @@ class EvalConfig:
     seed: int = 1  # sampling seed of batch i is seed + i, so a resumed run draws what a whole run draws
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # pass@k columns of the table
     output_dir: str = "outputs/eval"  # <label>/<benchmark>.jsonl per problem, results.json, passk.png
+    # [] = one run seeded with eval.seed; else one run per seed (<label>/<benchmark>.seed<S>.jsonl) and the
+    # report gives each metric's mean and std over the seeds (the leaderboard's mean +- std over 10 seeds)
+    seeds: list[int] = field(default_factory=list)
+    # prompt + max_new_tokens must fit the model's context (config.json max_position_embeddings): error |
+    # truncate (keep the prompt's last context - max_new_tokens tokens, as vLLM's truncate_prompt_tokens; counted)
+    overlong_prompts: str = "error"
 
     def validate(self) -> None:
         if self.n_samples < 1:
@@ -374,6 +387,8 @@ class EvalConfig:
             raise ConfigError(
                 "eval.labels", f"{len(self.labels)} labels for {len(self.checkpoints)} checkpoints"
             )
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("eval.seeds", f"{self.seeds} repeats a seed")
         for i, b in enumerate(self.benchmarks):
             b.validate(f"eval.benchmarks[{i}]")
 
@@ -394,7 +409,10 @@ class Config:
 
 
 # eval/benchmarks.py holds their field names; kept here too so validation needs no import from above config.
-BENCHMARK_PRESETS: tuple[str, ...] = ("aime24", "aime25", "hmmt_feb25", "olympiadbench", "brumo25")
+BENCHMARK_PRESETS: tuple[str, ...] = (
+    "aime24", "aime25", "hmmt_feb25", "olympiadbench", "brumo25", "amc23", "math500", "minerva"
+)
+EVAL_PRESETS: tuple[str, ...] = ("questa", "leaderboard", "validation", "profile", "custom")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.input_format": ("auto", "openr1", "reference_jsonl"),
@@ -411,6 +429,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.loss_agg": ("token", "sequence", "sequence_sum"),
     "algo.kl_type": ("k1", "k3"),
     "eval.mode": ("benchmark", "profile"),
+    "eval.preset": EVAL_PRESETS,
+    "eval.overlong_prompts": ("error", "truncate"),
 }
 
 

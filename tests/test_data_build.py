@@ -255,7 +255,7 @@ def test_pass_rate_file_errors_name_the_row_and_field(tmp_path, line, field):
     path = write_jsonl(tmp_path / "rates.jsonl", [{"id": "x", "pass_rate": 0.25}, line])
     with pytest.raises(DataError) as e:
         read_pass_rates(path)
-    assert (e.value.file, e.value.row, e.value.field) == (str(path), 1, field)
+    assert (e.value.file, e.value.row, e.value.field) == (str(path), 2, field)  # line 2
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -287,8 +287,8 @@ def test_bad_rows_name_file_row_and_field(tmp_path, change, field):
     path = write_jsonl(tmp_path / "in.jsonl", [GOOD, {**GOOD, "uuid": "u2", **change}])
     with pytest.raises(DataError) as e:
         build(config(tmp_path, [path]))
-    assert (e.value.file, e.value.row, e.value.field) == (str(path), 1, field)
-    assert str(path) in str(e.value) and "row 1" in str(e.value)
+    assert (e.value.file, e.value.row, e.value.field) == (str(path), 2, field)
+    assert f"{path} line 2: field {field!r}" in str(e.value)  # 1-based line numbers, as an editor shows
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
@@ -305,17 +305,17 @@ def test_a_null_verdict_is_no_verdict(tmp_path):
 
 def test_missing_fields_malformed_files_and_repeated_ids_are_errors(tmp_path):
     missing = write_jsonl(tmp_path / "missing.jsonl", [{k: v for k, v in GOOD.items() if k != "answer"}])
-    with pytest.raises(DataError, match="row 0: field 'answer': missing"):
+    with pytest.raises(DataError, match="line 1: field 'answer': missing; add it"):
         build(config(tmp_path, [missing]))
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(GOOD) + "\n{not json\n")
-    with pytest.raises(DataError, match="row 1: not valid JSON"):
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
         build(config(tmp_path, [broken]))
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="not a readable parquet"):
         build(config(tmp_path, [tmp_path / "bad.parquet"]))
     twice = write_jsonl(tmp_path / "twice.jsonl", [GOOD, GOOD])
-    with pytest.raises(DataError, match="row 1: field 'id'"):
+    with pytest.raises(DataError, match="line 2: field 'id'"):
         build(config(tmp_path, [twice]))
     with pytest.raises(DataError, match="no such file"):
         build(config(tmp_path, [tmp_path / "absent.jsonl"]))
@@ -396,9 +396,13 @@ def test_random_rows_are_kept_dropped_or_rejected_by_name(tmp_path, rows):
     try:
         report = build(config(tmp_path, [path], hint_ratios=[50], answer_leak="drop"))
     except DataError as e:
+        if e.row is None:  # every row was dropped: an error too (nothing to write)
+            event("rejected: no problem left")
+            assert "can become a prompt" in str(e)
+            return
         event(f"rejected: field {e.field}")
         assert e.file == str(path) and e.row is not None and e.field
-        assert f"row {e.row}" in str(e)
+        assert f"line {e.row}" in str(e)
         return
     event(f"built: {report.source_kept} kept")
     assert report.rows_read == len(rows) == report.source_kept + sum(report.source_dropped.values())

@@ -1,6 +1,7 @@
 """Evaluation: the core loop with scripted doubles, resumption, bad benchmark files, reports (eval/)."""
 
 import json
+import math
 import re
 
 import pytest
@@ -168,14 +169,14 @@ def test_backend_returning_wrong_shape_is_an_error(tmp_path):
     [
         (
             [{"id": "a", "problem": "x", "answer": "1"}, {"id": "b", "problem": "y"}],
-            r"row 2: no field 'answer'",
+            r"bad.jsonl line 2: no field 'answer'",
         ),
-        ([{"id": "a", "problem": "x", "answer": ""}], r"row 1: field 'answer' \(answer\) is empty"),
+        ([{"id": "a", "problem": "x", "answer": ""}], r"line 1: field 'answer' \(answer\) is empty"),
         (
             [{"id": "a", "problem": "x", "answer": "1"}, {"id": "a", "problem": "y", "answer": "2"}],
-            "row 2: id 'a' duplicates row 1",
+            "line 2: id 'a' duplicates line 1",
         ),
-        ([{"problem": "x", "answer": "1"}], "row 1: no value in id field 'id'"),
+        ([{"problem": "x", "answer": "1"}], "line 1: no value in id field 'id'"),
     ],
 )
 def test_bad_rows_name_file_and_row(tmp_path, rows, match):
@@ -192,7 +193,7 @@ def test_empty_and_broken_files(tmp_path):
         load_benchmark(BenchmarkConfig(path=str(empty)))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"problem": "x", "answer": "1"}\n{oops\n')
-    with pytest.raises(BenchmarkError, match="broken.jsonl row 2: not valid JSON"):
+    with pytest.raises(BenchmarkError, match="broken.jsonl line 2: not valid JSON"):
         load_benchmark(BenchmarkConfig(path=str(broken)))
     with pytest.raises(BenchmarkError, match="no such file"):
         load_benchmark(BenchmarkConfig(path=str(tmp_path / "missing.jsonl")))
@@ -298,8 +299,8 @@ def test_two_checkpoints_compared_resumed_and_reported(tmp_path, capsys):
         boxed,
     )
     results = evaluate_all(cfg, *args, make_backend)
-    assert [r.correct for r in results["base"]["mini"]] == [2, 1, 0]
-    assert [r.correct for r in results["trained"]["mini"]] == [4, 4, 4]
+    assert [r.correct for r in results["base"]["mini"][10]] == [2, 1, 0]  # one run, seeded with eval.seed
+    assert [r.correct for r in results["trained"]["mini"][10]] == [4, 4, 4]
     assert built == ["/ck/base", "/ck/trained"]
     assert (
         evaluate_all(cfg, *args, make_backend) == results and len(built) == 2
@@ -460,10 +461,12 @@ def test_main_runs_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     folder = Path(__file__).resolve().parents[1] / "data" / "world" / "tokenizer"
     overrides = [
         f"model.tokenizer={folder}",
+        f"model.hf_config={folder.parent / 'config.json'}",  # the context the prompts are checked against
         "reward.kind=world",
         "eval.checkpoints=[/ck/a]",
         "eval.n_samples=2",
         "eval.ks=[1,2]",
+        "eval.max_new_tokens=64",
         f"eval.output_dir={tmp_path / 'out'}",
         f"eval.benchmarks=[{{name:world,path:'{bench}',id_field:id}}]",
     ]
@@ -514,17 +517,263 @@ def test_eval_of_a_tiny_converted_model_on_hand_written_problems(tmp_path):
         ],
     )
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    done = subprocess.run(
-        [sys.executable, "-m", "questa_nemo.cli", "eval", f"model.hf_config={model_dir}", "model.params_dtype=fp32",
-         "model.attention=sdpa", "rollout.cuda_graphs=false", f"eval.checkpoints=[{model_dir}]", "eval.labels=[tiny]",
-         "eval.n_samples=2", "eval.ks=[1,2]", "eval.max_new_tokens=16", "reward.num_workers=1",
-         f"eval.output_dir={out}", f"eval.benchmarks=[{{name:hand,path:'{bench}',id_field:id}}]"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
-    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+    }
+
+    def cli(*extra):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "questa_nemo.cli",
+                "eval",
+                f"model.hf_config={model_dir}",
+                "model.params_dtype=fp32",
+                "model.attention=sdpa",
+                "rollout.cuda_graphs=false",
+                f"eval.checkpoints=[{model_dir}]",
+                "eval.labels=[tiny]",
+                "eval.max_new_tokens=16",
+                "reward.num_workers=1",
+                f"eval.benchmarks=[{{name:hand,path:'{bench}',id_field:id}}]",
+                *extra,
+            ],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    # QuestA's preset (the default) with 2 samples instead of 32
+    done = cli("eval.n_samples=2", "eval.ks=[1,2]", f"eval.output_dir={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     report = _json.loads((out / "results.json").read_text())
     hand = report["models"]["tiny"]["benchmarks"]["hand"]
     assert hand["problems"] == 3 and hand["n_samples"] == 2
     assert sum(hand["reasons"].values()) == 6  # every sample scored, with its reason
     assert (out / "passk.png").exists() and (out / "tiny" / "hand.jsonl").exists()
+    assert report["preset"] == "questa"
+    assert report["settings"]["preset_deviations"] == {"n_samples": 2, "max_new_tokens": 16}
+    # the leaderboard's preset with 2 seeds instead of 10: one sample per problem and seed, mean and std
+    board = tmp_path / "board"
+    done = cli("eval=leaderboard", "eval.seeds=[0,1]", f"eval.output_dir={board}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = _json.loads((board / "results.json").read_text())
+    hand = report["models"]["tiny"]["benchmarks"]["hand"]
+    assert report["preset"] == "leaderboard" and hand["seeds"] == [0, 1] and hand["n_samples"] == 2  # pooled
+    assert hand["over_seeds"]["pass_at_k"]["1"]["seeds"] == 2 and set(hand["per_seed"]) == {"0", "1"}
+    assert all((board / "tiny" / f"hand.seed{s}.jsonl").exists() for s in (0, 1))
+
+
+# ------------------------------------------------------------------------------- context, seeds, presets
+def test_prompts_over_the_context_are_refused_or_cut_and_counted(tmp_path):
+    from questa_nemo.config import ConfigError
+    from questa_nemo.eval.run import evaluate_all
+
+    rows = load_benchmark(
+        BenchmarkConfig(path=str(write_jsonl(tmp_path / "b.jsonl", ROWS_FILE)), id_field="id")
+    )
+
+    class Blind(ScriptedBackend):  # answers 0 to whatever it is sent, cut prompts included
+        def generate(self, prompts, params):
+            self.calls.append(([TOK.decode(p, True) for p in prompts], params))
+            text = TOK.encode("\\boxed{0}") + [EOS]
+            return GenerationResult(
+                [[Completion(text, [0.0] * len(text), "stop", 0)] * params.n] * len(prompts)
+            )
+
+    backend = Blind({})
+    # CharTokenizer: "<user>Q: 1+1<assistant>" is 23 tokens; a context of 80 leaves 80 - 64 = 16 for the prompt
+    args = (["/m"], ["m"], [("mini", "b.jsonl", rows)], TOK, ExactScorer(), boxed, lambda c, k: backend)
+    cfg = eval_config(tmp_path, "eval.max_new_tokens=64")
+    with pytest.raises(ConfigError, match=r"3 of 3 prompts .* 64 > 80 positions \(first: id 'p1', 23 prompt"):
+        evaluate_all(cfg, *args, context_of=lambda c, k: 80)
+    with pytest.raises(ConfigError, match="eval.max_new_tokens: 64 new tokens leave no room"):
+        evaluate_all(cfg, *args, context_of=lambda c, k: 64)
+    assert backend.calls == []  # refused before any generation
+    cut = eval_config(
+        tmp_path,
+        "eval.max_new_tokens=64",
+        "eval.overlong_prompts=truncate",
+        "eval.output_dir=" + str(tmp_path / "cut"),
+    )
+    results = evaluate_all(cut, *args, context_of=lambda c, k: 80)
+    sent = backend.calls[0][0]
+    assert [len(TOK.encode(p)) for p in sent] == [16, 16]  # the last 16 tokens: the chat template's end stays
+    assert all(p.endswith("<assistant>") for p in sent)
+    assert [r.prompt_cut for r in results["m"]["mini"][10]] == [7, 7, 7]
+    report = build_report(results, {}, {}, [1])
+    assert report["models"]["m"]["benchmarks"]["mini"]["prompts_cut"] == 3
+    # prompts that fit are sent whole and count nothing
+    fits = evaluate_all(
+        eval_config(tmp_path, "eval.max_new_tokens=64", "eval.output_dir=" + str(tmp_path / "fit")),
+        *args,
+        context_of=lambda c, k: 200,
+    )
+    assert [r.prompt_cut for r in fits["m"]["mini"][10]] == [0, 0, 0]
+
+
+class SeededBackend(ScriptedBackend):
+    """Answers correctly when (sampling seed + problem) is even: every seed gives its own accuracy."""
+
+    def generate(self, prompts, params):
+        self.calls.append(([TOK.decode(p, True) for p in prompts], params))
+        out = []
+        for p in prompts:
+            problem = re.search(r"<user>Q: (.*)<assistant>", TOK.decode(p, True)).group(1)
+            right = (params.seed // 1_000_003 + int(problem[0])) % 2 == 0
+            text = f"\\boxed{{{int(problem[0]) * 2 if right else 0}}}"
+            out.append([Completion(TOK.encode(text) + [EOS], [0.0] * (len(text) + 1), "stop", 0)] * params.n)
+        return GenerationResult(out)
+
+
+def test_seeds_run_separately_resume_and_report_mean_and_std(tmp_path, capsys):
+    from questa_nemo.eval.run import evaluate_all, write_report
+
+    cfg = eval_config(
+        tmp_path,
+        "eval=leaderboard",
+        "eval.n_samples=1",
+        "eval.ks=[1]",
+        "eval.seeds=[0,1,2]",
+        "eval.max_new_tokens=64",
+        "eval.prompt_template='Q: {problem}'",
+        "eval.problems_per_batch=2",
+    )
+    rows = load_benchmark(
+        BenchmarkConfig(path=str(write_jsonl(tmp_path / "b.jsonl", ROWS_FILE)), id_field="id")
+    )
+    backend = SeededBackend({})
+    args = (["/m"], ["m"], [("mini", "b.jsonl", rows)], TOK, ExactScorer(), boxed, lambda c, k: backend)
+    results = evaluate_all(cfg, *args)
+    # problem p is right when seed + p is even: seeds 0 and 2 get 1 of 3, seed 1 gets 2 of 3
+    assert {s: [r.correct for r in run] for s, run in results["m"]["mini"].items()} == {
+        0: [0, 1, 0],
+        1: [1, 0, 1],
+        2: [0, 1, 0],
+    }
+    seeds_used = sorted({params.seed for _, params in backend.calls})
+    assert seeds_used == [
+        0,
+        1,
+        1_000_003,
+        1_000_004,
+        2_000_006,
+        2_000_007,
+    ]  # seed s, batch i: s * 1000003 + i
+    for seed in (0, 1, 2):
+        assert (tmp_path / "out" / "m" / f"mini.seed{seed}.jsonl").is_file()
+    calls = len(backend.calls)
+    assert evaluate_all(cfg, *args) == results and len(backend.calls) == calls  # resumed: nothing to run
+    write_report(cfg, results, {"m": "/m"})
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["preset"] == "leaderboard" and report["settings"]["preset"] == "leaderboard"
+    mini = report["models"]["m"]["benchmarks"]["mini"]
+    p1 = mini["over_seeds"]["pass_at_k"]["1"]
+    assert p1["seeds"] == 3 and p1["mean"] == pytest.approx(4 / 9)
+    assert p1["std"] == pytest.approx(math.sqrt(((1 / 3 - 4 / 9) ** 2 * 2 + (2 / 3 - 4 / 9) ** 2) / 2))
+    assert set(mini["per_seed"]) == {"0", "1", "2"} and mini["seeds"] == [0, 1, 2]
+    assert mini["pass_at_k"]["3"]["mean"] == pytest.approx(1.0)  # pooled: 3 samples per problem, k up to 3
+    out = capsys.readouterr().out
+    assert "44.44 +- 19.25 sd, 3 seeds" in out and "preset: leaderboard" in out
+
+
+def _world_eval(tmp_path, monkeypatch, preset_overrides):
+    """`questa-nemo eval` (main) on small-world rows with the world's tokenizer and 256-position config; the
+    backend double writes each problem's correct solution."""
+    from pathlib import Path
+
+    import questa_nemo.eval.backend
+    from questa_nemo.data.world import WorldProblem
+    from questa_nemo.eval.run import main
+
+    problems = [WorldProblem(5, (("+", 3), ("*", 2))), WorldProblem(7, (("+", 1),))]
+    rows = [
+        {"id": f"w{i}", "problem": p.text(8) + "|" + "_" * 21, "answer": p.answer()}
+        for i, p in enumerate(problems)
+    ]
+    bench = write_jsonl(tmp_path / "world.jsonl", rows)
+    solutions = {r["problem"]: p.solution() for r, p in zip(rows, problems)}
+    folder = Path(__file__).resolve().parents[1] / "data" / "world"
+    calls = []
+
+    def backend_for_checkpoint(cfg, checkpoint):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+
+        class World(ScriptedBackend):
+            def generate(self, prompts, params):
+                calls.append(params)
+                out = []
+                for p in prompts:
+                    text = tokenizer.decode(p, skip_special_tokens=True).removesuffix("?")
+                    ids = tokenizer(solutions[text], add_special_tokens=False)["input_ids"] + [
+                        tokenizer.eos_token_id
+                    ]
+                    out.append([Completion(ids, [0.0] * len(ids), "stop", 0)] * params.n)
+                return GenerationResult(out)
+
+        return World({})
+
+    monkeypatch.setattr(questa_nemo.eval.backend, "backend_for_checkpoint", backend_for_checkpoint)
+    overrides = [
+        f"model.tokenizer={folder / 'tokenizer'}",
+        f"model.hf_config={folder / 'config.json'}",
+        "reward.kind=world",
+        "eval.checkpoints=[/ck/world]",
+        f"eval.output_dir={tmp_path / 'out'}",
+        "eval.max_new_tokens=64",
+        *preset_overrides,
+        f"eval.benchmarks=[{{name:world,path:'{bench}',id_field:id{',seeds:[3,4]' if 'eval=leaderboard' in preset_overrides else ''}}}]",
+    ]
+    assert main("eval_default", overrides, []) == 0
+    return json.loads((tmp_path / "out" / "results.json").read_text()), calls
+
+
+def test_questa_preset_end_to_end(tmp_path, monkeypatch, capsys):
+    """QuestA's protocol (AReaL's script) with 4 samples instead of 32: recorded as questa with its deviations."""
+    report, calls = _world_eval(tmp_path, monkeypatch, ["eval=questa", "eval.n_samples=4", "eval.ks=[1,2,4]"])
+    assert report["preset"] == "questa"
+    assert report["settings"]["preset_deviations"] == {"n_samples": 4, "max_new_tokens": 64}
+    assert {(p.temperature, p.top_p, p.n) for p in calls} == {(0.6, 0.95, 4)}
+    world = report["models"]["world"]["benchmarks"]["world"]
+    assert set(world["pass_at_k"]) == {"1", "2", "3", "4"}  # pass@k for every k up to the sample count
+    assert world["pass_at_k"]["1"]["mean"] == 1.0 and "over_seeds" not in world
+    assert "preset: questa (differs: {'n_samples': 4, 'max_new_tokens': 64})" in capsys.readouterr().out
+
+
+def test_leaderboard_preset_end_to_end(tmp_path, monkeypatch, capsys):
+    """The leaderboard's protocol with 2 seeds instead of 10 (one sample per problem and seed)."""
+    report, calls = _world_eval(tmp_path, monkeypatch, ["eval=leaderboard"])
+    assert report["preset"] == "leaderboard"
+    assert report["settings"]["preset_deviations"] == {"max_new_tokens": 64}
+    assert {(p.temperature, p.top_p, p.n) for p in calls} == {(0.8, 0.9, 1)}
+    assert {p.seed // 1_000_003 for p in calls} == {3, 4}
+    world = report["models"]["world"]["benchmarks"]["world"]
+    assert world["seeds"] == [3, 4] and world["over_seeds"]["pass_at_k"]["1"] == {
+        "mean": 1.0,
+        "std": 0.0,
+        "seeds": 2,
+    }
+    assert "100.00 +- 0.00 sd, 2 seeds" in capsys.readouterr().out
+
+
+def test_leaderboard_seed_counts_are_checked():
+    from questa_nemo.config import load_config
+    from questa_nemo.eval.protocols import deviations
+
+    e = load_config("eval_default", ["eval=leaderboard"]).eval
+    assert deviations(e) == {}
+    assert {b.preset: len(b.seeds) for b in e.benchmarks} == {
+        "aime24": 10,
+        "aime25": 10,
+        "amc23": 10,
+        "math500": 3,
+        "minerva": 3,
+        "olympiadbench": 3,
+    }
+    e = load_config("eval_default", ["eval=leaderboard", "eval.benchmarks.0.seeds=[0,1]"]).eval
+    assert deviations(e) == {"benchmarks[0].seeds": 2}

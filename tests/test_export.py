@@ -137,7 +137,7 @@ def test_truncated_or_foreign_archives_fail_clearly_and_write_nothing(tmp_path, 
         with pytest.raises(ValueError, match=reason):
             convert(tmp_path / bad, out, ExportOptions(format="hf"))
         assert not out.exists()
-        assert export.main("default", [], [str(tmp_path / bad), str(out)]) == 1
+        assert export.main("default", [], [str(tmp_path / bad), str(out)]) == 2  # an unusable input: exit code 2 (cli.py)
         assert bad in capsys.readouterr().err
         assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -9,10 +9,12 @@ from hypothesis import strategies as st
 
 from questa_nemo.eval.passk import (
     majority_vote,
+    mean_and_std,
     mean_and_stderr,
     normalise_answer,
     pass_at_k,
     pass_at_k_over_problems,
+    pass_at_k_over_seeds,
 )
 
 
@@ -73,3 +75,32 @@ def test_pass_at_k_is_exact_and_monotone(nck):
         assert pass_at_k(n, c, k + 1) >= value - 1e-12
     if c < n:
         assert pass_at_k(n, c + 1, k) >= value - 1e-12
+
+
+# ------------------------------------------------------------------------------------- seeds (leaderboard)
+def test_mean_and_std_over_seeds():
+    """Sample standard deviation (n - 1) over seeds, as numpy's std(ddof=1); one seed has std 0."""
+    spread = mean_and_std([0.2, 0.4, 0.3, 0.5])
+    assert spread.mean == pytest.approx(0.35) and spread.seeds == 4
+    assert spread.std == pytest.approx(math.sqrt(((0.15**2) * 2 + 0.05**2 * 2) / 3))
+    assert mean_and_std([0.7]) == (0.7, 0.0, 1)
+    assert mean_and_std([0.5] * 10).std == 0.0
+    with pytest.raises(ValueError):
+        mean_and_std([])
+
+
+def test_pass_at_k_over_seeds_averages_each_seeds_estimate():
+    # two problems, three seeds of one sample each (the leaderboard's pass@1): per-seed accuracies 1/2, 1, 0
+    per_seed = [[(1, 1), (1, 0)], [(1, 1), (1, 1)], [(1, 0), (1, 0)]]
+    spread = pass_at_k_over_seeds(per_seed, 1)
+    assert spread.mean == pytest.approx(0.5) and spread.std == pytest.approx(0.5) and spread.seeds == 3
+    # with 4 samples per seed, pass@2 per seed then over seeds
+    per_seed = [[(4, 2)], [(4, 0)]]
+    assert pass_at_k_over_seeds(per_seed, 2).mean == pytest.approx((pass_at_k(4, 2, 2) + 0.0) / 2)
+
+
+@given(st.lists(st.floats(0, 1), min_size=2, max_size=12))
+def test_std_matches_the_textbook_formula(values):
+    m = sum(values) / len(values)
+    want = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    assert mean_and_std(values).std == pytest.approx(want, abs=1e-12)

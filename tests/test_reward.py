@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from questa_nemo.config import Config, ConfigError, RewardConfig, conf_dir, validate
-from questa_nemo.reward.check import fast_judge, install_alarm_handler, judge, warm_up
+from questa_nemo.reward.check import _math_verify_input, fast_judge, install_alarm_handler, judge, warm_up
 from questa_nemo.reward.extract import (
     BOXED,
     PHRASE,
@@ -20,7 +20,7 @@ from questa_nemo.reward.extract import (
     plain_integer,
     reference_answer,
 )
-from questa_nemo.reward.math import count_reasons, score_in_process
+from questa_nemo.reward.math import MathReward, count_reasons, score_in_process
 from questa_nemo.reward.types import REASONS, RewardResult
 
 CAP = 1000
@@ -132,6 +132,85 @@ def _alarm_handler():
 def test_equivalent_forms_score_one(answer, reference):
     results = score_in_process([f"Reasoning ... so \\boxed{{{answer}}}"], [f"\\boxed{{{reference}}}"])
     assert results == [RewardResult(1.0, "correct")]
+
+
+# Issue 16: answers with percent signs, units, \text{}, degrees, currency and thousands separators. Before the
+# fix the extracted answer went back into \boxed{} for math-verify, which gives up on "\boxed{50\%}" (and on
+# "\boxed{90°}") though it reads "$50\%$"; thin-space separators ("1\,000") it reads as 1*0.
+ANSWER_FAMILY = [
+    ("50\\%", "50"),  # percent
+    ("50 \\%", "50"),
+    ("12.5\\%", "12.5"),
+    ("50\\text{\\%}", "50"),
+    ("\\text{50\\%}", "50"),
+    ("50\\%", "50\\%"),  # percent in the reference too
+    ("10\\text{ cm}", "10"),  # units
+    ("3\\text{ m/s}", "3"),
+    ("5\\mbox{ cm}", "5"),
+    ("5\\mathrm{~cm}", "5"),
+    ("\\text{5}", "5"),  # \text{}
+    ("\\textbf{5}", "5"),
+    ("\\text{(B)}", "B"),
+    ("90^\\circ", "90"),  # degrees
+    ("90^{\\circ}", "90"),
+    ("90°", "90"),
+    ("100^\\circ\\text{C}", "100"),
+    ("\\$5", "5"),  # currency
+    ("\\$5.00", "5"),
+    ("\\$1{,}000", "1000"),
+    ("€5", "5"),
+    ("5 \\text{ dollars}", "5"),
+    ("1,000", "1000"),  # thousands separators
+    ("1{,}000", "1000"),
+    ("12,345,678", "12345678"),
+    ("1\\,000", "1000"),
+    ("1\\ 000", "1000"),
+    ("1~000", "1000"),
+    ("1\\,234\\,567", "1234567"),
+    ("$42$", "42"),  # math delimiters inside the box
+]
+
+
+@pytest.mark.parametrize("answer, reference", ANSWER_FAMILY)
+def test_answer_family_scores_one(answer, reference):
+    results = score_in_process([f"so \\boxed{{{answer}}}"], [f"\\boxed{{{reference}}}"])
+    assert results == [RewardResult(1.0, "correct")], answer
+
+
+@pytest.mark.parametrize(
+    "answer, reference",
+    [
+        ("51\\%", "50"),
+        ("91^\\circ", "90"),
+        ("\\$6", "5"),
+        ("1\\,001", "1000"),
+        ("1\\,000", "0"),
+        ("1,2", "1.2"),
+    ],
+)
+def test_answer_family_near_misses_score_wrong(answer, reference):
+    """The rewrites must not make different answers equal ("1\\,000" against 0 scored correct before the fix)."""
+    results = score_in_process([f"\\boxed{{{answer}}}"], [f"\\boxed{{{reference}}}"])
+    assert results == [RewardResult(0.0, "wrong")], answer
+
+
+def test_answer_family_through_the_worker_pool():
+    """The same verdicts from MathReward's worker processes (math-verify under their own time limits)."""
+    answers = [a for a, _ in ANSWER_FAMILY]
+    with MathReward(num_workers=1, timeout_s=10.0) as reward:
+        results = reward.score(
+            [f"\\boxed{{{a}}}" for a in answers], [f"\\boxed{{{r}}}" for _, r in ANSWER_FAMILY]
+        )
+    assert [r.reason for r in results] == ["correct"] * len(answers)
+
+
+def test_math_verify_input_forms():
+    """Boxed answers reach math-verify in $...$, normalised; phrase answers as written (normalised)."""
+    assert _math_verify_input("50\\%", BOXED) == "$50\\%$"
+    assert _math_verify_input("1\\,000", BOXED) == "$1000$"
+    assert _math_verify_input("$\\frac{1}{2}$", BOXED) == "$\\frac{1}{2}$"
+    assert _math_verify_input("\\$5", BOXED) == "$\\$5$"
+    assert _math_verify_input("50\\%", PHRASE) == "50\\%"
 
 
 @pytest.mark.parametrize(

@@ -175,8 +175,10 @@ def _run(command: str, positional: list[str], overrides: list[str], default_form
     try:
         written = convert(src, out, options)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        print(f"questa-nemo {command}: {e}", file=sys.stderr)
-        return 1
+        from questa_nemo.errors import one_line
+
+        print(f"questa-nemo {command}: {one_line(e)}", file=sys.stderr)
+        return 2  # an unusable SRC or an existing OUT: the user's input (cli.py's exit codes)
     print(f"questa-nemo {command}: wrote {written} ({options.format})")
     return 0
 

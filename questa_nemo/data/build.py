@@ -8,7 +8,6 @@ Every input row ends up kept or counted under a drop reason in manifest.json. Im
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from questa_nemo.data.readers import (
     sha256_file,
     to_source_row,
 )
+from questa_nemo.errors import where
 
 ANSWER_LEAK = "answer_leak"  # per-ratio drop reason (answer_leak=drop)
 
@@ -73,8 +73,8 @@ def check_config(cfg: DataConfig) -> None:
     for key in ("min_hint_chars", "hint_slot_chars", "test_size"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"data.{key}", "must be >= 0")
-    if cfg.max_rows is not None and cfg.max_rows < 0:
-        raise ConfigError("data.max_rows", "must be >= 0 or null")
+    if cfg.max_rows is not None and cfg.max_rows < 1:
+        raise ConfigError("data.max_rows", "must be >= 1 or null")
 
 
 def prompt_format(cfg: DataConfig) -> hints.PromptFormat:
@@ -108,6 +108,7 @@ def read_sources(cfg: DataConfig, report: BuildReport) -> list[SourceRow]:
     sources: list[SourceRow] = []
     seen: dict[str, SourceRow] = {}
     for name in cfg.inputs:
+        rows_before = report.rows_read
         for ref, record in read_records(Path(name)):
             if cfg.max_rows is not None and report.rows_read >= cfg.max_rows:
                 return sources
@@ -120,12 +121,15 @@ def read_sources(cfg: DataConfig, report: BuildReport) -> list[SourceRow]:
             if first is not None:
                 raise DataError(
                     ref.file,
-                    ref.row,
+                    ref.number,
                     "id",
-                    f"{outcome.source_id!r} repeats {first.ref.file} row {first.ref.row}",
+                    f"{outcome.source_id!r} repeats {where(first.ref.file, first.ref.number)}",
+                    "remove one of the two rows",
                 )
             seen[outcome.source_id] = outcome
             sources.append(outcome)
+        if report.rows_read == rows_before:
+            raise DataError(name, None, None, "no rows (the input is empty)", "check the path in data.inputs")
     return sources
 
 
@@ -171,7 +175,7 @@ def hinted_row(
     try:
         prompt, shown = hints.render_prompt(source.problem, solution[:end], prompt_format(cfg))
     except ValueError as e:
-        raise DataError(source.ref.file, source.ref.row, "solution", str(e)) from None
+        raise DataError(source.ref.file, source.ref.number, "solution", str(e)) from None
     if len(shown) < end:
         report.hints_not_shown += 1
     return HintedRow(
@@ -208,6 +212,15 @@ def build(cfg: DataConfig) -> BuildReport:
     report = BuildReport()
     sources = filter_difficulty(read_sources(cfg, report), cfg, report)
     report.source_kept = len(sources)
+    if not sources:
+        dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(report.source_dropped.items()))
+        raise DataError(
+            ", ".join(cfg.inputs),
+            None,
+            None,
+            f"none of the {report.rows_read} rows read can become a prompt (dropped: {dropped or 'none'})",
+            "see the drop reasons in the data README, or give other inputs",
+        )
     with atomic_folder(Path(cfg.output_dir)) as folder:
         for ratio in cfg.hint_ratios:
             ratio_report = RatioReport()
@@ -265,10 +278,6 @@ def main(config_name: str = "data_openr1", overrides: list[str] | None = None, p
     cfg = load_config(config_name, overrides).data
     if args:
         cfg = replace(cfg, inputs=args)
-    try:
-        report = build(cfg)
-    except (DataError, FileExistsError) as e:
-        print(f"questa-nemo data: {e}", file=sys.stderr)
-        return 1
+    report = build(cfg)  # DataError and FileExistsError: one line and exit code 2 (cli.py)
     print(summary(cfg, report))
     return 0

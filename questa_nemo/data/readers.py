@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from questa_nemo.data.hints import reference_solution
+from questa_nemo.errors import JSONL_SUFFIXES, InputError, one_line, where
 
 # Reasons a source row is dropped before any hint is cut (counted in the manifest).
 NO_CORRECT_GENERATION = "no_correct_generation"  # no generation judged correct
@@ -25,22 +26,33 @@ ANSWER_NOT_IN_SOLUTION = "answer_not_in_solution"  # the recipe's own drop
 NO_PASS_RATE = "no_pass_rate"  # the difficulty filter has no pass rate for this id
 PASS_RATE_OUT_OF_RANGE = "pass_rate_out_of_range"  # the difficulty filter's range excludes it
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+FIX_ROW = "fix or remove that row"
 
 
-class DataError(ValueError):
-    """A malformed input: the message names the file, the row (0-based, the reference's line index) and field."""
+class DataError(InputError):
+    """A malformed input: the message names the file, the row (1-based: the line number for JSONL, else the
+    row), the field, and what to do (`fix`)."""
 
-    def __init__(self, file: str, row: int | None, field: str | None, message: str):
-        where = file if row is None else f"{file}: row {row}"
-        super().__init__(f"{where}: {message}" if field is None else f"{where}: field {field!r}: {message}")
+    def __init__(self, file: str, row: int | None, field: str | None, message: str, fix: str | None = None):
+        text = (
+            f"{where(file, row)}: {message}"
+            if field is None
+            else f"{where(file, row)}: field {field!r}: {message}"
+        )
+        fix = fix if fix is not None else (FIX_ROW if row is not None else "")
+        super().__init__(f"{text}; {fix}" if fix else text)
         self.file, self.row, self.field = file, row, field
 
 
 @dataclass(frozen=True)
 class RowRef:
     file: str  # input file (a split of a save_to_disk folder reads as "<folder>[<split>]")
-    row: int  # 0-based row (line index for JSONL)
+    row: int  # 0-based row index (line index for JSONL: the reference's query_id); messages show `number`
+
+    @property
+    def number(self) -> int:
+        """The row as errors show it: 1-based (the line number for JSONL)."""
+        return self.row + 1
 
 
 @dataclass(frozen=True)
@@ -69,9 +81,13 @@ def _jsonl_records(path: Path) -> Iterator[tuple[RowRef, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(str(path), i, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(
+                    str(path), i + 1, None, f"not valid JSON ({e.msg} at column {e.colno})", "fix the line"
+                ) from None
             if not isinstance(record, dict):
-                raise DataError(str(path), i, None, f"a JSON object is expected, got {type(record).__name__}")
+                raise DataError(
+                    str(path), i + 1, None, f"a JSON object is expected, got {type(record).__name__}"
+                )
             yield RowRef(str(path), i), record
 
 
@@ -87,7 +103,13 @@ def _parquet_records(path: Path) -> Iterator[tuple[RowRef, dict]]:
                 yield RowRef(str(path), row), record
                 row += 1
     except (pa.ArrowException, OSError) as e:
-        raise DataError(str(path), None, None, f"not a readable parquet file ({e})") from None
+        raise DataError(
+            str(path),
+            None,
+            None,
+            f"not a readable parquet file ({one_line(e)})",
+            "check the file (re-copy it)",
+        ) from None
 
 
 def _disk_records(folder: Path) -> Iterator[tuple[RowRef, dict]]:
@@ -97,7 +119,7 @@ def _disk_records(folder: Path) -> Iterator[tuple[RowRef, dict]]:
         loaded = datasets.load_from_disk(str(folder))
     except (FileNotFoundError, ValueError, OSError) as e:
         raise DataError(
-            str(folder), None, None, f"not a readable datasets save_to_disk folder ({e})"
+            str(folder), None, None, f"not a readable datasets save_to_disk folder ({one_line(e)})"
         ) from None
     splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
     for split, dataset in splits:
@@ -115,12 +137,14 @@ def input_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise DataError(str(path), None, None, "no such file or folder")
+        raise DataError(str(path), None, None, "no such file or folder", "check the path in data.inputs")
     if is_disk_dataset(path):
         return sorted(p for p in path.rglob("*") if p.is_file())
     found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".parquet", *JSONL_SUFFIXES))
     if not found:
-        raise DataError(str(path), None, None, "folder holds no parquet or JSONL files")
+        raise DataError(
+            str(path), None, None, "folder holds no parquet or JSONL files", "check the path in data.inputs"
+        )
     return found
 
 
@@ -135,7 +159,13 @@ def read_records(path: Path) -> Iterator[tuple[RowRef, dict]]:
         elif file.suffix in JSONL_SUFFIXES:
             yield from _jsonl_records(file)
         else:
-            raise DataError(str(file), None, None, "unknown file type; expected .parquet, .jsonl or a folder")
+            raise DataError(
+                str(file),
+                None,
+                None,
+                "unknown format",
+                "give a .parquet, .jsonl or a datasets save_to_disk folder",
+            )
 
 
 def sha256_file(path: Path) -> str:
@@ -150,7 +180,8 @@ def sha256_file(path: Path) -> str:
 def _field(record: dict, name: str, field_map: dict[str, str], ref: RowRef) -> Any:
     key = field_map.get(name, name)
     if key not in record:
-        raise DataError(ref.file, ref.row, key, "missing")
+        fix = f"add it, or name the field holding it with data.field_map.{name}=<field>"
+        raise DataError(ref.file, ref.number, key, "missing", fix)
     return record[key]
 
 
@@ -158,7 +189,7 @@ def _string(record: dict, name: str, field_map: dict[str, str], ref: RowRef) -> 
     value = _field(record, name, field_map, ref)
     if not isinstance(value, str):
         raise DataError(
-            ref.file, ref.row, field_map.get(name, name), f"a string is expected, got {_kind(value)}"
+            ref.file, ref.number, field_map.get(name, name), f"a string is expected, got {_kind(value)}"
         )
     return value
 
@@ -170,10 +201,12 @@ def _list_of(
     key = field_map.get(name, name)
     value = _field(record, name, field_map, ref)
     if not isinstance(value, list):
-        raise DataError(ref.file, ref.row, key, f"a list is expected, got {_kind(value)}")
+        raise DataError(ref.file, ref.number, key, f"a list is expected, got {_kind(value)}")
     for i, item in enumerate(value):
         if not isinstance(item, kind) and not (nullable and item is None):
-            raise DataError(ref.file, ref.row, f"{key}[{i}]", f"{kind.__name__} expected, got {_kind(item)}")
+            raise DataError(
+                ref.file, ref.number, f"{key}[{i}]", f"{kind.__name__} expected, got {_kind(item)}"
+            )
     return value
 
 
@@ -186,7 +219,9 @@ def detect_format(record: dict, field_map: dict[str, str], ref: RowRef) -> str:
         return "openr1"
     if field_map.get("generation", "generation") in record:
         return "reference_jsonl"
-    raise DataError(ref.file, ref.row, "generations", "missing (neither OpenR1's generations nor generation)")
+    raise DataError(
+        ref.file, ref.number, "generations", "missing (neither OpenR1's generations nor generation)"
+    )
 
 
 def _chosen_generation(record: dict, field_map: dict[str, str], ref: RowRef) -> str | None:
@@ -202,7 +237,7 @@ def _chosen_generation(record: dict, field_map: dict[str, str], ref: RowRef) -> 
         if len(verdicts) != len(generations):
             raise DataError(
                 ref.file,
-                ref.row,
+                ref.number,
                 field_map.get(judge, judge),
                 f"{len(verdicts)} verdicts for {len(generations)} generations",
             )
@@ -221,7 +256,7 @@ def to_source_row(
     fmt = detect_format(record, field_map, ref) if input_format == "auto" else input_format
     problem = _string(record, "problem", field_map, ref)
     if not problem.strip():
-        raise DataError(ref.file, ref.row, field_map.get("problem", "problem"), "empty")
+        raise DataError(ref.file, ref.number, field_map.get("problem", "problem"), "empty")
     answer = _string(record, "answer", field_map, ref)
     if fmt == "openr1":
         source_id = _string(record, "uuid", field_map, ref)
@@ -255,14 +290,16 @@ def read_pass_rates(path: str | Path) -> dict[str, float]:
         source_id = record.get("id")
         if isinstance(source_id, bool) or not isinstance(source_id, str | int):
             raise DataError(
-                ref.file, ref.row, "id", f"a string or integer is expected, got {_kind(source_id)}"
+                ref.file, ref.number, "id", f"a string or integer is expected, got {_kind(source_id)}"
             )
         rate = record.get("pass_rate")
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate):
-            raise DataError(ref.file, ref.row, "pass_rate", f"a number is expected, got {rate!r}")
+            raise DataError(ref.file, ref.number, "pass_rate", f"a number is expected, got {rate!r}")
         if not 0 <= rate <= 1:
-            raise DataError(ref.file, ref.row, "pass_rate", f"{rate} is outside [0, 1]")
+            raise DataError(ref.file, ref.number, "pass_rate", f"{rate} is outside [0, 1]")
         if str(source_id) in rates:
-            raise DataError(ref.file, ref.row, "id", f"{source_id!r} appears twice")
+            raise DataError(ref.file, ref.number, "id", f"{source_id!r} appears twice")
         rates[str(source_id)] = float(rate)
+    if not rates:
+        raise DataError(str(path), None, None, "no rows (the file is empty)", "check data.difficulty.pass_rate_file")
     return rates

@@ -18,6 +18,13 @@ def model_hf_config(cfg: Config, checkpoint: str) -> dict:
     raise ConfigError("model.hf_config", f"not set, and {checkpoint} holds no config.json")
 
 
+def model_context(cfg: Config, checkpoint: str) -> int:
+    """The positions the model is built with (model/megatron.py: max_position_embeddings, else 4096)."""
+    from questa_nemo.ckpt.runs import resolve_checkpoint
+
+    return int(model_hf_config(cfg, resolve_checkpoint(checkpoint)).get("max_position_embeddings", 4096))
+
+
 def backend_for_checkpoint(cfg: Config, checkpoint: str, hf: dict | None = None) -> GenerationBackend:
     import torch
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from questa_nemo.config import BenchmarkConfig
+from questa_nemo.errors import InputError, one_line, where
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,20 @@ PRESETS: dict[str, Preset] = {
     "hmmt_feb25": Preset("HMMT Feb 2025", "problem", "answer", "problem_idx"),
     "olympiadbench": Preset("OlympiadBench", "question", "final_answer", "id"),
     "brumo25": Preset("BRUMO 2025", "problem", "answer", "problem_idx"),
+    # The leaderboard's others (field names of HuggingFaceH4/MATH-500, math-ai/amc23, math-ai/minervamath;
+    # another copy may name them otherwise: set problem_field / answer_field / id_field)
+    "amc23": Preset("AMC 2023", "question", "answer", "id"),
+    "math500": Preset("MATH500", "problem", "answer", "unique_id"),
+    "minerva": Preset("Minerva Math", "question", "answer", None),
 }
 
 
-class BenchmarkError(ValueError):
-    """A benchmark file or row is unusable; the message names the file, row and field."""
+class BenchmarkError(InputError):
+    """A benchmark file or row is unusable; the message names the file, row and field, and what to do."""
+
+
+FIX_FIELDS = "set eval.benchmarks[i].problem_field / answer_field / id_field, or a preset"
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")  # and a `datasets` save_to_disk folder
 
 
 def resolve_fields(cfg: BenchmarkConfig) -> tuple[str, str, str | None]:
@@ -58,41 +68,85 @@ def resolve_fields(cfg: BenchmarkConfig) -> tuple[str, str, str | None]:
     return problem, answer, id_field
 
 
-def read_records(path: Path, split: str | None) -> list[dict[str, Any]]:
-    """Raw rows of a JSONL / JSON-list / parquet file or a `datasets` save_to_disk folder."""
-    if not path.exists():
-        raise BenchmarkError(f"{path}: no such file or folder")
-    if path.is_dir():
-        import datasets
+def _read_folder(path: Path, split: str | None) -> list[dict[str, Any]]:
+    import datasets
 
+    try:
         ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            name = split or ("test" if "test" in ds else next(iter(ds)))
-            if name not in ds:
-                raise BenchmarkError(f"{path}: has splits {list(ds)}, not {name!r}")
-            ds = ds[name]
-        return ds.to_list()
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise BenchmarkError(
+            f"{path}: not a readable datasets save_to_disk folder ({one_line(e)}); give a .jsonl, .json, "
+            ".parquet file or such a folder"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        name = split or ("test" if "test" in ds else next(iter(ds)))
+        if name not in ds:
+            raise BenchmarkError(f"{path}: has splits {list(ds)}, not {name!r}; set eval.benchmarks[i].split")
+        ds = ds[name]
+    return ds.to_list()
+
+
+def read_records(path: Path, split: str | None) -> list[dict[str, Any]]:
+    """Raw rows of a JSONL / JSON-list / parquet file or a `datasets` save_to_disk folder.
+
+    Each row carries "__row__", its 1-based number (the line number for JSONL), and "__unit__" ("line"/"row").
+    """
+    if not path.exists():
+        raise BenchmarkError(f"{path}: no such file or folder; check eval.benchmarks[i].path")
+    if path.is_dir():
+        return [{"__row__": i, "__unit__": "row", **r} for i, r in enumerate(_read_folder(path, split), 1)]
+    if path.suffix not in SUFFIXES:
+        raise BenchmarkError(
+            f"{path}: unknown format {path.suffix or '(no suffix)'!r}; give a .jsonl, .json (a list of rows), "
+            ".parquet file or a datasets save_to_disk folder"
+        )
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            table = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise BenchmarkError(f"{path}: not a readable parquet file ({one_line(e)}); re-copy it") from None
+        return [{"__row__": i, "__unit__": "row", **r} for i, r in enumerate(table, 1)]
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise BenchmarkError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give a text file"
+        ) from None
     if path.suffix == ".json":
-        with open(path) as f:
-            rows = json.load(f)
+        try:
+            rows = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(
+                f"{path} line {e.lineno}: not valid JSON ({e.msg}); a .json benchmark holds one list of rows "
+                "(use .jsonl for one row per line)"
+            ) from None
         if not isinstance(rows, list):
-            raise BenchmarkError(f"{path}: a .json benchmark must hold a list of rows")
-        return rows
-    rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((line_no, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise BenchmarkError(f"{path} row {line_no}: not valid JSON ({e.msg})") from None
-    # JSONL rows keep their line numbers so errors point at the line an editor shows
-    return [{"__row__": n, **r} if isinstance(r, dict) else {"__row__": n, "__bad__": r} for n, r in rows]
+            raise BenchmarkError(f"{path}: a .json benchmark must hold a list of rows (or use .jsonl)")
+        return [
+            {"__row__": i, "__unit__": "row", **r} if isinstance(r, dict) else {"__row__": i, "__bad__": r}
+            for i, r in enumerate(rows, 1)
+        ]
+    records = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(
+                f"{path} line {line_no}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+            ) from None
+        # JSONL rows keep their line numbers so errors point at the line an editor shows
+        records.append(
+            {"__row__": line_no, "__unit__": "line", **record}
+            if isinstance(record, dict)
+            else {"__row__": line_no, "__unit__": "line", "__bad__": record}
+        )
+    return records
 
 
 def _text(value: Any) -> str | None:
@@ -111,32 +165,37 @@ def load_benchmark(cfg: BenchmarkConfig) -> list[BenchmarkRow]:
     problem_field, answer_field, id_field = resolve_fields(cfg)
     records = read_records(path, cfg.split)
     if not records:
-        raise BenchmarkError(f"{path}: no rows")
+        raise BenchmarkError(f"{path}: no rows (the file is empty); check eval.benchmarks[i].path")
     rows: list[BenchmarkRow] = []
     first_row_of: dict[str, int] = {}
     for index, record in enumerate(records, start=1):
         row_no = record.pop("__row__", index)
+        unit = record.pop("__unit__", "row")
+        at = where(str(path), row_no, unit)
         if "__bad__" in record:
-            raise BenchmarkError(f"{path} row {row_no}: expected a JSON object")
+            raise BenchmarkError(
+                f"{at}: expected a JSON object, got {type(record['__bad__']).__name__}; fix or remove the row"
+            )
         fields = {}
         for role, name in (("problem", problem_field), ("answer", answer_field)):
             if name not in record:
                 raise BenchmarkError(
-                    f"{path} row {row_no}: no field {name!r} ({role}); fields are {sorted(record)}"
+                    f"{at}: no field {name!r} ({role}); fields are {sorted(record)}; {FIX_FIELDS}"
                 )
             fields[role] = _text(record[name])
             if fields[role] is None:
-                raise BenchmarkError(f"{path} row {row_no}: field {name!r} ({role}) is empty")
+                raise BenchmarkError(f"{at}: field {name!r} ({role}) is empty; fix or remove the row")
         if id_field is not None:
             if id_field not in record or _text(record[id_field]) is None:
-                raise BenchmarkError(f"{path} row {row_no}: no value in id field {id_field!r}")
+                raise BenchmarkError(f"{at}: no value in id field {id_field!r}; {FIX_FIELDS}")
             row_id = _text(record[id_field])
         else:
             row_id = str(row_no)
         assert row_id is not None
         if row_id in first_row_of:
             raise BenchmarkError(
-                f"{path} row {row_no}: id {row_id!r} duplicates row {first_row_of[row_id]} (field {id_field!r})"
+                f"{at}: id {row_id!r} duplicates {unit} {first_row_of[row_id]} (field {id_field!r}); "
+                "make the ids unique or set another id_field"
             )
         first_row_of[row_id] = row_no
         rows.append(BenchmarkRow(id=row_id, problem=fields["problem"], answer=fields["answer"]))

@@ -77,3 +77,25 @@ def majority_vote(answers: Sequence[str | None], correct: Sequence[bool]) -> boo
     top = max(votes.values())
     winner = next(k for k in keys if k and votes[k] == top)
     return any(ok for k, ok in zip(keys, correct) if k == winner)
+
+
+class SeedSpread(NamedTuple):
+    mean: float  # mean over seeds of a per-seed metric
+    std: float  # sample standard deviation over seeds (n - 1 in the denominator); 0 for one seed
+    seeds: int
+
+
+def mean_and_std(values: Sequence[float]) -> SeedSpread:
+    """Mean and sample standard deviation of one metric over independent seeds (the leaderboard's mean +- std)."""
+    m = len(values)
+    if m == 0:
+        raise ValueError("mean_and_std: no seeds")
+    mean = sum(values) / m
+    if m == 1:
+        return SeedSpread(mean, 0.0, 1)
+    return SeedSpread(mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (m - 1)), m)
+
+
+def pass_at_k_over_seeds(per_seed: Sequence[Sequence[tuple[int, int]]], k: int) -> SeedSpread:
+    """pass@k computed on each seed's (n, correct) per problem, then mean and std over the seeds."""
+    return mean_and_std([pass_at_k_over_problems(counts, k).mean for counts in per_seed])

@@ -11,10 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from questa_nemo.eval.benchmarks import benchmark_title
-from questa_nemo.eval.passk import mean_and_stderr, pass_at_k_over_problems
-from questa_nemo.eval.store import ProblemResult
+from questa_nemo.eval.passk import (
+    mean_and_std,
+    mean_and_stderr,
+    pass_at_k_over_problems,
+    pass_at_k_over_seeds,
+)
+from questa_nemo.eval.store import ProblemResult, pooled
 
-Results = Mapping[str, Mapping[str, Sequence[ProblemResult]]]  # model label -> benchmark key -> problems
+# model label -> benchmark key -> problems, or seed -> problems (one run per seed; eval/run.py's Results)
+Results = Mapping[str, Mapping[str, Sequence[ProblemResult] | Mapping[int, Sequence[ProblemResult]]]]
 
 
 def summarise(problems: Sequence[ProblemResult]) -> dict[str, Any]:
@@ -30,23 +36,45 @@ def summarise(problems: Sequence[ProblemResult]) -> dict[str, Any]:
         "majority": mean_and_stderr([float(p.majority_correct) for p in problems])._asdict(),
         "mean_tokens": sum(p.mean_tokens * p.n for p in problems) / samples,
         "truncated_fraction": sum(p.truncated for p in problems) / samples,
+        "prompts_cut": sum(p.prompt_cut > 0 for p in problems),  # prompts shortened to fit the context
         "reasons": dict(sum((Counter(p.reasons) for p in problems), Counter())),
         "per_problem": [asdict(p) for p in problems],
     }
 
 
+def summarise_seeds(runs: Mapping[int, Sequence[ProblemResult]]) -> dict[str, Any]:
+    """One run: summarise(). Several seeds: each seed's summary under per_seed, and under over_seeds the mean
+    and sample std over seeds of pass@k (every k up to the samples per seed) and of the majority vote; the
+    top-level pass_at_k is then over all seeds' samples pooled per problem (k up to seeds x samples)."""
+    if len(runs) == 1:
+        seed, problems = next(iter(runs.items()))
+        return summarise(problems) | {"seeds": [seed]}
+    per_seed = {str(seed): summarise(problems) for seed, problems in runs.items()}
+    n = min(s["n_samples"] for s in per_seed.values())
+    counts = [[(p.n, p.correct) for p in problems] for problems in runs.values()]
+    over = {
+        "pass_at_k": {str(k): pass_at_k_over_seeds(counts, k)._asdict() for k in range(1, n + 1)},
+        "majority": mean_and_std([s["majority"]["mean"] for s in per_seed.values()])._asdict(),
+    }
+    whole = summarise(pooled(dict(runs)))
+    for s in per_seed.values():
+        del s["per_problem"]  # in the per-seed result files; the pooled list stays below
+    return whole | {"seeds": [int(s) for s in per_seed], "over_seeds": over, "per_seed": per_seed}
+
+
 def build_report(
     results: Results, checkpoints: Mapping[str, str], settings: Mapping[str, Any], ks: Sequence[int]
 ) -> dict[str, Any]:
-    """The results.json payload: sampling settings, then per model and benchmark the summary and every problem."""
+    """The results.json payload: sampling settings (with the preset), then per model and benchmark the summary."""
     models = {}
     for label, benches in results.items():
         summaries = {}
-        for key, problems in benches.items():
-            summaries[key] = {"title": benchmark_title(key)} | summarise(problems)
+        for key, runs in benches.items():
+            summary = summarise_seeds(runs) if isinstance(runs, Mapping) else summarise(runs)
+            summaries[key] = {"title": benchmark_title(key)} | summary
         models[label] = {"checkpoint": checkpoints.get(label, ""), "benchmarks": summaries}
     kept = {k: v for k, v in settings.items() if k not in ("checkpoint", "benchmark")}
-    return {"settings": kept, "ks": list(ks), "models": models}
+    return {"preset": settings.get("preset", "custom"), "settings": kept, "ks": list(ks), "models": models}
 
 
 def format_table(report: Mapping[str, Any], ks: Sequence[int]) -> str:
@@ -61,16 +89,26 @@ def format_table(report: Mapping[str, Any], ks: Sequence[int]) -> str:
             s = model["benchmarks"].get(bench)
             if s is None:
                 continue
-            p1 = s["pass_at_k"]["1"]
-            row = [bench, label, str(s["problems"]), f"{100 * p1['mean']:.2f} +- {100 * p1['stderr']:.2f}"]
+            over = s.get("over_seeds")
+            if over:  # mean +- sample std over seeds, as the leaderboard reports
+                p1 = over["pass_at_k"]["1"]
+                cell = f"{100 * p1['mean']:.2f} +- {100 * p1['std']:.2f} sd, {p1['seeds']} seeds"
+            else:  # mean +- standard error over problems
+                p1 = s["pass_at_k"]["1"]
+                cell = f"{100 * p1['mean']:.2f} +- {100 * p1['stderr']:.2f}"
+            row = [bench, label, str(s["problems"]), cell]
             for k in ks:
                 if k > 1:
-                    est = s["pass_at_k"].get(str(k))
+                    est = (over or s)["pass_at_k"].get(str(k))
                     row.append(f"{100 * est['mean']:.2f}" if est else "-")
             row += [f"{100 * s['majority']['mean']:.2f}", f"{s['mean_tokens']:.0f}"]
             lines.append(row)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    settings = report.get("settings", {})
+    differs = settings.get("preset_deviations") or {}
+    title = f"preset: {report.get('preset', 'custom')}" + (f" (differs: {differs})" if differs else "")
+    return table + "\n" + title
 
 
 def plot_pass_at_k(report: Mapping[str, Any], path: Path) -> None:

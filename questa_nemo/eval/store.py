@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from questa_nemo.errors import InputError
 
 
 @dataclass
@@ -25,6 +28,7 @@ class ProblemResult:
     reasons: dict[str, int]  # reward reasons (correct, wrong, no_answer, ...) and how many samples got each
     mean_tokens: float  # mean completion length in tokens
     truncated: int  # samples cut at max_new_tokens
+    prompt_cut: int = 0  # prompt tokens dropped to fit the model's context (eval.overlong_prompts=truncate)
 
     @property
     def pass_rate(self) -> float:
@@ -32,7 +36,8 @@ class ProblemResult:
 
     @staticmethod
     def from_json(record: dict[str, Any]) -> ProblemResult:
-        return ProblemResult(**{k: record[k] for k in ProblemResult.__dataclass_fields__})
+        fields = ProblemResult.__dataclass_fields__
+        return ProblemResult(**{k: record[k] for k in fields if k in record or k != "prompt_cut"})
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -46,7 +51,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """The results file cannot be resumed; the message names the file and line or key."""
 
 
@@ -84,7 +89,10 @@ class ResultStore:
             try:
                 result = ProblemResult.from_json(json.loads(line))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise StoreError(f"{self.path} line {line_no}: unreadable result ({e})") from None
+                raise StoreError(
+                    f"{self.path} line {line_no}: unreadable result ({e}); delete the file to start over, "
+                    "or use another eval.output_dir"
+                ) from None
             results[result.id] = result
         if tail:  # the run was killed mid-write: drop the partial line so appends start clean
             with open(self.path, "r+b") as f:
@@ -99,3 +107,28 @@ class ResultStore:
                 f.write(json.dumps(asdict(result)) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def pooled(runs: dict[int, list[ProblemResult]]) -> list[ProblemResult]:
+    """One result per problem over every seed's samples (for pass rates); a single run as it is."""
+    if len(runs) == 1:
+        return next(iter(runs.values()))
+    first = next(iter(runs.values()))
+    out = []
+    for i, p in enumerate(first):
+        group = [run[i] for run in runs.values()]
+        n = sum(g.n for g in group)
+        out.append(
+            replace(
+                p,
+                n=n,
+                correct=sum(g.correct for g in group),
+                majority_correct=sum(g.majority_correct for g in group) * 2 > len(group),  # most seeds' vote
+                answers=[a for g in group for a in g.answers],
+                reasons=dict(sum((Counter(g.reasons) for g in group), Counter())),
+                mean_tokens=sum(g.mean_tokens * g.n for g in group) / n,
+                truncated=sum(g.truncated for g in group),
+                prompt_cut=max(g.prompt_cut for g in group),
+            )
+        )
+    return out

@@ -12,6 +12,7 @@ tests check that it agrees with math-verify exactly.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from functools import lru_cache
 from itertools import product
@@ -41,9 +42,33 @@ def install_alarm_handler() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
+# Thousands separators math-verify misreads: "1\\,000" parses as 1*0 = 0 (a plain "1,000" it reads as 1000).
+_THIN_THOUSANDS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:(?:\\[,;: ]|~|\{,\})\d{3})+(?![\d])")
+_THIN_SEPARATOR_RE = re.compile(r"\\[,;: ]|~|\{,\}")
+# A number (with an optional percent sign) inside \text{}: math-verify keeps "\text{50\%}" as a symbol.
+_TEXT_NUMBER_RE = re.compile(r"\\(?:text|textrm|textbf|mathrm|mbox)\{\s*([+-]?[\d.,]+\s*\\?%?)\s*\}")
+_CURRENCY_RE = re.compile("[\u20ac\u00a3\u00a5]")  # euro, pound, yen signs: math-verify gives up on them
+_OUTER_DOLLARS_RE = re.compile(r"^\$+|(?<!\\)\$+$")  # math delimiters the model put inside its box
+
+
+def normalise_for_math_verify(answer: str) -> str:
+    """Rewrite the forms math-verify misreads into ones it reads: thin-space thousands separators, a number
+    in \\text{}, currency signs, and $ delimiters around the whole answer. Linear scans of a capped string."""
+    answer = _THIN_THOUSANDS_RE.sub(lambda m: _THIN_SEPARATOR_RE.sub("", m.group()), answer)
+    answer = _TEXT_NUMBER_RE.sub(r"\1", answer)
+    answer = _CURRENCY_RE.sub("", answer)
+    return _OUTER_DOLLARS_RE.sub("", answer.strip()).strip()
+
+
 def _math_verify_input(answer: str, form: str) -> str:
-    """Boxed answers go back into a box (math-verify's LaTeX extraction reads it); phrases go as written."""
-    return "\\boxed{" + answer + "}" if form == BOXED else answer
+    """Boxed answers go into $...$ (math-verify's LaTeX extraction); phrases go as written.
+
+    Not back into \\boxed{}: math-verify reads "$50\\%$" and "$90°$" as 50 and 90 but gives up on
+    "\\boxed{50\\%}" and "\\boxed{90°}" (kept as strings, so every such answer scored parse_error); on every
+    other form we tried the two agree (tests/test_reward.py, test_math_verify_input_forms).
+    """
+    answer = normalise_for_math_verify(answer)
+    return "$" + answer + "$" if form == BOXED else answer
 
 
 def _parse(text: str) -> list:
