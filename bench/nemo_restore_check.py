@@ -33,7 +33,6 @@ def _cpu_only_patches() -> None:
     """CPU-only workarounds 2, 3, 8 and 9: what NeMo imports eagerly from Transformer Engine and apex, which do not install
     on CPU. A GPU NeMo container has both, and none of this applies there."""
     import megatron.core.tensor_parallel.layers as mcore_layers
-
     from nemo.collections.nlp.models.language_modeling import megatron_gpt_model as gpt
     from nemo.collections.nlp.modules.common.megatron import build_model
 
@@ -90,10 +89,9 @@ CPU_ONLY_OVERRIDES = {
 
 def restore(archive: str, tp: int):
     from lightning.pytorch import Trainer
-    from omegaconf import OmegaConf, open_dict
-
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
     from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
+    from omegaconf import OmegaConf, open_dict
 
     _cpu_only_patches()
     _process_groups(tp)
