@@ -225,3 +225,11 @@ def test_replay_fails_on_the_archive_before_the_fix(tmp_path):
             tar.addfile(member, io.BytesIO(data) if data is not None else None)
     failures = replay(old, hf, "bfloat16")
     assert [f.split(": ")[0] for f in failures] == [f"{BASE}:151", f"{BASE}:206", f"{TOK}:205"], failures
+
+
+def test_an_archive_without_a_tokenizer_source_says_what_to_pass(tmp_path, capsys):
+    _, src = tiny_hf_folder("llama", tmp_path / "src", layers=1)  # no tokenizer files, no hub id
+    convert(src, tmp_path / "m.nemo", ExportOptions(format="nemo"))
+    assert "nemo.tokenizer_type=" in capsys.readouterr().err
+    with tarfile.open(tmp_path / "m.nemo") as tar:
+        assert yaml.safe_load(tar.extractfile("./model_config.yaml"))["tokenizer"]["type"] is None
