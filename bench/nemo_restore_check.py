@@ -3,7 +3,8 @@
 Runs in the separate NeMo venv (bench/nemo_restore_venv.sh: nemo_toolkit 2.4.1, megatron-core 0.13.1,
 transformers 4.51.3, torch 2.13.0 CPU), never in the project's venv; bench/nemo_restore_check.sh drives it.
 
-    python bench/nemo_restore_check.py ARCHIVE.nemo HF_FOLDER [--tp 1]
+    python bench/nemo_restore_check.py ARCHIVE.nemo HF_FOLDER
+    torchrun --nproc-per-node=2 bench/nemo_restore_check.py ARCHIVE_TP2.nemo HF_FOLDER --tp 2
 
 `MegatronGPTModel.restore_from` reads the archive as NeMo would. The archive itself is not edited: the only
 overrides are the CPU-ONLY WORKAROUNDS below (each one exists because this machine has no GPU, Transformer
@@ -102,7 +103,14 @@ def restore(archive: str, tp: int):
     with open_dict(cfg):
         for key, value in CPU_ONLY_OVERRIDES.items():
             cfg[key] = value
-    trainer = Trainer(accelerator="cpu", devices=1, strategy="auto", logger=False, enable_checkpointing=False)
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun --nproc-per-node=TP for a TP>1 archive
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy="ddp" if world > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+    )
     model = MegatronGPTModel.restore_from(
         archive, override_config_path=cfg, trainer=trainer, save_restore_connector=connector
     )
@@ -141,6 +149,10 @@ def main() -> int:
     with torch.no_grad():
         ours = model.model(ids, position_ids, attention_mask=causal).float()  # [b, s, padded vocab]
         theirs = ref(ids).logits.float()
+    if args.tp > 1:  # the output layer is vocab-parallel: each rank holds a slice of the logits
+        from megatron.core import tensor_parallel
+
+        ours = tensor_parallel.gather_from_tensor_model_parallel_region(ours)
     ours = ours[..., :vocab]
     diff = (ours - theirs).abs().max().item()
 
@@ -159,7 +171,8 @@ def main() -> int:
         "tokenizer_matches": nemo_ids == hf_ids,
         "nemo_tokenizer": type(model.tokenizer.tokenizer).__name__,
     }
-    print(json.dumps(result))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(result))
     ok = diff <= args.atol and nemo_ids == hf_ids
     return 0 if ok else 1
 
