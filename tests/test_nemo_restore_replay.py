@@ -11,7 +11,6 @@ release with MegatronGPTModel), paths under nemo/, lines as in that release.
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,9 @@ import yaml
 from export_helpers import tiny_hf_folder
 from omegaconf import DictConfig, OmegaConf
 
+from questa_nemo.ckpt import nemo
 from questa_nemo.ckpt.export import ExportOptions, convert
+from questa_nemo.ckpt.hf import HFModel
 from questa_nemo.model.convert import ModelShape
 
 BASE = "collections/nlp/models/language_modeling/megatron_base_model.py"
@@ -184,33 +185,36 @@ def _export(tmp_path: Path, kind: str, dtype: str, tokenizer: bool = True) -> tu
     return tmp_path / "m.nemo", hf
 
 
-@pytest.mark.parametrize(("kind", "dtype"), [("qwen2", "bf16"), ("llama", "fp32")])
-def test_nemo_gets_through_every_read_of_an_exported_archive(tmp_path, kind, dtype):
-    path, hf = _export(tmp_path, kind, dtype)
-    assert replay(path, hf, {"bf16": "bfloat16", "fp32": "float32"}[dtype]) == []
-    with tarfile.open(path) as tar:
-        cfg = yaml.safe_load(tar.extractfile("./model_config.yaml"))
-    assert cfg["tokenizer"]["type"] == str((tmp_path / "src").resolve())  # the tokenizer folder, loadable here
+@pytest.fixture(scope="module")
+def qwen2_bf16(tmp_path_factory) -> tuple[Path, dict]:
+    return _export(tmp_path_factory.mktemp("qwen2"), "qwen2", "bf16")
+
+
+def test_nemo_gets_through_every_read_of_an_exported_archive(qwen2_bf16, tmp_path):
+    for path, hf, dtype in [(*qwen2_bf16, "bfloat16"), (*_export(tmp_path, "llama", "fp32"), "float32")]:
+        assert replay(path, hf, dtype) == []
+        with tarfile.open(path) as tar:
+            cfg = yaml.safe_load(tar.extractfile("./model_config.yaml"))
+        assert cfg["tokenizer"]["type"] == str((path.parent / "src").resolve())  # the folder, loadable here
 
 
 def test_tokenizer_type_prefers_a_hub_id_and_takes_an_override(tmp_path):
+    model = HFModel(config={"_name_or_path": "Qwen/Qwen2.5-Math-1.5B"}, tensors={}, tokenizer_dir=tmp_path)
+    assert nemo.tokenizer_type(model, folder_persists=True) == "Qwen/Qwen2.5-Math-1.5B"
+    model.config["_name_or_path"] = str(tmp_path / "gone")  # a path on the machine that trained it
+    assert nemo.tokenizer_type(model, folder_persists=True) == str(tmp_path.resolve())
+    assert nemo.tokenizer_type(model, folder_persists=False) is None  # a temporary unpack folder
+
     _, src = tiny_hf_folder("llama", tmp_path / "src", layers=1)
     (src / "tokenizer_config.json").write_text("{}")
-    config = json.loads((src / "config.json").read_text())
-    config["_name_or_path"] = "Qwen/Qwen2.5-Math-1.5B"
-    (src / "config.json").write_text(json.dumps(config))
-    convert(src, tmp_path / "a.nemo", ExportOptions(format="nemo"))
     convert(src, tmp_path / "b.nemo", ExportOptions(format="nemo", tokenizer_type="/models/tok"))
-    types = []
-    for name in ("a.nemo", "b.nemo"):
-        with tarfile.open(tmp_path / name) as tar:
-            types.append(yaml.safe_load(tar.extractfile("./model_config.yaml"))["tokenizer"]["type"])
-    assert types == ["Qwen/Qwen2.5-Math-1.5B", "/models/tok"]
+    with tarfile.open(tmp_path / "b.nemo") as tar:
+        assert yaml.safe_load(tar.extractfile("./model_config.yaml"))["tokenizer"]["type"] == "/models/tok"
 
 
-def test_replay_fails_on_the_archive_before_the_fix(tmp_path):
+def test_replay_fails_on_the_archive_before_the_fix(qwen2_bf16, tmp_path):
     """The archive as it was before issue 16 (no optim section, tokenizer.type null): the replay must stop there."""
-    path, hf = _export(tmp_path, "qwen2", "bf16")
+    path, hf = qwen2_bf16
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
     cfg = yaml.safe_load(dict((m.name, d) for m, d in members)["./model_config.yaml"])
