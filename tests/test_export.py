@@ -88,6 +88,8 @@ def test_nemo_archive_has_the_layout_and_keys_nemo_reads(tmp_path):
     vocab_ref = cfg["tokenizer"]["vocab_file"]
     assert vocab_ref.startswith("nemo:") and "./" + vocab_ref.removeprefix("nemo:") in names
     assert cfg["tokenizer"]["merge_file"].removeprefix("nemo:").endswith("_merges.txt")
+    assert cfg["tokenizer"]["type"] == str(src.resolve())  # NeMo's AutoTokenizer loads the folder
+    assert cfg["optim"]["name"] == "adamw"  # NeMo requires the section (tests/test_nemo_restore_replay.py)
 
     with tarfile.open(tmp_path / "m.nemo") as tar:
         tar.extractall(tmp_path / "x", filter="data")

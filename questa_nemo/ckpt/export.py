@@ -14,6 +14,8 @@ one process, so a training checkpoint exports without a GPU. Keys:
   model.tokenizer=PATH        tokenizer folder of such a checkpoint
   model.tensor_parallel=N     format=native: pad the vocabulary for N TP ranks; format=nemo: NeMo's TP size
   model.pipeline_parallel=N   format=nemo: NeMo's PP size
+  nemo.tokenizer_type=NAME    format=nemo: NeMo's tokenizer.type, a hub id or a tokenizer folder where NeMo
+                              runs (default: the hub id the source names, else the source's tokenizer folder)
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class ExportOptions:
     tokenizer: str | None = None  # model.tokenizer
     tensor_parallel: int = 1  # model.tensor_parallel
     pipeline_parallel: int = 1  # model.pipeline_parallel
+    tokenizer_type: str | None = None  # nemo.tokenizer_type
 
 
 _KEYS = {
@@ -58,6 +61,7 @@ _KEYS = {
     "model.tokenizer": "tokenizer",
     "model.tensor_parallel": "tensor_parallel",
     "model.pipeline_parallel": "pipeline_parallel",
+    "nemo.tokenizer_type": "tokenizer_type",
 }
 
 
@@ -155,12 +159,22 @@ def convert(src: str | Path, out: str | Path, options: ExportOptions) -> Path:
             )
         if Path(out).exists() and not options.overwrite:
             raise FileExistsError(f"{out} already exists (pass overwrite=true to replace it)")
+        tokenizer_type = options.tokenizer_type or nemo.tokenizer_type(
+            model, folder_persists=source_kind(src) in ("hf", "native")
+        )
+        if tokenizer_type is None:
+            print(
+                f"questa-nemo export: warning: {out}: tokenizer.type is empty (no hub id or lasting tokenizer "
+                "folder in the source); NeMo's restore_from needs one: pass nemo.tokenizer_type=HUB_ID_OR_FOLDER",
+                file=sys.stderr,
+            )
         return nemo.write_nemo(
             model,
             out,
             dtype=dtype or _source_dtype(model),
             tp=options.tensor_parallel,
             pp=options.pipeline_parallel,
+            tokenizer_type=tokenizer_type,
         )
 
 

@@ -13,6 +13,21 @@ Layout, an uncompressed tar with members named `./...` as NeMo writes them:
   import gets the whole tokenizer back.
 - `hf_config.json` and `generation_config.json`: ours, ignored by NeMo; an import prefers them to rebuilding
   config.json from model_config.yaml (which it does for archives NeMo wrote).
+
+What NeMo 1.x (nemo_toolkit <= 2.4.1) needs from model_config.yaml to restore the archive, beyond the
+architecture (tests/test_nemo_restore_replay.py replays its reads, with the upstream file and line of each):
+- an `optim` section (MegatronBaseModel reads `cfg.optim.get('name')` before anything else; we write the
+  recipe's optimizer, AdamW without a schedule, which a NeMo fine-tune overrides anyway);
+- `tokenizer.type`: NeMo hands it to `transformers.AutoTokenizer.from_pretrained`, so it must be a hub id or a
+  tokenizer folder readable where NeMo runs. The archive's own tokenizer files cannot stand in for it (NeMo
+  resolves `nemo:` references only for `model`, `vocab_file` and `merge_file`, and never reads a tokenizer.json
+  from the archive). We record the hub id the source names (`_name_or_path`), else the absolute path of the
+  source's tokenizer folder, else what `nemo.tokenizer_type=` says; on another machine, override it at restore
+  (`override_config_path`) with a folder extracted from the archive's `<hash>_tokenizer*` artifacts;
+- `precision` (bf16 / 16 / 32, the stored dtype), `transformer_engine: true` with an empty `_extra_state`
+  per TE module (Transformer Engine's `set_extra_state(None)` is a no-op), `mcore_gpt: true`,
+  `dist_ckpt_format`, batch sizes (NeMo divides them at construction) and the activation-checkpointing keys
+  its generation path reads without defaults.
 """
 
 from __future__ import annotations
@@ -44,6 +59,10 @@ KEY_PREFIX = "model."  # NeMo's MegatronGPTModel holds the GPTModel as `self.mod
 NEMO_TARGET = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"
 _ARTIFACT = re.compile(r"^[0-9a-f]{32}_(.+)$")
 _PRECISION = {torch.bfloat16: "bf16", torch.float16: 16, torch.float32: 32}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name", what from_pretrained fetches from the hub
+# NeMo's MegatronBaseModel reads cfg.optim at construction (the section must exist); a fine-tune in NeMo
+# replaces it. AdamW is torch's (nemo/core/optim/optimizers.py registers it as "adamw"), no apex needed.
+OPTIM = {"name": "adamw", "lr": 1e-6, "weight_decay": 0.01, "betas": [0.9, 0.999], "sched": None}
 
 
 class NemoFormatError(ValueError):
@@ -116,6 +135,11 @@ def nemo_model_config(hf: dict, tokenizer: dict, dtype: torch.dtype, tp: int = 1
         "sequence_parallel": False,
         "use_cpu_initialization": False,
         "dist_ckpt_format": "torch_dist",
+        "activations_checkpoint_granularity": None,
+        "activations_checkpoint_method": None,
+        "activations_checkpoint_num_layers": None,
+        "activations_checkpoint_layers_per_pipeline": None,
+        "optim": dict(OPTIM),
     }
 
 
@@ -124,7 +148,22 @@ def _artifact_name(path: Path) -> str:
     return f"{digest}_{path.name}"
 
 
-def _tokenizer_section(hf: dict, artifacts: dict[str, str]) -> dict:
+def tokenizer_type(model: HFModel, folder_persists: bool) -> str | None:
+    """What NeMo's `tokenizer.type` should say for `model`: a hub id or a tokenizer folder, or None if unknown.
+
+    The hub id the config names (`_name_or_path` as "org/name", not a path on this machine) is portable; else
+    the tokenizer folder itself, when it outlives the export (`folder_persists`: an HF folder or a checkpoint
+    of ours, not the temporary folder a .nemo or GGUF source is unpacked into).
+    """
+    name = str(model.config.get("_name_or_path") or "")
+    if _HUB_ID.match(name) and not Path(name).exists():
+        return name
+    if folder_persists and model.tokenizer_dir is not None:
+        return str(Path(model.tokenizer_dir).resolve())
+    return name if name and Path(name).is_dir() else None
+
+
+def _tokenizer_section(type_: str | None, artifacts: dict[str, str]) -> dict:
     """The tokenizer section NeMo's `get_nmt_tokenizer` reads; `artifacts` maps file name -> archive name."""
 
     def ref(name: str) -> str | None:
@@ -132,7 +171,7 @@ def _tokenizer_section(hf: dict, artifacts: dict[str, str]) -> dict:
 
     return {
         "library": "huggingface",
-        "type": hf.get("_name_or_path") or None,
+        "type": type_,
         "model": ref("tokenizer.model"),
         "vocab_file": ref("vocab.json"),
         "merge_file": ref("merges.txt"),
@@ -143,10 +182,16 @@ def _tokenizer_section(hf: dict, artifacts: dict[str, str]) -> dict:
 
 
 def write_nemo(
-    model: HFModel, out: str | Path, dtype: torch.dtype = torch.bfloat16, tp: int = 1, pp: int = 1
+    model: HFModel,
+    out: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    tp: int = 1,
+    pp: int = 1,
+    tokenizer_type: str | None = None,
 ) -> Path:
     """Write `model` as a .nemo archive at `out` (a temp sibling renamed when complete); returns `out`.
 
+    tokenizer_type: NeMo's `tokenizer.type` (a hub id or a tokenizer folder; see `tokenizer_type()`).
     Holds the model once more in memory (as `dtype`) while the distributed checkpoint is written.
     """
     out = Path(out)
@@ -157,7 +202,7 @@ def write_nemo(
         for path in tokenizer_files(model.tokenizer_dir) if model.tokenizer_dir else []:
             artifacts[path.name] = _artifact_name(path)
             shutil.copyfile(path, root / artifacts[path.name])
-        config = nemo_model_config(model.config, _tokenizer_section(model.config, artifacts), dtype, tp, pp)
+        config = nemo_model_config(model.config, _tokenizer_section(tokenizer_type, artifacts), dtype, tp, pp)
         (root / MODEL_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         (root / HF_CONFIG).write_text(json.dumps(model.config, indent=2, sort_keys=True))
         if model.generation_config:
@@ -249,6 +294,9 @@ def open_nemo(path: str | Path) -> Iterator[HFModel]:
         rebuilt = hf_config_from_nemo(cfg, vocab)
         hf = json.loads((root / HF_CONFIG).read_text()) if (root / HF_CONFIG).is_file() else rebuilt
         _check_agrees(path, hf, rebuilt)
+        source_type = (cfg.get("tokenizer") or {}).get("type")
+        if source_type and not hf.get("_name_or_path"):
+            hf = {**hf, "_name_or_path": source_type}  # where the tokenizer lives travels on (a re-export)
         shape = ModelShape.from_hf(hf)
         global_tensors = dist_layout.read_global(
             lambda keys: nemo_io.load_tensors(root / WEIGHTS_DIR, keys), set(shapes), shape
