@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d /tmp/nemo-restore-XXXX)}
 PROJECT_PY=${PROJECT_PY:-.venv/bin/python}
-NEMO_VENV=${NEMO_VENV:-/work/venvs/nemo-restore}
+NEMO_VENV=${NEMO_VENV:-$HOME/.venvs/nemo-restore}
 [ -x "$NEMO_VENV/bin/python" ] || bash bench/nemo_restore_venv.sh "$NEMO_VENV"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$PROJECT_PY" bench/nemo_restore_models.py "$WORK"

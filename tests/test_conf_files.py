@@ -87,10 +87,18 @@ def test_group_file_composes_into_its_recipe(group, option, no_model_reads, monk
         validate_model_shapes(cfg.model, stub_read_hf_config(cfg.model.hf_config))
 
 
+def _group_file(group: str, option: str):
+    """A group file as Hydra composes it alone: the files of its own `defaults` list first (in the same group),
+    then its keys (`_self_` last, the only order our files use)."""
+    raw = OmegaConf.load(CONF / group / f"{option}.yaml")
+    parents = [d for d in raw.pop("defaults", []) if d != "_self_"]
+    return OmegaConf.merge(*(_group_file(group, d) for d in parents), raw)
+
+
 @pytest.mark.parametrize(("group", "option"), GROUP_FILES)
 def test_group_file_alone_merges_into_the_schema(group, option):
     """The file's keys are schema keys of the right type, and its section's own validation passes."""
-    raw = OmegaConf.load(CONF / group / f"{option}.yaml")
+    raw = _group_file(group, option)
     assert set(raw.keys()) <= set(getattr(Config(), group).__dict__), f"conf/{group}/{option}.yaml"
     cfg = to_config({group: raw})
     getattr(cfg, group).validate()  # relations across sections: checked where the file is composed, above

@@ -1,4 +1,4 @@
-"""The evaluation protocols the field reports with (../shared/FIELD.md, "How results are reported"), by name.
+"""The evaluation protocols the field reports with (docs/evaluation.md), by name.
 
 `eval.preset` names one; conf/eval/<file>.yaml sets its values. Every results.json records the preset and the
 keys of the run that differ from it (`preset_deviations`), so a number is never shown under a protocol it did
