@@ -160,7 +160,7 @@ def test_failed_write_leaves_no_output_and_existing_output_is_kept(tmp_path, mon
     monkeypatch.undo()
 
     (tmp_path / "hf").mkdir()
-    assert export.main("default", [], [str(src), str(tmp_path / "hf")]) == 1  # refuses to overwrite
+    assert export.main("default", [], [str(src), str(tmp_path / "hf")]) == 2  # refuses to overwrite: a usage error
     assert export.main("default", ["overwrite=true"], [str(src), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 

@@ -103,6 +103,11 @@ def write_hf_folder(
     out = Path(out)
     tensors = hf_tensors_to_save(model, dtype)
     config = clean_config(model.config)
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        # transformers 5 keeps the base only under rope_parameters; 4.x readers (NeMo's importers, vLLM pins)
+        # read the top-level key and silently fall back to 10,000 without it
+        config["rope_theta"] = rope["rope_theta"]
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
     config["architectures"] = config.get("architectures") or [_architecture(config)]
