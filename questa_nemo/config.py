@@ -104,7 +104,7 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------------ rollout
 @dataclass
 class RolloutConfig:
-    backend: str = "megatron"  # megatron (colocated, shares the trainer's weights) | hf | trtllm
+    backend: str = "megatron"  # a name in ROLLOUT_BACKENDS: megatron | hf | trtllm
     n_samples: int = 16  # group size (reference: 16)
     temperature: float = 1.0
     top_p: float = 1.0  # reference training: no top-p
@@ -271,7 +271,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.params_dtype": ("bf16", "fp32"),
     "model.attention": ("auto", "te", "sdpa", "local"),
     "model.recompute": ("none", "full", "selective"),
-    "rollout.backend": ("megatron", "hf", "trtllm"),
     "reward.kind": ("math", "world"),
     "reward.overlong": ("none", "mask", "penalty"),
     "reward.start_method": ("spawn", "forkserver"),
@@ -279,6 +278,32 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.loss_agg": ("token", "sequence", "sequence_sum"),
     "algo.kl_type": ("k1", "k3"),
     "eval.mode": ("benchmark", "profile"),
+}
+
+
+@dataclass(frozen=True)
+class RolloutBackendInfo:
+    """A registry entry: `module` defines `build(cfg: RolloutConfig, ctx: RolloutContext) -> GenerationBackend`
+    (imported only when that backend is built). Validation, `doctor` and the builder all read this table."""
+
+    module: str
+    requires: str  # the module that must import for the backend to run (what doctor probes)
+    gpu_only: bool
+    summary: str
+
+
+# Adding a backend: its module (with `build`), one entry here, and conf/rollout/<name>.yaml.
+ROLLOUT_BACKENDS: dict[str, RolloutBackendInfo] = {
+    "megatron": RolloutBackendInfo(
+        "questa_nemo.rollout.megatron_engine", "megatron.core", False,
+        "colocated decoder on the trainer's weights (in place at TP = PP = 1, a gathered replica otherwise)",
+    ),
+    "hf": RolloutBackendInfo(
+        "questa_nemo.rollout.hf", "transformers", False, "transformers generate on gathered weights (reference)"
+    ),
+    "trtllm": RolloutBackendInfo(
+        "questa_nemo.rollout.trtllm", "tensorrt_llm", True, "TensorRT-LLM, refit from gathered weights"
+    ),
 }
 
 
@@ -320,6 +345,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
+    if cfg.rollout.backend not in ROLLOUT_BACKENDS:
+        raise ConfigError("rollout.backend", f"{cfg.rollout.backend!r} is not one of {', '.join(ROLLOUT_BACKENDS)}")
 
     for key in ("data.hint_ratios",):
         for r in _get(cfg, key):

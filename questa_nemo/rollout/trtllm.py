@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
+from questa_nemo.config import ConfigError, RolloutConfig
 from questa_nemo.model.convert import ModelShape, ShardLayout, megatron_to_hf
-from questa_nemo.rollout.base import Completion, GenerationResult, SamplingParams
+from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContext, SamplingParams
 
 WORKER_EXTENSION = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
 SLEEP_TAGS = ("kv_cache",)  # weights stay resident: the next refit writes into them
@@ -189,3 +190,17 @@ class TRTLLMBackend:
         if self._asleep:
             self.llm._collective_rpc("wakeup", args=(list(SLEEP_TAGS),))
             self._asleep = False
+
+
+def build(cfg: RolloutConfig, ctx: RolloutContext) -> TRTLLMBackend:
+    """The registry's constructor: TensorRT-LLM loads `ctx.model_dir`, then takes the trainer's gathered
+    HF-named weights on every update (the first refit happens at the first `update_weights`)."""
+    if ctx.model_dir is None:
+        raise ConfigError("model.hf_config", "rollout.backend=trtllm loads a Hugging Face model folder first")
+    options = TRTLLMOptions(
+        tensor_parallel=cfg.tensor_parallel,
+        kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+        max_batch_sequences=cfg.max_batch_sequences,
+        max_seq_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+    )
+    return TRTLLMBackend(ctx.model_dir, options, lambda: ctx.hf_weights().items(), ctx.version)
