@@ -12,19 +12,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 
 from launch import torchrun  # noqa: E402
-from policy_common import TINY_HF, hf_weights  # noqa: E402
+from rollout_worker import write_scaled_hf_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    """The tiny Qwen2 with weights scaled up (std ~0.15), so greedy choices are not near-ties."""
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("hf_scaled")
-    weights = {k: (v if "norm" in k else v * 7.5).contiguous() for k, v in hf_weights().items()}
-    (folder / "config.json").write_text(json.dumps(TINY_HF))
-    save_file(weights, str(folder / "model.safetensors"))
-    return folder
+    return write_scaled_hf_folder(tmp_path_factory.mktemp("hf_scaled"))
 
 
 def run(tmp_path_factory, hf_folder, tp: int, pp: int) -> list[dict]:

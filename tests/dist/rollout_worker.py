@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore", category=UserWarning)
 
-from policy_common import TINY_HF, build_policy, fixed_sequences, nll_loss  # noqa: E402
+from policy_common import TINY_HF, build_policy, fixed_sequences, hf_weights, nll_loss  # noqa: E402
 
 from questa_nemo.config import RolloutConfig  # noqa: E402
 from questa_nemo.model.parallel import destroy_distributed  # noqa: E402
@@ -28,6 +28,17 @@ from questa_nemo.rollout import RolloutContext, SamplingParams, build_backend  #
 PROMPTS = [[5, 17, 3, 44, 9], [7], [60, 2, 2, 81, 13, 13, 40, 1, 90, 33, 8, 27], [11, 12]]
 GREEDY = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
 SAMPLED = SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=5)
+
+
+def write_scaled_hf_folder(folder: Path) -> Path:
+    """The tiny Qwen2 with weights scaled up (std ~0.15), so greedy choices are not near-ties."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: (v if "norm" in k else v * 7.5).contiguous() for k, v in hf_weights().items()}
+    (folder / "config.json").write_text(json.dumps(TINY_HF))
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder
 
 
 def rollouts(backend) -> dict:
