@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a real one-node Slurm (munged, slurmctld, slurmd) for tests/test_slurm.py, as /work/shared/SLURM_LOCAL.md
+# Start a real one-node Slurm (munged, slurmctld, slurmd) for tests/test_slurm.py, as docs/slurm.md
 # describes. Installs Debian's slurm-wlm and munge when missing (CI runs as root with the Debian registry
 # reachable). Writes KEY=VALUE lines (SLURM_CONF, the daemons' pids) to $QUESTA_SLURM_ENV, which the tests read
 # and .ci/slurm_down.sh uses to stop exactly the daemons started here. When that file names a live slurmctld,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# QuestA on SmolLM2-135M-Instruct, one GPU (issue 10): join + check the GGUF -> import to an HF folder ->
+# QuestA on SmolLM2-135M-Instruct, one GPU: join + check the GGUF -> import to an HF folder ->
 #   word-world data -> supervised warm-up (stops by calibration) -> GRPO, hint arm (p50) and no_hint arm (p0),
 #   same steps and seed -> final evaluation of initial / hint / no_hint without hints -> results in $OUT.
 # Usage (repository root, GPU image):
@@ -40,7 +40,7 @@ stamp "GGUF ok: $GGUF"
 # so the run outlives this device call (later calls keep the machine warm: bench/device_wait.sh waits on
 # $OUT/done and brings $OUT back as one archive). Output goes to $OUT/run.log.
 if [ -n "${DETACH:-}" ]; then
-  COPY=${DETACH_REPO:-/root/questa_nemo_run}
+  COPY=${DETACH_REPO:-$HOME/questa_nemo_run}
   rm -rf "$COPY" && mkdir -p "$COPY" "$OUT"
   tar --exclude=./.gguf --exclude=./.git --exclude=./runs --exclude=./outputs -cf - . | tar -xf - -C "$COPY"
   [ -n "${WORLD_DATA:-}" ] && mkdir -p "$COPY/.world" && cp -r "$WORLD_DATA"/. "$COPY/.world/"

@@ -2,10 +2,12 @@
 
 The YAML files under conf/ are commented examples of these schemas; Hydra composes them and command-line
 overrides (`train.steps=10`) apply on top. `load_config` merges the composed YAML into the dataclasses below
-(OmegaConf rejects unknown keys and wrong types, naming the key) and `validate` checks the relations between
-keys (TP must divide the heads, ...) before any process group or GPU is touched.
+(OmegaConf rejects unknown keys and wrong types, naming the key) and `validate` runs each section's own
+`validate()` and the relations between sections before any process group or GPU is touched. Nothing here reads
+a file at load: the checks against the model's config.json (TP must divide the heads, ...) run at build time,
+in `validate_model_shapes`, called where config.json is read to build the model.
 
-Every knob of the reference recipe (../shared/RECIPE.md) keeps its meaning here; the comment on each field
+Every knob of the reference recipe (docs/recipe.md) keeps its meaning here; the comment on each field
 names its reference counterpart where there is one.
 """
 
@@ -27,12 +29,25 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def _at_least(section: str, obj: Any, keys: tuple[str, ...], low: int) -> None:
+    """Raise ConfigError naming the first of `keys` (fields of `obj`, the `section` config) below `low`."""
+    for key in keys:
+        if getattr(obj, key) < low:
+            raise ConfigError(f"{section}.{key}", f"must be >= {low}")
+
+
 # --------------------------------------------------------------------------------------------- data
 @dataclass
 class DifficultyFilterConfig:
     pass_rate_file: str | None = None  # JSONL written by `questa-nemo eval mode=profile`; None = no filter
     min_pass_rate: float = 0.0  # keep problems with min <= pass rate <= max
     max_pass_rate: float = 1.0
+
+    def validate(self) -> None:
+        if not 0 <= self.min_pass_rate <= self.max_pass_rate <= 1:
+            raise ConfigError(
+                "data.difficulty.min_pass_rate", "need 0 <= min_pass_rate <= max_pass_rate <= 1"
+            )
 
 
 @dataclass
@@ -56,6 +71,14 @@ class DataConfig:
     seed: int = 1
     field_map: dict[str, str] = field(default_factory=dict)  # e.g. {problem: question} for other readers
     max_rows: int | None = None  # read at most this many input rows (smoke runs)
+
+    def validate(self) -> None:
+        for r in self.hint_ratios:
+            if not 0 <= r <= 100:
+                raise ConfigError("data.hint_ratios", f"ratio {r} is outside [0, 100]")
+        if self.cut_mode == "token" and not self.tokenizer:
+            raise ConfigError("data.tokenizer", "cut_mode=token needs a tokenizer folder")
+        self.difficulty.validate()
 
 
 @dataclass
@@ -100,6 +123,18 @@ class ModelConfig:
     logprob_chunk_tokens: int = 8192
     seed: int = 1
 
+    def validate(self) -> None:
+        """Relations between this section's keys; the model's shapes are checked at build time
+        (`validate_model_shapes`), where its config.json is read anyway."""
+        _at_least("model", self, ("tensor_parallel", "pipeline_parallel", "context_parallel"), 1)
+        n = self.recompute_num_layers
+        if n is not None and (self.recompute != "full" or n < 1):
+            raise ConfigError("model.recompute_num_layers", "needs recompute=full and a value >= 1")
+        if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
+            raise ConfigError("model.virtual_pipeline", "needs pipeline_parallel >= 2")
+        if self.sequence_parallel and self.tensor_parallel < 2:
+            raise ConfigError("model.sequence_parallel", "needs tensor_parallel >= 2")
+
 
 # ------------------------------------------------------------------------------------------ rollout
 @dataclass
@@ -114,9 +149,29 @@ class RolloutConfig:
     cuda_graphs: bool = True  # capture the decode step on GPU
     kv_cache_memory_fraction: float = 0.5  # megatron, trtllm: share of free GPU memory for the KV cache
     prefill_chunk_tokens: int = 2048  # megatron: prompt tokens per prefill forward (bounds activation memory)
-    tensor_parallel: int = 1  # trtllm: rollout TP (may differ from training TP)
+    tensor_parallel: int = 1  # trtllm: engine TP = model.tensor_parallel x model.pipeline_parallel
+    trtllm_refit_bucket_mb: int = 1024  # trtllm: weights per update_weights RPC (each rank's GPU holds one)
+    trtllm_release_weights: bool = False  # trtllm: sleep also drops the engine's weights (the refit refills)
     max_staleness: int = 0  # 0 = synchronous; async: samples at most this many policy versions old (ref: 4)
     seed: int = 1
+
+    def validate(self) -> None:
+        if self.backend not in ROLLOUT_BACKENDS:  # the registry, defined below
+            raise ConfigError("rollout.backend", f"{self.backend!r} is not one of {', '.join(ROLLOUT_BACKENDS)}")
+        if self.n_samples < 1:
+            raise ConfigError("rollout.n_samples", "must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError("rollout.temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("rollout.top_p", "must be in (0, 1]")
+        if self.max_staleness < 0:
+            raise ConfigError("rollout.max_staleness", "must be >= 0")
+        keys = ("max_batch_sequences", "prefill_chunk_tokens", "max_new_tokens", "tensor_parallel")
+        _at_least("rollout", self, keys, 1)
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ConfigError("rollout.kv_cache_memory_fraction", "must be in (0, 1]")
+        if self.backend == "trtllm" and self.trtllm_refit_bucket_mb < 1:
+            raise ConfigError("rollout.trtllm_refit_bucket_mb", "must be >= 1")
 
 
 # ------------------------------------------------------------------------------------------- reward
@@ -134,6 +189,12 @@ class RewardConfig:
     start_method: str = "spawn"  # math: spawn | forkserver (never fork: the trainer holds torch threads)
     overlong: str = "none"  # none | mask (drop truncated completions from the loss) | penalty
     overlong_penalty: float = 0.0  # reward given to a truncated completion when overlong=penalty
+
+    def validate(self) -> None:
+        _at_least("reward", self, ("num_workers", "max_answer_chars"), 1)
+        if self.timeout_s <= 0:
+            raise ConfigError("reward.timeout_s", "must be > 0")
+        _at_least("reward", self, ("kill_grace_s", "memory_limit_mb"), 0)
 
 
 # --------------------------------------------------------------------------------------- algorithm
@@ -156,6 +217,26 @@ class AlgoConfig:
     filter_enabled: bool = True
     max_prompt_batches: int = 4  # bound on extra prompt batches drawn to refill a filtered step
 
+    def validate(self) -> None:
+        if not 0 <= self.filter_min_success <= self.filter_max_success <= 1:
+            raise ConfigError(
+                "algo.filter_min_success", "need 0 <= filter_min_success <= filter_max_success <= 1"
+            )
+        if self.clip_eps <= 0:
+            raise ConfigError("algo.clip_eps", "must be > 0")
+        if self.behave_imp_weight_cap is not None and self.behave_imp_weight_cap <= 0:
+            raise ConfigError("algo.behave_imp_weight_cap", "must be > 0 or null")
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
+            raise ConfigError("algo.clip_eps_high", "must be > 0 or null")
+        if self.advantage == "drgrpo" and self.loss_agg != "sequence_sum":
+            raise ConfigError(
+                "algo.loss_agg", "advantage=drgrpo needs sequence_sum (no length normalisation)"
+            )
+        if self.kl_coef < 0:
+            raise ConfigError("algo.kl_coef", "must be >= 0")
+        if self.max_prompt_batches < 0:
+            raise ConfigError("algo.max_prompt_batches", "must be >= 0")
+
 
 # ---------------------------------------------------------------------------------------- optimizer
 @dataclass
@@ -171,6 +252,18 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global L2 norm of the gradient (0 = no clipping)
     distributed: bool = True  # megatron distributed optimizer (state sharded over DP); GPU only
 
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("optim.lr", "must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("optim.warmup_ratio", "must be in [0, 1)")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}", "must be in [0, 1)")
+        if self.adam_eps <= 0:
+            raise ConfigError("optim.adam_eps", "must be > 0")
+        _at_least("optim", self, ("weight_decay", "grad_clip"), 0)
+
 
 # -------------------------------------------------------------------------------------------- train
 @dataclass
@@ -183,9 +276,18 @@ class WarmupConfig:
     hint_fraction: float = 0.4
     # Stop once the pass@1 of the calibration set's hard problems with the RL hint reaches this, checked every
     # check_every steps: the small world's learning turns sharply, so the RL start is picked by calibration,
-    # not by a step count (../shared/TOY_WORLD.md). null: run `steps`.
+    # not by a step count (docs/world.md). null: run `steps`.
     stop_at_pass1: float | None = None
     check_every: int = 100
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ConfigError("train.warmup.steps", "must be >= 0")
+        if self.stop_at_pass1 is not None:
+            if not 0 < self.stop_at_pass1 <= 1:
+                raise ConfigError("train.warmup.stop_at_pass1", "must be in (0, 1] or null")
+            if self.check_every < 1:
+                raise ConfigError("train.warmup.check_every", "must be >= 1")
 
 
 @dataclass
@@ -213,6 +315,11 @@ class TrainConfig:
     validation_problems: int = 0  # problems of the first eval benchmark used every eval_every steps; 0 = all
     validation_samples: int = 4  # samples per problem in validation and calibration (pass@1 and pass@n)
 
+    def validate(self) -> None:
+        keys = ("steps", "prompts_per_step", "micro_batch_tokens", "save_every", "recovery_every")
+        _at_least("train", self, keys, 1)
+        self.warmup.validate()
+
 
 # --------------------------------------------------------------------------------------------- eval
 @dataclass
@@ -227,6 +334,14 @@ class BenchmarkConfig:
     id_field: str | None = None  # None: the preset's, else the row number (from 1) is the id
     split: str | None = None  # DatasetDict folders: None = "test" when present, else the first split
     limit: int | None = None  # evaluate only the first `limit` problems (smoke runs)
+
+    def validate(self, key: str) -> None:
+        """`key` is where this entry sits, e.g. "eval.benchmarks[0]"."""
+        if not self.path:
+            raise ConfigError(f"{key}.path", "is empty")
+        if self.preset is not None and self.preset not in BENCHMARK_PRESETS:
+            allowed = ", ".join(BENCHMARK_PRESETS)
+            raise ConfigError(f"{key}.preset", f"{self.preset!r} is not one of {allowed}")
 
 
 @dataclass
@@ -244,6 +359,25 @@ class EvalConfig:
     seed: int = 1  # sampling seed of batch i is seed + i, so a resumed run draws what a whole run draws
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # pass@k columns of the table
     output_dir: str = "outputs/eval"  # <label>/<benchmark>.jsonl per problem, results.json, passk.png
+
+    def validate(self) -> None:
+        if self.n_samples < 1:
+            raise ConfigError("eval.n_samples", "must be >= 1")
+        if any(k < 1 or k > self.n_samples for k in self.ks):
+            raise ConfigError("eval.ks", f"every k must be in [1, eval.n_samples={self.n_samples}]")
+        if self.temperature < 0:
+            raise ConfigError("eval.temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("eval.top_p", "must be in (0, 1]")
+        _at_least("eval", self, ("max_new_tokens", "problems_per_batch"), 1)
+        if "{problem}" not in self.prompt_template:
+            raise ConfigError("eval.prompt_template", "must contain {problem}")
+        if self.labels and len(self.labels) != len(self.checkpoints):
+            raise ConfigError(
+                "eval.labels", f"{len(self.labels)} labels for {len(self.checkpoints)} checkpoints"
+            )
+        for i, b in enumerate(self.benchmarks):
+            b.validate(f"eval.benchmarks[{i}]")
 
 
 # -------------------------------------------------------------------------------------------- top
@@ -340,50 +474,17 @@ def read_hf_config(path: str | Path) -> dict:
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Check relations between keys before anything expensive happens; raise ConfigError naming the key."""
+    """Check every key and the relations between sections before anything expensive happens; raise
+    ConfigError naming the key. Reads no file: the model's shapes are checked at build time
+    (`validate_model_shapes`), so a recipe loads without its model on disk."""
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
-    if cfg.rollout.backend not in ROLLOUT_BACKENDS:
-        raise ConfigError("rollout.backend", f"{cfg.rollout.backend!r} is not one of {', '.join(ROLLOUT_BACKENDS)}")
 
-    for key in ("data.hint_ratios",):
-        for r in _get(cfg, key):
-            if not 0 <= r <= 100:
-                raise ConfigError(key, f"ratio {r} is outside [0, 100]")
-    if cfg.data.cut_mode == "token" and not cfg.data.tokenizer:
-        raise ConfigError("data.tokenizer", "cut_mode=token needs a tokenizer folder")
-    d = cfg.data.difficulty
-    if not 0 <= d.min_pass_rate <= d.max_pass_rate <= 1:
-        raise ConfigError("data.difficulty.min_pass_rate", "need 0 <= min_pass_rate <= max_pass_rate <= 1")
-
+    cfg.data.validate()
     m = cfg.model
-    for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
-        if getattr(m, key) < 1:
-            raise ConfigError(f"model.{key}", "must be >= 1")
-    if m.hf_config is not None:
-        hf = read_hf_config(m.hf_config)
-        heads = hf.get("num_attention_heads")
-        groups = hf.get("num_key_value_heads", heads)
-        layers = hf.get("num_hidden_layers")
-        tp, pp = m.tensor_parallel, m.pipeline_parallel
-        if heads % tp:
-            raise ConfigError("model.tensor_parallel", f"{tp} does not divide num_attention_heads={heads}")
-        if groups % tp:
-            raise ConfigError("model.tensor_parallel", f"{tp} does not divide num_key_value_heads={groups}")
-        vpp = m.virtual_pipeline or 1
-        if layers % (pp * vpp):
-            raise ConfigError(
-                "model.pipeline_parallel",
-                f"pipeline_parallel x virtual_pipeline = {pp * vpp} does not divide num_hidden_layers={layers}",
-            )
-    if m.recompute_num_layers is not None and (m.recompute != "full" or m.recompute_num_layers < 1):
-        raise ConfigError("model.recompute_num_layers", "needs recompute=full and a value >= 1")
-    if m.virtual_pipeline is not None and m.pipeline_parallel < 2:
-        raise ConfigError("model.virtual_pipeline", "needs pipeline_parallel >= 2")
-    if m.sequence_parallel and m.tensor_parallel < 2:
-        raise ConfigError("model.sequence_parallel", "needs tensor_parallel >= 2")
+    m.validate()
     if world_size is not None:
         mp = m.tensor_parallel * m.pipeline_parallel * m.context_parallel
         if world_size % mp:
@@ -391,105 +492,52 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 "model.tensor_parallel",
                 f"TP x PP x CP = {mp} does not divide the world size {world_size}",
             )
-
     r = cfg.rollout
-    if r.n_samples < 1:
-        raise ConfigError("rollout.n_samples", "must be >= 1")
-    if r.temperature < 0:
-        raise ConfigError("rollout.temperature", "must be >= 0")
-    if not 0 < r.top_p <= 1:
-        raise ConfigError("rollout.top_p", "must be in (0, 1]")
-    if r.max_staleness < 0:
-        raise ConfigError("rollout.max_staleness", "must be >= 0")
-    for key in ("max_batch_sequences", "prefill_chunk_tokens", "max_new_tokens", "tensor_parallel"):
-        if getattr(r, key) < 1:
-            raise ConfigError(f"rollout.{key}", "must be >= 1")
-    if not 0 < r.kv_cache_memory_fraction <= 1:
-        raise ConfigError("rollout.kv_cache_memory_fraction", "must be in (0, 1]")
-
-    rw = cfg.reward
-    for key in ("num_workers", "max_answer_chars"):
-        if getattr(rw, key) < 1:
-            raise ConfigError(f"reward.{key}", "must be >= 1")
-    if rw.timeout_s <= 0:
-        raise ConfigError("reward.timeout_s", "must be > 0")
-    for key in ("kill_grace_s", "memory_limit_mb"):
-        if getattr(rw, key) < 0:
-            raise ConfigError(f"reward.{key}", "must be >= 0")
-
-    a = cfg.algo
-    if not 0 <= a.filter_min_success <= a.filter_max_success <= 1:
-        raise ConfigError("algo.filter_min_success", "need 0 <= filter_min_success <= filter_max_success <= 1")
-    if a.clip_eps <= 0:
-        raise ConfigError("algo.clip_eps", "must be > 0")
-    if a.behave_imp_weight_cap is not None and a.behave_imp_weight_cap <= 0:
-        raise ConfigError("algo.behave_imp_weight_cap", "must be > 0 or null")
-    if a.clip_eps_high is not None and a.clip_eps_high <= 0:
-        raise ConfigError("algo.clip_eps_high", "must be > 0 or null")
-    if a.advantage == "drgrpo" and a.loss_agg != "sequence_sum":
-        raise ConfigError("algo.loss_agg", "advantage=drgrpo needs sequence_sum (no length normalisation)")
-    if a.kl_coef < 0:
-        raise ConfigError("algo.kl_coef", "must be >= 0")
-    if a.max_prompt_batches < 0:
-        raise ConfigError("algo.max_prompt_batches", "must be >= 0")
-
-    o = cfg.optim
-    if o.lr <= 0:
-        raise ConfigError("optim.lr", "must be > 0")
-    if not 0 <= o.warmup_ratio < 1:
-        raise ConfigError("optim.warmup_ratio", "must be in [0, 1)")
-    for key in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(o, key) < 1:
-            raise ConfigError(f"optim.{key}", "must be in [0, 1)")
-    if o.adam_eps <= 0:
-        raise ConfigError("optim.adam_eps", "must be > 0")
-    for key in ("weight_decay", "grad_clip"):
-        if getattr(o, key) < 0:
-            raise ConfigError(f"optim.{key}", "must be >= 0")
+    r.validate()
+    if r.backend == "trtllm":
+        replica = cfg.model.tensor_parallel * cfg.model.pipeline_parallel
+        if r.tensor_parallel != replica:
+            raise ConfigError(
+                "rollout.tensor_parallel",
+                f"trtllm runs one engine on each data-parallel replica's GPUs: must equal model.tensor_parallel"
+                f" x model.pipeline_parallel = {replica}, not {r.tensor_parallel}",
+            )
+    cfg.reward.validate()
+    cfg.algo.validate()
+    cfg.optim.validate()
 
     t = cfg.train
-    for key in ("steps", "prompts_per_step", "micro_batch_tokens", "save_every", "recovery_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}", "must be >= 1")
-    w = t.warmup
-    if w.steps < 0:
-        raise ConfigError("train.warmup.steps", "must be >= 0")
-    if w.stop_at_pass1 is not None:
-        if not 0 < w.stop_at_pass1 <= 1:
-            raise ConfigError("train.warmup.stop_at_pass1", "must be in (0, 1] or null")
-        if w.check_every < 1:
-            raise ConfigError("train.warmup.check_every", "must be >= 1")
-        if not t.build_world_data and cfg.reward.kind == "world":
-            raise ConfigError("train.warmup.stop_at_pass1", "checks the small world's calibration set: needs "
-                              "train.build_world_data=true")
+    t.validate()
+    if t.warmup.stop_at_pass1 is not None and not t.build_world_data and cfg.reward.kind == "world":
+        raise ConfigError("train.warmup.stop_at_pass1", "checks the small world's calibration set: needs "
+                          "train.build_world_data=true")
     if t.micro_batch_tokens < r.max_prompt_tokens + r.max_new_tokens:
         raise ConfigError(
             "train.micro_batch_tokens",
             f"{t.micro_batch_tokens} cannot hold one sequence of rollout.max_prompt_tokens + "
             f"rollout.max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens} tokens",
         )
-    e = cfg.eval
-    if e.n_samples < 1:
-        raise ConfigError("eval.n_samples", "must be >= 1")
-    if any(k < 1 or k > e.n_samples for k in e.ks):
-        raise ConfigError("eval.ks", f"every k must be in [1, eval.n_samples={e.n_samples}]")
-    if e.temperature < 0:
-        raise ConfigError("eval.temperature", "must be >= 0")
-    if not 0 < e.top_p <= 1:
-        raise ConfigError("eval.top_p", "must be in (0, 1]")
-    for key in ("max_new_tokens", "problems_per_batch"):
-        if getattr(e, key) < 1:
-            raise ConfigError(f"eval.{key}", "must be >= 1")
-    if "{problem}" not in e.prompt_template:
-        raise ConfigError("eval.prompt_template", "must contain {problem}")
-    if e.labels and len(e.labels) != len(e.checkpoints):
-        raise ConfigError("eval.labels", f"{len(e.labels)} labels for {len(e.checkpoints)} checkpoints")
-    for i, b in enumerate(e.benchmarks):
-        if not b.path:
-            raise ConfigError(f"eval.benchmarks[{i}].path", "is empty")
-        if b.preset is not None and b.preset not in BENCHMARK_PRESETS:
-            allowed = ", ".join(BENCHMARK_PRESETS)
-            raise ConfigError(f"eval.benchmarks[{i}].preset", f"{b.preset!r} is not one of {allowed}")
+    cfg.eval.validate()
+
+
+def validate_model_shapes(model: ModelConfig, hf: dict) -> None:
+    """Build-time check of the parallel layout against the model's config.json (`hf`, as read_hf_config
+    returns it): TP divides the attention and key/value heads, PP x VP divides the layers. Called where the
+    model is built and config.json is read anyway, not at config load; raises ConfigError naming the key."""
+    heads = hf.get("num_attention_heads")
+    groups = hf.get("num_key_value_heads", heads)
+    layers = hf.get("num_hidden_layers")
+    tp, pp = model.tensor_parallel, model.pipeline_parallel
+    if heads % tp:
+        raise ConfigError("model.tensor_parallel", f"{tp} does not divide num_attention_heads={heads}")
+    if groups % tp:
+        raise ConfigError("model.tensor_parallel", f"{tp} does not divide num_key_value_heads={groups}")
+    vpp = model.virtual_pipeline or 1
+    if layers % (pp * vpp):
+        raise ConfigError(
+            "model.pipeline_parallel",
+            f"pipeline_parallel x virtual_pipeline = {pp * vpp} does not divide num_hidden_layers={layers}",
+        )
 
 
 def conf_dir() -> Path:

@@ -135,7 +135,14 @@ def rollout_availability(backend: str, gpus: Gpus) -> Availability:
     if error is not None:
         label = component.label if component else info.requires
         problem = f"{label} not importable: {key} unavailable ({error})"
-    elif info.gpu_only and not gpus.count:
+    if problem is None:
+        check = getattr(importlib.import_module(info.module), "check_environment", None)
+        try:
+            if check is not None:
+                check()  # e.g. trtllm: the installed version is in the supported range
+        except ImportError as e:
+            problem = f"{e}: {key} unavailable"
+    if problem is None and info.gpu_only and not gpus.count:
         problem = f"{key} needs a CUDA GPU: unavailable on CPU"
     return Availability(key, problem is None, problem or "")
 

@@ -143,7 +143,7 @@ def test_model_yaml_loads_and_validates(name, tmp_path):
     """conf/model/*.yaml merge into the schema; the reference one against a Qwen2.5-1.5B-shaped config.json."""
     from omegaconf import OmegaConf
 
-    from questa_nemo.config import Config, to_config, validate
+    from questa_nemo.config import Config, read_hf_config, to_config, validate, validate_model_shapes
 
     sys.path.insert(0, str(REPO / "bench"))
     import bench_train
@@ -154,4 +154,5 @@ def test_model_yaml_loads_and_validates(name, tmp_path):
         raw.hf_config = raw.checkpoint = str(tmp_path)
     cfg = to_config({"model": raw, "train": {"micro_batch_tokens": 10**6}})
     validate(cfg)
+    validate_model_shapes(cfg.model, read_hf_config(cfg.model.hf_config))
     assert isinstance(cfg, Config) and cfg.model.recompute in ("none", "full")

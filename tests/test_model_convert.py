@@ -11,7 +11,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from tiny_hf import VOCAB, tiny_hf_model  # noqa: E402
 
-from questa_nemo.config import Config, ConfigError, ModelConfig, validate  # noqa: E402
+from questa_nemo.config import (  # noqa: E402
+    Config,
+    ConfigError,
+    ModelConfig,
+    read_hf_config,
+    validate,
+    validate_model_shapes,
+)
 from questa_nemo.model.convert import (  # noqa: E402
     ModelShape,
     ShardLayout,
@@ -154,11 +161,12 @@ def test_parallel_config_errors_name_the_key(tmp_path):
     cfg.train.micro_batch_tokens = 10**6
     cfg.model.hf_config = str(tmp_path)
     cfg.model.tensor_parallel = 4  # divides 4 heads but not 2 key/value heads
+    validate(cfg)  # config load reads no file: the model's shapes are a build-time check
     with pytest.raises(ConfigError, match="model.tensor_parallel.*num_key_value_heads"):
-        validate(cfg)
+        validate_model_shapes(cfg.model, read_hf_config(cfg.model.hf_config))
     cfg.model.tensor_parallel, cfg.model.pipeline_parallel = 1, 3
     with pytest.raises(ConfigError, match="model.pipeline_parallel"):
-        validate(cfg)
+        validate_model_shapes(cfg.model, read_hf_config(cfg.model.hf_config))
 
 
 def test_unsupported_architecture_is_rejected_naming_the_key():

@@ -112,18 +112,19 @@ def _free_port() -> int:
 def test_smollm2_model_yaml_validates_against_the_real_config(smollm2):  # noqa: F811
     from omegaconf import OmegaConf
 
-    from questa_nemo.config import ConfigError, to_config, validate
+    from questa_nemo.config import ConfigError, read_hf_config, to_config, validate, validate_model_shapes
 
     raw = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "smollm2.yaml")
     raw.hf_config = raw.checkpoint = str(smollm2.hf_dir)
     for tp, ok in ((1, True), (3, True), (2, False)):
         raw.tensor_parallel = tp
         cfg = to_config({"model": raw, "train": {"micro_batch_tokens": 10**6}})
+        validate(cfg)
         if ok:
-            validate(cfg)
+            validate_model_shapes(cfg.model, read_hf_config(cfg.model.hf_config))
         else:
             with pytest.raises(ConfigError, match="^model.tensor_parallel"):
-                validate(cfg)
+                validate_model_shapes(cfg.model, read_hf_config(cfg.model.hf_config))
 
 
 def test_missing_wheel_means_no_gguf_and_a_named_skip(monkeypatch):

@@ -1,6 +1,6 @@
 """Hint construction: the reference's character cut, kept byte-for-byte, and boundary-aware cuts beside it.
 
-The reference (../shared/RECIPE.md, "Hint construction") strips a quoted generation, keeps the text after the last
+The reference (docs/recipe.md, "Hint construction") strips a quoted generation, keeps the text after the last
 `</think>` as the solution and shows the first int(len(solution) * (p / 100)) characters as the hint. That cut can
 split a word, a number or a LaTeX group. The other modes measure the solution in their own unit (tokens of a
 tokenizer, sentences, solution steps), keep the first int(units * (p / 100)) units and then move the cut back to

@@ -12,7 +12,7 @@ width: problem + "|" + hint slot padded with "_" to (N - 1) lines. The chat temp
 "?" as the generation prompt; the model then writes the full solution (hinted lines copied) and <|endoftext|>.
 For N = 8 the longest sequence is 52 prompt + 35 completion tokens (characters).
 
-Why this format (../shared/TOY_WORLD.md has the prototypes' lessons: fixed-width prompts, hints inside the
+Why this format (docs/world.md has the prototypes' lessons: fixed-width prompts, hints inside the
 prompt, one spare op slot): an operation slot is as wide as a result line (3 characters), so the operation of
 step i, the hinted copy of line i and the line before it each sit at one fixed distance from where line i is
 written, whatever i is. A RoPE model then learns one relative lookup for every step. With 2-character slots the

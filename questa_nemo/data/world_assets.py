@@ -5,7 +5,7 @@ Tokenizer: one token per character (printable ASCII and newline) plus <|pad|>, <
 built with `tokenizers` and saved as a Hugging Face fast tokenizer whose chat template renders a user message
 followed by the generation prompt "?" (see world.py for the text format).
 Policy: a Llama-style config.json (RoPE, RMSNorm, SwiGLU, tied embeddings): 3 layers, width 96, 4 heads,
-~0.34M parameters, the model ../shared/TOY_WORLD.md found trainable on 2 CPU cores in minutes.
+~0.34M parameters, the model docs/world.md reports trainable on 2 CPU cores in minutes.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def plot_pass_at_k(report: Mapping[str, Any], path: Path) -> None:
 
 
 def write_pass_rates(path: Path, problems: Sequence[ProblemResult]) -> None:
-    """The difficulty filter's input (format in /work/notes/passrate_format.md): one JSON object per line,
+    """The difficulty filter's input (see conf/eval/profile.yaml): one JSON object per line,
     {"id": str, "pass_rate": float, "n": int, "correct": int}, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

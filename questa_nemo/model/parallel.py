@@ -127,3 +127,22 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def model_parallel_all_gather_object(obj: object) -> list[object]:
+    """Every rank's `obj` over megatron's model-parallel group (TP x PP of one data-parallel replica), in
+    group-rank order; index 0 is the replica's first rank.
+
+    For small picklable objects that hold no tensors (CUDA IPC handles, generation results). On an NCCL group
+    torch carries the pickled bytes through the current CUDA device, which init_distributed has set; on gloo
+    they stay on the CPU. A world of one returns [obj] without a collective.
+    """
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_model_parallel_group()
+    size = torch.distributed.get_world_size(group)
+    if size == 1:
+        return [obj]
+    gathered: list[object] = [None] * size
+    torch.distributed.all_gather_object(gathered, obj, group=group)
+    return gathered

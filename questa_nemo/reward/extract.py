@@ -1,7 +1,7 @@
 """Find a completion's final answer the way the reference recipe does, in bounded time on any input.
 
 The reference takes the text inside the last `boxed{...}` (brace-matched), and falls back to what follows
-"he answer is" or "final answer is" (../shared/RECIPE.md, "Reward"). Completions are untrusted model output: a
+"he answer is" or "final answer is" (docs/recipe.md, "Reward"). Completions are untrusted model output: a
 10 MB string, thousands of braces, NUL bytes or lone surrogates must cost at most a few linear scans here, and
 what comes out is capped so that the parser never sees more than `max_chars` characters.
 

@@ -1,6 +1,6 @@
 """Reward of the small world (questa_nemo/data/world.py): 1 when the completion has exactly one number line per
 step followed by one `\\boxed{<number>}` line, and the boxed number is the reference result.
-Intermediate results are not checked (as in ../shared/TOY_WORLD.md): the final answer decides, the line count
+Intermediate results are not checked (as in the prototypes, docs/world.md): the final answer decides, the line count
 keeps the format honest.
 """
 

@@ -78,6 +78,14 @@ class RolloutContext:
     pad_token_id: int = 0
     version: int = 0  # policy version of the weights in `chunks`
 
+    @property
+    def model_parallel(self) -> int:
+        """Ranks holding one model replica between them (TP x PP of the chunks' megatron config; 1 without)."""
+        config = getattr(self.chunks[0], "config", None)
+        if config is None:
+            return 1
+        return config.tensor_model_parallel_size * config.pipeline_model_parallel_size
+
     def hf_weights(self) -> dict[str, torch.Tensor]:
         """The current weights as full HF-named tensors, gathered from every TP / PP shard (model/gather.py).
 
