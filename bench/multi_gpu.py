@@ -13,6 +13,7 @@ DP=2 GRPO is reported but not judged: each DP rank samples its own prompts with 
 collect_step), so its rewards cannot equal one rank's; its numbers are for reading.
 
 Usage: python bench/multi_gpu.py [--out FILE]   (default: $OUT/multi_gpu.json, else bench/results/)
+       python bench/multi_gpu.py --cpu-ranks 2 --only rollout train_step   (the suite's own check, on CPU/gloo)
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ class Suite:
     def __init__(self, work: Path):
         self.work, self.results = work, []
         self.hf_folder = None
+        self.only: list[str] = []
 
     def case(self, name: str, fn, *args) -> None:
         """Run one comparison; a failure is recorded with its error and the suite goes on."""
+        if self.only and not any(name.startswith(prefix) for prefix in self.only):
+            return
         started = time.perf_counter()
         try:
             details = fn(*args)
@@ -157,18 +161,27 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=Path("/tmp/questa_multi_gpu"))
+    parser.add_argument("--only", nargs="*", default=[], help="run the cases whose names start with these")
+    parser.add_argument("--cpu-ranks", type=int, default=0, help="no GPU: run as if there were this many (gloo)")
     args = parser.parse_args()
     out = args.out or (Path(os.environ["OUT"]) / "multi_gpu.json" if os.environ.get("OUT")
                        else REPO / "bench" / "results" / "multi_gpu.json")
-    gpus = torch.cuda.device_count()
+    gpus = torch.cuda.device_count() or args.cpu_ranks
     if gpus < 1:
-        print("bench/multi_gpu.py: no CUDA GPU visible", file=sys.stderr)
+        print("bench/multi_gpu.py: no CUDA GPU visible (--cpu-ranks N checks the suite on CPU)", file=sys.stderr)
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     suite = Suite(args.work)
+    suite.only = args.only
 
     ref: dict = {}
-    suite.case("train_step_1gpu", lambda: ref.update(suite.policy_step(1, 1, 1)) or {"stats": ref["stats"]})
+    if any(n.startswith("train_step") for n in args.only) or not args.only:  # the reference the others need
+        ref.update(suite.policy_step(1, 1, 1))
+        suite.results.append({"name": "train_step_1gpu", "ok": True, "stats": ref["stats"]})
+    if any(n.startswith("rollout") for n in args.only) and "rollout_1gpu" not in args.only:
+        args.only.append("rollout_1gpu")
+    if any(n.startswith("grpo") for n in args.only) and "grpo_tp1_megatron" not in args.only:
+        args.only.append("grpo_tp1_megatron")
     suite.case("rollout_1gpu", suite.rollout_single)
     suite.case("grpo_tp1_megatron", suite.grpo_reference)
     suite.case("grpo_tp1_hf", lambda: {"steps": __import__("test_grpo_parallel").train(
@@ -187,9 +200,9 @@ def main() -> int:
 
     report = {
         "gpus": gpus,
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (gloo)",
         "torch": torch.__version__,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
         "passed": sum(r["ok"] for r in suite.results),
         "failed": [r["name"] for r in suite.results if not r["ok"]],
         "results": suite.results,
