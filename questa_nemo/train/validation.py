@@ -133,6 +133,7 @@ def warmup_stopper(s, policy, checks: dict[int, dict[str, float]], scorer) -> Ca
     target = s.cfg.train.warmup.stop_at_pass1
 
     def stop(step: int) -> bool:
+        backend.update_weights(step)  # the warm-up stepped the policy: in place a no-op, else a refit
         rates = {}
         for name, rows in hard.items():
             table = pass_by_length(s, backend, rows, scorer)
