@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests" / "dist"), str(REPO / "tests"), str(REPO)]
+sys.path[:0] = [str(REPO / "tests" / "dist"), str(REPO)]  # the CPU tests' workers; no pytest needed
 
 import torch  # noqa: E402
 from launch import torchrun  # noqa: E402
@@ -129,7 +129,7 @@ class Suite:
 
     # ---------------------------------------------------------------------------------- GRPO
     def grpo_reference(self) -> dict:
-        import test_grpo_parallel as g
+        import grpo_common as g
 
         root = self.work / "grpo"
         self.grpo_hf = g.world_model_config(root / "model")
@@ -140,7 +140,7 @@ class Suite:
         return {"steps": self.grpo_ref}
 
     def grpo_run(self, name: str, overrides: list[str], nproc: int, judged: bool) -> dict:
-        import test_grpo_parallel as g
+        import grpo_common as g
 
         run_dir = self.work / "grpo" / name
         metrics = g.train(run_dir, self.grpo_data, self.grpo_hf, *self.grpo_start, *overrides, nproc=nproc)
@@ -184,7 +184,7 @@ def main() -> int:
         args.only.append("grpo_tp1_megatron")
     suite.case("rollout_1gpu", suite.rollout_single)
     suite.case("grpo_tp1_megatron", suite.grpo_reference)
-    suite.case("grpo_tp1_hf", lambda: {"steps": __import__("test_grpo_parallel").train(
+    suite.case("grpo_tp1_hf", lambda: {"steps": __import__("grpo_common").train(
         args.work / "grpo" / "hf", suite.grpo_data, suite.grpo_hf, *suite.grpo_start, "rollout=hf", nproc=1)})
     if gpus >= 2:
         for tp, pp, dp, vp in ((2, 1, 1, None), (1, 2, 1, None), (1, 1, 2, None), (1, 2, 1, 2)):
