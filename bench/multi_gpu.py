@@ -149,8 +149,8 @@ class Suite:
             for key, value in ref.items():
                 if key.startswith(g.EXACT) and ours.get(key) != value:
                     mismatches.append((ours["step"], key, ours.get(key), value))
-                elif key in g.CLOSE and abs(ours[key] - value) > 1e-4 * abs(value) + 1e-7:
-                    mismatches.append((ours["step"], key, ours[key], value))
+                elif key in g.CLOSE and (key not in ours or abs(ours[key] - value) > 1e-4 * abs(value) + 1e-7):
+                    mismatches.append((ours["step"], key, ours.get(key), value))
         diffs = max_diffs(g.final_weights(run_dir, self.grpo_hf), g.final_weights(self.grpo_ref_dir, self.grpo_hf))
         ok = (not mismatches and diffs["max_excess_over_tolerance"] <= 0) if judged else True
         return {"ok": ok, "judged": judged, "mismatches": mismatches[:20], "final_weights_vs_tp1": diffs,
