@@ -6,7 +6,7 @@ Parts, by the GPUs visible (CUDA_VISIBLE_DEVICES applies):
           a train step + refit, 3 GRPO steps of the tiny world model through `questa-nemo train` (megatron
           backend, then hf)
   2 GPUs  + train-step parity (loss, grad norm, updated weights) at TP=2, PP=2, DP=2, PP=2 x VP=2; rollout tokens
-          at TP=2 and PP=2; 3 GRPO steps at TP=2, PP=2, DP=2 against one rank; the TP=2 run's checkpoint loaded
+          at TP=2, PP=2 and PP=2 x VP=2; 3 GRPO steps at TP=2, PP=2, DP=2 against one rank; the TP=2 run's checkpoint loaded
           at TP=1 (that comparison of final weights is how the GRPO runs are checked)
   4+ GPUs + TP=2 x DP=2 (train step and GRPO)
 DP=2 GRPO is reported but not judged: each DP rank samples its own prompts with its own seed (train/grpo.py's
@@ -91,16 +91,17 @@ class Suite:
         return {"ok": ok, "loss": s["loss"], "loss_rel_diff": loss_rel, "grad_norm_rel_diff": norm_rel, **diffs}
 
     # ---------------------------------------------------------------------------------- rollouts
-    def rollouts(self, tp: int, pp: int) -> list[dict]:
+    def rollouts(self, tp: int, pp: int, vp: int | None = None) -> list[dict]:
         from rollout_worker import write_scaled_hf_folder
 
         folder = self.work / "hf_scaled"
         if not (folder / "config.json").exists():
             write_scaled_hf_folder(folder)
-        out = self.work / f"rollout_tp{tp}_pp{pp}"
+        out = self.work / f"rollout_tp{tp}_pp{pp}_vp{vp}"
         out.mkdir(parents=True, exist_ok=True)
+        flags = [f"--vp={vp}"] if vp else []
         torchrun("rollout_worker.py", f"--tp={tp}", f"--pp={pp}", f"--out={out}", f"--hf-folder={folder}",
-                 "--cuda-graphs", nproc=tp * pp, timeout=600)
+                 "--cuda-graphs", *flags, nproc=tp * pp, timeout=600)
         return [json.loads((out / f"rank{r}.json").read_text()) for r in range(tp * pp)]
 
     def rollout_single(self) -> dict:
@@ -110,8 +111,8 @@ class Suite:
         moved = ref["megatron"]["before"]["greedy_logprobs"] != ref["megatron"]["after"]["greedy_logprobs"]
         return {"ok": same and moved, "hf_greedy_equals_megatron": same, "refit_changed_logprobs": moved}
 
-    def rollout_parity(self, tp: int, pp: int) -> dict:
-        ranks = self.rollouts(tp, pp)
+    def rollout_parity(self, tp: int, pp: int, vp: int | None = None) -> dict:
+        ranks = self.rollouts(tp, pp, vp)
         got, ref = ranks[0], self.rollout_ref
         out = {"ranks_agree": all(r == got for r in ranks)}
         worst = 0.0
@@ -191,6 +192,7 @@ def main() -> int:
             suite.case(f"train_step_tp{tp}_pp{pp}_dp{dp}_vp{vp}", suite.policy_parity, tp, pp, dp, vp, ref)
         suite.case("rollout_tp2", suite.rollout_parity, 2, 1)
         suite.case("rollout_pp2", suite.rollout_parity, 1, 2)
+        suite.case("rollout_pp2_vp2", suite.rollout_parity, 1, 2, 2)
         suite.case("grpo_tp2_ckpt_loaded_at_tp1", suite.grpo_run, "tp2", ["model.tensor_parallel=2"], 2, True)
         suite.case("grpo_pp2", suite.grpo_run, "pp2", ["model.pipeline_parallel=2"], 2, True)
         suite.case("grpo_dp2", suite.grpo_run, "dp2", [], 2, False)

@@ -57,8 +57,8 @@ class GenerationBackend(Protocol):
         """Release the memory held for generation (KV cache, graphs); the next `generate` takes it back.
 
         Called where generation is over for a while: by eval between checkpoints. The GRPO loop does not call
-        it: the colocated engine keeps its KV cache and captured graphs from step to step (reallocating and
-        recapturing every step cost more than the memory is worth at the recipe's sizes)."""
+        it: the colocated engine keeps its KV cache and captured graphs from step to step, so steady-state
+        training captures no graph."""
         ...
 
 
@@ -71,7 +71,7 @@ class GenerationBackend(Protocol):
 class RolloutContext:
     """Everything a backend may be built from: the same for every caller (train, validation, eval, async)."""
 
-    chunks: list[torch.nn.Module]  # this rank's bare GPTModel chunks, holding the trainer's (or checkpoint's) weights
+    chunks: list[torch.nn.Module]  # this rank's bare GPTModel chunks: the trainer's (or a checkpoint's) weights
     vocab_size: int  # the tokenizer's vocabulary; megatron's padding rows past it are never sampled
     hf_config: Mapping | None = None  # the model's config.json (needed to name weights the HF way)
     model_dir: str | None = None  # a Hugging Face folder of the model (trtllm loads it before the first refit)

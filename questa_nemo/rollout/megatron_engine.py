@@ -82,8 +82,7 @@ def build(cfg: RolloutConfig, ctx: RolloutContext) -> MegatronBackend:
         prefill_chunk_tokens=cfg.prefill_chunk_tokens,
     )
     model = ctx.chunks[0]
-    mc = model.config
-    if len(ctx.chunks) == 1 and mc.tensor_model_parallel_size == 1 and mc.pipeline_model_parallel_size == 1:
+    if len(ctx.chunks) == 1 and ctx.model_parallel == 1:
         return MegatronBackend(model, ctx.vocab_size, options, ctx.version)
     if ctx.hf_config is None:
         raise ValueError("rollout.backend=megatron at TP or PP > 1 gathers the weights: it needs the hf_config")
