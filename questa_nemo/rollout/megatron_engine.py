@@ -9,8 +9,8 @@ place (so captured graphs stay valid). Each rank then decodes the prompts of its
 same prompts with the same seed on every rank of the group, so all of them produce the same completions as a
 single-rank run with the same weights (bit for bit on CPU; the tests check it) and no collective runs during
 decoding. Why a replica rather than Megatron-style sharded decoding, for the 1.5B policy: the replica costs
-3.1 GB (bf16) per GPU and one gather of 3.1 GB per step (~10-30 ms over NVLink against a step of tens of
-seconds); sharded decoding would add two all-reduces per layer per token (56 per decode step of the 28-layer
+3.1 GB (bf16) per GPU, about 3x that briefly during a refresh, and one gather of 3.1 GB per step (estimated,
+not measured: 10-30 ms over NVLink, against a step of tens of seconds); sharded decoding would add two all-reduces per layer per token (56 per decode step of the 28-layer
 model) inside the captured step, and the model's 2 KV heads cap TP at 2. The price: the ranks of a
 model-parallel group decode the same sequences, so rollout throughput is that of world / (TP x PP) GPUs. Splitting
 the prompts over the group needs sampling noise drawn per sequence rather than per slot (so the samples do not
