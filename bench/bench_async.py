@@ -40,8 +40,8 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int) -> dict:
     """`args.steps` GRPO steps of a fresh policy; max_staleness 0 = SyncRollouts on the in-place engine."""
     from questa_nemo.ckpt.load import load_chunks
     from questa_nemo.model.policy import MegatronPolicy
-    from questa_nemo.rollout import make_backend
-    from questa_nemo.rollout.snapshot import SnapshotBackend
+    from questa_nemo.rollout import RolloutContext, build_backend
+    from questa_nemo.rollout.snapshot import build_async_backend
     from questa_nemo.train.async_rollouts import AsyncRollouts
     from questa_nemo.train.grpo import SyncRollouts, grpo_step
 
@@ -65,10 +65,10 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int) -> dict:
     ]
     source = PromptSource(rows, seed=1)
     if max_staleness > 0:
-        backend = SnapshotBackend(cfg.rollout, policy.modules[0], vocab)
+        backend = build_async_backend(cfg.rollout, RolloutContext(policy.modules, vocab))
         rollouts = AsyncRollouts(cfg, source, backend, pseudo_reward, decode, ())
     else:
-        backend = make_backend(cfg.rollout, policy=policy.modules[0], vocab_size=vocab)
+        backend = build_backend(cfg.rollout, RolloutContext(policy.modules, vocab))
         rollouts = SyncRollouts(cfg, source, backend, pseudo_reward, decode, ())
     steps = []
     try:

@@ -69,7 +69,7 @@ def main() -> int:
     from questa_nemo.ckpt.load import load_chunks
     from questa_nemo.model.parallel import init_distributed
     from questa_nemo.model.policy import MegatronPolicy
-    from questa_nemo.rollout import make_backend
+    from questa_nemo.rollout import RolloutContext, build_backend
     from questa_nemo.train.grpo import SyncRollouts, grpo_step
 
     shape = TINY_QWEN2 if args.tiny else QWEN25_1P5B
@@ -86,7 +86,7 @@ def main() -> int:
         cfg.train.micro_batch_tokens,
         vocab,
     )
-    backend = make_backend(cfg.rollout, policy=policy.modules[0], vocab_size=vocab)
+    backend = build_backend(cfg.rollout, RolloutContext(policy.modules, vocab))
     g = torch.Generator().manual_seed(0)
     rows = [
         PromptRow(

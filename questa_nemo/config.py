@@ -139,7 +139,7 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------------ rollout
 @dataclass
 class RolloutConfig:
-    backend: str = "megatron"  # megatron (colocated, shares the trainer's weights) | hf | trtllm
+    backend: str = "megatron"  # a name in ROLLOUT_BACKENDS: megatron | hf | trtllm
     n_samples: int = 16  # group size (reference: 16)
     temperature: float = 1.0
     top_p: float = 1.0  # reference training: no top-p
@@ -156,6 +156,8 @@ class RolloutConfig:
     seed: int = 1
 
     def validate(self) -> None:
+        if self.backend not in ROLLOUT_BACKENDS:  # the registry, defined below
+            raise ConfigError("rollout.backend", f"{self.backend!r} is not one of {', '.join(ROLLOUT_BACKENDS)}")
         if self.n_samples < 1:
             raise ConfigError("rollout.n_samples", "must be >= 1")
         if self.temperature < 0:
@@ -421,7 +423,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.params_dtype": ("bf16", "fp32"),
     "model.attention": ("auto", "te", "sdpa", "local"),
     "model.recompute": ("none", "full", "selective"),
-    "rollout.backend": ("megatron", "hf", "trtllm"),
     "reward.kind": ("math", "world"),
     "reward.overlong": ("none", "mask", "penalty"),
     "reward.start_method": ("spawn", "forkserver"),
@@ -431,6 +432,32 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.mode": ("benchmark", "profile"),
     "eval.preset": EVAL_PRESETS,
     "eval.overlong_prompts": ("error", "truncate"),
+}
+
+
+@dataclass(frozen=True)
+class RolloutBackendInfo:
+    """A registry entry: `module` defines `build(cfg: RolloutConfig, ctx: RolloutContext) -> GenerationBackend`
+    (imported only when that backend is built). Validation, `doctor` and the builder all read this table."""
+
+    module: str
+    requires: str  # the module that must import for the backend to run (what doctor probes)
+    gpu_only: bool
+    summary: str
+
+
+# Adding a backend: its module (with `build`), one entry here, and conf/rollout/<name>.yaml.
+ROLLOUT_BACKENDS: dict[str, RolloutBackendInfo] = {
+    "megatron": RolloutBackendInfo(
+        "questa_nemo.rollout.megatron_engine", "megatron.core", False,
+        "colocated decoder on the trainer's weights (in place at TP = PP = 1, a gathered replica otherwise)",
+    ),
+    "hf": RolloutBackendInfo(
+        "questa_nemo.rollout.hf", "transformers", False, "transformers generate on gathered weights (reference)"
+    ),
+    "trtllm": RolloutBackendInfo(
+        "questa_nemo.rollout.trtllm", "tensorrt_llm", True, "TensorRT-LLM, refit from gathered weights"
+    ),
 }
 
 

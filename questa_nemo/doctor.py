@@ -19,7 +19,7 @@ import platform
 import warnings
 from dataclasses import dataclass
 
-from questa_nemo.config import Config, ConfigError, load_config
+from questa_nemo.config import ROLLOUT_BACKENDS, Config, ConfigError, load_config
 
 
 @dataclass(frozen=True)
@@ -126,18 +126,24 @@ def attention_availability(choice: str, gpus: Gpus) -> Availability:
 
 
 def rollout_availability(backend: str, gpus: Gpus) -> Availability:
+    """Whether rollout backend `backend` (a name in config.ROLLOUT_BACKENDS) can run here."""
     key = f"rollout.backend={backend}"
-    needs = {"megatron": "megatron", "hf": "transformers", "trtllm": "trtllm"}[backend]
-    problem = not_importable(needs, key)
-    if problem is None and backend == "trtllm":
-        from questa_nemo.rollout.trtllm import check_trtllm
-
+    info = ROLLOUT_BACKENDS[backend]
+    component = next((c for c in COMPONENTS.values() if c.module == info.requires), None)
+    error = import_error(info.requires)
+    problem = None
+    if error is not None:
+        label = component.label if component else info.requires
+        problem = f"{label} not importable: {key} unavailable ({error})"
+    if problem is None:
+        check = getattr(importlib.import_module(info.module), "check_environment", None)
         try:
-            check_trtllm(importlib.import_module("tensorrt_llm"))
+            if check is not None:
+                check()  # e.g. trtllm: the installed version is in the supported range
         except ImportError as e:
             problem = f"{e}: {key} unavailable"
-    if problem is None and backend == "trtllm" and not gpus.count:
-        problem = f"TensorRT-LLM needs a CUDA GPU: {key} unavailable on CPU"
+    if problem is None and info.gpu_only and not gpus.count:
+        problem = f"{key} needs a CUDA GPU: unavailable on CPU"
     return Availability(key, problem is None, problem or "")
 
 
@@ -207,7 +213,7 @@ def capability_rows(gpus: Gpus) -> list[Availability]:
     auto = "te" if te_error is None else "sdpa: Transformer Engine not importable"
     rows = [Availability("model.attention=auto", True, f"resolves to {auto}")]
     rows += [attention_availability(a, gpus) for a in ("te", "sdpa", "local")]
-    rows += [rollout_availability(b, gpus) for b in ("megatron", "hf", "trtllm")]
+    rows += [rollout_availability(b, gpus) for b in ROLLOUT_BACKENDS]
     if gpus.count:
         rows.append(
             Availability(f"TP x PP x CP <= {gpus.count * gpus.nodes}", True, "GPUs visible to this job")

@@ -219,19 +219,19 @@ def greedy(backend, prompts: list[list[int]]) -> list[list[int]]:
 
 
 def test_snapshot_ignores_trainer_updates_until_published(world_model):
-    from questa_nemo.rollout import make_backend
-    from questa_nemo.rollout.snapshot import SnapshotBackend
+    from questa_nemo.rollout import RolloutContext, build_backend
+    from questa_nemo.rollout.snapshot import build_async_backend
 
     cfg = config(2)
-    snapshot = SnapshotBackend(cfg.rollout, world_model, VOCAB)
+    snapshot = build_async_backend(cfg.rollout, RolloutContext([world_model], VOCAB))
     trainer_params = {p.data_ptr() for p in world_model.parameters()}
-    assert not trainer_params & {p.data_ptr() for p in snapshot.shadow.parameters()}
+    assert not trainer_params & {p.data_ptr() for p in snapshot.shadow[0].parameters()}
     prompts = [row.prompt_ids for row in prompt_source(4).rows]
     before = greedy(snapshot, prompts)
     with torch.no_grad():  # an optimizer step on the trainer's tensors, in place
         for p in world_model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    live = make_backend(cfg.rollout, policy=world_model, vocab_size=VOCAB)
+    live = build_backend(cfg.rollout, RolloutContext([world_model], VOCAB))
     after = greedy(live, prompts)
     assert after != before, "the perturbation did not change the greedy outputs; the test proves nothing"
     assert greedy(snapshot, prompts) == before
@@ -247,8 +247,8 @@ def train(max_staleness: int, use_async: bool, steps: int, fill_queue_first: boo
     from questa_nemo.ckpt.load import load_chunks
     from questa_nemo.model.parallel import destroy_distributed, init_distributed
     from questa_nemo.model.policy import MegatronPolicy
-    from questa_nemo.rollout import make_backend
-    from questa_nemo.rollout.snapshot import SnapshotBackend
+    from questa_nemo.rollout import RolloutContext, build_backend
+    from questa_nemo.rollout.snapshot import build_async_backend
     from questa_nemo.train.grpo import grpo_step
     from questa_nemo.train.metrics import PhaseTimer
 
@@ -264,10 +264,10 @@ def train(max_staleness: int, use_async: bool, steps: int, fill_queue_first: boo
         VOCAB,
     )
     if use_async:
-        backend = SnapshotBackend(cfg.rollout, policy.modules[0], VOCAB)
+        backend = build_async_backend(cfg.rollout, RolloutContext(policy.modules, VOCAB))
         rollouts = AsyncRollouts(cfg, prompt_source(), backend, first_token_even, decode, ())
     else:
-        backend = make_backend(cfg.rollout, policy=policy.modules[0], vocab_size=VOCAB)
+        backend = build_backend(cfg.rollout, RolloutContext(policy.modules, VOCAB))
         rollouts = SyncRollouts(cfg, prompt_source(), backend, first_token_even, decode, ())
     records = []
     try:

@@ -7,7 +7,7 @@ import torch
 from rollout_models import VOCAB, full_forward_logprobs, hf_model, megatron_twin
 
 from questa_nemo.config import ConfigError, RolloutConfig
-from questa_nemo.rollout import make_backend, sampling_params
+from questa_nemo.rollout import RolloutContext, build_backend, sampling_params
 from questa_nemo.rollout.base import SamplingParams
 from questa_nemo.rollout.hf import HFBackend
 from questa_nemo.rollout.megatron_engine import EngineOptions, MegatronBackend
@@ -175,7 +175,6 @@ def test_sleep_frees_and_generation_resumes(pair):
     before = tokens(backend.generate(PROMPTS, params))
     backend.sleep()
     assert backend._runner is None
-    backend.wake()
     assert tokens(backend.generate(PROMPTS, params)) == before
 
 
@@ -198,15 +197,19 @@ def test_hf_backend_reproducible_and_self_consistent():
     assert torch.allclose(expected, torch.tensor(c.logprobs), atol=1e-5)
 
 
-def test_make_backend_by_config(pair):
+def test_build_backend_by_config(pair):
+    """Both backends through the registry's one signature; hf is loaded with the megatron model's weights."""
     hf, model = pair
+    ctx = RolloutContext([model], VOCAB, hf.config.to_dict())
     cfg = RolloutConfig(backend="megatron", max_batch_sequences=8)
-    assert isinstance(make_backend(cfg, policy=model, vocab_size=VOCAB), MegatronBackend)
-    assert isinstance(make_backend(RolloutConfig(backend="hf"), hf_model=hf), HFBackend)
+    megatron = build_backend(cfg, ctx)
+    assert isinstance(megatron, MegatronBackend) and megatron.shares_trainer_weights
+    reference = build_backend(RolloutConfig(backend="hf", max_batch_sequences=8), ctx)
+    assert isinstance(reference, HFBackend)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
+    assert tokens(reference.generate(PROMPTS, params)) == tokens(megatron.generate(PROMPTS, params))
     with pytest.raises(ConfigError, match="rollout.backend"):
-        make_backend(cfg)
-    with pytest.raises(ConfigError, match="rollout.backend"):
-        make_backend(RolloutConfig(backend="vllm"))
+        build_backend(RolloutConfig(backend="vllm"), ctx)
     params = sampling_params(RolloutConfig(n_samples=4, temperature=0.6), stop_token_ids=(2,), seed=9)
     assert (params.n, params.temperature, params.stop_token_ids, params.seed) == (4, 0.6, (2,), 9)
 

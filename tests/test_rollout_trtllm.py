@@ -404,15 +404,16 @@ def test_doctor_reports_a_tensorrt_llm_outside_the_supported_range(monkeypatch):
         doctor.import_error.cache_clear()  # the fake leaves sys.modules with the test
 
 
-def test_make_backend_builds_it_from_the_rollout_config(monkeypatch, fake_rank):
-    from questa_nemo.rollout import make_backend
+def test_the_registry_builds_it_from_the_rollout_config(monkeypatch, fake_rank):
+    from questa_nemo.rollout import RolloutContext, build_backend
 
     engine = trtllm_api.install(monkeypatch)
     cfg = RolloutConfig(
         backend="trtllm", max_prompt_tokens=2048, max_new_tokens=1000, trtllm_release_weights=True
     )
-    with pytest.raises(ConfigError, match="HF model folder"):
-        make_backend(cfg)
-    backend = make_backend(cfg, model_dir="/models/qwen", hf_weights_fn=lambda: iter(()))
+    ctx = RolloutContext([torch.nn.Linear(1, 1)], vocab_size=96)
+    with pytest.raises(ConfigError, match="Hugging Face model folder"):
+        build_backend(cfg, ctx)
+    backend = build_backend(cfg, RolloutContext([torch.nn.Linear(1, 1)], vocab_size=96, model_dir="/models/qwen"))
     assert isinstance(backend, TRTLLMBackend) and backend.options.release_weights
     assert (engine.init["max_input_len"], engine.init["max_seq_len"]) == (2048, 3048)

@@ -41,7 +41,7 @@ def megatron_smollm2(smollm2):  # noqa: F811
 
 
 def test_megatron_rollout_greedy_text_equals_transformers(smollm2, megatron_smollm2):  # noqa: F811
-    from questa_nemo.rollout import make_backend
+    from questa_nemo.rollout import RolloutContext, build_backend
 
     tok = smollm2.tokenizer
     prompts = []
@@ -51,7 +51,7 @@ def test_megatron_rollout_greedy_text_equals_transformers(smollm2, megatron_smol
         )
         prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     cfg = RolloutConfig(backend="megatron", cuda_graphs=False, max_batch_sequences=8)
-    backend = make_backend(cfg, policy=megatron_smollm2, vocab_size=VOCAB)
+    backend = build_backend(cfg, RolloutContext([megatron_smollm2], VOCAB))
     params = SamplingParams(
         n=1, temperature=0.0, max_new_tokens=NEW_TOKENS, stop_token_ids=(tok.eos_token_id,)
     )

@@ -91,7 +91,7 @@ def test_grpo_steps_raise_reward_on_a_learnable_task():
     from questa_nemo.model.parallel import destroy_distributed, init_distributed
     from questa_nemo.model.policy import MegatronPolicy
     from questa_nemo.reward.types import RewardResult
-    from questa_nemo.rollout import make_backend
+    from questa_nemo.rollout import RolloutContext, build_backend
     from questa_nemo.train.grpo import SyncRollouts, grpo_step
     from questa_nemo.train.metrics import PhaseTimer
     from questa_nemo.train.prompts import PromptRow, PromptSource
@@ -102,7 +102,7 @@ def test_grpo_steps_raise_reward_on_a_learnable_task():
     init_distributed(cfg.model)
     try:
         policy = MegatronPolicy(load_chunks(cfg.model, hf, None), cfg.model, cfg.optim, 10, 4096, hf["vocab_size"])
-        backend = make_backend(cfg.rollout, policy=policy.modules[0], vocab_size=hf["vocab_size"])
+        backend = build_backend(cfg.rollout, RolloutContext(policy.modules, hf["vocab_size"], hf))
         g = torch.Generator().manual_seed(0)
         rows = [PromptRow(str(i), torch.randint(3, 100, (12,), generator=g).tolist(), "", False, {}) for i in range(64)]
         first_tokens: list[int] = []

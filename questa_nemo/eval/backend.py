@@ -31,11 +31,21 @@ def backend_for_checkpoint(cfg: Config, checkpoint: str, hf: dict | None = None)
     from questa_nemo.ckpt.load import load_chunks
     from questa_nemo.ckpt.runs import resolve_checkpoint
     from questa_nemo.model.parallel import init_distributed
-    from questa_nemo.rollout import make_backend
+    from questa_nemo.rollout import RolloutContext, build_backend
 
     checkpoint = resolve_checkpoint(checkpoint)  # a run folder stands for its newest checkpoint
     hf = hf or model_hf_config(cfg, checkpoint)
     if not torch.distributed.is_initialized():
         init_distributed(cfg.model)
     chunks = load_chunks(cfg.model, hf, checkpoint)
-    return make_backend(cfg.rollout, policy=chunks[0], vocab_size=hf["vocab_size"])
+    pad = hf.get("pad_token_id")
+    ctx = RolloutContext(chunks, hf["vocab_size"], hf, model_folder(cfg, checkpoint), pad if isinstance(pad, int) else 0)
+    return build_backend(cfg.rollout, ctx)
+
+
+def model_folder(cfg: Config, checkpoint: str) -> str | None:
+    """A Hugging Face folder of the model (what trtllm loads first): model.hf_config's, else the checkpoint's."""
+    if cfg.model.hf_config:
+        path = Path(cfg.model.hf_config)
+        return str(path if path.is_dir() else path.parent)
+    return checkpoint if (Path(checkpoint) / "config.json").is_file() else None

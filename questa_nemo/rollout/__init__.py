@@ -1,28 +1,36 @@
-"""Rollout generation: one interface (base.py), three backends chosen by `rollout.backend`.
+"""Rollout generation: one interface (base.py), backends built through one registry (config.ROLLOUT_BACKENDS).
 
-- megatron: colocated, decodes with the trainer's own GPTModel weights in place (megatron_engine.py)
-- hf: plain transformers generate, the correctness reference (hf.py)
+- megatron: colocated; decodes with the trainer's GPTModel weights in place at TP = PP = 1, with a gathered
+  replica otherwise (megatron_engine.py)
+- hf: plain transformers generate on gathered weights, the correctness reference (hf.py)
 - trtllm: TensorRT-LLM with weight refit from the trainer (trtllm.py; not run on our machines)
 
-Backends are imported lazily so that `import questa_nemo.rollout` needs neither transformers models nor
-TensorRT-LLM.
+Every backend module defines `build(cfg: RolloutConfig, ctx: RolloutContext) -> GenerationBackend`; callers
+(train, validation, eval, the async snapshot) build any backend the same way, with `build_backend`. Modules
+are imported only when their backend is built, so `import questa_nemo.rollout` needs neither transformers
+models nor TensorRT-LLM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import importlib
 
-import torch
-
-from questa_nemo.config import ConfigError, RolloutConfig
-from questa_nemo.rollout.base import Completion, GenerationBackend, GenerationResult, SamplingParams
+from questa_nemo.config import ROLLOUT_BACKENDS, ConfigError, RolloutConfig
+from questa_nemo.rollout.base import (
+    Completion,
+    GenerationBackend,
+    GenerationResult,
+    RolloutContext,
+    SamplingParams,
+)
 
 __all__ = [
     "Completion",
     "GenerationBackend",
     "GenerationResult",
+    "RolloutContext",
     "SamplingParams",
-    "make_backend",
+    "build_backend",
     "sampling_params",
 ]
 
@@ -39,48 +47,13 @@ def sampling_params(cfg: RolloutConfig, stop_token_ids: tuple[int, ...], seed: i
     )
 
 
-def make_backend(
-    cfg: RolloutConfig,
-    *,
-    policy: torch.nn.Module | None = None,
-    vocab_size: int | None = None,
-    hf_model: object | None = None,
-    model_dir: str | None = None,
-    hf_weights_fn: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
-    pad_token_id: int = 0,
-    gather: Callable[[object], list[object]] | None = None,
-) -> GenerationBackend:
-    """Build the backend `cfg.backend` names.
+def build_backend(cfg: RolloutConfig, ctx: RolloutContext) -> GenerationBackend:
+    """The backend `cfg.backend` names, built by its module's `build(cfg, ctx)`.
 
-    megatron: `policy` is the trainer's unwrapped GPTModel (TP = PP = 1) and `vocab_size` the tokenizer's
-    (unpadded) vocabulary. hf: `hf_model` a transformers causal LM. trtllm: `model_dir` an HF folder
-    TensorRT-LLM loads first. hf and trtllm take the trainer's weights as HF-named tensors from `hf_weights_fn`
-    on `update_weights`; trtllm's `gather` is model.parallel.model_parallel_all_gather_object when the
-    replica has several ranks.
+    Every rank of a model-parallel group calls this together: backends that gather the weights (TP or PP > 1,
+    hf, trtllm) do so once here and again on every `update_weights`.
     """
-    if cfg.backend == "megatron":
-        from questa_nemo.rollout.megatron_engine import EngineOptions, MegatronBackend
-
-        if policy is None or vocab_size is None:
-            raise ConfigError("rollout.backend", "megatron needs the policy GPTModel and the vocabulary size")
-        options = EngineOptions(
-            max_batch_sequences=cfg.max_batch_sequences,
-            cuda_graphs=cfg.cuda_graphs,
-            kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
-            prefill_chunk_tokens=cfg.prefill_chunk_tokens,
-        )
-        return MegatronBackend(policy, vocab_size, options)
-    if cfg.backend == "hf":
-        from questa_nemo.rollout.hf import HFBackend
-
-        if hf_model is None:
-            raise ConfigError("rollout.backend", "hf needs a transformers model")
-        weights_fn = (lambda: dict(hf_weights_fn())) if hf_weights_fn is not None else None
-        return HFBackend(hf_model, pad_token_id, cfg.max_batch_sequences, weights_fn)
-    if cfg.backend == "trtllm":
-        from questa_nemo.rollout.trtllm import TRTLLMBackend, TRTLLMOptions
-
-        if model_dir is None:
-            raise ConfigError("rollout.backend", "trtllm needs an HF model folder to start from")
-        return TRTLLMBackend(model_dir, TRTLLMOptions.from_config(cfg), hf_weights_fn, gather=gather)
-    raise ConfigError("rollout.backend", f"{cfg.backend!r} is not one of megatron, hf, trtllm")
+    info = ROLLOUT_BACKENDS.get(cfg.backend)
+    if info is None:
+        raise ConfigError("rollout.backend", f"{cfg.backend!r} is not one of {', '.join(ROLLOUT_BACKENDS)}")
+    return importlib.import_module(info.module).build(cfg, ctx)

@@ -6,16 +6,21 @@ per-group layout, RoPE, grouped-query attention, SwiGLU MLP) written as a handfu
 shapes, so a whole decode step can be captured in one CUDA graph (rollout/graphs.py).
 
 `DecoderWeights.from_gpt_model` takes the parameters BY REFERENCE (no copy): an optimizer step on the trainer's
-model is seen by the next generation for free. Supported: TP = PP = 1, RMSNorm, gated SiLU MLP, non-interleaved
-RoPE over the full head dim (Qwen2, Llama, Mistral), local or Transformer Engine layer specs.
+model is seen by the next generation for free. That needs the whole model on the rank (TP = PP = 1); a sharded
+trainer hands the decoder a gathered replica instead (`from_state_dict`, see rollout/megatron_engine.py).
+Supported: RMSNorm, gated SiLU MLP, non-interleaved RoPE over the full head dim (Qwen2, Llama, Mistral), local
+or Transformer Engine layer specs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from questa_nemo.model.convert import _local_name
 
 
 @dataclass
@@ -50,14 +55,29 @@ class DecoderWeights:
 
     @classmethod
     def from_gpt_model(cls, model: torch.nn.Module, vocab_size: int) -> DecoderWeights:
-        """Alias the parameters of an unwrapped megatron GPTModel (TP = PP = 1)."""
+        """Alias the parameters of an unwrapped megatron GPTModel that holds the whole model (TP = PP = 1)."""
         cfg = model.config
         if cfg.tensor_model_parallel_size != 1 or cfg.pipeline_model_parallel_size != 1:
             raise ValueError(
-                "rollout.backend=megatron: the fast decoder needs tensor_parallel = pipeline_parallel = 1 "
-                f"(got TP={cfg.tensor_model_parallel_size}, PP={cfg.pipeline_model_parallel_size}); "
-                "use rollout.backend=trtllm for sharded models"
+                "DecoderWeights.from_gpt_model reads whole tensors in place; at "
+                f"TP={cfg.tensor_model_parallel_size}, PP={cfg.pipeline_model_parallel_size} build it from the "
+                "gathered weights (from_state_dict)"
             )
+        tensors = {
+            _local_name(name): t.detach()
+            for name, t in model.state_dict(keep_vars=True).items()
+            if isinstance(t, torch.Tensor) and not name.endswith("_extra_state")
+        }
+        return cls.from_state_dict(tensors, model, vocab_size)
+
+    @classmethod
+    def from_state_dict(
+        cls, tensors: Mapping[str, torch.Tensor], model: torch.nn.Module, vocab_size: int
+    ) -> DecoderWeights:
+        """Take (by reference) a whole model's tensors under megatron's local-spec names at TP = PP = 1, e.g.
+        `convert.hf_to_megatron(gathered, shape, ShardLayout())`. `model` is any of the trainer's GPTModel chunks:
+        it supplies the architecture (global head counts, norm epsilon) and the RoPE frequencies."""
+        cfg = model.config
         if cfg.normalization != "RMSNorm" or not cfg.gated_linear_unit:
             raise ValueError(
                 "rollout.backend=megatron: the fast decoder supports RMSNorm + gated (SwiGLU) MLPs only"
@@ -75,39 +95,33 @@ class DecoderWeights:
         if inv_freq.numel() * 2 != head_dim:
             raise ValueError("rollout.backend=megatron: partial RoPE (rotary_percent < 1) is not supported")
 
-        def optional(module: torch.nn.Module, name: str) -> torch.Tensor | None:
-            t = getattr(module, name, None)  # Transformer Engine keeps an empty tensor for a disabled bias
-            return t.detach() if isinstance(t, torch.Tensor) and t.numel() else None
-
-        def norm_weight(layer_norm: torch.nn.Module, fused_linear: torch.nn.Module) -> torch.Tensor:
-            # local spec: a separate norm module; Transformer Engine spec: `layer_norm_weight` on the linear
-            fused = optional(fused_linear, "layer_norm_weight")
-            return fused if fused is not None else layer_norm.weight.detach()
+        def optional(name: str) -> torch.Tensor | None:
+            t = tensors.get(name)  # Transformer Engine keeps an empty tensor for a disabled bias
+            return t if t is not None and t.numel() else None
 
         layers = []
-        for layer in model.decoder.layers:
-            attn, mlp = layer.self_attention, layer.mlp
+        for i in range(cfg.num_layers):
+            p = f"decoder.layers.{i}."
             layers.append(
                 LayerWeights(
-                    attn_norm=norm_weight(layer.input_layernorm, attn.linear_qkv),
-                    qkv=attn.linear_qkv.weight.detach(),
-                    qkv_bias=optional(attn.linear_qkv, "bias"),
-                    proj=attn.linear_proj.weight.detach(),
-                    proj_bias=optional(attn.linear_proj, "bias"),
-                    mlp_norm=norm_weight(layer.pre_mlp_layernorm, mlp.linear_fc1),
-                    fc1=mlp.linear_fc1.weight.detach(),
-                    fc1_bias=optional(mlp.linear_fc1, "bias"),
-                    fc2=mlp.linear_fc2.weight.detach(),
-                    fc2_bias=optional(mlp.linear_fc2, "bias"),
+                    attn_norm=tensors[p + "input_layernorm.weight"],
+                    qkv=tensors[p + "self_attention.linear_qkv.weight"],
+                    qkv_bias=optional(p + "self_attention.linear_qkv.bias"),
+                    proj=tensors[p + "self_attention.linear_proj.weight"],
+                    proj_bias=optional(p + "self_attention.linear_proj.bias"),
+                    mlp_norm=tensors[p + "pre_mlp_layernorm.weight"],
+                    fc1=tensors[p + "mlp.linear_fc1.weight"],
+                    fc1_bias=optional(p + "mlp.linear_fc1.bias"),
+                    fc2=tensors[p + "mlp.linear_fc2.weight"],
+                    fc2_bias=optional(p + "mlp.linear_fc2.bias"),
                 )
             )
-        embedding = model.embedding.word_embeddings.weight.detach()
-        tied = model.share_embeddings_and_output_weights
-        head = embedding if tied else model.output_layer.weight.detach()
+        embedding = tensors["embedding.word_embeddings.weight"]
+        head = tensors.get("output_layer.weight", embedding)  # absent: tied to the embedding
         return cls(
             embedding=embedding,
             layers=layers,
-            final_norm=model.decoder.final_layernorm.weight.detach(),
+            final_norm=tensors["decoder.final_layernorm.weight"],
             lm_head=head[:vocab_size],
             inv_freq=inv_freq.to(embedding.device),
             heads=heads,
@@ -116,12 +130,16 @@ class DecoderWeights:
             eps=cfg.layernorm_epsilon,
         )
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor, in a fixed order (two DecoderWeights of one model pair up position by position)."""
+        out = [self.embedding, self.final_norm, self.lm_head]
+        for lw in self.layers:
+            out += [t for t in vars(lw).values() if t is not None]
+        return out
+
     def data_ptrs(self) -> tuple[int, ...]:
         """Storage addresses of every tensor: CUDA graphs baked these in and must be recaptured if they move."""
-        ptrs = [self.embedding.data_ptr(), self.final_norm.data_ptr(), self.lm_head.data_ptr()]
-        for lw in self.layers:
-            ptrs += [t.data_ptr() for t in vars(lw).values() if t is not None]
-        return tuple(ptrs)
+        return tuple(t.data_ptr() for t in self.tensors())
 
 
 @dataclass

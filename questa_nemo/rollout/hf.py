@@ -16,7 +16,23 @@ from collections.abc import Callable, Mapping
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from questa_nemo.rollout.base import Completion, GenerationResult, SamplingParams
+from questa_nemo.config import RolloutConfig
+from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContext, SamplingParams
+
+
+def build(cfg: RolloutConfig, ctx: RolloutContext) -> HFBackend:
+    """The registry's constructor: a transformers model of the policy's config.json (dtype and device of the
+    trainer's chunks), loaded with the trainer's weights gathered from every shard, refreshed on each update."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if ctx.hf_config is None:
+        raise ValueError("rollout.backend=hf needs the model's config.json (RolloutContext.hf_config)")
+    like = next(ctx.chunks[0].parameters())
+    config = AutoConfig.for_model(**dict(ctx.hf_config))
+    model = AutoModelForCausalLM.from_config(config, dtype=like.dtype).to(like.device)
+    backend = HFBackend(model, ctx.pad_token_id, cfg.max_batch_sequences, ctx.hf_weights)
+    backend.update_weights(ctx.version)
+    return backend
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -57,15 +73,17 @@ class HFBackend:
         self.version = version
 
     def update_weights(self, version: int) -> None:
+        """Load `weights_fn`'s tensors (every one the model has; a tied head may be left out)."""
         if self.weights_fn is not None:
-            self.model.load_state_dict(dict(self.weights_fn()), strict=False)
+            missing, unexpected = self.model.load_state_dict(dict(self.weights_fn()), strict=False)
+            tied = getattr(self.model.config, "tie_word_embeddings", False)
+            missing = [name for name in missing if not (tied and name == "lm_head.weight")]
+            if missing or unexpected:
+                raise ValueError(f"hf backend: weights missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.version = version
 
     def sleep(self) -> None:
         """transformers keeps no cache between calls; nothing to release."""
-
-    def wake(self) -> None:
-        """See sleep."""
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> GenerationResult:

@@ -1,25 +1,29 @@
-"""A colocated rollout engine on its OWN copy of the policy weights, for asynchronous rollouts.
+"""Backends for asynchronous rollouts: generation on weights the trainer is not stepping at that moment.
 
-The megatron backend reads the trainer's parameter tensors in place, so it cannot generate while the trainer
-steps them. `SnapshotBackend` clones the bare GPTModel once (parameters and buffers owned, everything else -
-config, process groups, plain attributes - shared), builds the inner backend on the clone, and refreshes the
-clone only when the trainer publishes a version: `update_weights` copies the trainer's parameters into the
-clone's tensors in place (so the inner engine's tensor references and any captured CUDA graphs stay valid).
+A producer thread generates while the trainer steps. Any backend qualifies:
+- one that owns its weights (refit: the megatron engine at TP or PP > 1, hf, trtllm) is used as is, behind a
+  lock: its `update_weights` (the gather, in the trainer thread) waits for the in-flight `generate` chunk.
+- one that reads the trainer's tensors in place (`shares_trainer_weights`: the megatron engine at TP = PP = 1)
+  is built on a private copy of the chunks (`detached_clone`: parameters and buffers owned, everything else -
+  config, process groups, plain attributes - shared); `update_weights` copies the trainer's parameters into
+  the copy's tensors in place (so the engine's tensor references and captured CUDA graphs stay valid).
 
-One lock orders the two threads: a `generate` call (one chunk of prompts) and a weight copy never overlap, so
-a chunk is sampled from one version, which its completions carry. Costs one extra copy of the weights in
-memory; the trainer's publish waits for at most the in-flight chunk.
+One lock orders the two threads: a `generate` call (one chunk of prompts) and a weight update never overlap,
+so a chunk is sampled from one version, which its completions carry. The snapshot costs one extra copy of the
+weights in memory; the trainer's publish waits for at most the in-flight chunk. No backend issues a collective
+inside `generate`, so the producer thread never competes with the trainer's collectives.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+from dataclasses import replace
 
 import torch
 
-from questa_nemo.config import ConfigError, RolloutConfig
-from questa_nemo.rollout.base import GenerationBackend, GenerationResult, SamplingParams
+from questa_nemo.config import RolloutConfig
+from questa_nemo.rollout.base import GenerationBackend, GenerationResult, RolloutContext, SamplingParams
 
 
 def detached_clone(module: torch.nn.Module) -> torch.nn.Module:
@@ -57,36 +61,45 @@ def detached_clone(module: torch.nn.Module) -> torch.nn.Module:
     return clone(module)
 
 
-class SnapshotBackend:
-    """GenerationBackend over a private copy of the trainer's GPTModel (TP = PP = 1, backend megatron).
+def build_async_backend(cfg: RolloutConfig, ctx: RolloutContext) -> AsyncSafeBackend:
+    """`cfg.backend`, safe to generate from a producer thread while the trainer steps (see the module doc)."""
+    from questa_nemo.rollout import build_backend
 
-    `version` is the policy version last published by the trainer (the weights the copy holds)."""
+    backend = build_backend(cfg, ctx)
+    if not getattr(backend, "shares_trainer_weights", False):
+        return AsyncSafeBackend(backend)
+    shadow = [detached_clone(chunk) for chunk in ctx.chunks]
+    return AsyncSafeBackend(build_backend(cfg, replace(ctx, chunks=shadow)), ctx.chunks, shadow)
 
-    def __init__(self, cfg: RolloutConfig, policy: torch.nn.Module, vocab_size: int, version: int = 0):
-        from questa_nemo.rollout import make_backend
 
-        if cfg.backend != "megatron":
-            raise ConfigError(
-                "rollout.max_staleness",
-                "asynchronous rollouts snapshot the colocated megatron engine; "
-                f"rollout.backend={cfg.backend!r} is not supported with max_staleness > 0",
-            )
-        self.source = policy  # the trainer's bare module (its parameters may be views into DDP buffers)
-        self.shadow = detached_clone(policy)
-        self.inner: GenerationBackend = make_backend(cfg, policy=self.shadow, vocab_size=vocab_size)
-        self.inner.update_weights(version)
-        self.version = version
+class AsyncSafeBackend:
+    """GenerationBackend whose `generate` and `update_weights` exclude each other; with `shadow`, the inner
+    backend reads a private copy of `source` (the trainer's bare chunks) that each update refreshes.
+
+    `version` is the policy version last published by the trainer (the weights the backend holds)."""
+
+    def __init__(
+        self,
+        inner: GenerationBackend,
+        source: list[torch.nn.Module] | None = None,
+        shadow: list[torch.nn.Module] | None = None,
+    ):
+        self.inner, self.source, self.shadow = inner, source or [], shadow or []
+        self.version = inner.version
         self._lock = threading.Lock()
 
     def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(trainer tensor, shadow tensor) by name: parameters and floating-point buffers."""
-        theirs = dict(self.source.named_parameters()) | dict(self.source.named_buffers())
-        ours = dict(self.shadow.named_parameters()) | dict(self.shadow.named_buffers())
-        if theirs.keys() != ours.keys():
-            raise RuntimeError(
-                f"snapshot: tensor names differ from the policy's: {sorted(theirs.keys() ^ ours.keys())}"
-            )
-        return [(theirs[name], ours[name]) for name in theirs if ours[name].is_floating_point()]
+        """(trainer tensor, shadow tensor) by name: parameters and floating-point buffers of every chunk."""
+        pairs = []
+        for source, shadow in zip(self.source, self.shadow):
+            theirs = dict(source.named_parameters()) | dict(source.named_buffers())
+            ours = dict(shadow.named_parameters()) | dict(shadow.named_buffers())
+            if theirs.keys() != ours.keys():
+                raise RuntimeError(
+                    f"snapshot: tensor names differ from the policy's: {sorted(theirs.keys() ^ ours.keys())}"
+                )
+            pairs += [(theirs[name], ours[name]) for name in theirs if ours[name].is_floating_point()]
+        return pairs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> GenerationResult:
         with self._lock:
@@ -94,8 +107,8 @@ class SnapshotBackend:
 
     @torch.no_grad()
     def update_weights(self, version: int) -> None:
-        """Copy the trainer's current parameters into the shadow (in place) and publish `version`. Called by
-        the trainer thread after its optimizer step, so the source tensors are not being written."""
+        """Refresh the copy (if any) from the trainer's current parameters, then the inner backend, and publish
+        `version`. Called by the trainer thread after its optimizer step, so the sources are not being written."""
         with self._lock:
             for theirs, ours in self._pairs():  # looked up each time: a checkpoint load may re-bind tensors
                 ours.copy_(theirs.detach())
@@ -105,7 +118,3 @@ class SnapshotBackend:
     def sleep(self) -> None:
         with self._lock:
             self.inner.sleep()
-
-    def wake(self) -> None:
-        with self._lock:
-            self.inner.wake()

@@ -46,8 +46,9 @@ from typing import Any
 
 import torch
 
+from questa_nemo.config import ConfigError, RolloutConfig
 from questa_nemo.model.convert import ModelShape, ShardLayout, megatron_to_hf
-from questa_nemo.rollout.base import Completion, GenerationResult, SamplingParams
+from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContext, SamplingParams
 
 WORKER_EXTENSION = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
 SUPPORTED_TRTLLM = ("1.3.0rc0", "1.4")  # [lowest supported, first unsupported)
@@ -371,3 +372,22 @@ class TRTLLMBackend:
                 raise RuntimeError("trtllm: weights were released by sleep(); update_weights must run first")
             self.llm._collective_rpc("wakeup", args=([KV_CACHE_TAG],))
             self._asleep = False
+
+
+def build(cfg: RolloutConfig, ctx: RolloutContext) -> TRTLLMBackend:
+    """The registry's constructor: TensorRT-LLM loads `ctx.model_dir`, then takes the trainer's gathered
+    HF-named weights on every update (the first refit happens at the first `update_weights`)."""
+    if ctx.model_dir is None:
+        raise ConfigError("model.hf_config", "rollout.backend=trtllm loads a Hugging Face model folder first")
+    gather = None
+    if ctx.model_parallel > 1:  # one engine per replica: its ranks exchange handles and results
+        from questa_nemo.model.parallel import model_parallel_all_gather_object as gather
+    return TRTLLMBackend(ctx.model_dir, TRTLLMOptions.from_config(cfg), lambda: ctx.hf_weights().items(),
+                         gather=gather, version=ctx.version)
+
+
+def check_environment() -> None:
+    """For doctor: raise ImportError unless the installed TensorRT-LLM is one this backend supports."""
+    import tensorrt_llm
+
+    check_trtllm(tensorrt_llm)

@@ -14,12 +14,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from questa_nemo.ckpt.runs import latest_checkpoint
 from questa_nemo.config import Config, ConfigError, OptimConfig, load_config, read_hf_config
 from questa_nemo.train.preempt import EXIT_PREEMPTED, PreemptionFlag
+
+if TYPE_CHECKING:
+    from questa_nemo.rollout import RolloutContext
 
 
 @dataclass
@@ -92,14 +96,27 @@ def build_policy(s: Session, optim: OptimConfig, total_steps: int, init: str | N
     return MegatronPolicy(chunks, s.cfg.model, optim, total_steps, s.cfg.train.micro_batch_tokens, s.vocab_size)
 
 
+def rollout_context(s: Session, chunks: list) -> RolloutContext:
+    """What any rollout backend is built from, for this session's model held in `chunks`."""
+    from questa_nemo.rollout import RolloutContext
+
+    hf_path, _ = model_source(s.cfg)
+    folder = Path(hf_path) if Path(hf_path).is_dir() else Path(hf_path).parent
+    pad = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else s.tokenizer.eos_token_id
+    return RolloutContext(chunks, s.vocab_size, s.hf, str(folder), pad or 0)
+
+
 def build_backend(s: Session, policy):
-    from questa_nemo.rollout import make_backend
+    """The rollout backend `rollout.backend` names, on the policy's live weights; in async mode one that may
+    generate while the trainer steps (rollout/snapshot.py)."""
+    ctx = rollout_context(s, policy.modules)
+    if s.cfg.rollout.max_staleness > 0:
+        from questa_nemo.rollout.snapshot import build_async_backend
 
-    if s.cfg.rollout.max_staleness > 0:  # async mode: the engine samples from its own copy of the weights
-        from questa_nemo.rollout.snapshot import SnapshotBackend
+        return build_async_backend(s.cfg.rollout, ctx)
+    from questa_nemo.rollout import build_backend as build
 
-        return SnapshotBackend(s.cfg.rollout, policy.modules[0], s.vocab_size)
-    return make_backend(s.cfg.rollout, policy=policy.modules[0], vocab_size=s.vocab_size)
+    return build(s.cfg.rollout, ctx)
 
 
 # ------------------------------------------------------------------------------------------ stages

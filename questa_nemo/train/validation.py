@@ -115,7 +115,8 @@ def warmup_stopper(s, policy, checks: dict[int, dict[str, float]], scorer) -> Ca
     guesses solve 2-3% of problems of every length); one on one-step problems stopped where the hinted rate
     was still 3% and the hint arm hardly moved (both seen here).
     """
-    from questa_nemo.rollout import make_backend
+    from questa_nemo.rollout import build_backend
+    from questa_nemo.train.recipe import rollout_context
 
     ratio = next((r for r in s.cfg.world.hint_ratios if r > 0), 0.0)
     length = chain_length(s)
@@ -128,10 +129,11 @@ def warmup_stopper(s, policy, checks: dict[int, dict[str, float]], scorer) -> Ca
             f"train.warmup.stop_at_pass1: no hinted hard calibration problems in {s.cfg.world.output_dir}/calib "
             f"(world.hint_ratios={s.cfg.world.hint_ratios} needs a ratio above 0)"
         )
-    backend = make_backend(s.cfg.rollout, policy=policy.modules[0], vocab_size=s.vocab_size)
+    backend = build_backend(s.cfg.rollout, rollout_context(s, policy.modules))
     target = s.cfg.train.warmup.stop_at_pass1
 
     def stop(step: int) -> bool:
+        backend.update_weights(step)  # the warm-up stepped the policy: in place a no-op, else a refit
         rates = {}
         for name, rows in hard.items():
             table = pass_by_length(s, backend, rows, scorer)

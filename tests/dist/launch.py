@@ -12,12 +12,12 @@ DIST = Path(__file__).parent
 REPO = DIST.parent.parent
 
 
-def torchrun(worker: str, *args: str, timeout: int = 120) -> str:
+def torchrun(worker: str, *args: str, timeout: int = 120, nproc: int = 2) -> str:
     """Launch in a new session so that a hang is killed together with torchrun's worker processes."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(DIST)]), "OMP_NUM_THREADS": "1"}
     for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(DIST / worker), *args]  # fmt: skip
     proc = subprocess.Popen(
         cmd,
