@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from questa_nemo.config import Config, ConfigError, read_hf_config
+from questa_nemo.config import Config, ConfigError, read_hf_config, validate_model_shapes
 from questa_nemo.rollout.base import GenerationBackend
 
 
@@ -35,6 +35,7 @@ def backend_for_checkpoint(cfg: Config, checkpoint: str, hf: dict | None = None)
 
     checkpoint = resolve_checkpoint(checkpoint)  # a run folder stands for its newest checkpoint
     hf = hf or model_hf_config(cfg, checkpoint)
+    validate_model_shapes(cfg.model, hf)
     if not torch.distributed.is_initialized():
         init_distributed(cfg.model)
     chunks = load_chunks(cfg.model, hf, checkpoint)

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from questa_nemo.ckpt.runs import latest_checkpoint
-from questa_nemo.config import Config, ConfigError, OptimConfig, load_config, read_hf_config
+from questa_nemo.config import (
+    Config,
+    ConfigError,
+    OptimConfig,
+    load_config,
+    read_hf_config,
+    validate_model_shapes,
+)
 from questa_nemo.train.preempt import EXIT_PREEMPTED, PreemptionFlag
 
 if TYPE_CHECKING:
@@ -81,6 +88,7 @@ def open_session(cfg: Config) -> Session:
         torch.set_num_threads(1)
     hf_path, tokenizer_dir = model_source(cfg)
     hf = read_hf_config(hf_path)
+    validate_model_shapes(cfg.model, hf)  # TP / PP against the heads and layers, before any process group
     info = init_distributed(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return Session(cfg, info, hf, tokenizer, tokenizer_dir, Path(cfg.train.run_dir))
