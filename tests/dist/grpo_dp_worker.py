@@ -35,8 +35,8 @@ def main() -> None:
     run_dir, steps, extra = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     cfg = load_config("default", [
         "optim.lr=1e-2", "rollout.max_new_tokens=4", "rollout.n_samples=4", "train.prompts_per_step=8",
-        "algo.filter_enabled=true", "algo.max_prompt_batches=4", f"train.steps={steps}", "train.recovery_every=2",
-        "train.save_every=100", "train.progress_bar=false", "train.log_tensorboard=false", "train.eval_every=0",
+        "algo.advantage=reference", "algo.adv_norm=true", "algo.filter_enabled=true", "algo.max_prompt_batches=4",
+        f"train.steps={steps}", "train.recovery_every=2", "train.save_every=100", "train.progress_bar=false", "train.log_tensorboard=false", "train.eval_every=0",
         *extra,
     ])  # fmt: skip
     hf = read_hf_config(cfg.model.hf_config)
