@@ -314,6 +314,13 @@ def read_hf_config(path: str | Path) -> dict:
         return json.load(f)
 
 
+# Why model.context_parallel > 1 is refused (by validate and by `questa-nemo doctor`).
+CONTEXT_PARALLEL_UNSUPPORTED = (
+    "context parallelism is not supported: our SDPA core attention (model/attention.py) has no CP, and "
+    "packed micro-batches are not split over CP ranks; use 1"
+)
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check relations between keys before anything expensive happens; raise ConfigError naming the key."""
     for key, allowed in CHOICES.items():
@@ -335,6 +342,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
         if getattr(m, key) < 1:
             raise ConfigError(f"model.{key}", "must be >= 1")
+    if m.context_parallel > 1:
+        raise ConfigError("model.context_parallel", CONTEXT_PARALLEL_UNSUPPORTED)
     if m.hf_config is not None:
         hf = read_hf_config(m.hf_config)
         heads = hf.get("num_attention_heads")
@@ -403,6 +412,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("algo.loss_agg", "advantage=drgrpo needs sequence_sum (no length normalisation)")
     if a.kl_coef < 0:
         raise ConfigError("algo.kl_coef", "must be >= 0")
+    if a.kl_coef > 0:
+        raise ConfigError(
+            "algo.kl_coef", f"{a.kl_coef} needs a frozen reference model, which the trainer does not build; "
+            "use 0 (the QuestA / AReaL recipe trains without a KL term)",
+        )
     if a.max_prompt_batches < 0:
         raise ConfigError("algo.max_prompt_batches", "must be >= 0")
 
