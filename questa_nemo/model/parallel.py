@@ -282,10 +282,11 @@ def _gloo_copy(group):
 # ------------------------------------------------------------------------------------------ NCCL-strict guard
 _GUARDED = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "broadcast",
-    "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv", "isend", "irecv",
-    "batch_isend_irecv", "_all_gather_base", "_reduce_scatter_base", "all_reduce_coalesced",
-    "all_gather_coalesced",
+    "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv", "batch_isend_irecv",
+    "_all_gather_base", "_reduce_scatter_base", "all_reduce_coalesced", "all_gather_coalesced",
 )  # fmt: skip
+# isend / irecv stay unwrapped: P2POp checks its op against those very functions; their batched use is checked
+# through batch_isend_irecv (each P2POp's tensor).
 
 
 def _tensors_in(value):
