@@ -99,6 +99,13 @@ class WorldConfig:
 
 
 # -------------------------------------------------------------------------------------------- model
+# Why model.context_parallel > 1 is refused (by validate and by `questa-nemo doctor`).
+CONTEXT_PARALLEL_UNSUPPORTED = (
+    "context parallelism is not supported: our SDPA core attention (model/attention.py) has no CP, and "
+    "packed micro-batches are not split over CP ranks; use 1"
+)
+
+
 @dataclass
 class ModelConfig:
     """The policy: a megatron-core GPTModel built from a Hugging Face config.json."""
@@ -127,6 +134,8 @@ class ModelConfig:
         """Relations between this section's keys; the model's shapes are checked at build time
         (`validate_model_shapes`), where its config.json is read anyway."""
         _at_least("model", self, ("tensor_parallel", "pipeline_parallel", "context_parallel"), 1)
+        if self.context_parallel > 1:
+            raise ConfigError("model.context_parallel", CONTEXT_PARALLEL_UNSUPPORTED)
         n = self.recompute_num_layers
         if n is not None and (self.recompute != "full" or n < 1):
             raise ConfigError("model.recompute_num_layers", "needs recompute=full and a value >= 1")
@@ -234,6 +243,11 @@ class AlgoConfig:
             )
         if self.kl_coef < 0:
             raise ConfigError("algo.kl_coef", "must be >= 0")
+        if self.kl_coef > 0:
+            raise ConfigError(
+                "algo.kl_coef", f"{self.kl_coef} needs a frozen reference model, which the trainer does not build; "
+                "use 0 (the QuestA / AReaL recipe trains without a KL term)",
+            )
         if self.max_prompt_batches < 0:
             raise ConfigError("algo.max_prompt_batches", "must be >= 0")
 

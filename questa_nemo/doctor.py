@@ -19,7 +19,13 @@ import platform
 import warnings
 from dataclasses import dataclass
 
-from questa_nemo.config import ROLLOUT_BACKENDS, Config, ConfigError, load_config
+from questa_nemo.config import (
+    CONTEXT_PARALLEL_UNSUPPORTED,
+    ROLLOUT_BACKENDS,
+    Config,
+    ConfigError,
+    load_config,
+)
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,8 @@ def check_config(cfg: Config, gpus: Gpus | None = None) -> list[str]:
     ):
         if not availability.ok:
             problems.append(availability.reason)
+    if cfg.model.context_parallel > 1:
+        problems.append(f"model.context_parallel={cfg.model.context_parallel}: {CONTEXT_PARALLEL_UNSUPPORTED}")
     if gpus.count:
         m = cfg.model
         model_parallel = m.tensor_parallel * m.pipeline_parallel * m.context_parallel
@@ -222,6 +230,7 @@ def capability_rows(gpus: Gpus) -> list[Availability]:
         rows.append(
             Availability("TP x PP x CP", True, "CPU: gloo processes under torchrun, any size that divides")
         )
+    rows.append(Availability("context_parallel > 1", False, CONTEXT_PARALLEL_UNSUPPORTED))
     return rows
 
 

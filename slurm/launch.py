@@ -8,6 +8,15 @@ Preemption: Slurm signals every process of the job step with SIGUSR1 (the batch 
 `--signal=B:USR1@...` with `scancel --signal=USR1`). torchrun would die on SIGUSR1 (the default action) and take
 its workers down before they save, so the launcher ignores SIGUSR1 before exec'ing torchrun; the trainer
 processes install their own handler (finish the step, save, exit 3) and so override the inherited disposition.
+
+Rendezvous host: the first host of the allocation, as `scontrol show hostnames "$SLURM_JOB_NODELIST"` gives
+it. common.sh runs scontrol on the batch host (a container may have no scontrol) and passes the answer in
+QUESTA_MASTER_ADDR; without it this script asks scontrol itself, and only without scontrol reads the hostlist.
+
+Environment for the trainers (`trainer_env`, each only where not already set): CUDA_DEVICE_MAX_CONNECTIONS=1
+(Megatron wants one hardware queue on Hopper with TP or CP > 1, so that its communication kernels are
+scheduled before the compute they overlap with), TORCH_NCCL_AVOID_RECORD_STREAMS=1 (frees collective buffers
+without recordStream's delay, as NeMo sets) and NCCL_DEBUG=WARN (NCCL's warnings in the log; INFO to debug).
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,15 +47,55 @@ class LaunchPlan:
     )
 
 
+TRAINER_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "NCCL_DEBUG": "WARN",
+}
+
+
 def first_host(nodelist: str) -> str:
-    """First host of a Slurm hostlist: "gpu[003-010,12],cpu1" -> "gpu003" (zero padding kept)."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match or not match.group(1):
+    """First host of a Slurm hostlist, the fallback when scontrol is not there: "gpu[003-010,12],cpu1" ->
+    "gpu003", "node[01-04]-ib" -> "node01-ib", "rack[1-2]-n[07-08]" -> "rack1-n07" (zero padding kept)."""
+    text = nodelist.strip()
+    if not text or text[0] in ",[]":
         raise ValueError(f"SLURM_JOB_NODELIST: cannot read a host from {nodelist!r}")
-    prefix, ranges = match.group(1), match.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    host, i = [], 0
+    while i < len(text) and text[i] != ",":  # the first entry: text and [ranges] groups up to a top-level comma
+        if text[i] == "[":
+            end = text.find("]", i)
+            if end < 0:
+                raise ValueError(f"SLURM_JOB_NODELIST: unclosed bracket in {nodelist!r}")
+            host.append(re.split(r"[,-]", text[i + 1 : end])[0])
+            i = end + 1
+        else:
+            host.append(text[i])
+            i += 1
+    return "".join(host)
+
+
+def master_addr(env: Mapping[str, str]) -> str:
+    """The rendezvous host: QUESTA_MASTER_ADDR (common.sh, from scontrol on the batch host), else the first
+    of `scontrol show hostnames $SLURM_JOB_NODELIST`, else the first host of the hostlist read here; outside
+    Slurm, localhost."""
+    if env.get("QUESTA_MASTER_ADDR"):
+        return env["QUESTA_MASTER_ADDR"]
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "localhost"
+    scontrol = shutil.which("scontrol", path=env.get("PATH", os.defpath))
+    if scontrol:
+        out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=60, env=dict(env))
+        hosts = out.stdout.split()
+        if out.returncode == 0 and hosts:
+            return hosts[0]
+    return first_host(nodelist)
+
+
+def trainer_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with TRAINER_ENV's settings added where `env` does not set them."""
+    return {**TRAINER_ENV, **env}
 
 
 def plan_from_env(
@@ -58,15 +109,14 @@ def plan_from_env(
     node_rank = int(env.get("SLURM_NODEID", "0"))
     if nproc_per_node is None:
         nproc_per_node = int(env.get("SLURM_GPUS_ON_NODE") or 1)
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    master_addr = first_host(nodelist) if nodelist else "localhost"
+    host = master_addr(env) if nnodes > 1 else "localhost"
     if port is None:
         port = DEFAULT_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 10000
     if not 0 <= node_rank < nnodes:
         raise ValueError(f"SLURM_NODEID={node_rank} is outside SLURM_NNODES={nnodes}")
     if nproc_per_node < 1:
         raise ValueError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
-    return LaunchPlan(nnodes, node_rank, nproc_per_node, f"{master_addr}:{port}")
+    return LaunchPlan(nnodes, node_rank, nproc_per_node, f"{host}:{port}")
 
 
 def torchrun_argv(plan: LaunchPlan, questa_args: list[str], python: str = sys.executable) -> list[str]:
@@ -102,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     if not questa_args:
         parser.error("give the questa-nemo command after --, e.g. -- train --config-name default")
     cmd = torchrun_argv(plan_from_env(os.environ, ns.nproc_per_node, ns.port), questa_args)
-    print(shlex.join(cmd), file=sys.stdout if ns.dry_run else sys.stderr, flush=True)
+    env = trainer_env(os.environ)
+    settings = " ".join(f"{k}={env[k]}" for k in TRAINER_ENV)
+    print(f"{settings} {shlex.join(cmd)}", file=sys.stdout if ns.dry_run else sys.stderr, flush=True)
     if ns.dry_run:
         return 0
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, env)
     return 1  # not reached: execv replaces this process
 
 

@@ -59,10 +59,12 @@ def plan_jobs(ns: argparse.Namespace) -> list[Job]:
 
 
 def job_env(ns: argparse.Namespace) -> dict[str, str]:
-    """What common.sh reads: the container or venv to run in, and where this folder is."""
-    env = {"QUESTA_SLURM_DIR": str(SLURM_DIR)}
+    """What common.sh reads: the container or venv to run in (and the container's working directory), where
+    this folder is, and where each restart's trainer log goes."""
+    env = {"QUESTA_SLURM_DIR": str(SLURM_DIR), "QUESTA_LOG_DIR": str(Path(ns.runs_root) / "logs")}
     if ns.image:
         env["QUESTA_IMAGE"] = ns.image
+        env["QUESTA_WORKDIR"] = ns.workdir or ns.runs_root
         if ns.mounts:
             env["QUESTA_MOUNTS"] = ns.mounts
     else:
@@ -126,6 +128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--mounts", default="", help="--container-mounts, e.g. /lustre/data:/data,/lustre/runs:/runs"
+    )
+    p.add_argument(
+        "--workdir", default=None, help="the trainers' working directory in the container (default: --runs-root)"
     )
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--gpus-per-node", type=int, default=8, help="0: CPU-only nodes (one process per node)")

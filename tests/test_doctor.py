@@ -109,3 +109,25 @@ def test_train_with_an_unavailable_backend_stops_before_building_anything(tmp_pa
     assert "TensorRT-LLM not importable: rollout.backend=trtllm unavailable" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_context_parallel_is_refused_by_validation_and_doctor_alike():
+    from questa_nemo.config import load_config
+
+    with pytest.raises(ConfigError, match="model.context_parallel.*SDPA core attention"):
+        load_config("default", ["model.context_parallel=2"])
+    (problem,) = doctor.check_config(_config(model={"context_parallel": 2}), EIGHT_H100)
+    assert problem.startswith("model.context_parallel=2: context parallelism is not supported")
+    rows = {a.key: a for a in doctor.capability_rows(CPU)}
+    assert not rows["context_parallel > 1"].ok
+    out = subprocess.run([sys.executable, "-m", "questa_nemo.cli", "doctor", "model.context_parallel=2"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode != 0 and "model.context_parallel" in out.stdout + out.stderr
+
+
+def test_kl_coef_above_zero_is_refused_at_validation():
+    from questa_nemo.config import load_config
+
+    with pytest.raises(ConfigError, match="algo.kl_coef.*reference model"):
+        load_config("default", ["algo.kl_coef=0.01"])
+    assert load_config("default", ["algo.kl_coef=0"]).algo.kl_coef == 0

@@ -44,10 +44,61 @@ launch = _load("launch")
 # ------------------------------------------------------------------------------------------ launch.py
 @pytest.mark.parametrize(
     "nodelist, host",
-    [("gpu[003-010,12]", "gpu003"), ("node7", "node7"), ("a-1,b2", "a-1"), ("dgx[1,4]", "dgx1")],
-)
+    [
+        ("gpu[003-010,12]", "gpu003"), ("node7", "node7"), ("a-1,b2", "a-1"), ("dgx[1,4]", "dgx1"),
+        ("node[01-04]-ib", "node01-ib"), ("rack[1-2]-n[07-08],x", "rack1-n07"),
+    ],
+)  # fmt: skip
 def test_first_host_of_a_slurm_hostlist(nodelist, host):
     assert launch.first_host(nodelist) == host
+
+
+def _fake_scontrol(tmp_path: Path) -> dict[str, str]:
+    """A PATH whose `scontrol show hostnames LIST` prints two hosts of a suffixed hostlist (as Slurm would
+    for node[01-02]-ib), and logs its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.args\n'
+                      '[ "$1 $2" = "show hostnames" ] && printf "node01-ib\\nnode02-ib\\n"\n')
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_master_address_comes_from_scontrol_show_hostnames(tmp_path):
+    env = {**_fake_scontrol(tmp_path), "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+           "SLURM_JOB_NODELIST": "node[01-02]-ib", "SLURM_JOB_ID": "7"}  # fmt: skip
+    plan = launch.plan_from_env(env, nproc_per_node=8)
+    assert plan.rdzv_endpoint == "node01-ib:20007"
+    assert (tmp_path / "scontrol.args").read_text().split() == ["show", "hostnames", "node[01-02]-ib"]
+    # common.sh resolves it on the batch host and hands it over: launch.py then asks nobody
+    assert launch.master_addr({"QUESTA_MASTER_ADDR": "head-ib", "SLURM_JOB_NODELIST": "x[1-2]"}) == "head-ib"
+    out = subprocess.run(
+        ["bash", "-c", f'set -euo pipefail; source {SLURM_DIR}/common.sh; QUESTA_IMAGE=/i.sqsh QUESTA_WORKDIR=/runs '
+         'questa_launcher; echo "addr=$QUESTA_MASTER_ADDR"; printf "%s\\n" "${LAUNCHER[@]}"'],
+        env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "addr=node01-ib" in out.stdout
+    assert "--container-workdir=/runs" in out.stdout.splitlines()
+
+
+def test_launcher_sets_cuda_connections_and_nccl_settings_unless_set():
+    env = launch.trainer_env({"NCCL_DEBUG": "INFO"})
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
+    assert env["NCCL_DEBUG"] == "INFO"  # the user's setting wins
+    out = subprocess.run([sys.executable, str(SLURM_DIR / "launch.py"), "--dry-run", "--", "train"],
+                         env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0 and "CUDA_DEVICE_MAX_CONNECTIONS=1" in out.stdout, out.stderr
+
+
+def test_each_restart_logs_to_its_own_file(tmp_path):
+    script = (f'source {SLURM_DIR}/common.sh; for n in 0 1; do SLURM_RESTART_COUNT=$n questa_log_file; '
+              'echo "$QUESTA_LOG"; done')
+    env = {**os.environ, "SLURM_JOB_NAME": "questa-s1", "SLURM_JOB_ID": "42", "QUESTA_LOG_DIR": str(tmp_path / "l")}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == [f"{tmp_path}/l/questa-s1-42-restart0.log", f"{tmp_path}/l/questa-s1-42-restart1.log"]
 
 
 def test_one_node_uses_a_standalone_rendezvous_with_the_nodes_gpus():
@@ -243,7 +294,9 @@ def _saved_steps(run_dir: Path) -> list[int]:
 
 
 def _log(tmp_path: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.out")))
+    """The batch scripts' logs (*.out, across requeues) and the trainers' (one *.log per restart)."""
+    logs = sorted((tmp_path / "logs").glob("*.out")) + sorted((tmp_path / "logs").glob("*.log"))
+    return "\n".join(f"==> {p.name}\n{p.read_text()}" for p in logs)
 
 
 @pytest.mark.slow

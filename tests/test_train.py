@@ -194,3 +194,53 @@ def test_warmup_config_errors_name_the_key(override, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("default", [override])
+
+
+def _dp_worker(run_dir: Path, steps: int) -> list[str]:
+    dist = REPO / "tests" / "dist"
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            str(dist / "grpo_dp_worker.py"), str(run_dir), str(steps)]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_resume_at_dp2_with_filtering_reproduces_the_uninterrupted_run(tmp_path):
+    """DP=2 (two gloo ranks, NCCL-strict guard on), dynamic filtering refilling unequally on the ranks: a run
+    SIGKILLed after its third step and resumed logs exactly the uninterrupted run's metrics, every rank ends
+    at the same prompt-stream position (one shared cursor), and each rank's Python / numpy / torch generators
+    end where the uninterrupted run's did (restored from its own state)."""
+    sys.path.insert(0, str(REPO / "tests" / "dist"))
+    from launch import strict_env
+
+    steps = 6
+    whole = tmp_path / "whole"
+    done = subprocess.run(_dp_worker(whole, steps), env=strict_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_dp_worker(cut, steps), env=strict_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = cut / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    proc.wait()
+    assert not (cut / "DONE").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(_dp_worker(cut, steps), env=strict_env(), cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert "resumed" in resumed.stdout + resumed.stderr
+
+    ours = metrics(cut / "metrics.jsonl")
+    assert ours == metrics(whole / "metrics.jsonl")
+    assert [m["step"] for m in ours] == list(range(1, steps + 1))
+    assert sum(m["filter/prompt_batches"] for m in ours) > steps, "no step refilled: the test lost its point"
+    ends = {(run.name, r): json.loads((run / f"cursor_rank{r}.json").read_text()) for run in (whole, cut)
+            for r in (0, 1)}
+    assert len({(e["epoch"], e["cursor"]) for e in ends.values()}) == 1, ends  # one shared cursor
+    for r in (0, 1):  # each rank's RNG restored from its own state, not rank 0's
+        assert ends["cut", r]["rng"] == ends["whole", r]["rng"], ends
+    assert ends["whole", 0]["rng"] != ends["whole", 1]["rng"]

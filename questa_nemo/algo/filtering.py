@@ -95,19 +95,33 @@ def fill_step(
     lower: float,
     upper: float,
     enabled: bool = True,
+    any_rank: Callable[[bool], bool] | None = None,
+    skip: Callable[[], None] | None = None,
 ) -> FilledStep[GroupT]:
     """Draw prompt batches (each one generated and scored by `draw`) until `target_groups` groups pass the filter.
 
     Draws at most 1 + max_prompt_batches batches (config `algo.max_prompt_batches` bounds the extra ones); a
     step that is still short runs with fewer groups, and `full` says so. With `enabled` False the first batch
     is taken as it is. `correctness(group)` gives its G samples' correctness.
+
+    Data parallel: every rank draws its share of the same prompt batches, and all must advance the prompt
+    stream together (one shared cursor, so a checkpoint's cursor is every rank's). `any_rank(flag)` says
+    whether `flag` holds on some rank (a collective; identity for one rank): the ranks keep drawing while any
+    of them is short, and a rank that is already full calls `skip()` instead of `draw()` - it advances the
+    stream past the batch without generating.
     """
+    if any_rank is None or not enabled:  # unfiltered: every rank takes its first batch, nothing to agree on
+        any_rank = bool
     kept: list[GroupT] = []
     counts = FilterCounts()
     batches = 0
-    while len(kept) < target_groups and batches < 1 + max_prompt_batches:
-        groups = list(draw())
+    while batches < 1 + max_prompt_batches and any_rank(len(kept) < target_groups):
         batches += 1
+        if len(kept) >= target_groups:
+            if skip is not None:
+                skip()
+            continue
+        groups = list(draw())
         if not enabled:
             kept.extend(groups)
             counts = counts + FilterCounts(kept=len(groups))

@@ -58,7 +58,9 @@ class AsyncRollouts:
     SyncRollouts. `backend` must generate on its own copy of the weights (rollout/snapshot.py); its `version`
     is the trainer's published policy version. `first_step` is the step the trainer will ask for first (the
     resumed step + 1). The finished steps waiting for the trainer are at most max_staleness + 1 (the bound is
-    the queue's). Call `close()` when done (also a context manager)."""
+    the queue's). Call `close()` when done (also a context manager). `agree`: filtering's refill agreement
+    over the DP group (collect_step); it runs on the producer thread, so it needs a group of its own
+    (model/parallel.py `dp_reduce(dedicated=True)`)."""
 
     def __init__(
         self,
@@ -71,13 +73,14 @@ class AsyncRollouts:
         first_step: int = 1,
         dp_rank: int = 0,
         dp_size: int = 1,
+        agree=None,
     ):
         if cfg.rollout.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness must be >= 0, got {cfg.rollout.max_staleness}")
         self.source, self.backend = source, backend
 
         def collect(step: int) -> FilledStep[Group]:  # what SyncRollouts.next does, on the producer thread
-            return collect_step(cfg, step, source, backend, scorer, decode, stop_token_ids, dp_rank, dp_size)
+            return collect_step(cfg, step, source, backend, scorer, decode, stop_token_ids, dp_rank, dp_size, agree)
 
         self._collect = collect
         self.max_staleness = cfg.rollout.max_staleness

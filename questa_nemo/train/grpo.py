@@ -14,11 +14,12 @@ from typing import Protocol
 
 import torch
 
-from questa_nemo.algo.advantages import compute_advantages, no_all_reduce, shape_rewards
+from questa_nemo.algo.advantages import compute_advantages, shape_rewards
 from questa_nemo.algo.filtering import FilledStep, fill_step, handle_overlong
 from questa_nemo.algo.loss import PolicyLossConfig, loss_config_from, policy_loss, step_normaliser
 from questa_nemo.config import Config
 from questa_nemo.model.packing import PackedMicroBatch, TokenSequence
+from questa_nemo.model.parallel import Reduce
 from questa_nemo.reward.types import RewardResult
 from questa_nemo.rollout import sampling_params
 from questa_nemo.rollout.base import Completion, GenerationBackend, SamplingParams
@@ -103,11 +104,13 @@ def collect_step(
     stop_token_ids: tuple[int, ...],
     dp_rank: int = 0,
     dp_size: int = 1,
+    agree: Reduce | None = None,
 ) -> FilledStep[Group]:
     """Draw prompt batches until this rank's share of `prompts_per_step` groups passes dynamic filtering.
 
     Every DP rank draws the same prompt batches (the source is seeded identically) and keeps its own slice, so
-    the ranks' data never overlap and a resumed run sees the same prompts.
+    the ranks' data never overlap and a resumed run sees the same prompts. `agree` (over the DP group) keeps
+    the ranks drawing the same number of batches, so their prompt cursors stay equal.
     """
     target = cfg.train.prompts_per_step // dp_size
     attempt = 0
@@ -121,6 +124,11 @@ def collect_step(
         chunk = max(1, 4 * cfg.rollout.max_batch_sequences // cfg.rollout.n_samples)
         return generate_groups(backend, batch, params, decode, scorer, chunk)
 
+    def skip() -> None:  # this rank is full, another is not: pass over the batch with the others
+        nonlocal attempt
+        source.next(cfg.train.prompts_per_step)
+        attempt += 1
+
     a = cfg.algo
     return fill_step(
         draw,
@@ -130,10 +138,12 @@ def collect_step(
         lower=a.filter_min_success,
         upper=a.filter_max_success,
         enabled=a.filter_enabled,
+        any_rank=(agree or Reduce()).any,
+        skip=skip,
     )
 
 
-def build_step_data(cfg: Config, groups: list[Group], trainer_version: int, all_reduce=no_all_reduce) -> StepData:
+def build_step_data(cfg: Config, groups: list[Group], trainer_version: int, all_reduce=None) -> StepData:
     """Rewards -> overlong handling -> shaped rewards -> per-token advantages -> training sequences."""
     completions = [c for g in groups for c in g.completions]
     n_samples = len(groups[0].completions) if groups else 0
@@ -149,7 +159,7 @@ def build_step_data(cfg: Config, groups: list[Group], trainer_version: int, all_
     a = cfg.algo
     advantages = compute_advantages(
         a.advantage, shaped, mask, group_ids, adv_norm=a.adv_norm, group_std=a.group_std, eps=a.eps,
-        all_reduce=all_reduce,
+        all_reduce=all_reduce or Reduce(),
     )  # [N, T]
 
     sequences = []
@@ -217,35 +227,57 @@ def normaliser_for(data: StepData, loss_cfg: PolicyLossConfig, max_new_tokens: i
     return total
 
 
-def step_metrics(data: StepData, filled: FilledStep[Group]) -> dict[str, float]:
-    """Rollout and reward metrics of a step, hinted and unhinted prompts apart."""
+def step_metrics(data: StepData, filled: FilledStep[Group], reduce: Reduce | None = None) -> dict[str, float]:
+    """Rollout and reward metrics of a step over every DP rank (`reduce`), hinted and unhinted prompts apart."""
+    reduce = reduce or Reduce()
+    c, hinted = data.correct.double(), data.hinted
+    lengths = data.completion_lengths.double()
+    counts = filled.counts
+    # one message of sums, one of maxima (-inf where a rank has nothing), one of per-reason counts
+    local = [
+        c.numel(), c.sum(), hinted.sum(), c[hinted].sum(), (~hinted).sum(), c[~hinted].sum(), lengths.sum(),
+        data.truncated.sum(), len(filled.groups), counts.all_correct, counts.all_wrong, counts.too_easy,
+        counts.too_hard, not filled.full,
+    ]  # fmt: skip
+    sums = reduce.sum(torch.tensor([float(x) for x in local], dtype=torch.float64))
+    empty = torch.tensor(-math.inf, dtype=torch.float64)
+    maxima = reduce.max(torch.stack([
+        lengths.max() if lengths.numel() else empty, data.stale.double().max() if lengths.numel() else empty,
+    ]))  # fmt: skip
+    reasons: dict[str, int] = {}
+    for part in reduce.gather_objects(_reason_counts(filled)):
+        for reason, count in part.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    n, correct, n_hinted, correct_hinted, n_unhinted, correct_unhinted, length_sum, truncated = sums[:8].tolist()
     out: dict[str, float] = {}
-    c, hinted = data.correct, data.hinted
-    out["reward/success"] = float(c.mean()) if c.numel() else math.nan
-    for name, sel in (("hinted", hinted), ("unhinted", ~hinted)):
-        if sel.any():
-            out[f"reward/success_{name}"] = float(c[sel].mean())
+    out["reward/success"] = correct / n if n else math.nan
+    for name, k, ok in (("hinted", n_hinted, correct_hinted), ("unhinted", n_unhinted, correct_unhinted)):
+        if k:
+            out[f"reward/success_{name}"] = ok / k
+    for reason, count in sorted(reasons.items()):
+        out[f"reward/reason_{reason}"] = float(count)
+    if n:
+        out["rollout/length_mean"] = length_sum / n
+        out["rollout/length_max"] = float(maxima[0])
+        out["rollout/truncated_fraction"] = truncated / n
+        out["rollout/staleness_max"] = float(maxima[1])
+    kept, all_correct, all_wrong, too_easy, too_hard, short = sums[8:].tolist()
+    out["filter/kept_groups"] = kept
+    out["filter/dropped_all_correct"] = all_correct
+    out["filter/dropped_all_wrong"] = all_wrong
+    out["filter/dropped_too_easy"] = too_easy
+    out["filter/dropped_too_hard"] = too_hard
+    out["filter/prompt_batches"] = float(filled.prompt_batches)  # the same on every rank (they agree)
+    out["filter/full"] = float(short == 0)
+    return out
+
+
+def _reason_counts(filled: FilledStep[Group]) -> dict[str, int]:
     reasons: dict[str, int] = {}
     for g in filled.groups:
         for r in g.results:
             reasons[r.reason] = reasons.get(r.reason, 0) + 1
-    for reason, count in reasons.items():
-        out[f"reward/reason_{reason}"] = float(count)
-    lengths = data.completion_lengths.float()
-    if lengths.numel():
-        out["rollout/length_mean"] = float(lengths.mean())
-        out["rollout/length_max"] = float(lengths.max())
-        out["rollout/truncated_fraction"] = float(data.truncated.float().mean())
-        out["rollout/staleness_max"] = float(data.stale.max())
-    counts = filled.counts
-    out["filter/kept_groups"] = float(len(filled.groups))
-    out["filter/dropped_all_correct"] = float(counts.all_correct)
-    out["filter/dropped_all_wrong"] = float(counts.all_wrong)
-    out["filter/dropped_too_easy"] = float(counts.too_easy)
-    out["filter/dropped_too_hard"] = float(counts.too_hard)
-    out["filter/prompt_batches"] = float(filled.prompt_batches)
-    out["filter/full"] = float(filled.full)
-    return out
+    return reasons
 
 
 class SyncRollouts:
@@ -253,13 +285,14 @@ class SyncRollouts:
 
     def __init__(self, cfg: Config, source: PromptSource, backend: GenerationBackend, scorer: Scorer,
                  decode: Callable[[list[int]], str], stop_token_ids: tuple[int, ...], dp_rank: int = 0,
-                 dp_size: int = 1):
+                 dp_size: int = 1, agree: Reduce | None = None):
         self.cfg, self.source, self.backend, self.scorer = cfg, source, backend, scorer
         self.decode, self.stop_token_ids, self.dp_rank, self.dp_size = decode, stop_token_ids, dp_rank, dp_size
+        self.agree = agree
 
     def next(self, step: int) -> FilledStep[Group]:
         return collect_step(self.cfg, step, self.source, self.backend, self.scorer, self.decode,
-                            self.stop_token_ids, self.dp_rank, self.dp_size)
+                            self.stop_token_ids, self.dp_rank, self.dp_size, self.agree)
 
     def source_state(self) -> dict:
         """Prompt-stream position after the last step handed out (what a resumed run restores)."""
@@ -273,9 +306,14 @@ def grpo_step(
     backend: GenerationBackend,
     rollouts: SyncRollouts,
     timer: PhaseTimer,
-    all_reduce=no_all_reduce,
+    reduce: Reduce | None = None,
 ) -> tuple[dict[str, float], StepData]:
-    """Run GRPO step `step` (1-based) on the groups `rollouts` hands out; returns its metrics and data."""
+    """Run GRPO step `step` (1-based) on the groups `rollouts` hands out; returns its metrics and data.
+
+    `reduce`: the collectives over the DP group (model/parallel.py; None for one rank): advantage moments,
+    the loss normaliser, the sequence count and the step metrics are global.
+    """
+    reduce = reduce or Reduce()
     temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
 
     with timer("rollout"):
@@ -283,10 +321,10 @@ def grpo_step(
         filled = rollouts.next(step)
     metrics = {}
     with timer("advantages"):
-        data = build_step_data(cfg, filled.groups, backend.version, all_reduce)
-    metrics.update(step_metrics(data, filled))
+        data = build_step_data(cfg, filled.groups, backend.version, reduce)
+    metrics.update(step_metrics(data, filled, reduce))
     # every DP rank must enter the same collectives: skip only when no rank has anything to learn from
-    if float(all_reduce(torch.tensor(float(len(data.sequences)), dtype=torch.float64))) == 0:
+    if float(reduce.sum(torch.tensor(float(len(data.sequences)), dtype=torch.float64))) == 0:
         metrics["actor/skipped_empty"] = 1.0
         return metrics, data
 
@@ -298,7 +336,7 @@ def grpo_step(
         for mb, lp in zip(micro_batches, proximal.logprobs):
             mb.proximal_logprobs = lp
     with timer("train"):
-        normaliser = all_reduce(torch.tensor(normaliser_for(data, loss_cfg, cfg.rollout.max_new_tokens)))
+        normaliser = reduce.sum(torch.tensor(normaliser_for(data, loss_cfg, cfg.rollout.max_new_tokens)))
         stats = policy.train_step(micro_batches, loss_fn, float(normaliser), temperature=temperature)
     with timer("update_weights"):
         backend.update_weights(backend.version + (0 if stats.skipped else 1))

@@ -18,6 +18,7 @@ import torch
 
 from questa_nemo.ckpt.runs import STATE_FILE, checkpoint_dirs, latest_checkpoint
 from questa_nemo.config import Config
+from questa_nemo.model.parallel import LoopCollectives, barrier
 from questa_nemo.train.async_rollouts import AsyncRollouts
 from questa_nemo.train.grpo import SyncRollouts, grpo_step
 from questa_nemo.train.metrics import MetricsLogger, PhaseTimer
@@ -31,19 +32,32 @@ class RunState:
 
     step: int = 0  # optimizer steps done
     version: int = 0  # policy version the rollout engine holds
-    source: dict | None = None  # PromptSource position (epoch, cursor)
+    source: dict | None = None  # PromptSource position (epoch, cursor): the same on every DP rank
+    # Rank 0's RNG states, as older run_state.json files hold them (read when rng/run_rank_<r>.json is absent).
     python_rng: list | None = None
     numpy_rng: dict | None = None
     torch_rng: list[int] | None = None  # torch.get_rng_state() as a list of bytes (JSON, no pickle)
+    world_size: int | None = None  # processes that wrote rng/run_rank_<r>.json, one each
 
 
-def capture_rng(state: RunState) -> None:
-    state.python_rng = [list(x) if isinstance(x, tuple) else x for x in random.getstate()]
-    state.numpy_rng = _jsonable_numpy_state(np.random.get_state(legacy=False))
-    state.torch_rng = torch.get_rng_state().tolist()
+@dataclass
+class RankRng:
+    """One rank's Python / numpy / torch CPU generator states (rng/run_rank_<r>.json in a checkpoint)."""
+
+    python_rng: list
+    numpy_rng: dict
+    torch_rng: list[int]
 
 
-def restore_rng(state: RunState) -> None:
+def capture_rng() -> RankRng:
+    return RankRng(
+        python_rng=[list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        numpy_rng=_jsonable_numpy_state(np.random.get_state(legacy=False)),
+        torch_rng=torch.get_rng_state().tolist(),
+    )
+
+
+def restore_rng(state: RunState | RankRng) -> None:
     if state.python_rng is not None:
         version, internal, gauss = state.python_rng
         random.setstate((version, tuple(internal), gauss))
@@ -63,8 +77,9 @@ class Checkpointer:
     writes to a temporary folder and renames it, so a crash mid-write leaves the previous checkpoint usable."""
 
     def __init__(self, run_dir: Path, policy, save_every: int, recovery_every: int, keep: int, hf_config: dict,
-                 tokenizer_dir: str | None, is_main: bool):
+                 tokenizer_dir: str | None, is_main: bool, comm: LoopCollectives | None = None):
         self.run_dir, self.policy = run_dir, policy
+        self.rank, self.world_size = (comm.world.rank, comm.world.size) if comm is not None else (0, 1)
         self.hf_config, self.tokenizer_dir, self.is_main = hf_config, tokenizer_dir, is_main
         self.save_every, self.recovery_every, self.keep = save_every, recovery_every, keep
 
@@ -72,18 +87,21 @@ class Checkpointer:
         return last or step % self.save_every == 0 or step % self.recovery_every == 0
 
     def save(self, state: RunState) -> Path:
-        """Model + optimizer via model/checkpoint.py (atomic), then run_state.json (atomic rename): a
-        checkpoint without run_state.json is not listed, so a crash between the two loses nothing."""
+        """Model + optimizer via model/checkpoint.py (atomic), then every rank's RNG states
+        (rng/run_rank_<r>.json), then run_state.json (atomic rename, after a barrier): a checkpoint without
+        run_state.json is not listed, so a crash between them loses nothing."""
         from questa_nemo.model.checkpoint import save_checkpoint
 
         path = self.run_dir / "checkpoints" / f"step_{state.step}"
-        capture_rng(state)
+        rng = capture_rng()
+        state.python_rng, state.numpy_rng, state.torch_rng = rng.python_rng, rng.numpy_rng, rng.torch_rng
+        state.world_size = self.world_size
         save_checkpoint(self.policy, path, step=state.step, hf_config=self.hf_config, tokenizer_dir=self.tokenizer_dir)
+        _write_atomic(path / "rng" / f"run_rank_{self.rank}.json", json.dumps(asdict(rng)))
+        barrier()
         if self.is_main:
-            tmp = path / f".{STATE_FILE}.tmp"
-            tmp.write_text(json.dumps(asdict(state)))
-            os.replace(tmp, path / STATE_FILE)
-        torch.distributed.barrier()
+            _write_atomic(path / STATE_FILE, json.dumps(asdict(state)))
+        barrier()
         self._prune(state.step)
         return path
 
@@ -102,8 +120,18 @@ class Checkpointer:
 
         load_checkpoint(self.policy, path)
         state = RunState(**json.loads((path / STATE_FILE).read_text()))
-        restore_rng(state)
+        mine = path / "rng" / f"run_rank_{self.rank}.json"
+        if mine.is_file() and state.world_size == self.world_size:  # each rank from its own states
+            restore_rng(RankRng(**json.loads(mine.read_text())))
+        elif state.world_size is None and self.world_size == 1:  # an older checkpoint of one process
+            restore_rng(state)
         return state
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def memory_metrics() -> dict[str, float]:
@@ -126,22 +154,22 @@ def fit(
     evaluate: Callable[[int], dict[str, float]] | None = None,
     dp_rank: int = 0,
     dp_size: int = 1,
-    all_reduce=None,
+    comm: LoopCollectives | None = None,
     is_main: bool = True,
     hf_config: dict | None = None,
     tokenizer_dir: str | None = None,
     preempt: PreemptionFlag | None = None,
 ) -> int:
     """Train `cfg.train.steps` GRPO steps into run_dir, resuming from its newest checkpoint. Returns 0 when
-    done, EXIT_PREEMPTED after a preemption signal (checkpoint written)."""
+    done, EXIT_PREEMPTED after a preemption signal (checkpoint written). `comm`: the collectives over the DP
+    group and the world (model/parallel.py `loop_collectives`; None for one process)."""
     from tqdm import tqdm
-
-    from questa_nemo.algo.advantages import no_all_reduce
 
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
+    comm = comm or LoopCollectives()
     ckpt = Checkpointer(run_dir, policy, t.save_every, t.recovery_every, t.keep_checkpoints, hf_config, tokenizer_dir,
-                        is_main)
+                        is_main, comm)
     state = RunState()
     latest = latest_checkpoint(run_dir)
     if latest is not None:
@@ -158,15 +186,16 @@ def fit(
     )
     if cfg.rollout.max_staleness > 0:  # async mode: a producer thread samples ahead (train/async_rollouts.py)
         rollouts = AsyncRollouts(cfg, source, backend, scorer, decode, stop_token_ids, state.step + 1, dp_rank,
-                                 dp_size)
+                                 dp_size, comm.rollouts)
     else:
-        rollouts = SyncRollouts(cfg, source, backend, scorer, decode, stop_token_ids, dp_rank, dp_size)
+        rollouts = SyncRollouts(cfg, source, backend, scorer, decode, stop_token_ids, dp_rank, dp_size,
+                                comm.rollouts)
     try:
         while state.step < cfg.train.steps:
             step = state.step + 1
             timer = PhaseTimer()
             start = time.perf_counter()
-            metrics, data = grpo_step(cfg, step, policy, backend, rollouts, timer, all_reduce or no_all_reduce)
+            metrics, data = grpo_step(cfg, step, policy, backend, rollouts, timer, comm.dp)
             seconds = timer.pop()
             metrics.update(seconds)
             generated = float(data.completion_lengths.sum()) if data.sequences else 0.0
@@ -191,7 +220,7 @@ def fit(
                 loss=f"{metrics.get('actor/loss', math.nan):.4f}",
             )
             last = step == cfg.train.steps
-            stop = preempt.agreed()
+            stop = preempt.agreed(comm.world)
             if ckpt.due(step, last) or stop:
                 ckpt.save(state)
             if stop and not last:

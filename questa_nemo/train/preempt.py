@@ -22,16 +22,15 @@ class PreemptionFlag:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
+    def agreed(self, world=None) -> bool:
         """Whether any rank was signalled: ranks see the signal at different steps, and all of them must
-        checkpoint at the same step (the save is collective)."""
-        import torch
+        checkpoint at the same step (the save is collective). `world`: model/parallel.py's Reduce over every
+        process (default: `world_reduce()`); every process must call this together."""
+        if world is None:
+            from questa_nemo.model.parallel import world_reduce
 
-        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device="cuda" if torch.cuda.is_available() else "cpu")
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.requested = bool(flag.item())
+            world = world_reduce()
+        self.requested = world.any(self.requested)
         return self.requested
 
     def restore(self) -> None:

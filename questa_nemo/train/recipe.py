@@ -184,6 +184,7 @@ def warmup_stage(s: Session, scorer) -> Path:
 
 def grpo_stage(s: Session, arm: str, dataset: str, init: str | None, resources, preempt: PreemptionFlag) -> int:
     """GRPO on `dataset` from `init` into run_dir/<arm> (run_dir itself for a single run)."""
+    from questa_nemo.model.parallel import loop_collectives
     from questa_nemo.train.loop import fit
     from questa_nemo.train.prompts import PromptSource, read_rows, tokenize_rows
     from questa_nemo.train.scoring import make_train_scorer
@@ -206,22 +207,10 @@ def grpo_stage(s: Session, arm: str, dataset: str, init: str | None, resources, 
     s.log(f"[{arm or 'grpo'}] {len(rows)} prompts from {dataset}; {cfg.train.steps} steps into {run_dir}")
     return fit(
         cfg, run_dir, policy, backend, source, scorer, s.decode, s.stop_token_ids, evaluate,
-        dp_rank=s.info.dp_rank, dp_size=s.info.dp_size, all_reduce=dp_all_reduce(s), is_main=s.is_main,
+        dp_rank=s.info.dp_rank, dp_size=s.info.dp_size, comm=loop_collectives(cfg.rollout.max_staleness > 0),
+        is_main=s.is_main,
         hf_config=s.hf, tokenizer_dir=s.tokenizer_dir, preempt=preempt,
     )
-
-
-def dp_all_reduce(s: Session):
-    if s.info.dp_size == 1:
-        return None
-    from megatron.core import parallel_state
-
-    def reduce(x: torch.Tensor) -> torch.Tensor:
-        y = x.clone()
-        torch.distributed.all_reduce(y, group=parallel_state.get_data_parallel_group())
-        return y
-
-    return reduce
 
 
 def initial_weights(s: Session) -> str | None:

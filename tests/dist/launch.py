@@ -1,4 +1,9 @@
-"""Run a tests/dist worker under `torchrun --standalone --nproc-per-node 2` from pytest; fail with its output."""
+"""Run a tests/dist worker under `torchrun --standalone --nproc-per-node N` from pytest; fail with its output.
+
+Every worker runs under the NCCL-strict guard (QUESTA_NCCL_STRICT=1, see `strict_env`): model/parallel.py's
+`init_distributed` then makes any collective that NCCL would reject (a CPU tensor the loop did not place on
+the communication device through model/parallel.py) raise, while gloo still does the arithmetic. A worker
+that starts torch.distributed without `init_distributed` calls `parallel.install_nccl_strict_guard()`."""
 
 from __future__ import annotations
 
@@ -12,11 +17,20 @@ DIST = Path(__file__).parent
 REPO = DIST.parent.parent
 
 
-def torchrun(worker: str, *args: str, timeout: int = 120, nproc: int = 2) -> str:
-    """Launch in a new session so that a hang is killed together with torchrun's worker processes."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(DIST)]), "OMP_NUM_THREADS": "1"}
+def strict_env(**extra: str) -> dict[str, str]:
+    """The environment of a multi-rank test: this one without torchrun's variables, the repository and
+    tests/dist first on PYTHONPATH, one intra-op thread, and the NCCL-strict guard on (unless the environment
+    says QUESTA_NCCL_STRICT=0)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(DIST)]), "OMP_NUM_THREADS": "1",
+           "QUESTA_NCCL_STRICT": os.environ.get("QUESTA_NCCL_STRICT", "1"), **extra}
     for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
+    return env
+
+
+def torchrun(worker: str, *args: str, timeout: int = 120, nproc: int = 2) -> str:
+    """Launch in a new session so that a hang is killed together with torchrun's worker processes."""
+    env = strict_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(DIST / worker), *args]  # fmt: skip
     proc = subprocess.Popen(

@@ -16,17 +16,14 @@ from questa_nemo.config import ModelConfig
 from questa_nemo.model.convert import ShardLayout
 from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, naive_logprobs, output_weight
 from questa_nemo.model.megatron import build_model, load_hf_weights, shard_layout
-from questa_nemo.model.parallel import destroy_distributed, init_distributed
+from questa_nemo.model.parallel import all_gather, destroy_distributed, init_distributed, model_tensors
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """[b, s, V/tp] vocab-parallel logits -> [b, s, V] on every TP rank."""
     from megatron.core import parallel_state as ps
 
-    group = ps.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
-    torch.distributed.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(all_gather(logits, ps.get_tensor_model_parallel_group()), dim=-1)
 
 
 def pipeline_forward(chunks, ids, positions, hidden_shape, info) -> torch.Tensor | None:
@@ -47,12 +44,14 @@ def pipeline_forward(chunks, ids, positions, hidden_shape, info) -> torch.Tensor
         prev_rank = ps.get_pipeline_model_parallel_prev_rank()
         next_rank = ps.get_pipeline_model_parallel_next_rank()
         if c > 0:
-            hidden = torch.empty(hidden_shape)
-            torch.distributed.recv(hidden, src=prev_rank)
+            hidden = torch.empty(hidden_shape, device=ids.device)
+            with model_tensors():  # activations: on the GPU in a real run
+                torch.distributed.recv(hidden, src=prev_rank)
             chunk.set_input_tensor(hidden)
         out = chunk(ids, positions, None)
         if c < total - 1:
-            torch.distributed.send(out.contiguous(), dst=next_rank)
+            with model_tensors():
+                torch.distributed.send(out.contiguous(), dst=next_rank)
         else:
             result = out
     return result

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from questa_nemo.config import ModelConfig
 from questa_nemo.model.hf_io import HFCheckpoint
 from questa_nemo.model.megatron import build_model, load_hf_weights
-from questa_nemo.model.parallel import destroy_distributed, init_distributed
+from questa_nemo.model.parallel import all_gather, destroy_distributed, init_distributed
 
 
 def main() -> None:
@@ -36,9 +36,7 @@ def main() -> None:
     ids = expected["ids"]
     with torch.no_grad():
         local = model.eval()(ids, torch.arange(ids.size(1)).expand_as(ids), None)  # [b, s, V/3]
-    parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
-    torch.distributed.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-    logits = torch.cat(parts, dim=-1)[..., : hf["vocab_size"]]
+    logits = torch.cat(all_gather(local, ps.get_tensor_model_parallel_group()), dim=-1)[..., : hf["vocab_size"]]
     if torch.distributed.get_rank() == 0:
         diff = (logits - expected["logits"]).abs().max().item()
         Path(args.expected + ".json").write_text(json.dumps({"max_abs_diff": diff}))

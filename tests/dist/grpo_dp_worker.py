@@ -1,0 +1,75 @@
+"""torchrun worker: GRPO at DP=2 on CPU with dynamic filtering, through train/loop.py's `fit` (resume,
+checkpoints, metrics) and model/parallel.py's collectives, under the NCCL-strict guard.
+
+The task is the learnable one of tests/test_train.py (reward 1 when the first generated token id is even), with
+4 samples per group, so that groups are often all right or all wrong: filtering drops them and ranks refill
+unequally. Launched by tests/test_train_dp.py as
+    torchrun --standalone --nproc-per-node 2 tests/dist/grpo_dp_worker.py RUN_DIR STEPS [key=value ...]
+Resumes from RUN_DIR's newest checkpoint like `questa-nemo train`. Each rank writes its prompt-stream
+position and a draw of its Python / numpy / torch generators (seeded per rank at the start) to
+RUN_DIR/cursor_rank<r>.json at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from questa_nemo.ckpt.load import load_chunks
+from questa_nemo.config import load_config, read_hf_config
+from questa_nemo.model.parallel import destroy_distributed, init_distributed, loop_collectives
+from questa_nemo.model.policy import MegatronPolicy
+from questa_nemo.reward.types import RewardResult
+from questa_nemo.rollout import make_backend
+from questa_nemo.train.loop import fit
+from questa_nemo.train.prompts import PromptRow, PromptSource
+from questa_nemo.train.scoring import Done
+
+
+def main() -> None:
+    run_dir, steps, extra = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    cfg = load_config("default", [
+        "optim.lr=1e-2", "rollout.max_new_tokens=4", "rollout.n_samples=4", "train.prompts_per_step=8",
+        "algo.advantage=reference", "algo.adv_norm=true", "algo.filter_enabled=true", "algo.max_prompt_batches=4",
+        f"train.steps={steps}", "train.recovery_every=2", "train.save_every=100", "train.progress_bar=false", "train.log_tensorboard=false", "train.eval_every=0",
+        *extra,
+    ])  # fmt: skip
+    hf = read_hf_config(cfg.model.hf_config)
+    info = init_distributed(cfg.model)
+    assert info.dp_size == 2, info
+    # per-rank Python / numpy / torch CPU generators: a resumed rank must get its own states back
+    random.seed(100 + info.rank)
+    np.random.seed(100 + info.rank)
+    torch.manual_seed(100 + info.rank)
+    try:
+        policy = MegatronPolicy(load_chunks(cfg.model, hf, None), cfg.model, cfg.optim, steps, 4096, hf["vocab_size"])
+        if cfg.rollout.max_staleness > 0:
+            from questa_nemo.rollout.snapshot import SnapshotBackend
+
+            backend = SnapshotBackend(cfg.rollout, policy.modules[0], hf["vocab_size"])
+        else:
+            backend = make_backend(cfg.rollout, policy=policy.modules[0], vocab_size=hf["vocab_size"])
+        g = torch.Generator().manual_seed(0)
+        rows = [PromptRow(str(i), torch.randint(3, 100, (12,), generator=g).tolist(), "", False, {}) for i in range(64)]
+        source = PromptSource(rows, seed=1)
+
+        def even_first(texts, prompt_rows):
+            return Done([RewardResult(float(int(t) % 2 == 0), "correct" if int(t) % 2 == 0 else "wrong") for t in texts])
+
+        status = fit(cfg, run_dir, policy, backend, source, even_first, lambda ids: str(ids[0]), (), None,
+                     dp_rank=info.dp_rank, dp_size=info.dp_size, comm=loop_collectives(cfg.rollout.max_staleness > 0),
+                     is_main=info.rank == 0, hf_config=hf)
+        assert status == 0, status
+        draws = {"python": random.random(), "numpy": float(np.random.random()), "torch": float(torch.rand(()))}
+        (run_dir / f"cursor_rank{info.rank}.json").write_text(json.dumps({**source.state_dict(), "rng": draws}))
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
