@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -161,7 +162,7 @@ class Suite:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/questa_multi_gpu"))
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temp folder)")
     parser.add_argument("--only", nargs="*", default=[], help="run the cases whose names start with these")
     parser.add_argument("--cpu-ranks", type=int, default=0, help="no GPU: run as if there were this many (gloo)")
     args = parser.parse_args()
@@ -171,6 +172,7 @@ def main() -> int:
     if gpus < 1:
         print("bench/multi_gpu.py: no CUDA GPU visible (--cpu-ranks N checks the suite on CPU)", file=sys.stderr)
         return 2
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="questa_multi_gpu_"))
     args.work.mkdir(parents=True, exist_ok=True)
     suite = Suite(args.work)
     suite.only = args.only
