@@ -156,7 +156,7 @@ def writer_watchdog(where: str, poll_s: float = 0.1) -> Iterator[None]:
     try block, as it does when psutil is missing) never marks it, and the wait never ends. Here a thread polls
     the processes started during the save; when one ends with a non-zero exit code it records why and wakes
     the main thread with a signal whose handler raises (a blocked semaphore wait returns on EINTR and runs the
-    handler). The surviving writers are stopped. Only in the main thread (signal handlers live there);
+    handler), repeated until the exception has left the save. The surviving writers are stopped. Only in the main thread (signal handlers live there);
     elsewhere the save runs unguarded.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -183,8 +183,11 @@ def writer_watchdog(where: str, poll_s: float = 0.1) -> Iterator[None]:
                 code = p.exitcode
                 if code not in (None, 0):
                     died.append(_death_message(p.pid, code, where))
-                    if not done.is_set():
+                    # Again every half second until the main thread leaves the save: a handler that raises
+                    # inside an at-fork callback (megatron is still starting writers) is swallowed.
+                    while not done.is_set():
                         signal.pthread_kill(main_ident, _WAKE_SIGNAL)
+                        done.wait(0.5)
                     return
 
     previous = signal.signal(_WAKE_SIGNAL, on_wake)
