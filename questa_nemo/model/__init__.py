@@ -8,8 +8,9 @@ before any module of this package imports megatron (every megatron import of que
   attention that gives).
 - "full scope is deprecated. Use empty cuda_graph_scope": TransformerConfig's own default value (0.16+)
   triggers it; we never set cuda_graph_scope.
-- torch's "Please use DTensor instead and we are deprecating ShardedTensor": megatron's dist_checkpointing
-  still builds ShardedTensors for torch's checkpoint planner; nothing to do for the user.
+- torch's "Please use DTensor instead and we are deprecating ShardedTensor" and "`load_state_dict` is
+  deprecated": megatron's dist_checkpointing still builds ShardedTensors and calls torch's older checkpoint
+  API; nothing to do for the user.
 """
 
 import warnings
@@ -19,6 +20,7 @@ MEGATRON_NOTICES = (
     r"Transformer Engine and Apex are not installed",
     r"full scope is deprecated",
     r"Please use DTensor instead and we are deprecating ShardedTensor",
+    r"`load_state_dict` is deprecated and will be removed",
 )
 for _message in MEGATRON_NOTICES:
     warnings.filterwarnings("ignore", message=_message)

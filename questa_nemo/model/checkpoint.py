@@ -96,21 +96,23 @@ def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
 
 def _shield_writer_manager() -> None:
     """megatron's checkpoint writer keeps one spawned multiprocessing Manager for write results. Slurm's
-    pre-timeout SIGUSR1 reaches every process of the job step, and a spawned process dies of it (default
-    action) - mid-save, as the preemption save starts (seen in tests/test_slurm.py). Start that manager once
-    with SIGUSR1 ignored: a spawned child inherits SIG_IGN, and the trainer's own handler is put back."""
-    import signal
-    import threading
-
+    pre-timeout SIGUSR1, a preemption's or scancel's SIGTERM (and `timeout`'s) reach every process of the job
+    step or process group, and a spawned process dies of them (default action) - mid-save, as the preemption
+    save starts (SIGUSR1 seen in tests/test_slurm.py; SIGTERM in .ci/fresh_install_main_job.sh: the next save
+    then failed with BrokenPipeError). Start that manager once with both ignored: a spawned child inherits
+    SIG_IGN, and the trainer's own handlers are put back. The manager still ends with the trainer (its
+    finalizer sends a shutdown message, then SIGKILL if need be)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is not None or threading.current_thread() is not threading.main_thread():
         return
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    shielded = (signal.SIGUSR1, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in shielded}
     try:
         filesystem_async._get_write_results_queue()
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class CheckpointWriterDied(RuntimeError):
