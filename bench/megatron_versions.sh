@@ -12,11 +12,13 @@
 #                                                            installed in turn into its Python's venv (pip
 #                                                            replaces the previous megatron-core and adjusts
 #                                                            numpy); FRESH=1 makes a new venv for every version
+#   VENV311=... VENV312=...                                an existing or cached venv for that Python instead
+#                                                            (.ci/run keeps its 3.12 venv, ~5 GB, in ~/.cache)
 #
 # On a CPU machine Python 3.12 gets torch 2.13.0 from PyPI, the CUDA build (~3 GB with its nvidia-* wheels; it
 # runs on CPU); 3.11 gets the CPU wheel. Exit status 0 when every version asked for passed, 1 otherwise.
 set -uo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+ROOT="${ROOT:-$(cd "$(dirname "$0")/.." && pwd)}"
 OUT="${OUT:-$ROOT/bench/results/megatron_versions.json}"
 VENVS="${VENVS:-/tmp/megatron_versions}"
 TORCH_SPEC="${TORCH_SPEC-torch==2.13.0}"
@@ -59,7 +61,8 @@ for v in "${versions[@]}"; do
     line="FAIL megatron-core $v: no Python $pyver found (set PY${pyver/./})"
     echo "{\"version\": \"$v\", \"python\": null, \"status\": \"FAIL\", \"stage\": \"python\", \"error\": \"no Python $pyver\"}" > "$json"
   else
-    venv="$VENVS/py$pyver"; [ "$FRESH" = 1 ] && venv="$VENVS/mcore-$v"
+    venv_var="VENV${pyver/./}"
+    venv="${!venv_var:-$VENVS/py$pyver}"; [ "$FRESH" = 1 ] && venv="$VENVS/mcore-$v"
     log="$VENVS/install-$v.log"
     if [ ! -x "$venv/bin/python" ] || [ "$FRESH" = 1 ]; then
       rm -rf "$venv"
@@ -67,9 +70,10 @@ for v in "${versions[@]}"; do
       "$py" -m venv "${flags[@]}" "$venv" > "$log" 2>&1
       "$venv/bin/pip" install -q --upgrade pip >> "$log" 2>&1
       if [ -n "$TORCH_SPEC" ]; then "$venv/bin/pip" install -q "$TORCH_SPEC" >> "$log" 2>&1; fi
-      # shellcheck disable=SC2046
-      "$venv/bin/pip" install -q $(runtime_deps "$venv/bin/python") >> "$log" 2>&1
     fi
+    # always, also in a reused venv (a no-op when satisfied): what pyproject.toml asks for today
+    # shellcheck disable=SC2046
+    "$venv/bin/pip" install -q $(runtime_deps "$venv/bin/python") >> "$log" 2>&1
     if ! "$venv/bin/pip" install -q "megatron-core==$v" >> "$log" 2>&1; then
       line="FAIL megatron-core $v (Python $pyver): does not install (see $log)"
       echo "{\"version\": \"$v\", \"python\": \"$pyver\", \"status\": \"FAIL\", \"stage\": \"install\", \"error\": \"pip install failed\"}" > "$json"
