@@ -33,6 +33,8 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from questa_nemo.model import mcore_compat
+
 COMPLETE_MARKER = "complete"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = (
@@ -109,7 +111,7 @@ def _shield_writer_manager() -> None:
     shielded = (signal.SIGUSR1, signal.SIGTERM)
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in shielded}
     try:
-        filesystem_async._get_write_results_queue()
+        mcore_compat.start_write_results_queue()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -9,6 +9,8 @@ What differs, read from each release's source (pip download --no-deps megatron-c
   submodules=MLPSubmodules(...))` from 0.18; the submodules live in `.submodules` or `.keywords["submodules"]`.
 - Core attention is built with `model_comm_pgs=` up to 0.14 and `pg_collection=` from 0.15
   (model/attention.py's SDPACoreAttention takes both).
+- The checkpoint writer's results queue: `filesystem_async._get_write_results_queue()` up to 0.16, public
+  `get_write_results_queue()` from 0.17.
 - 0.17 and later require Python >= 3.12 (their wheels and metadata say so).
 The tested range is pyproject.toml's `megatron-core` pin; docs/install.md has the table, bench/megatron_versions.sh
 the check that fills it.
@@ -53,3 +55,12 @@ def mlp_submodules(layer_spec) -> MLPSubmodules:
     if isinstance(mlp, functools.partial):
         return mlp.keywords["submodules"]
     return mlp.submodules
+
+
+def start_write_results_queue() -> None:
+    """Start the checkpoint writer's results Manager now (model/checkpoint.py shields it from signals):
+    `_get_write_results_queue()` up to 0.16, public `get_write_results_queue()` from 0.17."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    getter = getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
+    getter()
