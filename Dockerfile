@@ -4,6 +4,9 @@
 # tests/test_install_env.py checks that our pins admit such an environment.
 #   docker build -t questa-nemo:latest .          (or: enroot import dockerd://questa-nemo:latest)
 #   python slurm/submit.py --image <the .sqsh or registry path> ...
+# The default image, NeMo 25.09, ships megatron-core 0.14.0rc3: the lowest version of the tested range
+# (pyproject.toml's pin, docs/install.md's table, checked on every CI run). An image whose megatron-core is outside
+# the pin fails this build at the pip step (its version is a constraint), never at the first training step.
 ARG NEMO_IMAGE=nvcr.io/nvidia/nemo:25.09
 FROM ${NEMO_IMAGE}
 

@@ -99,6 +99,7 @@ class SDPACoreAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        model_comm_pgs=None,  # pg_collection's name before megatron-core 0.15 (model/mcore_compat.py)
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:

@@ -15,11 +15,15 @@ Sharded tensors are global, so a checkpoint loads at another TP / PP layout; see
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import shutil
+import signal
+import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +32,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from questa_nemo.model import mcore_compat
 
 COMPLETE_MARKER = "complete"
 FORMAT_VERSION = 1
@@ -92,21 +98,115 @@ def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
 
 def _shield_writer_manager() -> None:
     """megatron's checkpoint writer keeps one spawned multiprocessing Manager for write results. Slurm's
-    pre-timeout SIGUSR1 reaches every process of the job step, and a spawned process dies of it (default
-    action) - mid-save, as the preemption save starts (seen in tests/test_slurm.py). Start that manager once
-    with SIGUSR1 ignored: a spawned child inherits SIG_IGN, and the trainer's own handler is put back."""
-    import signal
-    import threading
-
+    pre-timeout SIGUSR1, a preemption's or scancel's SIGTERM (and `timeout`'s) reach every process of the job
+    step or process group, and a spawned process dies of them (default action) - mid-save, as the preemption
+    save starts (SIGUSR1 seen in tests/test_slurm.py; SIGTERM in .ci/fresh_install_main_job.sh: the next save
+    then failed with BrokenPipeError). Start that manager once with both ignored: a spawned child inherits
+    SIG_IGN, and the trainer's own handlers are put back. The manager still ends with the trainer (its
+    finalizer sends a shutdown message, then SIGKILL if need be)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is not None or threading.current_thread() is not threading.main_thread():
         return
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    shielded = (signal.SIGUSR1, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in shielded}
     try:
-        filesystem_async._get_write_results_queue()
+        mcore_compat.start_write_results_queue()
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class CheckpointWriterDied(RuntimeError):
+    """A process that megatron's checkpoint writer started died before the save finished."""
+
+
+# Sent by the watchdog to the main thread to wake it from megatron's wait on its writers (see writer_watchdog).
+# Slurm and the preemption handler use SIGUSR1 and SIGTERM; nothing else here uses SIGUSR2.
+_WAKE_SIGNAL = signal.SIGUSR2
+
+
+def _death_message(pid: int | None, exitcode: int, where: str) -> str:
+    how = f"killed by {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exit code {exitcode}"
+    msg = f"checkpoint writer process {pid} died ({how}) while saving {where}"
+    if importlib.util.find_spec("psutil") is None:
+        msg += (
+            ": psutil is not installed (megatron-core's checkpoint writer needs it; `pip install psutil`, "
+            "or reinstall questa-nemo, which depends on it)"
+        )
+    else:
+        msg += "; the save was abandoned (earlier checkpoints are untouched), see the writer's output above"
+    return msg
+
+
+def _stop_processes(processes) -> None:
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(2)
+        if p.is_alive():
+            p.kill()
+            p.join(1)
+
+
+@contextlib.contextmanager
+def writer_watchdog(where: str, poll_s: float = 0.1) -> Iterator[None]:
+    """Turn the death of a checkpoint writer process into `CheckpointWriterDied` within a fraction of a second.
+
+    megatron's torch_dist save (`FileSystemWriterAsync.write_preloaded_data_multiproc`, run in the calling
+    process for a synchronous save) forks one writer per file bucket and waits on a JoinableQueue that each
+    writer marks done as its last act. A writer that dies first (killed, out of memory, or raising before its
+    try block, as it does when psutil is missing) never marks it, and the wait never ends. Here a thread polls
+    the processes started during the save; when one ends with a non-zero exit code it records why and wakes
+    the main thread with a signal whose handler raises (a blocked semaphore wait returns on EINTR and runs the
+    handler), repeated until the exception has left the save. The surviving writers are stopped. Only in the main thread (signal handlers live there);
+    elsewhere the save runs unguarded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from multiprocessing import process as mp_process
+
+    before = set(mp_process._children)  # e.g. the reward pool's workers: not ours to watch
+    seen: dict[int, object] = {}
+    died: list[str] = []
+    done = threading.Event()
+    main_ident = threading.main_thread().ident
+
+    def on_wake(signum, frame):
+        if died and not done.is_set():
+            raise CheckpointWriterDied(died[0])
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            for p in list(mp_process._children):
+                if p not in before and p.pid is not None:
+                    seen.setdefault(p.pid, p)
+            for p in list(seen.values()):
+                code = p.exitcode
+                if code not in (None, 0):
+                    died.append(_death_message(p.pid, code, where))
+                    # Again every half second until the main thread leaves the save: a handler that raises
+                    # inside an at-fork callback (megatron is still starting writers) is swallowed.
+                    while not done.is_set():
+                        signal.pthread_kill(main_ident, _WAKE_SIGNAL)
+                        done.wait(0.5)
+                    return
+
+    previous = signal.signal(_WAKE_SIGNAL, on_wake)
+    thread = threading.Thread(target=watch, name="checkpoint-writer-watchdog", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        signal.signal(_WAKE_SIGNAL, previous)
+        if died:
+            _stop_processes(list(seen.values()))
+    if died:  # the save returned although a writer died: its files cannot be trusted
+        raise CheckpointWriterDied(died[0])
 
 
 def _save_strategy():
@@ -202,11 +302,13 @@ def _save(
     _shield_writer_manager()
     try:
         model_sd = model_sharded_state_dict(model_chunks)
-        dist_checkpointing.save(model_sd, str(tmp / "model"), sharded_strategy=_save_strategy())
+        with writer_watchdog(str(final)):
+            dist_checkpointing.save(model_sd, str(tmp / "model"), sharded_strategy=_save_strategy())
         if optimizer is not None:
             optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks))
             optim_sd = {"optimizer": optim_sd, "lr_scheduler": scheduler.state_dict(), **(extra_common or {})}
-            dist_checkpointing.save(optim_sd, str(tmp / "optimizer"), sharded_strategy=_save_strategy())
+            with writer_watchdog(str(final)):
+                dist_checkpointing.save(optim_sd, str(tmp / "optimizer"), sharded_strategy=_save_strategy())
         torch.save(_rng_states(), tmp / "rng" / f"rank_{_rank()}.pt")
         if _rank() == 0:
             _write_side_files(tmp, hf_config, tokenizer_dir)

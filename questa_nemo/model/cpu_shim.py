@@ -23,6 +23,8 @@ What is patched, and why:
    fp32 optimizer keeps its loss scale, the grad-norm helpers (utils.local_multi_tensor_l2_norm) their scratch
    scalars, and the grad buffers their counters in `torch.tensor(..., device="cuda")`. Only requests for a
    CUDA device change, and those could only raise without CUDA.
+8. In that view, `torch.cuda.current_stream()` -> a stream that waits for nothing: megatron-core 0.19's
+   `finish_grad_sync` takes the current stream to wait on CUDA-graph events (there are none on the CPU).
 """
 
 from __future__ import annotations
@@ -50,6 +52,22 @@ def _stay_on_cpu(self: torch.Tensor, *_args, **_kwargs) -> torch.Tensor:
     return self
 
 
+class _NoStream:
+    def wait_event(self, _event) -> None:
+        pass
+
+    def wait_stream(self, _stream) -> None:
+        pass
+
+
+def _cuda_on_cpu() -> types.ModuleType:
+    """torch.cuda, but `current_stream()` is a stream that waits for nothing (8)."""
+    view = types.ModuleType("torch_cuda_cpu_view")
+    view.__getattr__ = lambda name: getattr(torch.cuda, name)
+    view.current_stream = lambda *_args, **_kwargs: _NoStream()
+    return view
+
+
 def _torch_on_cpu() -> types.ModuleType:
     """A stand-in for the `torch` module whose tensor factories map device="cuda" to the CPU; all else is torch."""
 
@@ -63,6 +81,7 @@ def _torch_on_cpu() -> types.ModuleType:
 
     view = types.ModuleType("torch_cpu_view")
     view.__getattr__ = lambda name: getattr(torch, name)  # module-level __getattr__ (PEP 562)
+    view.cuda = _cuda_on_cpu()
     for name in ("zeros", "ones", "empty", "tensor", "full"):
         setattr(view, name, on_cpu(getattr(torch, name)))
     return view

@@ -22,7 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from questa_nemo.config import ConfigError, ModelConfig
-from questa_nemo.model import fused
+from questa_nemo.model import fused, mcore_compat
 from questa_nemo.model.attention import SDPACoreAttention
 from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, te_norm_names
 from questa_nemo.model.linear import ColumnLinear, RowLinear
@@ -83,6 +83,7 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
     fuse = fusions_on(cfg)
     if fuse:
         fused.install()
+    own_swiglu = own_swiglu_on(cfg)
     dtype = torch.bfloat16 if cfg.params_dtype == "bf16" else torch.float32
     recompute: dict = {}
     if cfg.recompute == "full" and cfg.recompute_num_layers is None:
@@ -121,11 +122,11 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
         sequence_parallel=cfg.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
         # Fusions: RoPE TE's kernel or, without TE, ours (model/fused.py); SwiGLU megatron's jit_fuser under
-        # TE, else our activation submodule (built from the layer spec, which is what use_te_activation_func
-        # asks for). Bias-dropout-add stays unfused: no bias, dropout 0, so it is one add either way and the
+        # TE (or before megatron-core 0.15), else our activation submodule (built from the layer spec, which
+        # is what use_te_activation_func asks for). Bias-dropout-add stays unfused: no bias, dropout 0, so it is one add either way and the
         # compiled call only costs host time. The others need apex / TE.
-        bias_activation_fusion=fuse and uses_te(cfg),
-        use_te_activation_func=fuse and not uses_te(cfg),
+        bias_activation_fusion=fuse and not own_swiglu,
+        **mcore_compat.activation_submodule_kwargs(own_swiglu),
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -143,12 +144,12 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
     if uses_te(cfg):
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attention, mlp = spec.submodules.self_attention.submodules, mcore_compat.mlp_submodules(spec)
     if cfg.attention != "local":
         attention.core_attention = SDPACoreAttention
     attention.linear_qkv, attention.linear_proj = ColumnLinear, RowLinear
     mlp.linear_fc1, mlp.linear_fc2 = ColumnLinear, RowLinear
-    if fusions_on(cfg):
+    if own_swiglu_on(cfg):
         mlp.activation_func = fused.SwiGLU
     return spec
 
@@ -156,6 +157,11 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
 def fusions_on(cfg: ModelConfig) -> bool:
     """Fused kernels run on GPU only; CPU runs (tests, the embedded default) take megatron's plain ops."""
     return cfg.fusions and torch.cuda.is_available()
+
+
+def own_swiglu_on(cfg: ModelConfig) -> bool:
+    """Our SwiGLU as the MLP's activation submodule: with fusions, without TE, on megatron-core 0.15+."""
+    return fusions_on(cfg) and not uses_te(cfg) and mcore_compat.HAS_ACTIVATION_SUBMODULE
 
 
 def shard_layout(vp_stage: int | None = None) -> ShardLayout:

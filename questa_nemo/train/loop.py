@@ -223,6 +223,7 @@ def fit(
             stop = preempt.agreed(comm.world)
             if ckpt.due(step, last) or stop:
                 ckpt.save(state)
+                stop = stop or preempt.agreed()  # signalled during the save: this step's checkpoint is written
             if stop and not last:
                 print(f"[questa-nemo] {preempt.signal_name}: checkpoint at step {step} written; exiting for requeue",
                       flush=True)

@@ -251,6 +251,8 @@ def _run_stages(cfg: Config, preempt: PreemptionFlag) -> int:
 
             scorer = eval_scorer(s, resources)
             init = str(warmup_stage(s, scorer))
+            if preempt.agreed():  # e.g. SIGTERM during the warm-up or its save: the checkpoint is on disk
+                return EXIT_PREEMPTED
             calibrate(s, init, scorer)
         for arm, dataset in arms.items():
             if preempt.agreed():

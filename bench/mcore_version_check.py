@@ -1,0 +1,139 @@
+"""One megatron-core version, end to end on the tiny world model (data/world/config.json), CPU or GPU.
+
+Builds the GPTModel (our layer spec: SDPA attention, single-rank linears, fusions where they apply), runs three
+training steps, saves a full checkpoint (model, optimizer, RNG) with dist_checkpointing, loads it into a freshly
+built policy and checks that the weights match bit for bit and that the next step's loss is the same on both.
+Prints one line `PASS megatron-core X (...)` or `FAIL megatron-core X: <stage>: <error>` and, with --json,
+writes {"version", "python", "torch", "status", "stage", "error", "seconds"}. Run by bench/megatron_versions.sh in
+a venv per version; exit code 0 on PASS, 1 on FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sequences(vocab: int, count: int = 6, seed: int = 0):
+    import torch
+
+    from questa_nemo.model.packing import TokenSequence
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        n = int(torch.randint(8, 40, (1,), generator=g))
+        mask = torch.ones(n)
+        mask[:4] = 0
+        out.append(TokenSequence(token_ids=torch.randint(0, vocab, (n,), generator=g), loss_mask=mask,
+                                 advantages=torch.randn(n, generator=g), behaviour_logprobs=torch.zeros(n)))
+    return out
+
+
+def nll(logprobs, entropy, mb):
+    mask = mb.loss_mask.to(logprobs.device)
+    return -(logprobs * mask).sum(), {"tokens": mask.sum(), "entropy_sum": (entropy * mask).sum()}
+
+
+def make_policy(hf, cfg, optim):
+    from questa_nemo.model.megatron import build_model
+    from questa_nemo.model.policy import MegatronPolicy
+
+    chunks = build_model(hf, cfg)
+    return MegatronPolicy([chunks], cfg, optim, 10, 256, vocab_size=hf["vocab_size"])
+
+
+def step(policy, seqs) -> float:
+    tokens = sum(float(s.loss_mask.sum()) for s in seqs)
+    out = policy.train_step(policy.pack(seqs), nll, tokens)
+    return float(out["actor/loss"]) if isinstance(out, dict) and "actor/loss" in out else float("nan")
+
+
+def weights(policy) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in policy.modules[0].state_dict().items()
+            if not k.endswith("_extra_state")}
+
+
+def run(stage: list[str]) -> str:
+    import torch
+
+    from questa_nemo.config import ModelConfig, OptimConfig
+    from questa_nemo.model.checkpoint import load_checkpoint, save_checkpoint
+    from questa_nemo.model.parallel import init_distributed
+
+    hf = json.loads((ROOT / "data" / "world" / "config.json").read_text())
+    cfg = ModelConfig(params_dtype="bf16" if torch.cuda.is_available() else "fp32", attention="sdpa",
+                      recompute="none", seed=7)
+    optim = OptimConfig(lr=1e-3, warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0, distributed=False)
+    stage[0] = "init"
+    init_distributed(cfg)
+    stage[0] = "build"
+    policy = make_policy(hf, cfg, optim)
+    stage[0] = "train"
+    seqs = sequences(hf["vocab_size"])
+    before = weights(policy)
+    for _ in range(3):
+        step(policy, seqs)
+    after = weights(policy)
+    if all(torch.equal(before[k], after[k]) for k in before):
+        raise AssertionError("three training steps left every weight unchanged")
+    with tempfile.TemporaryDirectory() as tmp:
+        stage[0] = "save"
+        save_checkpoint(policy, Path(tmp) / "ckpt", step=3, hf_config=hf)
+        stage[0] = "load"
+        fresh = make_policy(hf, cfg, optim)
+        meta = load_checkpoint(fresh, Path(tmp) / "ckpt")
+        loaded = weights(fresh)
+        bad = [k for k in after if not torch.equal(after[k], loaded[k])]
+        if bad or not meta.optimizer_restored:
+            raise AssertionError(f"loaded weights differ ({bad[:3]}) or optimizer not restored")
+        stage[0] = "resume"
+        next_a, next_b = weights_after_step(policy, seqs), weights_after_step(fresh, seqs)
+        diff = [k for k in next_a if not torch.equal(next_a[k], next_b[k])]
+        if diff:
+            raise AssertionError(f"the step after loading differs from the uninterrupted one: {diff[:3]}")
+    return f"built {sum(v.numel() for v in after.values())} parameters, 3 steps, saved, loaded, resumed exactly"
+
+
+def weights_after_step(policy, seqs) -> dict:
+    step(policy, seqs)
+    return weights(policy)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    from importlib.metadata import version
+
+    mcore = version("megatron-core")
+    torch_v = version("torch")
+    record = {"version": mcore, "python": platform.python_version(), "torch": torch_v}
+    stage = ["import"]
+    start = time.perf_counter()
+    try:
+        detail = run(stage)
+        record.update(status="PASS", stage="done", error=None)
+        line = f"PASS megatron-core {mcore} (Python {record['python']}, torch {torch_v}): {detail}"
+    except Exception as e:  # the point is to report any failure as one line
+        traceback.print_exc()
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        record.update(status="FAIL", stage=stage[0], error=msg)
+        line = f"FAIL megatron-core {mcore} (Python {record['python']}, torch {torch_v}): {stage[0]}: {msg}"
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    print(line, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0 if record["status"] == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""A checkpoint writer that dies is an error within seconds, never a hang (model/checkpoint.py's watchdog)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).parent / "dist" / "writer_death_worker.py"
+
+
+def start(tmp_path: Path, mode: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(tmp_path), mode],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail(f"timed out:\n{proc.stdout.read()}")
+        time.sleep(0.1)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
+    start_t = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"the trainer still ran {timeout} s after its checkpoint writer died (a hang):\n{out[-3000:]}")
+    return proc.returncode, out, time.monotonic() - start_t
+
+
+def test_killed_writer_mid_save_stops_the_trainer_with_the_cause(tmp_path):
+    how = signal.SIGKILL
+    proc = start(tmp_path, "hang")
+    wait_for(lambda: any(tmp_path.glob("writer_*")), 300, proc)  # start-up: slow on a busy machine
+    for marker in tmp_path.glob("writer_*"):
+        os.kill(int(marker.name.split("_")[1]), how)
+    code, out, seconds = finish(proc, 30)
+    assert code != 0 and "saved" not in out
+    assert "CheckpointWriterDied" in out and "checkpoint writer process" in out, out[-3000:]
+    assert f"killed by {how.name}" in out
+    assert seconds < 30
+    assert not (tmp_path / "ckpt").exists()  # nothing published; the temp dir was removed
+    assert not list(tmp_path.glob("ckpt.tmp-*"))
+
+
+def test_missing_psutil_is_named_instead_of_a_hang(tmp_path):
+    proc = start(tmp_path, "nopsutil")
+    wait_for(lambda: (tmp_path / "saving").exists(), 300, proc)
+    code, out, seconds = finish(proc, 30)
+    assert code != 0 and "saved" not in out
+    assert "psutil is not installed" in out and "checkpoint writer process" in out, out[-3000:]
