@@ -186,6 +186,11 @@ class WarmupConfig:
     # not by a step count (../shared/TOY_WORLD.md). null: run `steps`.
     stop_at_pass1: float | None = None
     check_every: int = 100
+    # Once the hinted rate reaches a third of stop_at_pass1 the turn has begun: check every check_every_near
+    # steps instead (null: check_every throughout). The stop also ends the warm-up once the no-hint rate
+    # passes max_no_hint_pass1, and keeps the checked weights closest to the band (validation.StopRule).
+    check_every_near: int | None = None
+    max_no_hint_pass1: float | None = None
 
 
 @dataclass
@@ -432,6 +437,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError("train.warmup.stop_at_pass1", "must be in (0, 1] or null")
         if w.check_every < 1:
             raise ConfigError("train.warmup.check_every", "must be >= 1")
+        if w.check_every_near is not None and w.check_every_near < 1:
+            raise ConfigError("train.warmup.check_every_near", "must be >= 1 or null")
+        if w.max_no_hint_pass1 is not None and not 0 < w.max_no_hint_pass1 <= 1:
+            raise ConfigError("train.warmup.max_no_hint_pass1", "must be in (0, 1] or null")
         if not t.build_world_data and cfg.reward.kind == "world":
             raise ConfigError("train.warmup.stop_at_pass1", "checks the small world's calibration set: needs "
                               "train.build_world_data=true")
