@@ -115,3 +115,26 @@ def test_the_stopper_puts_back_the_kept_checks_weights():
             break
     assert step == 150 and sorted(checks) == [50, 100, 150] and stopper.kept_step == 100
     assert torch.all(model.weight == 100) and reloaded == [1]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.warmup.check_every_near=0", "train.warmup.check_every_near"),
+        ("train.warmup.max_no_hint_pass1=1.5", "train.warmup.max_no_hint_pass1"),
+        ("train.warmup.max_no_hint_pass1=0", "train.warmup.max_no_hint_pass1"),
+    ],
+)
+def test_stop_config_errors_name_the_key(override, key):
+    from questa_nemo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("default", [override])
+
+
+def test_the_default_config_builds_the_documented_rule():
+    from questa_nemo.config import load_config
+    from questa_nemo.train.validation import stop_rule
+
+    rule = stop_rule(load_config("default", []).train.warmup)
+    assert rule == StopRule(target=0.15, ceiling=0.06, every=50, every_near=10) and rule.ask_every == 10
