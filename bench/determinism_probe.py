@@ -8,7 +8,9 @@ prints hashes of what it computed:
                   10, 20, 50, ... so two machines that differ show where they part
   warmup_weights  the warm-up checkpoint's tensors
   <arm>_metrics   each arm's per-step metrics (timings and memory dropped)
-  <arm>_weights   each arm's final checkpoint
+  <arm>_weights   each arm's final checkpoint (equal to warmup_weights while the warm-up is too short for any
+                  hard problem to be solved: all-wrong groups have zero advantage, so GRPO moves nothing; the
+                  metrics still hash the sampled tokens, log-probs and entropies)
 
 Run it with the same arguments and environment on two machines and compare the JSON (or pass --compare
 OTHER.json). Everything that can change float rounding between x86 CPUs is recorded: torch's CPU dispatch level
