@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def probe(args) -> dict:
         "args": {k: v for k, v in vars(args).items() if k not in ("json", "compare", "keep")},
         "machine": machine_info() | {"env": {k: env.get(k) for k in ENV_KEYS}},
         "wall_s": round(time.time() - start, 1),
+        "cpu_s": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime, 1),  # less swayed by other load
         "warmup_nll": digest(nll),
         "warmup_nll_prefix": {str(n): digest(nll[:n]) for n in PREFIXES if n <= len(nll)},
         "warmup_nll_last": nll[-1],
