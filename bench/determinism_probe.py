@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENV_KEYS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "ONEDNN_MAX_CPU_ISA",
             "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "OMP_PROC_BIND")
 PREFIXES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
-VOLATILE = ("time", "timing", "throughput", "tok_per", "per_s", "mem", "wall", "sec")
+VOLATILE = ("time/", "perf/", "timing", "throughput", "per_s", "mem", "rss", "wall", "sec")  # not computed floats
 
 
 def digest(payload) -> str:
