@@ -131,15 +131,25 @@ summary = {"machine": {"cpu": cpu(), "cores": os.cpu_count(), "threads_per_run":
                        "env": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}},
            "seeds": rows, "over_seeds": over}
 summary_path.write_text(json.dumps(summary, indent=1) + "\n")
-print(f"{summary_path}: {len(done)}/{len(rows)} seeds finished")
+print(f"{summary_path}: {len(done)}/{len(rows)} seeds finished\n")
+
+
+def pct(e):
+    return f"{100 * e['mean']:.2f} +- {100 * e['stderr']:.2f}"
+
+
+print("| seed | warm-up stop: step kept (hinted / no-hint hard pass@1) | at RL start: pass@1, pass@8 (%) | "
+      "`hint` arm: pass@1, pass@8 | `no_hint` arm: pass@1, pass@8 | hint - no_hint pass@1 | wall (min) |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
-    if r["finished"]:
-        w = r.get("warmup", {})
-        kc = w.get("kept_check") or {}
-        print(f"seed {r['seed']}: warm-up kept step {w.get('kept_step')} (hinted {kc.get('hinted', float('nan')):.3f}, "
-              f"no-hint {kc.get('no_hint', float('nan')):.3f}); start pass@1 {r['initial']['pass@1']['mean']:.4f} "
-              f"pass@8 {r['initial']['pass@8']['mean']:.3f}; hint {r['hint']['pass@1']['mean']:.4f} "
-              f"+- {r['hint']['pass@1']['stderr']:.4f} / {r['hint']['pass@8']['mean']:.3f}; no_hint "
-              f"{r['no_hint']['pass@1']['mean']:.4f} +- {r['no_hint']['pass@1']['stderr']:.4f} / "
-              f"{r['no_hint']['pass@8']['mean']:.3f}")
+    w = r.get("warmup", {})
+    kc = w.get("kept_check") or {}
+    stop = f"{w.get('kept_step')} ({kc.get('hinted', float('nan')):.3f} / {kc.get('no_hint', float('nan')):.3f})" if w else "-"
+    if not r["finished"]:
+        print(f"| {r['seed']} | {stop} | unfinished | | | | |")
+        continue
+    cells = [f"{pct(r[a]['pass@1'])}, {pct(r[a]['pass@8'])}" for a in ("initial", "hint", "no_hint")]
+    d = r["hint_minus_no_hint_pass@1"]
+    minutes = f"{r['wall_s'] / 60:.0f}" if r["wall_s"] else "-"
+    print(f"| {r['seed']} | {stop} | {' | '.join(cells)} | {pct(d)} | {minutes} |")
 EOF
