@@ -115,7 +115,7 @@ done = [r for r in rows if r["finished"]]
 
 def spread(values):
     m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
     return {"mean": m, "sd": sd, "min": min(values), "max": max(values), "n": len(values)}
 
 
