@@ -97,6 +97,8 @@ for seed in seeds:
         kept = w.get("kept_step", w["steps"])
         row["warmup"] = {"steps_trained": w["steps"], "kept_step": kept, "checks": len(checks),
                          "kept_check": checks.get(kept), "last_check": checks[max(checks)] if checks else None}
+    if (run / "warmup" / "calibration.json").exists():
+        row["calibration_no_hint_pass1_by_length"] = json.loads((run / "warmup" / "calibration.json").read_text())
     if row["finished"]:
         s = json.loads((run / "summary.json").read_text())
         for arm in ("initial", "hint", "no_hint"):
