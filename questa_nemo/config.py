@@ -293,6 +293,11 @@ class WarmupConfig:
     # not by a step count (docs/world.md). null: run `steps`.
     stop_at_pass1: float | None = None
     check_every: int = 100
+    # Once the hinted rate reaches a third of stop_at_pass1 the turn has begun: check every check_every_near
+    # steps instead (null: check_every throughout). The stop also ends the warm-up once the no-hint rate
+    # passes max_no_hint_pass1, and keeps the checked weights closest to the band (validation.StopRule).
+    check_every_near: int | None = None
+    max_no_hint_pass1: float | None = None
 
     def validate(self) -> None:
         if self.steps < 0:
@@ -302,6 +307,10 @@ class WarmupConfig:
                 raise ConfigError("train.warmup.stop_at_pass1", "must be in (0, 1] or null")
             if self.check_every < 1:
                 raise ConfigError("train.warmup.check_every", "must be >= 1")
+            if self.check_every_near is not None and self.check_every_near < 1:
+                raise ConfigError("train.warmup.check_every_near", "must be >= 1 or null")
+            if self.max_no_hint_pass1 is not None and not 0 < self.max_no_hint_pass1 <= 1:
+                raise ConfigError("train.warmup.max_no_hint_pass1", "must be in (0, 1] or null")
 
 
 @dataclass

@@ -173,10 +173,11 @@ def warmup_stage(s: Session, scorer) -> Path:
     checks: dict[int, dict[str, float]] = {}  # step -> hard pass@1 with and without hints (stop by calibration)
     stop = warmup_stopper(s, policy, checks, scorer) if w.stop_at_pass1 is not None else None
     losses = run_warmup(policy, examples, w.steps, w.batch_size, s.cfg.train.seed, log=s.log, stop=stop,
-                        check_every=w.check_every)
-    save_checkpoint(policy, out, step=len(losses), hf_config=s.hf, tokenizer_dir=s.tokenizer_dir)
+                        check_every=stop.rule.ask_every if stop else w.check_every)
+    kept = (stop.kept_step if stop else None) or len(losses)  # the stop may keep an earlier check's weights
+    save_checkpoint(policy, out, step=kept, hf_config=s.hf, tokenizer_dir=s.tokenizer_dir)
     if s.is_main:  # written after the checkpoint: its presence marks the warm-up as done
-        record = {"steps": len(losses), "nll": losses, "pass1_checks": checks}
+        record = {"steps": len(losses), "kept_step": kept, "nll": losses, "pass1_checks": checks}
         (out.parent / "warmup.json").write_text(json.dumps(record) + "\n")
     torch.distributed.barrier()
     return out

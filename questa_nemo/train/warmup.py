@@ -40,7 +40,8 @@ def run_warmup(
     check_every: int = 0,
 ) -> list[float]:
     """Up to `steps` updates on batches drawn from `examples` [(prompt_ids, target_ids)]; with `stop`, asked
-    every `check_every` steps whether to end here. Returns the loss curve (one value per update made)."""
+    every `check_every` steps whether to end here (validation.WarmupStopper decides whether a check is due
+    and which checked weights to keep). Returns the loss curve (one value per update made)."""
     rng = np.random.default_rng(seed)
     losses = []
     for step in range(1, steps + 1):
