@@ -25,7 +25,7 @@ from questa_nemo.config import load_config, read_hf_config
 from questa_nemo.model.parallel import destroy_distributed, init_distributed, loop_collectives
 from questa_nemo.model.policy import MegatronPolicy
 from questa_nemo.reward.types import RewardResult
-from questa_nemo.rollout import make_backend
+from questa_nemo.rollout import RolloutContext, build_backend
 from questa_nemo.train.loop import fit
 from questa_nemo.train.prompts import PromptRow, PromptSource
 from questa_nemo.train.scoring import Done
@@ -48,12 +48,13 @@ def main() -> None:
     torch.manual_seed(100 + info.rank)
     try:
         policy = MegatronPolicy(load_chunks(cfg.model, hf, None), cfg.model, cfg.optim, steps, 4096, hf["vocab_size"])
+        ctx = RolloutContext(policy.modules, hf["vocab_size"], hf)
         if cfg.rollout.max_staleness > 0:
-            from questa_nemo.rollout.snapshot import SnapshotBackend
+            from questa_nemo.rollout.snapshot import build_async_backend
 
-            backend = SnapshotBackend(cfg.rollout, policy.modules[0], hf["vocab_size"])
+            backend = build_async_backend(cfg.rollout, ctx)
         else:
-            backend = make_backend(cfg.rollout, policy=policy.modules[0], vocab_size=hf["vocab_size"])
+            backend = build_backend(cfg.rollout, ctx)
         g = torch.Generator().manual_seed(0)
         rows = [PromptRow(str(i), torch.randint(3, 100, (12,), generator=g).tolist(), "", False, {}) for i in range(64)]
         source = PromptSource(rows, seed=1)
