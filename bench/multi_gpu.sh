@@ -11,4 +11,4 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_T
 # NVLink SHARP (multicast) off: the lent machines do not support it (see the device notes)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # megatron's TP overlap wants one hardware queue
-exec python bench/multi_gpu.py "$@"
+exec "${PYTHON:-python3}" bench/multi_gpu.py "$@"
