@@ -103,9 +103,9 @@ def launch_preview(ns: argparse.Namespace, job: Job) -> str:
 def resolved_config(ns: argparse.Namespace, job: Job) -> str:
     """The config the job will run, composed and validated here as the trainer will at start, as YAML.
 
-    Raises ConfigError naming the key, so a bad config fails before it waits in the queue. Paths in the
-    config must exist here too (the checkout or shared file system); where they exist only inside the
-    container's mounts, submit with --no-check. Needs questa-nemo in this Python; without it, says so.
+    Raises ConfigError naming the key, so a bad config fails before it waits in the queue. Reads no model
+    file (the model's shapes are checked where the trainer builds it), so it works on a login node that cannot
+    see the model. Needs questa-nemo in this Python; without it, says so.
     """
     try:
         from omegaconf import OmegaConf
