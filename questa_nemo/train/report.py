@@ -58,8 +58,11 @@ def final_report(s, init: str | None, arms: dict[str, str], resources) -> dict:
     def backend_for(cfg_, checkpoint: str):
         return backend_for_checkpoint(cfg_, checkpoint, s.hf)
 
+    def context_of(cfg_, checkpoint: str) -> int:  # every arm is the session's model: one context
+        return int(s.hf.get("max_position_embeddings", 4096))
+
     results = evaluate_all(cfg, checkpoints, labels, benchmarks, s.tokenizer, eval_scorer(s, resources),
-                           answer_extractor(s), backend_for)
+                           answer_extractor(s), backend_for, context_of)
     if not s.is_main:
         return {}
     write_report(cfg, results, dict(zip(labels, checkpoints)))
