@@ -28,7 +28,7 @@ FRESH="${FRESH:-0}"
 find_python() {  # $1 = 3.11 / 3.12
   local v="$1" var="PY${1/./}"
   if [ -n "${!var:-}" ]; then echo "${!var}"; return; fi
-  for c in "python$v" /root/.pyenv/versions/"$v".*/bin/python /usr/bin/python"$v"; do
+  for c in "python$v" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/python /usr/bin/python"$v"; do
     if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info[:2] != tuple(map(int, "'"$v"'".split("."))))' 2>/dev/null; then
       command -v "$c"; return
     fi

@@ -30,11 +30,26 @@ SMALL = [
 ]  # fmt: skip
 
 
+_LOADED: dict[str, object] = {}
+
+
 def _load(name: str):
+    """slurm/<name>.py as a module. submit.py imports `launch` by name, and tests/dist has a `launch` module
+    of its own that other test files import: slurm's modules sit in sys.modules only while one is loading."""
     spec = importlib.util.spec_from_file_location(name, SLURM_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # submit.py imports launch by name
-    spec.loader.exec_module(module)
+    saved = {key: sys.modules.get(key) for key in ("launch", name)}
+    sys.modules.update(_LOADED)
+    sys.modules[name] = module  # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = value
+    _LOADED[name] = module
     return module
 
 

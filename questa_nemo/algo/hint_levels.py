@@ -1,8 +1,8 @@
-"""Adaptive hints (issue 20): per-problem hint levels, in-step retries, mixed groups, annealing, the importance
+"""Adaptive hints: per-problem hint levels, in-step retries, mixed groups, annealing, the importance
 correction toward the unhinted prompt, and the hint diagnostics. Pure functions on tensors and dicts.
 
 QuestA shows every hard problem a fixed share of its reference solution (50%, then 25% in a second stage). The
-methods after it (../shared/FIELD.md) adapt the hint to each problem: a problem whose group fails entirely gets
+methods after it (docs/recipe.md, last section) adapt the hint to each problem: a problem whose group fails entirely gets
 a longer hint, one whose group succeeds entirely a shorter one (AdaBack, GHPO); a group that fails entirely is
 sampled again at once with a longer hint (BREAD, Guide-GRPO); part of each group stays unhinted (NuRL, POPE);
 the hint anneals to zero (UFT, Prefix-RFT); hinted samples can be reweighted toward the unhinted prompt
