@@ -29,6 +29,8 @@ from importlib.metadata import version
 from math import gcd
 from pathlib import Path
 
+from shapes import cpu_model  # noqa: E402  (bench/ is the script folder)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from questa_nemo.reward.math import MathReward, count_reasons, score_in_process  # noqa: E402
@@ -179,16 +181,6 @@ def plain_math_verify(completions: list[str], references: list[str]) -> list[flo
     from math_verify import parse, verify
 
     return [float(verify(parse(ref), parse(text))) for text, ref in zip(completions, references)]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpu_s(pids: list[int]) -> float:

@@ -68,3 +68,17 @@ def add_grpo_step_arguments(p, *, new_tokens: int, steps: int) -> None:
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
     p.add_argument("--recompute", default="full", choices=("none", "full", "selective"))
     p.add_argument("--steps", type=int, default=steps, help="GRPO steps; the first is a warm-up (graph capture)")
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (from /proc/cpuinfo on Linux), recorded beside CPU-bound results."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

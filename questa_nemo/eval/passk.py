@@ -31,16 +31,21 @@ class Estimate(NamedTuple):
     )
 
 
-def mean_and_stderr(values: Sequence[float]) -> Estimate:
-    """Mean across problems with its standard error; the problems are the unit of sampling."""
+def _mean_and_sample_var(values: Sequence[float], what: str) -> tuple[float, float]:
+    """(mean, sample variance with n - 1); the variance of one value is 0."""
     m = len(values)
     if m == 0:
-        raise ValueError("mean_and_stderr: no problems")
+        raise ValueError(what)
     mean = sum(values) / m
     if m == 1:
-        return Estimate(mean, 0.0)
-    var = sum((v - mean) ** 2 for v in values) / (m - 1)
-    return Estimate(mean, math.sqrt(var / m))
+        return mean, 0.0
+    return mean, sum((v - mean) ** 2 for v in values) / (m - 1)
+
+
+def mean_and_stderr(values: Sequence[float]) -> Estimate:
+    """Mean across problems with its standard error; the problems are the unit of sampling."""
+    mean, var = _mean_and_sample_var(values, "mean_and_stderr: no problems")
+    return Estimate(mean, math.sqrt(var / len(values)))
 
 
 def pass_at_k_over_problems(counts: Sequence[tuple[int, int]], k: int) -> Estimate:
@@ -87,13 +92,8 @@ class SeedSpread(NamedTuple):
 
 def mean_and_std(values: Sequence[float]) -> SeedSpread:
     """Mean and sample standard deviation of one metric over independent seeds (the leaderboard's mean +- std)."""
-    m = len(values)
-    if m == 0:
-        raise ValueError("mean_and_std: no seeds")
-    mean = sum(values) / m
-    if m == 1:
-        return SeedSpread(mean, 0.0, 1)
-    return SeedSpread(mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (m - 1)), m)
+    mean, var = _mean_and_sample_var(values, "mean_and_std: no seeds")
+    return SeedSpread(mean, math.sqrt(var), len(values))
 
 
 def pass_at_k_over_seeds(per_seed: Sequence[Sequence[tuple[int, int]]], k: int) -> SeedSpread:
