@@ -95,12 +95,19 @@ def fused_rope_sbhd(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = Fa
 
 
 def fused_rope_thd(
-    t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int = 1, cp_rank: int = 0
+    t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    freqs: torch.Tensor,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+    interleaved: bool = False,
+    **_,
 ) -> torch.Tensor:
-    """megatron's `fused_apply_rotary_pos_emb_thd` signature: t [T, heads, d], freqs [max_s, 1, 1, d]."""
+    """megatron's `fused_apply_rotary_pos_emb_thd` signature: t [T, heads, d], freqs [max_s, 1, 1, d]
+    (megatron-core 0.19 also passes `interleaved`; later keywords are ignored like the sbhd one's)."""
     if cp_size != 1:
         raise ValueError("fused RoPE: context parallelism needs Transformer Engine's thd RoPE")
-    _check(t, freqs, interleaved=False)
+    _check(t, freqs, interleaved)
     cos, sin = rope_tables(freqs, t, cu_seqlens)
     return _rotate(t.unsqueeze(1), cos, sin).squeeze(1)
 

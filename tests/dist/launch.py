@@ -21,7 +21,8 @@ def strict_env(**extra: str) -> dict[str, str]:
     """The environment of a multi-rank test: this one without torchrun's variables, the repository and
     tests/dist first on PYTHONPATH, one intra-op thread, and the NCCL-strict guard on (unless the environment
     says QUESTA_NCCL_STRICT=0)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(DIST)]), "OMP_NUM_THREADS": "1",
+    path = [str(REPO), str(DIST), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1",
            "QUESTA_NCCL_STRICT": os.environ.get("QUESTA_NCCL_STRICT", "1"), **extra}
     for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
