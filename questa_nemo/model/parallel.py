@@ -133,25 +133,6 @@ def destroy_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def model_parallel_all_gather_object(obj: object) -> list[object]:
-    """Every rank's `obj` over megatron's model-parallel group (TP x PP of one data-parallel replica), in
-    group-rank order; index 0 is the replica's first rank.
-
-    For small picklable objects that hold no tensors (CUDA IPC handles, generation results). On an NCCL group
-    torch carries the pickled bytes through the current CUDA device, which init_distributed has set; on gloo
-    they stay on the CPU. A world of one returns [obj] without a collective.
-    """
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_model_parallel_group()
-    size = torch.distributed.get_world_size(group)
-    if size == 1:
-        return [obj]
-    gathered: list[object] = [None] * size
-    torch.distributed.all_gather_object(gathered, obj, group=group)
-    return gathered
-
-
 # ------------------------------------------------------------------------------------------ collectives
 # Every collective of the training loop (advantage moments, loss normaliser, sequence counts, step metrics,
 # filtering's refill agreement, the preemption flag, checkpoint RNG states) goes through the functions below.
@@ -242,6 +223,16 @@ class Reduce:
         out = [None] * self.size
         torch.distributed.all_gather_object(out, obj, group=self.group)
         return out
+
+
+def model_parallel_all_gather_object(obj: object) -> list[object]:
+    """Every rank's `obj` over megatron's model-parallel group (TP x PP of one data-parallel replica), in
+    group-rank order; index 0 is the replica's first rank. For small picklable objects that hold no tensors
+    (CUDA IPC handles, generation results). A world of one returns [obj] without a collective."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_model_parallel_group()
+    return Reduce(group, torch.distributed.get_world_size(group)).gather_objects(obj)
 
 
 def world_reduce() -> Reduce:

@@ -133,13 +133,14 @@ def prepare_world(s: Session) -> None:
     import datasets
 
     from questa_nemo.data.world import write_world
+    from questa_nemo.model.parallel import barrier
 
     datasets.disable_progress_bars()
     out = Path(s.cfg.world.output_dir)
     if s.is_main and not (out / "warmup.jsonl").exists():
         s.log(f"[world] writing data sets under {out}")
         write_world(s.cfg.world, s.cfg.train.warmup.hint_fraction)
-    torch.distributed.barrier()
+    barrier()
 
 
 def warmup_stage(s: Session, scorer) -> Path:
@@ -147,6 +148,7 @@ def warmup_stage(s: Session, scorer) -> Path:
     judges the calibration samples of the stop by calibration."""
     from questa_nemo.eval.run import render_prompt
     from questa_nemo.model.checkpoint import save_checkpoint
+    from questa_nemo.model.parallel import barrier
     from questa_nemo.train.validation import warmup_stopper
     from questa_nemo.train.warmup import run_warmup
 
@@ -179,7 +181,7 @@ def warmup_stage(s: Session, scorer) -> Path:
     if s.is_main:  # written after the checkpoint: its presence marks the warm-up as done
         record = {"steps": len(losses), "kept_step": kept, "nll": losses, "pass1_checks": checks}
         (out.parent / "warmup.json").write_text(json.dumps(record) + "\n")
-    torch.distributed.barrier()
+    barrier()
     return out
 
 
