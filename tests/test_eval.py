@@ -286,7 +286,7 @@ def test_two_checkpoints_compared_resumed_and_reported(tmp_path, capsys):
     scripts = {"/ck/base": {"Q: " + k: v for k, v in SCRIPT.items()}, "/ck/trained": good}
     built = []
 
-    def make_backend(cfg_, checkpoint):
+    def backend_for(cfg_, checkpoint):
         built.append(checkpoint)
         return ScriptedBackend(scripts[checkpoint])
 
@@ -298,12 +298,12 @@ def test_two_checkpoints_compared_resumed_and_reported(tmp_path, capsys):
         ExactScorer(),
         boxed,
     )
-    results = evaluate_all(cfg, *args, make_backend)
+    results = evaluate_all(cfg, *args, backend_for)
     assert [r.correct for r in results["base"]["mini"][10]] == [2, 1, 0]  # one run, seeded with eval.seed
     assert [r.correct for r in results["trained"]["mini"][10]] == [4, 4, 4]
     assert built == ["/ck/base", "/ck/trained"]
     assert (
-        evaluate_all(cfg, *args, make_backend) == results and len(built) == 2
+        evaluate_all(cfg, *args, backend_for) == results and len(built) == 2
     )  # all finished: no backend built
     write_report(cfg, results, {"base": "/ck/base", "trained": "/ck/trained"})
     report = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -314,7 +314,7 @@ def test_two_checkpoints_compared_resumed_and_reported(tmp_path, capsys):
     # another temperature must not reuse these results
     hotter = eval_config(tmp_path, "eval.temperature=1.0")
     with pytest.raises(StoreError, match="temperature"):
-        evaluate_all(hotter, *args, make_backend)
+        evaluate_all(hotter, *args, backend_for)
 
 
 def test_profile_mode_writes_pass_rates(tmp_path):

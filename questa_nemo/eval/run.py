@@ -248,7 +248,7 @@ def evaluate_all(
     tokenizer: Any,
     scorer: Scorer,
     extract_answer: Callable[[str], str | None],
-    make_backend: Callable[[Config, str], GenerationBackend],
+    backend_for: Callable[[Config, str], GenerationBackend],
     context_of: Callable[[Config, str], int] | None = None,
 ) -> Results:
     """Every checkpoint on every benchmark and seed, resuming from <output_dir>/<label>/<key>[.seed<S>].jsonl.
@@ -288,7 +288,7 @@ def evaluate_all(
                 name = f"{key} seed {seed}" if seeded else key
                 print(f"eval: {label} on {name}: {pending} of {len(rows)} problems to run", file=sys.stderr)
                 if backend is None and pending:
-                    backend = make_backend(cfg, checkpoint)
+                    backend = backend_for(cfg, checkpoint)
                 run_sampling = dataclasses.replace(sampling, seed=seed * SEED_STRIDE) if seeded else sampling
                 results[label][key][seed] = evaluate(
                     backend,
