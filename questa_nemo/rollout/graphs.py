@@ -53,7 +53,7 @@ class DecodeRunner:
 
     def __init__(self, weights: DecoderWeights, cache: KVCache, use_graphs: bool):
         self.weights, self.cache, self.use_graphs = weights, cache, use_graphs
-        slots, vocab = cache.k.size(1), weights.lm_head.size(0)
+        slots, vocab = cache.slots, weights.lm_head.size(0)
         device = weights.embedding.device
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # [S] next input token per slot
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # [S] where that token sits
