@@ -176,7 +176,7 @@ class MegatronBackend:
         if params.temperature > 0:
             generator = torch.Generator(device=self.weights.embedding.device).manual_seed(params.seed)
         waiting = deque(_Live(p, s, [], []) for p in range(len(prompts)) for s in range(params.n))
-        cache = runner.cache
+        cache, captured_before = runner.cache, runner.capture_seconds
         paged = isinstance(cache, PagedKVCache)
         if paged:
             cache.allocator.peak_used = cache.allocator.used
@@ -245,6 +245,7 @@ class MegatronBackend:
             "slots": float(batch_bucket(params.n * len(prompts), cache.slots)),
             "compactions": float(compactions),
             "cuda_graphs": float(runner.num_graphs),
+            "graph_capture_seconds": runner.capture_seconds - captured_before,
             "peak_sequences_in_flight": float(peak_live),
             "paged_kv": float(paged),
         }
