@@ -353,6 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model (smoke runs)")
     p.add_argument("--check", action="store_true", help="correctness self-check only (graph vs eager vs HF)")
+    p.add_argument("--also-check", action="store_true", help="the self-check first, then the throughput rows")
     p.add_argument("--engines", default="old,paged", help="comma list of old (contiguous cache), paged")
     p.add_argument("--prompts", type=int, default=16, help="prompts of the fixed rows (x --samples)")
     p.add_argument("--samples", type=int, default=16)
@@ -416,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["check"], indent=2))
         return 0 if result["check"]["ok"] else 1
 
+    if args.also_check:
+        result["check"] = check(policy, twin, vocab, args.tiny)
+        print("check:", json.dumps(result["check"]), flush=True)
+        write_json(args.out, result)
     engines = {name: engine(policy, vocab, args, paged=name == "paged") for name in args.engines.split(",")}
     for backend in engines.values():  # library warm-up (kernels, Triton compile), not timed
         run_ours(backend, random_prompts(1, args.prompt_len, vocab, seed=0), 2, 8)
@@ -441,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("old", "paged"):
             if k in rates and "transformers" in rates:
                 out[f"{k}_vs_transformers"] = rates[k] / rates["transformers"]
+        if "paged" in out and "kv_cache_gib" in out["paged"]:  # what a contiguous cache holds in that memory
+            w = engines["paged"].weights
+            per_slot = 2 * len(w.layers) * w.groups * w.head_dim * w.embedding.element_size()
+            per_slot *= -(-(args.prompt_len + new_tokens) // 256) * 256
+            out["contiguous_slots_in_same_memory"] = int(out["paged"]["kv_cache_gib"] * 2**30 // per_slot)
         result[name] = out
         write_json(args.out, result)  # after every row: a run cut short keeps what it measured
 
@@ -466,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             row(name, prompts, longest, group(lengths, args.samples), which, hf=with_hf)
     write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("args", "model")}, indent=2))
-    return 0
+    return 0 if result.get("check", {"ok": True})["ok"] else 1
 
 
 if __name__ == "__main__":

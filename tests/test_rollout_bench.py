@@ -37,6 +37,7 @@ def test_cpu_smoke_run(tmp_path):
     assert result["recipe"]["paged"]["tokens"] == result["recipe"]["old"]["tokens"]
     assert result["recipe"]["paged"]["kv_blocks_peak"] > 0
     assert result["fixed_hf"]["paged_vs_transformers"] > 0 and result["weight_update_seconds"] >= 0
+    assert result["recipe"]["contiguous_slots_in_same_memory"] >= 1
 
 
 def test_cpu_check(tmp_path):
