@@ -335,7 +335,47 @@ def check_paged(policy, vocab: int, prompts, greedy: SamplingParams, sampled: Sa
             errors[str(splits)] = (out.float() - ref).abs().max().item()
         report["paged_kernel_vs_float64_max_abs"] = errors
         report["paged_ok"] = max(errors.values()) < 3e-2  # bf16 output rounding is ~4e-3 at |x| ~ 1
+        report["attention_one_layer"] = attention_timing()
     return report
+
+
+def attention_timing(batch: int = 256, low: int = 1024, high: int = 3072, bs: int = 64) -> dict:
+    """One layer's decode attention at the fixed row's shape (lengths uniform in [low, high], GQA 12 / 2,
+    head dim 128, bf16): the paged kernel against the contiguous path's SDPA over the span `high`, in
+    microseconds, with the key/value bytes each must read and the bandwidth that makes."""
+    from questa_nemo.rollout.paged_triton import paged_decode_attention
+
+    groups, per_group, dim = 2, 6, 128
+    g = torch.Generator(device="cuda").manual_seed(1)
+    lengths = torch.randint(low, high + 1, (batch,), device="cuda", generator=g)
+    max_blocks = high // bs
+    pool = torch.randn(2, batch * max_blocks + 1, groups, bs, dim, device="cuda", dtype=torch.bfloat16)
+    table = (torch.arange(batch * max_blocks, device="cuda").view(batch, max_blocks) + 1).int()
+    q = torch.randn(batch, groups, per_group, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, groups, high, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    visible = (torch.arange(high, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    runs = {
+        "paged_kernel": lambda: paged_decode_attention(q, pool[0], pool[1], table, lengths - 1, 132),
+        "contiguous_sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible
+        ),
+    }
+    out = {"batch": batch, "lengths": [low, high]}
+    for name, fn in runs.items():
+        for _ in range(3):
+            fn()
+        sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        sync()
+        us = start.elapsed_time(end) * 1000 / 20
+        read = 2 * groups * dim * 2 * (int(lengths.sum()) if name == "paged_kernel" else batch * high)
+        out[name] = {"us": us, "kv_bytes": read, "gb_per_s": read / us / 1e3}
+    return out
 
 
 def write_json(path: str, data: dict) -> None:
