@@ -28,6 +28,7 @@ cache (Triton kernel on GPU) vs the contiguous one (greedy prefix, log-probs) an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -198,6 +199,8 @@ def run_hf(model, prompts: list[list[int]], n: int, new_tokens: int, lengths: li
     )
     sync()
     seconds = time.perf_counter() - started
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # its dynamic cache's blocks: free for the next engine's KV cache
     generated = out[:, ids.size(1) :]
     if lengths is None:
         tokens = generated.numel()
@@ -412,6 +415,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--realistic-max", type=int, default=8192)
     p.add_argument("--recipe-prompts", type=int, default=32, help="recipe-length row prompts; 0 skips it")
     p.add_argument("--recipe-max", type=int, default=24576)
+    p.add_argument("--recipe-batch", type=int, default=512, help="max_batch_sequences of the recipe row")
     p.add_argument("--recipe-old", action="store_true", help="run the contiguous cache on the recipe row too")
     p.add_argument(
         "--hf-realistic",
@@ -471,8 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     for backend in engines.values():  # library warm-up (kernels, Triton compile), not timed
         run_ours(backend, random_prompts(1, args.prompt_len, vocab, seed=0), 2, 8)
 
-    def row(name: str, prompts, new_tokens: int, lengths=None, which=None, hf: bool = False) -> None:
+    def row(
+        name: str, prompts, new_tokens: int, lengths=None, which=None, hf: bool = False, batch=None
+    ) -> None:
         out: dict = {"sequences": len(prompts) * args.samples, "prompt_len": args.prompt_len}
+        out["max_batch_sequences"] = batch or args.batch
+        for backend in engines.values():
+            backend.options = dataclasses.replace(backend.options, max_batch_sequences=batch or args.batch)
         if lengths is not None:
             flat = [x for r in lengths for x in r]
             out["drawn_lengths"] = {
@@ -486,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = {k: fn for k, fn in runs.items() if which is None or k in which}
         if hf:
             runs["transformers"] = lambda: run_hf(twin, prompts, args.samples, new_tokens, lengths)
+            out["max_batch_sequences"] = len(prompts) * args.samples  # transformers: one batch of all
         for key, fn in runs.items():
             try:
                 out[key] = fn()
@@ -508,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         result[name] = out
         write_json(args.out, result)  # after every row: a run cut short keeps what it measured
 
+    if args.hf_new_tokens or args.hf_realistic:  # transformers' warm-up (cuBLAS, kernels), not timed
+        run_hf(twin, random_prompts(1, args.prompt_len, vocab, seed=0), 2, 4)
     prompts = random_prompts(args.prompts, args.prompt_len, vocab, seed=1)
     if args.hf_new_tokens:
         row("fixed_hf", prompts, args.hf_new_tokens, hf=True)
@@ -519,15 +531,16 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         result["weight_update_seconds"] = time.perf_counter() - tic
     rows = (
-        ("realistic", args.realistic_prompts, args.realistic_max, None, args.hf_realistic),
-        ("recipe", args.recipe_prompts, args.recipe_max, None if args.recipe_old else ("paged",), False),
-    )
-    for name, count, longest, which, with_hf in rows:
+        ("realistic", args.realistic_prompts, args.realistic_max, None, args.hf_realistic, None),
+        ("recipe", args.recipe_prompts, args.recipe_max, None if args.recipe_old else ("paged",), False,
+         args.recipe_batch),
+    )  # fmt: skip
+    for name, count, longest, which, with_hf, batch in rows:
         if count:
             seqs = count * args.samples
             lengths = drawn_lengths(seqs, args.length_mean, args.length_sigma, longest, seed=len(name))
             prompts = random_prompts(count, args.prompt_len, vocab, seed=5)
-            row(name, prompts, longest, group(lengths, args.samples), which, hf=with_hf)
+            row(name, prompts, longest, group(lengths, args.samples), which, hf=with_hf, batch=batch)
     write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("args", "model")}, indent=2))
     return 0 if result.get("check", {"ok": True})["ok"] else 1
