@@ -134,6 +134,20 @@ def test_small_pool_preempts_and_recomputes(model):
             assert torch.allclose(expected, torch.tensor(c.logprobs), atol=1e-4)
 
 
+def test_preemption_with_stops_and_compaction_keeps_every_logprob(model):
+    """18 sequences in 32 slots with a pool of 7 blocks, no headroom: waits, preemptions, stops and the long-tail
+    compaction together; every completion's log-probs still match a full forward (no stale or shared KV)."""
+    params = SamplingParams(n=6, temperature=1.0, max_new_tokens=40, stop_token_ids=STOPS, seed=8)
+    b = paged(model, max_batch_sequences=32, kv_blocks=8, kv_headroom_tokens=0)
+    result = b.generate(PROMPTS, params)
+    assert result.stats["preemptions"] >= 1 and result.stats["compactions"] >= 1
+    assert b._runner.cache.allocator.used == 0 and result.stats["kv_blocks_peak"] <= 7
+    for i, group in enumerate(result.completions):
+        for c in group:
+            expected = full_forward_logprobs(model, PROMPTS[i], c.token_ids, 1.0)
+            assert torch.allclose(expected, torch.tensor(c.logprobs), atol=1e-4)
+
+
 def test_pool_too_small_for_one_sequence_is_an_error(model):
     with pytest.raises(RuntimeError, match="fewer than one sequence"):
         paged(model, kv_blocks=4).generate(PROMPTS, SamplingParams(max_new_tokens=60))

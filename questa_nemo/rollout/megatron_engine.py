@@ -202,6 +202,7 @@ class MegatronBackend:
                 batch = self._compact(runner, slots, start_position, start_step, step)
                 live = list(range(len(live)))
                 compactions += 1
+                prefix_holder.clear()  # slots moved (a paged preemption may requeue a sequence with no tokens)
             remaining = min(params.max_new_tokens - len(slots[i].tokens) for i in live)
             chunk = min(self.options.harvest_every, remaining)
             if paged:
