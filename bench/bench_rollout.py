@@ -361,12 +361,25 @@ def attention_timing(batch: int = 256, low: int = 1024, high: int = 3072, bs: in
     k = torch.randn(batch, groups, high, dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     visible = (torch.arange(high, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    positions = lengths - 1
+
+    def kernel(splits=None, warps=4, stages=None):
+        return lambda: paged_decode_attention(
+            q, pool[0], pool[1], table, positions, sms, splits, warps, stages
+        )
+
     runs = {
-        "paged_kernel": lambda: paged_decode_attention(q, pool[0], pool[1], table, lengths - 1, 132),
+        "paged_kernel": kernel(),
         "contiguous_sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=visible
         ),
     }
+    # launch settings for the next tuning round (the engine runs paged_kernel's: auto splits, 4 warps)
+    for splits, warps, stages in ((1, 4, None), (4, 4, None), (8, 4, None), (None, 8, None), (None, 4, 2),
+                                  (None, 4, 4), (None, 8, 2)):  # fmt: skip
+        name = f"paged_kernel_splits{splits or 'auto'}_warps{warps}_stages{stages or 'default'}"
+        runs[name] = kernel(splits, warps, stages)
     out = {"batch": batch, "lengths": [low, high]}
     for name, fn in runs.items():
         for _ in range(3):
@@ -379,7 +392,7 @@ def attention_timing(batch: int = 256, low: int = 1024, high: int = 3072, bs: in
         end.record()
         sync()
         us = start.elapsed_time(end) * 1000 / 20
-        read = 2 * groups * dim * 2 * (int(lengths.sum()) if name == "paged_kernel" else batch * high)
+        read = 2 * groups * dim * 2 * (batch * high if name == "contiguous_sdpa" else int(lengths.sum()))
         out[name] = {"us": us, "kv_bytes": read, "gb_per_s": read / us / 1e3}
     return out
 

@@ -236,7 +236,9 @@ class PagedKVCache:
         }
         if not self.use_kernel:
             n = blocks_for(attend_len, self.block_size)
-            visible = torch.arange(n * self.block_size, device=positions.device)[None, :] <= positions[:, None]
+            visible = (
+                torch.arange(n * self.block_size, device=positions.device)[None, :] <= positions[:, None]
+            )
             ctx["gather"] = self.table[:b, :n].long()  # [B, n]
             ctx["visible"] = visible[:, None, None, :]  # [B, 1, 1, n * block_size]
         return ctx

@@ -108,9 +108,12 @@ def paged_decode_attention(
     positions: torch.Tensor,
     num_sms: int,
     splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """q [B, G, P, D] (D contiguous); pools [N, G, bs, D] (one layer, bs x D contiguous); table [>= B, MB]
-    int32; positions [B] (sequence b reads its positions 0..positions[b]) -> attention output [B, G, P, D]."""
+    int32; positions [B] (sequence b reads its positions 0..positions[b]) -> attention output [B, G, P, D].
+    splits / num_warps / num_stages: launch settings (None: about 4 programs per SM / Triton's default)."""
     b, g, per_group, d = q.shape
     bs = k_pool.size(2)
     if per_group > HEAD_ROWS or d & (d - 1) or bs & (bs - 1) or bs < 16:
@@ -121,13 +124,14 @@ def paged_decode_attention(
     part = torch.empty(b, g, s, HEAD_ROWS, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, g, s, HEAD_ROWS, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     _split_kernel[(b, g, s)](
         q, k_pool, v_pool, table, positions, part, lse,
         g, per_group, s, d**-0.5,
         q.stride(0), q.stride(1), q.stride(2),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         table.stride(0),
-        BS=bs, D=d, H=HEAD_ROWS, num_warps=4,
+        BS=bs, D=d, H=HEAD_ROWS, num_warps=num_warps, **stages,
     )  # fmt: skip
     _merge_kernel[(b, g)](
         part, lse, out, g, per_group, s,
