@@ -215,3 +215,33 @@ def test_engine_with_triton_kernel_equals_contiguous(model, interpreter_loops):
     contiguous = backend(model).generate(PROMPTS, params)
     assert tokens(result) == tokens(contiguous)
     assert max_logprob_diff(result, contiguous) < 1e-4
+
+
+def test_paged_decode_step_is_capture_safe(model, monkeypatch):
+    """The paged step reads no tensor value on the host (what CUDA-graph capture needs), as the contiguous
+    step (tests/test_rollout.py), and replaying it from restored buffers reproduces it exactly."""
+    from questa_nemo.rollout.graphs import StepKey
+
+    b = paged(model)
+    b.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=4))
+    runner = b._runner
+    for i in range(3):  # give slots blocks, as a chunk would
+        runner.cache.ensure(i, 40)
+    runner.cache.sync()
+
+    def host_sync(*_args, **_kwargs):
+        raise AssertionError("host sync inside the decode step")
+
+    key = StepKey(8, 256, 1.0, 1.0)
+    runner.noise[:8].exponential_(generator=torch.Generator().manual_seed(0))
+    saved = runner.tokens.clone(), runner.positions.clone()
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "nonzero"):
+            m.setattr(torch.Tensor, name, host_sync)
+        m.setattr(torch, "nonzero", host_sync)
+        runner._step(key)
+    first = runner.tokens.clone(), runner.logprobs.clone()
+    runner.tokens.copy_(saved[0])
+    runner.positions.copy_(saved[1])
+    runner._step(key)
+    assert torch.equal(first[0], runner.tokens) and torch.equal(first[1], runner.logprobs)
