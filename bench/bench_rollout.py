@@ -273,7 +273,10 @@ def check(policy, twin, vocab: int, tiny: bool) -> dict:
                 matched.append(next((k for k, (x, y) in enumerate(zip(ours, ref)) if x != y), len(ref)))
             report["greedy_prefix_matching_hf"] = matched
             report["greedy_tokens_per_prompt"] = params.max_new_tokens
-    report.update(check_paged(policy, vocab, prompts, greedy, sampled, eager))
+    old_error = max(
+        report["greedy_logprob_vs_full_forward_max_abs"], report["sampled_logprob_vs_full_forward_max_abs"]
+    )
+    report.update(check_paged(policy, vocab, prompts, greedy, sampled, eager, old_error))
     report["ok"] = (
         report["greedy_graph_equals_eager"] and report["sampled_graph_equals_eager"] and report["paged_ok"]
     )
@@ -284,10 +287,13 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def check_paged(policy, vocab: int, prompts, greedy: SamplingParams, sampled: SamplingParams, old) -> dict:
+def check_paged(
+    policy, vocab: int, prompts, greedy: SamplingParams, sampled: SamplingParams, old, old_error: float
+) -> dict:
     """The paged cache (Triton kernel + CUDA graphs on GPU, the torch reference on CPU) against the contiguous
     eager decoder `old`: greedy tokens (equal on CPU in float32; on GPU bf16 sums in another order may flip a
-    near-tie late, so the matching prefix is reported), log-probs against a full forward, and the kernel
+    near-tie late, so the matching prefix is reported), log-probs against a full forward (on GPU within twice
+    the contiguous path's own error `old_error`, or 0.1: a wrong key or value costs far more), and the kernel
     against a float64 oracle on a random bf16 pool."""
     from questa_nemo.rollout.paged import paged_attention_dense
 
@@ -337,7 +343,12 @@ def check_paged(policy, vocab: int, prompts, greedy: SamplingParams, sampled: Sa
             out = paged_decode_attention(q, pool[0], pool[1], table, lengths - 1, 132, splits)
             errors[str(splits)] = (out.float() - ref).abs().max().item()
         report["paged_kernel_vs_float64_max_abs"] = errors
-        report["paged_ok"] = max(errors.values()) < 3e-2  # bf16 output rounding is ~4e-3 at |x| ~ 1
+        paged_error = max(
+            report["paged_greedy_logprob_vs_full_forward_max_abs"],
+            report["paged_sampled_logprob_vs_full_forward_max_abs"],
+        )
+        # bf16 output rounding is ~4e-3 at |x| ~ 1
+        report["paged_ok"] = max(errors.values()) < 3e-2 and paged_error <= max(2 * old_error, 0.1)
         try:
             report["attention_one_layer"] = attention_timing()
         except Exception as e:  # noqa: BLE001  (a timing, not a check: keep the rest of the report)
