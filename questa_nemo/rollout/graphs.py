@@ -14,11 +14,12 @@ replay reads: all state lives in the buffers below and the KV cache, allocated o
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
 
-from questa_nemo.rollout.decoder import DecoderWeights, KVCache, decode_logits
+from questa_nemo.rollout.decoder import DecoderWeights, decode_logits
 from questa_nemo.rollout.sampling import sample_tokens
 
 # Attention spans grow in steps of this many positions: at most max_len / 256 graphs per batch bucket.
@@ -51,15 +52,17 @@ def attend_bucket(max_position: int, max_len: int) -> int:
 class DecodeRunner:
     """Static step buffers for every cache slot, and the captured graphs keyed by StepKey."""
 
-    def __init__(self, weights: DecoderWeights, cache: KVCache, use_graphs: bool):
+    def __init__(self, weights: DecoderWeights, cache, use_graphs: bool):
+        """cache: a decoder.KVCache or a paged.PagedKVCache (the same step interface)."""
         self.weights, self.cache, self.use_graphs = weights, cache, use_graphs
-        slots, vocab = cache.k.size(1), weights.lm_head.size(0)
+        slots, vocab = cache.slots, weights.lm_head.size(0)
         device = weights.embedding.device
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # [S] next input token per slot
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # [S] where that token sits
         self.logprobs = torch.zeros(slots, dtype=torch.float32, device=device)  # [S] of the last sample
         self.noise = torch.ones(slots, vocab, dtype=torch.float32, device=device)  # [S, V] Exp(1) draws
         self._graphs: dict[StepKey, torch.cuda.CUDAGraph] = {}
+        self.capture_seconds = 0.0  # wall time spent capturing (benchmarks report decode time without it)
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
     @property
@@ -91,6 +94,8 @@ class DecodeRunner:
 
     def _capture(self, key: StepKey) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (lazy library init), restore the state the warm-up advanced, capture."""
+        torch.cuda.synchronize()
+        tic = time.perf_counter()
         saved = [t.clone() for t in (self.tokens, self.positions)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -103,4 +108,6 @@ class DecodeRunner:
         with torch.cuda.graph(graph, pool=self._pool):
             self._step(key)
         self._graphs[key] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds += time.perf_counter() - tic
         return graph
