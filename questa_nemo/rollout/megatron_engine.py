@@ -13,8 +13,8 @@ decoding. Why a replica rather than Megatron-style sharded decoding, for the 1.5
 not measured: 10-30 ms over NVLink, against a step of tens of seconds); sharded decoding would add two all-reduces per layer per token (56 per decode step of the 28-layer
 model) inside the captured step, and the model's 2 KV heads cap TP at 2. The price: the ranks of a
 model-parallel group decode the same sequences, so rollout throughput is that of world / (TP x PP) GPUs. Splitting
-the prompts over the group needs sampling noise drawn per sequence rather than per slot (so the samples do not
-depend on the split); that is the next step, not done.
+the prompts over the group is now possible without changing the samples (the sampling noise is keyed per
+sequence: SamplingParams.prompt_keys, rollout/sampling.py), but not done.
 
 Scheduling is continuous batching over a fixed set of KV-cache slots. Sequences (prompt, sample) wait in
 order; a free slot takes the next one. The n samples of a prompt share one prefill: a slot that starts a
@@ -45,6 +45,7 @@ from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron
 from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContext, SamplingParams
 from questa_nemo.rollout.decoder import DecoderWeights, KVCache, prefill
 from questa_nemo.rollout.graphs import ATTEND_LEN_BUCKET, DecodeRunner, StepKey, attend_bucket, batch_bucket
+from questa_nemo.rollout.sampling import sequence_key
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,18 @@ class _Live:
 def _stop_end(tokens: list[int], start: int, stops: set[int]) -> int | None:
     """Length of `tokens` cut after the first stop token at or after `start` (None: no stop there)."""
     return next((k + 1 for k in range(start, len(tokens)) if tokens[k] in stops), None)
+
+
+def _set_noise_keys(
+    runner: DecodeRunner, slots: list[_Live | None], start_position: list[int], seed: int, prompt_keys
+) -> None:
+    """Give each live slot its sequence's noise key and start position (free slots get zeros): the noise a
+    sequence samples with depends on (seed, prompt key, sample, completion position) only, not on its slot."""
+    keys = [0 if s is None else sequence_key(seed, prompt_keys[s.prompt], s.sample) for s in slots]
+    starts = [0 if s is None else p for s, p in zip(slots, start_position)]
+    device = runner.noise_key.device
+    runner.noise_key[: len(slots)] = torch.tensor(keys, dtype=torch.long, device=device)
+    runner.noise_start[: len(slots)] = torch.tensor(starts, dtype=torch.long, device=device)
 
 
 def build(cfg: RolloutConfig, ctx: RolloutContext) -> MegatronBackend:
@@ -152,9 +165,9 @@ class MegatronBackend:
         runner = self._ensure_runner(
             max(len(p) for p in prompts) + params.max_new_tokens, params.n * len(prompts)
         )
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=self.weights.embedding.device).manual_seed(params.seed)
+        if params.prompt_keys and len(params.prompt_keys) != len(prompts):
+            raise ValueError(f"generate: {len(params.prompt_keys)} prompt_keys for {len(prompts)} prompts")
+        prompt_keys = params.prompt_keys or range(len(prompts))
         waiting = deque((p, s) for p in range(len(prompts)) for s in range(params.n))
         batch = batch_bucket(len(waiting), runner.cache.k.size(1))
         stops = set() if params.ignore_eos else set(params.stop_token_ids)
@@ -179,7 +192,9 @@ class MegatronBackend:
             remaining = min(params.max_new_tokens - (step - start_step[i]) for i in live)
             chunk = min(self.options.harvest_every, remaining)
             top = max(start_position[i] - start_step[i] for i in live)  # position at step t: top + t
-            out_tokens, out_logprobs = self._decode_chunk(runner, batch, step, chunk, top, params, generator)
+            if params.temperature > 0:
+                _set_noise_keys(runner, slots, start_position, params.seed, prompt_keys)
+            out_tokens, out_logprobs = self._decode_chunk(runner, batch, step, chunk, top, params)
             step += chunk
             steps_run += chunk
             for i in live:
@@ -319,7 +334,6 @@ class MegatronBackend:
         chunk: int,
         top: int,
         params: SamplingParams,
-        generator: torch.Generator | None,
     ) -> tuple[list[list[int]], list[list[float]]]:
         """`chunk` decode steps of the first `batch` slots; their tokens and log-probs per slot, on the host.
 
@@ -330,7 +344,7 @@ class MegatronBackend:
         out_logprobs = torch.empty(batch, chunk, dtype=torch.float32, device=device)
         for k in range(chunk):
             span = attend_bucket(top + step + k, runner.cache.max_len)
-            runner.step(StepKey(batch, span, float(params.temperature), float(params.top_p)), generator)
+            runner.step(StepKey(batch, span, float(params.temperature), float(params.top_p)))
             out_tokens[:, k].copy_(runner.tokens[:batch])
             out_logprobs[:, k].copy_(runner.logprobs[:batch])
         return out_tokens.tolist(), out_logprobs.tolist()
