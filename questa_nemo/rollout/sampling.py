@@ -68,7 +68,7 @@ def exponential_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_words: 
     """
     rows = mix32(keys ^ mix32((positions & _MASK) ^ _STEP_KEY))  # [B]
     x = _mix32_(rows[:, None] ^ vocab_words[None, :])  # [B, V] in [0, 2**32)
-    return (x >> 8).float().add_(0.5).mul_(2.0**-24).log_().neg_()
+    return x.bitwise_right_shift_(8).float().add_(0.5).mul_(2.0**-24).log_().neg_()
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
