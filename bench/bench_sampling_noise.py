@@ -80,6 +80,12 @@ def main() -> None:
         graph.replay()
         out["graph_equals_eager"] = bool(torch.equal(static, exponential_noise(keys, positions, words)))
         out["ms_per_step"]["new_per_sequence_noise_in_graph"] = timed(graph.replay, device, args.repeats)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        exponential_noise(keys, positions, words)
+        out["noise_peak_temporaries_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        out["old_noise_buffer_gib"] = b * v * 4 / 2**30
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
