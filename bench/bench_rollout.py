@@ -20,9 +20,11 @@ out the CUDA-graph capture time (a one-off: training reuses the graphs across st
     python bench/bench_rollout.py --device cpu --tiny --check          # smoke (tests/test_rollout_bench.py)
 
 `--check` compares, on the same model: CUDA-graph vs eager decoding (tokens must be identical, log-probs
-within bf16 noise), greedy tokens vs transformers' greedy generate (the matching prefix is reported: bf16
-ties may diverge late), returned log-probs vs a full megatron forward over prompt + completion, and the paged
-cache (Triton kernel on GPU) vs the contiguous one (greedy prefix, log-probs) and vs a float64 oracle.
+within bf16 noise), sampled completions of each prompt decoded alone vs in the batch (reported: the noise is
+keyed per sequence, but batch size may change bf16 rounding), greedy tokens vs transformers' greedy generate
+(the matching prefix is reported: bf16 ties may diverge late), returned log-probs vs a full megatron forward over
+prompt + completion, and the paged cache (Triton kernel on GPU) vs the contiguous one (greedy prefix, log-probs)
+and vs a float64 oracle.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -273,6 +276,11 @@ def check(policy, twin, vocab: int, tiny: bool) -> dict:
                 matched.append(next((k for k, (x, y) in enumerate(zip(ours, ref)) if x != y), len(ref)))
             report["greedy_prefix_matching_hf"] = matched
             report["greedy_tokens_per_prompt"] = params.max_new_tokens
+        if name == "sampled":  # noise keyed per sequence: each prompt alone (its key given) samples the same
+            alone = [graphed.generate([p], replace(params, prompt_keys=(i,))).completions[0]
+                     for i, p in enumerate(prompts)]
+            same = [x.token_ids == y.token_ids for gx, gy in zip(b, alone) for x, y in zip(gx, gy)]
+            report["sampled_alone_equals_batched"] = f"{sum(same)}/{len(same)}"  # bf16 GEMMs may round apart
     old_error = max(
         report["greedy_logprob_vs_full_forward_max_abs"], report["sampled_logprob_vs_full_forward_max_abs"]
     )

@@ -128,6 +128,10 @@ def test_small_pool_preempts_and_recomputes(model):
     assert small._runner.cache.allocator.used == 0
     sampled = SamplingParams(n=3, temperature=1.0, max_new_tokens=60, stop_token_ids=STOPS, seed=3)
     result = small.generate(PROMPTS, sampled)
+    assert result.stats["preemptions"] >= 1
+    # the noise is keyed per sequence and completion position: a preempted, recomputed sequence samples on
+    # exactly as it would have without the preemption
+    assert tokens(result) == tokens(backend(model).generate(PROMPTS, sampled))
     for i, group in enumerate(result.completions):
         for c in group:
             expected = full_forward_logprobs(model, PROMPTS[i], c.token_ids, 1.0)
@@ -233,7 +237,7 @@ def test_paged_decode_step_is_capture_safe(model, monkeypatch):
         raise AssertionError("host sync inside the decode step")
 
     key = StepKey(8, 256, 1.0, 1.0)
-    runner.noise[:8].exponential_(generator=torch.Generator().manual_seed(0))
+    runner.noise_key.copy_(torch.arange(1, runner.noise_key.numel() + 1))  # sampling noise keyed per sequence (rollout/sampling.py)
     saved = runner.tokens.clone(), runner.positions.clone()
     with monkeypatch.context() as m:
         for name in ("item", "tolist", "__bool__", "nonzero"):

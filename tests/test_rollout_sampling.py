@@ -66,3 +66,19 @@ def test_rollout_yamls_load_and_validate():
         cfg = to_config({"rollout": OmegaConf.load(folder / f"{name}.yaml")})
         validate(cfg)
         assert cfg.rollout.backend == name
+
+
+def test_per_sequence_noise_samples_the_tempered_distribution():
+    """The counter-based noise (rollout/sampling.py) in the exponential race: token frequencies over 40000
+    sequences, and over 40000 positions of one sequence, match softmax(logits / T)."""
+    from questa_nemo.rollout.sampling import exponential_noise, sequence_key, vocab_hash
+
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5, -3.0, 2.0]).repeat(40000, 1)
+    expected = (logits[0] / 0.7).softmax(-1)
+    words = vocab_hash(6)
+    many = torch.tensor([sequence_key(9, i, 0) for i in range(40000)])
+    one = torch.full((40000,), sequence_key(9, 0, 0))
+    for keys, positions in ((many, torch.zeros(40000, dtype=torch.long)), (one, torch.arange(40000))):
+        tokens, _ = sample_tokens(logits, exponential_noise(keys, positions, words), temperature=0.7, top_p=1.0)
+        freq = torch.bincount(tokens, minlength=6).float() / tokens.numel()
+        assert (freq - expected).abs().max() < 0.01, (freq, expected)

@@ -21,6 +21,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these (EOS included)
     ignore_eos: bool = False  # benchmarks: always run to max_new_tokens
     seed: int = 0  # same prompts + params + seed + weights -> same samples
+    # Sampling key of each prompt of the call (default: its index in the call). The megatron engine draws a
+    # sequence's noise from (seed, prompt key, sample index, position) alone, so a prompt keyed the same gets
+    # the same completions whatever else is in the call, its slot or rank (DP-independent rollouts). Backends
+    # with their own sampler (hf, trtllm) ignore it.
+    prompt_keys: tuple[int, ...] = ()
 
 
 @dataclass

@@ -13,8 +13,8 @@ decoding. Why a replica rather than Megatron-style sharded decoding, for the 1.5
 not measured: 10-30 ms over NVLink, against a step of tens of seconds); sharded decoding would add two all-reduces per layer per token (56 per decode step of the 28-layer
 model) inside the captured step, and the model's 2 KV heads cap TP at 2. The price: the ranks of a
 model-parallel group decode the same sequences, so rollout throughput is that of world / (TP x PP) GPUs. Splitting
-the prompts over the group needs sampling noise drawn per sequence rather than per slot (so the samples do not
-depend on the split); that is the next step, not done.
+the prompts over the group is now possible without changing the samples (the sampling noise is keyed per
+sequence: SamplingParams.prompt_keys, rollout/sampling.py), but not done.
 
 Scheduling is continuous batching over a fixed set of KV-cache slots. Sequences (prompt, sample) wait in
 order; a free slot takes the next one. The n samples of a prompt share one prefill: a slot that starts a
@@ -53,6 +53,7 @@ from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContex
 from questa_nemo.rollout.decoder import DecoderWeights, KVCache, prefill
 from questa_nemo.rollout.graphs import ATTEND_LEN_BUCKET, DecodeRunner, StepKey, attend_bucket, batch_bucket
 from questa_nemo.rollout.paged import PagedKVCache, blocks_for
+from questa_nemo.rollout.sampling import sequence_key
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,33 @@ class _Live:
     sample: int  # 0..n-1
     tokens: list[int]  # generated so far (harvested; kept when a paged cache preempts the sequence)
     logprobs: list[float]
+
+
+def _set_noise_keys(
+    runner: DecodeRunner,
+    slots: list[_Live | None],
+    start_position: list[int],
+    start_step: list[int],
+    step: int,
+    seed: int,
+    prompt_keys,
+) -> None:
+    """Give each live slot its sequence's noise key and the position of its completion's first decode input
+    (free slots get zeros): the noise a sequence samples with depends on (seed, prompt key, sample, completion
+    position) only, not on its slot, nor on a preemption (a resumed sequence keeps counting from its first token).
+    """
+    keys, starts = [], []
+    for i, s in enumerate(slots):
+        if s is None:
+            keys.append(0)
+            starts.append(0)
+            continue
+        keys.append(sequence_key(seed, prompt_keys[s.prompt], s.sample))
+        tokens_at_admission = len(s.tokens) - (step - start_step[i])
+        starts.append(start_position[i] - tokens_at_admission)
+    device = runner.noise_key.device
+    runner.noise_key[: len(slots)] = torch.tensor(keys, dtype=torch.long, device=device)
+    runner.noise_start[: len(slots)] = torch.tensor(starts, dtype=torch.long, device=device)
 
 
 def _stop_end(tokens: list[int], start: int, stops: set[int]) -> int | None:
@@ -172,9 +200,9 @@ class MegatronBackend:
         runner = self._ensure_runner(
             max(len(p) for p in prompts) + params.max_new_tokens, params.n * len(prompts)
         )
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=self.weights.embedding.device).manual_seed(params.seed)
+        if params.prompt_keys and len(params.prompt_keys) != len(prompts):
+            raise ValueError(f"generate: {len(params.prompt_keys)} prompt_keys for {len(prompts)} prompts")
+        prompt_keys = params.prompt_keys or range(len(prompts))
         waiting = deque(_Live(p, s, [], []) for p in range(len(prompts)) for s in range(params.n))
         cache, captured_before = runner.cache, runner.capture_seconds
         paged = isinstance(cache, PagedKVCache)
@@ -213,7 +241,9 @@ class MegatronBackend:
                 cache.sync()
             peak_live = max(peak_live, len(live))
             top = max(start_position[i] - start_step[i] for i in live)  # position at step t: top + t
-            out_tokens, out_logprobs = self._decode_chunk(runner, batch, step, chunk, top, params, generator)
+            if params.temperature > 0:
+                _set_noise_keys(runner, slots, start_position, start_step, step, params.seed, prompt_keys)
+            out_tokens, out_logprobs = self._decode_chunk(runner, batch, step, chunk, top, params)
             step += chunk
             steps_run += chunk
             for i in live:
@@ -464,7 +494,6 @@ class MegatronBackend:
         chunk: int,
         top: int,
         params: SamplingParams,
-        generator: torch.Generator | None,
     ) -> tuple[list[list[int]], list[list[float]]]:
         """`chunk` decode steps of the first `batch` slots; their tokens and log-probs per slot, on the host.
 
@@ -477,7 +506,7 @@ class MegatronBackend:
             span = runner.cache.max_len
             if runner.cache.span_matters:  # else one graph per batch serves every length
                 span = attend_bucket(top + step + k, span)
-            runner.step(StepKey(batch, span, float(params.temperature), float(params.top_p)), generator)
+            runner.step(StepKey(batch, span, float(params.temperature), float(params.top_p)))
             out_tokens[:, k].copy_(runner.tokens[:batch])
             out_logprobs[:, k].copy_(runner.logprobs[:batch])
         return out_tokens.tolist(), out_logprobs.tolist()
