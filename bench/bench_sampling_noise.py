@@ -1,9 +1,11 @@
-"""Cost of the decode step's sampling noise, per step: the per-sequence counter-based noise
-(rollout/sampling.py `exponential_noise`) against the per-slot generator it replaced (`exponential_` into a
-[B, V] buffer), and the sampling itself (`sample_tokens`), at B sequences and a V-token vocabulary.
+"""Cost of the decode step's sampling randomness, per step: the per-sequence counter-based uniforms
+(rollout/sampling.py `uniform_draws`, one per row, inverse-CDF sampling) against the per-slot generator the
+engine used before (`exponential_` into a [B, V] buffer for the exponential race), and the sampling itself
+(`sample_tokens`), at B sequences and a V-token vocabulary. The [B, V] per-sequence exponential noise that was
+tried in between cost 7.0 ms a step at 512 x 151,936 on an H100 (bench/results/sampling_noise_h100.json).
 
-On a GPU it also checks that CUDA computes the CPU's noise (the integer hash bit for bit; -log within 1 ulp)
-and times the noise inside a captured CUDA graph.
+On a GPU it also checks that CUDA computes the CPU's uniforms bit for bit, that one row sampled alone picks
+what it picks in the batch, and times sampling inside a captured CUDA graph.
 
     OMP_NUM_THREADS=1 python bench/bench_sampling_noise.py                      # CPU, B=64, V=49152
     python bench/bench_sampling_noise.py --device cuda --batch 512 --vocab 151936 --json $OUT/noise.json
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from questa_nemo.rollout.sampling import exponential_noise, mix32, sample_tokens, sequence_key, vocab_hash
+from questa_nemo.rollout.sampling import sample_tokens, sequence_key, uniform_draws
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -48,44 +50,43 @@ def main() -> None:
     b, v = args.batch, args.vocab
     keys = torch.tensor([sequence_key(1234, i // 8, i % 8) for i in range(b)], device=device)
     positions = torch.arange(b, device=device) % 97
-    words = vocab_hash(v, device)
     logits = torch.randn(b, v, device=device, generator=torch.Generator(device).manual_seed(0))
     buffer = torch.empty(b, v, device=device)
     gen = torch.Generator(device).manual_seed(0)
     out = {"device": str(device), "batch": b, "vocab": v, "threads": torch.get_num_threads(), "torch": torch.__version__}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
+    u = uniform_draws(keys, positions)
     out["ms_per_step"] = {
         "old_per_slot_exponential_": timed(lambda: buffer.exponential_(generator=gen), device, args.repeats),
-        "new_per_sequence_noise": timed(lambda: exponential_noise(keys, positions, words), device, args.repeats),
-        "sample_tokens_T1_top_p1": timed(lambda: sample_tokens(logits, buffer, 1.0, 1.0), device, args.repeats),
-        "sample_tokens_T1_top_p0.9": timed(lambda: sample_tokens(logits, buffer, 1.0, 0.9), device, args.repeats),
+        "per_sequence_uniforms": timed(lambda: uniform_draws(keys, positions), device, args.repeats),
+        "sample_tokens_T1_top_p1": timed(lambda: sample_tokens(logits, u, 1.0, 1.0), device, args.repeats),
+        "sample_tokens_T1_top_p0.9": timed(lambda: sample_tokens(logits, u, 1.0, 0.9), device, args.repeats),
     }
-    if device.type == "cuda":  # CUDA = CPU, and the noise inside a captured graph
-        cpu = exponential_noise(keys.cpu(), positions.cpu(), words.cpu())
-        gpu = exponential_noise(keys, positions, words).cpu()
-        rows = mix32(keys.cpu() ^ mix32((positions.cpu() & 0xFFFFFFFF) ^ 0x85EBCA6B))
-        out["rows_hash_equal_cpu_cuda"] = bool(torch.equal(rows, mix32(keys ^ mix32((positions & 0xFFFFFFFF)
-                                                                                 ^ 0x85EBCA6B)).cpu()))
-        out["noise_max_ulps_cpu_cuda"] = int(((gpu.view(torch.int32) - cpu.view(torch.int32)).abs()).max())
-        static = torch.empty(b, v, device=device)
+    tokens = sample_tokens(logits, u, 1.0, 1.0)[0]
+    alone = [sample_tokens(logits[i : i + 1], u[i : i + 1], 1.0, 1.0)[0] for i in range(0, b, max(1, b // 16))]
+    out["row_alone_equals_batch"] = all(
+        int(t) == int(tokens[i]) for t, i in zip(alone, range(0, b, max(1, b // 16)))
+    )
+    if device.type == "cuda":  # CUDA = CPU, and sampling inside a captured graph
+        out["uniforms_equal_cpu_cuda"] = bool(torch.equal(uniform_draws(keys.cpu(), positions.cpu()), u.cpu()))
+        static = torch.empty(b, dtype=torch.long, device=device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            static.copy_(exponential_noise(keys, positions, words))
+            static.copy_(sample_tokens(logits, uniform_draws(keys, positions), 1.0, 1.0)[0])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static.copy_(exponential_noise(keys, positions, words))
+            static.copy_(sample_tokens(logits, uniform_draws(keys, positions), 1.0, 1.0)[0])
         graph.replay()
-        out["graph_equals_eager"] = bool(torch.equal(static, exponential_noise(keys, positions, words)))
-        out["ms_per_step"]["new_per_sequence_noise_in_graph"] = timed(graph.replay, device, args.repeats)
+        out["graph_equals_eager"] = bool(torch.equal(static, tokens))
+        out["ms_per_step"]["uniforms_and_sample_tokens_in_graph"] = timed(graph.replay, device, args.repeats)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        exponential_noise(keys, positions, words)
-        out["noise_peak_temporaries_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-        out["old_noise_buffer_gib"] = b * v * 4 / 2**30
+        sample_tokens(logits, u, 1.0, 1.0)
+        out["sample_tokens_peak_temporaries_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")

@@ -81,25 +81,23 @@ def test_samples_are_keyed_per_sequence_not_per_slot(pair):
     assert tokens(other_key)[0] != whole[0]
 
 
-def test_noise_is_a_pure_function_of_key_position_and_token():
-    from questa_nemo.rollout.sampling import exponential_noise, mix32, sequence_key, vocab_hash
+def test_uniforms_are_a_pure_function_of_key_and_position():
+    from questa_nemo.rollout.sampling import mix32, sequence_key, uniform_draws
 
-    words = vocab_hash(1000)
-    keys = torch.tensor([sequence_key(3, p, s) for p in range(4) for s in range(4)])
-    positions = torch.arange(16) % 5
-    noise = exponential_noise(keys, positions, words)
+    keys = torch.tensor([sequence_key(3, p, s) for p in range(64) for s in range(64)])
+    positions = torch.arange(keys.numel()) % 5
+    u = uniform_draws(keys, positions)
     # row by row, in any batch order, equals the batch
-    for b in (0, 7, 15):
-        assert torch.equal(exponential_noise(keys[b : b + 1], positions[b : b + 1], words)[0], noise[b])
-    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(exponential_noise(keys[perm], positions[perm], words), noise[perm])
+    for b in (0, 7, 4095):
+        assert torch.equal(uniform_draws(keys[b : b + 1], positions[b : b + 1])[0], u[b])
+    perm = torch.randperm(keys.numel(), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(uniform_draws(keys[perm], positions[perm]), u[perm])
     # the int64 tensor hash equals the Python-int one (no overflow anywhere)
     assert mix32(torch.tensor([0xFFFFFFFF, 12345])).tolist() == [mix32(0xFFFFFFFF), mix32(12345)]
-    # Exp(1): mean 1, P(E > 1) = 1/e, rows and positions decorrelated
-    assert abs(noise.mean().item() - 1) < 0.01
-    assert abs((noise > 1).float().mean().item() - 0.3679) < 0.005
-    corr = torch.corrcoef(noise[:, :])
-    assert (corr - torch.eye(16)).abs().max() < 0.15
+    # uniform on (0, 1): mean 1/2, deciles even, never 0 or 1
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    deciles = torch.bincount((u * 10).long(), minlength=10).float() / u.numel()
+    assert (deciles - 0.1).abs().max() < 0.015
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])

@@ -5,8 +5,8 @@ next tokens and writes them back into `tokens` and their log-probs into `logprob
 Stop tokens are found on the host when the engine harvests a chunk of steps (one sync per chunk), so the step
 has no data-dependent control flow. Everything it touches is a preallocated tensor, so on GPU the step is captured
 once per (batch bucket, attention length bucket, sampling settings) and replayed: one launch instead of
-~20 per layer. The Exp(1) sampling noise is computed inside the step from each slot's sequence key and
-completion position (rollout/sampling.py `exponential_noise`, counter-based: no RNG state), so eager and
+~20 per layer. The sampling uniforms are computed inside the step from each slot's sequence key and
+completion position (rollout/sampling.py `uniform_draws`, counter-based: no RNG state), so eager and
 graph runs give the same tokens, and a sequence gets the same noise in whichever slot it sits.
 
 Graphs share one memory pool. That is safe here because a replay leaves nothing in the pool that a later
@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from questa_nemo.rollout.decoder import DecoderWeights, decode_logits
-from questa_nemo.rollout.sampling import exponential_noise, sample_tokens, vocab_hash
+from questa_nemo.rollout.sampling import sample_tokens, uniform_draws
 
 # Attention spans grow in steps of this many positions: at most max_len / 256 graphs per batch bucket.
 ATTEND_LEN_BUCKET = 256
@@ -56,16 +56,15 @@ class DecodeRunner:
     def __init__(self, weights: DecoderWeights, cache, use_graphs: bool):
         """cache: a decoder.KVCache or a paged.PagedKVCache (the same step interface)."""
         self.weights, self.cache, self.use_graphs = weights, cache, use_graphs
-        slots, vocab = cache.slots, weights.lm_head.size(0)
+        slots = cache.slots
         device = weights.embedding.device
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # [S] next input token per slot
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # [S] where that token sits
         self.logprobs = torch.zeros(slots, dtype=torch.float32, device=device)  # [S] of the last sample
-        # sampling noise: the slot's sequence key (sampling.sequence_key) and the position of its first decode
+        # sampling: the slot's sequence key (sampling.sequence_key) and the position of its first decode
         # input (the completion position of the token a step samples is positions - noise_start)
         self.noise_key = torch.zeros(slots, dtype=torch.long, device=device)  # [S]
         self.noise_start = torch.zeros(slots, dtype=torch.long, device=device)  # [S]
-        self.vocab_words = vocab_hash(vocab, device)  # [V]
         self._graphs: dict[StepKey, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0  # wall time spent capturing (benchmarks report decode time without it)
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
@@ -79,10 +78,10 @@ class DecodeRunner:
         b = key.batch
         tokens, positions = self.tokens[:b], self.positions[:b]
         logits = decode_logits(self.weights, self.cache, tokens, positions, key.attend_len)
-        noise = None
+        uniforms = None
         if key.temperature > 0:
-            noise = exponential_noise(self.noise_key[:b], positions - self.noise_start[:b], self.vocab_words)
-        next_tokens, logprobs = sample_tokens(logits, noise, key.temperature, key.top_p)
+            uniforms = uniform_draws(self.noise_key[:b], positions - self.noise_start[:b])
+        next_tokens, logprobs = sample_tokens(logits, uniforms, key.temperature, key.top_p)
         tokens.copy_(next_tokens)
         self.logprobs[:b].copy_(logprobs)
         positions.add_(1)
