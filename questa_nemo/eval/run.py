@@ -372,7 +372,7 @@ def main(config_name: str, overrides: list[str], positional: list[str]) -> int:
         if cfg.reward.kind == "world":
             scorer: Scorer = score_world
         else:
-            scorer = math_scorer(resources.enter_context(MathReward.from_config(cfg.reward)))
+            scorer = math_scorer(resources.enter_context(MathReward(cfg.reward)))
         results = evaluate_all(
             cfg,
             checkpoints,

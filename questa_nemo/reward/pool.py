@@ -121,9 +121,9 @@ class JudgePool:
         self,
         num_workers: int,
         timeout_s: float,
-        kill_grace_s: float = 1.0,
-        memory_limit_mb: int = 4096,
-        start_method: str = "spawn",
+        kill_grace_s: float,
+        memory_limit_mb: int,
+        start_method: str,
         test_faults: bool = False,
     ):
         if num_workers < 1:

@@ -34,7 +34,7 @@ def make_train_scorer(cfg: RewardConfig, resources: contextlib.ExitStack):
 
     from questa_nemo.reward.math import MathReward
 
-    pool = resources.enter_context(MathReward.from_config(cfg))
+    pool = resources.enter_context(MathReward(cfg))
 
     def score_math(texts: list[str], rows: list[PromptRow]):
         return pool.submit(texts, [r.answer for r in rows])

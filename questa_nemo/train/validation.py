@@ -30,7 +30,7 @@ def eval_scorer(s, resources):
     if pool is None:
         from questa_nemo.reward.math import MathReward
 
-        pool = resources.enter_context(MathReward.from_config(s.cfg.reward))
+        pool = resources.enter_context(MathReward(s.cfg.reward))
         s._math_pool = pool
     return math_scorer(pool)
 
