@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import QWEN25_1P5B, TINY_QWEN2  # noqa: E402
 
+from questa_nemo.atomic import write_text_atomic  # noqa: E402
 from questa_nemo.config import ModelConfig  # noqa: E402
 from questa_nemo.model.convert import ModelShape, ShardLayout, megatron_to_hf  # noqa: E402
 from questa_nemo.model.megatron import build_model  # noqa: E402
@@ -180,12 +180,7 @@ def check(policy, twin, vocab: int, tiny: bool) -> dict:
 
 def write_json(path: str, data: dict) -> None:
     """Atomic write: temp file in the target folder, then rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, target)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -23,7 +23,6 @@ distance changed with i and the tiny model learned far slower: on the same budge
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from collections.abc import Callable, Collection, Iterable
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from questa_nemo.atomic import atomic_path
 from questa_nemo.config import DataConfig, WorldConfig
 from questa_nemo.data import hints
 
@@ -235,11 +235,9 @@ def draw_warmup_examples(
 
 # ------------------------------------------------------------------------------------------ writing
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def write_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]:
