@@ -378,19 +378,20 @@ def test_real_hf_tokenizer_renders_the_bare_problem(tmp_path):
     assert params.stop_token_ids == (1,) and params.n == 4 and params.temperature == 0.6 and params.seed == 10
 
 
-def test_math_scorer_hands_the_reward_each_rows_reference():
+def test_row_scorer_hands_the_reward_each_rows_reference_and_problem():
     from questa_nemo.eval.benchmarks import BenchmarkRow
-    from questa_nemo.eval.run import math_scorer
+    from questa_nemo.eval.run import row_scorer
+    from questa_nemo.reward.types import Done
 
     class RecordingReward:
-        def score(self, completions, references):
-            self.seen = (completions, references)
-            return [RewardResult(0.0, "wrong")] * len(completions)
+        def submit(self, completions, references, problems):
+            self.seen = (completions, references, problems)
+            return Done([RewardResult(0.0, "wrong")] * len(completions))
 
     reward = RecordingReward()
     rows = [BenchmarkRow("a", "p", "\\boxed{1}"), BenchmarkRow("b", "q", "2")]
-    assert len(math_scorer(reward)(["x", "y"], rows)) == 2
-    assert reward.seen == (["x", "y"], ["\\boxed{1}", "2"])
+    assert len(row_scorer(reward)(["x", "y"], rows)) == 2
+    assert reward.seen == (["x", "y"], ["\\boxed{1}", "2"], ["p", "q"])
 
 
 def test_small_world_end_to_end_with_its_tokenizer_and_reward(tmp_path):
@@ -401,7 +402,8 @@ def test_small_world_end_to_end_with_its_tokenizer_and_reward(tmp_path):
 
     from questa_nemo.data.world import WorldProblem
     from questa_nemo.eval.benchmarks import BenchmarkRow
-    from questa_nemo.eval.run import score_world
+    from questa_nemo.eval.run import row_scorer
+    from questa_nemo.reward.world import WorldReward
 
     folder = Path(__file__).resolve().parents[1] / "data" / "world" / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -421,7 +423,7 @@ def test_small_world_end_to_end_with_its_tokenizer_and_reward(tmp_path):
             return GenerationResult(out)
 
     sampling = SamplingParams(n=2, max_new_tokens=32, stop_token_ids=(tokenizer.eos_token_id,))
-    results = evaluate(WorldBackend({}), tokenizer, rows, sampling, score_world, boxed)
+    results = evaluate(WorldBackend({}), tokenizer, rows, sampling, row_scorer(WorldReward()), boxed)
     assert problems[1].answer() == "97"  # 7 - 9 = 98, + 1 = 99, * 3 = 297 = 97 (mod 100): 96 is wrong
     assert [r.correct for r in results] == [2, 0]
     assert results[1].reasons == {"wrong": 2} and results[0].answers == ["16", "16"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +39,6 @@ EMPTY_SLOT = " __"  # an operation slot is " " + operator + operand: as wide as 
 SEPARATOR = "|"  # between the problem and the hint slot
 LENGTH_DECAY = 0.85  # warm-up draws chain length n with weight LENGTH_DECAY ** (n - 1)
 P = TypeVar("P")  # a problem type of one of the worlds
-_PROBLEM = re.compile(r"^(\d+)((?: [+\-*]\d)*)")
 
 
 @dataclass(frozen=True)
@@ -80,14 +78,6 @@ class WorldProblem:
     def solution(self) -> str:
         """One line per step, then the last result boxed."""
         return "".join(f"{r:0{self.width}d}\n" for r in self.results) + "\\boxed{" + self.answer() + "}"
-
-
-def count_ops(text: str) -> int:
-    """n of a world problem or prompt (the reward needs it: a solution has n lines)."""
-    m = _PROBLEM.match(text)
-    if m is None:
-        raise ValueError(f"not a world problem: {text[:40]!r}")
-    return len(m.group(2)) // len(EMPTY_SLOT)
 
 
 def prompt_format(cfg: WorldConfig) -> hints.PromptFormat:

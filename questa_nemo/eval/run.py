@@ -20,35 +20,28 @@ from questa_nemo.eval.benchmarks import BenchmarkRow, benchmark_key, load_benchm
 from questa_nemo.eval.passk import majority_vote
 from questa_nemo.eval.report import build_report, format_table, plot_pass_at_k, write_pass_rates
 from questa_nemo.eval.store import ProblemResult, ResultStore, pooled, write_json_atomic
-from questa_nemo.reward.types import RewardResult
+from questa_nemo.reward.build import build_reward
+from questa_nemo.reward.types import Reward, RewardResult
 from questa_nemo.rollout.base import GenerationBackend, SamplingParams
 
 
 class Scorer(Protocol):
     """Scores completions, each against the row of the problem it answers: one RewardResult per completion.
 
-    An adapter over the reward module: the math reward needs the reference answer, the small world's also the
-    problem (its number of steps); see `math_scorer` and `score_world`.
+    `row_scorer` adapts a reward (reward.build.build_reward) to it.
     """
 
     def __call__(self, completions: list[str], rows: list[BenchmarkRow]) -> list[RewardResult]: ...
 
 
-def math_scorer(reward: Any) -> Scorer:
-    """Adapt a reward with `score(completions, references)` (reward.math.MathReward, a worker pool)."""
+def row_scorer(reward: Reward) -> Scorer:
+    """Score against each row's answer, handing the reward the row's problem too (the small world's reward reads
+    its number of steps there)."""
 
     def score(completions: list[str], rows: list[BenchmarkRow]) -> list[RewardResult]:
-        return reward.score(completions, [r.answer for r in rows])
+        return reward.submit(completions, [r.answer for r in rows], [r.problem for r in rows]).result()
 
     return score
-
-
-def score_world(completions: list[str], rows: list[BenchmarkRow]) -> list[RewardResult]:
-    """The small world's reward; a row's problem is the world prompt, whose step count the reward checks."""
-    from questa_nemo.data.world import count_ops
-    from questa_nemo.reward.world import world_rewards
-
-    return world_rewards(completions, [r.answer for r in rows], [count_ops(r.problem) for r in rows])
 
 
 def render_prompt(tokenizer: Any, problem: str, template: str) -> list[int]:
@@ -331,7 +324,6 @@ def main(config_name: str, overrides: list[str], positional: list[str]) -> int:
     # above depends on the GenerationBackend protocol only.
     from questa_nemo.eval import backend as backends
     from questa_nemo.reward.extract import extract_answer
-    from questa_nemo.reward.math import MathReward
 
     cfg = load_config(config_name, overrides)
     e = cfg.eval
@@ -369,10 +361,7 @@ def main(config_name: str, overrides: list[str], positional: list[str]) -> int:
         return extract_answer(text, cfg.reward.max_answer_chars).answer or None
 
     with contextlib.ExitStack() as resources:
-        if cfg.reward.kind == "world":
-            scorer: Scorer = score_world
-        else:
-            scorer = math_scorer(resources.enter_context(MathReward(cfg.reward)))
+        scorer = row_scorer(build_reward(cfg.reward, resources))
         results = evaluate_all(
             cfg,
             checkpoints,

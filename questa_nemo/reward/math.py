@@ -19,7 +19,7 @@ from typing import NamedTuple
 from questa_nemo.config import RewardConfig
 from questa_nemo.reward.check import fast_judge, install_alarm_handler, judge, warm_up
 from questa_nemo.reward.extract import extract_answer, reference_answer
-from questa_nemo.reward.pool import Job, JudgePool, PoolStats, RewardHandle
+from questa_nemo.reward.pool import Job, JudgePool, PoolHandle, PoolStats
 from questa_nemo.reward.types import PARSE_ERROR, REASONS, RewardResult
 
 _REWARD = RewardConfig()  # the schema's defaults: the only place they are written (config.py)
@@ -75,10 +75,13 @@ class MathReward:
             test_faults=test_faults,
         )
 
-    def submit(self, completions: list[str], references: list[str]) -> RewardHandle:
-        """Start scoring and return at once; `handle.result()` waits for the list of RewardResult."""
+    def submit(
+        self, completions: list[str], references: list[str], problems: list[str] | None = None
+    ) -> PoolHandle:
+        """Start scoring and return at once; `handle.result()` waits for the list of RewardResult.
+        `problems` (the Reward protocol's) is not read: the math reward needs only the references."""
         _check_lengths(completions, references)
-        handle = RewardHandle(len(completions))
+        handle = PoolHandle(len(completions))
         jobs = []
         for index, (completion, reference) in enumerate(zip(completions, references)):
             settled = _settle_locally(completion, reference, self.max_answer_chars)

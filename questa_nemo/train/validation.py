@@ -15,24 +15,20 @@ import torch
 
 from questa_nemo.data.outputs import ratio_name
 from questa_nemo.data.word_world import count_steps
-from questa_nemo.data.world import count_ops
 from questa_nemo.eval.benchmarks import BenchmarkRow, load_benchmark, read_records
 from questa_nemo.eval.passk import pass_at_k_over_problems
-from questa_nemo.eval.run import evaluate, math_scorer, score_world
+from questa_nemo.eval.run import evaluate, row_scorer
+from questa_nemo.reward.build import build_reward
+from questa_nemo.reward.world import count_ops
 from questa_nemo.rollout.base import SamplingParams
 
 
 def eval_scorer(s, resources):
-    """The eval-side scorer (texts, BenchmarkRows) -> results, sharing one math worker pool per run."""
-    if s.cfg.reward.kind == "world":
-        return score_world
-    pool = getattr(s, "_math_pool", None)
-    if pool is None:
-        from questa_nemo.reward.math import MathReward
-
-        pool = resources.enter_context(MathReward(s.cfg.reward))
-        s._math_pool = pool
-    return math_scorer(pool)
+    """The eval-side scorer (texts, BenchmarkRows) -> results, sharing one reward (math worker pool) per run."""
+    reward = getattr(s, "_reward", None)
+    if reward is None:
+        reward = s._reward = build_reward(s.cfg.reward, resources)
+    return row_scorer(reward)
 
 
 def answer_extractor(s) -> Callable[[str], str | None]:
