@@ -24,6 +24,7 @@ from questa_nemo.rollout import sampling_params
 from questa_nemo.rollout.base import Completion, GenerationBackend, SamplingParams
 from questa_nemo.train.metrics import PhaseTimer
 from questa_nemo.train.prompts import PromptRow, PromptSource
+from questa_nemo.train.protocols import Policy, Rollouts
 
 # (completion texts [N], the prompt row of each [N]) -> a handle whose .result() gives [N] RewardResults, so
 # scoring of one chunk runs in the reward workers while the next chunk generates.
@@ -294,9 +295,9 @@ class SyncRollouts:
 def grpo_step(
     cfg: Config,
     step: int,
-    policy,
+    policy: Policy,
     backend: GenerationBackend,
-    rollouts: SyncRollouts,
+    rollouts: Rollouts,
     timer: PhaseTimer,
     reduce: Reduce | None = None,
 ) -> tuple[dict[str, float], StepData]:
