@@ -14,14 +14,13 @@ import trtllm_api
 from rollout_models import hf_model
 
 from questa_nemo.config import Config, ConfigError, RolloutConfig, validate
-from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron
+from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, megatron_to_hf
 from questa_nemo.rollout import trtllm
 from questa_nemo.rollout.base import SamplingParams
 from questa_nemo.rollout.trtllm import (
     TRTLLMBackend,
     TRTLLMOptions,
     check_trtllm_version,
-    hf_weights_from_shards,
     parse_request_output,
     sampling_kwargs,
     weight_buckets,
@@ -132,7 +131,7 @@ def test_weights_from_tp2_training_shards_are_the_hf_checkpoint(kind):
         layout: hf_to_megatron(reference, shape, layout)
         for layout in (ShardLayout(tp_rank=0, tp_size=2), ShardLayout(tp_rank=1, tp_size=2))
     }
-    sent = dict(hf_weights_from_shards(shards, shape))
+    sent = megatron_to_hf(shards, shape)  # what the refit sends
     expected = {n for n in reference if not (shape.tied and n == "lm_head.weight")}
     assert set(sent) == expected
     for name in expected:

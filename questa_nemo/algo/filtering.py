@@ -83,7 +83,6 @@ class FilledStep(Generic[GroupT]):
     groups: list[GroupT]  # at most `target_groups`, in the order they were drawn
     counts: FilterCounts  # over every group drawn
     prompt_batches: int  # prompt batches drawn (generated and scored)
-    surplus: int  # kept groups beyond the target, discarded
     full: bool  # False when the bound on prompt batches was hit first
 
 
@@ -132,13 +131,8 @@ def fill_step(
         result = filter_groups(correct, lower, upper)
         counts = counts + result.counts
         kept.extend(g for g, k in zip(groups, result.keep.tolist()) if k)
-    surplus = max(len(kept) - target_groups, 0)
     return FilledStep(
-        groups=kept[:target_groups],
-        counts=counts,
-        prompt_batches=batches,
-        surplus=surplus,
-        full=len(kept) >= target_groups,
+        groups=kept[:target_groups], counts=counts, prompt_batches=batches, full=len(kept) >= target_groups
     )
 
 

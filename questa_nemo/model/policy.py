@@ -376,16 +376,6 @@ class MegatronPolicy:
         for chunk in self.model_chunks:
             chunk.eval()
 
-    def release_grad_memory(self) -> None:
-        """Free the gradient buffers (colocated rollout needs the memory); `restore_grad_memory` before training."""
-        on_gpu = torch.cuda.is_available()
-        for chunk in self.model_chunks:
-            chunk.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
-
-    def restore_grad_memory(self) -> None:
-        for chunk in self.model_chunks:
-            chunk.restore_grad_buffers(synchronize=torch.cuda.is_available())
-
     @property
     def modules(self) -> list[torch.nn.Module]:
         """The bare GPTModel chunks (no DDP wrapper), e.g. for the rollout engine and checkpoint code."""

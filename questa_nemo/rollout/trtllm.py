@@ -47,7 +47,6 @@ from typing import Any
 import torch
 
 from questa_nemo.config import ConfigError, RolloutConfig
-from questa_nemo.model.convert import ModelShape, ShardLayout, megatron_to_hf
 from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContext, SamplingParams
 
 WORKER_EXTENSION = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
@@ -175,13 +174,6 @@ def parse_request_output(output: Any, params: SamplingParams, version: int) -> l
             Completion(tokens, [_chosen_logprob(e, t) for e, t in zip(logprobs, tokens)], reason, version)
         )
     return completions
-
-
-def hf_weights_from_shards(
-    shards: Mapping[ShardLayout, Mapping[str, torch.Tensor]], shape: ModelShape
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """The trainer's Megatron shards (every TP rank of every PP stage) as full HF-named tensors."""
-    yield from megatron_to_hf(shards, shape).items()
 
 
 def weight_buckets(
