@@ -380,7 +380,7 @@ def test_real_hf_tokenizer_renders_the_bare_problem(tmp_path):
 
 def test_row_scorer_hands_the_reward_each_rows_reference_and_problem():
     from questa_nemo.eval.benchmarks import BenchmarkRow
-    from questa_nemo.eval.run import row_scorer
+    from questa_nemo.eval.run import benchmark_scorer
     from questa_nemo.reward.types import Done
 
     class RecordingReward:
@@ -390,7 +390,7 @@ def test_row_scorer_hands_the_reward_each_rows_reference_and_problem():
 
     reward = RecordingReward()
     rows = [BenchmarkRow("a", "p", "\\boxed{1}"), BenchmarkRow("b", "q", "2")]
-    assert len(row_scorer(reward)(["x", "y"], rows)) == 2
+    assert len(benchmark_scorer(reward)(["x", "y"], rows)) == 2
     assert reward.seen == (["x", "y"], ["\\boxed{1}", "2"], ["p", "q"])
 
 
@@ -402,7 +402,7 @@ def test_small_world_end_to_end_with_its_tokenizer_and_reward(tmp_path):
 
     from questa_nemo.data.world import WorldProblem
     from questa_nemo.eval.benchmarks import BenchmarkRow
-    from questa_nemo.eval.run import row_scorer
+    from questa_nemo.eval.run import benchmark_scorer
     from questa_nemo.reward.world import WorldReward
 
     folder = Path(__file__).resolve().parents[1] / "data" / "world" / "tokenizer"
@@ -423,7 +423,7 @@ def test_small_world_end_to_end_with_its_tokenizer_and_reward(tmp_path):
             return GenerationResult(out)
 
     sampling = SamplingParams(n=2, max_new_tokens=32, stop_token_ids=(tokenizer.eos_token_id,))
-    results = evaluate(WorldBackend({}), tokenizer, rows, sampling, row_scorer(WorldReward()), boxed)
+    results = evaluate(WorldBackend({}), tokenizer, rows, sampling, benchmark_scorer(WorldReward()), boxed)
     assert problems[1].answer() == "97"  # 7 - 9 = 98, + 1 = 99, * 3 = 297 = 97 (mod 100): 96 is wrong
     assert [r.correct for r in results] == [2, 0]
     assert results[1].reasons == {"wrong": 2} and results[0].answers == ["16", "16"]

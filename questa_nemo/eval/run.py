@@ -25,16 +25,16 @@ from questa_nemo.reward.types import Reward, RewardResult
 from questa_nemo.rollout.base import GenerationBackend, SamplingParams
 
 
-class Scorer(Protocol):
+class BenchmarkScorer(Protocol):
     """Scores completions, each against the row of the problem it answers: one RewardResult per completion.
 
-    `row_scorer` adapts a reward (reward.build.build_reward) to it.
+    `benchmark_scorer` adapts a reward (reward.build.build_reward) to it.
     """
 
     def __call__(self, completions: list[str], rows: list[BenchmarkRow]) -> list[RewardResult]: ...
 
 
-def row_scorer(reward: Reward) -> Scorer:
+def benchmark_scorer(reward: Reward) -> BenchmarkScorer:
     """Score against each row's answer, handing the reward the row's problem too (the small world's reward reads
     its number of steps there)."""
 
@@ -64,7 +64,7 @@ def evaluate(
     tokenizer: Any,
     rows: Sequence[BenchmarkRow],
     sampling: SamplingParams,
-    scorer: Scorer,
+    scorer: BenchmarkScorer,
     extract_answer: Callable[[str], str | None],
     prompt_template: str = "{problem}",
     problems_per_batch: int = 16,
@@ -239,7 +239,7 @@ def evaluate_all(
     labels: Sequence[str],
     benchmarks: Sequence[Benchmark],
     tokenizer: Any,
-    scorer: Scorer,
+    scorer: BenchmarkScorer,
     extract_answer: Callable[[str], str | None],
     backend_for: Callable[[Config, str], GenerationBackend],
     context_of: Callable[[Config, str], int] | None = None,
@@ -361,7 +361,7 @@ def main(config_name: str, overrides: list[str], positional: list[str]) -> int:
         return extract_answer(text, cfg.reward.max_answer_chars).answer or None
 
     with contextlib.ExitStack() as resources:
-        scorer = row_scorer(build_reward(cfg.reward, resources))
+        scorer = benchmark_scorer(build_reward(cfg.reward, resources))
         results = evaluate_all(
             cfg,
             checkpoints,

@@ -17,7 +17,7 @@ from questa_nemo.data.outputs import ratio_name
 from questa_nemo.data.word_world import count_steps
 from questa_nemo.eval.benchmarks import BenchmarkRow, load_benchmark, read_records
 from questa_nemo.eval.passk import pass_at_k_over_problems
-from questa_nemo.eval.run import evaluate, row_scorer
+from questa_nemo.eval.run import benchmark_scorer, evaluate
 from questa_nemo.reward.build import build_reward
 from questa_nemo.reward.world import count_ops
 from questa_nemo.rollout.base import SamplingParams
@@ -28,7 +28,7 @@ def eval_scorer(s, resources):
     reward = getattr(s, "_reward", None)
     if reward is None:
         reward = s._reward = build_reward(s.cfg.reward, resources)
-    return row_scorer(reward)
+    return benchmark_scorer(reward)
 
 
 def answer_extractor(s) -> Callable[[str], str | None]:
