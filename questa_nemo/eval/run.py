@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from questa_nemo.config import Config, ConfigError, load_config
+from questa_nemo.config import Config, ConfigError, EvalConfig, load_config
 from questa_nemo.eval.benchmarks import BenchmarkRow, benchmark_key, load_benchmark
 from questa_nemo.eval.passk import majority_vote
 from questa_nemo.eval.report import build_report, format_table, plot_pass_at_k, write_pass_rates
@@ -124,18 +124,22 @@ def evaluate(
     return [by_id[r.id] for r in rows]
 
 
-def sampling_from(cfg: Config, tokenizer: Any) -> SamplingParams:
-    """The eval section's sampling, stopping at the tokenizer's EOS."""
-    e = cfg.eval
-    eos = tokenizer.eos_token_id
+def eval_sampling(e: EvalConfig, stop_token_ids: tuple[int, ...], n: int | None = None) -> SamplingParams:
+    """The eval section's sampling (n: eval.n_samples unless given, e.g. in-run validation's fewer samples)."""
     return SamplingParams(
-        n=e.n_samples,
+        n=e.n_samples if n is None else n,
         temperature=e.temperature,
         top_p=e.top_p,
         max_new_tokens=e.max_new_tokens,
-        stop_token_ids=(eos,) if eos is not None else (),
+        stop_token_ids=tuple(stop_token_ids),
         seed=e.seed,
     )
+
+
+def sampling_from(cfg: Config, tokenizer: Any) -> SamplingParams:
+    """The eval section's sampling, stopping at the tokenizer's EOS."""
+    eos = tokenizer.eos_token_id
+    return eval_sampling(cfg.eval, (eos,) if eos is not None else ())
 
 
 def model_labels(checkpoints: Sequence[str], labels: Sequence[str]) -> list[str]:
