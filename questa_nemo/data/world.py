@@ -240,10 +240,6 @@ def write_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]
                                 table) and with each hint ratio of the RL sets (what the warm-up's stop checks)
     warmup.jsonl                supervised warm-up examples (WarmupExample fields)
     """
-    from questa_nemo.data.build import build
-
-    out = Path(cfg.output_dir)
-    (out / "raw").mkdir(parents=True, exist_ok=True)
     eval_set = problem_set("eval", hard_lengths(cfg.eval_problems, cfg, "eval"), cfg)
     held_out = {p.text(cfg.max_ops) for p in eval_set}
     calib_lengths = [n for n in range(1, cfg.max_ops + 1) for _ in range(cfg.calib_problems_per_length)]
@@ -252,15 +248,35 @@ def write_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]
         "calib": problem_set("calib", calib_lengths, cfg, held_out),
         "rl": problem_set("rl", hard_lengths(cfg.rl_problems, cfg, "rl"), cfg, held_out),
     }
+    return write_sets(
+        cfg, sets, lambda problems, name: openr1_rows(problems, name, cfg),
+        lambda inputs, output, ratios: data_config(cfg, inputs, output, ratios),
+        warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out),
+    )
+
+
+def write_sets(
+    cfg: WorldConfig,
+    sets: dict[str, list],
+    raw_rows: Callable[[list, str], Iterable[dict]],
+    data_config_of: Callable[[list[str], str, list[float]], DataConfig],
+    warmup: list[WarmupExample],
+) -> dict[str, Path]:
+    """Write a world's problem sets ({eval, calib, rl}: problems) under cfg.output_dir: raw/<set>.jsonl
+    (`raw_rows(problems, set)`), then `questa-nemo data build` of each at its hint ratios
+    (`data_config_of(inputs, output_dir, ratios)`), and warmup.jsonl. Returns name -> folder (or file)."""
+    from questa_nemo.data.build import build
+
+    out = Path(cfg.output_dir)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for name, problems in sets.items():
         raw = out / "raw" / f"{name}.jsonl"
-        write_jsonl(raw, openr1_rows(problems, name, cfg))
+        write_jsonl(raw, raw_rows(problems, name))
         ratios = {"eval": [0.0], "calib": [0.0, *(r for r in cfg.hint_ratios if r > 0)], "rl": cfg.hint_ratios}
-        build(data_config(cfg, [str(raw)], str(out / name), ratios[name]))
+        build(data_config_of([str(raw)], str(out / name), ratios[name]))
         written[name] = out / name
-    examples = warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out)
-    write_jsonl(out / "warmup.jsonl", (asdict(e) for e in examples))
+    write_jsonl(out / "warmup.jsonl", (asdict(e) for e in warmup))
     written["warmup"] = out / "warmup.jsonl"
     return written
 
