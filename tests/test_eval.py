@@ -9,7 +9,7 @@ import pytest
 from questa_nemo.config import BenchmarkConfig
 from questa_nemo.eval.benchmarks import BenchmarkError, benchmark_key, load_benchmark
 from questa_nemo.eval.report import build_report, format_table, plot_pass_at_k, write_pass_rates
-from questa_nemo.eval.run import evaluate, model_labels, render_prompt
+from questa_nemo.eval.run import chat_prompt_ids, evaluate, model_labels
 from questa_nemo.eval.store import ProblemResult, ResultStore, StoreError
 from questa_nemo.reward.types import RewardResult
 from questa_nemo.rollout.base import Completion, GenerationResult, SamplingParams
@@ -126,7 +126,7 @@ def test_evaluate_counts_and_majority(tmp_path):
     # prompts: the template around the bare problem, through the chat template; seeds advance per batch
     assert backend.calls[0][0] == ["<user>Q: 1+1<assistant>", "<user>Q: 2+2<assistant>"]
     assert [c[1].seed for c in backend.calls] == [10, 11]
-    assert render_prompt(TOK, "x", "{problem}") == TOK.encode("<user>x<assistant>")
+    assert chat_prompt_ids(TOK, "x", "{problem}") == TOK.encode("<user>x<assistant>")
 
 
 def test_resume_skips_finished_problems_and_matches_a_whole_run(tmp_path):
@@ -372,7 +372,7 @@ def test_real_hf_tokenizer_renders_the_bare_problem(tmp_path):
     fast.save_pretrained(tmp_path / "tok")
     cfg = eval_config(tmp_path, f"model.tokenizer={tmp_path / 'tok'}")
     tokenizer = _load_tokenizer(cfg)
-    ids = render_prompt(tokenizer, "1+1", cfg.eval.prompt_template)
+    ids = chat_prompt_ids(tokenizer, "1+1", cfg.eval.prompt_template)
     assert tokenizer.decode(ids) == "<user>Q: 1+1<assistant>"
     params = sampling_from(cfg, tokenizer)
     assert params.stop_token_ids == (1,) and params.n == 4 and params.temperature == 0.6 and params.seed == 10

@@ -44,7 +44,7 @@ def benchmark_scorer(reward: Reward) -> BenchmarkScorer:
     return score
 
 
-def render_prompt(tokenizer: Any, problem: str, template: str) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, problem: str, template: str) -> list[int]:
     """The problem alone (no hint) as one user message through the tokenizer's chat template."""
     messages = [{"role": "user", "content": template.replace("{problem}", problem)}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -88,7 +88,7 @@ def evaluate(
         if backend is None:
             raise ValueError("evaluate: problems are left to run but no backend was given")
         params = dataclasses.replace(sampling, seed=sampling.seed + batch_index)
-        prompts = [render_prompt(tokenizer, r.problem, prompt_template) for r in todo]
+        prompts = [chat_prompt_ids(tokenizer, r.problem, prompt_template) for r in todo]
         cut = [max(0, len(p) - prompt_limit) if prompt_limit is not None else 0 for p in prompts]
         prompts = [p[c:] for p, c in zip(prompts, cut)]
         generated = backend.generate(prompts, params).completions
@@ -207,7 +207,7 @@ def check_prompts_fit(
             f"{e.max_new_tokens} new tokens leave no room for a prompt of {where}: the model has {context} "
             "positions (max_position_embeddings); lower eval.max_new_tokens",
         )
-    lengths = [len(render_prompt(tokenizer, r.problem, e.prompt_template)) for r in rows]
+    lengths = [len(chat_prompt_ids(tokenizer, r.problem, e.prompt_template)) for r in rows]
     over = [(r, n) for r, n in zip(rows, lengths) if n > limit]
     if over and e.overlong_prompts == "error":
         row, n = over[0]
