@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import QWEN25_1P5B, TINY_QWEN2  # noqa: E402
 
+from questa_nemo.atomic import write_text_atomic  # noqa: E402
 from questa_nemo.config import ModelConfig  # noqa: E402
 from questa_nemo.model.convert import ModelShape, ShardLayout, megatron_to_hf  # noqa: E402
 from questa_nemo.model.megatron import build_model  # noqa: E402
@@ -418,12 +418,7 @@ def attention_timing(batch: int = 256, low: int = 1024, high: int = 3072, bs: in
 
 def write_json(path: str, data: dict) -> None:
     """Atomic write: temp file in the target folder, then rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, target)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -221,7 +221,7 @@ def test_sleep_frees_and_generation_resumes(pair):
 def test_empty_prompt_is_rejected(pair):
     _, model = pair
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        ours(model).generate([[1], []], SamplingParams())
+        ours(model).generate([[1], []], SamplingParams(max_new_tokens=4))
 
 
 def test_hf_backend_reproducible_and_self_consistent():

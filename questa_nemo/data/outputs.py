@@ -6,11 +6,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from questa_nemo.atomic import atomic_dir
 
 OUTPUT_FORMATS = ("hf_disk", "jsonl", "parquet")
 MANIFEST = "manifest.json"
@@ -101,17 +101,5 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     final = final.resolve()
     if final.exists() and any(final.iterdir()) and not (final / MANIFEST).is_file():
         raise FileExistsError(f"data.output_dir: {final} exists, is not empty and holds no {MANIFEST}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(final, overwrite=True) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,8 @@ class SamplingParams:
     n: int = 1  # completions per prompt (the GRPO group size)
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    max_new_tokens: int = 256
+    # no default: the caller's config says it (rollout.max_new_tokens 24,000, eval.max_new_tokens 32,768)
+    max_new_tokens: int = field(kw_only=True)
     stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these (EOS included)
     ignore_eos: bool = False  # benchmarks: always run to max_new_tokens
     seed: int = 0  # same prompts + params + seed + weights -> same samples

@@ -55,20 +55,32 @@ from questa_nemo.rollout.graphs import ATTEND_LEN_BUCKET, DecodeRunner, StepKey,
 from questa_nemo.rollout.paged import PagedKVCache, blocks_for
 from questa_nemo.rollout.sampling import sequence_key
 
+_ROLLOUT = RolloutConfig()  # the schema's defaults: the only place they are written (config.py)
+
 
 @dataclass(frozen=True)
 class EngineOptions:
-    max_batch_sequences: int = 512  # slots decoded at once (fewer if the KV cache would not fit)
-    cuda_graphs: bool = True  # capture the decode step on GPU
-    kv_cache_memory_fraction: float = 0.5  # GPU: share of free memory the KV cache may take
-    prefill_chunk_tokens: int = 2048  # prompt tokens per prefill forward
-    harvest_every: int = (
-        64  # decode steps between harvests (one host sync each; a stopped slot idles <= this)
-    )
+    """The engine's knobs; those that are config keys (rollout.*) default to the schema's values."""
+
+    max_batch_sequences: int = _ROLLOUT.max_batch_sequences  # slots decoded at once (fewer if no KV memory)
+    cuda_graphs: bool = _ROLLOUT.cuda_graphs  # capture the decode step on GPU
+    kv_cache_memory_fraction: float = _ROLLOUT.kv_cache_memory_fraction  # GPU: share of free memory
+    prefill_chunk_tokens: int = _ROLLOUT.prefill_chunk_tokens  # prompt tokens per prefill forward
+    harvest_every: int = 64  # decode steps between harvests (one host sync each; a stopped slot idles <= this)
     paged_kv: bool = False  # KV cache in blocks, each sequence reading its own (rollout/paged.py)
     kv_block_size: int = 64  # positions a block (paged): a divisor of 256, at least 16
     kv_blocks: int = 0  # paged pool size in blocks; 0 = sized by kv_cache_memory_fraction (GPU) or need
     kv_headroom_tokens: int = 128  # paged: free positions beyond its prompt a sequence needs to be admitted
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig) -> EngineOptions:
+        """The options a `rollout` config section sets (harvest_every is not a config key)."""
+        return cls(
+            max_batch_sequences=cfg.max_batch_sequences,
+            cuda_graphs=cfg.cuda_graphs,
+            kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+            prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+        )
 
 
 @dataclass
@@ -115,12 +127,7 @@ def _stop_end(tokens: list[int], start: int, stops: set[int]) -> int | None:
 
 def build(cfg: RolloutConfig, ctx: RolloutContext) -> MegatronBackend:
     """The registry's constructor: in place on a whole model, on a gathered replica for shards."""
-    options = EngineOptions(
-        max_batch_sequences=cfg.max_batch_sequences,
-        cuda_graphs=cfg.cuda_graphs,
-        kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
-        prefill_chunk_tokens=cfg.prefill_chunk_tokens,
-    )
+    options = EngineOptions.from_config(cfg)
     model = ctx.chunks[0]
     if len(ctx.chunks) == 1 and ctx.model_parallel == 1:
         return MegatronBackend(model, ctx.vocab_size, options, ctx.version)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Protocol
 
 import torch
 
@@ -20,18 +19,12 @@ from questa_nemo.algo.loss import PolicyLossConfig, loss_config_from, policy_los
 from questa_nemo.config import Config
 from questa_nemo.model.packing import PackedMicroBatch, TokenSequence
 from questa_nemo.model.parallel import Reduce
-from questa_nemo.reward.types import RewardResult
+from questa_nemo.reward.types import RewardHandle, RewardResult
 from questa_nemo.rollout import sampling_params
 from questa_nemo.rollout.base import Completion, GenerationBackend, SamplingParams
 from questa_nemo.train.metrics import PhaseTimer
 from questa_nemo.train.prompts import PromptRow, PromptSource
-
-
-class RewardHandle(Protocol):
-    """What the loop needs of reward.pool.RewardHandle (and train.scoring.Done)."""
-
-    def result(self, timeout: float | None = None) -> list[RewardResult]: ...
-
+from questa_nemo.train.protocols import Policy, Rollouts
 
 # (completion texts [N], the prompt row of each [N]) -> a handle whose .result() gives [N] RewardResults, so
 # scoring of one chunk runs in the reward workers while the next chunk generates.
@@ -303,9 +296,9 @@ class SyncRollouts:
 def grpo_step(
     cfg: Config,
     step: int,
-    policy,
+    policy: Policy,
     backend: GenerationBackend,
-    rollouts: SyncRollouts,
+    rollouts: Rollouts,
     timer: PhaseTimer,
     reduce: Reduce | None = None,
 ) -> tuple[dict[str, float], StepData]:

@@ -30,7 +30,7 @@ from questa_nemo.reward.types import RewardResult
 from questa_nemo.rollout import RolloutContext, build_backend
 from questa_nemo.train.loop import fit
 from questa_nemo.train.prompts import PromptRow, PromptSource
-from questa_nemo.train.scoring import Done
+from questa_nemo.reward.types import Done
 
 
 def main() -> None:
