@@ -158,6 +158,11 @@ class RolloutConfig:
     cuda_graphs: bool = True  # capture the decode step on GPU
     kv_cache_memory_fraction: float = 0.5  # megatron, trtllm: share of free GPU memory for the KV cache
     prefill_chunk_tokens: int = 2048  # megatron: prompt tokens per prefill forward (bounds activation memory)
+    # megatron: KV-cache layout. paged: blocks allocated by actual length, each sequence reading only its own
+    # (H100, 1.5B shape: 1.23x the contiguous cache at 256 x (1K + 2K), 1.57x with R1-like lengths up to 8K,
+    # bench/results/rollout_paged_h100.json); contiguous: one max-length row per slot; auto: paged on GPU,
+    # contiguous on CPU (the same tokens either way; the paged CPU path is a reference gather, not faster)
+    kv_cache: str = "auto"
     tensor_parallel: int = 1  # trtllm: engine TP = model.tensor_parallel x model.pipeline_parallel
     trtllm_refit_bucket_mb: int = 1024  # trtllm: weights per update_weights RPC (each rank's GPU holds one)
     trtllm_release_weights: bool = False  # trtllm: sleep also drops the engine's weights (the refit refills)
@@ -441,6 +446,7 @@ EVAL_PRESETS: tuple[str, ...] = ("questa", "leaderboard", "validation", "profile
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.input_format": ("auto", "openr1", "reference_jsonl"),
+    "rollout.kv_cache": ("auto", "paged", "contiguous"),
     "data.cut_mode": ("char", "token", "sentence", "step"),
     "data.answer_leak": ("keep", "drop", "recut"),
     "model.params_dtype": ("bf16", "fp32"),

@@ -249,3 +249,23 @@ def test_paged_decode_step_is_capture_safe(model, monkeypatch):
     runner.positions.copy_(saved[1])
     runner._step(key)
     assert torch.equal(first[0], runner.tokens) and torch.equal(first[1], runner.logprobs)
+
+
+def test_rollout_kv_cache_config_picks_the_layout(model):
+    """rollout.kv_cache: auto is contiguous on CPU (paged on GPU), paged and contiguous force it; a wrong value
+    is refused naming the key."""
+    from questa_nemo.config import Config, ConfigError, RolloutConfig, validate
+    from questa_nemo.rollout import RolloutContext, build_backend
+    from questa_nemo.rollout.paged import PagedKVCache
+
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=2)
+    results = {}
+    for layout in ("auto", "paged", "contiguous"):
+        b = build_backend(RolloutConfig(kv_cache=layout, cuda_graphs=False), RolloutContext([model], VOCAB))
+        results[layout] = tokens(b.generate(PROMPTS, params))
+        assert isinstance(b._runner.cache, PagedKVCache) == (layout == "paged")
+    assert results["auto"] == results["paged"] == results["contiguous"]
+    cfg = Config()
+    cfg.rollout.kv_cache = "ragged"
+    with pytest.raises(ConfigError, match="rollout.kv_cache"):
+        validate(cfg)

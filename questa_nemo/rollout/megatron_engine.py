@@ -43,7 +43,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -129,6 +129,8 @@ def build(cfg: RolloutConfig, ctx: RolloutContext) -> MegatronBackend:
     """The registry's constructor: in place on a whole model, on a gathered replica for shards."""
     options = EngineOptions.from_config(cfg)
     model = ctx.chunks[0]
+    on_gpu = next(model.parameters()).is_cuda
+    options = replace(options, paged_kv=cfg.kv_cache == "paged" or (cfg.kv_cache == "auto" and on_gpu))
     if len(ctx.chunks) == 1 and ctx.model_parallel == 1:
         return MegatronBackend(model, ctx.vocab_size, options, ctx.version)
     if ctx.hf_config is None:
@@ -316,7 +318,7 @@ class MegatronBackend:
             return self._runner
         if on_gpu:
             per_slot = 2 * len(w.layers) * w.groups * max_len * w.head_dim * w.embedding.element_size()
-            per_slot += 4 * w.lm_head.size(0)  # the slot's row of sampling noise
+            per_slot += 8 * w.lm_head.size(0)  # the slot's rows of sampling temporaries (probs, cumsum)
             free, _ = torch.cuda.mem_get_info(w.embedding.device)
             fit = int(free * self.options.kv_cache_memory_fraction) // per_slot
             if fit < 1:
