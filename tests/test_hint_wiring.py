@@ -31,7 +31,7 @@ from questa_nemo.train.grpo import (
     unhinted_correction,
 )
 from questa_nemo.train.hints import HintRuntime, snap_down
-from questa_nemo.train.prompts import PromptRow, PromptSource, check_split_ids, load_hint_prompts
+from questa_nemo.train.prompts import PromptRow, PromptSource, check_split_ids, load_hint_prompts, problem_id
 from questa_nemo.train.scoring import Done
 
 RATIOS = (0.0, 25.0, 50.0, 75.0, 100.0)
@@ -163,6 +163,22 @@ def test_splits_load_by_ratio_and_id(tmp_path):
     assert sorted(got) == [0.0, 50.0]
     assert got[50.0]["a"].prompt_ids == [ord(c) for c in "a|50"] and got[50.0]["a"].hinted
     assert not got[0.0]["b"].hinted
+
+
+def test_rows_match_by_problem_across_the_ratio_suffix(tmp_path):
+    """`questa-nemo data` ids are "<source id>@p<ratio>": the splits match on the part before it."""
+    assert problem_id("world-rl-000001@p25") == "world-rl-000001"
+    assert problem_id("a@b@p12.5") == "a@b" and problem_id("q7") == "q7" and problem_id("x@pz") == "x@pz"
+    write_split(tmp_path / "p0.jsonl", ["a@p0", "b@p0"], 0)
+    write_split(tmp_path / "p50.jsonl", ["b@p50", "a@p50"], 50)
+    got = load_hint_prompts({"p0": str(tmp_path / "p0.jsonl"), "p50": str(tmp_path / "p50.jsonl")},
+                            FakeTokenizer(), 100)
+    assert sorted(got[50.0]) == ["a", "b"] and got[50.0]["a"].id == "a@p50"
+    cfg = config("algo.hints.mode=adaptive", "algo.hints.splits={p0: x, p50: y}")
+    hints = HintRuntime.from_config(cfg, got)
+    drawn = PromptRow("a@p0", [1], "", False, {})
+    hints.check_rows([drawn], "rl/p0")
+    assert hints.row_for(drawn, 0.0).id == "a@p50"  # initial level 2 x 25 = 50
 
 
 def test_split_id_mismatch_is_one_line_naming_file_and_id(tmp_path):
@@ -471,3 +487,21 @@ def test_sync_rollouts_carry_the_runtime():
     restored = HintRuntime.from_config(cfg, splits(4))
     restored.load_state_dict(json.loads(json.dumps(levels)), json.loads(json.dumps(budget)))
     assert restored.levels == hints.levels and restored.budget == hints.budget
+
+
+def test_async_rollouts_checkpoint_the_trained_steps_levels_not_the_producers():
+    """The producer may run a step ahead; the state stored for step 2 is the synchronous run's after step 2."""
+    from questa_nemo.train.async_rollouts import AsyncRollouts
+
+    cfg = config("algo.hints.mode=adaptive", ADAPTIVE_SPLITS, "rollout.max_staleness=1")
+    sc = scorer({1: 100, 2: 100, 3: 75}, {2: 2, 3: 1})
+    sync = runtime(cfg)
+    rollouts = SyncRollouts(cfg, source(), Scripted(), sc, decode, (), hints=sync)
+    for step in (1, 2):
+        rollouts.next(step)
+    ahead = runtime(cfg)
+    with AsyncRollouts(cfg, source(), Scripted(), sc, decode, (), first_step=1, hints=ahead) as produced:
+        produced.next(1)
+        produced.next(2)
+        assert ahead.state_dict(2) == sync.state_dict(2)
+        assert ahead.snapshot(2)["metrics"] == sync.snapshot(2)["metrics"]

@@ -247,12 +247,12 @@ def test_sigkill_resume_at_dp2_with_filtering_reproduces_the_uninterrupted_run(t
 
 
 ADAPTIVE = [
-    "world.hint_ratios=[0,50,100]",
+    "world.hint_ratios=[0,25,50]",
     "train.arms={adaptive: ${world.output_dir}/rl/p0}",
     "algo.hints.mode=adaptive",
     "algo.hints.splits={p0: ${world.output_dir}/rl/p0, p50: ${world.output_dir}/rl/p50, "
-    "p100: ${world.output_dir}/rl/p100}",
-    "algo.hints.levels.ratio_per_level=50",
+    "p25: ${world.output_dir}/rl/p25}",
+    "algo.hints.levels.ratio_per_level=25",
     "algo.hints.levels.max=2",
     "algo.hints.levels.initial=1",
     "algo.hints.max_retries=1",

@@ -34,7 +34,7 @@ from questa_nemo.rollout import sampling_params
 from questa_nemo.rollout.base import Completion, GenerationBackend, SamplingParams
 from questa_nemo.train.hints import HintRuntime
 from questa_nemo.train.metrics import PhaseTimer
-from questa_nemo.train.prompts import PromptRow, PromptSource
+from questa_nemo.train.prompts import PromptRow, PromptSource, problem_id
 
 
 class RewardHandle(Protocol):
@@ -249,7 +249,7 @@ def collect_step(
                 spent = hints.budget.charge(tally.tokens * dp_size)  # this step's so far, as if every rank's
                 cap = affordable_groups(spent, cfg.rollout.n_samples * cfg.rollout.max_new_tokens)
                 rates = torch.tensor([success_rate(g) for g in groups])
-                plan = plan_retries([r.id for r in batch], rates, levels, retries_used, h.max_retries, cap)
+                plan = plan_retries([problem_id(r.id) for r in batch], rates, levels, retries_used, h.max_retries, cap)
                 if not plan.retry:
                     break
                 levels, retries_used = plan.levels, plan.retries_used
@@ -263,8 +263,9 @@ def collect_step(
                 for i, g in zip(plan.retry, redrawn):
                     groups[i] = g
         tally.add_groups(groups)
-        tally.batches.append(([r.id for r in whole], {
-            dp_rank + i * dp_size: (success_rate(g), levels.level(r.id)) for i, (r, g) in enumerate(zip(batch, groups))
+        tally.batches.append(([problem_id(r.id) for r in whole], {
+            dp_rank + i * dp_size: (success_rate(g), levels.level(problem_id(r.id)))
+            for i, (r, g) in enumerate(zip(batch, groups))
         }))
         return groups
 
@@ -273,7 +274,7 @@ def collect_step(
         whole = source.next(cfg.train.prompts_per_step)
         attempt += 1
         if hints is not None:
-            tally.batches.append(([r.id for r in whole], {}))
+            tally.batches.append(([problem_id(r.id) for r in whole], {}))
 
     a = cfg.algo
     filled = fill_step(

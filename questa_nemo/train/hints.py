@@ -29,7 +29,7 @@ from questa_nemo.algo.hint_levels import (
     training_progress,
 )
 from questa_nemo.config import Config, ConfigError, HintsConfig
-from questa_nemo.train.prompts import HintPrompts, PromptRow
+from questa_nemo.train.prompts import HintPrompts, PromptRow, problem_id
 
 
 def snap_down(ratio: float, available: list[float]) -> float:
@@ -81,7 +81,7 @@ class HintRuntime:
             return
         known = set().union(*(set(p) for p in self.prompts.values()))
         for row in rows:
-            if row.id not in known:
+            if problem_id(row.id) not in known:
                 raise ConfigError("algo.hints.splits", f"{source}: row id {row.id!r} is in none of the hint splits")
 
     # --------------------------------------------------------------------------------------- progress
@@ -96,7 +96,7 @@ class HintRuntime:
         sc = self.cfg.schedule
         if self.adaptive:
             factor = anneal_factor(progress, sc.kind, sc.end)
-            return (levels or self.levels).ratio(row.id) * factor
+            return (levels or self.levels).ratio(problem_id(row.id)) * factor
         if sc.kind == "constant":
             return None
         if sc.kind == "stages":
@@ -108,7 +108,7 @@ class HintRuntime:
         """The problem's row in the split of `ratio` snapped down; a ratio whose prompt was too long (skipped at
         tokenisation) falls to the next lower one, and to the row as drawn when none has it."""
         for r in sorted((x for x in self.ratios if x <= snap_down(ratio, self.ratios) + 1e-9), reverse=True):
-            found = self.prompts[r].get(row.id)
+            found = self.prompts[r].get(problem_id(row.id))
             if found is not None:
                 return found
         return row
