@@ -309,3 +309,28 @@ def test_sigkill_resume_keeps_hint_levels_and_token_budget_exact(tmp_path):
     assert done["step"] == logged[-1]["step"] < 6
     assert logged[-1]["hints/tokens_used"] >= budget > logged[-2]["hints/tokens_used"]
     assert run_state(short / "adaptive")["step"] == done["step"]
+
+
+@pytest.mark.slow
+def test_dp2_adaptive_hint_levels_agree_on_every_rank(tmp_path):
+    """DP=2 through fit and the real collectives (NCCL-strict guard), adaptive hints with retries, mixed groups
+    and filtering refills: both ranks end with the same per-problem levels and token budget, which are the
+    checkpoint's and the log's."""
+    sys.path.insert(0, str(REPO / "tests" / "dist"))
+    from launch import strict_env
+
+    run = tmp_path / "adaptive"
+    hints = ["algo.hints.mode=adaptive", "algo.hints.splits={p0: x, p25: x, p50: x, p75: x, p100: x}",
+             "algo.hints.max_retries=1", "algo.hints.unhinted_share=0.25"]
+    done = subprocess.run(_dp_worker(run, 3) + hints, env=strict_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ends = [json.loads((run / f"cursor_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ends[0]["hint_levels"] == ends[1]["hint_levels"]
+    assert ends[0]["token_budget"] == ends[1]["token_budget"]
+    levels = ends[0]["hint_levels"]["levels"]
+    assert len(set(levels.values())) > 1, levels  # moved both ways, not only up
+    assert run_state(run)["hint_levels"] == ends[0]["hint_levels"]
+    logged = metrics(run / "metrics.jsonl")
+    assert logged[-1]["hints/tokens_used"] == ends[0]["token_budget"]["used"]
+    assert sum(m["hints/retry_groups"] for m in logged) > 0

@@ -163,12 +163,14 @@ def fit(
     tokenizer_dir: str | None = None,
     preempt: PreemptionFlag | None = None,
     hint_prompts: HintPrompts | None = None,
+    hints: HintRuntime | None = None,
 ) -> int:
     """Train `cfg.train.steps` GRPO steps into run_dir, resuming from its newest checkpoint. Returns 0 when
     done, EXIT_PREEMPTED after a preemption signal (checkpoint written). `comm`: the collectives over the DP
     group and the world (model/parallel.py `loop_collectives`; None for one process). `hint_prompts`: the
     algo.hints.splits tokenised (train/prompts.py load_hint_prompts). The run also stops once the rollouts have
-    generated train.token_budget tokens."""
+    generated train.token_budget tokens. `hints`: the hint state to use (built from cfg and hint_prompts when
+    None); the caller may read its levels and budget afterwards."""
     from tqdm import tqdm
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +179,7 @@ def fit(
     ckpt = Checkpointer(run_dir, policy, t.save_every, t.recovery_every, t.keep_checkpoints, hf_config, tokenizer_dir,
                         is_main, comm)
     state = RunState()
-    hints = HintRuntime.from_config(cfg, hint_prompts)
+    hints = hints or HintRuntime.from_config(cfg, hint_prompts)
     hints.check_rows(source.rows, cfg.train.dataset or "train.dataset")
     latest = latest_checkpoint(run_dir)
     if latest is not None:
