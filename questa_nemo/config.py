@@ -447,6 +447,9 @@ class TrainConfig:
     final_eval: bool = True  # after training: evaluate the initial and every arm's final weights (eval section)
     validation_problems: int = 0  # problems of the first eval benchmark used every eval_every steps; 0 = all
     validation_samples: int = 4  # samples per problem in validation and calibration (pass@1 and pass@n)
+    # every eval_every steps also: hard calibration problems with the largest world.hint_ratios hint and without,
+    # logged as eval/hint_reliance (pass@1 with - without, the same problems); needs the world's calib sets
+    validation_reliance: bool = False
     # generated tokens (retries, filtered-out groups and unhinted samples included) after which a GRPO stage
     # stops (equal compute across arms); hint schedules then use progress = used / budget. null: train.steps
     token_budget: int | None = None

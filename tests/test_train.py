@@ -260,6 +260,7 @@ ADAPTIVE = [
     "train.steps=6",
     "train.recovery_every=2",
     "train.save_every=100",
+    "train.validation_reliance=true",
 ]
 
 
@@ -294,6 +295,8 @@ def test_sigkill_resume_keeps_hint_levels_and_token_budget_exact(tmp_path):
     assert [m["step"] for m in ours] == [1, 2, 3, 4, 5, 6]
     assert all("hints/level_mean" in m and m["hints/tokens_used"] > 0 for m in ours)
     assert sum(m["hints/retry_groups"] for m in ours) > 0, "no retry happened: the test lost its point"
+    assert [m["step"] for m in ours if "eval/hint_reliance" in m] == [3, 6]  # train.eval_every=3
+    assert all(-1 <= m["eval/hint_reliance"] <= 1 for m in ours if "eval/hint_reliance" in m)
     a, b = run_state(cut / "adaptive"), run_state(whole / "adaptive")
     assert a["step"] == b["step"] == 6
     assert a["hint_levels"] == b["hint_levels"] and a["token_budget"] == b["token_budget"]
