@@ -306,6 +306,10 @@ class HintsConfig:
             raise ConfigError(f"{key}.splits", "mode=adaptive, a schedule other than constant, unhinted_share > 0 "
                               "and unhinted_correction need the data sets of each hint ratio")
         ratios = self.split_ratios()
+        top = min(lv.max * lv.ratio_per_level, 100.0)
+        if self.mode == "adaptive" and ratios and top > ratios[-1] + 1e-9:
+            raise ConfigError(f"{key}.levels.max", f"level {lv.max} shows {top:g}% but the largest split is "
+                              f"{ratios[-1]:g}%: it would serve the same prompt as a lower level (and retry to it)")
         if (self.unhinted_share > 0 or self.unhinted_correction) and 0.0 not in ratios:
             raise ConfigError(f"{key}.splits", "unhinted_share / unhinted_correction need the unhinted split \"0\"")
         if sc.kind == "stages":

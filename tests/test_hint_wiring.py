@@ -123,6 +123,9 @@ def test_config_errors_name_the_key(override, key):
 
 
 def test_config_relations_name_the_key():
+    with pytest.raises(ConfigError, match="largest split is 50%") as e:
+        load_config("default", ["algo.hints.mode=adaptive", "algo.hints.splits={p0: a, p50: b}"])
+    assert e.value.key == "algo.hints.levels.max"
     with pytest.raises(ConfigError, match="unhinted split") as e:
         load_config("default", ["algo.hints.unhinted_share=0.25", "algo.hints.splits={p50: a}"])
     assert e.value.key == "algo.hints.splits"
@@ -174,7 +177,7 @@ def test_rows_match_by_problem_across_the_ratio_suffix(tmp_path):
     got = load_hint_prompts({"p0": str(tmp_path / "p0.jsonl"), "p50": str(tmp_path / "p50.jsonl")},
                             FakeTokenizer(), 100)
     assert sorted(got[50.0]) == ["a", "b"] and got[50.0]["a"].id == "a@p50"
-    cfg = config("algo.hints.mode=adaptive", "algo.hints.splits={p0: x, p50: y}")
+    cfg = config("algo.hints.mode=adaptive", "algo.hints.splits={p0: x, p50: y}", "algo.hints.levels.max=2")
     hints = HintRuntime.from_config(cfg, got)
     drawn = PromptRow("a@p0", [1], "", False, {})
     hints.check_rows([drawn], "rl/p0")
@@ -412,7 +415,7 @@ class PositionPolicy:
 
 def correction_data(cap: float):
     cfg = config("algo.hints.unhinted_correction=true", f"algo.hints.correction_cap={cap}",
-                 "algo.hints.unhinted_share=0.5", "algo.hints.mode=adaptive", "algo.hints.splits={p0: a, p50: b}", "algo.filter_enabled=false",
+                 "algo.hints.unhinted_share=0.5", "algo.hints.mode=adaptive", "algo.hints.levels.max=2", "algo.hints.splits={p0: a, p50: b}", "algo.filter_enabled=false",
                  prompts=1)
     hints = HintRuntime.from_config(cfg, splits(1, (0.0, 50.0)))
     hints.prompts[50.0]["q0"] = PromptRow("q0", [0, 50, 7, 7], "", True, {})  # hinted prompt 2 tokens longer
