@@ -211,6 +211,118 @@ class RewardConfig:
         _at_least("reward", self, ("kill_grace_s", "memory_limit_mb"), 0)
 
 
+# ------------------------------------------------------------------------------------ adaptive hints
+HINT_MODES: tuple[str, ...] = ("fixed", "adaptive")
+HINT_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine", "stages")  # algo/hint_levels.py SCHEDULES
+
+
+def split_ratio(key: str) -> float:
+    """Hint ratio (percent) of an algo.hints.splits key: "50" or "p50" (data/outputs.py's folder name)."""
+    return float(key[1:] if key.startswith("p") else key)
+
+
+@dataclass
+class HintLevelsConfig:
+    """Per-problem hint levels (algo/hint_levels.py HintLevels): level k shows min(k * ratio_per_level, 100)
+    percent of the reference solution."""
+
+    min: int = 0
+    max: int = 4
+    step: int = 1  # levels moved per update (all wrong: up, all right: down)
+    initial: int = 2  # level of a problem not seen yet
+    ratio_per_level: float = 25.0
+
+
+@dataclass
+class HintScheduleConfig:
+    kind: str = "constant"  # constant | linear | cosine (anneal to 0 at `end`) | stages (QuestA's 50 then 25)
+    end: float = 1.0  # training progress at which linear / cosine reach 0
+    boundaries: list[float] = field(default_factory=list)  # stages: progress where each stage ends, e.g. [0.5, 1]
+    ratios: list[float] = field(default_factory=list)  # stages: hint ratio (percent) per stage, e.g. [50, 25]
+
+
+@dataclass
+class HintsConfig:
+    """Which hint each drawn problem is shown (docs: issue 20). Defaults = the prompts as the data set was
+    built (QuestA's fixed ratio), bit for bit."""
+
+    mode: str = "fixed"  # fixed: the data set's / schedule's ratio | adaptive: per-problem level, moved by outcome
+    # hint ratio in percent as a string ("0", "25", ... or the data build's folder names "p0", "p25", ...; on the
+    # command line only the p form parses: algo.hints.splits={p0: path, p50: path}) -> data set built with that
+    # ratio (rows matched by id);
+    # needed by adaptive, schedules other than constant, unhinted_share > 0 and unhinted_correction ("0")
+    splits: dict[str, str] = field(default_factory=dict)
+    levels: HintLevelsConfig = field(default_factory=HintLevelsConfig)
+    max_retries: int = 0  # in-step retries of an all-fail group with a longer hint (adaptive; 0 = off)
+    unhinted_share: float = 0.0  # share of each group's samples drawn from the prompt without a hint
+    schedule: HintScheduleConfig = field(default_factory=HintScheduleConfig)
+    unhinted_correction: bool = False  # weight hinted samples by p(completion | no hint) / p(.. | hint)
+    correction_cap: float = 5.0  # tokens whose correction weight exceeds this are masked out
+
+    def split_ratios(self) -> list[float]:
+        return sorted(split_ratio(k) for k in self.splits)
+
+    def needs_splits(self) -> bool:
+        return (self.mode == "adaptive" or self.schedule.kind != "constant" or self.unhinted_share > 0
+                or self.unhinted_correction)
+
+    def validate(self, key: str = "algo.hints") -> None:
+        if self.mode not in HINT_MODES:
+            raise ConfigError(f"{key}.mode", f"{self.mode!r} is not one of {', '.join(HINT_MODES)}")
+        for name, path in self.splits.items():
+            try:
+                ratio = split_ratio(name)
+            except ValueError:
+                raise ConfigError(f"{key}.splits", f"key {name!r} is not a hint ratio in percent") from None
+            if not 0 <= ratio <= 100:
+                raise ConfigError(f"{key}.splits", f"ratio {name} is outside [0, 100]")
+            if not path:
+                raise ConfigError(f"{key}.splits.{name}", "is empty")
+        lv = self.levels
+        if not 0 <= lv.min <= lv.max:
+            raise ConfigError(f"{key}.levels.min", f"need 0 <= min <= max, got {lv.min}, {lv.max}")
+        if not lv.min <= lv.initial <= lv.max:
+            raise ConfigError(f"{key}.levels.initial", f"{lv.initial} is outside [{lv.min}, {lv.max}]")
+        if lv.step < 1:
+            raise ConfigError(f"{key}.levels.step", "must be >= 1")
+        if not lv.ratio_per_level > 0:
+            raise ConfigError(f"{key}.levels.ratio_per_level", "must be > 0")
+        if self.max_retries < 0:
+            raise ConfigError(f"{key}.max_retries", "must be >= 0")
+        if self.max_retries > 0 and self.mode != "adaptive":
+            raise ConfigError(f"{key}.max_retries", "retries move the per-problem level: need mode=adaptive")
+        if not 0 <= self.unhinted_share <= 1:
+            raise ConfigError(f"{key}.unhinted_share", "must be in [0, 1]")
+        if self.correction_cap <= 0:
+            raise ConfigError(f"{key}.correction_cap", "must be > 0")
+        sc = self.schedule
+        if sc.kind not in HINT_SCHEDULES:
+            raise ConfigError(f"{key}.schedule.kind", f"{sc.kind!r} is not one of {', '.join(HINT_SCHEDULES)}")
+        if not 0 < sc.end <= 1:
+            raise ConfigError(f"{key}.schedule.end", "must be in (0, 1]")
+        if sc.kind == "stages":
+            if not sc.ratios or len(sc.ratios) != len(sc.boundaries):
+                raise ConfigError(f"{key}.schedule.ratios", "stages need one ratio per boundary (and at least one)")
+            if any(b <= a for a, b in zip(sc.boundaries, sc.boundaries[1:])) or sc.boundaries[-1] < 1:
+                raise ConfigError(f"{key}.schedule.boundaries", "must increase and end at >= 1")
+            if self.mode != "fixed":
+                raise ConfigError(f"{key}.schedule.kind", "stages give the ratio itself: need mode=fixed")
+        if self.needs_splits() and not self.splits:
+            raise ConfigError(f"{key}.splits", "mode=adaptive, a schedule other than constant, unhinted_share > 0 "
+                              "and unhinted_correction need the data sets of each hint ratio")
+        ratios = self.split_ratios()
+        top = min(lv.max * lv.ratio_per_level, 100.0)
+        if self.mode == "adaptive" and ratios and top > ratios[-1] + 1e-9:
+            raise ConfigError(f"{key}.levels.max", f"level {lv.max} shows {top:g}% but the largest split is "
+                              f"{ratios[-1]:g}%: it would serve the same prompt as a lower level (and retry to it)")
+        if (self.unhinted_share > 0 or self.unhinted_correction) and 0.0 not in ratios:
+            raise ConfigError(f"{key}.splits", "unhinted_share / unhinted_correction need the unhinted split \"0\"")
+        if sc.kind == "stages":
+            for r in sc.ratios:
+                if not any(abs(r - x) < 1e-9 for x in ratios):
+                    raise ConfigError(f"{key}.schedule.ratios", f"ratio {r} has no split in {key}.splits")
+
+
 # --------------------------------------------------------------------------------------- algorithm
 @dataclass
 class AlgoConfig:
@@ -230,8 +342,10 @@ class AlgoConfig:
     filter_max_success: float = 0.95
     filter_enabled: bool = True
     max_prompt_batches: int = 4  # bound on extra prompt batches drawn to refill a filtered step
+    hints: HintsConfig = field(default_factory=HintsConfig)  # adaptive hints (issue 20); defaults = none
 
     def validate(self) -> None:
+        self.hints.validate()
         if not 0 <= self.filter_min_success <= self.filter_max_success <= 1:
             raise ConfigError(
                 "algo.filter_min_success", "need 0 <= filter_min_success <= filter_max_success <= 1"
@@ -342,8 +456,16 @@ class TrainConfig:
     final_eval: bool = True  # after training: evaluate the initial and every arm's final weights (eval section)
     validation_problems: int = 0  # problems of the first eval benchmark used every eval_every steps; 0 = all
     validation_samples: int = 4  # samples per problem in validation and calibration (pass@1 and pass@n)
+    # every eval_every steps also: hard calibration problems with the largest world.hint_ratios hint and without,
+    # logged as eval/hint_reliance (pass@1 with - without, the same problems); needs the world's calib sets
+    validation_reliance: bool = False
+    # generated tokens (retries, filtered-out groups and unhinted samples included) after which a GRPO stage
+    # stops (equal compute across arms); hint schedules then use progress = used / budget. null: train.steps
+    token_budget: int | None = None
 
     def validate(self) -> None:
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ConfigError("train.token_budget", "must be >= 1 or null")
         keys = ("steps", "prompts_per_step", "micro_batch_tokens", "save_every", "recovery_every")
         _at_least("train", self, keys, 1)
         self.warmup.validate()

@@ -243,3 +243,96 @@ def test_sigkill_resume_at_dp2_with_filtering_reproduces_the_uninterrupted_run(t
     for r in (0, 1):  # each rank's RNG restored from its own state, not rank 0's
         assert ends["cut", r]["rng"] == ends["whole", r]["rng"], ends
     assert ends["whole", 0]["rng"] != ends["whole", 1]["rng"]
+
+
+ADAPTIVE = [
+    "world.hint_ratios=[0,25,50]",
+    "train.arms={adaptive: ${world.output_dir}/rl/p0}",
+    "algo.hints.mode=adaptive",
+    "algo.hints.splits={p0: ${world.output_dir}/rl/p0, p50: ${world.output_dir}/rl/p50, "
+    "p25: ${world.output_dir}/rl/p25}",
+    "algo.hints.levels.ratio_per_level=25",
+    "algo.hints.levels.max=2",
+    "algo.hints.levels.initial=1",
+    "algo.hints.max_retries=1",
+    "algo.hints.unhinted_share=0.25",
+    "train.steps=6",
+    "train.recovery_every=2",
+    "train.save_every=100",
+    "train.validation_reliance=true",
+]
+
+
+def run_state(run: Path) -> dict:
+    newest = max((run / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    return json.loads((newest / "run_state.json").read_text())
+
+
+@pytest.mark.slow
+def test_sigkill_resume_keeps_hint_levels_and_token_budget_exact(tmp_path):
+    """Adaptive hints with retries and mixed groups: a run SIGKILLed after its third step and resumed logs the
+    uninterrupted run's metrics (hints/level_*, hints/tokens_used included) and ends with the same per-problem
+    levels and token budget; a run given the tokens the whole run had used after step 3 stops there."""
+    whole = tmp_path / "whole"
+    subprocess.run(train_cmd(whole, *ADAPTIVE), check=True, env=env(), cwd=REPO, capture_output=True, timeout=900)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(train_cmd(cut, *ADAPTIVE), env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = cut / "adaptive" / "metrics.jsonl"
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "adaptive" / "DONE").exists(), "the run finished before it could be killed"
+    subprocess.run(train_cmd(cut, *ADAPTIVE), check=True, env=env(), cwd=REPO, capture_output=True, timeout=900)
+
+    ours, theirs = metrics(cut / "adaptive" / "metrics.jsonl"), metrics(whole / "adaptive" / "metrics.jsonl")
+    assert ours == theirs
+    assert [m["step"] for m in ours] == [1, 2, 3, 4, 5, 6]
+    assert all("hints/level_mean" in m and m["hints/tokens_used"] > 0 for m in ours)
+    assert sum(m["hints/retry_groups"] for m in ours) > 0, "no retry happened: the test lost its point"
+    assert [m["step"] for m in ours if "eval/hint_reliance" in m] == [3, 6]  # train.eval_every=3
+    assert all(-1 <= m["eval/hint_reliance"] <= 1 for m in ours if "eval/hint_reliance" in m)
+    a, b = run_state(cut / "adaptive"), run_state(whole / "adaptive")
+    assert a["step"] == b["step"] == 6
+    assert a["hint_levels"] == b["hint_levels"] and a["token_budget"] == b["token_budget"]
+    assert b["hint_levels"]["levels"], "no level was recorded"
+    assert b["token_budget"]["used"] == theirs[-1]["hints/tokens_used"]
+
+    budget = int(theirs[2]["hints/tokens_used"])
+    short = tmp_path / "short"
+    subprocess.run(train_cmd(short, *ADAPTIVE, f"train.token_budget={budget}"), check=True, env=env(), cwd=REPO,
+                   capture_output=True, timeout=900)
+    logged = metrics(short / "adaptive" / "metrics.jsonl")
+    done = json.loads((short / "adaptive" / "DONE").read_text())
+    assert done["step"] == logged[-1]["step"] < 6
+    assert logged[-1]["hints/tokens_used"] >= budget > logged[-2]["hints/tokens_used"]
+    assert run_state(short / "adaptive")["step"] == done["step"]
+
+
+@pytest.mark.slow
+def test_dp2_adaptive_hint_levels_agree_on_every_rank(tmp_path):
+    """DP=2 through fit and the real collectives (NCCL-strict guard), adaptive hints with retries, mixed groups
+    and filtering refills: both ranks end with the same per-problem levels and token budget, which are the
+    checkpoint's and the log's."""
+    sys.path.insert(0, str(REPO / "tests" / "dist"))
+    from launch import strict_env
+
+    run = tmp_path / "adaptive"
+    hints = ["algo.hints.mode=adaptive", "algo.hints.splits={p0: x, p25: x, p50: x, p75: x, p100: x}",
+             "algo.hints.max_retries=1", "algo.hints.unhinted_share=0.25"]
+    done = subprocess.run(_dp_worker(run, 3) + hints, env=strict_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ends = [json.loads((run / f"cursor_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ends[0]["hint_levels"] == ends[1]["hint_levels"]
+    assert ends[0]["token_budget"] == ends[1]["token_budget"]
+    levels = ends[0]["hint_levels"]["levels"]
+    assert len(set(levels.values())) > 1, levels  # moved both ways, not only up
+    assert run_state(run)["hint_levels"] == ends[0]["hint_levels"]
+    logged = metrics(run / "metrics.jsonl")
+    assert logged[-1]["hints/tokens_used"] == ends[0]["token_budget"]["used"]
+    assert sum(m["hints/retry_groups"] for m in logged) > 0

@@ -74,13 +74,15 @@ class AsyncRollouts:
         dp_rank: int = 0,
         dp_size: int = 1,
         agree=None,
+        hints=None,
     ):
         if cfg.rollout.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness must be >= 0, got {cfg.rollout.max_staleness}")
-        self.source, self.backend = source, backend
+        self.source, self.backend, self.hints = source, backend, hints
 
         def collect(step: int) -> FilledStep[Group]:  # what SyncRollouts.next does, on the producer thread
-            return collect_step(cfg, step, source, backend, scorer, decode, stop_token_ids, dp_rank, dp_size, agree)
+            return collect_step(cfg, step, source, backend, scorer, decode, stop_token_ids, dp_rank, dp_size, agree,
+                                hints)
 
         self._collect = collect
         self.max_staleness = cfg.rollout.max_staleness

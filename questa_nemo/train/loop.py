@@ -21,9 +21,10 @@ from questa_nemo.config import Config
 from questa_nemo.model.parallel import LoopCollectives, barrier
 from questa_nemo.train.async_rollouts import AsyncRollouts
 from questa_nemo.train.grpo import SyncRollouts, grpo_step
+from questa_nemo.train.hints import HintRuntime
 from questa_nemo.train.metrics import MetricsLogger, PhaseTimer
 from questa_nemo.train.preempt import EXIT_PREEMPTED, PreemptionFlag
-from questa_nemo.train.prompts import PromptSource
+from questa_nemo.train.prompts import HintPrompts, PromptSource
 
 
 @dataclass
@@ -38,6 +39,8 @@ class RunState:
     numpy_rng: dict | None = None
     torch_rng: list[int] | None = None  # torch.get_rng_state() as a list of bytes (JSON, no pickle)
     world_size: int | None = None  # processes that wrote rng/run_rank_<r>.json, one each
+    hint_levels: dict | None = None  # algo/hint_levels.py HintLevels.state_dict(): per-problem hint levels
+    token_budget: dict | None = None  # TokenBudget.state_dict(): generated tokens so far (train.token_budget)
 
 
 @dataclass
@@ -153,10 +156,15 @@ def fit(
     hf_config: dict | None = None,
     tokenizer_dir: str | None = None,
     preempt: PreemptionFlag | None = None,
+    hint_prompts: HintPrompts | None = None,
+    hints: HintRuntime | None = None,
 ) -> int:
     """Train `cfg.train.steps` GRPO steps into run_dir, resuming from its newest checkpoint. Returns 0 when
     done, EXIT_PREEMPTED after a preemption signal (checkpoint written). `comm`: the collectives over the DP
-    group and the world (model/parallel.py `loop_collectives`; None for one process)."""
+    group and the world (model/parallel.py `loop_collectives`; None for one process). `hint_prompts`: the
+    algo.hints.splits tokenised (train/prompts.py load_hint_prompts). The run also stops once the rollouts have
+    generated train.token_budget tokens. `hints`: the hint state to use (built from cfg and hint_prompts when
+    None); the caller may read its levels and budget afterwards."""
     from tqdm import tqdm
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,10 +173,13 @@ def fit(
     ckpt = Checkpointer(run_dir, policy, t.save_every, t.recovery_every, t.keep_checkpoints, hf_config, tokenizer_dir,
                         is_main, comm)
     state = RunState()
+    hints = hints or HintRuntime.from_config(cfg, hint_prompts)
+    hints.check_rows(source.rows, cfg.train.dataset or "train.dataset")
     latest = latest_checkpoint(run_dir)
     if latest is not None:
         state = ckpt.load(latest)
         source.load_state_dict(state.source)
+        hints.load_state_dict(state.hint_levels, state.token_budget)
         backend.update_weights(state.version)
         print(f"[questa-nemo] resumed {run_dir} at step {state.step}", flush=True)
     logger = MetricsLogger(run_dir, cfg.train.log_tensorboard and is_main, resume_step=state.step) if is_main else None
@@ -180,12 +191,12 @@ def fit(
     )
     if cfg.rollout.max_staleness > 0:  # async mode: a producer thread samples ahead (train/async_rollouts.py)
         rollouts = AsyncRollouts(cfg, source, backend, scorer, decode, stop_token_ids, state.step + 1, dp_rank,
-                                 dp_size, comm.rollouts)
+                                 dp_size, comm.rollouts, hints)
     else:
         rollouts = SyncRollouts(cfg, source, backend, scorer, decode, stop_token_ids, dp_rank, dp_size,
-                                comm.rollouts)
+                                comm.rollouts, hints)
     try:
-        while state.step < cfg.train.steps:
+        while state.step < cfg.train.steps and not hints.exhausted(state.step):
             step = state.step + 1
             timer = PhaseTimer()
             start = time.perf_counter()
@@ -206,6 +217,7 @@ def fit(
                 print(f"[questa-nemo] step {step}: non-finite loss, update skipped", flush=True)
 
             state.step, state.version, state.source = step, backend.version, rollouts.source_state()
+            state.hint_levels, state.token_budget = hints.state_dict(step)
             if logger is not None:
                 logger.log(step, metrics)
             bar.update(1)
@@ -213,7 +225,7 @@ def fit(
                 success=f"{metrics.get('reward/success', math.nan):.3f}",
                 loss=f"{metrics.get('actor/loss', math.nan):.4f}",
             )
-            last = step == cfg.train.steps
+            last = step == cfg.train.steps or hints.exhausted(step)  # the token budget is spent
             stop = preempt.agreed(comm.world)
             if ckpt.due(step, last) or stop:
                 ckpt.save(state)

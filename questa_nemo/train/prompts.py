@@ -4,10 +4,13 @@ recovery state can restore exactly (epoch + cursor)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from questa_nemo.config import ConfigError, split_ratio
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,57 @@ def tokenize_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, source: s
         hinted = bool(row.get("hint")) and float(row.get("hint_ratio", 0) or 0) > 0
         out.append(PromptRow(str(row.get("id", i)), list(ids), row["answer"], hinted, meta))
     return out, too_long
+
+
+HintPrompts = dict[float, dict[str, PromptRow]]  # hint ratio (percent) -> problem id -> prompt row
+
+
+def problem_id(row_id: str) -> str:
+    """The problem behind a row id: `questa-nemo data` writes "<source id>@p<ratio>" (one row per hint ratio);
+    other ids are their own problem."""
+    head, sep, tail = row_id.rpartition("@p")
+    if sep and head:
+        try:
+            float(tail)
+            return head
+        except ValueError:
+            pass
+    return row_id
+
+
+def check_split_ids(ids: Mapping[str, list[str]], files: Mapping[str, str]) -> None:
+    """Every split must hold the same problem ids: `ids` ratio key -> ids of its rows, `files` -> its path.
+    Raises ConfigError naming the split's key, its file and the first id that does not match."""
+    keys = sorted(ids, key=split_ratio)
+    if not keys:
+        return
+    first = keys[0]
+    ref = set(ids[first])
+    for key in keys[1:]:
+        have = set(ids[key])
+        for pid in ids[key]:
+            if pid not in ref:
+                raise ConfigError(f"algo.hints.splits.{key}", f"{files[key]}: row id {pid!r} is not in "
+                                  f"{files[first]} (splits must hold the same problems)")
+        for pid in ids[first]:
+            if pid not in have:
+                raise ConfigError(f"algo.hints.splits.{key}", f"{files[key]}: no row with id {pid!r} "
+                                  f"(present in {files[first]})")
+
+
+def load_hint_prompts(splits: Mapping[str, str], tokenizer, max_prompt_tokens: int, split: str = "train"
+                      ) -> HintPrompts:
+    """algo.hints.splits (ratio key -> data set) tokenised: ratio -> problem id -> PromptRow. The splits must
+    hold the same problems (ids up to their "@p<ratio>" suffix) (ConfigError naming the file and the id); prompts over max_prompt_tokens are skipped as in
+    training (HintRuntime.row_at then falls to a lower ratio)."""
+    raw = {key: read_rows(path, split) for key, path in splits.items()}
+    check_split_ids({k: [problem_id(str(r.get("id", i))) for i, r in enumerate(rows)] for k, rows in raw.items()},
+                    splits)
+    out: HintPrompts = {}
+    for key, rows in raw.items():
+        tokenized, _ = tokenize_rows(rows, tokenizer, max_prompt_tokens, splits[key])
+        out[split_ratio(key)] = {problem_id(r.id): r for r in tokenized}
+    return out
 
 
 class PromptSource:

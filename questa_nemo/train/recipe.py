@@ -189,7 +189,7 @@ def grpo_stage(s: Session, arm: str, dataset: str, init: str | None, resources, 
     """GRPO on `dataset` from `init` into run_dir/<arm> (run_dir itself for a single run)."""
     from questa_nemo.model.parallel import loop_collectives
     from questa_nemo.train.loop import fit
-    from questa_nemo.train.prompts import PromptSource, read_rows, tokenize_rows
+    from questa_nemo.train.prompts import PromptSource, load_hint_prompts, read_rows, tokenize_rows
     from questa_nemo.train.scoring import make_train_scorer
     from questa_nemo.train.validation import make_validator
 
@@ -203,6 +203,8 @@ def grpo_stage(s: Session, arm: str, dataset: str, init: str | None, resources, 
     if too_long:
         s.log(f"[{arm or 'grpo'}] {too_long} prompts longer than rollout.max_prompt_tokens skipped")
     source = PromptSource(rows, cfg.train.seed)
+    hint_prompts = load_hint_prompts(cfg.algo.hints.splits, s.tokenizer, cfg.rollout.max_prompt_tokens,
+                                     cfg.train.split) if cfg.algo.hints.splits else None
     policy = build_policy(s, cfg.optim, cfg.train.steps, init)
     backend = build_backend(s, policy)
     scorer = make_train_scorer(cfg.reward, resources)
@@ -212,7 +214,7 @@ def grpo_stage(s: Session, arm: str, dataset: str, init: str | None, resources, 
         cfg, run_dir, policy, backend, source, scorer, s.decode, s.stop_token_ids, evaluate,
         dp_rank=s.info.dp_rank, dp_size=s.info.dp_size, comm=loop_collectives(cfg.rollout.max_staleness > 0),
         is_main=s.is_main,
-        hf_config=s.hf, tokenizer_dir=s.tokenizer_dir, preempt=preempt,
+        hf_config=s.hf, tokenizer_dir=s.tokenizer_dir, preempt=preempt, hint_prompts=hint_prompts,
     )
 
 

@@ -57,14 +57,51 @@ def make_validator(s, backend, resources) -> Callable[[int], dict[str, float]] |
     if t.validation_problems > 0:
         rows = rows[: t.validation_problems]
     scorer, extract = eval_scorer(s, resources), answer_extractor(s)
+    reliance = reliance_rows(s) if t.validation_reliance else None
 
     def validate(step: int) -> dict[str, float]:
         params = eval_sampling(e, s.stop_token_ids, t.validation_samples)
         results = evaluate(backend, s.tokenizer, rows, params, scorer, extract, e.prompt_template,
                            e.problems_per_batch)
-        return pass_metrics(results, "eval/", (1, t.validation_samples))
+        out = pass_metrics(results, "eval/", (1, t.validation_samples))
+        if reliance:
+            out.update(reliance_metrics(s, backend, reliance, params, scorer, extract))
+        return out
 
     return validate
+
+
+def reliance_rows(s) -> dict[str, list[BenchmarkRow]] | None:
+    """train.validation_reliance: the calibration set's hard problems (n >= world.hard_min_ops) with the largest
+    hint of world.hint_ratios and without, the same problems in both; None when the run has no such set."""
+    from questa_nemo.train.prompts import problem_id
+
+    ratio = max((r for r in s.cfg.world.hint_ratios if r > 0), default=0.0)
+    length = chain_length(s)
+    plain = [r for r in calibration_rows(s, 0.0) if length(r.problem) >= s.cfg.world.hard_min_ops]
+    ids = {problem_id(r.id) for r in plain}
+    hinted = [r for r in calibration_rows(s, ratio) if problem_id(r.id) in ids] if ratio else []
+    if not hinted:
+        return None
+    return {"hinted": hinted, "no_hint": [r for r in plain if problem_id(r.id) in {problem_id(h.id) for h in hinted}]}
+
+
+def reliance_metrics(s, backend, rows: dict[str, list[BenchmarkRow]], params, scorer, extract) -> dict[str, float]:
+    """Hint reliance (algo/hint_levels.py hint_reliance): mean over the problems of pass@1 with the hint minus
+    pass@1 without, on the same problems; and both pass@1 values (eval/hard_pass@1_hinted, _no_hint)."""
+    from questa_nemo.algo.hint_levels import hint_reliance
+    from questa_nemo.train.prompts import problem_id
+
+    rates: dict[str, dict[str, float]] = {}
+    for name, batch in rows.items():
+        results = evaluate(backend, s.tokenizer, batch, params, scorer, extract, s.cfg.eval.prompt_template,
+                           s.cfg.eval.problems_per_batch)
+        rates[name] = {problem_id(r.id): res.correct / res.n for r, res in zip(batch, results)}
+    out = {f"eval/hard_pass@1_{name}": sum(v.values()) / len(v) for name, v in rates.items() if v}
+    reliance = hint_reliance(rates["hinted"], rates["no_hint"])
+    if reliance is not None:
+        out["eval/hint_reliance"] = reliance
+    return out
 
 
 def calibration_rows(s, hint_ratio: float = 0.0) -> list[BenchmarkRow]:

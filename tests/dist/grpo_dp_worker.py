@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from questa_nemo.ckpt.load import load_chunks
-from questa_nemo.config import load_config, read_hf_config
+from questa_nemo.config import load_config, read_hf_config, split_ratio
 from questa_nemo.model.parallel import destroy_distributed, init_distributed, loop_collectives
 from questa_nemo.model.policy import MegatronPolicy
-from questa_nemo.reward.types import RewardResult
+from questa_nemo.reward.types import Done, RewardResult
 from questa_nemo.rollout import RolloutContext, build_backend
+from questa_nemo.train.hints import HintRuntime
 from questa_nemo.train.loop import fit
 from questa_nemo.train.prompts import PromptRow, PromptSource
-from questa_nemo.reward.types import Done
 
 
 def main() -> None:
@@ -72,12 +72,19 @@ def main() -> None:
         def decode(ids):
             return " ".join(map(str, ids))
 
+        # hint splits (algo.hints.splits given): ratio r's prompt is the row's with the token 3 + r // 25 appended
+        splits = {split_ratio(k): {r.id: PromptRow(r.id, r.prompt_ids + [3 + int(split_ratio(k)) // 25], "",
+                                                   split_ratio(k) > 0, {}) for r in rows}
+                  for k in cfg.algo.hints.splits} or None
+        hints = HintRuntime.from_config(cfg, splits)
         status = fit(cfg, run_dir, policy, backend, source, even_first, decode, (), None,
                      dp_rank=info.dp_rank, dp_size=info.dp_size, comm=loop_collectives(cfg.rollout.max_staleness > 0),
-                     is_main=info.rank == 0, hf_config=hf)
+                     is_main=info.rank == 0, hf_config=hf, hints=hints)
         assert status == 0, status
         draws = {"python": random.random(), "numpy": float(np.random.random()), "torch": float(torch.rand(()))}
-        (run_dir / f"cursor_rank{info.rank}.json").write_text(json.dumps({**source.state_dict(), "rng": draws}))
+        (run_dir / f"cursor_rank{info.rank}.json").write_text(json.dumps({
+            **source.state_dict(), "rng": draws, "hint_levels": hints.levels.state_dict(),
+            "token_budget": hints.budget.state_dict()}))
         (run_dir / f"samples_rank{info.rank}.json").write_text(json.dumps(samples))
         if info.rank == 0:
             torch.save({k: v.detach().clone() for k, v in policy.modules[0].named_parameters()}, run_dir / "weights.pt")
