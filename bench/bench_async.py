@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_grpo_step import decode, make_config, pseudo_reward  # noqa: E402
+from bench_grpo_step import build_policy, decode, make_config, pseudo_reward  # noqa: E402
 from shapes import QWEN25_1P5B, TINY_QWEN2, add_grpo_step_arguments, write_result  # noqa: E402
 
 from questa_nemo.train.metrics import PhaseTimer  # noqa: E402
@@ -38,8 +38,6 @@ from questa_nemo.train.prompts import PromptRow, PromptSource  # noqa: E402
 
 def run_mode(args, shape: dict, hf_path: str, max_staleness: int) -> dict:
     """`args.steps` GRPO steps of a fresh policy; max_staleness 0 = SyncRollouts on the in-place engine."""
-    from questa_nemo.ckpt.load import load_chunks
-    from questa_nemo.model.policy import MegatronPolicy
     from questa_nemo.rollout import RolloutContext, build_backend
     from questa_nemo.rollout.snapshot import build_async_backend
     from questa_nemo.train.async_rollouts import AsyncRollouts
@@ -50,14 +48,7 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int) -> dict:
     cfg.rollout.max_staleness = max_staleness
     vocab = shape["vocab_size"]
     torch.manual_seed(0)
-    policy = MegatronPolicy(
-        load_chunks(cfg.model, shape, None),
-        cfg.model,
-        cfg.optim,
-        args.steps,
-        cfg.train.micro_batch_tokens,
-        vocab,
-    )
+    policy = build_policy(cfg, shape, args.steps)
     g = torch.Generator().manual_seed(0)
     rows = [
         PromptRow(str(i), torch.randint(10, vocab, (args.prompt_tokens,), generator=g).tolist(), "", True, {})

@@ -49,6 +49,21 @@ def make_config(args, hf_path: str) -> Config:
     return cfg
 
 
+def build_policy(cfg: Config, shape: dict, steps: int):
+    """A MegatronPolicy of `shape` with random weights (the model config's dtype), scheduled for `steps`."""
+    from questa_nemo.ckpt.load import load_chunks
+    from questa_nemo.model.policy import MegatronPolicy
+
+    return MegatronPolicy(
+        load_chunks(cfg.model, shape, None),
+        cfg.model,
+        cfg.optim,
+        steps,
+        cfg.train.micro_batch_tokens,
+        shape["vocab_size"],
+    )
+
+
 def pseudo_reward(texts: list[str], rows: list[PromptRow]) -> Done:
     """1 for about half the completions, decided by their content: deterministic, non-degenerate groups."""
     return Done([RewardResult(float(hash(t) % 2), "correct" if hash(t) % 2 else "wrong") for t in texts])
@@ -65,9 +80,7 @@ def main() -> int:
     p.add_argument("--out", default="bench/results/grpo_step.json")
     args = p.parse_args()
 
-    from questa_nemo.ckpt.load import load_chunks
     from questa_nemo.model.parallel import init_distributed
-    from questa_nemo.model.policy import MegatronPolicy
     from questa_nemo.rollout import RolloutContext, build_backend
     from questa_nemo.train.grpo import SyncRollouts, grpo_step
 
@@ -77,14 +90,7 @@ def main() -> int:
     cfg = make_config(args, str(tmp / "config.json"))
     init_distributed(cfg.model)
     vocab = shape["vocab_size"]
-    policy = MegatronPolicy(
-        load_chunks(cfg.model, shape, None),
-        cfg.model,
-        cfg.optim,
-        args.steps,
-        cfg.train.micro_batch_tokens,
-        vocab,
-    )
+    policy = build_policy(cfg, shape, args.steps)
     backend = build_backend(cfg.rollout, RolloutContext(policy.modules, vocab))
     g = torch.Generator().manual_seed(0)
     rows = [

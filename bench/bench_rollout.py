@@ -44,7 +44,7 @@ from transformers import LogitsProcessor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shapes import QWEN25_1P5B, TINY_QWEN2  # noqa: E402
+from shapes import QWEN25_1P5B, TINY_QWEN2, drawn_lengths  # noqa: E402
 
 from questa_nemo.atomic import write_text_atomic  # noqa: E402
 from questa_nemo.config import ModelConfig  # noqa: E402
@@ -94,16 +94,6 @@ def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def drawn_lengths(count: int, mean: float, sigma: float, longest: int, seed: int) -> list[int]:
-    """Completion lengths like R1-style traces: lognormal with the given mean (median mean * exp(-sigma^2 / 2))
-    clipped to [1, longest], and the longest draw set to `longest` so the tail reaches the maximum."""
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.tensor(mean).log() - sigma**2 / 2
-    draws = (mu + sigma * torch.randn(count, generator=g)).exp().round().clamp(1, longest).long()
-    draws[draws.argmax()] = longest
-    return draws.tolist()
 
 
 def group(lengths: list[int], n: int) -> list[list[int]]:

@@ -35,6 +35,18 @@ TINY_QWEN2 = {
 }
 
 
+def drawn_lengths(count: int, mean: float, sigma: float, longest: int, seed: int) -> list[int]:
+    """Completion lengths like R1-style traces: lognormal with the given mean (median mean * exp(-sigma^2 / 2))
+    clipped to [1, longest], and the longest draw set to `longest` so the tail reaches the maximum."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.tensor(mean).log() - sigma**2 / 2
+    draws = (mu + sigma * torch.randn(count, generator=g)).exp().round().clamp(1, longest).long()
+    draws[draws.argmax()] = longest
+    return draws.tolist()
+
+
 def write_result(path: str, bench: str, tiny: bool, settings: dict, **payload) -> None:
     """bench/results JSON: which benchmark, on which card (or CPU), at which shape and settings, then the data."""
     import json

@@ -109,7 +109,9 @@ class DecodeRunner:
         for buffer, value in zip((self.tokens, self.positions), saved):
             buffer.copy_(value)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: an async rollout producer may capture while the trainer thread runs (and syncs,
+        # allocates) on the same GPU; the default (global) mode would fail the trainer's calls
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._step(key)
         self._graphs[key] = graph
         torch.cuda.synchronize()

@@ -1,0 +1,44 @@
+"""bench/bench_grpo_nemorl.py (the NeMo-RL-shaped end-to-end GRPO benchmark) in its CPU smoke mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_smoke_run(tmp_path):
+    """Sync and one-step-off async, same prompts and forced lengths: the same tokens every step, counted as
+    NeMo-RL counts them (prompt + completion of every rollout sample over the step's wall time)."""
+    out = tmp_path / "nemorl.json"
+    cmd = [sys.executable, "bench/bench_grpo_nemorl.py", "--device", "cpu", "--tiny", "--prompts", "2"]
+    cmd += ["--samples", "4", "--recompute", "none", "--micro-batch-tokens", "256", "--out", str(out)]
+    # a fresh world of one: not the rendezvous variables an in-process test of this session left behind
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    settings = result["settings"]
+    assert "random" in settings["weights"] and settings["gpus"] == 1
+    assert settings["trained_samples_per_step"] == settings["rollout_samples_per_step"] == 8
+    assert settings["drawn_lengths"]["max"] == settings["max_total_tokens"] - settings["prompt_max"]
+    assert result["nemo_rl_v05"]["on_policy"]["tokens_per_s_per_gpu"] == 1581
+    sync, ahead = result["modes"]
+    assert "error" not in sync and "error" not in ahead, result["modes"]
+    assert [s["total_num_tokens"] for s in sync["steps"]] == [s["total_num_tokens"] for s in ahead["steps"]]
+    assert [s["generated_tokens"] for s in sync["steps"]] == [s["generated_tokens"] for s in ahead["steps"]]
+    for s in sync["steps"] + ahead["steps"]:
+        assert s["samples"] == 8 and s["prompt_tokens"] >= 8 * settings["prompt_min"]
+        assert s["total_num_tokens"] == s["prompt_tokens"] + s["generated_tokens"]
+        assert abs(s["tokens_per_s_per_gpu"] - s["total_num_tokens"] / s["seconds"]) < 1e-6
+        assert s["reference_logprobs_s"] > 0 and s["train_s"] > 0 and s["generation_s"] > 0
+    assert [s["staleness_max"] for s in sync["steps"]] == [0.0, 0.0, 0.0]
+    assert max(s["staleness_max"] for s in ahead["steps"]) <= 1.0
+    assert len(ahead["generate_calls"]) == 4  # the producer stays one step ahead through the last timed step
+    assert sync["timed_steps"] == [2, 3] and "reward_s" in sync["mean"]
+    assert result["async_speedup_vs_sync"] > 0
