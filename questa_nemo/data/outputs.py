@@ -53,18 +53,21 @@ def ratio_name(ratio: float) -> str:
 
 
 def write_splits(folder: Path, splits: dict[str, list[HintedRow]], formats: list[str]) -> None:
-    """save_to_disk a DatasetDict of `splits` under folder/ (hf_disk), plus folder/<split>.jsonl / .parquet."""
-    from datasets import Dataset, DatasetDict
-
-    features = _features()
-    columns = {
-        split: {name: [getattr(row, name) for row in rows] for name in features}
-        for split, rows in splits.items()
-    }
-    dataset = DatasetDict(
-        {split: Dataset.from_dict(cols, features=features) for split, cols in columns.items()}
-    )
+    """save_to_disk a DatasetDict of `splits` under folder/ (hf_disk), plus folder/<split>.jsonl / .parquet.
+    JSONL alone needs no `datasets` (GPU images lack it)."""
     folder.mkdir(parents=True, exist_ok=True)
+    dataset = None
+    if {"hf_disk", "parquet"} & set(formats):
+        from datasets import Dataset, DatasetDict
+
+        features = _features()
+        columns = {
+            split: {name: [getattr(row, name) for row in rows] for name in features}
+            for split, rows in splits.items()
+        }
+        dataset = DatasetDict(
+            {split: Dataset.from_dict(cols, features=features) for split, cols in columns.items()}
+        )
     if "hf_disk" in formats:
         # One shard per split: an empty split saved with zero shards cannot be loaded back.
         dataset.save_to_disk(str(folder), num_shards={split: 1 for split in splits})
