@@ -1,10 +1,10 @@
 """One JSON + markdown table (+ curves PNG) of issue 20's equal-compute arms over seeds.
 
-    python bench/arms_summary.py RUN OUT.json --config NAME --benchmark KEY --seeds 1 2 [key=value ...]
+    python bench/arms_summary.py RUN OUT.json --config NAME --benchmark KEY --seeds 1,2 [key=value ...]
 
 RUN/seed<S>/ is one seed's run folder (its warm-up, its arms in <arm>/). Per seed the no-hint pass@k (with
-standard errors over problems) of the RL start ("initial") and of every arm come from RUN/seed<S>/eval/
-results.json (a `questa-nemo eval` over the warm-up and the arms: bench/smollm2_arms.sh) or else from
+standard errors over problems) of the RL start ("initial") and of every arm come from RUN/seed<S>/eval_<label>/
+results.json (one `questa-nemo eval` per model: bench/smollm2_arms.sh) or else from
 RUN/seed<S>/summary.json (the trainer's final report: bench/embedded_arms.sh). Per arm its generated tokens,
 steps and zero-signal share come from its metrics (train.arms.training_record). Over seeds: the mean and the
 standard error of the mean (sample sd / sqrt(n)) of each number. Overrides rebuild the arms' configs as the
@@ -35,12 +35,16 @@ def over_seeds(values: list[float]) -> dict:
 
 
 def passk_blocks(seed_dir: Path, benchmark: str) -> dict[str, dict]:
-    """label -> {k: {mean, stderr}} on `benchmark`, from eval/results.json or summary.json."""
-    results = seed_dir / "eval" / "results.json"
-    if results.exists():
-        models = json.loads(results.read_text())["models"]
-        return {label: m["benchmarks"][benchmark]["pass_at_k"] for label, m in models.items()
-                if benchmark in m["benchmarks"]}
+    """label -> {k: {mean, stderr}} on `benchmark`, from eval_<label>/results.json (one `questa-nemo eval` per
+    model) or else the trainer's summary.json."""
+    found = sorted(seed_dir.glob("eval_*/results.json"))
+    if found:
+        out = {}
+        for results in found:
+            for label, m in json.loads(results.read_text())["models"].items():
+                if benchmark in m["benchmarks"]:
+                    out[label] = m["benchmarks"][benchmark]["pass_at_k"]
+        return out
     summary = seed_dir / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
@@ -104,12 +108,13 @@ def main() -> int:
     p.add_argument("out")
     p.add_argument("--config", default="default")
     p.add_argument("--benchmark", default="world_hard")
-    p.add_argument("--seeds", nargs="+", required=True)
+    p.add_argument("--seeds", required=True, help="comma-separated, e.g. 1,2")
     p.add_argument("--ks", default="1,8,16")
     p.add_argument("--plan", help="arms_plan.txt of bench/smollm2_arms.sh (recorded)")
     p.add_argument("--curves")
     args, overrides = p.parse_known_args()
     run, ks = Path(args.run), args.ks.split(",")
+    args.seeds = [x for x in args.seeds.replace(" ", ",").split(",") if x]
     cfg = load_config(args.config, [o for o in overrides if "=" in o] + [f"train.run_dir={run}/seed{args.seeds[0]}"])
     arms = plan_arms(cfg)
     names = [a.name for a in arms]
@@ -140,8 +145,8 @@ def main() -> int:
             if skipped:
                 entry["skipped"] = sorted(skipped)
         table[label] = entry
-    result = {"benchmark": args.benchmark, "config": args.config, "overrides": overrides, "seeds": seeds_out,
-              "over_seeds": table}
+    result = {"benchmark": args.benchmark, "config": args.config, "overrides": overrides,
+              "rl_start_no_hint_pass@8": table["initial"].get("pass@8"), "over_seeds": table, "seeds": seeds_out}
     if args.plan and Path(args.plan).exists():
         result["arms_plan"] = Path(args.plan).read_text().splitlines()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

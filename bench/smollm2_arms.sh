@@ -5,15 +5,18 @@
 #   -> ONE warm-up per seed (stops by calibration), the seeds at once
 #   -> every arm x seed as its own process on the one GPU, all at once (train.run_arms=[<arm>]: each reuses its
 #      seed's warm-up and trains into run_dir/<arm>; same seed across arms, same token budget)
-#   -> per seed one evaluation without hints of the warm-up weights (RL start) and every arm's last checkpoint
-#      (pass@1/8/16 with standard errors) -> $OUT/results.json (bench/arms_summary.py), curves, logs.
+#   -> evaluation without hints, one process per model: the warm-up weights (the RL start, beside the arms) and
+#      every arm's last checkpoint (pass@1/8/16 with standard errors) -> $OUT/results.json + table.md
+#      (bench/arms_summary.py), curves.png, logs, metrics.
 # Usage (repository root, GPU image; the device call that starts it, then calls that wait):
 #   DETACH=1 OUT=/tmp/arms_out bash bench/smollm2_arms.sh GGUF [PART1 PART2] [key=value ...]
 #   OUT=$OUT bash bench/device_wait.sh /tmp/arms_out 540
 # Overrides go to the data command and every trainer / eval process. Environment: SEEDS (default "1 2"),
-# WARMUP_BUDGET_S (240), ARMS_BUDGET_S (330: then SIGTERM, the trainer checkpoints and stops; the arm is
-# evaluated on its last checkpoint and its tokens say how far it got), EVAL_BUDGET_S (180), STEPS (steps cap
-# of an arm where the trainer has no train.token_budget; default 30), THREADS (CPU threads per process, 2).
+# WARMUP_BUDGET_S (240), ARMS_BUDGET_S (280: then SIGTERM, the trainer checkpoints and stops; the arm is
+# evaluated on its last checkpoint and its tokens say how far it got), EVAL_BUDGET_S (150), STEPS (steps cap
+# of an arm where the trainer has no train.token_budget; default 24 ~ the token budget), THREADS (CPU threads
+# per process, 2). Budget: ~1.5 min setup + import + data, <= 240 s warm-ups, <= 280 s arms, <= 150 s
+# evaluation: <= ~13 min after the machine starts.
 # An arm the build cannot run (adaptive without algo.hints) is skipped and results.json says why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +68,7 @@ if ! python3 -c 'import gguf' 2>/dev/null; then
   export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # 8 processes share the card
 python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")' \
   | tee "$OUT/device.txt"
 
@@ -100,7 +104,7 @@ EOF
 cat "$OUT/arms_plan.txt"
 ARMS=$(awk 'NR > 1 && $2 == "run" {print $1}' "$OUT/arms_plan.txt" | tr '\n' ' ')
 CAP=()
-if [ "$(head -n 1 "$OUT/arms_plan.txt")" = steps ]; then CAP=(train.steps="${STEPS:-30}"); fi
+if [ "$(head -n 1 "$OUT/arms_plan.txt")" = steps ]; then CAP=(train.steps="${STEPS:-24}"); fi
 for a in $(awk 'NR > 1 && $2 == "skip" {print $1}' "$OUT/arms_plan.txt"); do stamp "arm $a SKIPPED (see arms_plan.txt)"; done
 
 run_all() {  # run_all BUDGET_S LABEL: the commands queued in JOBS, at once, each bounded; waits for all
@@ -128,7 +132,14 @@ for S in $SEEDS; do
 done
 run_all "${WARMUP_BUDGET_S:-240}" "warm-ups"
 
-# 2. every arm x seed at once, from its seed's warm-up
+eval_job() {  # eval_job SEED LABEL CHECKPOINT: one model, without hints, into $RUN/seed<S>/eval_<label>
+  JOBS+=("$(q python3 -m questa_nemo.cli eval --config-name smollm2_world "${COMMON[@]}" "train.run_dir=$RUN/seed$1" \
+    "world.output_dir=$DATA" "eval.checkpoints=[$3]" "eval.labels=[$2]" "eval.output_dir=$RUN/seed$1/eval_$2")")
+  LOGS+=("$RUN/seed$1/eval_$2.log")
+}
+
+# 2. every arm x seed at once, from its seed's warm-up; beside them the RL start (the warm-up weights) of each
+#    seed is evaluated without hints
 JOBS=(); LOGS=()
 for S in $SEEDS; do
   [ -f "$RUN/seed$S/warmup/warmup.json" ] || { stamp "seed $S: no warm-up, no arms"; continue; }
@@ -137,35 +148,30 @@ for S in $SEEDS; do
       "world.output_dir=$DATA" "train.seed=$S" "train.run_arms=[$A]" train.final_eval=false "${CAP[@]}")")
     LOGS+=("$RUN/seed$S/$A.log")
   done
+  eval_job "$S" initial "$RUN/seed$S/warmup/checkpoint"
 done
-[ ${#JOBS[@]} -gt 0 ] && run_all "${ARMS_BUDGET_S:-330}" "arms"
+[ ${#JOBS[@]} -gt 0 ] && run_all "${ARMS_BUDGET_S:-280}" "arms"
 
-# 3. per seed: the RL start (warm-up weights) and each arm's last checkpoint, without hints
+# 3. each arm's last checkpoint (a run folder stands for its newest), one process per arm x seed
 JOBS=(); LOGS=()
 for S in $SEEDS; do
-  [ -f "$RUN/seed$S/warmup/warmup.json" ] || continue
-  CKPTS="$RUN/seed$S/warmup/checkpoint"; LABELS=initial
   for A in $ARMS; do
-    if ls "$RUN/seed$S/$A"/checkpoints/step_*/run_state.json > /dev/null 2>&1; then  # a run folder = its newest
-      CKPTS="$CKPTS,$RUN/seed$S/$A"; LABELS="$LABELS,$A"
+    if ls "$RUN/seed$S/$A"/checkpoints/step_*/run_state.json > /dev/null 2>&1; then
+      eval_job "$S" "$A" "$RUN/seed$S/$A"
     fi
   done
-  JOBS+=("$(q python3 -m questa_nemo.cli eval --config-name smollm2_world "${COMMON[@]}" "train.run_dir=$RUN/seed$S" \
-    "world.output_dir=$DATA" "eval.checkpoints=[$CKPTS]" "eval.labels=[$LABELS]" "eval.output_dir=$RUN/seed$S/eval")")
-  LOGS+=("$RUN/seed$S/eval.log")
 done
-[ ${#JOBS[@]} -gt 0 ] && run_all "${EVAL_BUDGET_S:-180}" "evaluation"
+[ ${#JOBS[@]} -gt 0 ] && run_all "${EVAL_BUDGET_S:-150}" "evaluation"
 
 # 4. results.json, the table and the curves
 python3 bench/arms_summary.py "$RUN" "$OUT/results.json" --config smollm2_world --benchmark word_hard \
-  --plan "$OUT/arms_plan.txt" --curves "$OUT/curves.png" --seeds $SEEDS "${COMMON[@]}" "world.output_dir=$DATA" \
+  --plan "$OUT/arms_plan.txt" --curves "$OUT/curves.png" --seeds "${SEEDS// /,}" "${COMMON[@]}" "world.output_dir=$DATA" \
   | tee "$OUT/table.md" || stamp "summary failed"
 for S in $SEEDS; do
   mkdir -p "$OUT/seed$S"
   cp "$RUN/seed$S"/*.log "$RUN/seed$S"/*.rc "$OUT/seed$S/" 2>/dev/null || true
   cp "$RUN/seed$S/warmup/warmup.json" "$RUN/seed$S/warmup/calibration.json" "$OUT/seed$S/" 2>/dev/null || true
-  cp "$RUN/seed$S/eval/results.json" "$OUT/seed$S/eval_results.json" 2>/dev/null || true
-  cp "$RUN/seed$S/eval/passk.png" "$OUT/seed$S/passk.png" 2>/dev/null || true
+  for f in "$RUN/seed$S"/eval_*/results.json; do [ -f "$f" ] && cp "$f" "$OUT/seed$S/$(basename "$(dirname "$f")").json"; done
   for A in $ARMS; do
     [ -f "$RUN/seed$S/$A/metrics.jsonl" ] && cp "$RUN/seed$S/$A/metrics.jsonl" "$OUT/seed$S/${A}_metrics.jsonl"
   done

@@ -67,6 +67,9 @@ class DataConfig:
     answer_leak: str = "keep"  # keep (reference) | drop | recut: hints that already contain the final answer
     test_size: int = 0  # rows held out into the `test` split (reference DatasetDict has train/test)
     output_formats: list[str] = field(default_factory=lambda: ["hf_disk"])  # hf_disk | jsonl | parquet
+    # row id "<source_id>@p<ratio>" (unique over all ratios); false: the source id, the same in every ratio's
+    # split, which is how algo.hints.splits matches one problem's prompts across ratios (the small worlds)
+    id_with_ratio: bool = True
     difficulty: DifficultyFilterConfig = field(default_factory=DifficultyFilterConfig)
     seed: int = 1
     field_map: dict[str, str] = field(default_factory=dict)  # e.g. {problem: question} for other readers

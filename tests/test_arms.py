@@ -179,10 +179,10 @@ def test_small_world_writes_every_hint_ratio_over_the_same_problems(tmp_path):
                       calib_problems_per_length=1, hint_ratios=[50.0, 0.0, 25.0, 75.0])
     write_world(cfg)
     splits = {r: read_records(tmp_path / "rl" / f"p{r}", "train") for r in (0, 25, 50, 75)}
-    ids = {r: [row["source_id"] for row in rows] for r, rows in splits.items()}
-    assert len(ids[0]) == 12 and all(v == ids[0] for v in ids.values())
-    for r, rows in splits.items():
-        assert all(row["id"] == f"{row['source_id']}@p{r}" for row in rows)
+    ids = {r: [row["id"] for row in rows] for r, rows in splits.items()}
+    assert len(ids[0]) == 12 and len(set(ids[0])) == 12 and all(v == ids[0] for v in ids.values())
+    for rows in splits.values():
+        assert [row["id"] for row in rows] == [row["source_id"] for row in rows]  # the same id in every split
     hint_chars = {r: sum(len(row["hint"]) for row in rows) for r, rows in splits.items()}
     assert hint_chars[0] == 0 < hint_chars[25] < hint_chars[50] < hint_chars[75]
 
@@ -200,7 +200,7 @@ def test_word_world_writes_every_hint_ratio_as_jsonl_over_the_same_problems(tmp_
         folder = tmp_path / "rl" / f"p{r}"
         assert sorted(p.name for p in folder.iterdir()) == ["test.jsonl", "train.jsonl"]  # no DatasetDict
         splits[r] = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
-    ids = {r: [row["source_id"] for row in rows] for r, rows in splits.items()}
+    ids = {r: [row["id"] for row in rows] for r, rows in splits.items()}
     assert len(ids[0]) == 10 and all(v == ids[0] for v in ids.values())
     lines = {r: [row["hint"].count("Step ") for row in rows] for r, rows in splits.items()}
     for i in range(len(splits[100])):

@@ -151,6 +151,7 @@ def data_config(
         hint_prefix=HINT_PREFIX,
         answer_leak="keep",  # sample_problem keeps the answer out of every earlier number: none occur
         seed=seed,
+        id_with_ratio=False,  # one id per problem in every ratio's split (algo.hints.splits match on it)
         # JSONL: readable where `datasets` is not installed (GPU images)
         output_formats=["jsonl"] if jsonl_only else ["hf_disk", "jsonl"],
     )

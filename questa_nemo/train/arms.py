@@ -74,7 +74,7 @@ def arm_config(cfg: Config, spec: ArmSpec) -> Arm:
         else:
             fixed = set(spec.hints) <= set(FIXED_RUN_KEYS) | {"mode"} and spec.hints.get("mode", "fixed") == "fixed"
             if not fixed:
-                arm.skipped = (f"{key}.hints={spec.hints} needs algo.hints (adaptive hints), which this build lacks")
+                arm.skipped = f"{key}.hints sets {', '.join(sorted(spec.hints))}: needs algo.hints, which this build lacks"
             else:
                 arm.notes.append(f"{key}.hints {sorted(spec.hints)} dropped: this build has no algo.hints, so the "
                                  f"arm runs on {spec.dataset} as built (a fixed hint ratio)")
