@@ -68,9 +68,9 @@ class Hints:
     max_retries: int = 0
     schedule: Schedule = field(default_factory=Schedule)
 
-    def validate(self):
+    def validate(self, key="algo.hints"):
         if self.max_retries < 0:
-            raise ConfigError("algo.hints.max_retries", "must be >= 0")
+            raise ConfigError(f"{key}.max_retries", "must be >= 0")
 
 
 def test_hints_merge_over_the_runs_keeping_what_the_arm_does_not_set():
@@ -89,7 +89,7 @@ def test_hints_merge_over_the_runs_keeping_what_the_arm_does_not_set():
     [
         ({"bogus": 1}, "train.arms.x.hints.bogus"),
         ({"levels": {"max": "many"}}, "train.arms.x.hints.levels.max"),
-        ({"max_retries": -1}, "train.arms.x.hints (algo.hints.max_retries)"),
+        ({"max_retries": -1}, "train.arms.x.hints.max_retries"),
     ],
 )
 def test_hints_merge_errors_name_the_arm_and_key(partial, key):

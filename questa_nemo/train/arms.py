@@ -15,6 +15,7 @@ process groups; the recipe logs the notes.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -55,10 +56,13 @@ def merged_hints(base: Any, partial: dict[str, Any], key: str) -> Any:
         raise ConfigError(f"{key}.{inner}" if inner else key, str(e).splitlines()[0]) from None
     validate = getattr(out, "validate", None)
     if callable(validate):
-        try:
-            validate()
-        except ConfigError as e:
-            raise ConfigError(f"{key} ({e.key})", str(e).split(": ", 1)[-1]) from None
+        if "key" in inspect.signature(validate).parameters:  # HintsConfig.validate(key) names the arm's keys
+            validate(key=key)
+        else:
+            try:
+                validate()
+            except ConfigError as e:
+                raise ConfigError(f"{key} ({e.key})", str(e).split(": ", 1)[-1]) from None
     return out
 
 
