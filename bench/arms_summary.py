@@ -66,6 +66,15 @@ def warmup_record(seed_dir: Path) -> dict:
     return out
 
 
+def stage_minutes(seed_dir: Path, arms: list[str]) -> dict[str, float]:
+    """Wall minutes of each stage of one run from the files that mark its end (mtimes); single-process runs."""
+    marks = [("start", seed_dir / "config.yaml"), ("warm-up", seed_dir / "warmup" / "warmup.json"),
+             ("calibration", seed_dir / "warmup" / "calibration.json"),
+             *((arm, seed_dir / arm / "DONE") for arm in arms), ("final eval", seed_dir / "summary.json")]
+    times = [(name, path.stat().st_mtime) for name, path in marks if path.exists()]
+    return {name: round((t - prev) / 60, 2) for (name, t), (_, prev) in zip(times[1:], times)}
+
+
 def plot(run: Path, seeds: list[str], arms: list[str], path: Path) -> None:
     """Validation pass@1 (no hint) and training success against generated tokens, one line per arm x seed."""
     import matplotlib
@@ -122,7 +131,10 @@ def main() -> int:
     for seed in args.seeds:
         d = run / f"seed{seed}"
         blocks = passk_blocks(d, args.benchmark)
-        row = {"seed": int(seed), "warmup": warmup_record(d), "models": {}, "training": {}}
+        row = {"seed": int(seed), "warmup": warmup_record(d), "models": {}, "training": {},
+               "stage_minutes": stage_minutes(d, names)}
+        if (d / "wall_s").exists():
+            row["wall_s"] = float((d / "wall_s").read_text())
         for label, block in blocks.items():
             row["models"][label] = {f"pass@{k}": block[k] for k in ks if k in block}
         for arm in arms:
