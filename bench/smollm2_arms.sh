@@ -12,11 +12,12 @@
 #   DETACH=1 OUT=/tmp/arms_out bash bench/smollm2_arms.sh GGUF [PART1 PART2] [key=value ...]
 #   OUT=$OUT bash bench/device_wait.sh /tmp/arms_out 540
 # Overrides go to the data command and every trainer / eval process. Environment: SEEDS (default "1 2"),
-# WARMUP_BUDGET_S (240), ARMS_BUDGET_S (280: then SIGTERM, the trainer checkpoints and stops; the arm is
-# evaluated on its last checkpoint and its tokens say how far it got), EVAL_BUDGET_S (150), STEPS (steps cap
-# of an arm where the trainer has no train.token_budget; default 24 ~ the token budget), THREADS (CPU threads
-# per process, 2). Budget: ~1.5 min setup + import + data, <= 240 s warm-ups, <= 280 s arms, <= 150 s
-# evaluation: <= ~13 min after the machine starts.
+# WARMUP_BUDGET_S (300: the warm-up does not stop on SIGTERM: a bound, not a cut), ARMS_BUDGET_S (260: then
+# SIGTERM, the trainer checkpoints and stops; the arm is evaluated on its last checkpoint and its tokens say
+# how far it got), EVAL_BUDGET_S (140), STEPS (steps cap of an arm where the trainer has no train.token_budget;
+# default 24 ~ the token budget), THREADS (CPU threads per process, 2). Budget: ~1.5 min setup + import +
+# data, warm-ups <= 300 s (~90 s when the stop comes early), arms <= 260 s, evaluation <= 140 s: <= ~13 min
+# after the machine starts, ~10 min typically (estimates: not yet run on a GPU).
 # An arm the build cannot run (adaptive without algo.hints) is skipped and results.json says why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -130,7 +131,7 @@ for S in $SEEDS; do
     "world.output_dir=$DATA" "train.seed=$S" "train.run_arms=[]" train.final_eval=false)")
   LOGS+=("$RUN/seed$S/warmup.log")
 done
-run_all "${WARMUP_BUDGET_S:-240}" "warm-ups"
+run_all "${WARMUP_BUDGET_S:-300}" "warm-ups"
 
 eval_job() {  # eval_job SEED LABEL CHECKPOINT: one model, without hints, into $RUN/seed<S>/eval_<label>
   JOBS+=("$(q python3 -m questa_nemo.cli eval --config-name smollm2_world "${COMMON[@]}" "train.run_dir=$RUN/seed$1" \
@@ -150,7 +151,7 @@ for S in $SEEDS; do
   done
   eval_job "$S" initial "$RUN/seed$S/warmup/checkpoint"
 done
-[ ${#JOBS[@]} -gt 0 ] && run_all "${ARMS_BUDGET_S:-280}" "arms"
+[ ${#JOBS[@]} -gt 0 ] && run_all "${ARMS_BUDGET_S:-260}" "arms"
 
 # 3. each arm's last checkpoint (a run folder stands for its newest), one process per arm x seed
 JOBS=(); LOGS=()
@@ -161,7 +162,7 @@ for S in $SEEDS; do
     fi
   done
 done
-[ ${#JOBS[@]} -gt 0 ] && run_all "${EVAL_BUDGET_S:-150}" "evaluation"
+[ ${#JOBS[@]} -gt 0 ] && run_all "${EVAL_BUDGET_S:-140}" "evaluation"
 
 # 4. results.json, the table and the curves
 python3 bench/arms_summary.py "$RUN" "$OUT/results.json" --config smollm2_world --benchmark word_hard \
