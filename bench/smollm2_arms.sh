@@ -12,11 +12,11 @@
 #   DETACH=1 OUT=/tmp/arms_out bash bench/smollm2_arms.sh GGUF [PART1 PART2] [key=value ...]
 #   OUT=$OUT bash bench/device_wait.sh /tmp/arms_out 540
 # Overrides go to the data command and every trainer / eval process. Environment: SEEDS (default "1 2"),
-# WARMUP_BUDGET_S (300: the warm-up does not stop on SIGTERM: a bound, not a cut), ARMS_BUDGET_S (260: then
+# WARMUP_BUDGET_S (300: the warm-up does not stop on SIGTERM: a bound, not a cut), ARMS_BUDGET_S (300: then
 # SIGTERM, the trainer checkpoints and stops; the arm is evaluated on its last checkpoint and its tokens say
 # how far it got), EVAL_BUDGET_S (140), STEPS (steps cap of an arm where the trainer has no train.token_budget;
-# default 24 ~ the token budget), THREADS (CPU threads per process, 2). Budget: ~1.5 min setup + import +
-# data, warm-ups <= 300 s (~90 s when the stop comes early), arms <= 260 s, evaluation <= 140 s: <= ~13 min
+# default 20 ~ the token budget), THREADS (CPU threads per process, 2). Budget: ~1.5 min setup + import +
+# data, warm-ups <= 300 s (~90 s when the stop comes early), arms <= 300 s, evaluation <= 140 s: <= ~14 min
 # after the machine starts, ~10 min typically (estimates: not yet run on a GPU).
 # An arm the build cannot run (adaptive without algo.hints) is skipped and results.json says why.
 set -euo pipefail
@@ -105,7 +105,7 @@ EOF
 cat "$OUT/arms_plan.txt"
 ARMS=$(awk 'NR > 1 && $2 == "run" {print $1}' "$OUT/arms_plan.txt" | tr '\n' ' ')
 CAP=()
-if [ "$(head -n 1 "$OUT/arms_plan.txt")" = steps ]; then CAP=(train.steps="${STEPS:-24}"); fi
+if [ "$(head -n 1 "$OUT/arms_plan.txt")" = steps ]; then CAP=(train.steps="${STEPS:-20}"); fi
 for a in $(awk 'NR > 1 && $2 == "skip" {print $1}' "$OUT/arms_plan.txt"); do stamp "arm $a SKIPPED (see arms_plan.txt)"; done
 
 run_all() {  # run_all BUDGET_S LABEL: the commands queued in JOBS, at once, each bounded; waits for all
@@ -151,7 +151,7 @@ for S in $SEEDS; do
   done
   eval_job "$S" initial "$RUN/seed$S/warmup/checkpoint"
 done
-[ ${#JOBS[@]} -gt 0 ] && run_all "${ARMS_BUDGET_S:-260}" "arms"
+[ ${#JOBS[@]} -gt 0 ] && run_all "${ARMS_BUDGET_S:-300}" "arms"
 
 # 3. each arm's last checkpoint (a run folder stands for its newest), one process per arm x seed
 JOBS=(); LOGS=()
