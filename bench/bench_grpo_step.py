@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import QWEN25_1P5B, TINY_QWEN2, add_grpo_step_arguments, write_result  # noqa: E402
 
 from questa_nemo.config import Config  # noqa: E402
-from questa_nemo.reward.types import RewardResult  # noqa: E402
+from questa_nemo.reward.types import Done, RewardResult  # noqa: E402
 from questa_nemo.train.metrics import PhaseTimer  # noqa: E402
 from questa_nemo.train.prompts import PromptRow, PromptSource  # noqa: E402
-from questa_nemo.train.scoring import Done  # noqa: E402
 
 
 def make_config(args, hf_path: str) -> Config:

@@ -33,6 +33,7 @@ from shapes import cpu_model  # noqa: E402  (bench/ is the script folder)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from questa_nemo.config import RewardConfig  # noqa: E402
 from questa_nemo.reward.math import MathReward, count_reasons, score_in_process  # noqa: E402
 
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     start = time.perf_counter()
-    with MathReward(num_workers=args.workers, timeout_s=args.timeout_s) as reward:
+    with MathReward(RewardConfig(num_workers=args.workers, timeout_s=args.timeout_s)) as reward:
         reward.wait_ready()
         startup_s = time.perf_counter() - start
         # Untimed warm-up of the in-process scorers on other problems: math-verify imports its parser and

@@ -1,35 +1,52 @@
-"""Rollout throughput: our Megatron backend against transformers' generate, side by side in one process.
+"""Rollout throughput: the contiguous KV cache ("old"), the paged KV cache ("paged") and transformers' generate,
+on the same sequences at the same batch, side by side in one process.
 
-The Qwen2.5-1.5B shape with random weights (bf16 on GPU): output tokens/s for P prompts x n samples with
-1K-token prompts and 2K new tokens (EOS ignored), the same at 8K new tokens, and the time of a weight update.
-transformers runs a smaller batch (its dynamic cache and eager decode are the baseline, not its memory limit).
+The Qwen2.5-1.5B shape with RANDOM weights (bf16 on GPU; the decode arithmetic and memory traffic are the real
+model's, the tokens are noise). Rows (every engine of a row decodes the same prompts to the same lengths):
 
-    python bench/bench_rollout.py --out rollout.json                  # full size on one GPU (~4-5 min on H100)
+- fixed_hf: P x n sequences, 1K prompt + `--hf-new-tokens` new tokens (EOS ignored): old, paged, transformers.
+- fixed: the same sequences at `--new-tokens` (2K) new tokens (EOS ignored): old, paged.
+- realistic: completion lengths drawn like R1 traces (lognormal, mean `--length-mean`, the longest set to
+  `--realistic-max`), honoured as a stop token at the drawn length (`forced_lengths`: found at the harvest like a
+  real EOS), so every engine does identical work: old, paged.
+- recipe: the same spread with a tail to `--recipe-max` (24K, the recipe's max new tokens): paged (and old
+  with --recipe-old): sequences in flight, tok/s, KV memory.
+
+tokens_per_second counts output tokens over the whole call (prefill included); decode_tokens_per_second leaves
+out the CUDA-graph capture time (a one-off: training reuses the graphs across steps).
+
+    . bench/gpu_setup.sh && python bench/bench_rollout.py --out $OUT/rollout.json   # ~5-6 min on one H100
     python bench/bench_rollout.py --check                              # GPU self-check: graph vs eager vs HF
     python bench/bench_rollout.py --device cpu --tiny --check          # smoke (tests/test_rollout_bench.py)
 
 `--check` compares, on the same model: CUDA-graph vs eager decoding (tokens must be identical, log-probs
-within bf16 noise), greedy tokens vs transformers' greedy generate (the matching prefix is reported: bf16
-ties may diverge late), and returned log-probs vs a full megatron forward over prompt + completion.
+within bf16 noise), sampled completions of each prompt decoded alone vs in the batch (reported: the noise is
+keyed per sequence, but batch size may change bf16 rounding), greedy tokens vs transformers' greedy generate
+(the matching prefix is reported: bf16 ties may diverge late), returned log-probs vs a full megatron forward over
+prompt + completion, and the paged cache (Triton kernel on GPU) vs the contiguous one (greedy prefix, log-probs)
+and vs a float64 oracle.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import QWEN25_1P5B, TINY_QWEN2  # noqa: E402
 
+from questa_nemo.atomic import write_text_atomic  # noqa: E402
 from questa_nemo.config import ModelConfig  # noqa: E402
 from questa_nemo.model.convert import ModelShape, ShardLayout, megatron_to_hf  # noqa: E402
 from questa_nemo.model.megatron import build_model  # noqa: E402
@@ -79,43 +96,128 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(backend: MegatronBackend, prompts: list[list[int]], n: int, new_tokens: int) -> dict:
+def drawn_lengths(count: int, mean: float, sigma: float, longest: int, seed: int) -> list[int]:
+    """Completion lengths like R1-style traces: lognormal with the given mean (median mean * exp(-sigma^2 / 2))
+    clipped to [1, longest], and the longest draw set to `longest` so the tail reaches the maximum."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.tensor(mean).log() - sigma**2 / 2
+    draws = (mu + sigma * torch.randn(count, generator=g)).exp().round().clamp(1, longest).long()
+    draws[draws.argmax()] = longest
+    return draws.tolist()
+
+
+def group(lengths: list[int], n: int) -> list[list[int]]:
+    """Flat per-sequence lengths -> [prompt][sample]."""
+    return [lengths[i : i + n] for i in range(0, len(lengths), n)]
+
+
+def engine(policy, vocab: int, args: argparse.Namespace, paged: bool) -> MegatronBackend:
+    options = EngineOptions(
+        max_batch_sequences=args.batch,
+        cuda_graphs=not args.no_graphs,
+        kv_cache_memory_fraction=args.kv_fraction,
+        paged_kv=paged,
+        kv_block_size=args.block_size,
+    )
+    return MegatronBackend(policy, vocab, options)
+
+
+def run_ours(
+    backend: MegatronBackend,
+    prompts: list[list[int]],
+    n: int,
+    new_tokens: int,
+    lengths: list[list[int]] | None = None,
+) -> dict:
+    """One generate call (sampling at T = 1): its stats, peak GPU memory and decode rates. `lengths`: forced
+    completion lengths [prompt][sample] (a stop at the drawn length); None: EOS ignored, all `new_tokens`."""
     params = SamplingParams(
         n=n, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens, ignore_eos=True, seed=1
     )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     sync()
-    result = backend.generate(prompts, params)
+    result = backend.generate(prompts, params, forced_lengths=lengths)
     sync()
+    backend.sleep()  # free the KV cache for the next engine
     stats = dict(result.stats)
     stats.update(prompts=len(prompts), samples=n, new_tokens=new_tokens)
-    decode_s = stats["seconds"] - stats["prefill_seconds"]
+    if lengths is not None and stats["tokens"] != sum(map(sum, lengths)):
+        raise RuntimeError(f"bench: {stats['tokens']} tokens generated, {sum(map(sum, lengths))} drawn")
+    decode_s = stats["seconds"] - stats["prefill_seconds"] - stats["graph_capture_seconds"]
     stats["decode_ms_per_step"] = 1000 * decode_s / max(stats["decode_steps"], 1)
+    stats["decode_tokens_per_second"] = stats["tokens"] / max(
+        stats["seconds"] - stats["graph_capture_seconds"], 1e-9
+    )
+    if torch.cuda.is_available():
+        stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return stats
 
 
+class _ForcedEOS(LogitsProcessor):
+    """transformers LogitsProcessor: row r emits EOS exactly as its lengths[r]-th token, never before."""
+
+    def __init__(self, lengths: torch.Tensor, prompt_len: int, eos: int):
+        self.lengths, self.prompt_len, self.eos = lengths, prompt_len, eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ending = self.lengths == input_ids.size(1) - self.prompt_len + 1  # this token is the last
+        scores[:, self.eos] = float("-inf")
+        scores[ending] = float("-inf")
+        scores[ending, self.eos] = 0.0
+        return scores
+
+
 @torch.no_grad()
-def run_hf(model, prompts: list[list[int]], n: int, new_tokens: int) -> dict:
-    """Plain transformers generate (sampling, dynamic cache, EOS ignored via min_new_tokens)."""
+def run_hf(model, prompts: list[list[int]], n: int, new_tokens: int, lengths: list[list[int]] | None = None):
+    """Plain transformers generate at batch len(prompts) x n (sampling at T = 1, no top-k, dynamic cache):
+    EOS ignored via min_new_tokens, or (lengths) an EOS forced at each row's drawn length."""
+    from transformers import LogitsProcessorList
+
     ids = torch.tensor(prompts, device=model.device)
+    extra: dict = dict(min_new_tokens=new_tokens, pad_token_id=0)
+    eos = model.config.vocab_size - 1
+    if lengths is not None:
+        flat = torch.tensor([x for row in lengths for x in row], device=model.device)
+        new_tokens = int(flat.max())
+        extra = dict(
+            eos_token_id=eos,
+            pad_token_id=eos,
+            logits_processor=LogitsProcessorList([_ForcedEOS(flat, ids.size(1), eos)]),
+        )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     sync()
     started = time.perf_counter()
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
         do_sample=True,
         temperature=1.0,
         top_p=1.0,
+        top_k=0,
         num_return_sequences=n,
-        pad_token_id=0,
+        **extra,
     )
     sync()
     seconds = time.perf_counter() - started
-    tokens = (out.size(1) - ids.size(1)) * out.size(0)
-    return dict(
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # its dynamic cache's blocks: free for the next engine's KV cache
+    generated = out[:, ids.size(1) :]
+    if lengths is None:
+        tokens = generated.numel()
+    else:  # up to and including the forced EOS
+        tokens = int(sum(map(sum, lengths)))
+        got = ((generated == eos).float().argmax(1) + 1).tolist()
+        if got != [x for row in lengths for x in row]:
+            raise RuntimeError("bench: transformers did not stop at the drawn lengths")
+    stats = dict(
         tokens=tokens, seconds=seconds, tokens_per_second=tokens / seconds, prompts=len(prompts), samples=n
     )
+    if torch.cuda.is_available():
+        stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return stats
 
 
 @torch.no_grad()
@@ -174,18 +276,149 @@ def check(policy, twin, vocab: int, tiny: bool) -> dict:
                 matched.append(next((k for k, (x, y) in enumerate(zip(ours, ref)) if x != y), len(ref)))
             report["greedy_prefix_matching_hf"] = matched
             report["greedy_tokens_per_prompt"] = params.max_new_tokens
-    report["ok"] = report["greedy_graph_equals_eager"] and report["sampled_graph_equals_eager"]
+        if name == "sampled":  # noise keyed per sequence: each prompt alone (its key given) samples the same
+            alone = [graphed.generate([p], replace(params, prompt_keys=(i,))).completions[0]
+                     for i, p in enumerate(prompts)]
+            same = [x.token_ids == y.token_ids for gx, gy in zip(b, alone) for x, y in zip(gx, gy)]
+            report["sampled_alone_equals_batched"] = f"{sum(same)}/{len(same)}"  # bf16 GEMMs may round apart
+    old_error = max(
+        report["greedy_logprob_vs_full_forward_max_abs"], report["sampled_logprob_vs_full_forward_max_abs"]
+    )
+    report.update(check_paged(policy, vocab, prompts, greedy, sampled, eager, old_error))
+    report["ok"] = (
+        report["greedy_graph_equals_eager"] and report["sampled_graph_equals_eager"] and report["paged_ok"]
+    )
     return report
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def check_paged(
+    policy, vocab: int, prompts, greedy: SamplingParams, sampled: SamplingParams, old, old_error: float
+) -> dict:
+    """The paged cache (Triton kernel + CUDA graphs on GPU, the torch reference on CPU) against the contiguous
+    eager decoder `old`: greedy tokens (equal on CPU in float32; on GPU bf16 sums in another order may flip a
+    near-tie late, so the matching prefix is reported), log-probs against a full forward (on GPU within twice
+    the contiguous path's own error `old_error`, or 0.1: a wrong key or value costs far more), and the kernel
+    against a float64 oracle on a random bf16 pool."""
+    from questa_nemo.rollout.paged import paged_attention_dense
+
+    on_gpu = next(policy.parameters()).is_cuda
+    report: dict = {}
+    paged = MegatronBackend(
+        policy, vocab, EngineOptions(max_batch_sequences=16, cuda_graphs=on_gpu, paged_kv=True)
+    )
+    a = old.generate(prompts, greedy).completions
+    b = paged.generate(prompts, greedy).completions
+    report["paged_greedy_prefix_matching_old"] = [
+        first_difference(x.token_ids, y.token_ids) for gx, gy in zip(a, b) for x, y in zip(gx, gy)
+    ]
+    for name, params in (("greedy", greedy), ("sampled", sampled)):
+        done = paged.generate(prompts, params).completions
+        report[f"paged_{name}_logprob_vs_full_forward_max_abs"] = max(
+            (
+                full_forward_logprobs(policy, prompts[i], c.token_ids, vocab, params.temperature)
+                - torch.tensor(c.logprobs)
+            )
+            .abs()
+            .max()
+            .item()
+            for i, group_ in enumerate(done)
+            for c in group_
+        )
+    exact = all(n == greedy.max_new_tokens for n in report["paged_greedy_prefix_matching_old"])
+    report["paged_ok"] = exact if not on_gpu else True
+    if on_gpu:
+        from questa_nemo.rollout.paged_triton import paged_decode_attention
+
+        g = torch.Generator(device="cuda").manual_seed(0)
+        lengths = torch.tensor([1, 63, 64, 65, 700, 3000, 4096, 9000], device="cuda")
+        bs, groups, per_group, dim = 64, 2, 6, 128
+        need = (lengths + bs - 1) // bs
+        pool = torch.randn(2, int(need.sum()) + 1, groups, bs, dim, device="cuda", generator=g).bfloat16()
+        table = torch.zeros(len(lengths), int(need.max()), dtype=torch.int32, device="cuda")
+        ids = torch.randperm(int(need.sum()), device="cuda", generator=g) + 1
+        start = 0
+        for row, n in enumerate(need.tolist()):
+            table[row, :n] = ids[start : start + n].int()
+            start += n
+        q = torch.randn(len(lengths), groups, per_group, dim, device="cuda", generator=g).bfloat16()
+        ref = paged_attention_dense(q, pool[0], pool[1], table, lengths - 1).float()
+        errors = {}
+        for splits in (1, 4, None):
+            out = paged_decode_attention(q, pool[0], pool[1], table, lengths - 1, 132, splits)
+            errors[str(splits)] = (out.float() - ref).abs().max().item()
+        report["paged_kernel_vs_float64_max_abs"] = errors
+        paged_error = max(
+            report["paged_greedy_logprob_vs_full_forward_max_abs"],
+            report["paged_sampled_logprob_vs_full_forward_max_abs"],
+        )
+        # bf16 output rounding is ~4e-3 at |x| ~ 1
+        report["paged_ok"] = max(errors.values()) < 3e-2 and paged_error <= max(2 * old_error, 0.1)
+        try:
+            report["attention_one_layer"] = attention_timing()
+        except Exception as e:  # noqa: BLE001  (a timing, not a check: keep the rest of the report)
+            report["attention_one_layer"] = {"error": repr(e)}
+    return report
+
+
+def attention_timing(batch: int = 256, low: int = 1024, high: int = 3072, bs: int = 64) -> dict:
+    """One layer's decode attention at the fixed row's shape (lengths uniform in [low, high], GQA 12 / 2,
+    head dim 128, bf16): the paged kernel against the contiguous path's SDPA over the span `high`, in
+    microseconds, with the key/value bytes each must read and the bandwidth that makes."""
+    from questa_nemo.rollout.paged_triton import paged_decode_attention
+
+    groups, per_group, dim = 2, 6, 128
+    g = torch.Generator(device="cuda").manual_seed(1)
+    lengths = torch.randint(low, high + 1, (batch,), device="cuda", generator=g)
+    max_blocks = high // bs
+    pool = torch.randn(2, batch * max_blocks + 1, groups, bs, dim, device="cuda", dtype=torch.bfloat16)
+    table = (torch.arange(batch * max_blocks, device="cuda").view(batch, max_blocks) + 1).int()
+    q = torch.randn(batch, groups, per_group, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, groups, high, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    visible = (torch.arange(high, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    positions = lengths - 1
+
+    def kernel(splits=None, warps=4, stages=None):
+        return lambda: paged_decode_attention(
+            q, pool[0], pool[1], table, positions, sms, splits, warps, stages
+        )
+
+    runs = {
+        "paged_kernel": kernel(),
+        "contiguous_sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible
+        ),
+    }
+    # launch settings for the next tuning round (the engine runs paged_kernel's: auto splits, 4 warps)
+    for splits, warps, stages in ((1, 4, None), (4, 4, None), (8, 4, None), (None, 8, None), (None, 4, 2),
+                                  (None, 4, 4), (None, 8, 2)):  # fmt: skip
+        name = f"paged_kernel_splits{splits or 'auto'}_warps{warps}_stages{stages or 'default'}"
+        runs[name] = kernel(splits, warps, stages)
+    out = {"batch": batch, "lengths": [low, high]}
+    for name, fn in runs.items():
+        for _ in range(3):
+            fn()
+        sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        sync()
+        us = start.elapsed_time(end) * 1000 / 20
+        read = 2 * groups * dim * 2 * (batch * high if name == "contiguous_sdpa" else int(lengths.sum()))
+        out[name] = {"us": us, "kv_bytes": read, "gb_per_s": read / us / 1e3}
+    return out
 
 
 def write_json(path: str, data: dict) -> None:
     """Atomic write: temp file in the target folder, then rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, target)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -193,19 +426,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model (smoke runs)")
     p.add_argument("--check", action="store_true", help="correctness self-check only (graph vs eager vs HF)")
-    p.add_argument("--prompts", type=int, default=128)
+    p.add_argument("--also-check", action="store_true", help="the self-check first, then the throughput rows")
+    p.add_argument("--engines", default="old,paged", help="comma list of old (contiguous cache), paged")
+    p.add_argument("--prompts", type=int, default=16, help="prompts of the fixed rows (x --samples)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--new-tokens", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=256, help="max_batch_sequences of our backend")
+    p.add_argument("--new-tokens", type=int, default=2048, help="fixed row; 0 skips it")
+    p.add_argument("--hf-new-tokens", type=int, default=256, help="fixed_hf row (all engines); 0 skips it")
+    p.add_argument("--batch", type=int, default=256, help="max_batch_sequences (transformers: the whole row)")
     p.add_argument("--kv-fraction", type=float, default=0.6, help="share of free GPU memory for the KV cache")
-    p.add_argument("--long-new-tokens", type=int, default=8192, help="0 skips the long run")
-    p.add_argument("--long-prompts", type=int, default=8, help="prompts of the long run (x --samples)")
-    p.add_argument("--hf-prompts", type=int, default=4, help="prompts of the transformers run (x --samples)")
-    p.add_argument("--hf-new-tokens", type=int, default=256, help="0 skips transformers")
+    p.add_argument("--block-size", type=int, default=64, help="paged KV block size (positions)")
+    p.add_argument("--length-mean", type=float, default=1024.0, help="mean drawn completion length")
+    p.add_argument("--length-sigma", type=float, default=1.2, help="lognormal sigma of drawn lengths")
+    p.add_argument("--realistic-prompts", type=int, default=32, help="realistic row prompts; 0 skips it")
+    p.add_argument("--realistic-max", type=int, default=8192)
+    p.add_argument("--recipe-prompts", type=int, default=32, help="recipe-length row prompts; 0 skips it")
+    p.add_argument("--recipe-max", type=int, default=24576)
+    p.add_argument("--recipe-batch", type=int, default=512, help="max_batch_sequences of the recipe row")
+    p.add_argument("--recipe-old", action="store_true", help="run the contiguous cache on the recipe row too")
+    p.add_argument(
+        "--hf-realistic",
+        action="store_true",
+        help="transformers on the realistic row too, one batch of all its sequences (small runs only: at 256 "
+        "sequences and 8K its dynamic cache alone would need ~66 GB and ~8K eager steps)",
+    )
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (to measure what graphs buy)")
     p.add_argument("--out", default="bench_rollout.json")
     return p.parse_args(argv)
+
+
+def versions() -> dict:
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     policy, twin = build_policy(hf, "bf16" if args.device == "cuda" else "fp32")
     result: dict = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **versions(),
+        "weights": "random (the Qwen2.5-1.5B shape; tokens are noise, the arithmetic and memory traffic real)",
         "model": {k: hf.get(k) for k in QWEN25_15B},
         "args": vars(args),
     }
@@ -230,39 +491,86 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["check"], indent=2))
         return 0 if result["check"]["ok"] else 1
 
-    options = EngineOptions(
-        max_batch_sequences=args.batch,
-        cuda_graphs=not args.no_graphs,
-        kv_cache_memory_fraction=args.kv_fraction,
-    )
-    ours = MegatronBackend(policy, vocab, options)
-    run_ours(ours, random_prompts(1, args.prompt_len, vocab, seed=0), args.samples, 8)  # library warm-up
+    if args.also_check:
+        try:
+            result["check"] = check(policy, twin, vocab, args.tiny)
+        except Exception as e:  # noqa: BLE001  (a one-shot GPU run keeps its rows when the check breaks)
+            result["check"] = {"ok": False, "error": repr(e)}
+        print("check:", json.dumps(result["check"]), flush=True)
+        write_json(args.out, result)
+    engines = {name: engine(policy, vocab, args, paged=name == "paged") for name in args.engines.split(",")}
+    for backend in engines.values():  # library warm-up (kernels, Triton compile), not timed
+        run_ours(backend, random_prompts(1, args.prompt_len, vocab, seed=0), 2, 8)
+
+    def row(
+        name: str, prompts, new_tokens: int, lengths=None, which=None, hf: bool = False, batch=None
+    ) -> None:
+        out: dict = {"sequences": len(prompts) * args.samples, "prompt_len": args.prompt_len}
+        out["max_batch_sequences"] = batch or args.batch
+        for backend in engines.values():
+            backend.options = dataclasses.replace(backend.options, max_batch_sequences=batch or args.batch)
+        if lengths is not None:
+            flat = [x for r in lengths for x in r]
+            out["drawn_lengths"] = {
+                "mean": sum(flat) / len(flat), "max": max(flat), "min": min(flat),
+                "p50": sorted(flat)[len(flat) // 2], "p90": sorted(flat)[int(len(flat) * 0.9)],
+            }  # fmt: skip
+        runs = {
+            k: (lambda b=b: run_ours(b, prompts, args.samples, new_tokens, lengths))
+            for k, b in engines.items()
+        }
+        runs = {k: fn for k, fn in runs.items() if which is None or k in which}
+        if hf:
+            runs["transformers"] = lambda: run_hf(twin, prompts, args.samples, new_tokens, lengths)
+            out["max_batch_sequences"] = len(prompts) * args.samples  # transformers: one batch of all
+        for key, fn in runs.items():
+            try:
+                out[key] = fn()
+            except Exception as e:  # noqa: BLE001  (e.g. out of memory: the other engines and rows still run)
+                out[key] = {"error": repr(e)}
+                if key in engines:
+                    engines[key].sleep()
+            print(f"{name} {key}:", json.dumps(out[key]), flush=True)
+        rates = {k: v["tokens_per_second"] for k, v in out.items() if isinstance(v, dict) and "seconds" in v}
+        if "old" in rates and "paged" in rates:
+            out["paged_vs_old"] = rates["paged"] / rates["old"]
+        for k in ("old", "paged"):
+            if k in rates and "transformers" in rates:
+                out[f"{k}_vs_transformers"] = rates[k] / rates["transformers"]
+        if "paged" in out and "kv_cache_gib" in out["paged"]:  # what a contiguous cache holds in that memory
+            w = engines["paged"].weights
+            per_slot = 2 * len(w.layers) * w.groups * w.head_dim * w.embedding.element_size()
+            per_slot *= -(-(args.prompt_len + new_tokens) // 256) * 256
+            out["contiguous_slots_in_same_memory"] = int(out["paged"]["kv_cache_gib"] * 2**30 // per_slot)
+        result[name] = out
+        write_json(args.out, result)  # after every row: a run cut short keeps what it measured
+
+    if args.hf_new_tokens or args.hf_realistic:  # transformers' warm-up (cuBLAS, kernels), not timed
+        run_hf(twin, random_prompts(1, args.prompt_len, vocab, seed=0), 2, 4)
     prompts = random_prompts(args.prompts, args.prompt_len, vocab, seed=1)
-    result["megatron"] = run_ours(ours, prompts, args.samples, args.new_tokens)
-    print("megatron:", json.dumps(result["megatron"]), flush=True)
-
-    sync()
-    tic = time.perf_counter()
-    ours.update_weights(ours.version + 1)
-    sync()
-    result["weight_update_seconds"] = time.perf_counter() - tic
-
-    if args.long_new_tokens:
-        long_prompts = random_prompts(args.long_prompts, args.prompt_len, vocab, seed=2)
-        result["megatron_long"] = run_ours(ours, long_prompts, args.samples, args.long_new_tokens)
-        print("megatron_long:", json.dumps(result["megatron_long"]), flush=True)
-    ours.sleep()
-
     if args.hf_new_tokens:
-        hf_prompts = random_prompts(args.hf_prompts, args.prompt_len, vocab, seed=3)
-        result["transformers"] = run_hf(twin, hf_prompts, args.samples, args.hf_new_tokens)
-        result["speedup_vs_transformers"] = (
-            result["megatron"]["tokens_per_second"] / result["transformers"]["tokens_per_second"]
-        )
-        print("transformers:", json.dumps(result["transformers"]), flush=True)
+        row("fixed_hf", prompts, args.hf_new_tokens, hf=True)
+    if args.new_tokens:
+        row("fixed", prompts, args.new_tokens)
+    if args.new_tokens and "old" in engines:
+        tic = time.perf_counter()
+        engines["old"].update_weights(engines["old"].version + 1)
+        sync()
+        result["weight_update_seconds"] = time.perf_counter() - tic
+    rows = (
+        ("realistic", args.realistic_prompts, args.realistic_max, None, args.hf_realistic, None),
+        ("recipe", args.recipe_prompts, args.recipe_max, None if args.recipe_old else ("paged",), False,
+         args.recipe_batch),
+    )  # fmt: skip
+    for name, count, longest, which, with_hf, batch in rows:
+        if count:
+            seqs = count * args.samples
+            lengths = drawn_lengths(seqs, args.length_mean, args.length_sigma, longest, seed=len(name))
+            prompts = random_prompts(count, args.prompt_len, vocab, seed=5)
+            row(name, prompts, longest, group(lengths, args.samples), which, hf=with_hf, batch=batch)
     write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("args", "model")}, indent=2))
-    return 0
+    return 0 if result.get("check", {"ok": True})["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -518,10 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "runs": [{**asdict(r), "label": r.label} for r in runs],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    from questa_nemo.atomic import write_text_atomic
+
+    write_text_atomic(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out} ({card})")
     return 0 if all(r.status in ("ok", "oom") or r.status.startswith("skipped") for r in runs) else 1
 

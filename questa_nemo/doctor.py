@@ -23,7 +23,6 @@ from questa_nemo.config import (
     CONTEXT_PARALLEL_UNSUPPORTED,
     ROLLOUT_BACKENDS,
     Config,
-    ConfigError,
     load_config,
 )
 
@@ -187,13 +186,6 @@ def check_config(cfg: Config, gpus: Gpus | None = None) -> list[str]:
         if m.params_dtype == "bf16" and not gpus.bf16:
             problems.append(f"model.params_dtype=bf16 unavailable: {gpus.names[0]} has no bf16 support")
     return problems
-
-
-def assert_runnable(cfg: Config) -> None:
-    """Raise ConfigError with every blocking problem (the trainer calls this before building anything)."""
-    problems = check_config(cfg)
-    if problems:
-        raise ConfigError("environment", "; ".join(problems))
 
 
 def versions() -> list[tuple[str, str]]:

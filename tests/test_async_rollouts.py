@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from questa_nemo.config import load_config
-from questa_nemo.reward.types import CORRECT, WRONG, RewardResult
+from questa_nemo.reward.types import CORRECT, WRONG, Done, RewardResult
 from questa_nemo.rollout.base import Completion, GenerationResult, SamplingParams
 from questa_nemo.train.async_rollouts import AsyncRollouts, RolloutProducerError, StaleRolloutError
 from questa_nemo.train.grpo import SyncRollouts
 from questa_nemo.train.prompts import PromptRow, PromptSource
-from questa_nemo.train.scoring import Done
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -425,3 +425,21 @@ def test_cli_builds_the_sample_without_importing_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "kept 28 problems" in done.stdout
     assert (tmp_path / "cli" / "p50" / "dataset_dict.json").is_file()
+
+
+def test_writing_never_asks_datasets_to_fingerprint_the_table(tmp_path, monkeypatch):
+    """datasets' own fingerprint dill-pickles the Arrow table, which raised on our H100 image (Python 3.12.3,
+    datasets 5.2, pyarrow 26: "Can't pickle <class 'MonthDayNano'>"); the writer gives a content hash instead."""
+    import datasets.arrow_dataset
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("datasets computed a fingerprint")
+
+    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", refuse)
+    build(config(tmp_path, [SAMPLE], output_formats=["hf_disk", "jsonl", "parquet"], test_size=3))
+    first = datasets.load_from_disk(str(tmp_path / "out" / "p50"))
+    again = tmp_path / "again"
+    build(config(again, [SAMPLE], output_formats=["hf_disk"], test_size=3))
+    second = datasets.load_from_disk(str(again / "out" / "p50"))
+    assert first["train"]._fingerprint == second["train"]._fingerprint  # the same rows, the same fingerprint
+    assert first["train"]._fingerprint != first["test"]._fingerprint

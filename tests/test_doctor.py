@@ -66,9 +66,10 @@ def test_bf16_on_a_gpu_without_bf16_is_blocked():
 
 
 @pytest.mark.skipif(doctor.import_error("tensorrt_llm") is None, reason="TensorRT-LLM imports here")
-def test_assert_runnable_raises_a_config_error_with_the_reason():
-    with pytest.raises(ConfigError, match="rollout.backend=trtllm unavailable"):
-        doctor.assert_runnable(_config(rollout={"backend": "trtllm"}))
+def test_check_config_gives_the_trainer_the_reason():
+    """train.recipe.main prints these problems and exits 2 before building anything."""
+    problems = doctor.check_config(_config(rollout={"backend": "trtllm"}))
+    assert any("rollout.backend=trtllm unavailable" in p for p in problems)
 
 
 def test_doctor_command_prints_the_table_and_exits_zero():

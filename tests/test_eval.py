@@ -9,7 +9,7 @@ import pytest
 from questa_nemo.config import BenchmarkConfig
 from questa_nemo.eval.benchmarks import BenchmarkError, benchmark_key, load_benchmark
 from questa_nemo.eval.report import build_report, format_table, plot_pass_at_k, write_pass_rates
-from questa_nemo.eval.run import evaluate, model_labels, render_prompt
+from questa_nemo.eval.run import chat_prompt_ids, evaluate, model_labels
 from questa_nemo.eval.store import ProblemResult, ResultStore, StoreError
 from questa_nemo.reward.types import RewardResult
 from questa_nemo.rollout.base import Completion, GenerationResult, SamplingParams
@@ -126,7 +126,7 @@ def test_evaluate_counts_and_majority(tmp_path):
     # prompts: the template around the bare problem, through the chat template; seeds advance per batch
     assert backend.calls[0][0] == ["<user>Q: 1+1<assistant>", "<user>Q: 2+2<assistant>"]
     assert [c[1].seed for c in backend.calls] == [10, 11]
-    assert render_prompt(TOK, "x", "{problem}") == TOK.encode("<user>x<assistant>")
+    assert chat_prompt_ids(TOK, "x", "{problem}") == TOK.encode("<user>x<assistant>")
 
 
 def test_resume_skips_finished_problems_and_matches_a_whole_run(tmp_path):
@@ -372,25 +372,26 @@ def test_real_hf_tokenizer_renders_the_bare_problem(tmp_path):
     fast.save_pretrained(tmp_path / "tok")
     cfg = eval_config(tmp_path, f"model.tokenizer={tmp_path / 'tok'}")
     tokenizer = _load_tokenizer(cfg)
-    ids = render_prompt(tokenizer, "1+1", cfg.eval.prompt_template)
+    ids = chat_prompt_ids(tokenizer, "1+1", cfg.eval.prompt_template)
     assert tokenizer.decode(ids) == "<user>Q: 1+1<assistant>"
     params = sampling_from(cfg, tokenizer)
     assert params.stop_token_ids == (1,) and params.n == 4 and params.temperature == 0.6 and params.seed == 10
 
 
-def test_math_scorer_hands_the_reward_each_rows_reference():
+def test_row_scorer_hands_the_reward_each_rows_reference_and_problem():
     from questa_nemo.eval.benchmarks import BenchmarkRow
-    from questa_nemo.eval.run import math_scorer
+    from questa_nemo.eval.run import benchmark_scorer
+    from questa_nemo.reward.types import Done
 
     class RecordingReward:
-        def score(self, completions, references):
-            self.seen = (completions, references)
-            return [RewardResult(0.0, "wrong")] * len(completions)
+        def submit(self, completions, references, problems):
+            self.seen = (completions, references, problems)
+            return Done([RewardResult(0.0, "wrong")] * len(completions))
 
     reward = RecordingReward()
     rows = [BenchmarkRow("a", "p", "\\boxed{1}"), BenchmarkRow("b", "q", "2")]
-    assert len(math_scorer(reward)(["x", "y"], rows)) == 2
-    assert reward.seen == (["x", "y"], ["\\boxed{1}", "2"])
+    assert len(benchmark_scorer(reward)(["x", "y"], rows)) == 2
+    assert reward.seen == (["x", "y"], ["\\boxed{1}", "2"], ["p", "q"])
 
 
 def test_small_world_end_to_end_with_its_tokenizer_and_reward(tmp_path):
@@ -401,7 +402,8 @@ def test_small_world_end_to_end_with_its_tokenizer_and_reward(tmp_path):
 
     from questa_nemo.data.world import WorldProblem
     from questa_nemo.eval.benchmarks import BenchmarkRow
-    from questa_nemo.eval.run import score_world
+    from questa_nemo.eval.run import benchmark_scorer
+    from questa_nemo.reward.world import WorldReward
 
     folder = Path(__file__).resolve().parents[1] / "data" / "world" / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -421,7 +423,7 @@ def test_small_world_end_to_end_with_its_tokenizer_and_reward(tmp_path):
             return GenerationResult(out)
 
     sampling = SamplingParams(n=2, max_new_tokens=32, stop_token_ids=(tokenizer.eos_token_id,))
-    results = evaluate(WorldBackend({}), tokenizer, rows, sampling, score_world, boxed)
+    results = evaluate(WorldBackend({}), tokenizer, rows, sampling, benchmark_scorer(WorldReward()), boxed)
     assert problems[1].answer() == "97"  # 7 - 9 = 98, + 1 = 99, * 3 = 297 = 97 (mod 100): 96 is wrong
     assert [r.correct for r in results] == [2, 0]
     assert results[1].reasons == {"wrong": 2} and results[0].answers == ["16", "16"]

@@ -38,7 +38,6 @@ def test_fill_step_draws_until_full_and_reports():
     )
     assert filled.full and filled.prompt_batches == 3
     assert filled.groups == [[0, 1], [1, 0], [1, 0]]
-    assert filled.surplus == 1
     assert filled.counts == FilterCounts(kept=4, all_correct=1, all_wrong=1)
 
 

@@ -1,13 +1,13 @@
-"""Full GRPO steps at TP=2 and PP=2 (torchrun, 2 CPU processes, gloo) against one process: generate,
+"""Full GRPO steps at TP=2, PP=2 and DP=2 (torchrun, 2 CPU processes, gloo) against one process: generate,
 score, filter, advantages, log-probs, update, refit, validation and the final checkpoint, all through
 `questa-nemo train` on the tiny world model (4 layers here, so PP=2 splits it).
 
 The reference run warms the model up (supervised) so that rewards are not all zero, then trains 3 GRPO steps;
 the parallel runs start from its warm-up checkpoint (loaded at their own TP / PP) and train the same 3 steps.
-TP=2 and PP=2 must give the reference's rewards exactly (the rollouts are the same tokens) and its losses and
-final weights within 1e-4 relative (the reductions are split differently); rollout.backend=hf must train too.
-DP=2 is not compared: each DP rank samples its own prompts with its own seed (train/grpo.py collect_step), so
-its rewards cannot equal one rank's; bench/multi_gpu.py runs and reports it.
+TP=2, PP=2 and DP=2 must give the reference's rewards exactly (the rollouts are the same tokens) and its losses
+and final weights within 1e-4 relative (the reductions are split differently); rollout.backend=hf must train
+too. DP=2 samples what one rank samples because the sampling noise is keyed per sequence (prompt position in
+the whole batch, sample, completion position) and filtering keeps the first kept groups in that global order.
 """
 
 import sys
@@ -44,10 +44,11 @@ def test_reference_learns_something_to_compare(reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["model.tensor_parallel=2"], ["model.pipeline_parallel=2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [["model.tensor_parallel=2"], ["model.pipeline_parallel=2"], []],
+                         ids=["tp2", "pp2", "dp2"])
 def test_grpo_steps_match_one_process(reference, layout):
     root, hf_config, ref_dir, ref_metrics = reference
-    run_dir = root / layout[0].split("=")[0].split(".")[1]
+    run_dir = root / (layout[0].split("=")[0].split(".")[1] if layout else "data_parallel")
     metrics = train(run_dir, root / "data", hf_config, *start_from(reference), *layout)
     assert len(metrics) == len(ref_metrics)
     for ours, ref in zip(metrics, ref_metrics):

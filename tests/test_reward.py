@@ -197,7 +197,7 @@ def test_answer_family_near_misses_score_wrong(answer, reference):
 def test_answer_family_through_the_worker_pool():
     """The same verdicts from MathReward's worker processes (math-verify under their own time limits)."""
     answers = [a for a, _ in ANSWER_FAMILY]
-    with MathReward(num_workers=1, timeout_s=10.0) as reward:
+    with MathReward(RewardConfig(num_workers=1, timeout_s=10.0)) as reward:
         results = reward.score(
             [f"\\boxed{{{a}}}" for a in answers], [f"\\boxed{{{r}}}" for _, r in ANSWER_FAMILY]
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from questa_nemo.config import RewardConfig
 from questa_nemo.reward.math import MathReward
 from questa_nemo.reward.types import RewardResult
 from questa_nemo.reward.worker import TEST_CRASH_ANSWER, TEST_HANG_ANSWER, TEST_SEGFAULT_ANSWER
@@ -36,7 +37,8 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def reward():
     """One pool for the module (workers take seconds to start); leaving `with` must reap every worker."""
-    with MathReward(num_workers=2, timeout_s=TIMEOUT_S, kill_grace_s=GRACE_S, test_faults=True) as pool:
+    cfg = RewardConfig(num_workers=2, timeout_s=TIMEOUT_S, kill_grace_s=GRACE_S)
+    with MathReward(cfg, test_faults=True) as pool:
         yield pool
         pids = pool.worker_pids()
     assert len(pids) == 2
@@ -150,7 +152,7 @@ def test_batches_interleave_and_each_gets_its_own_results(reward):
 
 
 def test_close_leaves_no_process_and_fails_unfinished_batches():
-    reward = MathReward(num_workers=1, timeout_s=30.0, test_faults=True)
+    reward = MathReward(RewardConfig(num_workers=1, timeout_s=30.0), test_faults=True)
     assert [r.reason for r in reward.score(["\\boxed{1/2}"], ["\\boxed{0.5}"])] == ["correct"]
     pids = reward.worker_pids()
     assert len(pids) == 1 and all(_alive(pid) for pid in pids)
@@ -174,7 +176,7 @@ def _die_at_start(*args: object) -> None:
 
 def test_workers_that_cannot_start_fail_the_batch_loudly(monkeypatch):
     monkeypatch.setattr("questa_nemo.reward.pool.worker_main", _die_at_start)
-    with MathReward(num_workers=1, timeout_s=TIMEOUT_S) as broken:
+    with MathReward(RewardConfig(num_workers=1, timeout_s=TIMEOUT_S)) as broken:
         handle = broken.submit(["\\boxed{1/2}"], ["\\boxed{0.5}"])
         with pytest.raises(RuntimeError, match="die on start-up .* exit code 7"):
             handle.result(timeout=60)
@@ -208,7 +210,7 @@ def test_bench_smoke_writes_its_json(tmp_path):
 
 
 def test_forkserver_start_method_works_too():
-    with MathReward(num_workers=1, timeout_s=5.0, start_method="forkserver") as pool:
+    with MathReward(RewardConfig(num_workers=1, start_method="forkserver")) as pool:
         assert [r.reason for r in pool.score(["\\boxed{\\dfrac{1}{2}}"], ["\\boxed{0.5}"])] == ["correct"]
         pids = pool.worker_pids()
     assert not any(_alive(pid) for pid in pids)

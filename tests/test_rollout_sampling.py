@@ -24,21 +24,41 @@ def test_greedy_takes_argmax_and_its_raw_logprob():
     assert torch.allclose(logprobs, logits.log_softmax(-1)[[0, 1], [1, 0]])
 
 
-def test_exponential_race_samples_the_tempered_distribution():
+def test_inverse_cdf_samples_the_tempered_distribution():
     logits = torch.tensor([1.0, 0.0, -1.0, 0.5]).repeat(40000, 1)
-    g = torch.Generator().manual_seed(0)
-    noise = torch.empty_like(logits).exponential_(generator=g)
-    tokens, logprobs = sample_tokens(logits, noise, temperature=0.5, top_p=1.0)
+    u = torch.rand(40000, generator=torch.Generator().manual_seed(0))
+    tokens, logprobs = sample_tokens(logits, u, temperature=0.5, top_p=1.0)
     expected = (logits[0] / 0.5).softmax(-1)
     freq = torch.bincount(tokens, minlength=4).float() / tokens.numel()
     assert (freq - expected).abs().max() < 0.01
     assert torch.allclose(logprobs, expected.log()[tokens])  # log-prob at temperature, not at 1
 
 
+def test_inverse_cdf_by_hand_and_at_the_ends():
+    """probs [0.1, 0.0, 0.6, 0.3]: cumulative [0.1, 0.1, 0.7, 1.0]; u below 0.1 -> 0, up to 0.7 -> 2, above ->
+    3; the zero-probability token 1 is never picked, not even at u = 0.1 exactly; u at its largest value
+    (1 - 2**-24, what uniform_draws gives for an all-ones hash) stays inside the vocabulary and on a token of non-zero probability."""
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logits = probs.clamp_min(1e-30).log().repeat(6, 1)
+    logits[:, 1] = -float("inf")
+    from questa_nemo.rollout.sampling import uniform_draws
+
+    top_u = uniform_draws(torch.tensor([0]), torch.tensor([0]))  # any value; the largest is below
+    assert 0 < top_u.item() < 1 and ((2.0**23 - 1 + 0.5) * 2.0**-23) == 1 - 2.0**-24
+    assert torch.tensor(1 - 2.0**-24, dtype=torch.float32).item() < 1.0  # representable, not rounded to 1
+    u = torch.tensor([0.0, 0.05, 0.1, 0.5, 0.7001, 1 - 2.0**-24])
+    tokens, _ = sample_tokens(logits, u, temperature=1.0, top_p=1.0)
+    assert tokens.tolist() == [0, 0, 2, 2, 3, 3]
+    # the last token of non-zero probability is the last of the vocabulary's non-zero ones, even after top-p
+    tail = torch.tensor([[2.0, 1.0, -30.0, -30.0]])
+    top, _ = sample_tokens(tail, torch.tensor([1 - 2.0**-24]), temperature=1.0, top_p=0.5)
+    assert top.tolist() == [0]  # top-p 0.5 keeps token 0 only: u near 1 still picks it
+
+
 def test_top_p_never_samples_the_tail_but_reports_untruncated_logprob():
     logits = torch.tensor([3.0, 2.9, -5.0, -5.0]).repeat(5000, 1)
-    noise = torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(1))
-    tokens, logprobs = sample_tokens(logits, noise, temperature=1.0, top_p=0.9)
+    u = torch.rand(5000, generator=torch.Generator().manual_seed(1))
+    tokens, logprobs = sample_tokens(logits, u, temperature=1.0, top_p=0.9)
     assert set(tokens.tolist()) == {0, 1}
     assert torch.allclose(logprobs, logits[0].log_softmax(-1)[tokens])
 
@@ -66,3 +86,18 @@ def test_rollout_yamls_load_and_validate():
         cfg = to_config({"rollout": OmegaConf.load(folder / f"{name}.yaml")})
         validate(cfg)
         assert cfg.rollout.backend == name
+
+
+def test_per_sequence_uniforms_sample_the_tempered_distribution():
+    """The counter-based uniforms (rollout/sampling.py) through the inverse CDF: token frequencies over 40000
+    sequences, and over 40000 positions of one sequence, match softmax(logits / T)."""
+    from questa_nemo.rollout.sampling import sequence_key, uniform_draws
+
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5, -3.0, 2.0]).repeat(40000, 1)
+    expected = (logits[0] / 0.7).softmax(-1)
+    many = torch.tensor([sequence_key(9, i, 0) for i in range(40000)])
+    one = torch.full((40000,), sequence_key(9, 0, 0))
+    for keys, positions in ((many, torch.zeros(40000, dtype=torch.long)), (one, torch.arange(40000))):
+        tokens, _ = sample_tokens(logits, uniform_draws(keys, positions), temperature=0.7, top_p=1.0)
+        freq = torch.bincount(tokens, minlength=6).float() / tokens.numel()
+        assert (freq - expected).abs().max() < 0.01, (freq, expected)

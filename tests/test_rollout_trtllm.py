@@ -14,14 +14,13 @@ import trtllm_api
 from rollout_models import hf_model
 
 from questa_nemo.config import Config, ConfigError, RolloutConfig, validate
-from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron
+from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, megatron_to_hf
 from questa_nemo.rollout import trtllm
 from questa_nemo.rollout.base import SamplingParams
 from questa_nemo.rollout.trtllm import (
     TRTLLMBackend,
     TRTLLMOptions,
     check_trtllm_version,
-    hf_weights_from_shards,
     parse_request_output,
     sampling_kwargs,
     weight_buckets,
@@ -93,10 +92,10 @@ def test_sampling_kwargs_follow_torch_sampler_conventions():
     assert sampled["logprobs"] == 0  # the sampled token's log-prob (TorchSampler)
     assert sampled["end_id"] == 2 and sampled["pad_id"] == 2  # a real end id
     assert sampled["stop_token_ids"] == [2, 7] and sampled["detokenize"] is False
-    greedy = sampling_kwargs(SamplingParams(temperature=0.0, stop_token_ids=(2,), ignore_eos=True))
+    greedy = sampling_kwargs(SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=(2,), ignore_eos=True))
     assert greedy["top_k"] == 1 and greedy["stop_token_ids"] == [] and greedy["ignore_eos"] is True
     assert "end_id" not in greedy  # ignore_eos: TensorRT-LLM takes the tokenizer's EOS, never hit
-    for params in (SamplingParams(n=4, stop_token_ids=(5,)), SamplingParams(temperature=0.0)):
+    for params in (SamplingParams(n=4, max_new_tokens=8, stop_token_ids=(5,)), SamplingParams(temperature=0.0, max_new_tokens=8)):
         kwargs = sampling_kwargs(params)
         assert set(kwargs) <= trtllm_api.SAMPLING_PARAMS_FIELDS
         trtllm_api.SamplingParams(**kwargs)  # the dataclass and its _validate accept them
@@ -112,15 +111,14 @@ def test_parse_request_output():
             SimpleNamespace(token_ids=[4, 4], logprobs=[-1.0, -2.0]),  # plain floats are read too
         ]
     )
-    completions = parse_request_output(output, SamplingParams(n=2, stop_token_ids=(2,)), version=7)
+    completions = parse_request_output(output, SamplingParams(n=2, max_new_tokens=3, stop_token_ids=(2,)), version=7)
     assert [c.token_ids for c in completions] == [[5, 9, 2], [4, 4]]
     assert completions[0].logprobs == pytest.approx([-0.1, -0.2, -0.3])
     assert [c.finish_reason for c in completions] == ["stop", "length"]
     assert {c.version for c in completions} == {7}
     with pytest.raises(ValueError, match="log-probs"):
-        parse_request_output(
-            SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1, 2], logprobs=None)]), SamplingParams(), 0
-        )
+        no_logprobs = SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1, 2], logprobs=None)])
+        parse_request_output(no_logprobs, SamplingParams(max_new_tokens=2), 0)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
@@ -133,7 +131,7 @@ def test_weights_from_tp2_training_shards_are_the_hf_checkpoint(kind):
         layout: hf_to_megatron(reference, shape, layout)
         for layout in (ShardLayout(tp_rank=0, tp_size=2), ShardLayout(tp_rank=1, tp_size=2))
     }
-    sent = dict(hf_weights_from_shards(shards, shape))
+    sent = megatron_to_hf(shards, shape)  # what the refit sends
     expected = {n for n in reference if not (shape.tied and n == "lm_head.weight")}
     assert set(sent) == expected
     for name in expected:

@@ -90,12 +90,11 @@ def test_grpo_steps_raise_reward_on_a_learnable_task():
     from questa_nemo.config import load_config, read_hf_config
     from questa_nemo.model.parallel import destroy_distributed, init_distributed
     from questa_nemo.model.policy import MegatronPolicy
-    from questa_nemo.reward.types import RewardResult
+    from questa_nemo.reward.types import Done, RewardResult
     from questa_nemo.rollout import RolloutContext, build_backend
     from questa_nemo.train.grpo import SyncRollouts, grpo_step
     from questa_nemo.train.metrics import PhaseTimer
     from questa_nemo.train.prompts import PromptRow, PromptSource
-    from questa_nemo.train.scoring import Done
 
     cfg = load_config("default", ["optim.lr=1e-2", "rollout.max_new_tokens=4", "train.prompts_per_step=8"])
     hf = read_hf_config(cfg.model.hf_config)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from smollm2_fixtures import smollm2  # noqa: F401
 
-from questa_nemo.config import WorldConfig, load_config
+from questa_nemo.config import RewardConfig, WorldConfig, load_config
 from questa_nemo.data import word_world as ww
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_math_reward_scores_the_worked_solution_and_rejects_a_wrong_one():
     wrong = problem.solution().replace(
         "\\boxed{" + problem.answer() + "}", "\\boxed{" + problem.answer() + "0}"
     )
-    with MathReward(num_workers=1) as reward:
+    with MathReward(RewardConfig(num_workers=1)) as reward:
         results = reward.submit(
             [problem.solution(), wrong], ["\\boxed{" + problem.answer() + "}"] * 2
         ).result()

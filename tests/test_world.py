@@ -21,7 +21,7 @@ from questa_nemo.data.world_assets import (
     policy_config,
     write_assets,
 )
-from questa_nemo.reward.world import world_reward, world_rewards
+from questa_nemo.reward.world import count_ops, world_reward, world_rewards
 
 CFG = WorldConfig()
 datasets.disable_progress_bars()
@@ -49,7 +49,7 @@ def test_hand_worked_example():
     problem = world.WorldProblem(start=7, ops=(("+", 3), ("*", 7), ("-", 2), ("*", 9)))
     assert problem.text(8) == "07 +3 *7 -2 *9 __ __ __ __ __"
     assert problem.solution() == "10\n70\n68\n12\n\\boxed{12}"  # 68 * 9 = 612
-    assert world.count_ops(problem.text(8)) == 4
+    assert count_ops(problem.text(8)) == 4
 
 
 def test_problems_and_prompts_are_fixed_width():
@@ -127,21 +127,21 @@ def test_write_world_builds_every_set_through_the_pipeline(tmp_path):
     calib = datasets.load_from_disk(str(out["calib"] / "p0"))["train"].to_list()
     hinted_calib = datasets.load_from_disk(str(out["calib"] / "p50"))["train"].to_list()
     assert [r["source_id"] for r in hinted_calib] == [r["source_id"] for r in calib]
-    assert all(r["hint"] for r in hinted_calib if world.count_ops(r["prompt"]) >= 2)
+    assert all(r["hint"] for r in hinted_calib if count_ops(r["prompt"]) >= 2)
     assert (len(rl), len(bare), len(evaluation), len(calib)) == (120, 120, 40, 5 * CFG.max_ops)
     raw = {
         json.loads(x)["uuid"]: json.loads(x)
         for x in (out["rl"].parent / "raw" / "rl.jsonl").read_text().splitlines()
     }
     for row, plain in zip(rl, bare):
-        n = world.count_ops(row["prompt"])
+        n = count_ops(row["prompt"])
         assert CFG.hard_min_ops <= n <= CFG.max_ops
         solution = raw[row["source_id"]]["generations"][0]
         assert row["hint"] == "".join(line + "\n" for line in solution.split("\n")[: (n + 1) // 2])
         assert row["prompt"].startswith(raw[row["source_id"]]["problem"] + "|" + row["hint"])
         assert plain["hint"] == "" and plain["prompt"].endswith("|" + "_" * 21)
         assert world_reward(solution, row["answer"], n).reward == 1.0
-    assert Counter(world.count_ops(r["prompt"]) for r in calib) == {n: 5 for n in range(1, CFG.max_ops + 1)}
+    assert Counter(count_ops(r["prompt"]) for r in calib) == {n: 5 for n in range(1, CFG.max_ops + 1)}
     held_out = {r["prompt"].split("|")[0] for r in evaluation}
     assert not held_out & {r["prompt"].split("|")[0] for r in rl}
     warmup = [json.loads(x) for x in out["warmup"].read_text().splitlines()]
@@ -270,3 +270,22 @@ def test_world_reward_rejects_a_bad_reference_and_scores_batches():
     assert [r.reason for r in results] == ["correct", "correct", "wrong"]
     with pytest.raises(ValueError):
         world_rewards(["a"], [], [1])
+
+
+def test_build_reward_chooses_the_world_reward_which_reads_each_problems_step_count():
+    """reward.build.build_reward is the one chooser (train, validation and eval call it): reward.kind=world gives
+    the exact check, reading n from each problem's text."""
+    import contextlib
+
+    from questa_nemo.config import RewardConfig
+    from questa_nemo.reward.build import build_reward
+    from questa_nemo.reward.world import WorldReward
+
+    problem = world.WorldProblem(5, (("+", 3), ("*", 2)))
+    with contextlib.ExitStack() as resources:
+        reward = build_reward(RewardConfig(kind="world"), resources)
+        assert isinstance(reward, WorldReward)
+        handle = reward.submit([problem.solution()] * 2, [problem.answer()] * 2, [problem.text(8), "3 +1|"])
+    assert [r.reason for r in handle.result()] == ["correct", "bad_format"]  # the second problem has 1 step
+    with pytest.raises(ValueError, match="not a world problem"):
+        reward.submit(["x"], ["1"], ["no numbers"])

@@ -76,14 +76,26 @@ def filter_groups(correct: torch.Tensor, lower: float, upper: float) -> GroupFil
 GroupT = TypeVar("GroupT")
 
 
+@dataclass(frozen=True)
+class Share:
+    """This rank's share of every prompt batch under data parallelism: of a batch of `batch` prompts it holds
+    the groups at global positions rank, rank + size, rank + 2 size, ...; `sum` all-reduces a tensor over the
+    data-parallel group (model/parallel.py's Reduce.sum)."""
+
+    rank: int = 0
+    size: int = 1
+    batch: int = 0
+    sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
 @dataclass
 class FilledStep(Generic[GroupT]):
     """The groups of one training step after filtering, and how they were found."""
 
-    groups: list[GroupT]  # at most `target_groups`, in the order they were drawn
-    counts: FilterCounts  # over every group drawn
+    groups: list[GroupT]  # this rank's groups among the step's first `target_groups` kept, in drawn order
+    counts: FilterCounts  # over every group this rank drew
     prompt_batches: int  # prompt batches drawn (generated and scored)
-    surplus: int  # kept groups beyond the target, discarded
+    surplus: int  # kept groups beyond the target, discarded (over all ranks)
     full: bool  # False when the bound on prompt batches was hit first
 
 
@@ -95,8 +107,7 @@ def fill_step(
     lower: float,
     upper: float,
     enabled: bool = True,
-    any_rank: Callable[[bool], bool] | None = None,
-    skip: Callable[[], None] | None = None,
+    share: Share | None = None,
 ) -> FilledStep[GroupT]:
     """Draw prompt batches (each one generated and scored by `draw`) until `target_groups` groups pass the filter.
 
@@ -104,42 +115,42 @@ def fill_step(
     step that is still short runs with fewer groups, and `full` says so. With `enabled` False the first batch
     is taken as it is. `correctness(group)` gives its G samples' correctness.
 
-    Data parallel: every rank draws its share of the same prompt batches, and all must advance the prompt
-    stream together (one shared cursor, so a checkpoint's cursor is every rank's). `any_rank(flag)` says
-    whether `flag` holds on some rank (a collective; identity for one rank): the ranks keep drawing while any
-    of them is short, and a rank that is already full calls `skip()` instead of `draw()` - it advances the
-    stream past the batch without generating.
+    Data parallel (`share`): every rank draws its share of the same prompt batches. The step takes the first
+    `target_groups` kept groups of all ranks in the batches' global order (one small all-reduce of keep flags
+    per batch), and each rank trains on those it holds - so the step's groups are the ones a single rank
+    would have kept, whatever the DP layout (ranks may hold unequal numbers of them), and all ranks draw
+    the same batches: one shared prompt cursor.
     """
-    if any_rank is None or not enabled:  # unfiltered: every rank takes its first batch, nothing to agree on
-        any_rank = bool
+    share = share or Share()
+    if not enabled:
+        groups = list(draw())
+        return FilledStep(groups, FilterCounts(kept=len(groups)), 1, 0, True)
     kept: list[GroupT] = []
     counts = FilterCounts()
-    batches = 0
-    while batches < 1 + max_prompt_batches and any_rank(len(kept) < target_groups):
+    batches = taken = surplus = 0
+    while batches < 1 + max_prompt_batches and taken < target_groups:
         batches += 1
-        if len(kept) >= target_groups:
-            if skip is not None:
-                skip()
-            continue
         groups = list(draw())
-        if not enabled:
-            kept.extend(groups)
-            counts = counts + FilterCounts(kept=len(groups))
-            break
-        if not groups:
-            continue
-        correct = torch.tensor([list(correctness(g)) for g in groups], dtype=torch.float32)
-        result = filter_groups(correct, lower, upper)
-        counts = counts + result.counts
-        kept.extend(g for g, k in zip(groups, result.keep.tolist()) if k)
-    surplus = max(len(kept) - target_groups, 0)
-    return FilledStep(
-        groups=kept[:target_groups],
-        counts=counts,
-        prompt_batches=batches,
-        surplus=surplus,
-        full=len(kept) >= target_groups,
-    )
+        keep = torch.zeros(len(groups), dtype=torch.bool)
+        if groups:
+            correct = torch.tensor([list(correctness(g)) for g in groups], dtype=torch.float32)
+            result = filter_groups(correct, lower, upper)
+            counts = counts + result.counts
+            keep = result.keep
+        mine = {j: j for j in range(len(groups))}  # global position -> this rank's index
+        if share.size > 1:
+            codes = torch.zeros(share.batch, dtype=torch.int64)  # 0 another rank's, 1 dropped, 2 kept
+            positions = [share.rank + share.size * j for j in range(len(groups))]
+            codes[positions] = 1 + keep.long()
+            keep = share.sum(codes) == 2
+            mine = {p: j for j, p in enumerate(positions)}
+        order = keep.nonzero()[:, 0].tolist()  # kept groups of the batch, in global order
+        need = target_groups - taken
+        kept.extend(groups[mine[p]] for p in order[:need] if p in mine)
+        taken += min(len(order), need)
+        surplus += max(len(order) - need, 0)
+    return FilledStep(groups=kept, counts=counts, prompt_batches=batches, surplus=surplus,
+                      full=taken >= target_groups)
 
 
 class Overlong(NamedTuple):

@@ -36,17 +36,20 @@ import torch
 
 from questa_nemo.config import AlgoConfig
 
+_ALGO = AlgoConfig()  # the schema's defaults: the only place they are written (config.py)
+
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """The loss knobs of config `algo` (see config.py for their reference values)."""
+    """The loss knobs of config `algo`; each default is the schema's (config.AlgoConfig, reference values)."""
 
-    clip_eps: float = 0.2  # lower clip: ratio >= 1 - clip_eps
-    clip_eps_high: float | None = None  # upper clip 1 + clip_eps_high (clip-higher); None = symmetric
-    behave_imp_weight_cap: float | None = 5.0  # tokens with exp(proximal - behaviour) above it get weight 0
-    kl_coef: float = 0.0  # 0 = no KL term and no reference log-probs needed
-    kl_type: str = "k3"  # k1: log(pi/ref); k3: ref/pi - log(ref/pi) - 1 (unbiased, non-negative)
-    agg: str = "token"  # token | sequence | sequence_sum
+    clip_eps: float = _ALGO.clip_eps  # lower clip: ratio >= 1 - clip_eps
+    clip_eps_high: float | None = _ALGO.clip_eps_high  # upper clip 1 + clip_eps_high; None = symmetric
+    # tokens with exp(proximal - behaviour) above it get weight 0
+    behave_imp_weight_cap: float | None = _ALGO.behave_imp_weight_cap
+    kl_coef: float = _ALGO.kl_coef  # 0 = no KL term and no reference log-probs needed
+    kl_type: str = _ALGO.kl_type  # k1: log(pi/ref); k3: ref/pi - log(ref/pi) - 1 (unbiased, non-negative)
+    agg: str = _ALGO.loss_agg  # token | sequence | sequence_sum (config key algo.loss_agg)
 
 
 def loss_config_from(algo: AlgoConfig) -> PolicyLossConfig:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from questa_nemo.ckpt.atomic import atomic_dir
+from questa_nemo.atomic import atomic_dir
 from questa_nemo.model.hf_io import HFCheckpoint, write_safetensors
 
 # Files a Hugging Face tokenizer may consist of; whichever exist travel with the weights.

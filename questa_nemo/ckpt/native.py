@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from questa_nemo.atomic import atomic_dir
 from questa_nemo.ckpt import dist_layout
-from questa_nemo.ckpt.atomic import atomic_dir
 from questa_nemo.ckpt.hf import HFModel, clean_config, default_generation_config, tokenizer_files
 from questa_nemo.config import ConfigError
 from questa_nemo.model import checkpoint, nemo_io

@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from questa_nemo.atomic import atomic_path
 from questa_nemo.ckpt import dist_layout
-from questa_nemo.ckpt.atomic import atomic_path
 from questa_nemo.ckpt.hf import TOKENIZER_FILES, HFModel, tokenizer_files
 from questa_nemo.model import nemo_io
 from questa_nemo.model.convert import ModelShape

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from questa_nemo.config import CHOICES
+
 THINK_END = "</think>"
-CUT_MODES = ("char", "token", "sentence", "step")
+CUT_MODES = CHOICES["data.cut_mode"]  # the schema's list (config key data.cut_mode)
 HINT_PAD = "_"  # fills the fixed-width hint slot of formats that have one (the small world)
 
 

@@ -4,12 +4,13 @@ manifest, all into a temporary folder that replaces the output folder only once 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from questa_nemo.atomic import atomic_dir
 
 OUTPUT_FORMATS = ("hf_disk", "jsonl", "parquet")
 MANIFEST = "manifest.json"
@@ -54,30 +55,37 @@ def ratio_name(ratio: float) -> str:
 
 def write_splits(folder: Path, splits: dict[str, list[HintedRow]], formats: list[str]) -> None:
     """save_to_disk a DatasetDict of `splits` under folder/ (hf_disk), plus folder/<split>.jsonl / .parquet.
-    JSONL alone needs no `datasets` (GPU images lack it)."""
+    JSONL alone needs no `datasets` (GPU images may lack it).
+
+    Each split's fingerprint is the sha256 of its rows, given to `datasets` rather than computed by it: its own
+    fingerprint pickles the whole Arrow table with dill, which fails on some images (Python 3.12.3 with
+    datasets 5.2 / pyarrow 26 on our H100 image: "Can't pickle <class 'MonthDayNano'>"), and ours is the same
+    for the same rows on every machine.
+    """
+    rows_json = {split: [json.dumps(asdict(row), ensure_ascii=False) for row in rows] for split, rows in splits.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    dataset = None
-    if {"hf_disk", "parquet"} & set(formats):
-        from datasets import Dataset, DatasetDict
+    if "hf_disk" in formats or "parquet" in formats:
+        from datasets import Dataset, DatasetDict, DatasetInfo
+        from datasets.table import InMemoryTable
 
         features = _features()
-        columns = {
-            split: {name: [getattr(row, name) for row in rows] for name in features}
-            for split, rows in splits.items()
-        }
-        dataset = DatasetDict(
-            {split: Dataset.from_dict(cols, features=features) for split, cols in columns.items()}
-        )
+
+        def dataset(split: str, rows: list[HintedRow]) -> Dataset:
+            columns = features.encode_batch({name: [getattr(row, name) for row in rows] for name in features})
+            table = InMemoryTable.from_pydict(columns, schema=features.arrow_schema)
+            digest = hashlib.sha256("\n".join(rows_json[split]).encode()).hexdigest()[:16]
+            return Dataset(table, info=DatasetInfo(features=features), split=split, fingerprint=digest)
+
+        data = DatasetDict({split: dataset(split, rows) for split, rows in splits.items()})
     if "hf_disk" in formats:
         # One shard per split: an empty split saved with zero shards cannot be loaded back.
-        dataset.save_to_disk(str(folder), num_shards={split: 1 for split in splits})
-    for split, rows in splits.items():
+        data.save_to_disk(str(folder), num_shards={split: 1 for split in splits})
+    for split in splits:
         if "jsonl" in formats:
             with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+                f.writelines(line + "\n" for line in rows_json[split])
         if "parquet" in formats:
-            dataset[split].to_parquet(str(folder / f"{split}.parquet"))
+            data[split].to_parquet(str(folder / f"{split}.parquet"))
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -94,17 +102,5 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     final = final.resolve()
     if final.exists() and any(final.iterdir()) and not (final / MANIFEST).is_file():
         raise FileExistsError(f"data.output_dir: {final} exists, is not empty and holds no {MANIFEST}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(final, overwrite=True) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)

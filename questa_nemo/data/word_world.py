@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from questa_nemo.config import DataConfig, WorldConfig
@@ -29,7 +29,7 @@ from questa_nemo.data.world import (
     distinct_problems,
     draw_warmup_examples,
     hard_lengths,
-    write_jsonl,
+    write_sets,
 )
 
 NAMES = (
@@ -252,10 +252,6 @@ def write_word_world(cfg: WorldConfig, hint_fraction: float = 0.4, jsonl_only: b
                                 profile) and with each hint ratio of the RL sets (what the warm-up's stop checks)
     warmup.jsonl                supervised warm-up examples (WarmupExample fields)
     """
-    from questa_nemo.data.build import build
-
-    out = Path(cfg.output_dir)
-    (out / "raw").mkdir(parents=True, exist_ok=True)
     eval_set = problem_set("eval", hard_lengths(cfg.eval_problems, cfg, "eval"), cfg)
     held_out = {p.text() for p in eval_set}
     calib_lengths = [n for n in range(1, cfg.max_ops + 1) for _ in range(cfg.calib_problems_per_length)]
@@ -264,17 +260,11 @@ def write_word_world(cfg: WorldConfig, hint_fraction: float = 0.4, jsonl_only: b
         "calib": problem_set("calib", calib_lengths, cfg, held_out),
         "rl": problem_set("rl", hard_lengths(cfg.rl_problems, cfg, "rl"), cfg, held_out),
     }
-    written: dict[str, Path] = {}
-    for name, problems in sets.items():
-        raw = out / "raw" / f"{name}.jsonl"
-        write_jsonl(raw, openr1_rows(problems, name))
-        ratios = {"eval": [0.0], "calib": [0.0, *(r for r in cfg.hint_ratios if r > 0)], "rl": cfg.hint_ratios}
-        build(data_config([str(raw)], str(out / name), ratios[name], cfg.seed, jsonl_only))
-        written[name] = out / name
-    examples = warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out)
-    write_jsonl(out / "warmup.jsonl", (asdict(e) for e in examples))
-    written["warmup"] = out / "warmup.jsonl"
-    return written
+    return write_sets(
+        cfg, sets, openr1_rows,
+        lambda inputs, output, ratios: data_config(inputs, output, ratios, cfg.seed, jsonl_only),
+        warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out),
+    )
 
 
 def main(config_name: str = "smollm2_world", overrides: list[str] | None = None, positional=None) -> int:

@@ -23,14 +23,13 @@ distance changed with i and the tiny model learned far slower: on the same budge
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from questa_nemo.atomic import atomic_path
 from questa_nemo.config import DataConfig, WorldConfig
 from questa_nemo.data import hints
 
@@ -40,7 +39,6 @@ EMPTY_SLOT = " __"  # an operation slot is " " + operator + operand: as wide as 
 SEPARATOR = "|"  # between the problem and the hint slot
 LENGTH_DECAY = 0.85  # warm-up draws chain length n with weight LENGTH_DECAY ** (n - 1)
 P = TypeVar("P")  # a problem type of one of the worlds
-_PROBLEM = re.compile(r"^(\d+)((?: [+\-*]\d)*)")
 
 
 @dataclass(frozen=True)
@@ -80,14 +78,6 @@ class WorldProblem:
     def solution(self) -> str:
         """One line per step, then the last result boxed."""
         return "".join(f"{r:0{self.width}d}\n" for r in self.results) + "\\boxed{" + self.answer() + "}"
-
-
-def count_ops(text: str) -> int:
-    """n of a world problem or prompt (the reward needs it: a solution has n lines)."""
-    m = _PROBLEM.match(text)
-    if m is None:
-        raise ValueError(f"not a world problem: {text[:40]!r}")
-    return len(m.group(2)) // len(EMPTY_SLOT)
 
 
 def prompt_format(cfg: WorldConfig) -> hints.PromptFormat:
@@ -236,11 +226,9 @@ def draw_warmup_examples(
 
 # ------------------------------------------------------------------------------------------ writing
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def write_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]:
@@ -253,10 +241,6 @@ def write_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]
                                 table) and with each hint ratio of the RL sets (what the warm-up's stop checks)
     warmup.jsonl                supervised warm-up examples (WarmupExample fields)
     """
-    from questa_nemo.data.build import build
-
-    out = Path(cfg.output_dir)
-    (out / "raw").mkdir(parents=True, exist_ok=True)
     eval_set = problem_set("eval", hard_lengths(cfg.eval_problems, cfg, "eval"), cfg)
     held_out = {p.text(cfg.max_ops) for p in eval_set}
     calib_lengths = [n for n in range(1, cfg.max_ops + 1) for _ in range(cfg.calib_problems_per_length)]
@@ -265,15 +249,35 @@ def write_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]
         "calib": problem_set("calib", calib_lengths, cfg, held_out),
         "rl": problem_set("rl", hard_lengths(cfg.rl_problems, cfg, "rl"), cfg, held_out),
     }
+    return write_sets(
+        cfg, sets, lambda problems, name: openr1_rows(problems, name, cfg),
+        lambda inputs, output, ratios: data_config(cfg, inputs, output, ratios),
+        warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out),
+    )
+
+
+def write_sets(
+    cfg: WorldConfig,
+    sets: dict[str, list],
+    raw_rows: Callable[[list, str], Iterable[dict]],
+    data_config_of: Callable[[list[str], str, list[float]], DataConfig],
+    warmup: list[WarmupExample],
+) -> dict[str, Path]:
+    """Write a world's problem sets ({eval, calib, rl}: problems) under cfg.output_dir: raw/<set>.jsonl
+    (`raw_rows(problems, set)`), then `questa-nemo data build` of each at its hint ratios
+    (`data_config_of(inputs, output_dir, ratios)`), and warmup.jsonl. Returns name -> folder (or file)."""
+    from questa_nemo.data.build import build
+
+    out = Path(cfg.output_dir)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for name, problems in sets.items():
         raw = out / "raw" / f"{name}.jsonl"
-        write_jsonl(raw, openr1_rows(problems, name, cfg))
+        write_jsonl(raw, raw_rows(problems, name))
         ratios = {"eval": [0.0], "calib": [0.0, *(r for r in cfg.hint_ratios if r > 0)], "rl": cfg.hint_ratios}
-        build(data_config(cfg, [str(raw)], str(out / name), ratios[name]))
+        build(data_config_of([str(raw)], str(out / name), ratios[name]))
         written[name] = out / name
-    examples = warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out)
-    write_jsonl(out / "warmup.jsonl", (asdict(e) for e in examples))
+    write_jsonl(out / "warmup.jsonl", (asdict(e) for e in warmup))
     written["warmup"] = out / "warmup.jsonl"
     return written
 

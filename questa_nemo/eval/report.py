@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from questa_nemo.atomic import atomic_path, write_text_atomic
 from questa_nemo.eval.benchmarks import benchmark_title
 from questa_nemo.eval.passk import (
     mean_and_std,
@@ -139,21 +139,13 @@ def plot_pass_at_k(report: Mapping[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_pass_rates(path: Path, problems: Sequence[ProblemResult]) -> None:
     """The difficulty filter's input (see conf/eval/profile.yaml): one JSON object per line,
     {"id": str, "pass_rate": float, "n": int, "correct": int}, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        for p in problems:
-            f.write(json.dumps({"id": p.id, "pass_rate": p.pass_rate, "n": p.n, "correct": p.correct}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    lines = (json.dumps({"id": p.id, "pass_rate": p.pass_rate, "n": p.n, "correct": p.correct}) for p in problems)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))

@@ -15,43 +15,36 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from questa_nemo.config import Config, ConfigError, load_config
+from questa_nemo.config import Config, ConfigError, EvalConfig, load_config
 from questa_nemo.eval.benchmarks import BenchmarkRow, benchmark_key, load_benchmark
 from questa_nemo.eval.passk import majority_vote
 from questa_nemo.eval.report import build_report, format_table, plot_pass_at_k, write_pass_rates
 from questa_nemo.eval.store import ProblemResult, ResultStore, pooled, write_json_atomic
-from questa_nemo.reward.types import RewardResult
+from questa_nemo.reward.build import build_reward
+from questa_nemo.reward.types import Reward, RewardResult
 from questa_nemo.rollout.base import GenerationBackend, SamplingParams
 
 
-class Scorer(Protocol):
+class BenchmarkScorer(Protocol):
     """Scores completions, each against the row of the problem it answers: one RewardResult per completion.
 
-    An adapter over the reward module: the math reward needs the reference answer, the small world's also the
-    problem (its number of steps); see `math_scorer` and `score_world`.
+    `benchmark_scorer` adapts a reward (reward.build.build_reward) to it.
     """
 
     def __call__(self, completions: list[str], rows: list[BenchmarkRow]) -> list[RewardResult]: ...
 
 
-def math_scorer(reward: Any) -> Scorer:
-    """Adapt a reward with `score(completions, references)` (reward.math.MathReward, a worker pool)."""
+def benchmark_scorer(reward: Reward) -> BenchmarkScorer:
+    """Score against each row's answer, handing the reward the row's problem too (the small world's reward reads
+    its number of steps there)."""
 
     def score(completions: list[str], rows: list[BenchmarkRow]) -> list[RewardResult]:
-        return reward.score(completions, [r.answer for r in rows])
+        return reward.submit(completions, [r.answer for r in rows], [r.problem for r in rows]).result()
 
     return score
 
 
-def score_world(completions: list[str], rows: list[BenchmarkRow]) -> list[RewardResult]:
-    """The small world's reward; a row's problem is the world prompt, whose step count the reward checks."""
-    from questa_nemo.data.world import count_ops
-    from questa_nemo.reward.world import world_rewards
-
-    return world_rewards(completions, [r.answer for r in rows], [count_ops(r.problem) for r in rows])
-
-
-def render_prompt(tokenizer: Any, problem: str, template: str) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, problem: str, template: str) -> list[int]:
     """The problem alone (no hint) as one user message through the tokenizer's chat template."""
     messages = [{"role": "user", "content": template.replace("{problem}", problem)}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -71,7 +64,7 @@ def evaluate(
     tokenizer: Any,
     rows: Sequence[BenchmarkRow],
     sampling: SamplingParams,
-    scorer: Scorer,
+    scorer: BenchmarkScorer,
     extract_answer: Callable[[str], str | None],
     prompt_template: str = "{problem}",
     problems_per_batch: int = 16,
@@ -95,7 +88,7 @@ def evaluate(
         if backend is None:
             raise ValueError("evaluate: problems are left to run but no backend was given")
         params = dataclasses.replace(sampling, seed=sampling.seed + batch_index)
-        prompts = [render_prompt(tokenizer, r.problem, prompt_template) for r in todo]
+        prompts = [chat_prompt_ids(tokenizer, r.problem, prompt_template) for r in todo]
         cut = [max(0, len(p) - prompt_limit) if prompt_limit is not None else 0 for p in prompts]
         prompts = [p[c:] for p, c in zip(prompts, cut)]
         generated = backend.generate(prompts, params).completions
@@ -131,18 +124,22 @@ def evaluate(
     return [by_id[r.id] for r in rows]
 
 
-def sampling_from(cfg: Config, tokenizer: Any) -> SamplingParams:
-    """The eval section's sampling, stopping at the tokenizer's EOS."""
-    e = cfg.eval
-    eos = tokenizer.eos_token_id
+def eval_sampling(e: EvalConfig, stop_token_ids: tuple[int, ...], n: int | None = None) -> SamplingParams:
+    """The eval section's sampling (n: eval.n_samples unless given, e.g. in-run validation's fewer samples)."""
     return SamplingParams(
-        n=e.n_samples,
+        n=e.n_samples if n is None else n,
         temperature=e.temperature,
         top_p=e.top_p,
         max_new_tokens=e.max_new_tokens,
-        stop_token_ids=(eos,) if eos is not None else (),
+        stop_token_ids=tuple(stop_token_ids),
         seed=e.seed,
     )
+
+
+def sampling_from(cfg: Config, tokenizer: Any) -> SamplingParams:
+    """The eval section's sampling, stopping at the tokenizer's EOS."""
+    eos = tokenizer.eos_token_id
+    return eval_sampling(cfg.eval, (eos,) if eos is not None else ())
 
 
 def model_labels(checkpoints: Sequence[str], labels: Sequence[str]) -> list[str]:
@@ -210,7 +207,7 @@ def check_prompts_fit(
             f"{e.max_new_tokens} new tokens leave no room for a prompt of {where}: the model has {context} "
             "positions (max_position_embeddings); lower eval.max_new_tokens",
         )
-    lengths = [len(render_prompt(tokenizer, r.problem, e.prompt_template)) for r in rows]
+    lengths = [len(chat_prompt_ids(tokenizer, r.problem, e.prompt_template)) for r in rows]
     over = [(r, n) for r, n in zip(rows, lengths) if n > limit]
     if over and e.overlong_prompts == "error":
         row, n = over[0]
@@ -246,7 +243,7 @@ def evaluate_all(
     labels: Sequence[str],
     benchmarks: Sequence[Benchmark],
     tokenizer: Any,
-    scorer: Scorer,
+    scorer: BenchmarkScorer,
     extract_answer: Callable[[str], str | None],
     backend_for: Callable[[Config, str], GenerationBackend],
     context_of: Callable[[Config, str], int] | None = None,
@@ -331,7 +328,6 @@ def main(config_name: str, overrides: list[str], positional: list[str]) -> int:
     # above depends on the GenerationBackend protocol only.
     from questa_nemo.eval import backend as backends
     from questa_nemo.reward.extract import extract_answer
-    from questa_nemo.reward.math import MathReward
 
     cfg = load_config(config_name, overrides)
     e = cfg.eval
@@ -369,10 +365,7 @@ def main(config_name: str, overrides: list[str], positional: list[str]) -> int:
         return extract_answer(text, cfg.reward.max_answer_chars).answer or None
 
     with contextlib.ExitStack() as resources:
-        if cfg.reward.kind == "world":
-            scorer: Scorer = score_world
-        else:
-            scorer = math_scorer(resources.enter_context(MathReward.from_config(cfg.reward)))
+        scorer = benchmark_scorer(build_reward(cfg.reward, resources))
         results = evaluate_all(
             cfg,
             checkpoints,

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from questa_nemo.atomic import write_text_atomic
 from questa_nemo.errors import InputError
 
 
@@ -42,13 +43,7 @@ class ProblemResult:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temp file in the same folder, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=1))
 
 
 class StoreError(InputError):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import shutil
 import signal
 import threading
@@ -33,6 +32,7 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from questa_nemo.atomic import publish_dir, write_text_atomic
 from questa_nemo.model import mcore_compat
 
 COMPLETE_MARKER = "complete"
@@ -219,17 +219,7 @@ def _save_strategy():
 
 
 def _write_json(path: Path, payload: Mapping) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def _agreed_temp_dir(final: Path) -> Path:
@@ -246,20 +236,8 @@ def _agreed_temp_dir(final: Path) -> Path:
 
 def _publish(tmp: Path, final: Path) -> None:
     """Rank 0: mark `tmp` complete and rename it to `final` (an older `final` is moved aside, then removed)."""
-    marker = tmp / COMPLETE_MARKER
-    with open(marker, "w") as f:
-        f.write("ok\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    old = None
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
+    write_text_atomic(tmp / COMPLETE_MARKER, "ok\n")
+    publish_dir(tmp, final)
 
 
 def _rng_states() -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:

@@ -110,7 +110,3 @@ def apply() -> None:
         module.torch = _torch_on_cpu()
     torch.Tensor.cuda = _stay_on_cpu  # 6
     _APPLIED = True
-
-
-def is_applied() -> bool:
-    return _APPLIED

@@ -7,13 +7,14 @@ reads just the tensors `convert.hf_names_for_shard` lists. Never pickle: safeten
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from questa_nemo.atomic import atomic_path, write_text_atomic
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -65,9 +66,8 @@ class HFCheckpoint(Mapping):
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
 
 
 def write_safetensors(
@@ -101,7 +101,5 @@ def write_safetensors(
         weight_map.update({name: path.name for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = folder / INDEX_NAME
-    tmp = index.with_name(index.name + ".tmp")
-    tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    os.replace(tmp, index)
+    write_text_atomic(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return [*files, index]

@@ -29,7 +29,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from questa_nemo.config import ConfigError, ModelConfig, OptimConfig
+from questa_nemo.config import CONTEXT_PARALLEL_UNSUPPORTED, ConfigError, ModelConfig, OptimConfig
 from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
 from questa_nemo.model.packing import PackedMicroBatch, TokenSequence, assign_first_fit_decreasing, pack
 
@@ -109,9 +109,7 @@ class MegatronPolicy:
         self.vocab_size = vocab_size  # the tokenizer's; the output layer has padding rows past it
         self.micro_batch_tokens = micro_batch_tokens
         if model_cfg.context_parallel > 1:
-            raise ConfigError(
-                "model.context_parallel", "packed micro-batches are not split over CP ranks (yet)"
-            )
+            raise ConfigError("model.context_parallel", CONTEXT_PARALLEL_UNSUPPORTED)
         on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         config = _unwrap(model_chunks[0]).config
@@ -375,16 +373,6 @@ class MegatronPolicy:
     def eval(self) -> None:
         for chunk in self.model_chunks:
             chunk.eval()
-
-    def release_grad_memory(self) -> None:
-        """Free the gradient buffers (colocated rollout needs the memory); `restore_grad_memory` before training."""
-        on_gpu = torch.cuda.is_available()
-        for chunk in self.model_chunks:
-            chunk.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
-
-    def restore_grad_memory(self) -> None:
-        for chunk in self.model_chunks:
-            chunk.restore_grad_buffers(synchronize=torch.cuda.is_available())
 
     @property
     def modules(self) -> list[torch.nn.Module]:

@@ -1,6 +1,6 @@
 """The rule-based math reward: 1 when a completion's final answer equals the reference under math-verify.
 
-    with MathReward(num_workers=8, timeout_s=5.0) as reward:
+    with MathReward(RewardConfig(num_workers=8)) as reward:
         handle = reward.submit(completions, references)   # returns at once; workers start judging
         ...                                                # e.g. generate the next batch meanwhile
         results = handle.result()                          # list[RewardResult], one per completion
@@ -14,15 +14,15 @@ reason (types.REASONS); `count_reasons` tallies a batch for the logs.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
+from questa_nemo.config import RewardConfig
 from questa_nemo.reward.check import fast_judge, install_alarm_handler, judge, warm_up
 from questa_nemo.reward.extract import extract_answer, reference_answer
-from questa_nemo.reward.pool import Job, JudgePool, PoolStats, RewardHandle
+from questa_nemo.reward.pool import Job, JudgePool, PoolHandle, PoolStats
 from questa_nemo.reward.types import PARSE_ERROR, REASONS, RewardResult
 
-if TYPE_CHECKING:
-    from questa_nemo.config import RewardConfig
+_REWARD = RewardConfig()  # the schema's defaults: the only place they are written (config.py)
 
 
 def _check_lengths(completions: list[str], references: list[str]) -> None:
@@ -55,47 +55,33 @@ def _settle_locally(completion: str, reference: str, max_answer_chars: int) -> R
 class MathReward:
     """Scores completions against "\\boxed{...}" references in a pool of worker processes; close() when done.
 
+    Its settings are the `reward` config section's math keys (num_workers, timeout_s, kill_grace_s,
+    max_answer_chars, memory_limit_mb, start_method); None: the schema's defaults.
     test_faults is a test hook: workers then obey worker.TEST_CRASH_ANSWER / TEST_SEGFAULT_ANSWER /
     TEST_HANG_ANSWER by failing on purpose. Never set it outside tests.
     """
 
-    def __init__(
-        self,
-        num_workers: int = 4,
-        timeout_s: float = 5.0,
-        max_answer_chars: int = 1000,
-        kill_grace_s: float = 1.0,
-        memory_limit_mb: int = 4096,
-        start_method: str = "spawn",
-        test_faults: bool = False,
-    ):
-        if max_answer_chars < 1:
-            raise ValueError(f"reward.max_answer_chars: must be >= 1, got {max_answer_chars}")
-        self.max_answer_chars = max_answer_chars
+    def __init__(self, cfg: RewardConfig | None = None, *, test_faults: bool = False):
+        cfg = cfg or _REWARD
+        if cfg.max_answer_chars < 1:
+            raise ValueError(f"reward.max_answer_chars: must be >= 1, got {cfg.max_answer_chars}")
+        self.max_answer_chars = cfg.max_answer_chars
         self._pool = JudgePool(
-            num_workers,
-            timeout_s,
-            kill_grace_s=kill_grace_s,
-            memory_limit_mb=memory_limit_mb,
-            start_method=start_method,
-            test_faults=test_faults,
-        )
-
-    @classmethod
-    def from_config(cls, cfg: RewardConfig) -> MathReward:
-        return cls(
-            num_workers=cfg.num_workers,
-            timeout_s=cfg.timeout_s,
-            max_answer_chars=cfg.max_answer_chars,
+            cfg.num_workers,
+            cfg.timeout_s,
             kill_grace_s=cfg.kill_grace_s,
             memory_limit_mb=cfg.memory_limit_mb,
             start_method=cfg.start_method,
+            test_faults=test_faults,
         )
 
-    def submit(self, completions: list[str], references: list[str]) -> RewardHandle:
-        """Start scoring and return at once; `handle.result()` waits for the list of RewardResult."""
+    def submit(
+        self, completions: list[str], references: list[str], problems: list[str] | None = None
+    ) -> PoolHandle:
+        """Start scoring and return at once; `handle.result()` waits for the list of RewardResult.
+        `problems` (the Reward protocol's) is not read: the math reward needs only the references."""
         _check_lengths(completions, references)
-        handle = RewardHandle(len(completions))
+        handle = PoolHandle(len(completions))
         jobs = []
         for index, (completion, reference) in enumerate(zip(completions, references)):
             settled = _settle_locally(completion, reference, self.max_answer_chars)
@@ -134,7 +120,10 @@ class MathReward:
 
 
 def score_in_process(
-    completions: list[str], references: list[str], timeout_s: float = 5.0, max_answer_chars: int = 1000
+    completions: list[str],
+    references: list[str],
+    timeout_s: float = _REWARD.timeout_s,
+    max_answer_chars: int = _REWARD.max_answer_chars,
 ) -> list[RewardResult]:
     """The same verdicts without worker processes, for the main thread of a script (benchmarks, debugging).
 

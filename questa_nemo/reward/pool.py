@@ -38,7 +38,7 @@ PREFETCH = 16
 _PIPE_BUDGET_BYTES = 32 * 1024
 
 
-class RewardHandle:
+class PoolHandle:
     """The results of one submitted batch, filled in by the dispatcher thread as workers finish."""
 
     def __init__(self, size: int):
@@ -75,7 +75,7 @@ class RewardHandle:
 
 @dataclass
 class Job:
-    handle: RewardHandle
+    handle: PoolHandle
     index: int  # position in the handle's batch
     answer: str  # extracted, at most max_answer_chars characters
     form: str  # extract.BOXED | extract.PHRASE
@@ -121,9 +121,9 @@ class JudgePool:
         self,
         num_workers: int,
         timeout_s: float,
-        kill_grace_s: float = 1.0,
-        memory_limit_mb: int = 4096,
-        start_method: str = "spawn",
+        kill_grace_s: float,
+        memory_limit_mb: int,
+        start_method: str,
         test_faults: bool = False,
     ):
         if num_workers < 1:

@@ -17,10 +17,16 @@ class SamplingParams:
     n: int = 1  # completions per prompt (the GRPO group size)
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    max_new_tokens: int = 256
+    # no default: the caller's config says it (rollout.max_new_tokens 24,000, eval.max_new_tokens 32,768)
+    max_new_tokens: int = field(kw_only=True)
     stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these (EOS included)
     ignore_eos: bool = False  # benchmarks: always run to max_new_tokens
     seed: int = 0  # same prompts + params + seed + weights -> same samples
+    # Sampling key of each prompt of the call (default: its index in the call). The megatron engine draws a
+    # sequence's noise from (seed, prompt key, sample index, position) alone, so a prompt keyed the same gets
+    # the same completions whatever else is in the call, its slot or rank (DP-independent rollouts). Backends
+    # with their own sampler (hf, trtllm) ignore it.
+    prompt_keys: tuple[int, ...] = ()
 
 
 @dataclass

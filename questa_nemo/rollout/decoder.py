@@ -144,10 +144,16 @@ class DecoderWeights:
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values for every slot; slot b, position p lives at [layer, b, :, p]."""
+    """Preallocated keys and values for every slot; slot b, position p lives at [layer, b, :, p].
+
+    The decode step reads every slot up to the step's attention span. rollout/paged.py has the same interface
+    over a block pool (each sequence reads its own blocks only).
+    """
 
     k: torch.Tensor  # [layers, slots, groups, max_len, head_dim]
     v: torch.Tensor  # [layers, slots, groups, max_len, head_dim]
+
+    span_matters = True  # the step's attention span sets the work (and the captured graph)
 
     @classmethod
     def allocate(cls, w: DecoderWeights, slots: int, max_len: int) -> KVCache:
@@ -159,10 +165,47 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.size(3)
 
+    @property
+    def slots(self) -> int:
+        return self.k.size(1)
+
     def copy_prefix(self, src: int, dst: slice, length: int) -> None:
         """Share slot `src`'s first `length` positions (a prefilled prompt) with the slots in `dst`."""
         self.k[:, dst, :, :length] = self.k[:, src : src + 1, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src : src + 1, :, :length]
+
+    def store(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [G, C, D] at positions start..start+C-1 of `slot`."""
+        self.k[layer, slot, :, start : start + k.size(1)] = k
+        self.v[layer, slot, :, start : start + v.size(1)] = v
+
+    def prefix(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys, values [1, G, end, D] of `slot`'s positions 0..end-1."""
+        return self.k[layer, slot : slot + 1, :, :end], self.v[layer, slot : slot + 1, :, :end]
+
+    def decode_context(self, positions: torch.Tensor, attend_len: int) -> dict:
+        """Per-step tensors shared by every layer: slot ids and the visibility mask [B, 1, 1, attend_len]."""
+        b = positions.numel()
+        visible = torch.arange(attend_len, device=positions.device)[None, :] <= positions[:, None]
+        return {
+            "slots": torch.arange(b, device=positions.device),
+            "positions": positions,
+            "visible": visible[:, None, None, :],
+            "attend_len": attend_len,
+        }
+
+    def decode_attention(
+        self, layer: int, ctx: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Append k, v [B, G, D] at the step's positions; q [B, G, per_group, D] attends to every position
+        <= its own below the span -> [B, G, per_group, D]."""
+        b, span = q.size(0), ctx["attend_len"]
+        self.k[layer, ctx["slots"], :, ctx["positions"]] = k
+        self.v[layer, ctx["slots"], :, ctx["positions"]] = v
+        keys, values = self.k[layer, :b, :, :span], self.v[layer, :b, :, :span]  # [B, G, L, D]
+        # A group's query heads take the "query length" axis, so grouped-query attention needs no repeat of
+        # the cache; the fused kernel keeps scores in float32 (a bf16 score matmul would shift log-probs).
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx["visible"])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -210,10 +253,11 @@ def _mlp_and_proj(h: torch.Tensor, attn: torch.Tensor, lw: LayerWeights, w: Deco
     return h + F.linear(F.silu(gate) * up, lw.fc2, lw.fc2_bias)
 
 
-def prefill(w: DecoderWeights, cache: KVCache, slot: int, tokens: torch.Tensor, chunk: int) -> None:
+def prefill(w: DecoderWeights, cache, slot: int, tokens: torch.Tensor, chunk: int) -> None:
     """Write the keys/values of one prompt (positions 0..T-1) into cache slot `slot`, `chunk` tokens at a time.
 
     tokens: [T]. No logits are computed: the last prompt token is fed to the first decode step instead.
+    `cache`: a KVCache, or a paged cache (rollout/paged.py) whose slot already owns blocks for T positions.
     """
     total = tokens.numel()
     per_group = w.heads // w.groups
@@ -230,9 +274,8 @@ def prefill(w: DecoderWeights, cache: KVCache, slot: int, tokens: torch.Tensor, 
             mask = torch.arange(end, device=ids.device)[None, :] <= positions[0, :, None]  # [C, end]
         for i, lw in enumerate(w.layers):
             q, k, v = _qkv(h, lw, w, cos, sin)
-            cache.k[i, slot, :, start:end] = k[0]
-            cache.v[i, slot, :, start:end] = v[0]
-            keys, values = cache.k[i, slot : slot + 1, :, :end], cache.v[i, slot : slot + 1, :, :end]
+            cache.store(i, slot, start, k[0], v[0])
+            keys, values = cache.prefix(i, slot, end)
             attn = F.scaled_dot_product_attention(
                 q.reshape(1, w.heads, c, w.head_dim),
                 keys.repeat_interleave(per_group, dim=1),
@@ -244,28 +287,22 @@ def prefill(w: DecoderWeights, cache: KVCache, slot: int, tokens: torch.Tensor, 
 
 
 def decode_logits(
-    w: DecoderWeights, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, attend_len: int
+    w: DecoderWeights, cache, tokens: torch.Tensor, positions: torch.Tensor, attend_len: int
 ) -> torch.Tensor:
     """One decode step for the first B cache slots: logits of the next token, float32 [B, vocab].
 
     tokens, positions: [B] on device (slot b's token sits at positions[b]); its key/value are written there
     and it attends to cache positions <= positions[b], all of which lie below `attend_len` (a static bound, so
-    the work per step scales with the longest live sequence, not the cache size). No host syncs.
+    the work per step scales with the longest live sequence, not the cache size; a paged cache's kernel reads
+    each sequence's own length instead). No host syncs.
     """
     b = tokens.numel()
-    slots = torch.arange(b, device=tokens.device)
-    visible = torch.arange(attend_len, device=tokens.device)[None, :] <= positions[:, None]  # [B, L]
-    visible = visible[:, None, None, :]  # [B, 1, 1, L]
+    ctx = cache.decode_context(positions, attend_len)
     h = F.embedding(tokens[:, None], w.embedding)  # [B, 1, hidden]
     cos, sin = rope_tables(positions[:, None], w.inv_freq, h.dtype)
     for i, lw in enumerate(w.layers):
         q, k, v = _qkv(h, lw, w, cos, sin)  # q [B, G, per, 1, D]; k, v [B, G, 1, D]
-        cache.k[i, slots, :, positions] = k[:, :, 0]
-        cache.v[i, slots, :, positions] = v[:, :, 0]
-        keys, values = cache.k[i, :b, :, :attend_len], cache.v[i, :b, :, :attend_len]  # [B, G, L, D]
-        # A group's query heads take the "query length" axis, so grouped-query attention needs no repeat of
-        # the cache; the fused kernel keeps scores in float32 (a bf16 score matmul would shift log-probs).
-        attn = F.scaled_dot_product_attention(q[:, :, :, 0], keys, values, attn_mask=visible)  # [B,G,per,D]
+        attn = cache.decode_attention(i, ctx, q[:, :, :, 0], k[:, :, 0], v[:, :, 0])  # [B, G, per, D]
         h = _mlp_and_proj(h, attn.reshape(b, 1, -1), lw, w)
     last = rms_norm(h[:, 0], w.final_norm, w.eps)
     return F.linear(last, w.lm_head).float()

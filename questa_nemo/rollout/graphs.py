@@ -5,8 +5,9 @@ next tokens and writes them back into `tokens` and their log-probs into `logprob
 Stop tokens are found on the host when the engine harvests a chunk of steps (one sync per chunk), so the step
 has no data-dependent control flow. Everything it touches is a preallocated tensor, so on GPU the step is captured
 once per (batch bucket, attention length bucket, sampling settings) and replayed: one launch instead of
-~20 per layer. The Exp(1) sampling noise is drawn into its static buffer outside the graph (one kernel), so
-eager and graph runs consume the same random numbers and give the same tokens.
+~20 per layer. The sampling uniforms are computed inside the step from each slot's sequence key and
+completion position (rollout/sampling.py `uniform_draws`, counter-based: no RNG state), so eager and
+graph runs give the same tokens, and a sequence gets the same noise in whichever slot it sits.
 
 Graphs share one memory pool. That is safe here because a replay leaves nothing in the pool that a later
 replay reads: all state lives in the buffers below and the KV cache, allocated outside the pool.
@@ -14,12 +15,13 @@ replay reads: all state lives in the buffers below and the KV cache, allocated o
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
 
-from questa_nemo.rollout.decoder import DecoderWeights, KVCache, decode_logits
-from questa_nemo.rollout.sampling import sample_tokens
+from questa_nemo.rollout.decoder import DecoderWeights, decode_logits
+from questa_nemo.rollout.sampling import sample_tokens, uniform_draws
 
 # Attention spans grow in steps of this many positions: at most max_len / 256 graphs per batch bucket.
 ATTEND_LEN_BUCKET = 256
@@ -51,15 +53,20 @@ def attend_bucket(max_position: int, max_len: int) -> int:
 class DecodeRunner:
     """Static step buffers for every cache slot, and the captured graphs keyed by StepKey."""
 
-    def __init__(self, weights: DecoderWeights, cache: KVCache, use_graphs: bool):
+    def __init__(self, weights: DecoderWeights, cache, use_graphs: bool):
+        """cache: a decoder.KVCache or a paged.PagedKVCache (the same step interface)."""
         self.weights, self.cache, self.use_graphs = weights, cache, use_graphs
-        slots, vocab = cache.k.size(1), weights.lm_head.size(0)
+        slots = cache.slots
         device = weights.embedding.device
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # [S] next input token per slot
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # [S] where that token sits
         self.logprobs = torch.zeros(slots, dtype=torch.float32, device=device)  # [S] of the last sample
-        self.noise = torch.ones(slots, vocab, dtype=torch.float32, device=device)  # [S, V] Exp(1) draws
+        # sampling: the slot's sequence key (sampling.sequence_key) and the position of its first decode
+        # input (the completion position of the token a step samples is positions - noise_start)
+        self.noise_key = torch.zeros(slots, dtype=torch.long, device=device)  # [S]
+        self.noise_start = torch.zeros(slots, dtype=torch.long, device=device)  # [S]
         self._graphs: dict[StepKey, torch.cuda.CUDAGraph] = {}
+        self.capture_seconds = 0.0  # wall time spent capturing (benchmarks report decode time without it)
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
     @property
@@ -71,16 +78,16 @@ class DecodeRunner:
         b = key.batch
         tokens, positions = self.tokens[:b], self.positions[:b]
         logits = decode_logits(self.weights, self.cache, tokens, positions, key.attend_len)
-        noise = self.noise[:b].clamp_min(1e-20) if key.temperature > 0 else None
-        next_tokens, logprobs = sample_tokens(logits, noise, key.temperature, key.top_p)
+        uniforms = None
+        if key.temperature > 0:
+            uniforms = uniform_draws(self.noise_key[:b], positions - self.noise_start[:b])
+        next_tokens, logprobs = sample_tokens(logits, uniforms, key.temperature, key.top_p)
         tokens.copy_(next_tokens)
         self.logprobs[:b].copy_(logprobs)
         positions.add_(1)
 
-    def step(self, key: StepKey, generator: torch.Generator | None) -> None:
-        """Draw the sampling noise, then run one decode step (captured on first use when graphs are on)."""
-        if key.temperature > 0:
-            self.noise[: key.batch].exponential_(generator=generator)
+    def step(self, key: StepKey) -> None:
+        """Run one decode step (captured on first use when graphs are on)."""
         if not self.use_graphs:
             self._step(key)
             return
@@ -91,6 +98,8 @@ class DecodeRunner:
 
     def _capture(self, key: StepKey) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (lazy library init), restore the state the warm-up advanced, capture."""
+        torch.cuda.synchronize()
+        tic = time.perf_counter()
         saved = [t.clone() for t in (self.tokens, self.positions)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -103,4 +112,6 @@ class DecodeRunner:
         with torch.cuda.graph(graph, pool=self._pool):
             self._step(key)
         self._graphs[key] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds += time.perf_counter() - tic
         return graph

@@ -5,7 +5,9 @@ Simple on purpose: one left-padded `generate` call per chunk of prompts, each pr
 are log_softmax(logits / temperature) of each chosen token (raw logits at temperature 0), the same quantity the
 Megatron backend returns; a logits processor records them one step behind, so no [B, steps, vocab] tensor is
 ever kept. Sampling draws from torch's global RNG seeded with `params.seed` (transformers takes no generator),
-so a seeded call is reproducible but the samples differ from other backends'.
+so a seeded call is reproducible but the samples differ from other backends'. With `params.prompt_keys` the
+seed is mixed with the first prompt's key, so calls for different prompts (another chunk, another DP rank)
+draw different streams; unlike the megatron engine's, hf's samples still depend on how prompts are batched.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from questa_nemo.config import RolloutConfig
 from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContext, SamplingParams
+from questa_nemo.rollout.sampling import sequence_key
 
 
 def build(cfg: RolloutConfig, ctx: RolloutContext) -> HFBackend:
@@ -88,7 +91,7 @@ class HFBackend:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> GenerationResult:
         started = time.perf_counter()
-        torch.manual_seed(params.seed)
+        torch.manual_seed(sequence_key(params.seed, params.prompt_keys[0], 0) if params.prompt_keys else params.seed)
         per_call = max(1, self.batch_sequences // params.n)
         completions: list[list[Completion]] = []
         for start in range(0, len(prompts), per_call):

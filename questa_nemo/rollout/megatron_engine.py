@@ -13,8 +13,8 @@ decoding. Why a replica rather than Megatron-style sharded decoding, for the 1.5
 not measured: 10-30 ms over NVLink, against a step of tens of seconds); sharded decoding would add two all-reduces per layer per token (56 per decode step of the 28-layer
 model) inside the captured step, and the model's 2 KV heads cap TP at 2. The price: the ranks of a
 model-parallel group decode the same sequences, so rollout throughput is that of world / (TP x PP) GPUs. Splitting
-the prompts over the group needs sampling noise drawn per sequence rather than per slot (so the samples do not
-depend on the split); that is the next step, not done.
+the prompts over the group is now possible without changing the samples (the sampling noise is keyed per
+sequence: SamplingParams.prompt_keys, rollout/sampling.py), but not done.
 
 Scheduling is continuous batching over a fixed set of KV-cache slots. Sequences (prompt, sample) wait in
 order; a free slot takes the next one. The n samples of a prompt share one prefill: a slot that starts a
@@ -26,9 +26,16 @@ queue is empty, is parked at position 0 so it can never run past the cache. When
 most half the batch is live, the live sequences move to the lowest slots (cache rows included) and the
 batch shrinks: a long tail stops paying for finished slots.
 
-Limits: the attention span of a step is the longest live sequence's (rounded up), read
-for every slot: a fused variable-length kernel would read less. CUDA graphs on GPU only; on CPU the same step
-runs eagerly (tests, the embedded default in float32).
+KV cache, two layouts (`EngineOptions.paged_kv`). Contiguous (decoder.KVCache): one max-length row per slot,
+slots limited by memory at the longest sequence, and every step reads every slot up to the longest live
+sequence (rounded up). Paged (rollout/paged.py): a block pool sized by memory, blocks taken as sequences grow
+and returned when they end, each sequence reading only its own blocks (a Triton kernel on GPU). A waiting
+sequence is admitted when the free blocks cover its prompt plus `kv_headroom_tokens` beyond what the live
+sequences need for the next chunk; when the live sequences outgrow the pool, the most recently admitted ones
+are preempted (their blocks freed, their tokens kept) and recomputed later: re-admitted first, their prompt and
+tokens so far prefilled again. Samples of one prompt share its full prompt blocks.
+
+CUDA graphs on GPU only; on CPU the same step runs eagerly (tests, the embedded default in float32).
 """
 
 from __future__ import annotations
@@ -45,17 +52,35 @@ from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron
 from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContext, SamplingParams
 from questa_nemo.rollout.decoder import DecoderWeights, KVCache, prefill
 from questa_nemo.rollout.graphs import ATTEND_LEN_BUCKET, DecodeRunner, StepKey, attend_bucket, batch_bucket
+from questa_nemo.rollout.paged import PagedKVCache, blocks_for
+from questa_nemo.rollout.sampling import sequence_key
+
+_ROLLOUT = RolloutConfig()  # the schema's defaults: the only place they are written (config.py)
 
 
 @dataclass(frozen=True)
 class EngineOptions:
-    max_batch_sequences: int = 512  # slots decoded at once (fewer if the KV cache would not fit)
-    cuda_graphs: bool = True  # capture the decode step on GPU
-    kv_cache_memory_fraction: float = 0.5  # GPU: share of free memory the KV cache may take
-    prefill_chunk_tokens: int = 2048  # prompt tokens per prefill forward
-    harvest_every: int = (
-        64  # decode steps between harvests (one host sync each; a stopped slot idles <= this)
-    )
+    """The engine's knobs; those that are config keys (rollout.*) default to the schema's values."""
+
+    max_batch_sequences: int = _ROLLOUT.max_batch_sequences  # slots decoded at once (fewer if no KV memory)
+    cuda_graphs: bool = _ROLLOUT.cuda_graphs  # capture the decode step on GPU
+    kv_cache_memory_fraction: float = _ROLLOUT.kv_cache_memory_fraction  # GPU: share of free memory
+    prefill_chunk_tokens: int = _ROLLOUT.prefill_chunk_tokens  # prompt tokens per prefill forward
+    harvest_every: int = 64  # decode steps between harvests (one host sync each; a stopped slot idles <= this)
+    paged_kv: bool = False  # KV cache in blocks, each sequence reading its own (rollout/paged.py)
+    kv_block_size: int = 64  # positions a block (paged): a divisor of 256, at least 16
+    kv_blocks: int = 0  # paged pool size in blocks; 0 = sized by kv_cache_memory_fraction (GPU) or need
+    kv_headroom_tokens: int = 128  # paged: free positions beyond its prompt a sequence needs to be admitted
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig) -> EngineOptions:
+        """The options a `rollout` config section sets (harvest_every is not a config key)."""
+        return cls(
+            max_batch_sequences=cfg.max_batch_sequences,
+            cuda_graphs=cfg.cuda_graphs,
+            kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+            prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+        )
 
 
 @dataclass
@@ -64,8 +89,35 @@ class _Live:
 
     prompt: int  # index into the prompts of the call
     sample: int  # 0..n-1
-    tokens: list[int]  # generated so far (harvested)
+    tokens: list[int]  # generated so far (harvested; kept when a paged cache preempts the sequence)
     logprobs: list[float]
+
+
+def _set_noise_keys(
+    runner: DecodeRunner,
+    slots: list[_Live | None],
+    start_position: list[int],
+    start_step: list[int],
+    step: int,
+    seed: int,
+    prompt_keys,
+) -> None:
+    """Give each live slot its sequence's noise key and the position of its completion's first decode input
+    (free slots get zeros): the noise a sequence samples with depends on (seed, prompt key, sample, completion
+    position) only, not on its slot, nor on a preemption (a resumed sequence keeps counting from its first token).
+    """
+    keys, starts = [], []
+    for i, s in enumerate(slots):
+        if s is None:
+            keys.append(0)
+            starts.append(0)
+            continue
+        keys.append(sequence_key(seed, prompt_keys[s.prompt], s.sample))
+        tokens_at_admission = len(s.tokens) - (step - start_step[i])
+        starts.append(start_position[i] - tokens_at_admission)
+    device = runner.noise_key.device
+    runner.noise_key[: len(slots)] = torch.tensor(keys, dtype=torch.long, device=device)
+    runner.noise_start[: len(slots)] = torch.tensor(starts, dtype=torch.long, device=device)
 
 
 def _stop_end(tokens: list[int], start: int, stops: set[int]) -> int | None:
@@ -75,12 +127,7 @@ def _stop_end(tokens: list[int], start: int, stops: set[int]) -> int | None:
 
 def build(cfg: RolloutConfig, ctx: RolloutContext) -> MegatronBackend:
     """The registry's constructor: in place on a whole model, on a gathered replica for shards."""
-    options = EngineOptions(
-        max_batch_sequences=cfg.max_batch_sequences,
-        cuda_graphs=cfg.cuda_graphs,
-        kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
-        prefill_chunk_tokens=cfg.prefill_chunk_tokens,
-    )
+    options = EngineOptions.from_config(cfg)
     model = ctx.chunks[0]
     if len(ctx.chunks) == 1 and ctx.model_parallel == 1:
         return MegatronBackend(model, ctx.vocab_size, options, ctx.version)
@@ -142,7 +189,15 @@ class MegatronBackend:
             torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> GenerationResult:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        forced_lengths: list[list[int]] | None = None,
+    ) -> GenerationResult:
+        """forced_lengths[p][s] (benchmarks): completion s of prompt p ends after that many tokens as if it had
+        sampled a stop token there (found at the harvest, like a real one), so every engine does the same work.
+        """
         if not prompts:
             return GenerationResult(completions=[])
         for i, p in enumerate(prompts):
@@ -152,18 +207,22 @@ class MegatronBackend:
         runner = self._ensure_runner(
             max(len(p) for p in prompts) + params.max_new_tokens, params.n * len(prompts)
         )
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=self.weights.embedding.device).manual_seed(params.seed)
-        waiting = deque((p, s) for p in range(len(prompts)) for s in range(params.n))
-        batch = batch_bucket(len(waiting), runner.cache.k.size(1))
+        if params.prompt_keys and len(params.prompt_keys) != len(prompts):
+            raise ValueError(f"generate: {len(params.prompt_keys)} prompt_keys for {len(prompts)} prompts")
+        prompt_keys = params.prompt_keys or range(len(prompts))
+        waiting = deque(_Live(p, s, [], []) for p in range(len(prompts)) for s in range(params.n))
+        cache, captured_before = runner.cache, runner.capture_seconds
+        paged = isinstance(cache, PagedKVCache)
+        if paged:
+            cache.allocator.peak_used = cache.allocator.used
+        batch = batch_bucket(len(waiting), cache.slots)
         stops = set() if params.ignore_eos else set(params.stop_token_ids)
         slots: list[_Live | None] = [None] * batch
         start_position = [0] * batch  # position of the slot's first decode input
         start_step = [0] * batch
         prefix_holder: dict[int, int] = {}  # prompt -> a slot whose cache holds its prefix
         done: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
-        step = steps_run = compactions = 0
+        step = steps_run = compactions = preemptions = peak_live = 0
         prefill_s = 0.0
         while True:
             tic = time.perf_counter()
@@ -171,15 +230,27 @@ class MegatronBackend:
             prefill_s += time.perf_counter() - tic
             live = [i for i, seq in enumerate(slots) if seq is not None]
             if not live:
+                if waiting:
+                    raise RuntimeError("rollout: the paged KV cache cannot hold one waiting sequence")
                 break
             if not waiting and batch > 8 and len(live) <= batch // 2:
                 batch = self._compact(runner, slots, start_position, start_step, step)
                 live = list(range(len(live)))
                 compactions += 1
-            remaining = min(params.max_new_tokens - (step - start_step[i]) for i in live)
+                prefix_holder.clear()  # slots moved (a paged preemption may requeue a sequence with no tokens)
+            remaining = min(params.max_new_tokens - len(slots[i].tokens) for i in live)
             chunk = min(self.options.harvest_every, remaining)
+            if paged:
+                preempted = self._reserve(cache, slots, start_position, start_step, step, chunk, prefix_holder)
+                waiting.extendleft(reversed(preempted))  # recomputed first, oldest first
+                preemptions += len(preempted)
+                live = [i for i, seq in enumerate(slots) if seq is not None]
+                cache.sync()
+            peak_live = max(peak_live, len(live))
             top = max(start_position[i] - start_step[i] for i in live)  # position at step t: top + t
-            out_tokens, out_logprobs = self._decode_chunk(runner, batch, step, chunk, top, params, generator)
+            if params.temperature > 0:
+                _set_noise_keys(runner, slots, start_position, start_step, step, params.seed, prompt_keys)
+            out_tokens, out_logprobs = self._decode_chunk(runner, batch, step, chunk, top, params)
             step += chunk
             steps_run += chunk
             for i in live:
@@ -187,6 +258,10 @@ class MegatronBackend:
                 seq.tokens += out_tokens[i]
                 seq.logprobs += out_logprobs[i]
                 end = _stop_end(seq.tokens, len(seq.tokens) - chunk, stops)
+                if forced_lengths is not None:
+                    forced = forced_lengths[seq.prompt][seq.sample]
+                    if len(seq.tokens) >= forced and (end is None or forced < end):
+                        end = forced
                 if end is not None or len(seq.tokens) >= params.max_new_tokens:
                     reason = "stop" if end is not None else "length"
                     end = end or params.max_new_tokens
@@ -194,6 +269,8 @@ class MegatronBackend:
                         seq.tokens[:end], seq.logprobs[:end], reason, self.version
                     )
                     slots[i] = None
+                    if paged:
+                        self._release(cache, i, prefix_holder)
         completions = [list(group) for group in done]
         seconds = time.perf_counter() - started
         new_tokens = sum(len(c.token_ids) for group in completions for c in group)
@@ -203,28 +280,40 @@ class MegatronBackend:
             "prefill_seconds": prefill_s,
             "tokens_per_second": new_tokens / max(seconds, 1e-9),
             "decode_steps": float(steps_run),
-            "slots": float(batch_bucket(params.n * len(prompts), runner.cache.k.size(1))),
+            "slots": float(batch_bucket(params.n * len(prompts), cache.slots)),
             "compactions": float(compactions),
             "cuda_graphs": float(runner.num_graphs),
+            "graph_capture_seconds": runner.capture_seconds - captured_before,
+            "peak_sequences_in_flight": float(peak_live),
+            "paged_kv": float(paged),
         }
+        if paged:
+            stats.update(cache.memory(), preemptions=float(preemptions))
+        else:
+            stats["kv_cache_gib"] = 2 * cache.k.numel() * cache.k.element_size() / 2**30
         return GenerationResult(completions=completions, stats=stats)
 
     # ------------------------------------------------------------------------------------- internals
     def _ensure_runner(self, max_len: int, wanted_slots: int) -> DecodeRunner:
         """Reuse the cache when it is long enough and as wide as wanted (or as memory allowed), else allocate
         one sized to memory. Reuse keeps the captured graphs, so steady-state training captures none."""
-        max_len = -(-max_len // ATTEND_LEN_BUCKET) * ATTEND_LEN_BUCKET
+        longest, max_len = max_len, -(-max_len // ATTEND_LEN_BUCKET) * ATTEND_LEN_BUCKET
         slots = min(wanted_slots, self.options.max_batch_sequences)
         r = self._runner
         if (
             r is not None
             and r.cache.max_len >= max_len
-            and (r.cache.k.size(1) >= slots or self._memory_bound)
+            and (r.cache.slots >= slots or self._memory_bound)
+            and (not isinstance(r.cache, PagedKVCache) or r.cache.holds(longest))
         ):
             return r
         self.sleep()
         w = self.weights
         on_gpu = w.embedding.is_cuda
+        if self.options.paged_kv:
+            cache = self._paged_cache(max_len, slots, longest)
+            self._runner = DecodeRunner(w, cache, use_graphs=on_gpu and self.options.cuda_graphs)
+            return self._runner
         if on_gpu:
             per_slot = 2 * len(w.layers) * w.groups * max_len * w.head_dim * w.embedding.element_size()
             per_slot += 4 * w.lm_head.size(0)  # the slot's row of sampling noise
@@ -241,48 +330,138 @@ class MegatronBackend:
         self._runner = DecodeRunner(w, cache, use_graphs=on_gpu and self.options.cuda_graphs)
         return self._runner
 
+    def _paged_cache(self, max_len: int, slots: int, longest: int) -> PagedKVCache:
+        """A block pool: `kv_blocks`, or what kv_cache_memory_fraction of free GPU memory holds (at most what
+        `slots` sequences of max_len need), at least one sequence of `longest` positions. Slots are not
+        memory-bound: admission is (see `_admit`)."""
+        w, opts = self.weights, self.options
+        bs = opts.kv_block_size
+        if bs < 16 or ATTEND_LEN_BUCKET % bs:
+            raise ValueError(f"rollout: kv_block_size {bs} must be at least 16 and divide {ATTEND_LEN_BUCKET}")
+        per_seq = blocks_for(max_len, bs)
+        blocks = opts.kv_blocks or slots * per_seq + 1
+        if not opts.kv_blocks and w.embedding.is_cuda:
+            free, _ = torch.cuda.mem_get_info(w.embedding.device)
+            budget = int(free * opts.kv_cache_memory_fraction) - slots * 4 * w.lm_head.size(0)  # noise rows
+            blocks = min(blocks, budget // PagedKVCache.bytes_per_block(w, bs))
+        if blocks < blocks_for(longest, bs) + 1:
+            raise RuntimeError(
+                f"rollout: the paged KV cache holds {max(blocks - 1, 0)} blocks of {bs} positions, fewer than one "
+                f"sequence of {longest} needs; raise rollout.kv_cache_memory_fraction or shorten sequences"
+            )
+        self._memory_bound = False
+        return PagedKVCache.allocate(w, slots, max_len, blocks, bs, use_kernel=w.embedding.is_cuda)
+
     def _admit(
         self,
         runner: DecodeRunner,
         prompts: list[list[int]],
-        waiting: deque[tuple[int, int]],
+        waiting: deque[_Live],
         slots: list[_Live | None],
         start_position: list[int],
         start_step: list[int],
         prefix_holder: dict[int, int],
         step: int,
     ) -> None:
-        """Fill free slots from the queue (prefill or copy the prompt prefix); park the rest at position 0."""
+        """Fill free slots from the queue (prefill or copy the prompt prefix); park the rest at position 0.
+
+        Paged cache: a sequence enters only while the free blocks, less what the live sequences need for the
+        next chunk, cover its prefix plus `kv_headroom_tokens`; a preempted sequence (tokens kept) has its
+        prompt and tokens so far prefilled again.
+        """
         device = self.weights.embedding.device
+        cache = runner.cache
+        paged = isinstance(cache, PagedKVCache)
+        spare = self._spare_blocks(cache, slots, start_position, start_step, step) if paged else 0
+        blocked = False
         index, tokens, positions = [], [], []
         for i, seq in enumerate(slots):
             if seq is not None:
                 continue
             index.append(i)
-            if not waiting:
+            if waiting and paged and not blocked:
+                nxt = waiting[0]
+                length = len(prompts[nxt.prompt]) - 1 + len(nxt.tokens)  # positions to prefill
+                need = blocks_for(length + self.options.kv_headroom_tokens, cache.block_size)
+                # wait for blocks, unless nothing is live (the pool holds one sequence of max_len)
+                blocked = need > spare and any(s is not None for s in slots)
+                spare -= need
+            if not waiting or blocked:
                 tokens.append(0)
                 positions.append(0)
                 continue
-            p, sample = waiting.popleft()
-            prompt = prompts[p]
+            seq = waiting.popleft()
+            prompt = prompts[seq.prompt]
+            ids = prompt + seq.tokens[:-1] if seq.tokens else prompt[:-1]  # positions 0..len(ids)-1
             for held in [q for q, slot in prefix_holder.items() if slot == i]:
                 del prefix_holder[held]  # slot i's cache is about to be overwritten
-            if len(prompt) > 1:
-                holder = prefix_holder.get(p)
-                if holder is None:
-                    ids = torch.tensor(prompt[:-1], dtype=torch.long, device=device)
-                    prefill(self.weights, runner.cache, i, ids, self.options.prefill_chunk_tokens)
+            holder = prefix_holder.get(seq.prompt) if not seq.tokens else None
+            if ids:
+                if holder is not None and not paged:
+                    cache.copy_prefix(holder, slice(i, i + 1), len(ids))
+                elif holder is not None and cache.share_prefix(holder, i, len(ids)):
+                    pass
                 else:
-                    runner.cache.copy_prefix(holder, slice(i, i + 1), len(prompt) - 1)
-            prefix_holder[p] = i
-            slots[i] = _Live(p, sample, [], [])
-            start_position[i], start_step[i] = len(prompt) - 1, step
-            tokens.append(prompt[-1])
-            positions.append(len(prompt) - 1)
+                    if paged and not cache.ensure(i, len(ids)):
+                        raise RuntimeError(f"rollout: the paged KV cache cannot hold a prefix of {len(ids)}")
+                    ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+                    prefill(self.weights, cache, i, ids_t, self.options.prefill_chunk_tokens)
+            if not seq.tokens:
+                prefix_holder[seq.prompt] = i
+            slots[i] = seq
+            start_position[i], start_step[i] = len(ids), step
+            tokens.append(seq.tokens[-1] if seq.tokens else prompt[-1])
+            positions.append(len(ids))
         if index:
             at = torch.tensor(index, device=device)
             runner.tokens[at] = torch.tensor(tokens, dtype=torch.long, device=device)
             runner.positions[at] = torch.tensor(positions, dtype=torch.long, device=device)
+
+    def _spare_blocks(
+        self,
+        cache: PagedKVCache,
+        slots: list[_Live | None],
+        start_position: list[int],
+        start_step: list[int],
+        step: int,
+    ) -> int:
+        """Free blocks left once every live sequence has blocks for the next `harvest_every` steps."""
+        grow = 0
+        for i, seq in enumerate(slots):
+            if seq is not None:
+                end = start_position[i] + step - start_step[i] + self.options.harvest_every
+                grow += max(0, blocks_for(min(end, cache.max_len), cache.block_size) - len(cache.owned[i]))
+        return cache.free_blocks - grow
+
+    def _reserve(
+        self,
+        cache: PagedKVCache,
+        slots: list[_Live | None],
+        start_position: list[int],
+        start_step: list[int],
+        step: int,
+        chunk: int,
+        prefix_holder: dict[int, int],
+    ) -> list[_Live]:
+        """Blocks for the next `chunk` steps of every live sequence; when the pool runs out, preempt the most
+        recently admitted sequences (freed, returned oldest first for recompute) until the rest fit."""
+        live = sorted((i for i, seq in enumerate(slots) if seq is not None), key=lambda i: (start_step[i], i))
+        preempted: list[_Live] = []
+        while not all(cache.ensure(i, start_position[i] + step - start_step[i] + chunk) for i in live):
+            if len(live) == 1:
+                raise RuntimeError("rollout: the paged KV cache cannot hold one sequence")
+            victim = live.pop()  # the newest
+            preempted.append(slots[victim])
+            slots[victim] = None
+            self._release(cache, victim, prefix_holder)
+        return preempted[::-1]
+
+    @staticmethod
+    def _release(cache: PagedKVCache, slot: int, prefix_holder: dict[int, int]) -> None:
+        """A paged slot's sequence ended or was preempted: its blocks go back, it holds no prompt prefix."""
+        cache.release(slot)
+        for held in [q for q, s in prefix_holder.items() if s == slot]:
+            del prefix_holder[held]
 
     def _compact(
         self,
@@ -302,7 +481,10 @@ class MegatronBackend:
             j = next(targets)
             if j != i:
                 written = start_position[i] + step - start_step[i]  # cache positions 0..written-1 hold keys
-                runner.cache.copy_prefix(i, slice(j, j + 1), written)
+                if isinstance(runner.cache, PagedKVCache):
+                    runner.cache.move(i, j)
+                else:
+                    runner.cache.copy_prefix(i, slice(j, j + 1), written)
                 runner.tokens[j : j + 1].copy_(runner.tokens[i : i + 1])
                 runner.positions[j : j + 1].copy_(runner.positions[i : i + 1])
                 slots[j], slots[i] = slots[i], None
@@ -319,7 +501,6 @@ class MegatronBackend:
         chunk: int,
         top: int,
         params: SamplingParams,
-        generator: torch.Generator | None,
     ) -> tuple[list[list[int]], list[list[float]]]:
         """`chunk` decode steps of the first `batch` slots; their tokens and log-probs per slot, on the host.
 
@@ -329,8 +510,10 @@ class MegatronBackend:
         out_tokens = torch.empty(batch, chunk, dtype=torch.long, device=device)
         out_logprobs = torch.empty(batch, chunk, dtype=torch.float32, device=device)
         for k in range(chunk):
-            span = attend_bucket(top + step + k, runner.cache.max_len)
-            runner.step(StepKey(batch, span, float(params.temperature), float(params.top_p)), generator)
+            span = runner.cache.max_len
+            if runner.cache.span_matters:  # else one graph per batch serves every length
+                span = attend_bucket(top + step + k, span)
+            runner.step(StepKey(batch, span, float(params.temperature), float(params.top_p)))
             out_tokens[:, k].copy_(runner.tokens[:batch])
             out_logprobs[:, k].copy_(runner.logprobs[:batch])
         return out_tokens.tolist(), out_logprobs.tolist()

@@ -47,7 +47,6 @@ from typing import Any
 import torch
 
 from questa_nemo.config import ConfigError, RolloutConfig
-from questa_nemo.model.convert import ModelShape, ShardLayout, megatron_to_hf
 from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContext, SamplingParams
 
 WORKER_EXTENSION = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
@@ -63,19 +62,24 @@ def _alone(obj: Any) -> list[Any]:
     return [obj]
 
 
+_ROLLOUT = RolloutConfig()  # the schema's defaults: the only place they are written (config.py)
+
+
 @dataclass(frozen=True)
 class TRTLLMOptions:
-    tensor_parallel: int = 1  # engine TP: must equal the size of the group `gather` spans (TP x PP)
-    kv_cache_memory_fraction: float = 0.5  # KvCacheConfig.free_gpu_memory_fraction
-    max_batch_sequences: int = 512  # LLM(max_batch_size=...)
-    max_input_len: int = 4096  # longest prompt (TensorRT-LLM's default is 1024)
-    max_seq_len: int = 28672  # prompt + completion
-    refit_bucket_bytes: int = 1 << 30  # weights sent per update_weights call
-    release_weights: bool = False  # sleep() also drops the weights (refilled by the next refit)
+    """The engine's knobs, each defaulting to what the schema's `rollout` section gives (`from_config`)."""
+
+    tensor_parallel: int = _ROLLOUT.tensor_parallel  # engine TP: the size of the group `gather` spans (TP x PP)
+    kv_cache_memory_fraction: float = _ROLLOUT.kv_cache_memory_fraction  # free_gpu_memory_fraction
+    max_batch_sequences: int = _ROLLOUT.max_batch_sequences  # LLM(max_batch_size=...)
+    max_input_len: int = _ROLLOUT.max_prompt_tokens  # longest prompt (TensorRT-LLM's default is 1024)
+    max_seq_len: int = _ROLLOUT.max_prompt_tokens + _ROLLOUT.max_new_tokens  # prompt + completion
+    refit_bucket_bytes: int = _ROLLOUT.trtllm_refit_bucket_mb << 20  # weights sent per update_weights call
+    release_weights: bool = _ROLLOUT.trtllm_release_weights  # sleep() also drops the weights (refit refills)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> TRTLLMOptions:
-        """From a RolloutConfig (rollout.* keys)."""
+    def from_config(cls, cfg: RolloutConfig) -> TRTLLMOptions:
+        """From a `rollout` config section."""
         return cls(
             tensor_parallel=cfg.tensor_parallel,
             kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
@@ -170,13 +174,6 @@ def parse_request_output(output: Any, params: SamplingParams, version: int) -> l
             Completion(tokens, [_chosen_logprob(e, t) for e, t in zip(logprobs, tokens)], reason, version)
         )
     return completions
-
-
-def hf_weights_from_shards(
-    shards: Mapping[ShardLayout, Mapping[str, torch.Tensor]], shape: ModelShape
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """The trainer's Megatron shards (every TP rank of every PP stage) as full HF-named tensors."""
-    yield from megatron_to_hf(shards, shape).items()
 
 
 def weight_buckets(

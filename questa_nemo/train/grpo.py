@@ -9,29 +9,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import Protocol
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from questa_nemo.algo.advantages import compute_advantages, shape_rewards
-from questa_nemo.algo.filtering import FilledStep, fill_step, handle_overlong
+from questa_nemo.algo.filtering import FilledStep, Share, fill_step, handle_overlong
 from questa_nemo.algo.loss import PolicyLossConfig, loss_config_from, policy_loss, step_normaliser
 from questa_nemo.config import Config
 from questa_nemo.model.packing import PackedMicroBatch, TokenSequence
 from questa_nemo.model.parallel import Reduce
-from questa_nemo.reward.types import RewardResult
+from questa_nemo.reward.types import RewardHandle, RewardResult
 from questa_nemo.rollout import sampling_params
 from questa_nemo.rollout.base import Completion, GenerationBackend, SamplingParams
 from questa_nemo.train.metrics import PhaseTimer
 from questa_nemo.train.prompts import PromptRow, PromptSource
-
-
-class RewardHandle(Protocol):
-    """What the loop needs of reward.pool.RewardHandle (and train.scoring.Done)."""
-
-    def result(self, timeout: float | None = None) -> list[RewardResult]: ...
-
+from questa_nemo.train.protocols import Policy, Rollouts
 
 # (completion texts [N], the prompt row of each [N]) -> a handle whose .result() gives [N] RewardResults, so
 # scoring of one chunk runs in the reward workers while the next chunk generates.
@@ -74,13 +67,17 @@ def generate_groups(
     decode: Callable[[list[int]], str],
     scorer: Scorer,
     chunk_prompts: int,
+    keys: list[int] | None = None,
 ) -> list[Group]:
     """Generate in chunks and hand each chunk to the reward workers as soon as it is done (overlapping
-    scoring with the next chunk's generation); then wait for all scores."""
+    scoring with the next chunk's generation); then wait for all scores. `keys`: each prompt's sampling key
+    (SamplingParams.prompt_keys; default its index), so the chunking never changes the samples."""
+    keys = list(range(len(prompts))) if keys is None else keys
     pending = []
     for start in range(0, len(prompts), chunk_prompts):
         chunk = prompts[start : start + chunk_prompts]
-        result = backend.generate([p.prompt_ids for p in chunk], params)
+        chunk_params = replace(params, prompt_keys=tuple(keys[start : start + chunk_prompts]))
+        result = backend.generate([p.prompt_ids for p in chunk], chunk_params)
         texts = [[decode(c.token_ids) for c in completions] for completions in result.completions]
         flat_texts = [t for ts in texts for t in ts]
         flat_rows = [p for p, ts in zip(chunk, texts) for _ in ts]
@@ -106,40 +103,37 @@ def collect_step(
     dp_size: int = 1,
     agree: Reduce | None = None,
 ) -> FilledStep[Group]:
-    """Draw prompt batches until this rank's share of `prompts_per_step` groups passes dynamic filtering.
+    """Draw prompt batches until `prompts_per_step` groups (over all DP ranks) pass dynamic filtering.
 
     Every DP rank draws the same prompt batches (the source is seeded identically) and keeps its own slice, so
-    the ranks' data never overlap and a resumed run sees the same prompts. `agree` (over the DP group) keeps
-    the ranks drawing the same number of batches, so their prompt cursors stay equal.
+    the ranks' data never overlap and a resumed run sees the same prompts. A prompt's samples are keyed by its
+    position in the batch (SamplingParams.prompt_keys) under one seed for all ranks, and filtering takes the
+    first kept groups in that global order (`agree`: sums over the DP group), so the step trains on the same
+    groups at any DP size; all ranks draw the same batches, so their prompt cursors stay equal.
     """
-    target = cfg.train.prompts_per_step // dp_size
+    per_step = cfg.train.prompts_per_step
     attempt = 0
 
     def draw() -> list[Group]:
         nonlocal attempt
-        batch = source.next(cfg.train.prompts_per_step)[dp_rank::dp_size]
-        params = sampling_params(cfg.rollout, stop_token_ids, step_seed(cfg.train.seed, step, attempt) + dp_rank)
+        batch = source.next(per_step)[dp_rank::dp_size]
+        params = sampling_params(cfg.rollout, stop_token_ids, step_seed(cfg.train.seed, step, attempt))
         attempt += 1
         # several waves per call: the engine refills finished slots from the queue (continuous batching)
         chunk = max(1, 4 * cfg.rollout.max_batch_sequences // cfg.rollout.n_samples)
-        return generate_groups(backend, batch, params, decode, scorer, chunk)
-
-    def skip() -> None:  # this rank is full, another is not: pass over the batch with the others
-        nonlocal attempt
-        source.next(cfg.train.prompts_per_step)
-        attempt += 1
+        keys = list(range(dp_rank, per_step, dp_size))  # the prompts' positions in the whole batch
+        return generate_groups(backend, batch, params, decode, scorer, chunk, keys)
 
     a = cfg.algo
     return fill_step(
         draw,
         lambda group: [r.reward for r in group.results],
-        target_groups=target,
+        target_groups=per_step,
         max_prompt_batches=a.max_prompt_batches,
         lower=a.filter_min_success,
         upper=a.filter_max_success,
         enabled=a.filter_enabled,
-        any_rank=(agree or Reduce()).any,
-        skip=skip,
+        share=Share(dp_rank, dp_size, per_step, (agree or Reduce()).sum),
     )
 
 
@@ -302,9 +296,9 @@ class SyncRollouts:
 def grpo_step(
     cfg: Config,
     step: int,
-    policy,
+    policy: Policy,
     backend: GenerationBackend,
-    rollouts: SyncRollouts,
+    rollouts: Rollouts,
     timer: PhaseTimer,
     reduce: Reduce | None = None,
 ) -> tuple[dict[str, float], StepData]:

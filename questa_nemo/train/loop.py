@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from questa_nemo.atomic import write_text_atomic
 from questa_nemo.ckpt.runs import STATE_FILE, checkpoint_dirs, latest_checkpoint
 from questa_nemo.config import Config
 from questa_nemo.model.parallel import LoopCollectives, barrier
@@ -97,10 +97,10 @@ class Checkpointer:
         state.python_rng, state.numpy_rng, state.torch_rng = rng.python_rng, rng.numpy_rng, rng.torch_rng
         state.world_size = self.world_size
         save_checkpoint(self.policy, path, step=state.step, hf_config=self.hf_config, tokenizer_dir=self.tokenizer_dir)
-        _write_atomic(path / "rng" / f"run_rank_{self.rank}.json", json.dumps(asdict(rng)))
+        write_text_atomic(path / "rng" / f"run_rank_{self.rank}.json", json.dumps(asdict(rng)))
         barrier()
         if self.is_main:
-            _write_atomic(path / STATE_FILE, json.dumps(asdict(state)))
+            write_text_atomic(path / STATE_FILE, json.dumps(asdict(state)))
         barrier()
         self._prune(state.step)
         return path
@@ -126,12 +126,6 @@ class Checkpointer:
         elif state.world_size is None and self.world_size == 1:  # an older checkpoint of one process
             restore_rng(state)
         return state
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def memory_metrics() -> dict[str, float]:

@@ -147,7 +147,7 @@ def prepare_world(s: Session) -> None:
 def warmup_stage(s: Session, scorer) -> Path:
     """Supervised warm-up into run_dir/warmup; returns its checkpoint (reused when already there). `scorer`
     judges the calibration samples of the stop by calibration."""
-    from questa_nemo.eval.run import render_prompt
+    from questa_nemo.eval.run import chat_prompt_ids
     from questa_nemo.model.checkpoint import save_checkpoint
     from questa_nemo.model.parallel import barrier
     from questa_nemo.train.validation import warmup_stopper
@@ -168,7 +168,7 @@ def warmup_stage(s: Session, scorer) -> Path:
     with open(source) as f:
         for line in f:
             row = json.loads(line)
-            prompt = render_prompt(s.tokenizer, row["prompt"], "{problem}")
+            prompt = chat_prompt_ids(s.tokenizer, row["prompt"], "{problem}")
             target = s.tokenizer.encode(row["completion"], add_special_tokens=False) + [s.tokenizer.eos_token_id]
             examples.append((prompt, target))
     optim = OptimConfig(**{**s.cfg.optim.__dict__, "lr": w.lr, "warmup_ratio": 0.0})

@@ -7,36 +7,17 @@ from __future__ import annotations
 import contextlib
 
 from questa_nemo.config import RewardConfig
-from questa_nemo.reward.types import RewardResult
+from questa_nemo.reward.build import build_reward
+from questa_nemo.reward.types import RewardHandle
 from questa_nemo.train.prompts import PromptRow
 
 
-class Done:
-    """A handle for results computed on the spot."""
-
-    def __init__(self, results: list[RewardResult]):
-        self._results = results
-
-    def result(self, timeout: float | None = None) -> list[RewardResult]:
-        return self._results
-
-
 def make_train_scorer(cfg: RewardConfig, resources: contextlib.ExitStack):
-    if cfg.kind == "world":
-        from questa_nemo.data.world import count_ops
-        from questa_nemo.reward.world import world_rewards
+    """The reward of `cfg` (reward.build.build_reward) over prompt rows: each row's reference answer, and its
+    prompt text (the `prompt` column of `questa-nemo data` / `world` rows) for the small world's step count."""
+    reward = build_reward(cfg, resources)
 
-        def score_world(texts: list[str], rows: list[PromptRow]) -> Done:
-            steps = [count_ops(r.meta["prompt"]) for r in rows]
-            return Done(world_rewards(texts, [r.answer for r in rows], steps))
+    def score(texts: list[str], rows: list[PromptRow]) -> RewardHandle:
+        return reward.submit(texts, [r.answer for r in rows], [r.meta.get("prompt", "") for r in rows])
 
-        return score_world
-
-    from questa_nemo.reward.math import MathReward
-
-    pool = resources.enter_context(MathReward.from_config(cfg))
-
-    def score_math(texts: list[str], rows: list[PromptRow]):
-        return pool.submit(texts, [r.answer for r in rows])
-
-    return score_math
+    return score

@@ -15,24 +15,19 @@ import torch
 
 from questa_nemo.data.outputs import ratio_name
 from questa_nemo.data.word_world import count_steps
-from questa_nemo.data.world import count_ops
 from questa_nemo.eval.benchmarks import BenchmarkRow, load_benchmark, read_records
 from questa_nemo.eval.passk import pass_at_k_over_problems
-from questa_nemo.eval.run import evaluate, math_scorer, score_world
-from questa_nemo.rollout.base import SamplingParams
+from questa_nemo.eval.run import benchmark_scorer, eval_sampling, evaluate
+from questa_nemo.reward.build import build_reward
+from questa_nemo.reward.world import count_ops
 
 
 def eval_scorer(s, resources):
-    """The eval-side scorer (texts, BenchmarkRows) -> results, sharing one math worker pool per run."""
-    if s.cfg.reward.kind == "world":
-        return score_world
-    pool = getattr(s, "_math_pool", None)
-    if pool is None:
-        from questa_nemo.reward.math import MathReward
-
-        pool = resources.enter_context(MathReward.from_config(s.cfg.reward))
-        s._math_pool = pool
-    return math_scorer(pool)
+    """The eval-side scorer (texts, BenchmarkRows) -> results, sharing one reward (math worker pool) per run."""
+    reward = getattr(s, "_reward", None)
+    if reward is None:
+        reward = s._reward = build_reward(s.cfg.reward, resources)
+    return benchmark_scorer(reward)
 
 
 def answer_extractor(s) -> Callable[[str], str | None]:
@@ -40,14 +35,6 @@ def answer_extractor(s) -> Callable[[str], str | None]:
 
     limit = s.cfg.reward.max_answer_chars
     return lambda text: extract_answer(text, limit).answer or None
-
-
-def eval_sampling(s, n: int, seed: int) -> SamplingParams:
-    e = s.cfg.eval
-    return SamplingParams(
-        n=n, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-        stop_token_ids=s.stop_token_ids, seed=seed,
-    )
 
 
 def pass_metrics(results, prefix: str, ks: tuple[int, ...]) -> dict[str, float]:
@@ -72,7 +59,7 @@ def make_validator(s, backend, resources) -> Callable[[int], dict[str, float]] |
     scorer, extract = eval_scorer(s, resources), answer_extractor(s)
 
     def validate(step: int) -> dict[str, float]:
-        params = eval_sampling(s, t.validation_samples, e.seed)
+        params = eval_sampling(e, s.stop_token_ids, t.validation_samples)
         results = evaluate(backend, s.tokenizer, rows, params, scorer, extract, e.prompt_template,
                            e.problems_per_batch)
         return pass_metrics(results, "eval/", (1, t.validation_samples))
@@ -98,7 +85,7 @@ def chain_length(s) -> Callable[[str], int]:
 
 def pass_by_length(s, backend, rows: list[BenchmarkRow], scorer) -> dict[int, float]:
     """pass@1 per chain length of `rows` (train.validation_samples samples each)."""
-    params = eval_sampling(s, s.cfg.train.validation_samples, s.cfg.eval.seed)
+    params = eval_sampling(s.cfg.eval, s.stop_token_ids, s.cfg.train.validation_samples)
     results = evaluate(backend, s.tokenizer, rows, params, scorer, answer_extractor(s),
                        s.cfg.eval.prompt_template, s.cfg.eval.problems_per_batch)
     length = chain_length(s)

@@ -6,7 +6,7 @@ Launched by tests/test_collectives.py through tests/dist/launch.py (QUESTA_NCCL_
 - the guard rejects a CPU tensor handed straight to torch.distributed by code outside the model layer (the
   bug of issue 17: the loop reduced CPU tensors over an NCCL group), naming the caller, and lets through
   what parallel.py placed and what runs inside `model_tensors()`;
-- filtering's refill keeps both ranks' prompt cursors equal when one rank is full and the other is not.
+- filtering takes the first kept groups of both ranks in global order, and both ranks draw the same batches.
 Exits non-zero on any failure; prints OK.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from questa_nemo.algo.filtering import fill_step
+from questa_nemo.algo.filtering import Share, fill_step
 from questa_nemo.config import ModelConfig
 from questa_nemo.model.parallel import (
     dp_reduce,
@@ -55,24 +55,23 @@ def main() -> None:
         torch.distributed.all_reduce(t)
         assert torch.equal(t, torch.full((2,), 2.0))
 
-    # filtering: rank 0 fills at once, rank 1 needs three batches; both advance the same stream
+    # filtering: the step takes the first kept groups of both ranks in global order; rank 0 keeps its group of
+    # every batch and rank 1 only in the third, so a target of 2 is met after two batches, both held by rank 0,
+    # and both ranks drew both batches (one shared cursor)
     comm = loop_collectives()
-    cursor = [0]
     draws = []
 
     def draw():
-        cursor[0] += 1
-        draws.append("draw")
-        return [[1.0, 0.0]] if rank == 0 or cursor[0] == 3 else [[0.0, 0.0]]
+        draws.append(len(draws) + 1)
+        return [("r0", len(draws), [1.0, 0.0])] if rank == 0 else [("r1", len(draws), [1.0, 1.0 * (len(draws) != 3)])]
 
-    def skip():
-        cursor[0] += 1
-        draws.append("skip")
-
-    filled = fill_step(draw, lambda g: g, 1, 4, 0.05, 0.95, any_rank=comm.rollouts.any, skip=skip)
-    assert filled.full and filled.prompt_batches == 3, filled
-    assert cursor[0] == 3, cursor
-    assert draws == (["draw", "skip", "skip"] if rank == 0 else ["draw", "draw", "draw"]), draws
+    share = Share(rank, 2, 2, comm.rollouts.sum)
+    filled = fill_step(draw, lambda g: g[2], 2, 4, 0.05, 0.95, share=share)
+    assert filled.full and filled.prompt_batches == 2 and draws == [1, 2], (filled, draws)
+    assert [g[:2] for g in filled.groups] == ([("r0", 1), ("r0", 2)] if rank == 0 else []), filled
+    filled = fill_step(draw, lambda g: g[2], 4, 4, 0.05, 0.95, share=share)  # batches 3..5: both keep in 3
+    assert filled.full and filled.prompt_batches == 3 and filled.surplus == 0, filled
+    assert [g[:2] for g in filled.groups] == ([("r0", 3), ("r0", 4), ("r0", 5)] if rank == 0 else [("r1", 3)])
 
     # each rank's RNG state is its own (the checkpoint keeps one file per rank)
     torch.manual_seed(100 + rank)

@@ -1,0 +1,141 @@
+"""Triton split-K decode attention over the paged KV cache of rollout/paged.py (imported on CUDA only, or on
+CPU under TRITON_INTERPRET=1 in tests: CI's CPU image has no Triton).
+
+Grid (sequence, query group, split). A program loads its group's query heads once (padded to 16 rows for
+`tl.dot`), walks its share of the sequence's own blocks (a sequence of length L has ceil(L / block_size)
+blocks, split evenly over the S programs of that sequence) through the block table, and keeps an online
+softmax in float32 (scores = q k^T accumulated in float32, as SDPA's fused kernels do; the probabilities are
+rounded to the value dtype for the p @ v product, as flash attention does). It writes its normalised partial
+output and log-sum-exp; `_merge_kernel` combines the S partials. Nothing depends on the host: lengths come from
+the step's positions tensor (length = position + 1), so the launch is captured in the decode step's CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_ROWS = 16  # query heads of a group, padded: tl.dot needs at least 16 rows
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, part_ptr, lse_ptr,
+    groups, per_group, num_splits, scale,
+    stride_qb, stride_qg, stride_qh,
+    stride_kn, stride_kg, stride_ks,
+    stride_tb,
+    BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    length = tl.load(pos_ptr + b).to(tl.int32) + 1
+    num_blocks = tl.cdiv(length, BS)
+    per_split = tl.cdiv(num_blocks, num_splits)
+    first = s * per_split
+    last = tl.minimum(first + per_split, num_blocks)
+
+    h = tl.arange(0, H)
+    d = tl.arange(0, D)
+    n = tl.arange(0, BS)
+    head_mask = h < per_group
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + g * stride_qg + h[:, None] * stride_qh + d[None, :],
+        mask=head_mask[:, None],
+        other=0.0,
+    )
+    m = tl.full([H], float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros([H], dtype=tl.float32)
+    acc = tl.zeros([H, D], dtype=tl.float32)
+    tile = g * stride_kg + n[:, None] * stride_ks + d[None, :]
+    for j in range(first, last):
+        block = tl.load(table_ptr + b.to(tl.int64) * stride_tb + j).to(tl.int64)
+        k = tl.load(k_ptr + block * stride_kn + tile)  # [BS, D]
+        scores = tl.dot(q, tl.trans(k)) * scale  # [H, BS] float32
+        scores = tl.where((j * BS + n)[None, :] < length, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + block * stride_kn + tile)  # [BS, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    nonempty = l_sum > 0
+    out = acc / tl.where(nonempty, l_sum, 1.0)[:, None]
+    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l_sum, 1.0)), float("-inf"))
+    row = (b.to(tl.int64) * groups + g) * num_splits + s  # part [B, G, S, H, D], lse [B, G, S, H]
+    tl.store(part_ptr + row * H * D + h[:, None] * D + d[None, :], out)
+    tl.store(lse_ptr + row * H + h, lse)
+
+
+@triton.jit
+def _merge_kernel(
+    part_ptr, lse_ptr, out_ptr, groups, per_group, num_splits,
+    stride_ob, stride_og, stride_oh,
+    D: tl.constexpr, H: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    h = tl.arange(0, H)
+    d = tl.arange(0, D)
+    base = (b.to(tl.int64) * groups + g) * num_splits
+    m = tl.full([H], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(lse_ptr + (base + s) * H + h))
+    total = tl.zeros([H], dtype=tl.float32)
+    acc = tl.zeros([H, D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        weight = tl.exp(tl.load(lse_ptr + (base + s) * H + h) - m)  # split 0 is never empty: m is finite
+        total += weight
+        acc += weight[:, None] * tl.load(part_ptr + (base + s) * H * D + h[:, None] * D + d[None, :])
+    out = acc / total[:, None]
+    dst = out_ptr + b.to(tl.int64) * stride_ob + g * stride_og + h[:, None] * stride_oh + d[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(h < per_group)[:, None])
+
+
+def num_splits(batch: int, groups: int, num_sms: int, max_splits: int = 32) -> int:
+    """Splits per sequence so that batch x groups x splits programs give each SM about four."""
+    return max(1, min(max_splits, -(-4 * num_sms // max(batch * groups, 1))))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    positions: torch.Tensor,
+    num_sms: int,
+    splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """q [B, G, P, D] (D contiguous); pools [N, G, bs, D] (one layer, bs x D contiguous); table [>= B, MB]
+    int32; positions [B] (sequence b reads its positions 0..positions[b]) -> attention output [B, G, P, D].
+    splits / num_warps / num_stages: launch settings (None: about 4 programs per SM / Triton's default)."""
+    b, g, per_group, d = q.shape
+    bs = k_pool.size(2)
+    if per_group > HEAD_ROWS or d & (d - 1) or bs & (bs - 1) or bs < 16:
+        raise ValueError(f"paged decode kernel: {per_group} heads a group, head dim {d}, block size {bs}")
+    if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or k_pool.stride() != v_pool.stride():
+        raise ValueError("paged decode kernel: q and the pools need a contiguous head dim, pools alike")
+    s = splits or num_splits(b, g, num_sms)
+    part = torch.empty(b, g, s, HEAD_ROWS, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, g, s, HEAD_ROWS, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    stages = {} if num_stages is None else {"num_stages": num_stages}
+    _split_kernel[(b, g, s)](
+        q, k_pool, v_pool, table, positions, part, lse,
+        g, per_group, s, d**-0.5,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        table.stride(0),
+        BS=bs, D=d, H=HEAD_ROWS, num_warps=num_warps, **stages,
+    )  # fmt: skip
+    _merge_kernel[(b, g)](
+        part, lse, out, g, per_group, s,
+        out.stride(0), out.stride(1), out.stride(2),
+        D=d, H=HEAD_ROWS, num_warps=4,
+    )  # fmt: skip
+    return out
