@@ -5,6 +5,7 @@ it spent, and the hint-ratio splits the arms draw on (same problems in every spl
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -207,3 +208,46 @@ def test_word_world_writes_every_hint_ratio_as_jsonl_over_the_same_problems(tmp_
         n = lines[100][i]
         assert 8 <= n <= 10 and lines[50][i] == n // 2 and lines[0][i] == 0  # 50%: the first floor(n/2) lines
         assert lines[25][i] <= lines[50][i] <= lines[75][i] <= n
+
+
+def test_arms_summary_reads_seeds_into_mean_and_stderr(tmp_path):
+    """bench/arms_summary.py on two hand-made seeds of the embedded default's layout (the trainer's summary.json
+    and each arm's metrics): per-model pass@k over seeds with the standard error of the mean, tokens per arm."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    for seed, (p_plain, p_questa) in {1: (0.10, 0.20), 2: (0.20, 0.40)}.items():
+        d = tmp_path / f"seed{seed}"
+        summary = {label: {"world_hard": {"1": {"mean": p, "stderr": 0.01}, "8": {"mean": 2 * p, "stderr": 0.02}}}
+                   for label, p in (("initial", 0.05), ("plain", p_plain), ("questa", p_questa))}
+        (d / "warmup").mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps(summary))
+        (d / "warmup" / "warmup.json").write_text(json.dumps({"steps": 10, "kept_step": 10, "nll": [],
+                                                             "pass1_checks": {"10": {"hinted": 0.2, "no_hint": 0.05}}}))
+        for arm, tokens in (("plain", 1000), ("questa", 990)):
+            (d / arm).mkdir()
+            (d / arm / "metrics.jsonl").write_text(json.dumps({"step": 1, "hints/tokens_used": tokens,
+                                                               "hints/zero_signal_share": 0.5}) + "\n")
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, str(repo / "bench" / "arms_summary.py"), str(tmp_path), str(out),
+                           "--config", "default", "--ks", "1,8", "--seeds", "1,2"],
+                          capture_output=True, text=True, timeout=120, cwd=repo)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads(out.read_text())["over_seeds"]
+    assert table["questa"]["pass@1"]["mean"] == pytest.approx(0.30)
+    assert table["questa"]["pass@1"]["stderr"] == pytest.approx(0.10)  # sd 0.1414 / sqrt(2)
+    assert table["plain"]["generated_tokens"]["mean"] == 1000 and table["plain"]["zero_signal_share"]["mean"] == 0.5
+    assert table["adaptive"].get("pass@1") is None and "| questa | 30.0 +- 10.0 |" in done.stdout
+
+
+def test_smollm2_arms_runner_rejects_a_gguf_whose_hash_differs(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "x.gguf").write_bytes(b"GGUF" + b"\0" * 10)
+    done = subprocess.run(["bash", str(repo / "bench" / "smollm2_arms.sh"), str(tmp_path / "x.gguf")],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "OUT": str(tmp_path / "o")})
+    assert done.returncode == 1 and "expected" in done.stderr
