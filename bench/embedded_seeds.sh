@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The embedded default (`questa-nemo train`, conf/default.yaml) over several seeds, side by side, and one JSON
 # summary of them (issue 16: the README states the spread over seeds).
+# It reads the two arms `hint` / `no_hint` of issue 16's default. Since issue 20 the default has three arms
+# (plain / questa / adaptive): use bench/embedded_arms.sh, or reproduce issue 16's runs here with
+# EXTRA='train.arms={hint:${world.output_dir}/rl/p50,no_hint:${world.output_dir}/rl/p0}' (no spaces).
 #
 #   bash bench/embedded_seeds.sh 1 2 3 4 5
 #

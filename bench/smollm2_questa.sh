@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Superseded for issue 20 by bench/smollm2_arms.sh (one warm-up per seed, the three equal-compute arms as
+# concurrent processes). This runner trains every arm of conf/smollm2_world.yaml in one process, one after the
+# other (STEPS each), which no longer fits one device call's budget.
 # QuestA on SmolLM2-135M-Instruct, one GPU: join + check the GGUF -> import to an HF folder ->
 #   word-world data -> supervised warm-up (stops by calibration) -> GRPO, hint arm (p50) and no_hint arm (p0),
 #   same steps and seed -> final evaluation of initial / hint / no_hint without hints -> results in $OUT.
@@ -89,7 +92,7 @@ for f in summary.json curves.png config.yaml eval/passk.png warmup/warmup.json w
   [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"
 done
 [ -d "$RUN/eval" ] && cp -r "$RUN/eval" "$OUT/eval"
-for arm in hint no_hint; do
+for arm in plain questa adaptive; do
   mkdir -p "$OUT/$arm"
   for f in "$RUN/$arm"/*.jsonl "$RUN/$arm"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/$arm/"; done
 done

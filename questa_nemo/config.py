@@ -67,6 +67,9 @@ class DataConfig:
     answer_leak: str = "keep"  # keep (reference) | drop | recut: hints that already contain the final answer
     test_size: int = 0  # rows held out into the `test` split (reference DatasetDict has train/test)
     output_formats: list[str] = field(default_factory=lambda: ["hf_disk"])  # hf_disk | jsonl | parquet
+    # row id "<source_id>@p<ratio>" (unique over all ratios); false: the source id, the same in every ratio's
+    # split, which is how algo.hints.splits matches one problem's prompts across ratios (the small worlds)
+    id_with_ratio: bool = True
     difficulty: DifficultyFilterConfig = field(default_factory=DifficultyFilterConfig)
     seed: int = 1
     field_map: dict[str, str] = field(default_factory=dict)  # e.g. {problem: question} for other readers
@@ -432,6 +435,48 @@ class WarmupConfig:
                 raise ConfigError("train.warmup.max_no_hint_pass1", "must be in (0, 1] or null")
 
 
+ARM_KEYS = ("dataset", "hints", "token_budget")
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One entry of train.arms, parsed: its data set, the algo.hints keys it sets, its generated-token budget."""
+
+    name: str
+    dataset: str
+    hints: dict[str, Any] = field(default_factory=dict)
+    token_budget: int | None = None
+
+
+def arm_spec(name: str, value: Any) -> ArmSpec:
+    """train.arms.<name> as an ArmSpec: a path string, or a mapping with the keys ARM_KEYS (dataset required).
+    ConfigError names the key."""
+    key = f"train.arms.{name}"
+    if not name or not str(name).isidentifier():
+        raise ConfigError(key, "an arm's name must be an identifier (it names the folder run_dir/<arm>)")
+    if isinstance(value, str):
+        if not value:
+            raise ConfigError(key, "empty data set path")
+        return ArmSpec(name, value)
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"give a data set path or a mapping with {', '.join(ARM_KEYS)}; got {value!r}")
+    unknown = sorted(set(value) - set(ARM_KEYS))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", f"unknown key (an arm takes {', '.join(ARM_KEYS)})")
+    dataset = value.get("dataset")
+    if not isinstance(dataset, str) or not dataset:
+        raise ConfigError(f"{key}.dataset", "is required: the arm's RL data set (a path)")
+    hints = value.get("hints") or {}
+    if not isinstance(hints, dict):
+        raise ConfigError(f"{key}.hints", f"must be a mapping of algo.hints keys, got {hints!r}")
+    budget = value.get("token_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ConfigError(f"{key}.token_budget", f"must be a positive integer (generated tokens) or null, got {budget!r}")
+    return ArmSpec(name, dataset, dict(hints), budget)
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
@@ -449,9 +494,16 @@ class TrainConfig:
     log_tensorboard: bool = True
     progress_bar: bool = True
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
-    # Arms trained side by side from the same initial weights and seed, each into run_dir/<arm>: e.g. the
-    # embedded default's {hint: <p50 set>, no_hint: <p0 set>}. Empty: one run on `dataset` into run_dir.
-    arms: dict[str, str] = field(default_factory=dict)
+    # Arms trained side by side from the same initial weights and seed, each into run_dir/<arm>. An arm is a
+    # data set path, or {dataset: <path>, hints: {<keys of algo.hints, merged over it for this arm>},
+    # token_budget: <generated tokens>}: each arm runs with its own copy of the config (train/arms.py).
+    # Empty: one run on `dataset` into run_dir.
+    arms: dict[str, Any] = field(default_factory=dict)
+    # Which arms this process trains (null: all of them, then the final evaluation of the initial weights and
+    # every arm); [] trains none (warm-up, calibration and the evaluation of the initial weights only). With a
+    # selection the report goes to run_dir/summary_<arms or "initial">.json: processes of one run_dir may
+    # then train different arms at once (bench/smollm2_arms.sh), each with its own eval.output_dir.
+    run_arms: list[str] | None = None
     build_world_data: bool = False  # generate the small world's data sets under run_dir/data first
     final_eval: bool = True  # after training: evaluate the initial and every arm's final weights (eval section)
     validation_problems: int = 0  # problems of the first eval benchmark used every eval_every steps; 0 = all
@@ -469,6 +521,10 @@ class TrainConfig:
         keys = ("steps", "prompts_per_step", "micro_batch_tokens", "save_every", "recovery_every")
         _at_least("train", self, keys, 1)
         self.warmup.validate()
+        specs = {name: arm_spec(name, value) for name, value in self.arms.items()}
+        for name in self.run_arms or []:
+            if name not in specs:
+                raise ConfigError("train.run_arms", f"{name!r} is not an arm of train.arms ({', '.join(specs)})")
 
 
 # --------------------------------------------------------------------------------------------- eval

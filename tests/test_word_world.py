@@ -158,14 +158,22 @@ def test_math_reward_scores_the_worked_solution_and_rejects_a_wrong_one():
     assert [r.reward for r in results] == [1.0, 0.0]
 
 
-def test_recipe_config_has_two_matched_arms_and_hint_free_passk(smollm2):  # noqa: F811
+def test_recipe_config_has_three_equal_budget_arms_and_hint_free_passk(smollm2):  # noqa: F811
+    from questa_nemo.train.arms import plan_arms
+
     cfg = load_config(
         "smollm2_world", [f"model.hf_config={smollm2.hf_dir}", f"model.checkpoint={smollm2.hf_dir}"]
     )
-    assert set(cfg.train.arms) == {"hint", "no_hint"}
-    assert cfg.train.arms["hint"].endswith("rl/p50/train.jsonl")
-    assert cfg.train.arms["no_hint"].endswith("rl/p0/train.jsonl")
-    assert cfg.world.hint_ratios == [50.0, 0.0] and not cfg.train.build_world_data
+    assert list(cfg.train.arms) == ["plain", "questa", "adaptive"]
+    assert cfg.train.arms["plain"]["dataset"].endswith("rl/p0/train.jsonl")
+    assert cfg.train.arms["questa"]["dataset"].endswith("rl/p50/train.jsonl")
+    assert len({arm["token_budget"] for arm in cfg.train.arms.values()}) == 1
+    splits = cfg.train.arms["adaptive"]["hints"]["splits"]
+    assert sorted(splits, key=float) == ["0", "25", "50", "75", "100"]
+    assert all(path.endswith(f"rl/p{r}/train.jsonl") for r, path in splits.items())  # JSONL: no `datasets`
+    assert [a.name for a in plan_arms(cfg)] == ["plain", "questa", "adaptive"]
+    assert cfg.world.hint_ratios[0] == 50 and sorted(cfg.world.hint_ratios) == [0, 25, 50, 75, 100]
+    assert not cfg.train.build_world_data and (cfg.world.hard_min_ops, cfg.world.max_ops) == (8, 10)
     assert (cfg.reward.kind, cfg.algo.advantage, cfg.model.params_dtype) == ("math", "grpo", "bf16")
     assert cfg.rollout.backend == "megatron" and cfg.rollout.cuda_graphs
     assert max(cfg.eval.ks) <= cfg.eval.n_samples and 8 in cfg.eval.ks
@@ -275,12 +283,14 @@ def test_recipe_smoke_on_real_smollm2_weights(smollm2, tmp_path):  # noqa: F811
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     warmup = json.loads((run / "warmup" / "warmup.json").read_text())
     assert warmup["steps"] == 2 and set(warmup["pass1_checks"]["1"]) == {"hinted", "no_hint"}
-    assert set(json.loads((run / "warmup" / "calibration.json").read_text())) == {"1", "2", "3", "4", "5", "6"}
+    assert set(json.loads((run / "warmup" / "calibration.json").read_text())) == {str(n) for n in range(1, 11)}
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary) == {"initial", "hint", "no_hint"}
-    for label in summary:
+    trained = [a for a in ("plain", "questa", "adaptive") if not summary["training"][a].get("skipped")]
+    assert {"plain", "questa"} <= set(trained) and set(summary) == {"initial", "training", *trained}
+    for label in ("initial", *trained):
         assert set(summary[label]["word_hard"]) == {"1", "2"}
-    for arm in ("hint", "no_hint"):
+    for arm in trained:
+        assert summary["training"][arm]["generated_tokens"] > 0
         steps = [json.loads(line) for line in (run / arm / "metrics.jsonl").open()]
         assert [s["step"] for s in steps] == [1] and "reward/success" in steps[0]
         assert (run / arm / "DONE").exists()

@@ -179,7 +179,7 @@ def hinted_row(
     if len(shown) < end:
         report.hints_not_shown += 1
     return HintedRow(
-        id=f"{source.source_id}@{ratio_name(ratio)}",
+        id=f"{source.source_id}@{ratio_name(ratio)}" if cfg.id_with_ratio else source.source_id,
         source_id=source.source_id,
         messages=[{"role": "user", "content": prompt}],
         prompt=prompt,

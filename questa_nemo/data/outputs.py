@@ -55,26 +55,27 @@ def ratio_name(ratio: float) -> str:
 
 def write_splits(folder: Path, splits: dict[str, list[HintedRow]], formats: list[str]) -> None:
     """save_to_disk a DatasetDict of `splits` under folder/ (hf_disk), plus folder/<split>.jsonl / .parquet.
+    JSONL alone needs no `datasets` (GPU images may lack it).
 
     Each split's fingerprint is the sha256 of its rows, given to `datasets` rather than computed by it: its own
     fingerprint pickles the whole Arrow table with dill, which fails on some images (Python 3.12.3 with
     datasets 5.2 / pyarrow 26 on our H100 image: "Can't pickle <class 'MonthDayNano'>"), and ours is the same
     for the same rows on every machine.
     """
-    from datasets import Dataset, DatasetDict, DatasetInfo
-    from datasets.table import InMemoryTable
-
-    features = _features()
     rows_json = {split: [json.dumps(asdict(row), ensure_ascii=False) for row in rows] for split, rows in splits.items()}
-
-    def dataset(split: str, rows: list[HintedRow]) -> Dataset:
-        columns = features.encode_batch({name: [getattr(row, name) for row in rows] for name in features})
-        table = InMemoryTable.from_pydict(columns, schema=features.arrow_schema)
-        digest = hashlib.sha256("\n".join(rows_json[split]).encode()).hexdigest()[:16]
-        return Dataset(table, info=DatasetInfo(features=features), split=split, fingerprint=digest)
-
     folder.mkdir(parents=True, exist_ok=True)
     if "hf_disk" in formats or "parquet" in formats:
+        from datasets import Dataset, DatasetDict, DatasetInfo
+        from datasets.table import InMemoryTable
+
+        features = _features()
+
+        def dataset(split: str, rows: list[HintedRow]) -> Dataset:
+            columns = features.encode_batch({name: [getattr(row, name) for row in rows] for name in features})
+            table = InMemoryTable.from_pydict(columns, schema=features.arrow_schema)
+            digest = hashlib.sha256("\n".join(rows_json[split]).encode()).hexdigest()[:16]
+            return Dataset(table, info=DatasetInfo(features=features), split=split, fingerprint=digest)
+
         data = DatasetDict({split: dataset(split, rows) for split, rows in splits.items()})
     if "hf_disk" in formats:
         # One shard per split: an empty split saved with zero shards cannot be loaded back.

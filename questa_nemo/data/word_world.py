@@ -137,8 +137,11 @@ def count_steps(text: str) -> int:
     return body.count(".") - 1
 
 
-def data_config(inputs: list[str], output_dir: str, ratios: list[float], seed: int) -> DataConfig:
-    """The build settings for word-world prompts: step cuts, the reference prompt format, the boxed answer."""
+def data_config(
+    inputs: list[str], output_dir: str, ratios: list[float], seed: int, jsonl_only: bool = False
+) -> DataConfig:
+    """The build settings for word-world prompts: step cuts, the reference prompt format, the boxed answer;
+    `jsonl_only`: no DatasetDict folders (where `datasets` is not installed)."""
     return DataConfig(
         inputs=inputs,
         input_format="openr1",
@@ -148,7 +151,9 @@ def data_config(inputs: list[str], output_dir: str, ratios: list[float], seed: i
         hint_prefix=HINT_PREFIX,
         answer_leak="keep",  # sample_problem keeps the answer out of every earlier number: none occur
         seed=seed,
-        output_formats=["hf_disk", "jsonl"],  # JSONL: readable where `datasets` is not installed (GPU images)
+        id_with_ratio=False,  # one id per problem in every ratio's split (algo.hints.splits match on it)
+        # JSONL: readable where `datasets` is not installed (GPU images)
+        output_formats=["jsonl"] if jsonl_only else ["hf_disk", "jsonl"],
     )
 
 
@@ -237,7 +242,7 @@ def warmup_examples(
     return draw_warmup_examples(rng, count, cfg.max_ops, hint_fraction, exclude, sample, fmt)
 
 
-def write_word_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, Path]:
+def write_word_world(cfg: WorldConfig, hint_fraction: float = 0.4, jsonl_only: bool = False) -> dict[str, Path]:
     """Write the word world's sets under cfg.output_dir; returns name -> folder.
 
     raw/{rl,eval,calib}.jsonl   OpenR1-shaped rows (the pipeline's inputs)
@@ -256,28 +261,34 @@ def write_word_world(cfg: WorldConfig, hint_fraction: float = 0.4) -> dict[str, 
         "rl": problem_set("rl", hard_lengths(cfg.rl_problems, cfg, "rl"), cfg, held_out),
     }
     return write_sets(
-        cfg, sets, openr1_rows, lambda inputs, output, ratios: data_config(inputs, output, ratios, cfg.seed),
+        cfg, sets, openr1_rows,
+        lambda inputs, output, ratios: data_config(inputs, output, ratios, cfg.seed, jsonl_only),
         warmup_examples(cfg.warmup_examples, cfg, hint_fraction, held_out),
     )
 
 
 def main(config_name: str = "smollm2_world", overrides: list[str] | None = None, positional=None) -> int:
     """`python -m questa_nemo.data.word_world [--config-name NAME] [key=value ...]`: write the word world's
-    data sets under world.output_dir (run before `questa-nemo train --config-name smollm2_world`)."""
-    import datasets
+    data sets under world.output_dir (run before `questa-nemo train --config-name smollm2_world`). Without
+    `datasets` installed only the JSONL copies are written (what the recipe's paths name)."""
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
 
     from questa_nemo.config import ConfigError, load_config
 
     if positional:
         raise ConfigError("word_world", f"takes no positional arguments, got {positional}")
-    datasets.disable_progress_bars()
+    if datasets is not None:
+        datasets.disable_progress_bars()
     cfg = load_config(config_name, overrides)
     w = cfg.world
     if not 1 <= w.hard_min_ops <= w.max_ops:
         raise ConfigError("world.hard_min_ops", f"need 1 <= hard_min_ops <= max_ops={w.max_ops}")
     if w.modulus <= START_RANGE[1] + OPERAND_RANGE[1]:
         raise ConfigError("world.modulus", f"must exceed {START_RANGE[1] + OPERAND_RANGE[1]}")
-    for name, path in write_word_world(w, cfg.train.warmup.hint_fraction).items():
+    for name, path in write_word_world(w, cfg.train.warmup.hint_fraction, jsonl_only=datasets is None).items():
         print(f"{name:>5}: {path}")
     return 0
 

@@ -103,6 +103,7 @@ def data_config(cfg: WorldConfig, inputs: list[str], output_dir: str, ratios: li
         hint_slot_chars=fmt.hint_slot_chars,
         answer_leak="keep",  # two-digit results repeat by chance; counted, never acted on
         seed=cfg.seed,
+        id_with_ratio=False,  # one id per problem in every ratio's split (algo.hints.splits match on it)
     )
 
 

@@ -9,6 +9,7 @@ rerunning the same command after a crash or a Slurm requeue continues where it s
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -249,7 +250,14 @@ def _run_stages(cfg: Config, preempt: PreemptionFlag) -> int:
     if cfg.train.build_world_data:
         prepare_world(s)
     init = initial_weights(s)
-    arms = dict(cfg.train.arms) or {"": cfg.train.dataset}
+    from questa_nemo.train.arms import plan_arms
+
+    arms = plan_arms(cfg)  # every arm's config copy, validated before the warm-up spends any time
+    for arm in arms:
+        for note in arm.notes:
+            s.log(f"[arms] {note}")
+        if arm.skipped:
+            s.log(f"[arms] {arm.name} skipped: {arm.skipped}")
     with contextlib.ExitStack() as resources:  # the math reward's worker pool, shared by every stage
         if cfg.train.warmup.steps > 0:
             from questa_nemo.train.validation import calibrate, eval_scorer
@@ -259,12 +267,14 @@ def _run_stages(cfg: Config, preempt: PreemptionFlag) -> int:
             if preempt.agreed():  # e.g. SIGTERM during the warm-up or its save: the checkpoint is on disk
                 return EXIT_PREEMPTED
             calibrate(s, init, scorer)
-        for arm, dataset in arms.items():
+        for arm in arms:
             if preempt.agreed():
                 return EXIT_PREEMPTED
-            if not dataset:
-                raise ConfigError("train.dataset", "no RL data set given (build one with `questa-nemo data`)")
-            status = grpo_stage(s, arm, dataset, init, resources, preempt)
+            if arm.skipped:
+                continue
+            arm_session = copy.copy(s)  # the session's model, tokenizer and reward pool; the arm's config
+            arm_session.cfg = arm.cfg
+            status = grpo_stage(arm_session, arm.name, arm.dataset, init, resources, preempt)
             if status == EXIT_PREEMPTED:
                 return status
         if preempt.agreed():
@@ -272,7 +282,9 @@ def _run_stages(cfg: Config, preempt: PreemptionFlag) -> int:
         if cfg.train.final_eval and cfg.eval.benchmarks:
             from questa_nemo.train.report import final_report
 
-            final_report(s, init, arms, resources)
+            # the initial weights are evaluated by the run that trains every arm, or by one that trains none
+            evaluate_init = cfg.train.run_arms is None or not cfg.train.run_arms
+            final_report(s, init if evaluate_init else None, arms, resources)
     return 0
 
 

@@ -39,11 +39,15 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def final_report(s, init: str | None, arms: dict[str, str], resources) -> dict:
+def final_report(s, init: str | None, arms: list, resources) -> dict:
+    """Evaluate `init` (None: not) and every trained arm (train.arms.Arm) without hints; write summary.json
+    (train.arms.summary_name): per model and benchmark pass@k with standard errors, and under "training" per
+    arm its generated tokens, steps, zero-signal share and budget (or why it was skipped)."""
     from questa_nemo.eval.backend import backend_for_checkpoint
+    from questa_nemo.train.arms import summary_name, training_record
 
     cfg = s.cfg
-    run_dirs = {arm: s.run_dir / arm if arm else s.run_dir for arm in arms}
+    run_dirs = {arm.name: s.run_dir / arm.name if arm.name else s.run_dir for arm in arms if not arm.skipped}
     checkpoints, labels = [], []
     if init is not None:
         checkpoints.append(init)
@@ -74,8 +78,12 @@ def final_report(s, init: str | None, arms: dict[str, str], resources) -> dict:
         }
         for label, model in report["models"].items()
     }
-    (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot_curves(run_dirs, s.run_dir / "curves.png")
-    s.log(f"[report] {s.run_dir / 'summary.json'}, {s.run_dir / 'curves.png'}, "
-          f"{Path(cfg.eval.output_dir) / 'passk.png'}")
+    if arms and arms[0].name:
+        summary["training"] = {arm.name: training_record(s.run_dir / arm.name, arm) for arm in arms}
+    name = summary_name(cfg)
+    curves = s.run_dir / name.replace("summary", "curves").replace(".json", ".png")
+    (s.run_dir / name).write_text(json.dumps(summary, indent=1) + "\n")
+    if run_dirs:
+        plot_curves(run_dirs, curves)
+    s.log(f"[report] {s.run_dir / name}, {curves}, {Path(cfg.eval.output_dir) / 'passk.png'}")
     return summary
