@@ -111,6 +111,22 @@ def plot(run: Path, seeds: list[str], arms: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def training_over_seeds(seeds_out: list[dict], label: str) -> dict:
+    """Generated tokens, zero-signal share and steps of arm `label` over the seeds where it was evaluated: an
+    arm whose process died (no evaluation) is listed under `not_evaluated_seeds`, not averaged in (a crashed
+    arm's few tokens would make the arms look unequal in compute when the evaluated ones were equal)."""
+    done = [r for r in seeds_out if "pass@1" in r["models"].get(label, {})]
+    out: dict = {}
+    for key in ("generated_tokens", "zero_signal_share", "steps"):
+        vals = [r["training"][label].get(key) for r in done]
+        vals = [v for v in vals if isinstance(v, int | float)]
+        out[key] = over_seeds(vals) if vals else None
+    missing = [r["seed"] for r in seeds_out if r not in done]
+    if missing:
+        out["not_evaluated_seeds"] = missing
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run")
@@ -149,10 +165,7 @@ def main() -> int:
             if vals:
                 entry[f"pass@{k}"] = over_seeds(vals)
         if label != "initial":
-            for key in ("generated_tokens", "zero_signal_share", "steps"):
-                vals = [r["training"][label].get(key) for r in seeds_out]
-                vals = [v for v in vals if isinstance(v, int | float)]
-                entry[key] = over_seeds(vals) if vals else None
+            entry.update(training_over_seeds(seeds_out, label))
             skipped = {r["training"][label].get("skipped") for r in seeds_out} - {None}
             if skipped:
                 entry["skipped"] = sorted(skipped)

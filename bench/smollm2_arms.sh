@@ -78,7 +78,11 @@ if [ ! -f "$M/config.json" ]; then
   python3 -m questa_nemo.cli import "$GGUF" "$M" format=hf
 fi
 stamp "imported: $M"
-COMMON=(model.hf_config="$M" model.checkpoint="$M" train.progress_bar=false "${OVERRIDES[@]}")
+# Up to 6 trainers share the card: each engine's KV cache takes a fixed small share of the free memory (the
+# default 0.5 of it, taken by the first processes, left the later ones out of memory on the first H100 run:
+# seed 1 adaptive and seed 2 plain died at start-up, bench/results/smollm2_arms_h100). Given overrides win.
+COMMON=(model.hf_config="$M" model.checkpoint="$M" train.progress_bar=false
+        rollout.kv_cache_memory_fraction="${KV_FRACTION:-0.06}" "${OVERRIDES[@]}")
 DATA=$RUN/data
 if [ -n "${WORLD_DATA:-}" ]; then  # built beforehand
   mkdir -p "$RUN" && rm -rf "$DATA" && cp -r "$WORLD_DATA" "$DATA"
@@ -139,8 +143,7 @@ eval_job() {  # eval_job SEED LABEL CHECKPOINT: one model, without hints, into $
   LOGS+=("$RUN/seed$1/eval_$2.log")
 }
 
-# 2. every arm x seed at once, from its seed's warm-up; beside them the RL start (the warm-up weights) of each
-#    seed is evaluated without hints
+# 2. every arm x seed at once, from its seed's warm-up
 JOBS=(); LOGS=()
 for S in $SEEDS; do
   [ -f "$RUN/seed$S/warmup/warmup.json" ] || { stamp "seed $S: no warm-up, no arms"; continue; }
@@ -149,13 +152,14 @@ for S in $SEEDS; do
       "world.output_dir=$DATA" "train.seed=$S" "train.run_arms=[$A]" train.final_eval=false "${CAP[@]}")")
     LOGS+=("$RUN/seed$S/$A.log")
   done
-  eval_job "$S" initial "$RUN/seed$S/warmup/checkpoint"
 done
 [ ${#JOBS[@]} -gt 0 ] && run_all "${ARMS_BUDGET_S:-300}" "arms"
 
-# 3. each arm's last checkpoint (a run folder stands for its newest), one process per arm x seed
+# 3. the RL start (the warm-up weights) and each arm's last checkpoint (a run folder stands for its newest),
+#    one process per model x seed, all without hints
 JOBS=(); LOGS=()
 for S in $SEEDS; do
+  [ -f "$RUN/seed$S/warmup/warmup.json" ] && eval_job "$S" initial "$RUN/seed$S/warmup/checkpoint"
   for A in $ARMS; do
     if ls "$RUN/seed$S/$A"/checkpoints/step_*/run_state.json > /dev/null 2>&1; then
       eval_job "$S" "$A" "$RUN/seed$S/$A"
