@@ -33,41 +33,20 @@ THREADS=${THREADS:-2}
 START=$(date +%s)
 stamp() { echo "[smollm2_arms +$(( $(date +%s) - START ))s] $*"; }
 
-if [ ${#PARTS[@]} -gt 0 ]; then
-  mkdir -p "$(dirname "$GGUF")"
-  cat "${PARTS[@]}" > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"
-fi
-EXPECTED=$(cut -d' ' -f1 bench/smollm2_gguf.sha256)
-ACTUAL=$(sha256sum "$GGUF" | cut -d' ' -f1)
-if [ "$ACTUAL" != "$EXPECTED" ]; then
-  echo "smollm2_arms: $GGUF has sha256 $ACTUAL, expected $EXPECTED (bench/smollm2_gguf.sha256)" >&2
-  exit 1
-fi
-stamp "GGUF ok: $GGUF"
+NAME=smollm2_arms
+. bench/smollm2_common.sh
+smollm2_gguf_ready
 
 # DETACH=1: go on in a new process session from a copy of the repository outside the synced working tree, so
 # the run outlives this device call (bench/device_wait.sh waits on $OUT/done). Output goes to $OUT/run.log.
 if [ -n "${DETACH:-}" ]; then
-  COPY=${DETACH_REPO:-$HOME/questa_nemo_arms}
-  rm -rf "$COPY" && mkdir -p "$COPY" "$OUT"
-  tar --exclude=./.gguf --exclude=./.git --exclude=./runs --exclude=./outputs -cf - . | tar -xf - -C "$COPY"
-  [ -n "${WORLD_DATA:-}" ] && mkdir -p "$COPY/.world" && cp -r "$WORLD_DATA"/. "$COPY/.world/"
-  for w in "$(dirname "$GGUF")"/gguf-*.whl .gguf/gguf-*.whl; do [ -f "$w" ] && mkdir -p "$COPY/.gguf" && cp "$w" "$COPY/.gguf/"; done
-  WORLD_DATA=${WORLD_DATA:+$COPY/.world} DETACH= OUT="$OUT" setsid nohup bash "$COPY/bench/smollm2_arms.sh" \
-    "$GGUF" "${OVERRIDES[@]}" > "$OUT/run.log" 2>&1 < /dev/null &
-  stamp "detached (pid $!): log $OUT/run.log, $OUT/done at the end"
+  smollm2_detach smollm2_arms.sh "${DETACH_REPO:-$HOME/questa_nemo_arms}"
   exit 0
 fi
 mkdir -p "$OUT"
 trap 'touch "$OUT/done"' EXIT
 
-if ! python3 -c "import megatron.core, hydra" 2>/dev/null; then . bench/gpu_setup.sh; fi  # the GPU image
-if ! python3 -c 'import gguf' 2>/dev/null; then
-  WHEEL=$(ls "$(dirname "$GGUF")"/gguf-*.whl .gguf/gguf-*.whl 2>/dev/null | head -n 1 || true)
-  [ -n "$WHEEL" ] || { echo "smollm2_arms: no gguf package and no gguf-*.whl to install" >&2; exit 1; }
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$WHEEL"
-  export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
-fi
+smollm2_gpu_env
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # 8 processes share the card
 python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")' \

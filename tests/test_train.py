@@ -57,6 +57,21 @@ def metrics(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+def kill_after_logged_steps(cmd: list[str], arm_dir: Path, steps: int, timeout: float) -> None:
+    """Start a training run, SIGKILL it once `arm_dir`'s metrics.jsonl holds `steps` lines; it must not have
+    finished by then."""
+    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = arm_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (arm_dir / "DONE").exists(), "the run finished before it could be killed"
+
+
 def test_sigkill_resume_reproduces_the_uninterrupted_run(tmp_path):
     arms = "train.arms={hint: ${world.output_dir}/rl/p50}"
     steps = ["train.steps=6", "train.recovery_every=2", "train.save_every=100", arms]
@@ -64,17 +79,7 @@ def test_sigkill_resume_reproduces_the_uninterrupted_run(tmp_path):
     subprocess.run(train_cmd(whole, *steps), check=True, env=env(), cwd=REPO, capture_output=True, timeout=600)
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(train_cmd(cut, *steps), env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    log = cut / "hint" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "hint" / "DONE").exists(), "the run finished before it could be killed"
+    kill_after_logged_steps(train_cmd(cut, *steps), cut / "hint", 3, 600)
     subprocess.run(train_cmd(cut, *steps), check=True, env=env(), cwd=REPO, capture_output=True, timeout=600)
 
     assert metrics(cut / "hint" / "metrics.jsonl") == metrics(whole / "hint" / "metrics.jsonl")
@@ -282,17 +287,7 @@ def test_sigkill_resume_keeps_hint_levels_and_token_budget_exact(tmp_path):
     whole = tmp_path / "whole"
     subprocess.run(train_cmd(whole, *ADAPTIVE), check=True, env=env(), cwd=REPO, capture_output=True, timeout=900)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(train_cmd(cut, *ADAPTIVE), env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    log = cut / "adaptive" / "metrics.jsonl"
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "adaptive" / "DONE").exists(), "the run finished before it could be killed"
+    kill_after_logged_steps(train_cmd(cut, *ADAPTIVE), cut / "adaptive", 3, 900)
     subprocess.run(train_cmd(cut, *ADAPTIVE), check=True, env=env(), cwd=REPO, capture_output=True, timeout=900)
 
     ours, theirs = metrics(cut / "adaptive" / "metrics.jsonl"), metrics(whole / "adaptive" / "metrics.jsonl")

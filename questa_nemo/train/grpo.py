@@ -98,9 +98,10 @@ def draw_groups(
     chunk_prompts: int,
     keys: list[int] | None = None,
 ) -> list[Group]:
-    """Groups of `rows` (each at its hint, sampling keys `keys` as in generate_groups); with `unhinted` (the same problems without a hint) the first
-    unhinted_count(G, share) samples of every group come from the unhinted prompt, and each group carries its
-    unhinted row (the importance correction's second log-prob pass)."""
+    """Groups of `rows` (each at its hint, sampling keys `keys` as in generate_groups); with `unhinted` (the
+    same problems without a hint) the first unhinted_count(G, share) samples of every group come from the
+    unhinted prompt, and each group carries its unhinted row (the importance correction's second log-prob
+    pass)."""
     k = unhinted_count(params.n, share) if unhinted is not None else 0
     if k == 0:
         groups = generate_groups(backend, rows, params, decode, scorer, chunk_prompts, keys)
