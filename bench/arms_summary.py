@@ -66,12 +66,16 @@ def warmup_record(seed_dir: Path) -> dict:
     return out
 
 
-def stage_minutes(seed_dir: Path, arms: list[str]) -> dict[str, float]:
-    """Wall minutes of each stage of one run from the files that mark its end (mtimes); single-process runs."""
+def stage_minutes(seed_dir: Path, arms: list[str]) -> dict[str, float] | None:
+    """Wall minutes of each stage of one run from the files that mark its end (mtimes), for single-process runs
+    (the stages one after the other); None where the marks are out of order (arms run as concurrent processes,
+    each rewriting config.yaml, as bench/smollm2_arms.sh does)."""
     marks = [("start", seed_dir / "config.yaml"), ("warm-up", seed_dir / "warmup" / "warmup.json"),
              ("calibration", seed_dir / "warmup" / "calibration.json"),
              *((arm, seed_dir / arm / "DONE") for arm in arms), ("final eval", seed_dir / "summary.json")]
     times = [(name, path.stat().st_mtime) for name, path in marks if path.exists()]
+    if any(t < prev for (_, t), (_, prev) in zip(times[1:], times)):
+        return None
     return {name: round((t - prev) / 60, 2) for (name, t), (_, prev) in zip(times[1:], times)}
 
 

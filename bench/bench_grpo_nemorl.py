@@ -91,7 +91,7 @@ NEMO_RL_V05 = {
     "train_samples_per_minibatch": 512,
     "on_policy": {"tokens_per_s_per_gpu": 1581, "step_s": 92.8, "mean_generated_tokens": 1019},
     "one_step_off_policy": {"tokens_per_s_per_gpu": 2478, "step_s": 64.8, "mean_generated_tokens": 1123},
-    "flop_scaled_to_1p5b_on_policy": 8400,  # ../shared/FIELD.md: our arithmetic (8B -> 1.5B FLOP ratio)
+    "flop_scaled_to_1p5b_on_policy": 8400,  # our arithmetic: 1,581 x the 8B / 1.5B FLOP-per-token ratio
 }
 
 

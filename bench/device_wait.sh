@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Wait, inside one device call, on a run that bench/smollm2_questa.sh started with DETACH=1, then bring its
-# output folder back as one archive ($OUT/results.tar.gz: a device call returns at most 8 files).
+# Wait, inside one device call, on a run that bench/smollm2_arms.sh (or smollm2_questa.sh) started with
+# DETACH=1, then bring its output folder back as one archive ($OUT/results.tar.gz: a device call returns at
+# most 8 files).
 # Usage: bash bench/device_wait.sh RUN_OUT [SECONDS]   (RUN_OUT: the detached run's $OUT; default 540 s)
 set -uo pipefail
 DIR=${1:?usage: bench/device_wait.sh RUN_OUT [SECONDS]}

@@ -5,19 +5,22 @@
 #   -> ONE warm-up per seed (stops by calibration), the seeds at once
 #   -> every arm x seed as its own process on the one GPU, all at once (train.run_arms=[<arm>]: each reuses its
 #      seed's warm-up and trains into run_dir/<arm>; same seed across arms, same token budget)
-#   -> evaluation without hints, one process per model: the warm-up weights (the RL start, beside the arms) and
+#   -> evaluation without hints, one process per model: the warm-up weights (the RL start) and
 #      every arm's last checkpoint (pass@1/8/16 with standard errors) -> $OUT/results.json + table.md
 #      (bench/arms_summary.py), curves.png, logs, metrics.
 # Usage (repository root, GPU image; the device call that starts it, then calls that wait):
-#   DETACH=1 OUT=/tmp/arms_out bash bench/smollm2_arms.sh GGUF [PART1 PART2] [key=value ...]
-#   OUT=$OUT bash bench/device_wait.sh /tmp/arms_out 540
+#   DETACH=1 OUT=$HOME/arms_out bash bench/smollm2_arms.sh GGUF [PART1 PART2] [key=value ...]
+#   OUT=$OUT bash bench/device_wait.sh $HOME/arms_out 540
+# (An absolute OUT outside the synced tree, where the next call still finds it. On our device machine the GGUF
+# halves came in two calls' carry and were copied out of .gguf/ in between; the run of
+# bench/results/smollm2_arms_h100 took 567 s after the machine started.)
 # Overrides go to the data command and every trainer / eval process. Environment: SEEDS (default "1 2"),
 # WARMUP_BUDGET_S (300: the warm-up does not stop on SIGTERM: a bound, not a cut), ARMS_BUDGET_S (300: then
 # SIGTERM, the trainer checkpoints and stops; the arm is evaluated on its last checkpoint and its tokens say
 # how far it got), EVAL_BUDGET_S (140), STEPS (steps cap of an arm where the trainer has no train.token_budget;
 # default 20 ~ the token budget), THREADS (CPU threads per process, 2). Budget: ~1.5 min setup + import +
 # data, warm-ups <= 300 s (~90 s when the stop comes early), arms <= 300 s, evaluation <= 140 s: <= ~14 min
-# after the machine starts, ~10 min typically (estimates: not yet run on a GPU).
+# after the machine starts, ~10 min typically (one H100 run: 567 s).
 # An arm the build cannot run (adaptive without algo.hints) is skipped and results.json says why.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -13,7 +13,7 @@ decoding. Why a replica rather than Megatron-style sharded decoding, for the 1.5
 not measured: 10-30 ms over NVLink, against a step of tens of seconds); sharded decoding would add two all-reduces per layer per token (56 per decode step of the 28-layer
 model) inside the captured step, and the model's 2 KV heads cap TP at 2. The price: the ranks of a
 model-parallel group decode the same sequences, so rollout throughput is that of world / (TP x PP) GPUs. Splitting
-the prompts over the group is now possible without changing the samples (the sampling noise is keyed per
+the prompts over the group is now possible without changing the samples (the sampling uniforms are keyed per
 sequence: SamplingParams.prompt_keys, rollout/sampling.py), but not done.
 
 Scheduling is continuous batching over a fixed set of KV-cache slots. Sequences (prompt, sample) wait in
@@ -103,7 +103,7 @@ def _set_noise_keys(
     prompt_keys,
 ) -> None:
     """Give each live slot its sequence's noise key and the position of its completion's first decode input
-    (free slots get zeros): the noise a sequence samples with depends on (seed, prompt key, sample, completion
+    (free slots get zeros): the uniforms a sequence samples with depend on (seed, prompt key, sample, completion
     position) only, not on its slot, nor on a preemption (a resumed sequence keeps counting from its first token).
     """
     keys, starts = [], []
@@ -344,7 +344,7 @@ class MegatronBackend:
         blocks = opts.kv_blocks or slots * per_seq + 1
         if not opts.kv_blocks and w.embedding.is_cuda:
             free, _ = torch.cuda.mem_get_info(w.embedding.device)
-            budget = int(free * opts.kv_cache_memory_fraction) - slots * 4 * w.lm_head.size(0)  # noise rows
+            budget = int(free * opts.kv_cache_memory_fraction) - slots * 8 * w.lm_head.size(0)  # sampling temporaries
             blocks = min(blocks, budget // PagedKVCache.bytes_per_block(w, bs))
         if blocks < blocks_for(longest, bs) + 1:
             raise RuntimeError(
