@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from questa_nemo.algo.advantages import compute_advantages, shape_rewards
+from questa_nemo.algo.advantages import compute_advantages, group_ids_for, shape_rewards
 from questa_nemo.algo.filtering import FilledStep, Share, fill_step, handle_overlong
 from questa_nemo.algo.hint_levels import (
     affordable_groups,
@@ -334,7 +334,7 @@ def finish_hints(hints: HintRuntime, step: int, tally: HintTally, reduce: Reduce
 def build_step_data(cfg: Config, groups: list[Group], trainer_version: int, all_reduce=None) -> StepData:
     """Rewards -> overlong handling -> shaped rewards -> per-token advantages -> training sequences."""
     completions = [c for g in groups for c in g.completions]
-    n_samples = len(groups[0].completions) if groups else 0
+    n_samples = len(groups[0].completions) if groups else 1
     correct = torch.tensor([r.reward for g in groups for r in g.results], dtype=torch.float32)
     truncated = torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.bool)
     lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.long)
@@ -343,7 +343,7 @@ def build_step_data(cfg: Config, groups: list[Group], trainer_version: int, all_
 
     width = int(lengths.max()) if len(completions) else 0
     mask = (torch.arange(width)[None, :] < lengths[:, None]) & overlong.sequence_mask[:, None]  # [N, T]
-    group_ids = torch.arange(len(completions)) // max(n_samples, 1)
+    group_ids = group_ids_for(len(completions), n_samples)  # [N]: G adjacent samples a group
     a = cfg.algo
     advantages = compute_advantages(
         a.advantage, shaped, mask, group_ids, adv_norm=a.adv_norm, group_std=a.group_std, eps=a.eps,
