@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from questa_nemo.algo.loss import LossStats
+
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 
 from launch import torchrun  # noqa: E402
@@ -59,6 +61,8 @@ def test_dp2_samples_and_trains_what_dp1_does(tmp_path):
         assert b["actor/grad_norm"] == pytest.approx(a["actor/grad_norm"], rel=1e-5)
         assert b["actor/entropy"] == pytest.approx(a["actor/entropy"], rel=1e-5)
         assert b["actor/loss"] == pytest.approx(a["actor/loss"], abs=1e-7)
+        for key in LossStats.from_sums({}).metrics():  # every loss stat, merged over two ranks as over one
+            assert b[f"actor/{key}"] == pytest.approx(a[f"actor/{key}"], rel=1e-5, abs=1e-7), (a["step"], key)
     assert w1.keys() == w2.keys()
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=2e-5, msg=name)

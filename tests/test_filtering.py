@@ -74,7 +74,7 @@ def test_overlong_modes():
 def test_filter_counts_metrics_for_the_log():
     counts = FilterCounts(kept=3, all_correct=1, all_wrong=2) + FilterCounts(kept=1, too_hard=1)
     assert counts.metrics() == {
-        "groups_kept": 4,
+        "passed_groups": 4,
         "dropped_all_correct": 1,
         "dropped_all_wrong": 2,
         "dropped_too_easy": 0,

@@ -211,3 +211,12 @@ def test_prompt_offset_lines_up_with_the_shifted_log_probs():
     assert mb.behaviour_logprobs[0][scored].tolist() == pytest.approx(
         [-0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7, -0.8]
     )
+
+
+def test_groups_of_unequal_size_are_refused():
+    """Group ids come from advantages.group_ids_for (G adjacent samples a group), which refuses a step whose
+    completions do not split into groups of the first group's size rather than mislabel them."""
+    groups = fixture_groups()
+    groups[1].completions, groups[1].results = groups[1].completions[:1], groups[1].results[:1]
+    with pytest.raises(ValueError, match="do not split into groups of 2"):
+        build_step_data(config(), groups, trainer_version=7)

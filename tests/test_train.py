@@ -179,14 +179,15 @@ def test_warmup_stops_when_asked_and_only_at_its_checks():
     examples = [([1, 2], [3, 4])] * 8
     asked = []
 
-    def stop(step):
+    def done(step):
         asked.append(step)
         return step >= 30
 
-    losses = run_warmup(CountingPolicy(), examples, 100, 4, seed=0, log=lambda m: None, stop=stop, check_every=10)
+    losses = run_warmup(CountingPolicy(), examples, 100, 4, seed=0, log=lambda m: None, warmup_done=done,
+                        check_every=10)
     assert len(losses) == 30 and asked == [10, 20, 30]
     asked.clear()
-    assert len(run_warmup(CountingPolicy(), examples, 25, 4, 0, lambda m: None, stop, 10)) == 25
+    assert len(run_warmup(CountingPolicy(), examples, 25, 4, 0, lambda m: None, done, 10)) == 25
     assert asked == [10, 20]
 
 

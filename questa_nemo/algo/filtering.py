@@ -29,9 +29,10 @@ class FilterCounts:
         return self.all_correct + self.all_wrong + self.too_easy + self.too_hard
 
     def metrics(self) -> dict[str, int]:
-        """For the step log (the trainer adds the `filter/` prefix)."""
+        """For the step log, summed over DP ranks (the trainer adds the `filter/` prefix). `passed_groups`: groups
+        within the bounds, the step's surplus included (the trainer logs the ones it trains on as `kept_groups`)."""
         return {
-            "groups_kept": self.kept,
+            "passed_groups": self.kept,
             "dropped_all_correct": self.all_correct,
             "dropped_all_wrong": self.all_wrong,
             "dropped_too_easy": self.too_easy,

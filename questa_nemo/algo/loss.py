@@ -29,7 +29,7 @@ row per sequence (for packed rows, count the sequences from the packing metadata
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -69,6 +69,7 @@ class LossStats:
     """Sums over the micro-batch's completion tokens (0-dim detached tensors); merge micro-batches with `+`.
 
     Sums rather than means so that micro-batches and DP ranks combine exactly; `metrics()` turns them into means.
+    The field names are the keys of the trainer's loss-callback dict: a field ending in `_max` is merged with max.
     """
 
     tokens: torch.Tensor  # completion tokens in the loss mask
@@ -88,29 +89,28 @@ class LossStats:
         merged["behave_weight_max"] = torch.maximum(self.behave_weight_max, other.behave_weight_max)
         return LossStats(**merged)
 
-    def all_reduce(
-        self, sum_: Callable[[torch.Tensor], torch.Tensor], max_: Callable[[torch.Tensor], torch.Tensor]
-    ) -> LossStats:
-        """The stats of every DP rank: one sum over a stacked tensor, one max for the largest weight."""
-        names = [f.name for f in fields(self) if f.name != "behave_weight_max"]
-        summed = sum_(torch.stack([getattr(self, n).float() for n in names]))
-        merged = dict(zip(names, summed.unbind()))
-        return LossStats(**merged, behave_weight_max=max_(self.behave_weight_max.float().clone()))
+    @classmethod
+    def from_sums(cls, sums: Mapping[str, float]) -> LossStats:
+        """The stats of a whole step out of the trainer's merged callback dict (model/policy.merge_stats: every
+        field summed over micro-batches and DP ranks, `behave_weight_max` maxed); a missing field is 0."""
+        return cls(**{f.name: torch.tensor(float(sums.get(f.name, 0.0))) for f in fields(cls)})
 
     def metrics(self) -> dict[str, float]:
-        """Per-token means for the logs (names without a prefix; the trainer adds `actor/`)."""
+        """Per-token means for the logs, under the names the trainer logs (it adds the `actor/` prefix)."""
         n = max(float(self.tokens), 1.0)
         kept = max(n - float(self.capped), 1.0)
         return {
-            "tokens": float(self.tokens),
-            "loss": float(self.loss) / n,
+            "loss_tokens": float(self.tokens),
+            "loss_token_mean": float(self.loss) / n,  # the per-token loss before aggregation (actor/loss is after)
             "clip_fraction": float(self.clipped) / n,
             "capped_fraction": float(self.capped) / n,
             "ratio_mean": float(self.ratio) / n,
             "behave_weight_mean": float(self.behave_weight) / kept,
             "behave_weight_max": float(self.behave_weight_max),
             "behave_kl_k1": float(self.behave_kl_k1) / n,
-            "behave_kl_k3": float(self.behave_kl_k3) / n,
+            # k3 (non-negative): the train/rollout mismatch; large values mean the engines disagree or samples
+            # are stale
+            "behave_kl": float(self.behave_kl_k3) / n,
             "entropy": float(self.entropy) / n,
             "ref_kl": float(self.ref_kl) / n,
         }

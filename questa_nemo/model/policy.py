@@ -12,7 +12,7 @@ its state and the lr schedule are left as they were, and the skip is counted.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
@@ -33,10 +33,27 @@ from questa_nemo.config import CONTEXT_PARALLEL_UNSUPPORTED, ConfigError, ModelC
 from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
 from questa_nemo.model.packing import PackedMicroBatch, TokenSequence, assign_first_fit_decreasing, pack
 
-# (logprobs [1, T], entropy [1, T], micro-batch) -> (summed loss over the micro-batch's tokens, summed stats)
+# (logprobs [1, T], entropy [1, T], micro-batch) -> (summed loss over the micro-batch's tokens, stats): each stat
+# 0-dim, merged over micro-batches and DP ranks by `merge_stats` (summed; a name ending in `_max` maxed)
 LossFn = Callable[
     [torch.Tensor, torch.Tensor, PackedMicroBatch], tuple[torch.Tensor, Mapping[str, torch.Tensor]]
 ]
+
+
+def merge_stats(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Loss-callback stats of several micro-batches or DP ranks as one dict: summed, except names ending in
+    `_max`, which take the largest value (so a maximum survives the merge instead of being dropped or summed)."""
+    total: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.items():
+            value = float(value)
+            if key not in total:
+                total[key] = value
+            elif key.endswith("_max"):
+                total[key] = max(total[key], value)
+            else:
+                total[key] += value
+    return total
 
 
 class MicroBatchLogprobs(NamedTuple):
@@ -54,7 +71,7 @@ class StepStats:
     skipped: bool  # True when the step was non-finite and never reached the weights
     skipped_total: int  # non-finite steps skipped so far by this policy
     num_micro_batches: int
-    metrics: dict[str, float] = field(default_factory=dict)  # the loss callback's stats, summed like `loss`
+    metrics: dict[str, float] = field(default_factory=dict)  # the loss callback's stats, merge_stats'd like `loss`
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -346,18 +363,12 @@ class MegatronPolicy:
         )
         local: tuple[float, dict[str, float]] | None = None
         if contributes:  # the loss apart from the callback's stats, which may have a "loss" of their own
-            stats: dict[str, float] = {}
-            for _, micro_batch_stats in outputs:
-                for key, value in micro_batch_stats.items():
-                    stats[key] = stats.get(key, 0.0) + float(value)
+            stats = merge_stats(micro_batch_stats for _, micro_batch_stats in outputs)
             local = (sum(float(loss_sum) for loss_sum, _ in outputs) / normaliser, stats)
         gathered: list[tuple[float, dict[str, float]] | None] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, local)
         parts = [part for part in gathered if part is not None]
-        total: dict[str, float] = {}
-        for _, stats in parts:
-            for key, value in stats.items():
-                total[key] = total.get(key, 0.0) + value
+        total = merge_stats(stats for _, stats in parts)
         loss = sum(loss for loss, _ in parts) if parts else float("nan")
         return loss, total
 

@@ -93,7 +93,7 @@ class AsyncRollouts:
         self._ready: dict[int, _Produced] = {}
         self._error: BaseException | None = None
         self._error_step = 0
-        self._stop = False
+        self._closing = False
         self._cond = threading.Condition()
         # the current CUDA device is per thread: the producer must use the trainer's (one GPU per rank)
         self._device = torch.cuda.current_device() if torch.cuda.is_available() else None
@@ -140,7 +140,7 @@ class AsyncRollouts:
     def close(self) -> None:
         """Stop the producer; waits for an in-flight step's rollout to finish (it is then dropped)."""
         with self._cond:
-            self._stop = True
+            self._closing = True
             self._cond.notify_all()
         self._thread.join()
 
@@ -161,9 +161,9 @@ class AsyncRollouts:
         try:
             while True:
                 with self._cond:
-                    while not self._stop and not self._may_start(step):
+                    while not self._closing and not self._may_start(step):
                         self._cond.wait()
-                    if self._stop or step > self.last_step:
+                    if self._closing or step > self.last_step:
                         return
                 filled = self._collect(step)
                 with self._cond:

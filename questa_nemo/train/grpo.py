@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from questa_nemo.algo.advantages import compute_advantages, shape_rewards
+from questa_nemo.algo.advantages import compute_advantages, group_ids_for, shape_rewards
 from questa_nemo.algo.filtering import FilledStep, Share, fill_step, handle_overlong
 from questa_nemo.algo.hint_levels import (
     affordable_groups,
@@ -24,7 +24,7 @@ from questa_nemo.algo.hint_levels import (
     unhinted_weight,
     update_levels,
 )
-from questa_nemo.algo.loss import PolicyLossConfig, loss_config_from, policy_loss, step_normaliser
+from questa_nemo.algo.loss import LossStats, PolicyLossConfig, loss_config_from, policy_loss, step_normaliser
 from questa_nemo.config import Config
 from questa_nemo.model.packing import PackedMicroBatch, TokenSequence
 from questa_nemo.model.parallel import Reduce
@@ -335,7 +335,7 @@ def finish_hints(hints: HintRuntime, step: int, tally: HintTally, reduce: Reduce
 def build_step_data(cfg: Config, groups: list[Group], trainer_version: int, all_reduce=None) -> StepData:
     """Rewards -> overlong handling -> shaped rewards -> per-token advantages -> training sequences."""
     completions = [c for g in groups for c in g.completions]
-    n_samples = len(groups[0].completions) if groups else 0
+    n_samples = len(groups[0].completions) if groups else 1
     correct = torch.tensor([r.reward for g in groups for r in g.results], dtype=torch.float32)
     truncated = torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.bool)
     lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.long)
@@ -344,7 +344,7 @@ def build_step_data(cfg: Config, groups: list[Group], trainer_version: int, all_
 
     width = int(lengths.max()) if len(completions) else 0
     mask = (torch.arange(width)[None, :] < lengths[:, None]) & overlong.sequence_mask[:, None]  # [N, T]
-    group_ids = torch.arange(len(completions)) // max(n_samples, 1)
+    group_ids = group_ids_for(len(completions), n_samples)  # [N]: G adjacent samples a group
     a = cfg.algo
     advantages = compute_advantages(
         a.advantage, shaped, mask, group_ids, adv_norm=a.adv_norm, group_std=a.group_std, eps=a.eps,
@@ -402,8 +402,8 @@ def make_loss_fn(cfg: Config):
             view(logprobs), view(mb.advantages), view(mb.loss_mask) > 0, view(mb.behaviour_logprobs),
             normaliser=1.0, cfg=loss_cfg, proximal_logprobs=proximal, entropy=view(entropy),
         )
-        # behave_weight_max is merged with max, not summed: the policy sums stats, so report it separately.
-        return loss, {f.name: getattr(stats, f.name) for f in fields(stats) if f.name != "behave_weight_max"}
+        # every LossStats field, by name: the policy merges them (merge_stats: summed, behave_weight_max maxed)
+        return loss, {f.name: getattr(stats, f.name) for f in fields(stats)}
 
     return loss_fn, loss_cfg
 
@@ -482,12 +482,11 @@ def step_metrics(data: StepData, filled: FilledStep[Group], reduce: Reduce | Non
     reduce = reduce or Reduce()
     c, hinted = data.correct.double(), data.hinted
     lengths = data.completion_lengths.double()
-    counts = filled.counts
+    counts = filled.counts.metrics()  # the filter's own stats, summed over ranks below and logged as they are
     # one message of sums, one of maxima (-inf where a rank has nothing), one of per-reason counts
     local = [
         c.numel(), c.sum(), hinted.sum(), c[hinted].sum(), (~hinted).sum(), c[~hinted].sum(), lengths.sum(),
-        data.truncated.sum(), len(filled.groups), counts.all_correct, counts.all_wrong, counts.too_easy,
-        counts.too_hard, not filled.full,
+        data.truncated.sum(), len(filled.groups), not filled.full, *counts.values(),
     ]  # fmt: skip
     sums = reduce.sum(torch.tensor([float(x) for x in local], dtype=torch.float64))
     empty = torch.tensor(-math.inf, dtype=torch.float64)
@@ -511,12 +510,9 @@ def step_metrics(data: StepData, filled: FilledStep[Group], reduce: Reduce | Non
         out["rollout/length_max"] = float(maxima[0])
         out["rollout/truncated_fraction"] = truncated / n
         out["rollout/staleness_max"] = float(maxima[1])
-    kept, all_correct, all_wrong, too_easy, too_hard, short = sums[8:].tolist()
-    out["filter/kept_groups"] = kept
-    out["filter/dropped_all_correct"] = all_correct
-    out["filter/dropped_all_wrong"] = all_wrong
-    out["filter/dropped_too_easy"] = too_easy
-    out["filter/dropped_too_hard"] = too_hard
+    kept, short = sums[8:10].tolist()
+    out["filter/kept_groups"] = kept  # the groups the step trains on (passed_groups less the surplus)
+    out.update({f"filter/{k}": v for k, v in zip(counts, sums[10:].tolist())})
     out["filter/prompt_batches"] = float(filled.prompt_batches)  # the same on every rank (they agree)
     out["filter/full"] = float(short == 0)
     return out
@@ -599,7 +595,6 @@ def grpo_step(
     with timer("update_weights"):
         backend.update_weights(backend.version + (0 if stats.skipped else 1))
 
-    tokens = max(stats.metrics.get("tokens", 0.0), 1.0)
     metrics.update(
         {
             "actor/loss": stats.loss,
@@ -608,13 +603,8 @@ def grpo_step(
             "actor/skipped_nonfinite": float(stats.skipped),
             "actor/skipped_nonfinite_total": float(stats.skipped_total),
             "actor/micro_batches": float(stats.num_micro_batches),
-            "actor/clip_fraction": stats.metrics.get("clipped", 0.0) / tokens,
-            "actor/capped_fraction": stats.metrics.get("capped", 0.0) / tokens,
-            "actor/entropy": stats.metrics.get("entropy", 0.0) / tokens,
-            # KL between the rollout engine's behaviour log-probs and the trainer's recompute (k3, per token):
-            # the train/rollout mismatch; large values mean the engines disagree or samples are stale.
-            "actor/behave_kl": stats.metrics.get("behave_kl_k3", 0.0) / tokens,
-            "actor/loss_tokens": tokens,
         }
     )
+    # the loss's own stats, merged over micro-batches and DP ranks once (by the policy), logged as they are
+    metrics.update({f"actor/{k}": v for k, v in LossStats.from_sums(stats.metrics).metrics().items()})
     return metrics, data

@@ -226,11 +226,12 @@ def fit(
                 loss=f"{metrics.get('actor/loss', math.nan):.4f}",
             )
             last = step == cfg.train.steps or hints.exhausted(step)  # the token budget is spent
-            stop = preempt.agreed(comm.world)
-            if ckpt.due(step, last) or stop:
+            preempted = preempt.agreed(comm.world)
+            if ckpt.due(step, last) or preempted:
                 ckpt.save(state)
-                stop = stop or preempt.agreed()  # signalled during the save: this step's checkpoint is written
-            if stop and not last:
+                # signalled during the save: this step's checkpoint is written
+                preempted = preempted or preempt.agreed()
+            if preempted and not last:
                 print(f"[questa-nemo] {preempt.signal_name}: checkpoint at step {step} written; exiting for requeue",
                       flush=True)
                 return EXIT_PREEMPTED

@@ -174,10 +174,10 @@ def warmup_stage(s: Session, scorer) -> Path:
     optim = OptimConfig(**{**s.cfg.optim.__dict__, "lr": w.lr, "warmup_ratio": 0.0})
     policy = build_policy(s, optim, w.steps, s.cfg.model.checkpoint)
     checks: dict[int, dict[str, float]] = {}  # step -> hard pass@1 with and without hints (stop by calibration)
-    stop = warmup_stopper(s, policy, checks, scorer) if w.stop_at_pass1 is not None else None
-    losses = run_warmup(policy, examples, w.steps, w.batch_size, s.cfg.train.seed, log=s.log, stop=stop,
-                        check_every=stop.rule.ask_every if stop else w.check_every)
-    kept = (stop.kept_step if stop else None) or len(losses)  # the stop may keep an earlier check's weights
+    stopper = warmup_stopper(s, policy, checks, scorer) if w.stop_at_pass1 is not None else None
+    losses = run_warmup(policy, examples, w.steps, w.batch_size, s.cfg.train.seed, log=s.log,
+                        warmup_done=stopper, check_every=stopper.rule.ask_every if stopper else w.check_every)
+    kept = (stopper.kept_step if stopper else None) or len(losses)  # it may keep an earlier check's weights
     save_checkpoint(policy, out, step=kept, hf_config=s.hf, tokenizer_dir=s.tokenizer_dir)
     if s.is_main:  # written after the checkpoint: its presence marks the warm-up as done
         record = {"steps": len(losses), "kept_step": kept, "nll": losses, "pass1_checks": checks}

@@ -36,12 +36,12 @@ def run_warmup(
     batch_size: int,
     seed: int,
     log=print,
-    stop: Callable[[int], bool] | None = None,
+    warmup_done: Callable[[int], bool] | None = None,
     check_every: int = 0,
 ) -> list[float]:
-    """Up to `steps` updates on batches drawn from `examples` [(prompt_ids, target_ids)]; with `stop`, asked
-    every `check_every` steps whether to end here (validation.WarmupStopper decides whether a check is due
-    and which checked weights to keep). Returns the loss curve (one value per update made)."""
+    """Up to `steps` updates on batches drawn from `examples` [(prompt_ids, target_ids)]; with `warmup_done`,
+    asked every `check_every` steps whether to end here (validation.WarmupStopper decides whether a check is
+    due and which checked weights to keep). Returns the loss curve (one value per update made)."""
     rng = np.random.default_rng(seed)
     losses = []
     for step in range(1, steps + 1):
@@ -55,6 +55,6 @@ def run_warmup(
             log(f"[warm-up] step {step}/{steps} nll {stats.loss:.4f}" + (" (skipped)" if stats.skipped else ""))
         if not math.isfinite(stats.loss):
             log(f"[warm-up] step {step}: non-finite loss, update skipped")
-        if stop is not None and step % check_every == 0 and step < steps and stop(step):
+        if warmup_done is not None and step % check_every == 0 and step < steps and warmup_done(step):
             break
     return losses
