@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command on a fresh venv, without the dev extra, with the main job shortened by Hydra
-# overrides: world data, a 30-step warm-up with two calibration checks, GRPO (hint and no_hint arms, 8 steps
-# each, checkpoints every 2), a SIGTERM mid-run once step 2 is saved (exit 3 after a checkpoint), a rerun that resumes from it, and
+# overrides: world data, a 30-step warm-up with two calibration checks, GRPO (the plain, questa and adaptive
+# arms, 8 steps each, checkpoints every 4), a SIGTERM mid-run once the first arm has a checkpoint (exit 3 after
+# a checkpoint), a rerun that resumes from it, and
 # the final evaluation (summary.json). A runtime dependency missing from pyproject.toml fails it (psutil did:
 # the warm-up's checkpoint writer died).
 #   bash .ci/fresh_install_main_job.sh [VENV_DIR] [RUN_DIR]
@@ -27,11 +28,11 @@ overrides=(
 )
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-# 1st run: SIGTERM once the hint arm has its first checkpoint; the trainer checkpoints and exits 3 (requeue)
+# 1st run: SIGTERM once the plain arm has its first checkpoint; the trainer checkpoints and exits 3 (requeue)
 timeout 600 questa-nemo train "${overrides[@]}" > "$RUN.first.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 1200); do
-  [ -n "$(ls -d "$RUN"/hint/checkpoints/step_* 2>/dev/null)" ] && break
+  [ -n "$(ls -d "$RUN"/plain/checkpoints/step_* 2>/dev/null)" ] && break
   kill -0 "$pid" 2>/dev/null || break
   sleep 0.5
 done
@@ -39,13 +40,13 @@ kill -TERM "$pid" 2>/dev/null
 wait "$pid"; rc=$?
 tail -5 "$RUN.first.log"
 [ "$rc" = 3 ] || fail "first run: exit $rc, expected 3 (preempted after a checkpoint); log: $RUN.first.log"
-ls -d "$RUN"/warmup/checkpoint "$RUN"/hint/checkpoints/step_* >/dev/null || fail "no warm-up or GRPO checkpoint"
+ls -d "$RUN"/warmup/checkpoint "$RUN"/plain/checkpoints/step_* >/dev/null || fail "no warm-up or GRPO checkpoint"
 
-# 2nd run: the same command resumes the hint arm from its checkpoint, runs no_hint, evaluates
+# 2nd run: the same command resumes the plain arm from its checkpoint, runs questa and adaptive, evaluates
 timeout 600 questa-nemo train "${overrides[@]}" > "$RUN.second.log" 2>&1
 rc=$?
 tail -5 "$RUN.second.log"
 [ "$rc" = 0 ] || fail "second run: exit $rc; log: $RUN.second.log"
-grep -q "resumed $RUN/hint at step" "$RUN.second.log" || fail "second run did not resume the hint arm"
-for f in summary.json hint/DONE no_hint/DONE; do [ -e "$RUN/$f" ] || fail "missing $RUN/$f"; done
+grep -q "resumed $RUN/plain at step" "$RUN.second.log" || fail "second run did not resume the plain arm"
+for f in summary.json plain/DONE questa/DONE adaptive/DONE; do [ -e "$RUN/$f" ] || fail "missing $RUN/$f"; done
 echo "fresh-install main job: PASS ($RUN)"
