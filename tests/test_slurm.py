@@ -282,7 +282,10 @@ def _arm_dirs(run_dir: Path) -> list[Path]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return []
-    arms = yaml.safe_load(path.read_text())["train"].get("arms") or {}
+    cfg = yaml.safe_load(path.read_text())
+    if not cfg:  # written atomically by the trainer; an empty read would be a bug there, not a state to wait on
+        raise AssertionError(f"{path} is empty")
+    arms = cfg["train"].get("arms") or {}
     return [run_dir / arm for arm in arms] or [run_dir]
 
 

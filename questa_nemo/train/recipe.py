@@ -246,7 +246,10 @@ def _run_stages(cfg: Config, preempt: PreemptionFlag) -> int:
     if s.is_main:
         from omegaconf import OmegaConf
 
-        (s.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        from questa_nemo.atomic import write_text_atomic
+
+        # atomic: a reader (a Slurm wrapper, tests/test_slurm.py) never sees it half written
+        write_text_atomic(s.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     if cfg.train.build_world_data:
         prepare_world(s)
     init = initial_weights(s)
