@@ -222,6 +222,18 @@ def full_forward_logprobs(policy, prompt: list[int], completion: list[int], voca
     return logits.log_softmax(-1).gather(-1, torch.tensor(completion, device=device)[:, None])[:, 0].cpu()
 
 
+def logprob_error(policy, prompts, completions, vocab: int, params: SamplingParams) -> float:
+    """Largest |returned log-prob - full-forward log-prob| over every completion of every prompt."""
+    return max(
+        (full_forward_logprobs(policy, prompts[i], c.token_ids, vocab, params.temperature) - torch.tensor(c.logprobs))
+        .abs()
+        .max()
+        .item()
+        for i, group in enumerate(completions)
+        for c in group
+    )
+
+
 def check(policy, twin, vocab: int, tiny: bool) -> dict:
     """Graph vs eager, greedy vs transformers, log-probs vs a full forward (see the module docstring)."""
     prompts = random_prompts(4, 64 if tiny else 256, vocab, seed=7)
@@ -238,18 +250,7 @@ def check(policy, twin, vocab: int, tiny: bool) -> dict:
         report[f"{name}_graph_vs_eager_logprob_max_abs"] = max(
             (torch.tensor(x.logprobs) - torch.tensor(y.logprobs)).abs().max().item() for x, y in pairs
         )
-        diffs = [
-            (
-                full_forward_logprobs(policy, prompts[i], c.token_ids, vocab, params.temperature)
-                - torch.tensor(c.logprobs)
-            )
-            .abs()
-            .max()
-            .item()
-            for i, group in enumerate(b)
-            for c in group
-        ]
-        report[f"{name}_logprob_vs_full_forward_max_abs"] = max(diffs)
+        report[f"{name}_logprob_vs_full_forward_max_abs"] = logprob_error(policy, prompts, b, vocab, params)
         if name == "greedy":
             matched = []
             for i, group in enumerate(b):
@@ -307,17 +308,7 @@ def check_paged(
     ]
     for name, params in (("greedy", greedy), ("sampled", sampled)):
         done = paged.generate(prompts, params).completions
-        report[f"paged_{name}_logprob_vs_full_forward_max_abs"] = max(
-            (
-                full_forward_logprobs(policy, prompts[i], c.token_ids, vocab, params.temperature)
-                - torch.tensor(c.logprobs)
-            )
-            .abs()
-            .max()
-            .item()
-            for i, group_ in enumerate(done)
-            for c in group_
-        )
+        report[f"paged_{name}_logprob_vs_full_forward_max_abs"] = logprob_error(policy, prompts, done, vocab, params)
     exact = all(n == greedy.max_new_tokens for n in report["paged_greedy_prefix_matching_old"])
     report["paged_ok"] = exact if not on_gpu else True
     if on_gpu:

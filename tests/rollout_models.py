@@ -60,3 +60,24 @@ def full_forward_logprobs(
     if temperature > 0:
         logits = logits / temperature
     return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def assert_step_is_capture_safe(runner, key, monkeypatch) -> None:
+    """What CUDA-graph capture needs of a DecodeRunner step, checked on CPU: `runner._step(key)` never reads a
+    tensor value on the host (.item / .tolist / bool / nonzero), and replaying it from restored buffers
+    reproduces its tokens, log-probs and positions exactly."""
+
+    def host_sync(*_args, **_kwargs):
+        raise AssertionError("host sync inside the decode step")
+
+    saved = runner.tokens.clone(), runner.positions.clone()
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "nonzero"):
+            m.setattr(torch.Tensor, name, host_sync)
+        m.setattr(torch, "nonzero", host_sync)
+        runner._step(key)
+    first = runner.tokens.clone(), runner.logprobs.clone(), runner.positions.clone()
+    runner.tokens.copy_(saved[0])
+    runner.positions.copy_(saved[1])
+    runner._step(key)
+    assert all(torch.equal(a, b) for a, b in zip(first, (runner.tokens, runner.logprobs, runner.positions)))

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from rollout_models import VOCAB, full_forward_logprobs, hf_model, megatron_twin
+from rollout_models import VOCAB, assert_step_is_capture_safe, full_forward_logprobs, hf_model, megatron_twin
 
 from questa_nemo.rollout.base import SamplingParams
 from questa_nemo.rollout.megatron_engine import EngineOptions, MegatronBackend
@@ -233,22 +233,8 @@ def test_paged_decode_step_is_capture_safe(model, monkeypatch):
         runner.cache.ensure(i, 40)
     runner.cache.sync()
 
-    def host_sync(*_args, **_kwargs):
-        raise AssertionError("host sync inside the decode step")
-
-    key = StepKey(8, 256, 1.0, 1.0)
-    runner.noise_key.copy_(torch.arange(1, runner.noise_key.numel() + 1))  # sampling noise keyed per sequence (rollout/sampling.py)
-    saved = runner.tokens.clone(), runner.positions.clone()
-    with monkeypatch.context() as m:
-        for name in ("item", "tolist", "__bool__", "nonzero"):
-            m.setattr(torch.Tensor, name, host_sync)
-        m.setattr(torch, "nonzero", host_sync)
-        runner._step(key)
-    first = runner.tokens.clone(), runner.logprobs.clone()
-    runner.tokens.copy_(saved[0])
-    runner.positions.copy_(saved[1])
-    runner._step(key)
-    assert torch.equal(first[0], runner.tokens) and torch.equal(first[1], runner.logprobs)
+    runner.noise_key.copy_(torch.arange(1, runner.noise_key.numel() + 1))  # sampling keyed per sequence
+    assert_step_is_capture_safe(runner, StepKey(8, 256, 1.0, 1.0), monkeypatch)
 
 
 def test_rollout_kv_cache_config_picks_the_layout(model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rollout_models import VOCAB, full_forward_logprobs, hf_model, megatron_twin
+from rollout_models import VOCAB, assert_step_is_capture_safe, full_forward_logprobs, hf_model, megatron_twin
 
 from questa_nemo.config import ConfigError, RolloutConfig
 from questa_nemo.rollout import RolloutContext, build_backend, sampling_params
@@ -264,24 +264,9 @@ def test_decode_step_is_capture_safe(pair, monkeypatch):
     backend.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=4))  # fills the cache
     runner: DecodeRunner = backend._runner
 
-    def host_sync(*_args, **_kwargs):
-        raise AssertionError("host sync inside the decode step")
-
     for key in (StepKey(8, 256, 0.0, 1.0), StepKey(8, 256, 0.8, 1.0), StepKey(8, 256, 1.0, 0.9)):
         runner.noise_key.copy_(torch.arange(runner.noise_key.numel()) * 977 + 5)  # per sequence, as the engine
-        saved = runner.tokens.clone(), runner.positions.clone()
-        with monkeypatch.context() as m:
-            for name in ("item", "tolist", "__bool__", "nonzero"):
-                m.setattr(torch.Tensor, name, host_sync)
-            m.setattr(torch, "nonzero", host_sync)
-            runner._step(key)
-        first = runner.tokens.clone(), runner.logprobs.clone(), runner.positions.clone()
-        runner.tokens.copy_(saved[0])
-        runner.positions.copy_(saved[1])
-        runner._step(key)
-        assert all(
-            torch.equal(a, b) for a, b in zip(first, (runner.tokens, runner.logprobs, runner.positions))
-        )
+        assert_step_is_capture_safe(runner, key, monkeypatch)
 
 
 def test_long_tail_compacts_live_slots(pair):

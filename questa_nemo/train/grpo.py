@@ -269,8 +269,7 @@ def collect_step(
                     groups[i] = g
         tally.add_groups(groups)
         tally.batches.append(([problem_id(r.id) for r in whole], {
-            dp_rank + i * dp_size: (success_rate(g), levels.level(problem_id(r.id)))
-            for i, (r, g) in enumerate(zip(batch, groups))
+            key: (success_rate(g), levels.level(problem_id(r.id))) for key, r, g in zip(keys, batch, groups)
         }))
         return groups
 
