@@ -208,17 +208,34 @@ def test_triton_kernel_matches_dense_oracle(splits, dtype, interpreter_loops):
 
 
 @needs_triton
+@pytest.mark.parametrize("split_len", [16, 32, 48, 128])
+def test_fixed_length_splits_match_dense_oracle(split_len, interpreter_loops):
+    """Fixed-length splits (EngineOptions.fused_decode): programs past a sequence's length exit, the merge reads
+    only the sequence's splits, one split in all writes the output directly (128: no merge)."""
+    from questa_nemo.rollout.paged_triton import paged_decode_attention
+
+    q, k, v, table, positions = random_pool([1, 15, 16, 17, 40, 64, 100])
+    out = paged_decode_attention(q, k, v, table, positions, num_sms=1, split_len=split_len)
+    torch.testing.assert_close(out, paged_attention_dense(q, k, v, table, positions), atol=1e-5, rtol=1e-5)
+    if split_len == 16:  # one block a split: each sequence's arithmetic is its own, whatever the batch
+        alone = paged_decode_attention(q[2:3], k, v, table[2:3], positions[2:3], num_sms=1, split_len=16)
+        assert torch.equal(alone, out[2:3])
+
+
+@needs_triton
 def test_engine_with_triton_kernel_equals_contiguous(model, interpreter_loops):
     """The engine's paged path with the kernel (as on GPU: one graph key per batch, no span) against the
     contiguous cache: greedy tokens equal, log-probs within float32 noise."""
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=12, ignore_eos=True)
-    b = paged(model)
-    b.generate(PROMPTS[:2], SamplingParams(n=1, max_new_tokens=1))  # allocates the cache
-    b._runner.cache.use_kernel = True
-    result = b.generate(PROMPTS, params)
     contiguous = backend(model).generate(PROMPTS, params)
-    assert tokens(result) == tokens(contiguous)
-    assert max_logprob_diff(result, contiguous) < 1e-4
+    for fused in (False, True):  # the earlier step and the fused one (EngineOptions.fused_decode)
+        b = paged(model, fused_decode=fused)
+        b.generate(PROMPTS[:2], SamplingParams(n=1, max_new_tokens=1))  # allocates the cache
+        assert b._runner.cache.fused == fused
+        b._runner.cache.use_kernel = True
+        result = b.generate(PROMPTS, params)
+        assert tokens(result) == tokens(contiguous)
+        assert max_logprob_diff(result, contiguous) < 1e-4
 
 
 def test_paged_decode_step_is_capture_safe(model, monkeypatch):

@@ -71,6 +71,9 @@ class EngineOptions:
     kv_block_size: int = 64  # positions a block (paged): a divisor of 256, at least 16
     kv_blocks: int = 0  # paged pool size in blocks; 0 = sized by kv_cache_memory_fraction (GPU) or need
     kv_headroom_tokens: int = 128  # paged: free positions beyond its prompt a sequence needs to be admitted
+    # paged, Triton kernel: splits of a fixed length per sequence and RoPE + the key/value append fused in one
+    # kernel (paged_triton.py); False runs the earlier step (torch RoPE, index_put, splits by batch)
+    fused_decode: bool = True
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig) -> EngineOptions:
@@ -352,7 +355,9 @@ class MegatronBackend:
                 f"sequence of {longest} needs; raise rollout.kv_cache_memory_fraction or shorten sequences"
             )
         self._memory_bound = False
-        return PagedKVCache.allocate(w, slots, max_len, blocks, bs, use_kernel=w.embedding.is_cuda)
+        cache = PagedKVCache.allocate(w, slots, max_len, blocks, bs, use_kernel=w.embedding.is_cuda)
+        cache.fused = opts.fused_decode
+        return cache
 
     def _admit(
         self,

@@ -35,6 +35,21 @@ def blocks_for(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
+def num_splits(batch: int, groups: int, num_sms: int, max_splits: int = 32) -> int:
+    """Splits per sequence so that batch x groups x splits programs give each SM about four."""
+    return max(1, min(max_splits, -(-4 * num_sms // max(batch * groups, 1))))
+
+
+def split_positions(batch: int, groups: int, num_sms: int, block_size: int) -> int:
+    """Positions a split reads (fixed-length splits): the power of two that gives about four programs per SM
+    at a 2K context, within [2 blocks, 2048]. A sequence of length L then has ceil(L / split) programs, so the
+    work of one program is bounded (no straggler at long lengths), and a sequence's arithmetic depends on the
+    batch only through its bucket (not on the other sequences' lengths, nor on the exact batch size)."""
+    target = batch * groups * 2048 // max(4 * num_sms, 1)
+    split = 1 << max(target, 1).bit_length() - 1
+    return max(2 * block_size, min(2048, split))
+
+
 class BlockAllocator:
     """Free list and reference counts of the pool's blocks (host side; block 0 is the trash block)."""
 
@@ -99,6 +114,8 @@ class PagedKVCache:
         self.table = self.host_table.to(k.device)
         self._dirty = False
         self.use_kernel, self.num_sms = use_kernel, num_sms
+        # with the kernel: fixed-length splits and RoPE + append fused (EngineOptions.fused_decode)
+        self.fused = False
 
     @classmethod
     def allocate(
@@ -251,10 +268,22 @@ class PagedKVCache:
         kp[ctx["blocks"], :, ctx["offsets"]] = k
         vp[ctx["blocks"], :, ctx["offsets"]] = v
         if self.use_kernel:
-            from questa_nemo.rollout.paged_triton import paged_decode_attention
-
-            return paged_decode_attention(q, kp, vp, self.table, ctx["positions"], self.num_sms)
+            return self._kernel(q, kp, vp, ctx)
         return paged_attention_reference(q, kp, vp, ctx["gather"], ctx["visible"])
+
+    def launch_settings(self, batch: int) -> dict:
+        """The attention kernel's launch settings at this batch (recorded by benchmarks)."""
+        groups = self.k.size(2)
+        if self.fused:
+            return {"split_len": split_positions(batch, groups, self.num_sms, self.block_size)}
+        return {"splits": num_splits(batch, groups, self.num_sms)}
+
+    def _kernel(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, ctx: dict) -> torch.Tensor:
+        from questa_nemo.rollout.paged_triton import paged_decode_attention
+
+        return paged_decode_attention(
+            q, kp, vp, self.table, ctx["positions"], self.num_sms, **self.launch_settings(q.size(0))
+        )
 
 
 def paged_attention_reference(

@@ -16,25 +16,32 @@ import torch
 import triton
 import triton.language as tl
 
+from questa_nemo.rollout.paged import num_splits
+
 HEAD_ROWS = 16  # query heads of a group, padded: tl.dot needs at least 16 rows
 
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, part_ptr, lse_ptr,
-    groups, per_group, num_splits, scale,
+    q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, part_ptr, lse_ptr, out_ptr,
+    groups, per_group, num_splits, split_blocks, scale,
     stride_qb, stride_qg, stride_qh,
     stride_kn, stride_kg, stride_ks,
-    stride_tb,
-    BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
+    stride_tb, stride_ob, stride_og, stride_oh,
+    BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, FIXED: tl.constexpr, DIRECT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
     length = tl.load(pos_ptr + b).to(tl.int32) + 1
     num_blocks = tl.cdiv(length, BS)
-    per_split = tl.cdiv(num_blocks, num_splits)
+    if FIXED:  # fixed-length splits: a sequence has cdiv(num_blocks, split_blocks) of them
+        per_split = split_blocks
+    else:  # the batch's S splits evenly over each sequence's blocks
+        per_split = tl.cdiv(num_blocks, num_splits)
     first = s * per_split
+    if FIXED and first >= num_blocks:
+        return  # past this sequence's last split: nothing to write (the merge reads only its splits)
     last = tl.minimum(first + per_split, num_blocks)
 
     h = tl.arange(0, H)
@@ -64,6 +71,10 @@ def _split_kernel(
         m = m_new
     nonempty = l_sum > 0
     out = acc / tl.where(nonempty, l_sum, 1.0)[:, None]
+    if DIRECT:  # one split a sequence: its normalised output is the answer (what the merge of one split gives)
+        dst = out_ptr + b.to(tl.int64) * stride_ob + g * stride_og + h[:, None] * stride_oh + d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+        return
     lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l_sum, 1.0)), float("-inf"))
     row = (b.to(tl.int64) * groups + g) * num_splits + s  # part [B, G, S, H, D], lse [B, G, S, H]
     tl.store(part_ptr + row * H * D + h[:, None] * D + d[None, :], out)
@@ -72,32 +83,32 @@ def _split_kernel(
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, lse_ptr, out_ptr, groups, per_group, num_splits,
+    part_ptr, lse_ptr, out_ptr, pos_ptr, groups, per_group, num_splits, split_blocks,
     stride_ob, stride_og, stride_oh,
-    D: tl.constexpr, H: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, FIXED: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     g = tl.program_id(1)
     h = tl.arange(0, H)
     d = tl.arange(0, D)
     base = (b.to(tl.int64) * groups + g) * num_splits
+    if FIXED:  # only this sequence's splits were written
+        length = tl.load(pos_ptr + b).to(tl.int32) + 1
+        used = tl.minimum(tl.cdiv(tl.cdiv(length, BS), split_blocks), num_splits)
+    else:
+        used = num_splits
     m = tl.full([H], float("-inf"), dtype=tl.float32)
-    for s in range(0, num_splits):
+    for s in range(0, used):
         m = tl.maximum(m, tl.load(lse_ptr + (base + s) * H + h))
     total = tl.zeros([H], dtype=tl.float32)
     acc = tl.zeros([H, D], dtype=tl.float32)
-    for s in range(0, num_splits):
+    for s in range(0, used):
         weight = tl.exp(tl.load(lse_ptr + (base + s) * H + h) - m)  # split 0 is never empty: m is finite
         total += weight
         acc += weight[:, None] * tl.load(part_ptr + (base + s) * H * D + h[:, None] * D + d[None, :])
     out = acc / total[:, None]
     dst = out_ptr + b.to(tl.int64) * stride_ob + g * stride_og + h[:, None] * stride_oh + d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(h < per_group)[:, None])
-
-
-def num_splits(batch: int, groups: int, num_sms: int, max_splits: int = 32) -> int:
-    """Splits per sequence so that batch x groups x splits programs give each SM about four."""
-    return max(1, min(max_splits, -(-4 * num_sms // max(batch * groups, 1))))
 
 
 def paged_decode_attention(
@@ -110,32 +121,45 @@ def paged_decode_attention(
     splits: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    split_len: int | None = None,
 ) -> torch.Tensor:
     """q [B, G, P, D] (D contiguous); pools [N, G, bs, D] (one layer, bs x D contiguous); table [>= B, MB]
     int32; positions [B] (sequence b reads its positions 0..positions[b]) -> attention output [B, G, P, D].
-    splits / num_warps / num_stages: launch settings (None: about 4 programs per SM / Triton's default)."""
+    splits / num_warps / num_stages: launch settings (None: about 4 programs per SM / Triton's default).
+    split_len: fixed-length splits of that many positions (a multiple of bs; `splits` is then ignored): the
+    grid covers the table's width, programs past a sequence's length exit at once, and a grid of one split
+    writes the output directly (no merge)."""
     b, g, per_group, d = q.shape
     bs = k_pool.size(2)
     if per_group > HEAD_ROWS or d & (d - 1) or bs & (bs - 1) or bs < 16:
         raise ValueError(f"paged decode kernel: {per_group} heads a group, head dim {d}, block size {bs}")
     if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or k_pool.stride() != v_pool.stride():
         raise ValueError("paged decode kernel: q and the pools need a contiguous head dim, pools alike")
-    s = splits or num_splits(b, g, num_sms)
-    part = torch.empty(b, g, s, HEAD_ROWS, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, g, s, HEAD_ROWS, dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q)
+    split_blocks = 0
+    if split_len:
+        if split_len % bs:
+            raise ValueError(f"paged decode kernel: split length {split_len} is not a multiple of block size {bs}")
+        split_blocks = split_len // bs
+        s = -(-table.size(1) // split_blocks)
+    else:
+        s = splits or num_splits(b, g, num_sms)
+    direct = bool(split_blocks) and s == 1
+    part = torch.empty(0 if direct else b * g * s * HEAD_ROWS * d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(0 if direct else b * g * s * HEAD_ROWS, dtype=torch.float32, device=q.device)
+    out = q.new_empty(q.shape)  # contiguous
     stages = {} if num_stages is None else {"num_stages": num_stages}
     _split_kernel[(b, g, s)](
-        q, k_pool, v_pool, table, positions, part, lse,
-        g, per_group, s, d**-0.5,
+        q, k_pool, v_pool, table, positions, part, lse, out,
+        g, per_group, s, split_blocks, d**-0.5,
         q.stride(0), q.stride(1), q.stride(2),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        table.stride(0),
-        BS=bs, D=d, H=HEAD_ROWS, num_warps=num_warps, **stages,
+        table.stride(0), out.stride(0), out.stride(1), out.stride(2),
+        BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), DIRECT=direct, num_warps=num_warps, **stages,
     )  # fmt: skip
-    _merge_kernel[(b, g)](
-        part, lse, out, g, per_group, s,
-        out.stride(0), out.stride(1), out.stride(2),
-        D=d, H=HEAD_ROWS, num_warps=4,
-    )  # fmt: skip
+    if not direct:
+        _merge_kernel[(b, g)](
+            part, lse, out, positions, g, per_group, s, split_blocks,
+            out.stride(0), out.stride(1), out.stride(2),
+            BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), num_warps=4,
+        )  # fmt: skip
     return out
