@@ -101,13 +101,15 @@ def group(lengths: list[int], n: int) -> list[list[int]]:
     return [lengths[i : i + n] for i in range(0, len(lengths), n)]
 
 
-def engine(policy, vocab: int, args: argparse.Namespace, paged: bool) -> MegatronBackend:
+def engine(policy, vocab: int, args: argparse.Namespace, paged: bool, fused: bool = True) -> MegatronBackend:
+    """fused: EngineOptions.fused_decode (False: the paged step as it was before, engine "paged_main")."""
     options = EngineOptions(
         max_batch_sequences=args.batch,
         cuda_graphs=not args.no_graphs,
         kv_cache_memory_fraction=args.kv_fraction,
         paged_kv=paged,
         kv_block_size=args.block_size,
+        fused_decode=fused,
     )
     return MegatronBackend(policy, vocab, options)
 
@@ -408,7 +410,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model (smoke runs)")
     p.add_argument("--check", action="store_true", help="correctness self-check only (graph vs eager vs HF)")
     p.add_argument("--also-check", action="store_true", help="the self-check first, then the throughput rows")
-    p.add_argument("--engines", default="old,paged", help="comma list of old (contiguous cache), paged")
+    p.add_argument(
+        "--engines",
+        default="old,paged",
+        help="comma list of old (contiguous cache), paged, paged_main (paged with fused_decode off: the step before)",
+    )
     p.add_argument("--prompts", type=int, default=16, help="prompts of the fixed rows (x --samples)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=1024)
@@ -479,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
             result["check"] = {"ok": False, "error": repr(e)}
         print("check:", json.dumps(result["check"]), flush=True)
         write_json(args.out, result)
-    engines = {name: engine(policy, vocab, args, paged=name == "paged") for name in args.engines.split(",")}
+    engines = {
+        name: engine(policy, vocab, args, paged=name.startswith("paged"), fused=name != "paged_main")
+        for name in args.engines.split(",")
+    }
     for backend in engines.values():  # library warm-up (kernels, Triton compile), not timed
         run_ours(backend, random_prompts(1, args.prompt_len, vocab, seed=0), 2, 8)
 
@@ -515,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         rates = {k: v["tokens_per_second"] for k, v in out.items() if isinstance(v, dict) and "seconds" in v}
         if "old" in rates and "paged" in rates:
             out["paged_vs_old"] = rates["paged"] / rates["old"]
+        if "paged_main" in rates and "paged" in rates:
+            out["paged_vs_paged_main"] = rates["paged"] / rates["paged_main"]
         for k in ("old", "paged"):
             if k in rates and "transformers" in rates:
                 out[f"{k}_vs_transformers"] = rates[k] / rates["transformers"]

@@ -223,6 +223,49 @@ def test_fixed_length_splits_match_dense_oracle(split_len, interpreter_loops):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_append_kernel_equals_torch_rope_and_index_put(dtype, interpreter_loops):
+    """The fused kernel gives the same bits as decoder._qkv's RoPE and PagedKVCache's index_put."""
+    from questa_nemo.rollout.decoder import rope, rope_tables
+    from questa_nemo.rollout.paged_triton import rope_append
+
+    g = torch.Generator().manual_seed(3)
+    b, groups, per_group, d, bs = 5, 2, 3, 32, 16
+    qkv = (torch.randn(b, groups * (per_group + 2) * d, generator=g) * 3).to(dtype)
+    positions = torch.tensor([0, 7, 16, 200, 4095])
+    cos, sin = rope_tables(positions[:, None], 1.0 / 10000 ** (torch.arange(0, d, 2) / d), dtype)
+    pool = torch.randn(2, 9, groups, bs, d, generator=g).to(dtype)
+    blocks, offsets = torch.tensor([1, 3, 4, 8, 2]), positions % bs
+    k_ref, v_ref = pool[0].clone(), pool[1].clone()
+    x = qkv.view(b, 1, groups, per_group + 2, d).permute(0, 2, 3, 1, 4)  # decoder._qkv's layout
+    qk = rope(x[:, :, : per_group + 1], cos, sin)
+    k_ref[blocks, :, offsets] = qk[:, :, per_group, 0]
+    v_ref[blocks, :, offsets] = x[:, :, per_group + 1, 0]
+    q = rope_append(qkv, cos.view(b, -1), sin.view(b, -1), pool[0], pool[1], blocks, offsets)
+    assert torch.equal(q, qk[:, :, :per_group, 0])
+    assert torch.equal(pool[0], k_ref) and torch.equal(pool[1], v_ref)
+
+
+@needs_triton
+def test_fused_step_gives_the_same_bits(model, interpreter_loops, monkeypatch):
+    """At the same attention launch, the fused step (RoPE + append in one kernel) samples the same tokens with
+    the same log-probs as the step of torch ops it replaces."""
+    from questa_nemo.rollout.paged import PagedKVCache
+
+    monkeypatch.setattr(PagedKVCache, "launch_settings", lambda self, batch: {"splits": 2})
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=4, ignore_eos=True)
+    results = []
+    for fused in (False, True):
+        b = paged(model, fused_decode=fused)
+        b.generate(PROMPTS[:2], SamplingParams(n=1, max_new_tokens=1))
+        b._runner.cache.use_kernel = True
+        assert b._runner.cache.takes_qkv == fused
+        results.append(b.generate(PROMPTS, params))
+    assert tokens(results[0]) == tokens(results[1])
+    assert max_logprob_diff(*results) == 0
+
+
+@needs_triton
 def test_engine_with_triton_kernel_equals_contiguous(model, interpreter_loops):
     """The engine's paged path with the kernel (as on GPU: one graph key per batch, no span) against the
     contiguous cache: greedy tokens equal, log-probs within float32 noise."""

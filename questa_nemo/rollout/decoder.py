@@ -300,9 +300,14 @@ def decode_logits(
     ctx = cache.decode_context(positions, attend_len)
     h = F.embedding(tokens[:, None], w.embedding)  # [B, 1, hidden]
     cos, sin = rope_tables(positions[:, None], w.inv_freq, h.dtype)
+    takes_qkv = getattr(cache, "takes_qkv", False)  # a paged cache's fused RoPE + append (same bits)
     for i, lw in enumerate(w.layers):
-        q, k, v = _qkv(h, lw, w, cos, sin)  # q [B, G, per, 1, D]; k, v [B, G, 1, D]
-        attn = cache.decode_attention(i, ctx, q[:, :, :, 0], k[:, :, 0], v[:, :, 0])  # [B, G, per, D]
+        if takes_qkv:
+            qkv = F.linear(rms_norm(h, lw.attn_norm, w.eps), lw.qkv, lw.qkv_bias)  # [B, 1, (heads + 2G) D]
+            attn = cache.decode_attention_qkv(i, ctx, qkv[:, 0], cos.view(b, -1), sin.view(b, -1))
+        else:
+            q, k, v = _qkv(h, lw, w, cos, sin)  # q [B, G, per, 1, D]; k, v [B, G, 1, D]
+            attn = cache.decode_attention(i, ctx, q[:, :, :, 0], k[:, :, 0], v[:, :, 0])  # [B, G, per, D]
         h = _mlp_and_proj(h, attn.reshape(b, 1, -1), lw, w)
     last = rms_norm(h[:, 0], w.final_norm, w.eps)
     return F.linear(last, w.lm_head).float()

@@ -271,6 +271,22 @@ class PagedKVCache:
             return self._kernel(q, kp, vp, ctx)
         return paged_attention_reference(q, kp, vp, ctx["gather"], ctx["visible"])
 
+    @property
+    def takes_qkv(self) -> bool:
+        """Whether the decode step hands `decode_attention_qkv` the raw fused QKV (RoPE + append in one kernel)."""
+        return self.use_kernel and self.fused
+
+    def decode_attention_qkv(
+        self, layer: int, ctx: dict, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """`decode_attention` from the layer's QKV projection qkv [B, G * (P + 2) * D] (megatron's layout) and
+        the step's RoPE tables cos, sin [B, D / 2]: one kernel rotates q and k and appends k, v (Triton only)."""
+        from questa_nemo.rollout.paged_triton import rope_append
+
+        kp, vp = self.k[layer], self.v[layer]
+        q = rope_append(qkv, cos, sin, kp, vp, ctx["blocks"], ctx["offsets"])
+        return self._kernel(q, kp, vp, ctx)
+
     def launch_settings(self, batch: int) -> dict:
         """The attention kernel's launch settings at this batch (recorded by benchmarks)."""
         groups = self.k.size(2)

@@ -163,3 +163,71 @@ def paged_decode_attention(
             BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), num_warps=4,
         )  # fmt: skip
     return out
+
+
+@triton.jit
+def _rope_append_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, blocks_ptr, offsets_ptr, q_ptr, k_ptr, v_ptr,
+    per_group, stride_xb, stride_cb, stride_qb, stride_qg, stride_qh, stride_kn, stride_kg, stride_ks,
+    HALF: tl.constexpr, R: tl.constexpr,
+):  # fmt: skip
+    """One (sequence, query group): rotate the group's query heads and key (rotate-half RoPE), write the
+    queries to q [B, G, P, D] and the key and value into the pool at the sequence's new position. Every product
+    and sum is rounded to the model dtype as the torch ops of decoder.rope round them (same bits)."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    r = tl.arange(0, R)  # the group's rows: per_group query heads, then its key, then its value
+    d = tl.arange(0, HALF)
+    src = qkv_ptr + b.to(tl.int64) * stride_xb + (g * (per_group + 2) + r[:, None]) * (2 * HALF) + d[None, :]
+    rows = (r < per_group + 2)[:, None]
+    x1 = tl.load(src, mask=rows, other=0.0)  # [R, HALF]
+    x2 = tl.load(src + HALF, mask=rows, other=0.0)
+    dt = x1.dtype
+    c = tl.load(cos_ptr + b.to(tl.int64) * stride_cb + d)[None, :].to(tl.float32)
+    s = tl.load(sin_ptr + b.to(tl.int64) * stride_cb + d)[None, :].to(tl.float32)
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    lo = ((a1 * c).to(dt).to(tl.float32) - (a2 * s).to(dt).to(tl.float32)).to(dt)  # x1 cos - x2 sin
+    hi = ((a2 * c).to(dt).to(tl.float32) + (a1 * s).to(dt).to(tl.float32)).to(dt)  # x2 cos + x1 sin
+    is_q = (r < per_group)[:, None]
+    dst = q_ptr + b.to(tl.int64) * stride_qb + g * stride_qg + r[:, None] * stride_qh + d[None, :]
+    tl.store(dst, lo, mask=is_q)
+    tl.store(dst + HALF, hi, mask=is_q)
+    block = tl.load(blocks_ptr + b).to(tl.int64)
+    offset = tl.load(offsets_ptr + b).to(tl.int64)
+    at = block * stride_kn + g * stride_kg + offset * stride_ks + d[None, :] + 0 * r[:, None]  # [R, HALF]
+    is_k = (r == per_group)[:, None]
+    is_v = (r == per_group + 1)[:, None]
+    tl.store(k_ptr + at, lo, mask=is_k)
+    tl.store(k_ptr + at + HALF, hi, mask=is_k)
+    tl.store(v_ptr + at, x1, mask=is_v)
+    tl.store(v_ptr + at + HALF, x2, mask=is_v)
+
+
+def rope_append(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    blocks: torch.Tensor,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
+    """qkv [B, G * (P + 2) * D] (megatron's fused layout: per group its P query heads, key, value; rows
+    contiguous), cos / sin [B, D / 2] (decoder.rope_tables of the step's positions); pools [N, G, bs, D] of one
+    layer; blocks / offsets [B]: where each sequence's new position lives. Writes the rotated key and the value
+    into the pools, returns the rotated queries [B, G, P, D] (contiguous). One kernel for what decoder._qkv's
+    RoPE and PagedKVCache's index_put do in about ten."""
+    b = qkv.size(0)
+    groups, d = k_pool.size(1), k_pool.size(3)
+    per_group = qkv.size(1) // (groups * d) - 2
+    if qkv.stride(1) != 1 or cos.stride(1) != 1 or sin.stride() != cos.stride() or d % 2:
+        raise ValueError("rope_append: qkv and the RoPE tables need contiguous rows, an even head dim")
+    q = qkv.new_empty(b, groups, per_group, d)
+    rows = triton.next_power_of_2(per_group + 2)
+    _rope_append_kernel[(b, groups)](
+        qkv, cos, sin, blocks, offsets, q, k_pool, v_pool,
+        per_group, qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), q.stride(2),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        HALF=d // 2, R=rows, num_warps=4, enable_fp_fusion=False,  # float32: no FMA, torch's rounding
+    )  # fmt: skip
+    return q
