@@ -333,18 +333,50 @@ def check_paged(
         for splits in (1, 4, None):
             out = paged_decode_attention(q, pool[0], pool[1], table, lengths - 1, 132, splits)
             errors[str(splits)] = (out.float() - ref).abs().max().item()
+        for split_len in (128, 1024, 9216):  # fixed-length splits (fused_decode); 9216: one split, no merge
+            out = paged_decode_attention(q, pool[0], pool[1], table, lengths - 1, 132, split_len=split_len)
+            errors[f"split_len_{split_len}"] = (out.float() - ref).abs().max().item()
         report["paged_kernel_vs_float64_max_abs"] = errors
+        report["rope_append_same_bits_as_torch"] = rope_append_same_bits()
         paged_error = max(
             report["paged_greedy_logprob_vs_full_forward_max_abs"],
             report["paged_sampled_logprob_vs_full_forward_max_abs"],
         )
         # bf16 output rounding is ~4e-3 at |x| ~ 1
-        report["paged_ok"] = max(errors.values()) < 3e-2 and paged_error <= max(2 * old_error, 0.1)
+        report["paged_ok"] = (
+            max(errors.values()) < 3e-2
+            and paged_error <= max(2 * old_error, 0.1)
+            and report["rope_append_same_bits_as_torch"]
+        )
         try:
             report["attention_one_layer"] = attention_timing()
         except Exception as e:  # noqa: BLE001  (a timing, not a check: keep the rest of the report)
             report["attention_one_layer"] = {"error": repr(e)}
     return report
+
+
+def rope_append_same_bits(batch: int = 64, groups: int = 2, per_group: int = 6, dim: int = 128) -> bool:
+    """The fused RoPE + append kernel (fused_decode) against decoder.rope and index_put on bf16 GPU tensors."""
+    from questa_nemo.rollout.decoder import rope, rope_tables
+    from questa_nemo.rollout.paged_triton import rope_append
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    bs = 64
+    qkv = torch.randn(batch, groups * (per_group + 2) * dim, device="cuda", generator=g).bfloat16() * 4
+    positions = torch.randint(0, 30000, (batch,), device="cuda", generator=g)
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, dim, 2, device="cuda") / dim)
+    cos, sin = rope_tables(positions[:, None], inv_freq, torch.bfloat16)
+    pool = torch.randn(2, batch + 1, groups, bs, dim, device="cuda", generator=g).bfloat16()
+    blocks, offsets = torch.randperm(batch, device="cuda", generator=g) + 1, positions % bs
+    k_ref, v_ref = pool[0].clone(), pool[1].clone()
+    x = qkv.view(batch, 1, groups, per_group + 2, dim).permute(0, 2, 3, 1, 4)
+    qk = rope(x[:, :, : per_group + 1], cos, sin)
+    k_ref[blocks, :, offsets] = qk[:, :, per_group, 0]
+    v_ref[blocks, :, offsets] = x[:, :, per_group + 1, 0]
+    q = rope_append(qkv, cos.view(batch, -1), sin.view(batch, -1), pool[0], pool[1], blocks, offsets)
+    return bool(
+        torch.equal(q, qk[:, :, :per_group, 0]) and torch.equal(pool[0], k_ref) and torch.equal(pool[1], v_ref)
+    )
 
 
 def attention_timing(batch: int = 256, low: int = 1024, high: int = 3072, bs: int = 64) -> dict:
