@@ -208,7 +208,7 @@ def attention_sweep(args, contexts: list[int], dtype, device, quick: bool) -> li
         main_default = {"splits": None, "num_warps": 4, "num_stages": None, "split_len": None}
         settings = [main_default] + [{**main_default, "splits": n} for n in (1, 2, 4, 8)]
         settings += [{**main_default, "split_len": n} for n in (256, 512, 1024, 2048) if n % bs == 0]
-        if not quick:
+        if not quick and bs == args.block_size:  # warps x stages at the engine's block size only (compiles)
             for base in ({"splits": 1}, {"split_len": 1024 if 1024 % bs == 0 else None}):
                 settings += [{**main_default, **base, "num_warps": w, "num_stages": st}
                              for w in (4, 8) for st in (1, 2, 3, 4)]  # fmt: skip

@@ -101,3 +101,20 @@ def test_per_sequence_uniforms_sample_the_tempered_distribution():
         tokens, _ = sample_tokens(logits, uniform_draws(keys, positions), temperature=0.7, top_p=1.0)
         freq = torch.bincount(tokens, minlength=6).float() / tokens.numel()
         assert (freq - expected).abs().max() < 0.01, (freq, expected)
+
+
+def test_temperature_one_skips_the_division_with_the_same_bits():
+    """At T = 1 the sampler skips logits / T (x / 1.0 == x exactly): tokens and log-probs as the divided path."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 300, generator=g) * 4
+    u = torch.rand(6, generator=g)
+    divided = (logits / 1.0).log_softmax(-1)
+    for top_p in (1.0, 0.8):
+        tokens, logprobs = sample_tokens(logits, u, temperature=1.0, top_p=top_p)
+        assert torch.equal(logprobs, divided.gather(-1, tokens[:, None])[:, 0])
+        probs = divided.exp()
+        if top_p < 1:
+            probs = top_p_filter(probs, top_p)
+        cdf = probs.cumsum(-1)
+        expected = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
+        assert torch.equal(tokens, expected)

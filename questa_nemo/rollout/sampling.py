@@ -82,7 +82,8 @@ def sample_tokens(
         logprobs = logits.log_softmax(-1)
         tokens = logits.argmax(-1)
     else:
-        logprobs = (logits / temperature).log_softmax(-1)
+        # x / 1.0 is x: skip a [B, V] pass at the usual temperature (same bits)
+        logprobs = (logits if temperature == 1 else logits / temperature).log_softmax(-1)
         probs = logprobs.exp()
         if top_p < 1:
             probs = top_p_filter(probs, top_p)
