@@ -194,6 +194,33 @@ def interpreter_loops(monkeypatch):
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
 
 
+@pytest.fixture
+def kernel_on(monkeypatch, interpreter_loops):
+    """Every paged cache the engine allocates runs the Triton kernels (as on a GPU), here under the
+    interpreter; the step counts the kernel launches it makes (so a test can see the kernel did run)."""
+    from questa_nemo.rollout import paged_triton
+
+    original = MegatronBackend._paged_cache
+    launches = {"attention": 0, "cascade": 0}
+
+    def with_kernel(self, *args):
+        cache = original(self, *args)
+        cache.use_kernel = True
+        return cache
+
+    attention = paged_triton.paged_decode_attention
+
+    def counted(*args, **kwargs):
+        launches["attention"] += 1
+        cascade = kwargs.get("cascade")
+        launches["cascade"] += cascade is not None and bool((cascade.items[:, 0] >= 0).any())
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(MegatronBackend, "_paged_cache", with_kernel)
+    monkeypatch.setattr(paged_triton, "paged_decode_attention", counted)
+    return launches
+
+
 @needs_triton
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -247,7 +274,7 @@ def test_rope_append_kernel_equals_torch_rope_and_index_put(dtype, interpreter_l
 
 
 @needs_triton
-def test_fused_step_gives_the_same_bits(model, interpreter_loops, monkeypatch):
+def test_fused_step_gives_the_same_bits(model, kernel_on, monkeypatch):
     """At the same attention launch, the fused step (RoPE + append in one kernel) samples the same tokens with
     the same log-probs as the step of torch ops it replaces."""
     from questa_nemo.rollout.paged import PagedKVCache
@@ -257,26 +284,76 @@ def test_fused_step_gives_the_same_bits(model, interpreter_loops, monkeypatch):
     results = []
     for fused in (False, True):
         b = paged(model, fused_decode=fused)
-        b.generate(PROMPTS[:2], SamplingParams(n=1, max_new_tokens=1))
-        b._runner.cache.use_kernel = True
-        assert b._runner.cache.takes_qkv == fused
         results.append(b.generate(PROMPTS, params))
+        assert b._runner.cache.takes_qkv == fused
+    assert kernel_on["attention"] >= 2 * 10 * 2  # two engines, ten steps, two layers: the kernel ran
     assert tokens(results[0]) == tokens(results[1])
     assert max_logprob_diff(*results) == 0
 
 
+def test_prompt_groups_from_block_tables():
+    """Slots whose leading blocks are the same blocks form a group (capped in size), the shared prefix is cut
+    into work items, a slot's last block is never shared, slots alone get nothing."""
+    from questa_nemo.rollout.paged import prompt_groups
+
+    owned = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 6, 7], [8, 9], [8, 10], [11, 12], [], [1, 2, 3, 13]]
+    refs = [0] * 20
+    for row in owned:
+        for blk in row:
+            refs[blk] += 1
+    members, items, skip, count = prompt_groups(owned, refs, max_members=3, max_items=2)
+    groups = [m for m in members if m[0] >= 0]
+    assert sorted(map(tuple, groups)) == [(0, 1, 2), (3, 4, -1)]  # slot 7 alone after the cap: no group
+    assert skip == [3, 3, 3, 1, 1, 0, 0, 0]
+    used = [it for it in items if it[0] >= 0]
+    assert sorted((it[1], it[2]) for it in used) == [(0, 1), (0, 2), (2, 3)]
+    assert count == [2, 2, 2, 1, 1, 0, 0, 0]
+
+
 @needs_triton
-def test_engine_with_triton_kernel_equals_contiguous(model, interpreter_loops):
+def test_cascade_attention_matches_dense_oracle(interpreter_loops):
+    """Cascade attention (shared prefix read once per group, suffix splits after it, one merge) against the
+    float64 oracle, with two groups, a singleton and a sequence barely past its prompt."""
+    from questa_nemo.rollout.paged import prompt_groups
+    from questa_nemo.rollout.paged_triton import Cascade, paged_decode_attention
+
+    g = torch.Generator().manual_seed(1)
+    bs, groups, per_group, dim = 16, 2, 3, 32
+    owned = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 7], [8, 9, 10], [8, 11], [12, 13]]
+    lengths = [60, 70, 49, 40, 20, 30]
+    refs = [0] * 14
+    for row in owned:
+        for blk in row:
+            refs[blk] += 1
+    k = torch.randn(14, groups, bs, dim, generator=g)
+    v = torch.randn(14, groups, bs, dim, generator=g)
+    table = torch.zeros(len(owned), 5, dtype=torch.int32)
+    for i, row in enumerate(owned):
+        table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+    q = torch.randn(len(owned), groups, per_group, dim, generator=g)
+    positions = torch.tensor(lengths) - 1
+    host = prompt_groups(owned, refs, max_members=4, max_items=2)
+    cascade = Cascade(*(torch.tensor(t, dtype=torch.int32) for t in host), 2)
+    ref = paged_attention_dense(q, k, v, table, positions)
+    for split_len in (16, 32):
+        out = paged_decode_attention(q, k, v, table, positions, 1, split_len=split_len, cascade=cascade)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_engine_with_triton_kernel_equals_contiguous(model, kernel_on):
     """The engine's paged path with the kernel (as on GPU: one graph key per batch, no span) against the
     contiguous cache: greedy tokens equal, log-probs within float32 noise."""
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=12, ignore_eos=True)
     contiguous = backend(model).generate(PROMPTS, params)
-    for fused in (False, True):  # the earlier step and the fused one (EngineOptions.fused_decode)
-        b = paged(model, fused_decode=fused)
-        b.generate(PROMPTS[:2], SamplingParams(n=1, max_new_tokens=1))  # allocates the cache
-        assert b._runner.cache.fused == fused
-        b._runner.cache.use_kernel = True
+    for fused, cascade in ((False, False), (True, False), (True, True)):  # the earlier step, fused, cascade
+        b = paged(model, fused_decode=fused, cascade_attention=cascade)
+        before = dict(kernel_on)
         result = b.generate(PROMPTS, params)
+        assert b._runner.cache.fused == fused and b._runner.cache.cascade == cascade
+        assert kernel_on["attention"] - before["attention"] == 12 * 2  # every step's two layers
+        # cascade: the long prompt's samples share its two full blocks, read once by their group
+        assert (kernel_on["cascade"] > before["cascade"]) == cascade
         assert tokens(result) == tokens(contiguous)
         assert max_logprob_diff(result, contiguous) < 1e-4
 
@@ -315,3 +392,18 @@ def test_rollout_kv_cache_config_picks_the_layout(model):
     cfg.rollout.kv_cache = "ragged"
     with pytest.raises(ConfigError, match="rollout.kv_cache"):
         validate(cfg)
+
+
+@needs_triton
+def test_cascade_through_preemption_and_compaction_keeps_every_logprob(model, kernel_on):
+    """Cascade attention (groups rebuilt from the block tables at every sync) while sequences wait, are
+    preempted, stop and are compacted: every completion's log-probs still match a full forward."""
+    params = SamplingParams(n=6, temperature=1.0, max_new_tokens=40, stop_token_ids=STOPS, seed=8)
+    b = paged(model, max_batch_sequences=32, kv_blocks=12, kv_headroom_tokens=0, cascade_attention=True)
+    result = b.generate(PROMPTS, params)
+    assert result.stats["preemptions"] >= 1 and result.stats["compactions"] >= 1
+    assert kernel_on["cascade"] > 0
+    for i, group in enumerate(result.completions):
+        for c in group:
+            expected = full_forward_logprobs(model, PROMPTS[i], c.token_ids, 1.0)
+            assert torch.allclose(expected, torch.tensor(c.logprobs), atol=1e-4)

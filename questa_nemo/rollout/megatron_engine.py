@@ -74,6 +74,9 @@ class EngineOptions:
     # paged, Triton kernel: splits of a fixed length per sequence and RoPE + the key/value append fused in one
     # kernel (paged_triton.py); False runs the earlier step (torch RoPE, index_put, splits by batch)
     fused_decode: bool = True
+    # paged + fused_decode: the samples of a prompt read its shared blocks once per group (cascade attention,
+    # paged_triton._prefix_kernel); off until measured on a GPU (bench/profile_decode.py variant "cascade")
+    cascade_attention: bool = False
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig) -> EngineOptions:
@@ -357,6 +360,7 @@ class MegatronBackend:
         self._memory_bound = False
         cache = PagedKVCache.allocate(w, slots, max_len, blocks, bs, use_kernel=w.embedding.is_cuda)
         cache.fused = opts.fused_decode
+        cache.cascade = opts.fused_decode and opts.cascade_attention
         return cache
 
     def _admit(

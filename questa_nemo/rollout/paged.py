@@ -50,6 +50,52 @@ def split_positions(batch: int, groups: int, num_sms: int, block_size: int) -> i
     return max(2 * block_size, min(2048, split))
 
 
+CASCADE_MEMBERS = 16  # sequences one prefix-group tile holds (16 x 6 query heads = 96 rows of a 128-row tile)
+CASCADE_ITEMS = 8  # prefix partials a sequence reserves (work items a group's shared prefix splits into)
+
+
+def prompt_groups(
+    owned: list[list[int]], refs: list[int], max_members: int = CASCADE_MEMBERS, max_items: int = CASCADE_ITEMS
+) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
+    """Cascade attention's groups from the block tables (host, pure): slots whose leading blocks are the same
+    shared blocks (the samples of one prompt, paged share_prefix), at most `max_members` a group, each group's
+    shared prefix cut into at most `max_items` work items, at most one item per slot in all.
+
+    Returns rows for one slot each: members [slots][max_members] (-1 pads), items [slots][4] (group row or -1,
+    first block, last block, partial index), skip [slots] (shared leading blocks), count [slots] (partials)."""
+    slots = len(owned)
+    by_first: dict[int, list[int]] = {}
+    for slot, row in enumerate(owned):
+        if row and refs[row[0]] > 1:
+            by_first.setdefault(row[0], []).append(slot)
+    groups = []
+    for same in by_first.values():
+        for i in range(0, len(same), max_members):
+            chunk = same[i : i + max_members]
+            rows = [owned[s] for s in chunk]
+            limit = min(len(r) for r in rows) - 1  # never a member's last block (it writes there)
+            shared = 0
+            while shared < limit and all(r[shared] == rows[0][shared] for r in rows):
+                shared += 1
+            if len(chunk) > 1 and shared:
+                groups.append((chunk, shared))
+    members = [[-1] * max_members for _ in range(slots)]
+    items = [[-1, 0, 0, 0] for _ in range(slots)]
+    skip, count = [0] * slots, [0] * slots
+    per_group = max(1, min(max_items, slots // max(len(groups), 1)))
+    k = 0
+    for row, (chunk, shared) in enumerate(groups):
+        members[row][: len(chunk)] = chunk
+        step = -(-shared // per_group)
+        n_items = -(-shared // step)
+        for index in range(n_items):
+            items[k] = [row, index * step, min(shared, (index + 1) * step), index]
+            k += 1
+        for slot in chunk:
+            skip[slot], count[slot] = shared, n_items
+    return members, items, skip, count
+
+
 class BlockAllocator:
     """Free list and reference counts of the pool's blocks (host side; block 0 is the trash block)."""
 
@@ -114,8 +160,11 @@ class PagedKVCache:
         self.table = self.host_table.to(k.device)
         self._dirty = False
         self.use_kernel, self.num_sms = use_kernel, num_sms
-        # with the kernel: fixed-length splits and RoPE + append fused (EngineOptions.fused_decode)
+        # with the kernel: fixed-length splits and RoPE + append fused (EngineOptions.fused_decode), and
+        # cascade attention over shared prompt blocks (EngineOptions.cascade_attention; needs fused)
         self.fused = False
+        self.cascade = False
+        self._groups: tuple[torch.Tensor, ...] | None = None  # device: members, items, skip, count
 
     @classmethod
     def allocate(
@@ -206,6 +255,13 @@ class PagedKVCache:
         """Copy the host block table to the device (before a chunk of decode steps; one small copy)."""
         if self._dirty:
             self.table.copy_(self.host_table, non_blocking=False)
+            if self.cascade:
+                host = prompt_groups(self.owned, self.allocator.refs)
+                if self._groups is None:
+                    self._groups = tuple(torch.tensor(t, dtype=torch.int32, device=self.k.device) for t in host)
+                else:
+                    for dst, t in zip(self._groups, host):
+                        dst.copy_(torch.tensor(t, dtype=torch.int32), non_blocking=False)
             self._dirty = False
 
     def memory(self) -> dict[str, float]:
@@ -291,7 +347,12 @@ class PagedKVCache:
         """The attention kernel's launch settings at this batch (recorded by benchmarks)."""
         groups = self.k.size(2)
         if self.fused:
-            return {"split_len": split_positions(batch, groups, self.num_sms, self.block_size)}
+            out = {"split_len": split_positions(batch, groups, self.num_sms, self.block_size)}
+            if self.cascade and self._groups is not None:
+                from questa_nemo.rollout.paged_triton import Cascade
+
+                out["cascade"] = Cascade(*self._groups, CASCADE_ITEMS)
+            return out
         return {"splits": num_splits(batch, groups, self.num_sms)}
 
     def _kernel(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, ctx: dict) -> torch.Tensor:

@@ -12,6 +12,8 @@ the step's positions tensor (length = position + 1), so the launch is captured i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -23,12 +25,13 @@ HEAD_ROWS = 16  # query heads of a group, padded: tl.dot needs at least 16 rows
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, part_ptr, lse_ptr, out_ptr,
-    groups, per_group, num_splits, split_blocks, scale,
+    q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, part_ptr, lse_ptr, out_ptr, skip_ptr,
+    groups, per_group, num_splits, part_splits, split_blocks, scale,
     stride_qb, stride_qg, stride_qh,
     stride_kn, stride_kg, stride_ks,
     stride_tb, stride_ob, stride_og, stride_oh,
     BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, FIXED: tl.constexpr, DIRECT: tl.constexpr,
+    CASCADE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -39,7 +42,10 @@ def _split_kernel(
         per_split = split_blocks
     else:  # the batch's S splits evenly over each sequence's blocks
         per_split = tl.cdiv(num_blocks, num_splits)
-    first = s * per_split
+    if CASCADE:  # the sequence's first skip[b] blocks are shared: _prefix_kernel reads them for its group
+        first = tl.load(skip_ptr + b) + s * per_split
+    else:
+        first = s * per_split
     if FIXED and first >= num_blocks:
         return  # past this sequence's last split: nothing to write (the merge reads only its splits)
     last = tl.minimum(first + per_split, num_blocks)
@@ -76,39 +82,129 @@ def _split_kernel(
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
         return
     lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l_sum, 1.0)), float("-inf"))
-    row = (b.to(tl.int64) * groups + g) * num_splits + s  # part [B, G, S, H, D], lse [B, G, S, H]
+    row = (b.to(tl.int64) * groups + g) * part_splits + s  # part [B, G, S', H, D], lse [B, G, S', H]
     tl.store(part_ptr + row * H * D + h[:, None] * D + d[None, :], out)
     tl.store(lse_ptr + row * H + h, lse)
 
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, lse_ptr, out_ptr, pos_ptr, groups, per_group, num_splits, split_blocks,
+    part_ptr, lse_ptr, out_ptr, pos_ptr, skip_ptr, count_ptr,
+    groups, per_group, num_splits, part_splits, split_blocks,
     stride_ob, stride_og, stride_oh,
-    BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, FIXED: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, FIXED: tl.constexpr, CASCADE: tl.constexpr,
 ):  # fmt: skip
+    """Combine a sequence's split partials [splits 0..used) and, with CASCADE, its group's prefix partials
+    [num_splits .. num_splits + count[b]) by their log-sum-exp."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     h = tl.arange(0, H)
     d = tl.arange(0, D)
-    base = (b.to(tl.int64) * groups + g) * num_splits
+    base = (b.to(tl.int64) * groups + g) * part_splits
     if FIXED:  # only this sequence's splits were written
         length = tl.load(pos_ptr + b).to(tl.int32) + 1
-        used = tl.minimum(tl.cdiv(tl.cdiv(length, BS), split_blocks), num_splits)
+        own = tl.cdiv(length, BS)
+        if CASCADE:
+            own = own - tl.load(skip_ptr + b)
+        used = tl.minimum(tl.cdiv(own, split_blocks), num_splits)
     else:
         used = num_splits
+    if CASCADE:
+        shared = tl.load(count_ptr + b)
+    else:
+        shared = 0
     m = tl.full([H], float("-inf"), dtype=tl.float32)
     for s in range(0, used):
         m = tl.maximum(m, tl.load(lse_ptr + (base + s) * H + h))
+    for s in range(0, shared):
+        m = tl.maximum(m, tl.load(lse_ptr + (base + num_splits + s) * H + h))
     total = tl.zeros([H], dtype=tl.float32)
     acc = tl.zeros([H, D], dtype=tl.float32)
     for s in range(0, used):
         weight = tl.exp(tl.load(lse_ptr + (base + s) * H + h) - m)  # split 0 is never empty: m is finite
         total += weight
         acc += weight[:, None] * tl.load(part_ptr + (base + s) * H * D + h[:, None] * D + d[None, :])
+    for s in range(0, shared):
+        weight = tl.exp(tl.load(lse_ptr + (base + num_splits + s) * H + h) - m)
+        total += weight
+        acc += weight[:, None] * tl.load(part_ptr + (base + num_splits + s) * H * D + h[:, None] * D + d[None, :])
     out = acc / total[:, None]
     dst = out_ptr + b.to(tl.int64) * stride_ob + g * stride_og + h[:, None] * stride_oh + d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(h < per_group)[:, None])
+
+
+@triton.jit
+def _prefix_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, members_ptr, items_ptr, part_ptr, lse_ptr,
+    groups, per_group, num_splits, part_splits, scale,
+    stride_qb, stride_qg, stride_qh,
+    stride_kn, stride_kg, stride_ks,
+    stride_tb, stride_mg,
+    BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, M: tl.constexpr, R: tl.constexpr,
+):  # fmt: skip
+    """Cascade: one work item (a prompt group, blocks [first, last) of its shared prefix, its partial index)
+    and one query group. The query heads of every member (up to M sequences sharing the prefix) are the rows of
+    one tile, so each shared key/value block is read once for the whole group instead of once per member.
+    Writes each member's partial output and log-sum-exp at split num_splits + index of its part rows."""
+    item = tl.program_id(0)
+    g = tl.program_id(1)
+    grp = tl.load(items_ptr + item * 4)
+    if grp < 0:
+        return
+    first = tl.load(items_ptr + item * 4 + 1)
+    last = tl.load(items_ptr + item * 4 + 2)
+    index = tl.load(items_ptr + item * 4 + 3)
+    r = tl.arange(0, R)
+    member = r // per_group
+    head = r % per_group
+    inside = member < M
+    slot = tl.load(members_ptr + grp.to(tl.int64) * stride_mg + member, mask=inside, other=-1)
+    valid = inside & (slot >= 0)
+    seq = tl.where(valid, slot, 0).to(tl.int64)
+    d = tl.arange(0, D)
+    n = tl.arange(0, BS)
+    q = tl.load(
+        q_ptr + seq[:, None] * stride_qb + g * stride_qg + head[:, None] * stride_qh + d[None, :],
+        mask=valid[:, None],
+        other=0.0,
+    )
+    leader = tl.load(members_ptr + grp.to(tl.int64) * stride_mg).to(tl.int64)
+    m = tl.full([R], float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros([R], dtype=tl.float32)
+    acc = tl.zeros([R, D], dtype=tl.float32)
+    tile = g * stride_kg + n[:, None] * stride_ks + d[None, :]
+    for j in range(first, last):  # full prompt blocks: every position is visible to every member
+        block = tl.load(table_ptr + leader * stride_tb + j).to(tl.int64)
+        k = tl.load(k_ptr + block * stride_kn + tile)  # [BS, D]
+        scores = tl.dot(q, tl.trans(k)) * scale  # [R, BS] float32
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + block * stride_kn + tile)  # [BS, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = acc / l_sum[:, None]
+    lse = m + tl.log(l_sum)
+    row = (seq * groups + g) * part_splits + num_splits + index
+    tl.store(part_ptr + row[:, None] * H * D + head[:, None] * D + d[None, :], out, mask=valid[:, None])
+    tl.store(lse_ptr + row * H + head, lse, mask=valid)
+
+
+class Cascade(NamedTuple):
+    """Prompt groups for cascade attention (paged.PagedKVCache builds them from its block tables): sequences
+    whose leading blocks are the same blocks (a prompt's samples) read those blocks once per group.
+
+    members [NG, M] int32: each group's member slots (-1 pads; members[g, 0] is the one whose table names the
+    blocks); items [NI, 4] int32: work items (group row or -1, first block, last block, partial index);
+    skip [>= B] int32: shared leading blocks of each sequence (0: none); count [>= B] int32: its group's
+    partials; max_items: partial slots a sequence reserves (>= every count)."""
+
+    members: torch.Tensor
+    items: torch.Tensor
+    skip: torch.Tensor
+    count: torch.Tensor
+    max_items: int
 
 
 def paged_decode_attention(
@@ -122,13 +218,16 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     split_len: int | None = None,
+    cascade: Cascade | None = None,
 ) -> torch.Tensor:
     """q [B, G, P, D] (D contiguous); pools [N, G, bs, D] (one layer, bs x D contiguous); table [>= B, MB]
     int32; positions [B] (sequence b reads its positions 0..positions[b]) -> attention output [B, G, P, D].
     splits / num_warps / num_stages: launch settings (None: about 4 programs per SM / Triton's default).
     split_len: fixed-length splits of that many positions (a multiple of bs; `splits` is then ignored): the
     grid covers the table's width, programs past a sequence's length exit at once, and a grid of one split
-    writes the output directly (no merge)."""
+    writes the output directly (no merge).
+    cascade (with split_len): the shared leading blocks of each prompt group are read once for the whole group
+    (`_prefix_kernel`), each sequence's split programs start after them, the merge takes both."""
     b, g, per_group, d = q.shape
     bs = k_pool.size(2)
     if per_group > HEAD_ROWS or d & (d - 1) or bs & (bs - 1) or bs < 16:
@@ -143,24 +242,41 @@ def paged_decode_attention(
         s = -(-table.size(1) // split_blocks)
     else:
         s = splits or num_splits(b, g, num_sms)
-    direct = bool(split_blocks) and s == 1
-    part = torch.empty(0 if direct else b * g * s * HEAD_ROWS * d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(0 if direct else b * g * s * HEAD_ROWS, dtype=torch.float32, device=q.device)
+    if cascade is not None and not split_blocks:
+        raise ValueError("paged decode kernel: cascade attention needs fixed-length splits (split_len)")
+    direct = bool(split_blocks) and s == 1 and cascade is None
+    part_splits = s + (cascade.max_items if cascade is not None else 0)
+    part = torch.empty(0 if direct else b * g * part_splits * HEAD_ROWS * d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(0 if direct else b * g * part_splits * HEAD_ROWS, dtype=torch.float32, device=q.device)
     out = q.new_empty(q.shape)  # contiguous
     stages = {} if num_stages is None else {"num_stages": num_stages}
+    skip = cascade.skip if cascade is not None else positions  # unread without CASCADE
+    if cascade is not None:
+        members = cascade.members
+        _prefix_kernel[(cascade.items.size(0), g)](
+            q, k_pool, v_pool, table, members, cascade.items, part, lse,
+            g, per_group, s, part_splits, d**-0.5,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+            table.stride(0), members.stride(0),
+            BS=bs, D=d, H=HEAD_ROWS, M=members.size(1),
+            R=max(16, triton.next_power_of_2(members.size(1) * per_group)), num_warps=8,
+        )  # fmt: skip
     _split_kernel[(b, g, s)](
-        q, k_pool, v_pool, table, positions, part, lse, out,
-        g, per_group, s, split_blocks, d**-0.5,
+        q, k_pool, v_pool, table, positions, part, lse, out, skip,
+        g, per_group, s, part_splits, split_blocks, d**-0.5,
         q.stride(0), q.stride(1), q.stride(2),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         table.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), DIRECT=direct, num_warps=num_warps, **stages,
+        BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), DIRECT=direct, CASCADE=cascade is not None,
+        num_warps=num_warps, **stages,
     )  # fmt: skip
     if not direct:
+        count = cascade.count if cascade is not None else positions
         _merge_kernel[(b, g)](
-            part, lse, out, positions, g, per_group, s, split_blocks,
+            part, lse, out, positions, skip, count, g, per_group, s, part_splits, split_blocks,
             out.stride(0), out.stride(1), out.stride(2),
-            BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), num_warps=4,
+            BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), CASCADE=cascade is not None, num_warps=4,
         )  # fmt: skip
     return out
 
