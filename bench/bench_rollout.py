@@ -101,8 +101,11 @@ def group(lengths: list[int], n: int) -> list[list[int]]:
     return [lengths[i : i + n] for i in range(0, len(lengths), n)]
 
 
-def engine(policy, vocab: int, args: argparse.Namespace, paged: bool, fused: bool = True) -> MegatronBackend:
-    """fused: EngineOptions.fused_decode (False: the paged step as it was before, engine "paged_main")."""
+def engine(
+    policy, vocab: int, args: argparse.Namespace, paged: bool, fused: bool = True, cascade: bool = False
+) -> MegatronBackend:
+    """fused: EngineOptions.fused_decode (False: the paged step as it was before, engine "paged_main");
+    cascade: EngineOptions.cascade_attention (engine "paged_cascade")."""
     options = EngineOptions(
         max_batch_sequences=args.batch,
         cuda_graphs=not args.no_graphs,
@@ -110,6 +113,7 @@ def engine(policy, vocab: int, args: argparse.Namespace, paged: bool, fused: boo
         paged_kv=paged,
         kv_block_size=args.block_size,
         fused_decode=fused,
+        cascade_attention=cascade,
     )
     return MegatronBackend(policy, vocab, options)
 
@@ -445,7 +449,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--engines",
         default="old,paged",
-        help="comma list of old (contiguous cache), paged, paged_main (paged with fused_decode off: the step before)",
+        help="comma list of old (contiguous cache), paged, paged_main (paged with fused_decode off: the step "
+        "before), paged_cascade (paged with cascade_attention)",
     )
     p.add_argument("--prompts", type=int, default=16, help="prompts of the fixed rows (x --samples)")
     p.add_argument("--samples", type=int, default=16)
@@ -518,11 +523,20 @@ def main(argv: list[str] | None = None) -> int:
         print("check:", json.dumps(result["check"]), flush=True)
         write_json(args.out, result)
     engines = {
-        name: engine(policy, vocab, args, paged=name.startswith("paged"), fused=name != "paged_main")
+        name: engine(
+            policy, vocab, args, paged=name.startswith("paged"), fused=name != "paged_main",
+            cascade=name == "paged_cascade",
+        )
         for name in args.engines.split(",")
     }
-    for backend in engines.values():  # library warm-up (kernels, Triton compile), not timed
-        run_ours(backend, random_prompts(1, args.prompt_len, vocab, seed=0), 2, 8)
+    for name, backend in list(engines.items()):  # library warm-up (kernels, Triton compile), not timed
+        try:
+            run_ours(backend, random_prompts(1, args.prompt_len, vocab, seed=0), 2, 8)
+        except Exception as e:  # noqa: BLE001  (an engine that cannot run on this GPU: the others still do)
+            backend.sleep()
+            del engines[name]
+            result[f"{name}_error"] = repr(e)
+            print(f"warm-up {name}: {e!r}", flush=True)
 
     def row(
         name: str, prompts, new_tokens: int, lengths=None, which=None, hf: bool = False, batch=None
@@ -556,8 +570,9 @@ def main(argv: list[str] | None = None) -> int:
         rates = {k: v["tokens_per_second"] for k, v in out.items() if isinstance(v, dict) and "seconds" in v}
         if "old" in rates and "paged" in rates:
             out["paged_vs_old"] = rates["paged"] / rates["old"]
-        if "paged_main" in rates and "paged" in rates:
-            out["paged_vs_paged_main"] = rates["paged"] / rates["paged_main"]
+        for k in ("paged", "paged_cascade"):
+            if "paged_main" in rates and k in rates:
+                out[f"{k}_vs_paged_main"] = rates[k] / rates["paged_main"]
         for k in ("old", "paged"):
             if k in rates and "transformers" in rates:
                 out[f"{k}_vs_transformers"] = rates[k] / rates["transformers"]

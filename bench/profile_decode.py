@@ -42,7 +42,7 @@ from bench_rollout import build_policy, engine, hf_config, versions, write_json 
 from shapes import drawn_lengths  # noqa: E402
 
 from questa_nemo.rollout.graphs import StepKey  # noqa: E402
-from questa_nemo.rollout.paged import blocks_for  # noqa: E402
+from questa_nemo.rollout.paged import CASCADE_ITEMS, blocks_for, prompt_groups, split_positions  # noqa: E402
 from questa_nemo.rollout.sampling import sample_tokens, uniform_draws  # noqa: E402
 
 KINDS = ("attention", "matmul", "sampling", "kv_write", "norm", "elementwise", "other")
@@ -177,7 +177,7 @@ def step_profile(runner, key: StepKey) -> dict:
 def attention_sweep(args, contexts: list[int], dtype, device, quick: bool) -> list[dict]:
     """(c): one layer's paged attention over launch settings and block sizes, shared prompt blocks as in the
     engine (and unshared once, at the default settings, to show what L2 reuse of the shared blocks buys)."""
-    from questa_nemo.rollout.paged_triton import paged_decode_attention
+    from questa_nemo.rollout.paged_triton import Cascade, paged_decode_attention
 
     b = len(contexts)
     groups, per_group, dim = args.groups, args.per_group, args.head_dim
@@ -201,6 +201,13 @@ def attention_sweep(args, contexts: list[int], dtype, device, quick: bool) -> li
             for i, r in enumerate(rows_t):
                 table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
             tables[shared] = (table.to(device), nxt)
+            if shared:  # cascade groups of this table, as the engine derives them
+                refs = [0] * nxt
+                for r in rows_t:
+                    for blk in r:
+                        refs[blk] += 1
+                host = prompt_groups(rows_t, refs)
+                cascade = Cascade(*(torch.tensor(t, dtype=torch.int32, device=device) for t in host), CASCADE_ITEMS)
         unique_blocks = tables[True][1] - 1
         num_blocks = max(n for _, n in tables.values())
         pool = torch.randn(2, num_blocks, groups, bs, dim, device=device, dtype=dtype)
@@ -208,6 +215,8 @@ def attention_sweep(args, contexts: list[int], dtype, device, quick: bool) -> li
         main_default = {"splits": None, "num_warps": 4, "num_stages": None, "split_len": None}
         settings = [main_default] + [{**main_default, "splits": n} for n in (1, 2, 4, 8)]
         settings += [{**main_default, "split_len": n} for n in (256, 512, 1024, 2048) if n % bs == 0]
+        new_split = split_positions(b, groups, sms, bs)  # the engine's fused_decode default
+        settings += [{**main_default, "split_len": n, "cascade": True} for n in sorted({new_split, 512, 1024})]
         if not quick and bs == args.block_size:  # warps x stages at the engine's block size only (compiles)
             for base in ({"splits": 1}, {"split_len": 1024 if 1024 % bs == 0 else None}):
                 settings += [{**main_default, **base, "num_warps": w, "num_stages": st}
@@ -216,15 +225,18 @@ def attention_sweep(args, contexts: list[int], dtype, device, quick: bool) -> li
         for shared in (True, False):
             table = tables[shared][0]
             for cfg in settings if shared else settings[:1]:
-                tag = (shared, *cfg.values())
+                tag = (shared, *cfg.items())
                 if tag in seen:
                     continue
                 seen.add(tag)
 
-                def fn(c=cfg, t=table, kp=pool[0], vp=pool[1]):
+                launch = {**cfg, "cascade": cascade if cfg.get("cascade") else None}
+
+                def fn(c=launch, t=table, kp=pool[0], vp=pool[1]):
                     return paged_decode_attention(q, kp, vp, t, positions, sms, **c)
 
                 row = {"block_size": bs, **cfg, "shared_prompts": shared}
+                row.setdefault("cascade", False)
                 try:
                     ms = timed(fn, args.attn_reps)
                 except Exception as e:  # noqa: BLE001  (e.g. out of shared memory: the rest of the sweep runs)
@@ -265,7 +277,9 @@ def parse_args(argv):
     p.add_argument("--length-mean", type=float, default=1024.0)
     p.add_argument("--realistic-max", type=int, default=8192)
     p.add_argument("--cases", default="fixed,realistic")
-    p.add_argument("--variants", default="main,new", help="comma list of main (fused_decode off), new")
+    p.add_argument(
+        "--variants", default="main,new,cascade", help="comma list: main (fused_decode off), new, cascade (new + cascade)"
+    )
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-fraction", type=float, default=0.6)
     p.add_argument("--replays", type=int, default=50)
@@ -288,6 +302,9 @@ def print_tables(result: dict) -> None:
         print(f"\n== {case}: batch {per['batch']}, mean context {per['mean_context']:.0f}, "
               f"max {per['max_context']}")  # fmt: skip
         for variant, r in per["variants"].items():
+            if "error" in r:
+                print(f"  [{variant}] error: {r['error']}")
+                continue
             a, prof = r["graph_step"], r["eager_profile"]
             print(f"  [{variant}] graphed step {a['ms']:.3f} ms ({a['tokens_per_second']:.0f} tok/s); eager "
                   f"kernels {prof['kernels']}, kernel sum {prof['kernel_sum_ms']:.3f} ms, graph gap "
@@ -298,11 +315,12 @@ def print_tables(result: dict) -> None:
                 print(f"        {ms:8.3f} ms  {name}")
         rows = [r for r in per.get("attention_sweep", []) if "us" in r]
         if rows:
-            print("  attention, one layer:  bs splits split_len warps stages shared      us  logical GB/s  unique GB/s")
+            print("  attention, one layer:  bs splits split_len warps stages shared casc      us  logical GB/s  unique GB/s")
             defaults = [r for r in rows if r["splits"] is None and r["split_len"] is None and r["num_stages"] is None]
             for r in sorted(rows, key=lambda r: r["us"])[:12] + defaults:
                 print(f"  {'':20s}{r['block_size']:4d} {str(r['splits']):>6s} {str(r['split_len']):>9s} "
                       f"{r['num_warps']:5d} {str(r['num_stages']):>6s} {str(r['shared_prompts']):>6s} "
+                      f"{'yes' if r['cascade'] else 'no':>4s} "
                       f"{r['us']:7.1f} {r['logical_gb_per_s']:12.0f} {r['unique_gb_per_s']:12.0f}")  # fmt: skip
     for r in result.get("sampler", []):
         print(f"sampler B={r['batch']} V={r['vocab']} T={r['temperature']} top_p={r['top_p']}: {r['ms']:.3f} ms")
@@ -336,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     backends = {}
     for variant in args.variants.split(","):
         b = engine(policy, vocab, args, paged=True)
-        b.options = dataclasses.replace(b.options, fused_decode=variant != "main")
+        b.options = dataclasses.replace(
+            b.options, fused_decode=variant != "main", cascade_attention=variant == "cascade"
+        )
         backends[variant] = b
     key = StepKey(args.batch, 0, 1.0, 1.0)
     for case in args.cases.split(","):
@@ -344,13 +364,20 @@ def main(argv: list[str] | None = None) -> int:
         per: dict = {"batch": args.batch, "mean_context": sum(contexts) / len(contexts),
                      "max_context": max(contexts), "variants": {}}  # fmt: skip
         for variant, backend in backends.items():
-            runner = fill(backend, contexts, args, margin=2 * args.replays + 16)
-            k = key._replace(attend_len=runner.cache.max_len)
-            a = step_timing(runner, k, contexts, args.replays)
-            prof = step_profile(runner, k)
+            try:
+                runner = fill(backend, contexts, args, margin=2 * args.replays + 16)
+                k = key._replace(attend_len=runner.cache.max_len)
+                a = step_timing(runner, k, contexts, args.replays)
+                prof = step_profile(runner, k)
+            except Exception as e:  # noqa: BLE001  (one variant failing on the GPU keeps the others' numbers)
+                backend.sleep()
+                per["variants"][variant] = {"error": repr(e)[:500]}
+                print(f"{case} {variant}: error {e!r}", flush=True)
+                continue
             per["variants"][variant] = {
                 "graph_step": a, "eager_profile": prof, "graph_gap_ms": a["ms"] - prof["kernel_sum_ms"],
-                "launch": getattr(runner.cache, "launch_settings", lambda b: None)(args.batch),
+                "launch": {k: v if isinstance(v, (int, float, str)) else v is not None
+                           for k, v in runner.cache.launch_settings(args.batch).items()},
             }  # fmt: skip
             backend.sleep()
             print(f"{case} {variant}: step {a['ms']:.3f} ms", flush=True)

@@ -35,12 +35,14 @@ def test_cpu_smoke_run(tmp_path, request):
     result = json.loads(out.read_text())
     for case in ("fixed", "realistic"):
         per = result["cases"][case]
-        assert set(per["variants"]) == {"main", "new"}
+        assert set(per["variants"]) == {"main", "new", "cascade"}
+        assert per["variants"]["cascade"]["launch"].get("cascade") is (True if HAS_TRITON else None)
         for r in per["variants"].values():
             assert r["graph_step"]["ms"] > 0 and r["eager_profile"]["kernel_sum_ms"] > 0
         if HAS_TRITON:
             rows = per["attention_sweep"]
             assert rows and all("us" in r for r in rows), rows
             assert {r["block_size"] for r in rows} == {16, 32}
+            assert any(r["cascade"] for r in rows)
     assert per["max_context"] == 140  # 40 + the longest draw (100)
     assert len(result["sampler"]) == 4

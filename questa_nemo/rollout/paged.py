@@ -255,7 +255,7 @@ class PagedKVCache:
         """Copy the host block table to the device (before a chunk of decode steps; one small copy)."""
         if self._dirty:
             self.table.copy_(self.host_table, non_blocking=False)
-            if self.cascade:
+            if self.cascade and self.takes_qkv:  # the kernel path only (the torch reference has no cascade)
                 host = prompt_groups(self.owned, self.allocator.refs)
                 if self._groups is None:
                     self._groups = tuple(torch.tensor(t, dtype=torch.int32, device=self.k.device) for t in host)
@@ -348,7 +348,7 @@ class PagedKVCache:
         groups = self.k.size(2)
         if self.fused:
             out = {"split_len": split_positions(batch, groups, self.num_sms, self.block_size)}
-            if self.cascade and self._groups is not None:
+            if self.cascade and self.use_kernel and self._groups is not None:
                 from questa_nemo.rollout.paged_triton import Cascade
 
                 out["cascade"] = Cascade(*self._groups, CASCADE_ITEMS)
