@@ -340,11 +340,40 @@ def check_paged(
         for split_len in (128, 1024, 9216):  # fixed-length splits (fused_decode); 9216: one split, no merge
             out = paged_decode_attention(q, pool[0], pool[1], table, lengths - 1, 132, split_len=split_len)
             errors[f"split_len_{split_len}"] = (out.float() - ref).abs().max().item()
+        # cascade: sequences 4..7 share their first 10 blocks (640 positions, all shorter than their lengths)
+        from questa_nemo.rollout.paged import prompt_groups
+        from questa_nemo.rollout.paged_triton import Cascade
+
+        owned = [r[: int(n)] for r, n in zip(table.tolist(), need.tolist())]
+        owned[5:] = [owned[4][:10] + r[10:] for r in owned[5:]]
+        refs = [0] * pool.size(1)
+        for r in owned:
+            for blk in r:
+                refs[blk] += 1
+        shared_table = torch.zeros_like(table)
+        for row, r in enumerate(owned):
+            shared_table[row, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        host = prompt_groups(owned, refs)
+        cascade = Cascade(*(torch.tensor(t, dtype=torch.int32, device="cuda") for t in host), 8)
+        ref = paged_attention_dense(q, pool[0], pool[1], shared_table, lengths - 1).float()
+        for split_len in (128, 1024):
+            out = paged_decode_attention(
+                q, pool[0], pool[1], shared_table, lengths - 1, 132, split_len=split_len, cascade=cascade
+            )
+            errors[f"cascade_split_len_{split_len}"] = (out.float() - ref).abs().max().item()
         report["paged_kernel_vs_float64_max_abs"] = errors
         report["rope_append_same_bits_as_torch"] = rope_append_same_bits()
+        cascaded = MegatronBackend(
+            policy, vocab, EngineOptions(max_batch_sequences=16, paged_kv=True, cascade_attention=True)
+        )
+        done = cascaded.generate(prompts, sampled).completions
+        report["paged_cascade_sampled_logprob_vs_full_forward_max_abs"] = logprob_error(
+            policy, prompts, done, vocab, sampled
+        )
         paged_error = max(
             report["paged_greedy_logprob_vs_full_forward_max_abs"],
             report["paged_sampled_logprob_vs_full_forward_max_abs"],
+            report["paged_cascade_sampled_logprob_vs_full_forward_max_abs"],
         )
         # bf16 output rounding is ~4e-3 at |x| ~ 1
         report["paged_ok"] = (
