@@ -407,3 +407,13 @@ def test_cascade_through_preemption_and_compaction_keeps_every_logprob(model, ke
         for c in group:
             expected = full_forward_logprobs(model, PROMPTS[i], c.token_ids, 1.0)
             assert torch.allclose(expected, torch.tensor(c.logprobs), atol=1e-4)
+
+
+def test_split_positions_by_batch():
+    """Fixed split lengths: about four programs per SM at a 2K context, within [2 blocks, 2048]."""
+    from questa_nemo.rollout.paged import split_positions
+
+    assert split_positions(256, 2, 132, 64) == 1024  # 256 x 2 x 2 splits at 2K = 1024 programs
+    assert split_positions(512, 2, 132, 64) == 2048
+    assert split_positions(8, 2, 132, 64) == 128  # two blocks: at most 16 splits at 2K
+    assert split_positions(8, 2, 132, 16) == 32
