@@ -3,7 +3,8 @@ it, a batch filled to a given context, then
 
 (a) the whole CUDA-graphed decode step (CUDA events over many replays),
 (b) one eager step under torch.profiler: device time by kernel kind (attention, matmul, sampling = every kernel
-    after the last matmul (lm_head, .float(), uniforms, sampler), kv_write, norm, elementwise, other), in ms
+    after the last matmul (lm_head, .float(), uniforms, sampler), kv_write (index_put; with fused_decode the
+    RoPE + append kernel), norm, elementwise, other), in ms
     and as % of the kernel sum; graph_gap_ms = (a) - kernel sum (what launches and idle time cost in the graph),
 (c) the attention kernel alone (one layer) over launch settings and block sizes, with achieved GB/s against the
     key/value bytes it must read (`logical`: every sequence's own length) and the distinct bytes (`unique`:
@@ -47,7 +48,7 @@ from questa_nemo.rollout.sampling import sample_tokens, uniform_draws  # noqa: E
 
 KINDS = ("attention", "matmul", "sampling", "kv_write", "norm", "elementwise", "other")
 _MATMUL = ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "addmm", "linear")
-_ATTENTION = ("_split_kernel", "_merge_kernel", "attention", "fmha", "flash", "_rope_append")
+_ATTENTION = ("_split_kernel", "_merge_kernel", "_prefix_kernel", "attention", "fmha", "flash")
 
 
 def kernel_kind(name: str) -> str:
@@ -56,7 +57,7 @@ def kernel_kind(name: str) -> str:
         return "attention"
     if any(s in low for s in _MATMUL):
         return "matmul"
-    if "index_put" in low or "indexput" in low or "scatter" in low:
+    if "index_put" in low or "indexput" in low or "scatter" in low or "_rope_append" in low:
         return "kv_write"
     if "norm" in low:
         return "norm"
