@@ -13,6 +13,8 @@ the interface megatron's own local / TE / inference specs are built from:
   that megatron fills from TE. No spec entry reaches those calls in megatron-core 0.14 .. 0.19 (the only
   per-call hooks between the q/k split and core attention take neither `packed_seq_params` nor a stable
   signature), so the provider fills the empty slots with ours (`fused.install`) when it turns the fusion on.
+  (RoPE inside our core attention, with the GPTModel's own RoPE off, would drop `model.rotary_pos_emb`, which
+  the rollout decoder reads, and leave megatron's local attention and CPU runs without megatron's RoPE.)
 
 `decoder_layer_spec` builds the GPT decoder layer of megatron's `get_gpt_layer_local_spec(normalization="RMSNorm")`
 (no MoE, no MLA, no q/k norm) from a provider: the same module classes, params and submodule fields, including
