@@ -1,5 +1,5 @@
 """The word world (questa_nemo/data/word_world.py), its recipe (conf/smollm2_world.yaml) and runner
-(bench/smollm2_questa.sh): arithmetic and formats, hinted prompts through the data pipeline and SmolLM2's chat
+(bench/smollm2_arms.sh): arithmetic and formats, hinted prompts through the data pipeline and SmolLM2's chat
 template, and a CPU smoke run of the recipe on the real SmolLM2 weights."""
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def test_runner_rejects_a_gguf_whose_hash_differs(tmp_path):
     done = subprocess.run(
         [
             "bash",
-            str(REPO / "bench" / "smollm2_questa.sh"),
+            str(REPO / "bench" / "smollm2_arms.sh"),
             str(joined),
             str(tmp_path / "a"),
             str(tmp_path / "b"),
