@@ -185,6 +185,9 @@ class RolloutConfig:
     trtllm_refit_bucket_mb: int = 1024  # trtllm: weights per update_weights RPC (each rank's GPU holds one)
     trtllm_release_weights: bool = False  # trtllm: sleep also drops the engine's weights (the refit refills)
     max_staleness: int = 0  # 0 = synchronous; async: samples at most this many policy versions old (ref: 4)
+    # async on GPU: the producer decodes on a CUDA stream of its own, so its kernels run concurrently with the
+    # trainer's (the same tokens; off: both threads queue on the default stream and the GPU runs one at a time)
+    producer_stream: bool = False
     seed: int = 1
 
     def validate(self) -> None:

@@ -9,7 +9,11 @@ A producer thread generates while the trainer steps. Any backend qualifies:
   the copy's tensors in place (so the engine's tensor references and captured CUDA graphs stay valid).
 
 One lock orders the two threads: a `generate` call (one chunk of prompts) and a weight update never overlap,
-so a chunk is sampled from one version, which its completions carry. The snapshot costs one extra copy of the
+so a chunk is sampled from one version, which its completions carry. On GPU with `stream` (config
+rollout.producer_stream) `generate` runs on a CUDA stream of its own, so decoding and training kernels run
+concurrently instead of queueing on the one default stream: it starts after the last update's copies (an event
+recorded on the trainer's stream) and synchronises its stream before returning, so the next update never writes
+weights a decode kernel still reads. The snapshot costs one extra copy of the
 weights in memory; the trainer's publish waits for at most the in-flight chunk. No backend issues a collective
 inside `generate`, so the producer thread never competes with the trainer's collectives.
 """
@@ -66,10 +70,11 @@ def build_async_backend(cfg: RolloutConfig, ctx: RolloutContext) -> AsyncSafeBac
     from questa_nemo.rollout import build_backend
 
     backend = build_backend(cfg, ctx)
+    stream = cfg.producer_stream
     if not getattr(backend, "shares_trainer_weights", False):
-        return AsyncSafeBackend(backend)
+        return AsyncSafeBackend(backend, stream=stream)
     shadow = [detached_clone(chunk) for chunk in ctx.chunks]
-    return AsyncSafeBackend(build_backend(cfg, replace(ctx, chunks=shadow)), ctx.chunks, shadow)
+    return AsyncSafeBackend(build_backend(cfg, replace(ctx, chunks=shadow)), ctx.chunks, shadow, stream=stream)
 
 
 class AsyncSafeBackend:
@@ -83,10 +88,13 @@ class AsyncSafeBackend:
         inner: GenerationBackend,
         source: list[torch.nn.Module] | None = None,
         shadow: list[torch.nn.Module] | None = None,
+        stream: bool = False,
     ):
         self.inner, self.source, self.shadow = inner, source or [], shadow or []
         self.version = inner.version
         self._lock = threading.Lock()
+        self._stream = torch.cuda.Stream() if stream and torch.cuda.is_available() else None  # see the module doc
+        self._updated: torch.cuda.Event | None = None  # recorded after the last update's copies
 
     def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(trainer tensor, shadow tensor) by name: parameters and floating-point buffers of every chunk."""
@@ -103,7 +111,14 @@ class AsyncSafeBackend:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> GenerationResult:
         with self._lock:
-            return self.inner.generate(prompts, params)
+            if self._stream is None:
+                return self.inner.generate(prompts, params)
+            if self._updated is not None:
+                self._stream.wait_event(self._updated)
+            with torch.cuda.stream(self._stream):
+                result = self.inner.generate(prompts, params)
+            self._stream.synchronize()
+            return result
 
     @torch.no_grad()
     def update_weights(self, version: int) -> None:
@@ -113,6 +128,9 @@ class AsyncSafeBackend:
             for theirs, ours in self._pairs():  # looked up each time: a checkpoint load may re-bind tensors
                 ours.copy_(theirs.detach())
             self.inner.update_weights(version)
+            if self._stream is not None:
+                self._updated = torch.cuda.Event()
+                self._updated.record()  # on the trainer's stream, after the copies
             self.version = version
 
     def sleep(self) -> None:
