@@ -48,6 +48,18 @@ Scaled to one GPU (what is compared is the per-GPU rate):
 - weights are random (Qwen2.5-1.5B shape, bench/shapes.py) and the reward is a pseudo-random function of the
   completion (bench_grpo_step.pseudo_reward): the speed does not depend on either once the lengths are forced.
 
+Options beyond the defaults (the defaults are main's recipe: each of these is off unless asked for):
+- `--proximal train_forward` (algo.proximal_logprobs): no proximal log-prob pass; the update's own forward,
+  detached, serves as the proximal policy. The same update (one optimizer update a step from the weights the
+  pass would read; tests/test_proximal_logprobs.py), one forward over every token less. The reference pass
+  still runs once a step (then at the start of training; its seconds are counted as log-probs).
+- `--recompute none|selective`, `--recompute-num-layers N`, `--micro-batch-tokens`: activation memory against
+  the recompute forward. The engine keeps its KV pool and graphs through training (the loop never calls
+  sleep), so the training activations must fit beside them.
+- `--producer-stream` (rollout.producer_stream): async decoding on a CUDA stream of its own, so its kernels
+  run concurrently with training instead of queueing behind them on the default stream.
+- `--skip-sync`: only the async mode.
+
 Per step the JSON has the wall time, the phases (generation = time inside the engine's generate, reward = the
 rest of the rollout phase: decoding to text, scoring, grouping; log-probs incl. the reference pass; train;
 weight update; advantages + packing), the token counts and tokens/s/GPU; per mode the means over the steps after
@@ -55,6 +67,8 @@ the first. The result file is written after each mode, so a run cut short keeps 
 
     python3 bench/bench_grpo_nemorl.py --out bench/results/grpo_nemorl_h100.json                 # GPU, ~5 min
     python3 bench/bench_grpo_nemorl.py --device cpu --tiny --out /tmp/nemorl.json                # CPU smoke run
+    python3 bench/bench_grpo_nemorl.py --proximal train_forward --recompute none --micro-batch-tokens 8192 \
+        --producer-stream --out /tmp/nemorl_fast.json                                            # GPU, faster
 """
 
 from __future__ import annotations
