@@ -9,13 +9,14 @@ A producer thread generates while the trainer steps. Any backend qualifies:
   the copy's tensors in place (so the engine's tensor references and captured CUDA graphs stay valid).
 
 One lock orders the two threads: a `generate` call (one chunk of prompts) and a weight update never overlap,
-so a chunk is sampled from one version, which its completions carry. On GPU with `stream` (config
-rollout.producer_stream) `generate` runs on a CUDA stream of its own, so decoding and training kernels run
-concurrently instead of queueing on the one default stream: it starts after the last update's copies (an event
-recorded on the trainer's stream) and synchronises its stream before returning, so the next update never writes
-weights a decode kernel still reads. The snapshot costs one extra copy of the
+so a chunk is sampled from one version, which its completions carry. The snapshot costs one extra copy of the
 weights in memory; the trainer's publish waits for at most the in-flight chunk. No backend issues a collective
 inside `generate`, so the producer thread never competes with the trainer's collectives.
+
+On GPU with `stream` (config rollout.producer_stream) `generate` runs on a CUDA stream of its own, so decoding
+and training kernels run concurrently instead of queueing on the one default stream. It starts after the last
+update's copies (an event recorded on the trainer's stream, first after the snapshot's own copy) and
+synchronises its stream before returning, so the next update never writes weights a decode kernel still reads.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def build_async_backend(cfg: RolloutConfig, ctx: RolloutContext) -> AsyncSafeBac
     if not getattr(backend, "shares_trainer_weights", False):
         return AsyncSafeBackend(backend, stream=stream)
     shadow = [detached_clone(chunk) for chunk in ctx.chunks]
-    return AsyncSafeBackend(build_backend(cfg, replace(ctx, chunks=shadow)), ctx.chunks, shadow, stream=stream)
+    inner = build_backend(cfg, replace(ctx, chunks=shadow))
+    return AsyncSafeBackend(inner, ctx.chunks, shadow, stream=stream)
 
 
 class AsyncSafeBackend:
@@ -93,8 +95,13 @@ class AsyncSafeBackend:
         self.inner, self.source, self.shadow = inner, source or [], shadow or []
         self.version = inner.version
         self._lock = threading.Lock()
-        self._stream = torch.cuda.Stream() if stream and torch.cuda.is_available() else None  # see the module doc
-        self._updated: torch.cuda.Event | None = None  # recorded after the last update's copies
+        # the producer's stream (module doc) and the event its next generate waits for: recorded after the last
+        # update's copies, first after the snapshot's own copy (detached_clone, just before)
+        self._stream = torch.cuda.Stream() if stream and torch.cuda.is_available() else None
+        self._updated: torch.cuda.Event | None = None
+        if self._stream is not None:
+            self._updated = torch.cuda.Event()
+            self._updated.record()
 
     def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(trainer tensor, shadow tensor) by name: parameters and floating-point buffers of every chunk."""
