@@ -278,6 +278,8 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int, rows, lengths)
     mode["generate_calls"] = forced.calls
     if torch.cuda.is_available():
         mode["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        mode["peak_gpu_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        mode["gpu_memory_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
     return mode
 
 
