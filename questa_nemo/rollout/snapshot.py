@@ -13,8 +13,9 @@ so a chunk is sampled from one version, which its completions carry. The snapsho
 weights in memory; the trainer's publish waits for at most the in-flight chunk. No backend issues a collective
 inside `generate`, so the producer thread never competes with the trainer's collectives.
 
-On GPU with `stream` (config rollout.producer_stream) `generate` runs on a CUDA stream of its own, so decoding
-and training kernels run concurrently instead of queueing on the one default stream. It starts after the last
+On GPU with `stream` (config rollout.producer_stream) `generate` runs on a CUDA stream of its own (high
+priority), so decoding and training kernels run concurrently instead of queueing on the one default stream
+(there the trainer's first pass after a step's rollouts waited for the producer's next decode). It starts after the last
 update's copies (an event recorded on the trainer's stream, first after the snapshot's own copy) and
 synchronises its stream before returning, so the next update never writes weights a decode kernel still reads.
 """
@@ -97,7 +98,9 @@ class AsyncSafeBackend:
         self._lock = threading.Lock()
         # the producer's stream (module doc) and the event its next generate waits for: recorded after the last
         # update's copies, first after the snapshot's own copy (detached_clone, just before)
-        self._stream = torch.cuda.Stream() if stream and torch.cuda.is_available() else None
+        # high priority: the decode step's small kernels go ahead of queued training blocks (its graphs replay at
+        # the stream's priority), so decoding barely slows and training fills the SMs it leaves idle
+        self._stream = torch.cuda.Stream(priority=-1) if stream and torch.cuda.is_available() else None
         self._updated: torch.cuda.Event | None = None
         if self._stream is not None:
             self._updated = torch.cuda.Event()
