@@ -60,6 +60,9 @@ Options beyond the defaults (the defaults are main's recipe: each of these is of
   run concurrently with training instead of queueing behind them on the default stream.
 - `--skip-sync`: only the async mode.
 
+Before the first step the torch.compile'd log-prob kernels are compiled for varying lengths
+(`warm_logprob_kernels`: what a run's first steps do once), so no setting recompiles inside its timed step.
+
 Per step the JSON has the wall time, the phases (generation = time inside the engine's generate, reward = the
 rest of the rollout phase: decoding to text, scoring, grouping; log-probs incl. the reference pass; train;
 weight update; advantages + packing), the token counts and tokens/s/GPU; per mode the means over the steps after
@@ -182,6 +185,30 @@ class ReferencePass:
         return getattr(self.inner, name)
 
 
+def warm_logprob_kernels(policy, cfg) -> None:
+    """Compile the torch.compile'd log-prob kernels (model/logprobs.py) for varying chunk lengths, with and
+    without grad, before the first step: what a run's first steps do once. Without it a setting whose
+    micro-batches are one chunk each (micro-batch tokens <= model.logprob_chunk_tokens) would see its first
+    second length, and recompile, inside the timed step, while 16K micro-batches (two chunk lengths a row) do
+    it in the warm-up step. Random inputs of the real dtype and shapes; the policy's weights are not touched."""
+    from questa_nemo.model.logprobs import chunked_logprobs, output_weight
+
+    if not torch.cuda.is_available():
+        return
+    weight = output_weight(policy.modules[0]).detach().clone().requires_grad_(True)
+    for grad in (False, True):
+        for n in (1000, 1010):
+            with torch.set_grad_enabled(grad):
+                hidden = torch.randn(n, 1, weight.size(1), device=weight.device, dtype=weight.dtype)
+                hidden.requires_grad_(grad)
+                targets = torch.randint(0, policy.vocab_size, (n, 1), device=weight.device)
+                out = chunked_logprobs(hidden, weight, targets, 1.0, vocab_size=policy.vocab_size,
+                                       chunk_tokens=cfg.model.logprob_chunk_tokens)
+                if grad:  # as in the loss: a dense gradient for the log-probs, none for the entropy
+                    (out.logprobs * torch.randn_like(out.logprobs)).sum().backward()
+    sync_device()
+
+
 def make_rows(args, vocab: int) -> tuple[list[PromptRow], dict[tuple[int, ...], list[int]]]:
     """Prompt rows for every step the producer may draw (random ids, lengths uniform in [prompt_min,
     prompt_max]) and the drawn completion lengths of each row's samples, keyed by its token ids (what the engine
@@ -241,6 +268,7 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int, rows, lengths)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     policy = build_policy(cfg, shape, args.steps)
+    warm_logprob_kernels(policy, cfg)
     trainer = ReferencePass(policy) if args.reference_pass else policy
     ctx = RolloutContext(policy.modules, vocab)
     outer = build_async_backend(cfg.rollout, ctx) if max_staleness > 0 else build_backend(cfg.rollout, ctx)
