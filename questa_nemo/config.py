@@ -185,6 +185,9 @@ class RolloutConfig:
     trtllm_refit_bucket_mb: int = 1024  # trtllm: weights per update_weights RPC (each rank's GPU holds one)
     trtllm_release_weights: bool = False  # trtllm: sleep also drops the engine's weights (the refit refills)
     max_staleness: int = 0  # 0 = synchronous; async: samples at most this many policy versions old (ref: 4)
+    # async on GPU: the producer decodes on a CUDA stream of its own, so its kernels run concurrently with the
+    # trainer's (the same tokens; off: both threads queue on the default stream and the GPU runs one at a time)
+    producer_stream: bool = False
     seed: int = 1
 
     def validate(self) -> None:
@@ -360,6 +363,13 @@ class AlgoConfig:
     filter_max_success: float = 0.95
     filter_enabled: bool = True
     max_prompt_batches: int = 4  # bound on extra prompt batches drawn to refill a filtered step
+    # The decoupled loss's proximal log-probs. recompute: a no-grad forward over the step's tokens before the
+    # update. train_forward: the update's own forward, detached, and no extra pass; the same loss and gradient
+    # (up to the rounding between two forwards): the step makes ONE optimizer update from the weights that
+    # pass would read, so the PPO ratio is 1 in value, whatever the samples' staleness (the behaviour weights
+    # exp(proximal - behaviour) are kept). Not with hints.unhinted_correction (it reweights the advantages by
+    # the proximal log-probs before the update).
+    proximal_logprobs: str = "recompute"
     hints: HintsConfig = field(default_factory=HintsConfig)  # adaptive hints (issue 20); defaults = none
 
     def validate(self) -> None:
@@ -387,6 +397,11 @@ class AlgoConfig:
             )
         if self.max_prompt_batches < 0:
             raise ConfigError("algo.max_prompt_batches", "must be >= 0")
+        if self.proximal_logprobs == "train_forward" and self.hints.unhinted_correction:
+            raise ConfigError(
+                "algo.proximal_logprobs", "train_forward has no log-probs before the update, which "
+                "algo.hints.unhinted_correction reweights the advantages with; use recompute",
+            )
 
 
 # ---------------------------------------------------------------------------------------- optimizer
@@ -651,6 +666,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.advantage": ("reference", "grpo", "drgrpo"),
     "algo.loss_agg": ("token", "sequence", "sequence_sum"),
     "algo.kl_type": ("k1", "k3"),
+    "algo.proximal_logprobs": ("recompute", "train_forward"),
     "eval.mode": ("benchmark", "profile"),
     "eval.preset": EVAL_PRESETS,
     "eval.overlong_prompts": ("error", "truncate"),
