@@ -123,7 +123,7 @@ class ModelConfig:
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn", "mlp"])
     # recompute=full: recompute only the first N layers of each pipeline stage (None = all of them)
     recompute_num_layers: int | None = None
-    fusions: bool = True  # fused RoPE and SwiGLU kernels (model/fused.py; GPU only, ignored on CPU)
+    fusions: bool = True  # fused RoPE, SwiGLU and RMSNorm kernels (model/fused.py; GPU only, ignored on CPU)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None

@@ -140,7 +140,7 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
 
 def layer_spec(cfg: ModelConfig) -> ModuleSpec:
     """The decoder-layer spec: TE's, or megatron's local spec with SDPA core attention (or its own), linear
-    layers with a plain single-rank path (model/linear.py) and, with fusions, our SwiGLU."""
+    layers with a plain single-rank path (model/linear.py) and, with fusions, our SwiGLU and RMSNorm."""
     if uses_te(cfg):
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -151,6 +151,8 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
     mlp.linear_fc1, mlp.linear_fc2 = ColumnLinear, RowLinear
     if own_swiglu_on(cfg):
         mlp.activation_func = fused.SwiGLU
+    if fusions_on(cfg):  # our Triton RMSNorm for the two norms of every layer (the final one stays torch's)
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = fused.RMSNorm
     return spec
 
 
