@@ -123,6 +123,9 @@ class ModelConfig:
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn", "mlp"])
     # recompute=full: recompute only the first N layers of each pipeline stage (None = all of them)
     recompute_num_layers: int | None = None
+    # recompute=full: keep each layer's SDPA attention output instead of recomputing attention in backward
+    # (model/recompute.py; about s x hidden x 2 bytes more a layer, no TE attention)
+    recompute_keep_attention: bool = False
     fusions: bool = True  # fused RoPE, SwiGLU and RMSNorm kernels (model/fused.py; GPU only, ignored on CPU)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -142,6 +145,8 @@ class ModelConfig:
         n = self.recompute_num_layers
         if n is not None and (self.recompute != "full" or n < 1):
             raise ConfigError("model.recompute_num_layers", "needs recompute=full and a value >= 1")
+        if self.recompute_keep_attention and self.recompute != "full":
+            raise ConfigError("model.recompute_keep_attention", "needs recompute=full")
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
             raise ConfigError("model.virtual_pipeline", "needs pipeline_parallel >= 2")
         if self.sequence_parallel and self.tensor_parallel < 2:

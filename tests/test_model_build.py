@@ -56,6 +56,14 @@ def test_recompute_variants_give_the_same_gradients(single_process):
             recompute="selective",
             recompute_modules=["core_attn", "mlp"],
         ),
+        ModelConfig(params_dtype="fp32", attention="sdpa", recompute="full", recompute_keep_attention=True),
+        ModelConfig(
+            params_dtype="fp32",
+            attention="sdpa",
+            recompute="full",
+            recompute_num_layers=1,
+            recompute_keep_attention=True,
+        ),
     ]
     for cfg in variants:
         got = _grads(cfg, ref, hf)
@@ -64,6 +72,54 @@ def test_recompute_variants_give_the_same_gradients(single_process):
             torch.testing.assert_close(
                 got[name], expected[name], rtol=1e-5, atol=1e-6, msg=f"{cfg.recompute}: {name}"
             )
+
+
+def test_keep_attention_recompute_runs_attention_once(single_process):
+    """Backward reruns each layer but not its fused SDPA op (plain full recompute reruns it); megatron's own
+    recompute is off; a forward without grad is not checkpointed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from questa_nemo.model.logprobs import final_hidden_states
+    from questa_nemo.model.megatron import build_model, transformer_config_from_hf
+    from questa_nemo.model.recompute import KEPT_OPS
+
+    class CountAttention(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func in KEPT_OPS
+            return func(*args, **(kwargs or {}))
+
+    _, hf = tiny_hf_model("qwen2")
+    layers = hf["num_hidden_layers"]
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
+    reruns = {}
+    for keep in (False, True):
+        cfg = ModelConfig(
+            params_dtype="fp32", attention="sdpa", recompute="full", recompute_keep_attention=keep
+        )
+        assert (transformer_config_from_hf(hf, cfg).recompute_granularity is None) == keep
+        model = build_model(hf, cfg)
+        model.train()
+        with CountAttention() as forward:
+            hidden = final_hidden_states(model, ids, torch.arange(8)[None])
+        with CountAttention() as backward:
+            hidden.float().pow(2).mean().backward()
+        assert forward.calls == layers
+        reruns[keep] = backward.calls
+        with torch.no_grad(), CountAttention() as inference:
+            final_hidden_states(model, ids, torch.arange(8)[None])
+        assert inference.calls == layers
+    assert reruns == {False: layers, True: 0}
+
+
+def test_keep_attention_needs_full_recompute():
+    from questa_nemo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.recompute_keep_attention"):
+        ModelConfig(recompute="selective", recompute_keep_attention=True).validate()
 
 
 def test_bf16_build_has_only_bf16_parameters(single_process):
