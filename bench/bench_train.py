@@ -18,6 +18,9 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   rope=megatron                   mcore, fusions=1: megatron's unfused RoPE instead of ours
   swiglu=megatron                 mcore, fusions=1: megatron's torch.compile'd SwiGLU instead of ours
   compile=0|1                     torch.compile every decoder layer (both impls)
+  newstuff=0|1                    mcore: 0 = the layers as before the Triton RMSNorm (torch's RMSNorm; default 1)
+  keepattn=0|1                    recompute=full: keep each layer's attention output instead of recomputing it
+                                  (mcore: model.recompute_keep_attention; hf: the same selective checkpoint policy)
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
   chunk=N                         mcore: tokens per log-prob chunk (default: ModelConfig's)
   docs=N                          mcore: pack N equal causal sequences into the micro-batch (THD, default 1)
@@ -76,6 +79,17 @@ PRESETS: dict[str, list[str]] = {
         "32768/mcore:recompute=full,layers=20",
         "8192/mcore:recompute=none,docs=8",
     ],
+    "trainspeed": [  # issue 21's training rows, before (newstuff=0: main's layers) and after, one call
+        "8192/hf:recompute=none,compile=1",
+        "8192/mcore:recompute=none,newstuff=0",
+        "8192/mcore:recompute=none",
+        "32768/hf:recompute=full",
+        "32768/mcore:recompute=full,newstuff=0",
+        "32768/mcore:recompute=full",
+        "32768/mcore:recompute=full,keepattn=1",
+        "32768/hf:recompute=full,keepattn=1",  # the same attention-keeping policy for transformers
+        "8192/mcore:recompute=none,compile=1",
+    ],
     "tiny": [
         "64/hf:recompute=none",
         "64/mcore:recompute=none",
@@ -84,6 +98,9 @@ PRESETS: dict[str, list[str]] = {
         "64/mcore:recompute=selective",
         "64/mcore:recompute=full,layers=1,chunk=16",
         "64/mcore:recompute=none,docs=4",
+        "64/mcore:recompute=full,keepattn=1",
+        "64/hf:recompute=full,keepattn=1",
+        "64/mcore:recompute=none,newstuff=0",
     ],
 }
 
@@ -112,7 +129,8 @@ def parse_run(text: str) -> Run:
     if impl not in ("mcore", "hf"):
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
-    known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum"}
+    known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
+             "newstuff", "keepattn"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
     return Run(int(seq), impl, options)
@@ -165,9 +183,12 @@ def build_mcore(hf: dict, run: Run, device: str):
         recompute=recompute,
         recompute_num_layers=int(run.options["layers"]) if "layers" in run.options else None,
         fusions=run.options.get("fusions", "1") == "1",
+        recompute_keep_attention=run.options.get("keepattn") == "1",
     )
     model = build_model(hf, cfg)
     model.train()
+    if run.options.get("newstuff") == "0":
+        torch_norms(model)
     if run.options.get("rope") == "megatron":
         model.config.apply_rope_fusion = False
     if run.options.get("swiglu") == "megatron":  # megatron's own fusion, as built without ours
@@ -203,6 +224,21 @@ def build_mcore(hf: dict, run: Run, device: str):
     return model, loss_fn
 
 
+def torch_norms(model) -> None:
+    """Swap our Triton RMSNorm submodules back to torch.nn.RMSNorm (same weights): the layers as before."""
+    from questa_nemo.model import fused
+
+    for layer in model.decoder.layers:
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            ours = getattr(layer, name)
+            if isinstance(ours, fused.RMSNorm):
+                norm = torch.nn.RMSNorm(ours.weight.numel(), eps=ours.eps)
+                norm.to(device=ours.weight.device, dtype=ours.weight.dtype)
+                with torch.no_grad():
+                    norm.weight.copy_(ours.weight)
+                setattr(layer, name, norm)
+
+
 def build_hf(hf: dict, run: Run, device: str):
     """(model, step_loss) for transformers' Qwen2ForCausalLM with SDPA attention."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -215,7 +251,12 @@ def build_hf(hf: dict, run: Run, device: str):
     model.train()
     recompute = run.options.get("recompute", "none")
     if recompute == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs: dict = {"use_reentrant": False}
+        if run.options.get("keepattn") == "1":
+            from questa_nemo.model.recompute import keep_attention_contexts
+
+            kwargs["context_fn"] = keep_attention_contexts
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     elif recompute != "none":
         raise SystemExit(f"run {run.label}: transformers has recompute none or full only")
     if run.options.get("compile") == "1":
@@ -264,13 +305,31 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
         e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
     ]
     kernels.sort(key=lambda e: e.time_range.start)
-    gaps = []  # GPU idle between consecutive kernels: (us, at ms from the first kernel, after, before)
+    gaps = []  # GPU idle between consecutive kernels: (us, at ms from the first kernel, after, before, span)
     first = kernels[0].time_range.start if kernels else 0
     busy_until = kernels[0].time_range.end if kernels else 0
     for prev, e in zip(kernels, kernels[1:]):
         if e.time_range.start - busy_until > 20:
-            gaps.append((e.time_range.start - busy_until, (busy_until - first) / 1e3, prev.name, e.name))
+            span = (busy_until, e.time_range.start)
+            gaps.append((e.time_range.start - busy_until, (busy_until - first) / 1e3, prev.name, e.name, span))
         busy_until = max(busy_until, e.time_range.end)
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+
+    def host_during(span) -> list[str]:
+        """The host ops that overlapped a GPU gap most (what the host was doing while the GPU waited)."""
+        lo, hi = span
+        overlaps: dict[str, float] = {}
+        for e in host:
+            covered = min(hi, e.time_range.end) - max(lo, e.time_range.start)
+            if covered > 5:
+                overlaps[e.name] = max(overlaps.get(e.name, 0.0), covered)
+        return [f"{n[:70]} {us:.0f}us" for n, us in sorted(overlaps.items(), key=lambda kv: -kv[1])[:8]]
+
+    host_ops: dict[str, list] = {}  # host self time per op name: [calls, ms]
+    for e in host:
+        entry = host_ops.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.self_cpu_time_total / 1e3
     span_ms = (busy_until - first) / 1e3
     by_kind: dict[str, float] = {}
     by_name: dict[str, list] = {}
@@ -288,8 +347,12 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
         "gpu_span_ms": span_ms,
         "gpu_idle_ms": sum(g[0] for g in gaps) / 1e3,
         "largest_gaps": [
-            {"us": g, "at_ms": at, "after": a[:100], "before": b[:100]}
-            for g, at, a, b in sorted(gaps, reverse=True)[:15]
+            {"us": g, "at_ms": at, "after": a[:100], "before": b[:100], "host_during": host_during(span)}
+            for g, at, a, b, span in sorted(gaps, key=lambda gap: -gap[0])[:15]
+        ],
+        "host_self_ms_top": [
+            {"name": n[:120], "calls": c, "self_ms": ms}
+            for n, (c, ms) in sorted(host_ops.items(), key=lambda kv: -kv[1][1])[:40]
         ],
         "ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "top_kernels": [
@@ -441,6 +504,22 @@ def check_fused_kernels(device: str) -> dict:
     rope["rope_thd_max_abs_diff"] = (
         (fused.fused_rope_thd(packed, cu, freqs[:5192]).float() - thd_ref).abs().max().item()
     )
+    # RMSNorm at the model's shape: ours (Triton) and torch's (the layers before) vs the fp32 reference
+    x = (torch.randn(8192, 1536, device="cuda", generator=g) * 4).bfloat16().requires_grad_()
+    w = (1 + 0.1 * torch.randn(1536, device="cuda", generator=g)).bfloat16().requires_grad_()
+    up = torch.randn(8192, 1536, device="cuda", dtype=torch.bfloat16, generator=g)
+    ref_x, ref_w = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = fused.rmsnorm_reference(ref_x, ref_w, 1e-6)
+    ref_grads = torch.autograd.grad(ref, (ref_x, ref_w), up.float())
+    for name, fn in (("ours", fused._RMSNormFunction.apply), ("torch", torch.nn.functional.rms_norm)):
+        args = (x, w, 1e-6) if name == "ours" else (x, (1536,), w, 1e-6)
+        out = fn(*args)
+        grads = torch.autograd.grad(out, (x, w), up)
+        rope[f"rmsnorm_{name}_max_abs_diff"] = (out.float() - ref).abs().max().item()
+        rope[f"rmsnorm_{name}_dx_max_abs_diff"] = (grads[0].float() - ref_grads[0]).abs().max().item()
+        rope[f"rmsnorm_{name}_dw_max_rel_diff"] = (
+            (grads[1].float() - ref_grads[1]).abs().max() / ref_grads[1].abs().max()
+        ).item()
     return {
         "swiglu_forward_max_abs_diff": (outs[0] - outs[1]).abs().max().item(),
         "swiglu_backward_max_abs_diff": (grads[0] - grads[1]).abs().max().item(),

@@ -44,14 +44,28 @@ def rope_tables(freqs: torch.Tensor, t: torch.Tensor, cu_seqlens: torch.Tensor |
     the tables of the last call are reused: one computation per forward instead of two per layer."""
     global _tables
     dtype = torch.promote_types(t.dtype, torch.float32)
-    if _tables and _tables[0] is freqs and _tables[1] is cu_seqlens and _tables[2].dtype == dtype:
+    compiling = torch.compiler.is_compiling()  # a compiled layer computes its own (fused into its graph)
+    if (
+        not compiling
+        and _tables
+        and _tables[0] is freqs
+        and _tables[1] is cu_seqlens
+        and _tables[2].dtype == dtype
+    ):
         return _tables[2], _tables[3]
     angles = freqs.to(dtype)
     if cu_seqlens is not None:
         angles = angles[segment_positions(cu_seqlens, t.size(0))]
     cos, sin = angles.cos(), angles.sin()
-    _tables = (freqs, cu_seqlens, cos, sin)
+    if not compiling:
+        _tables = (freqs, cu_seqlens, cos, sin)
     return cos, sin
+
+
+def forget_rope_tables() -> None:
+    """Drop the cached cos / sin tables (the next RoPE call computes them again)."""
+    global _tables
+    _tables = ()
 
 
 def segment_positions(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -24,6 +24,8 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from questa_nemo.model import fused
+
 _aten = torch.ops.aten
 # The fused SDPA ops torch dispatches to (CUDA: cuDNN / flash / memory-efficient; CPU: flash for CPU).
 KEPT_OPS = frozenset(
@@ -40,7 +42,8 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _contexts():
+def keep_attention_contexts():
+    """`context_fn` for torch.utils.checkpoint: save the fused SDPA ops' outputs, recompute the rest."""
     return create_selective_checkpoint_contexts(_policy)
 
 
@@ -57,4 +60,11 @@ def keep_attention_recompute(layers) -> None:
 def _checkpointed_forward(forward, *args, **kwargs):
     if not torch.is_grad_enabled():  # no backward will come: nothing to save or recompute
         return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
+
+    def run(*args, **kwargs):
+        # The recompute must issue the ops the forward issued: RoPE's cos / sin tables are cached across
+        # layers (model/fused.py), so each run starts without them and computes its own.
+        fused.forget_rope_tables()
+        return forward(*args, **kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False, context_fn=keep_attention_contexts, **kwargs)
