@@ -562,6 +562,27 @@ def main(argv: list[str] | None = None) -> int:
     fused_check = check_fused_kernels(args.device)
     if fused_check:
         print("fused kernels vs reference:", json.dumps(fused_check), flush=True)
+    import megatron.core
+    import transformers
+
+    from questa_nemo.atomic import write_text_atomic
+
+    def write_result() -> None:  # after every run: a call killed at its time limit keeps what it measured
+        result = {
+            "card": card,
+            "peak_bf16_tflops": peak,
+            "torch": torch.__version__,
+            "megatron_core": megatron.core.__version__,
+            "transformers": transformers.__version__,
+            "model": hf,
+            "flops_per_token": {str(r.seq): flops_per_token(hf, r.seq) for r in runs},
+            "fused_kernel_check": fused_check,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "runs": [{**asdict(r), "label": r.label} for r in runs],
+        }
+        write_text_atomic(args.out, json.dumps(result, indent=2))
+
     began = time.perf_counter()
     for run in runs:
         if time.perf_counter() - began > args.time_budget_s:
@@ -579,27 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         mem = f"{run.peak_mem_gib:5.1f} GiB" if run.peak_mem_gib else "      n/a"
         host = "  host " + "/".join(f"{v:.0f}" for v in run.host_ms.values()) if run.host_ms else ""
         print(f"{run.label:55s} {tps} tok/s  MFU {mfu}  peak {mem}  {run.status}{host}", flush=True)
+        write_result()
     destroy_distributed()
-
-    import megatron.core
-    import transformers
-
-    result = {
-        "card": card,
-        "peak_bf16_tflops": peak,
-        "torch": torch.__version__,
-        "megatron_core": megatron.core.__version__,
-        "transformers": transformers.__version__,
-        "model": hf,
-        "flops_per_token": {str(r.seq): flops_per_token(hf, r.seq) for r in runs},
-        "fused_kernel_check": fused_check,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "runs": [{**asdict(r), "label": r.label} for r in runs],
-    }
-    from questa_nemo.atomic import write_text_atomic
-
-    write_text_atomic(args.out, json.dumps(result, indent=2))
+    write_result()
     print(f"wrote {args.out} ({card})")
     return 0 if all(r.status in ("ok", "oom") or r.status.startswith("skipped") for r in runs) else 1
 
