@@ -19,6 +19,7 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   swiglu=megatron                 mcore, fusions=1: megatron's torch.compile'd SwiGLU instead of ours
   compile=0|1                     torch.compile every decoder layer (both impls)
   newstuff=0|1                    mcore: 0 = the layers as before the Triton RMSNorm (torch's RMSNorm; default 1)
+  vcontig=1                       mcore: attention's value made contiguous (it is a view into the fused qkv output)
   keepattn=0|1                    recompute=full: keep each layer's attention output instead of recomputing it
                                   (mcore: model.recompute_keep_attention; hf: the same selective checkpoint policy)
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
@@ -83,12 +84,14 @@ PRESETS: dict[str, list[str]] = {
         "8192/hf:recompute=none,compile=1",
         "8192/mcore:recompute=none,newstuff=0",
         "8192/mcore:recompute=none",
+        "8192/mcore:recompute=none,compile=1",
         "32768/hf:recompute=full",
         "32768/mcore:recompute=full,newstuff=0",
         "32768/mcore:recompute=full",
         "32768/mcore:recompute=full,keepattn=1",
         "32768/hf:recompute=full,keepattn=1",  # the same attention-keeping policy for transformers
-        "8192/mcore:recompute=none,compile=1",
+        "8192/mcore:recompute=none,compile=1,newstuff=0",
+        "8192/mcore:recompute=none,vcontig=1",
     ],
     "tiny": [
         "64/hf:recompute=none",
@@ -100,7 +103,7 @@ PRESETS: dict[str, list[str]] = {
         "64/mcore:recompute=none,docs=4",
         "64/mcore:recompute=full,keepattn=1",
         "64/hf:recompute=full,keepattn=1",
-        "64/mcore:recompute=none,newstuff=0",
+        "64/mcore:recompute=none,newstuff=0,vcontig=1",
     ],
 }
 
@@ -111,7 +114,8 @@ class Run:
     impl: str  # mcore | hf
     options: dict[str, str]
     status: str = "pending"  # ok | oom | error: ... | skipped: ...
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # from the mean step time
+    tokens_per_s_median: float | None = None  # from the median step time (robust to one slow step)
     mfu: float | None = None
     step_s: list[float] = field(default_factory=list)
     host_ms: dict[str, float] = field(default_factory=dict)  # host time to issue each phase of one step
@@ -130,7 +134,7 @@ def parse_run(text: str) -> Run:
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
     known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
-             "newstuff", "keepattn"}  # fmt: skip
+             "newstuff", "keepattn", "vcontig"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
     return Run(int(seq), impl, options)
@@ -189,6 +193,10 @@ def build_mcore(hf: dict, run: Run, device: str):
     model.train()
     if run.options.get("newstuff") == "0":
         torch_norms(model)
+    if run.options.get("vcontig") == "1":
+        for layer in model.decoder.layers:
+            core = layer.self_attention.core_attention
+            core.forward = contiguous_value(core.forward)
     if run.options.get("rope") == "megatron":
         model.config.apply_rope_fusion = False
     if run.options.get("swiglu") == "megatron":  # megatron's own fusion, as built without ours
@@ -237,6 +245,13 @@ def torch_norms(model) -> None:
                 with torch.no_grad():
                     norm.weight.copy_(ours.weight)
                 setattr(layer, name, norm)
+
+
+def contiguous_value(forward):
+    def wrapped(query, key, value, *args, **kwargs):
+        return forward(query, key, value.contiguous(), *args, **kwargs)
+
+    return wrapped
 
 
 def build_hf(hf: dict, run: Run, device: str):
@@ -453,6 +468,7 @@ def measure(
             )
     mean_step = sum(run.step_s) / len(run.step_s)
     run.tokens_per_s = accum * run.seq / mean_step
+    run.tokens_per_s_median = accum * run.seq / sorted(run.step_s)[len(run.step_s) // 2]
     if peak is not None:
         attended = run.seq // int(run.options.get("docs", 1))
         run.mfu = run.tokens_per_s * flops_per_token(hf, attended) / (peak * 1e12)
@@ -597,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         free_device(args.device)
         mfu = f"{run.mfu:6.1%}" if run.mfu is not None else "   n/a"
         tps = f"{run.tokens_per_s:9.0f}" if run.tokens_per_s else "      n/a"
+        if run.tokens_per_s_median:
+            tps += f" (median {run.tokens_per_s_median:.0f})"
         mem = f"{run.peak_mem_gib:5.1f} GiB" if run.peak_mem_gib else "      n/a"
         host = "  host " + "/".join(f"{v:.0f}" for v in run.host_ms.values()) if run.host_ms else ""
         print(f"{run.label:55s} {tps} tok/s  MFU {mfu}  peak {mem}  {run.status}{host}", flush=True)

@@ -158,21 +158,16 @@ def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[
 
 
 def rmsnorm_backward(
-    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, programs: int | None = None
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, programs: int = 512
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (dx like x, dw like weight) of `rmsnorm_forward` for upstream g; `programs`: row blocks
-    whose fp32 partial weight gradients are summed at the end (default: 4 per SM on CUDA)."""
+    """Gradients (dx like x, dw like weight) of `rmsnorm_forward` for upstream g. Rows are split into about
+    `programs` blocks (a power of two rows each, at most 64: a compile-time constant, so micro-batches of any
+    length share a handful of compiled variants); their fp32 partial weight gradients are summed at the end."""
     n = x.size(-1)
     x2d, g2d = x.reshape(-1, n).contiguous(), g.reshape(-1, n).contiguous()
     rows = x2d.size(0)
     dx = torch.empty_like(x2d)
-    if programs is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-        programs = 4 * sms
-    programs = max(1, min(programs, rows))
-    # a power of two rows per program (a compile-time constant): packed micro-batches of any length share
-    # a handful of compiled variants
-    per_program = triton.next_power_of_2(triton.cdiv(rows, programs)) if rows else 1
+    per_program = min(triton.next_power_of_2(triton.cdiv(rows, max(programs, 1))), 64) if rows else 1
     programs = triton.cdiv(rows, per_program) if rows else 1
     partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)  # every program writes its row
     if rows:
