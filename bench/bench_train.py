@@ -188,6 +188,7 @@ def build_mcore(hf: dict, run: Run, device: str):
         recompute_num_layers=int(run.options["layers"]) if "layers" in run.options else None,
         fusions=run.options.get("fusions", "1") == "1",
         recompute_keep_attention=run.options.get("keepattn") == "1",
+        compile=run.options.get("compile") == "1",  # model.compile: every decoder layer
     )
     model = build_model(hf, cfg)
     model.train()
@@ -204,9 +205,6 @@ def build_mcore(hf: dict, run: Run, device: str):
         for layer in model.decoder.layers:
             del layer.mlp.activation_func
             layer.mlp.activation_func = torch.nn.functional.silu
-    if run.options.get("compile") == "1":
-        for layer in model.decoder.layers:
-            layer.compile()
     chunk = int(run.options.get("chunk", cfg.logprob_chunk_tokens))
     docs = int(run.options.get("docs", 1))
     packed, positions = None, torch.arange(run.seq, device=device)[None]

@@ -127,6 +127,7 @@ class ModelConfig:
     # (model/recompute.py; about s x hidden x 2 bytes more a layer, no TE attention)
     recompute_keep_attention: bool = False
     fusions: bool = True  # fused RoPE, SwiGLU and RMSNorm kernels (model/fused.py; GPU only, ignored on CPU)
+    compile: bool = False  # torch.compile every decoder layer (GPU only, ignored on CPU; not with TE attention)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None

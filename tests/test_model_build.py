@@ -214,3 +214,56 @@ def test_model_yaml_loads_and_validates(name, tmp_path):
     validate(cfg)
     validate_model_shapes(cfg.model, read_hf_config(cfg.model.hf_config))
     assert isinstance(cfg, Config) and cfg.model.recompute in ("none", "full")
+
+
+def test_layers_trace_under_torch_compile_with_packed_batches(single_process, monkeypatch):
+    """model.compile's path, traced by dynamo (eager backend: no C++ compiler needed): our fused modules (CPU
+    reference maths) and packed attention (kept eager) give the uncompiled model's outputs and gradients over
+    micro-batches of varying packing; compile is off on CPU (`compile_on`)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from questa_nemo.model import fused
+    from questa_nemo.model import megatron as mg
+    from questa_nemo.model.logprobs import final_hidden_states
+
+    ref, hf = tiny_hf_model("qwen2")
+    cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none", compile=True)
+    assert not mg.compile_on(cfg)
+    monkeypatch.setattr(mg, "fusions_on", lambda cfg: True)
+    models = []
+    for compiled in (False, True):
+        model = mg.build_model(hf, cfg)
+        mg.load_hf_weights(model, ref.state_dict(), hf, cfg)
+        if compiled:
+            for layer in model.decoder.layers:
+                layer.compile(backend="eager")
+        models.append(model)
+    try:
+        for cuts in ([0, 9, 20], [0, 4, 11, 17], [0, 15]):
+            cu = torch.tensor(cuts, dtype=torch.int32)
+            longest = int(cu.diff().max())
+            params = PackedSeqParams(
+                qkv_format="thd",
+                cu_seqlens_q=cu,
+                cu_seqlens_kv=cu,
+                max_seqlen_q=longest,
+                max_seqlen_kv=longest,
+            )
+            ids = torch.randint(0, VOCAB, (1, cuts[-1]), generator=torch.Generator().manual_seed(cuts[1]))
+            positions = fused.segment_positions(cu, cuts[-1])[None]
+            outs, grads = [], []
+            for model in models:
+                model.zero_grad()
+                hidden = final_hidden_states(model, ids, positions, packed_seq_params=params)
+                hidden.pow(2).mean().backward()
+                outs.append(hidden.detach())
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+            assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+            for name, grad in grads[0].items():
+                torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    finally:
+        torch._dynamo.reset()
+        from megatron.core.models.common.embeddings import rope_utils
+
+        rope_utils.fused_apply_rotary_pos_emb = rope_utils.fused_apply_rotary_pos_emb_thd = None

@@ -164,6 +164,17 @@ def fusions_on(cfg: ModelConfig) -> bool:
     return cfg.fusions and torch.cuda.is_available()
 
 
+def compile_on(cfg: ModelConfig) -> bool:
+    """torch.compile of the decoder layers: asked for, on GPU (CPU runs stay eager), not with TE attention."""
+    if not (cfg.compile and torch.cuda.is_available()):
+        return False
+    if uses_te(cfg):
+        raise ConfigError(
+            "model.compile", "not supported with Transformer Engine attention (use attention=sdpa)"
+        )
+    return True
+
+
 def own_swiglu_on(cfg: ModelConfig) -> bool:
     """Our SwiGLU as the MLP's activation submodule: with fusions, without TE, on megatron-core 0.15+."""
     return fusions_on(cfg) and not uses_te(cfg) and mcore_compat.HAS_ACTIVATION_SUBMODULE
@@ -233,6 +244,9 @@ def build_model(
         keep_attention_recompute(
             layers if cfg.recompute_num_layers is None else layers[: cfg.recompute_num_layers]
         )
+    if compile_on(cfg):
+        for layer in model.decoder.layers:  # one compiled graph serves every layer (parameters are inputs)
+            layer.compile()
     return model
 
 
