@@ -179,43 +179,6 @@ def test_packed_sdpa_is_causal_within_segments_and_zero_on_padding(lengths):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_bench_train_cpu_smoke(tmp_path):
-    sys.path.insert(0, str(REPO / "bench"))
-    import bench_train
-
-    out = tmp_path / "bench.json"
-    runs = ["32/mcore:recompute=full,chunk=8", "32/mcore:recompute=selective,docs=3", "32/hf:recompute=none",
-            "32/mcore:recompute=full,keepattn=1,newstuff=0"]  # fmt: skip
-    code = bench_train.main(["--device", "cpu", "--tiny", "--preset", "none", "--runs", *runs,
-                             "--steps", "1", "--warmup", "1", "--out", str(out)])  # fmt: skip
-    result = json.loads(out.read_text())
-    assert code == 0 and result["card"] == "cpu"
-    assert [r["status"] for r in result["runs"]] == ["ok", "ok", "ok", "ok"]
-    assert all(bench_train.parse_run(run) for preset in bench_train.PRESETS.values() for run in preset)
-    assert all(r["tokens_per_s"] > 0 for r in result["runs"])
-    assert bench_train.flops_per_token(bench_train.QWEN25_15B, 8192) == pytest.approx(11.36e9, rel=0.01)
-
-
-@pytest.mark.parametrize("name", ["openmath_nemotron_1p5b", "world_cpu"])
-def test_model_yaml_loads_and_validates(name, tmp_path):
-    """conf/model/*.yaml merge into the schema; the reference one against a Qwen2.5-1.5B-shaped config.json."""
-    from omegaconf import OmegaConf
-
-    from questa_nemo.config import Config, read_hf_config, to_config, validate, validate_model_shapes
-
-    sys.path.insert(0, str(REPO / "bench"))
-    import bench_train
-
-    raw = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
-    if name == "openmath_nemotron_1p5b":
-        (tmp_path / "config.json").write_text(json.dumps(bench_train.QWEN25_15B))
-        raw.hf_config = raw.checkpoint = str(tmp_path)
-    cfg = to_config({"model": raw, "train": {"micro_batch_tokens": 10**6}})
-    validate(cfg)
-    validate_model_shapes(cfg.model, read_hf_config(cfg.model.hf_config))
-    assert isinstance(cfg, Config) and cfg.model.recompute in ("none", "full")
-
-
 def test_layers_trace_under_torch_compile_with_packed_batches(single_process, monkeypatch):
     """model.compile's path, traced by dynamo (eager backend: no C++ compiler needed): our fused modules (CPU
     reference maths) and packed attention (kept eager) give the uncompiled model's outputs and gradients over
@@ -267,3 +230,40 @@ def test_layers_trace_under_torch_compile_with_packed_batches(single_process, mo
         from megatron.core.models.common.embeddings import rope_utils
 
         rope_utils.fused_apply_rotary_pos_emb = rope_utils.fused_apply_rotary_pos_emb_thd = None
+
+
+def test_bench_train_cpu_smoke(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_train
+
+    out = tmp_path / "bench.json"
+    runs = ["32/mcore:recompute=full,chunk=8", "32/mcore:recompute=selective,docs=3", "32/hf:recompute=none",
+            "32/mcore:recompute=full,keepattn=1,newstuff=0"]  # fmt: skip
+    code = bench_train.main(["--device", "cpu", "--tiny", "--preset", "none", "--runs", *runs,
+                             "--steps", "1", "--warmup", "1", "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert code == 0 and result["card"] == "cpu"
+    assert [r["status"] for r in result["runs"]] == ["ok", "ok", "ok", "ok"]
+    assert all(bench_train.parse_run(run) for preset in bench_train.PRESETS.values() for run in preset)
+    assert all(r["tokens_per_s"] > 0 for r in result["runs"])
+    assert bench_train.flops_per_token(bench_train.QWEN25_15B, 8192) == pytest.approx(11.36e9, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["openmath_nemotron_1p5b", "world_cpu"])
+def test_model_yaml_loads_and_validates(name, tmp_path):
+    """conf/model/*.yaml merge into the schema; the reference one against a Qwen2.5-1.5B-shaped config.json."""
+    from omegaconf import OmegaConf
+
+    from questa_nemo.config import Config, read_hf_config, to_config, validate, validate_model_shapes
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_train
+
+    raw = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+    if name == "openmath_nemotron_1p5b":
+        (tmp_path / "config.json").write_text(json.dumps(bench_train.QWEN25_15B))
+        raw.hf_config = raw.checkpoint = str(tmp_path)
+    cfg = to_config({"model": raw, "train": {"micro_batch_tokens": 10**6}})
+    validate(cfg)
+    validate_model_shapes(cfg.model, read_hf_config(cfg.model.hf_config))
+    assert isinstance(cfg, Config) and cfg.model.recompute in ("none", "full")
