@@ -476,7 +476,7 @@ def measure(
 
 
 def check_fused_kernels(device: str) -> dict:
-    """Max |difference| of our GPU kernels (Triton SwiGLU and RoPE) from the reference maths, bf16."""
+    """Max |difference| of our GPU kernels (Triton SwiGLU, RoPE, RMSNorm) from the reference maths, bf16."""
     if device != "cuda":
         return {}
     from megatron.core.models.common.embeddings import rope_utils
@@ -521,19 +521,18 @@ def check_fused_kernels(device: str) -> dict:
     # RMSNorm at the model's shape: ours (Triton) and torch's (the layers before) vs the fp32 reference
     x = (torch.randn(8192, 1536, device="cuda", generator=g) * 4).bfloat16().requires_grad_()
     w = (1 + 0.1 * torch.randn(1536, device="cuda", generator=g)).bfloat16().requires_grad_()
-    up = torch.randn(8192, 1536, device="cuda", dtype=torch.bfloat16, generator=g)
-    ref_x, ref_w = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    ref = fused.rmsnorm_reference(ref_x, ref_w, 1e-6)
-    ref_grads = torch.autograd.grad(ref, (ref_x, ref_w), up.float())
-    for name, fn in (("ours", fused._RMSNormFunction.apply), ("torch", torch.nn.functional.rms_norm)):
-        args = (x, w, 1e-6) if name == "ours" else (x, (1536,), w, 1e-6)
-        out = fn(*args)
-        grads = torch.autograd.grad(out, (x, w), up)
-        rope[f"rmsnorm_{name}_max_abs_diff"] = (out.float() - ref).abs().max().item()
-        rope[f"rmsnorm_{name}_dx_max_abs_diff"] = (grads[0].float() - ref_grads[0]).abs().max().item()
-        rope[f"rmsnorm_{name}_dw_max_rel_diff"] = (
-            (grads[1].float() - ref_grads[1]).abs().max() / ref_grads[1].abs().max()
-        ).item()
+    g_norm = torch.randn(8192, 1536, device="cuda", dtype=torch.bfloat16, generator=g)
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    norm_ref = fused.rmsnorm_reference(x32, w32, 1e-6)
+    dx_ref, dw_ref = torch.autograd.grad(norm_ref, (x32, w32), g_norm.float())
+    norms = {"ours": lambda: fused._RMSNormFunction.apply(x, w, 1e-6),
+             "torch": lambda: torch.nn.functional.rms_norm(x, (1536,), w, 1e-6)}  # fmt: skip
+    for name, norm in norms.items():
+        normed = norm()
+        dx, dw = torch.autograd.grad(normed, (x, w), g_norm)
+        rope[f"rmsnorm_{name}_max_abs_diff"] = (normed.float() - norm_ref).abs().max().item()
+        rope[f"rmsnorm_{name}_dx_max_abs_diff"] = (dx.float() - dx_ref).abs().max().item()
+        rope[f"rmsnorm_{name}_dw_max_rel_diff"] = ((dw.float() - dw_ref).abs().max() / dw_ref.abs().max()).item()
     return {
         "swiglu_forward_max_abs_diff": (outs[0] - outs[1]).abs().max().item(),
         "swiglu_backward_max_abs_diff": (grads[0] - grads[1]).abs().max().item(),
