@@ -11,7 +11,9 @@ recompute saves.
 selective policy: the fused SDPA op's outputs (output, log-sum-exp, RNG state) are saved in the forward and
 handed back during recompute; every other op is recomputed as in megatron's full recompute. Attention's
 backward then runs from the recomputed query / key / value and the saved output, exactly what it would
-have used without recompute, so gradients are unchanged (the tests compare them).
+have used without recompute, so gradients are unchanged (the tests compare them). torch's non-reentrant
+checkpoint also stops recomputing once backward has every tensor it saved, so the MLP's down projection,
+whose output backward does not need, is not rerun either (megatron's reentrant recompute reruns it).
 
 Only torch's SDPA attention (model/attention.py) is kept: Transformer Engine's attention is not an aten op,
 so with TE the policy would save nothing; `build_model` refuses that combination.
