@@ -20,8 +20,9 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   compile=0|1                     torch.compile every decoder layer (both impls)
   newstuff=0|1                    mcore: 0 = the layers as before the Triton RMSNorm (torch's RMSNorm; default 1)
   vcontig=1                       mcore: attention's value made contiguous (it is a view into the fused qkv output)
+  ckpt=megatron|torch             mcore, recompute=full: megatron's reentrant checkpoint or torch's (model.recompute_impl)
   keepattn=0|1                    recompute=full: keep each layer's attention output instead of recomputing it
-                                  (mcore: model.recompute_keep_attention; hf: the same selective checkpoint policy)
+                                  (mcore: model.recompute_keep_attention, implies ckpt=torch; hf: the same policy)
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
   chunk=N                         mcore: tokens per log-prob chunk (default: ModelConfig's)
   docs=N                          mcore: pack N equal causal sequences into the micro-batch (THD, default 1)
@@ -87,6 +88,7 @@ PRESETS: dict[str, list[str]] = {
         "32768/hf:recompute=full",
         "32768/mcore:recompute=full,newstuff=0",
         "32768/mcore:recompute=full",
+        "32768/mcore:recompute=full,ckpt=torch",
         "32768/mcore:recompute=full,keepattn=1",
         "8192/mcore:recompute=none,compile=1",
     ],
@@ -108,6 +110,7 @@ PRESETS: dict[str, list[str]] = {
         "64/mcore:recompute=full,layers=1,chunk=16",
         "64/mcore:recompute=none,docs=4",
         "64/mcore:recompute=full,keepattn=1",
+        "64/mcore:recompute=full,ckpt=torch",
         "64/hf:recompute=full,keepattn=1",
         "64/mcore:recompute=none,newstuff=0,vcontig=1",
     ],
@@ -140,7 +143,7 @@ def parse_run(text: str) -> Run:
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
     known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
-             "newstuff", "keepattn", "vcontig"}  # fmt: skip
+             "newstuff", "keepattn", "vcontig", "ckpt"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
     return Run(int(seq), impl, options)
@@ -193,6 +196,7 @@ def build_mcore(hf: dict, run: Run, device: str):
         recompute=recompute,
         recompute_num_layers=int(run.options["layers"]) if "layers" in run.options else None,
         fusions=run.options.get("fusions", "1") == "1",
+        recompute_impl="torch" if run.options.get("keepattn") == "1" else run.options.get("ckpt", "megatron"),
         recompute_keep_attention=run.options.get("keepattn") == "1",
         compile=run.options.get("compile") == "1",  # model.compile: every decoder layer
     )

@@ -56,12 +56,20 @@ def test_recompute_variants_give_the_same_gradients(single_process):
             recompute="selective",
             recompute_modules=["core_attn", "mlp"],
         ),
-        ModelConfig(params_dtype="fp32", attention="sdpa", recompute="full", recompute_keep_attention=True),
+        ModelConfig(params_dtype="fp32", attention="sdpa", recompute="full", recompute_impl="torch"),
+        ModelConfig(
+            params_dtype="fp32",
+            attention="sdpa",
+            recompute="full",
+            recompute_impl="torch",
+            recompute_keep_attention=True,
+        ),
         ModelConfig(
             params_dtype="fp32",
             attention="sdpa",
             recompute="full",
             recompute_num_layers=1,
+            recompute_impl="torch",
             recompute_keep_attention=True,
         ),
     ]
@@ -74,9 +82,9 @@ def test_recompute_variants_give_the_same_gradients(single_process):
             )
 
 
-def test_keep_attention_recompute_runs_attention_once(single_process):
-    """Backward reruns each layer but not its fused SDPA op (plain full recompute reruns it); megatron's own
-    recompute is off; a forward without grad is not checkpointed."""
+def test_recompute_reruns_attention_unless_kept(single_process):
+    """Backward reruns each layer's fused SDPA op under megatron's and torch's full recompute, not when it is
+    kept; torch's recompute is not megatron's; a forward without grad is not checkpointed."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from questa_nemo.model.logprobs import final_hidden_states
@@ -96,11 +104,17 @@ def test_keep_attention_recompute_runs_attention_once(single_process):
     layers = hf["num_hidden_layers"]
     ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
     reruns = {}
-    for keep in (False, True):
+    for impl, keep in (("megatron", False), ("torch", False), ("torch", True)):
         cfg = ModelConfig(
-            params_dtype="fp32", attention="sdpa", recompute="full", recompute_keep_attention=keep
+            params_dtype="fp32",
+            attention="sdpa",
+            recompute="full",
+            recompute_impl=impl,
+            recompute_keep_attention=keep,
         )
-        assert (transformer_config_from_hf(hf, cfg).recompute_granularity is None) == keep
+        cfg.validate()
+        megatron_recompute = transformer_config_from_hf(hf, cfg).recompute_granularity
+        assert megatron_recompute == ("full" if impl == "megatron" else None)
         model = build_model(hf, cfg)
         model.train()
         with CountAttention() as forward:
@@ -108,18 +122,26 @@ def test_keep_attention_recompute_runs_attention_once(single_process):
         with CountAttention() as backward:
             hidden.float().pow(2).mean().backward()
         assert forward.calls == layers
-        reruns[keep] = backward.calls
+        reruns[impl, keep] = backward.calls
         with torch.no_grad(), CountAttention() as inference:
             final_hidden_states(model, ids, torch.arange(8)[None])
         assert inference.calls == layers
-    assert reruns == {False: layers, True: 0}
+    assert reruns == {("megatron", False): layers, ("torch", False): layers, ("torch", True): 0}
 
 
-def test_keep_attention_needs_full_recompute():
+def test_torch_recompute_options_are_validated():
     from questa_nemo.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.recompute_keep_attention"):
-        ModelConfig(recompute="selective", recompute_keep_attention=True).validate()
+        ModelConfig(recompute="full", recompute_keep_attention=True).validate()  # megatron's recompute
+    with pytest.raises(ConfigError, match="model.recompute_impl"):
+        ModelConfig(recompute="selective", recompute_impl="torch").validate()
+    from questa_nemo.config import Config, validate
+
+    cfg = Config()
+    cfg.model.recompute_impl = "apex"
+    with pytest.raises(ConfigError, match="model.recompute_impl"):
+        validate(cfg)
 
 
 def test_bf16_build_has_only_bf16_parameters(single_process):

@@ -92,7 +92,13 @@ def test_model_on_the_triton_kernels_equals_the_unfused_model(monkeypatch):
 
     init_distributed(ModelConfig(params_dtype="fp32"))
     ref, hf = tiny_hf_model("qwen2")
-    cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="full", recompute_keep_attention=True)
+    cfg = ModelConfig(
+        params_dtype="fp32",
+        attention="sdpa",
+        recompute="full",
+        recompute_impl="torch",
+        recompute_keep_attention=True,
+    )
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
 
     def run(fusions: bool):

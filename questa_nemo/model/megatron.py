@@ -26,7 +26,7 @@ from questa_nemo.model import fused, mcore_compat
 from questa_nemo.model.attention import SDPACoreAttention
 from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, te_norm_names
 from questa_nemo.model.linear import ColumnLinear, RowLinear
-from questa_nemo.model.recompute import keep_attention_recompute
+from questa_nemo.model.recompute import checkpoint_layers
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
@@ -87,8 +87,8 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
     own_swiglu = own_swiglu_on(cfg)
     dtype = torch.bfloat16 if cfg.params_dtype == "bf16" else torch.float32
     recompute: dict = {}
-    if cfg.recompute == "full" and cfg.recompute_keep_attention:
-        pass  # our checkpoint of each layer (build_model: model/recompute.py), not megatron's
+    if cfg.recompute == "full" and cfg.recompute_impl == "torch":
+        pass  # torch's checkpoint of each layer (build_model: model/recompute.py), not megatron's
     elif cfg.recompute == "full" and cfg.recompute_num_layers is None:
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif cfg.recompute == "full":
@@ -235,14 +235,15 @@ def build_model(
         model.bfloat16()
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    if cfg.recompute == "full" and cfg.recompute_keep_attention:
-        if uses_te(cfg):
+    if cfg.recompute == "full" and cfg.recompute_impl == "torch":
+        if cfg.recompute_keep_attention and uses_te(cfg):
             raise ConfigError(
                 "model.recompute_keep_attention", "needs SDPA attention (model.attention=sdpa), not TE's"
             )
         layers = model.decoder.layers
-        keep_attention_recompute(
-            layers if cfg.recompute_num_layers is None else layers[: cfg.recompute_num_layers]
+        checkpoint_layers(
+            layers if cfg.recompute_num_layers is None else layers[: cfg.recompute_num_layers],
+            keep_attention=cfg.recompute_keep_attention,
         )
     if compile_on(cfg):
         for layer in model.decoder.layers:  # one compiled graph serves every layer (parameters are inputs)

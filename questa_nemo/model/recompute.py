@@ -1,19 +1,18 @@
-"""Full activation recompute that keeps each layer's attention output: `recompute_keep_attention`.
+"""Full activation recompute by torch's checkpoint per layer, optionally keeping the attention output.
 
-megatron's full recompute (`recompute_granularity="full"`) stores only each layer's input and reruns the
-whole layer in backward, core attention included. At long contexts attention dominates the layer (at 32K
-tokens on the 1.5B shape its forward is about a fifth of the step), so rerunning it is the most expensive
-part of recompute, while its output is small: one [s, heads * head_dim] tensor and the softmax statistics
-([heads, s] fp32), about 100 MB a layer at 32K for the 1.5B shape, against the GBs of activations full
-recompute saves.
+`model.recompute_impl: torch` (with `recompute: full`) checkpoints each decoder layer with torch's non-reentrant
+checkpoint instead of megatron's reentrant one: the same memory (each layer's input), and recompute stops as
+soon as backward has every tensor it saved, so the MLP's down projection, whose output backward does not
+need, is not rerun (megatron reruns the whole layer).
 
-`keep_attention_recompute(layers)` wraps each layer's forward in torch's non-reentrant checkpoint with a
-selective policy: the fused SDPA op's outputs (output, log-sum-exp, RNG state) are saved in the forward and
-handed back during recompute; every other op is recomputed as in megatron's full recompute. Attention's
-backward then runs from the recomputed query / key / value and the saved output, exactly what it would
-have used without recompute, so gradients are unchanged (the tests compare them). torch's non-reentrant
-checkpoint also stops recomputing once backward has every tensor it saved, so the MLP's down projection,
-whose output backward does not need, is not rerun either (megatron's reentrant recompute reruns it).
+`model.recompute_keep_attention` also keeps each layer's attention output. At long contexts attention
+dominates the layer (at 32K tokens on the 1.5B shape its forward is about a fifth of a full-recompute step),
+so rerunning it is the most expensive part of recompute, while its output is small: one [s, heads x head_dim]
+tensor and the softmax statistics ([heads, s] fp32), about 100 MB a layer at 32K for the 1.5B shape, against
+the GBs of activations full recompute saves. A selective policy saves the fused SDPA op's outputs (output,
+log-sum-exp, RNG state) in the forward and hands them back during recompute; every other op is recomputed.
+Attention's backward then runs from the recomputed query / key / value and the saved output, exactly what it
+would have used without recompute, so gradients are unchanged (the tests compare them).
 
 Only torch's SDPA attention (model/attention.py) is kept: Transformer Engine's attention is not an aten op,
 so with TE the policy would save nothing; `build_model` refuses that combination.
@@ -24,7 +23,12 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
 
 from questa_nemo.model import fused
 
@@ -49,17 +53,19 @@ def keep_attention_contexts():
     return create_selective_checkpoint_contexts(_policy)
 
 
-def keep_attention_recompute(layers) -> None:
-    """Recompute each layer in backward except its fused attention op (see the module docstring). Call on
-    layers built without megatron's own recompute; idempotent."""
+def checkpoint_layers(layers, keep_attention: bool = False) -> None:
+    """Full recompute of each layer in backward by torch's non-reentrant checkpoint; with `keep_attention`,
+    except its fused attention op (see the module docstring). Call on layers built without megatron's own
+    recompute; idempotent."""
+    context_fn = keep_attention_contexts if keep_attention else noop_context_fn
     for layer in layers:
-        if getattr(layer, "_keeps_attention", False):
+        if getattr(layer, "_checkpointed", False):
             continue
-        layer.forward = functools.partial(_checkpointed_forward, layer.forward)
-        layer._keeps_attention = True
+        layer.forward = functools.partial(_checkpointed_forward, layer.forward, context_fn)
+        layer._checkpointed = True
 
 
-def _checkpointed_forward(forward, *args, **kwargs):
+def _checkpointed_forward(forward, context_fn, *args, **kwargs):
     if not torch.is_grad_enabled():  # no backward will come: nothing to save or recompute
         return forward(*args, **kwargs)
 
@@ -69,4 +75,4 @@ def _checkpointed_forward(forward, *args, **kwargs):
         fused.forget_rope_tables()
         return forward(*args, **kwargs)
 
-    return checkpoint(run, *args, use_reentrant=False, context_fn=keep_attention_contexts, **kwargs)
+    return checkpoint(run, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
