@@ -84,7 +84,8 @@ def test_recompute_variants_give_the_same_gradients(single_process):
 
 def test_recompute_reruns_attention_unless_kept(single_process):
     """Backward reruns each layer's fused SDPA op under megatron's and torch's full recompute, not when it is
-    kept; torch's recompute is not megatron's; a forward without grad is not checkpointed."""
+    kept; torch's recompute is not megatron's and skips a matmul a layer; a forward without grad is not
+    checkpointed."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from questa_nemo.model.logprobs import final_hidden_states
@@ -94,16 +95,17 @@ def test_recompute_reruns_attention_unless_kept(single_process):
     class CountAttention(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.calls = 0
+            self.calls = self.matmuls = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.calls += func in KEPT_OPS
+            self.matmuls += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
             return func(*args, **(kwargs or {}))
 
     _, hf = tiny_hf_model("qwen2")
     layers = hf["num_hidden_layers"]
     ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
-    reruns = {}
+    reruns, matmuls = {}, {}
     for impl, keep in (("megatron", False), ("torch", False), ("torch", True)):
         cfg = ModelConfig(
             params_dtype="fp32",
@@ -122,11 +124,13 @@ def test_recompute_reruns_attention_unless_kept(single_process):
         with CountAttention() as backward:
             hidden.float().pow(2).mean().backward()
         assert forward.calls == layers
-        reruns[impl, keep] = backward.calls
+        reruns[impl, keep], matmuls[impl, keep] = backward.calls, backward.matmuls
         with torch.no_grad(), CountAttention() as inference:
             final_hidden_states(model, ids, torch.arange(8)[None])
         assert inference.calls == layers
     assert reruns == {("megatron", False): layers, ("torch", False): layers, ("torch", True): 0}
+    # torch's recompute stops before each layer's MLP down projection (backward does not need its output)
+    assert matmuls["megatron", False] - matmuls["torch", False] == layers
 
 
 def test_torch_recompute_options_are_validated():
