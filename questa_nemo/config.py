@@ -92,6 +92,10 @@ class WorldConfig:
     modulus: int = 100
     hard_min_ops: int = 7  # the "hard" range RL trains and evaluates on
     warmup_examples: int = 20000
+    # longest chain in the supervised warm-up (None: max_ops, every length). Below hard_min_ops, the warm-up
+    # never shows a whole hard chain: unhinted hard problems stay hard at the RL start while a hint that gives
+    # their first steps leaves a continuation as long as the chains the warm-up taught
+    warmup_max_ops: int | None = None
     rl_problems: int = 4000
     eval_problems: int = 500
     calib_problems_per_length: int = 100  # no-hint problems per chain length 1..max_ops (calibration set)
@@ -99,6 +103,17 @@ class WorldConfig:
     hint_ratios: list[float] = field(default_factory=lambda: [50.0, 0.0])
     output_dir: str = "outputs/world"  # `questa-nemo world` writes raw/, rl/, eval/, calib/, warmup.jsonl here
     seed: int = 1
+
+    @property
+    def warmup_ops(self) -> int:
+        """The longest chain the warm-up draws."""
+        return self.warmup_max_ops or self.max_ops
+
+    def validate(self) -> None:
+        if not 1 <= self.hard_min_ops <= self.max_ops:
+            raise ConfigError("world.hard_min_ops", f"need 1 <= hard_min_ops <= max_ops={self.max_ops}")
+        if self.warmup_max_ops is not None and not 1 <= self.warmup_max_ops <= self.max_ops:
+            raise ConfigError("world.warmup_max_ops", f"need 1 <= warmup_max_ops <= max_ops={self.max_ops} or null")
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -722,6 +737,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
 
     cfg.data.validate()
+    cfg.world.validate()
     m = cfg.model
     m.validate()
     if world_size is not None:

@@ -5,9 +5,9 @@ casts, two products, a negation, two concatenations, a sum) on query and key of 
 backward: 14 ms of GPU time in a 1.5B training step at 8K tokens on an H200 (of about 200). With
 `apply_rope_fusion` megatron instead calls the module-level functions `rope_utils.fused_apply_rotary_pos_emb`
 (sbhd) and `fused_apply_rotary_pos_emb_thd` (packed), which it imports from TE. Without TE those are None;
-`install()` fills them with the functions below: one Triton kernel each way (model/triton_kernels.py), on
-cos / sin tables computed once per forward. (A torch.compile'd version took 5 ms a step, about five times
-what its memory traffic needs.)
+`install()` (called by the spec provider, model/spec.py) fills them with the functions below: one Triton
+kernel each way (model/triton_kernels.py), on cos / sin tables computed once per forward. (A torch.compile'd
+version took 5 ms a step, about five times what its memory traffic needs.)
 
 SwiGLU: megatron's own fusion (`bias_swiglu_impl`, torch.compile'd) writes its input gradient as a `cat` of
 the two halves and reads every input twice; its backward took 8.2 ms of that step, ours 5.0. `SwiGLU` is
@@ -185,6 +185,10 @@ class SwiGLU(torch.nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return _SwiGLUFunction.apply(y)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Nothing to save; megatron-core 0.15 and 0.16's MLP asks each of its children for this."""
+        return {}
 
 
 # ------------------------------------------------------------------------------------------ RMSNorm
