@@ -138,7 +138,14 @@ class ModelConfig:
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn", "mlp"])
     # recompute=full: recompute only the first N layers of each pipeline stage (None = all of them)
     recompute_num_layers: int | None = None
-    fusions: bool = True  # fused RoPE and SwiGLU kernels (model/fused.py; GPU only, ignored on CPU)
+    # recompute=full by megatron's reentrant checkpoint (megatron) or torch's non-reentrant one per layer (torch:
+    # stops early, so the MLP down projection's forward is not rerun; model/recompute.py)
+    recompute_impl: str = "megatron"
+    # recompute_impl=torch: keep each layer's SDPA attention output instead of recomputing attention in backward
+    # (about s x hidden x 2 bytes more a layer; not with TE attention)
+    recompute_keep_attention: bool = False
+    fusions: bool = True  # fused RoPE, SwiGLU and RMSNorm kernels (model/fused.py; GPU only, ignored on CPU)
+    compile: bool = False  # torch.compile every decoder layer (GPU only, ignored on CPU; not with TE attention)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None
@@ -157,6 +164,10 @@ class ModelConfig:
         n = self.recompute_num_layers
         if n is not None and (self.recompute != "full" or n < 1):
             raise ConfigError("model.recompute_num_layers", "needs recompute=full and a value >= 1")
+        if self.recompute_impl != "megatron" and self.recompute != "full":
+            raise ConfigError("model.recompute_impl", "needs recompute=full")
+        if self.recompute_keep_attention and (self.recompute != "full" or self.recompute_impl != "torch"):
+            raise ConfigError("model.recompute_keep_attention", "needs recompute=full and recompute_impl=torch")
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
             raise ConfigError("model.virtual_pipeline", "needs pipeline_parallel >= 2")
         if self.sequence_parallel and self.tensor_parallel < 2:
@@ -660,6 +671,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.params_dtype": ("bf16", "fp32"),
     "model.attention": ("auto", "te", "sdpa", "local"),
     "model.recompute": ("none", "full", "selective"),
+    "model.recompute_impl": ("megatron", "torch"),
     "reward.kind": ("math", "world"),
     "reward.overlong": ("none", "mask", "penalty"),
     "reward.start_method": ("spawn", "forkserver"),

@@ -42,6 +42,8 @@ def megatron_local_spec_with_our_modules(cfg: ModelConfig) -> ModuleSpec:
     mlp.linear_fc1, mlp.linear_fc2 = ColumnLinear, RowLinear
     if mm.own_swiglu_on(cfg):
         mlp.activation_func = fused.SwiGLU
+    if mm.fusions_on(cfg):
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = fused.RMSNorm
     return spec
 
 
@@ -68,7 +70,8 @@ def _leaves(t):
 
 @pytest.fixture
 def gpu_fusions(monkeypatch):
-    """`model.fusions` as it acts on a GPU (our SwiGLU submodule, RoPE fusion); the kernels' CPU paths run."""
+    """`model.fusions` as it acts on a GPU (our SwiGLU and RMSNorm submodules, RoPE fusion); the kernels' CPU
+    paths run."""
     monkeypatch.setattr(mm, "fusions_on", lambda cfg: cfg.fusions)
 
 
@@ -82,6 +85,7 @@ def test_the_provider_builds_megatrons_local_spec_with_our_modules(gpu_fusions, 
     assert (attn.linear_qkv, attn.linear_proj) == (ColumnLinear, RowLinear)
     swiglu = fusions and mcore_compat.HAS_ACTIVATION_SUBMODULE  # megatron-core 0.15+
     assert (fused.SwiGLU in _leaves(tree(ours))) == swiglu
+    assert (fused.RMSNorm in _leaves(tree(ours))) == fusions
 
 
 def test_rope_fusion_fills_only_the_empty_slots(monkeypatch):

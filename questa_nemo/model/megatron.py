@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from questa_nemo.config import ConfigError, ModelConfig
 from questa_nemo.model import mcore_compat
 from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, te_norm_names
+from questa_nemo.model.recompute import checkpoint_layers
 from questa_nemo.model.spec import QuestaSpecProvider, decoder_layer_spec
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
@@ -79,7 +80,9 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
     backend = spec_provider(cfg)  # the modules, and the switches they need in the config
     dtype = torch.bfloat16 if cfg.params_dtype == "bf16" else torch.float32
     recompute: dict = {}
-    if cfg.recompute == "full" and cfg.recompute_num_layers is None:
+    if cfg.recompute == "full" and cfg.recompute_impl == "torch":
+        pass  # torch's checkpoint of each layer (build_model: model/recompute.py), not megatron's
+    elif cfg.recompute == "full" and cfg.recompute_num_layers is None:
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif cfg.recompute == "full":
         recompute = dict(
@@ -136,7 +139,10 @@ def spec_provider(cfg: ModelConfig) -> QuestaSpecProvider:
     """Our modules for megatron (model/spec.py): without TE the whole decoder layer, with TE only the RoPE
     fusion (TE's spec has TE's modules)."""
     return QuestaSpecProvider(
-        sdpa=cfg.attention != "local", swiglu=own_swiglu_on(cfg), fused_rope=fusions_on(cfg)
+        sdpa=cfg.attention != "local",
+        swiglu=own_swiglu_on(cfg),
+        fused_rope=fusions_on(cfg),
+        fused_norm=fusions_on(cfg),
     )
 
 
@@ -150,6 +156,17 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
 def fusions_on(cfg: ModelConfig) -> bool:
     """Fused kernels run on GPU only; CPU runs (tests, the embedded default) take megatron's plain ops."""
     return cfg.fusions and torch.cuda.is_available()
+
+
+def compile_on(cfg: ModelConfig) -> bool:
+    """torch.compile of the decoder layers: asked for, on GPU (CPU runs stay eager), not with TE attention."""
+    if not (cfg.compile and torch.cuda.is_available()):
+        return False
+    if uses_te(cfg):
+        raise ConfigError(
+            "model.compile", "not supported with Transformer Engine attention (use attention=sdpa)"
+        )
+    return True
 
 
 def own_swiglu_on(cfg: ModelConfig) -> bool:
@@ -212,6 +229,19 @@ def build_model(
         model.bfloat16()
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if cfg.recompute == "full" and cfg.recompute_impl == "torch":
+        if cfg.recompute_keep_attention and uses_te(cfg):
+            raise ConfigError(
+                "model.recompute_keep_attention", "needs SDPA attention (model.attention=sdpa), not TE's"
+            )
+        layers = model.decoder.layers
+        checkpoint_layers(
+            layers if cfg.recompute_num_layers is None else layers[: cfg.recompute_num_layers],
+            keep_attention=cfg.recompute_keep_attention,
+        )
+    if compile_on(cfg):
+        for layer in model.decoder.layers:  # one compiled graph serves every layer (parameters are inputs)
+            layer.compile()
     return model
 
 

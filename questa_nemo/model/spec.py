@@ -6,6 +6,7 @@ the interface megatron's own local / TE / inference specs are built from:
   F.linear at TP = 1),
 - core attention: `SDPACoreAttention` (model/attention.py), or megatron's `DotProductAttention` when asked for,
 - norms: torch's (megatron's `WrappedTorchNorm`, RMSNorm from the config), as megatron's local spec has them,
+  or with fusions our Triton `RMSNorm` (model/fused.py) for the layers' input and pre-MLP norms,
 - activation: our fused `SwiGLU` (model/fused.py) as the MLP's activation submodule, or none (megatron's
   `config.activation_func`),
 - RoPE: `rope_fusion()`. RoPE is not a submodule: megatron's attention calls `rope_utils.apply_rotary_pos_emb`,
@@ -45,11 +46,13 @@ class QuestaSpecProvider(BackendSpecProvider):
 
     sdpa: SDPA core attention (else megatron's O(s^2) `DotProductAttention`); swiglu: our fused SwiGLU as the
     MLP's activation submodule (megatron-core 0.15+); fused_rope: `apply_rope_fusion` on our Triton RoPE
-    where TE's is missing.
+    where TE's is missing; fused_norm: our Triton RMSNorm for the decoder layers' norms.
     """
 
-    def __init__(self, *, sdpa: bool = True, swiglu: bool = False, fused_rope: bool = False):
-        self.sdpa, self.swiglu, self.fused_rope = sdpa, swiglu, fused_rope
+    def __init__(
+        self, *, sdpa: bool = True, swiglu: bool = False, fused_rope: bool = False, fused_norm: bool = False
+    ):
+        self.sdpa, self.swiglu, self.fused_rope, self.fused_norm = sdpa, swiglu, fused_rope, fused_norm
 
     def column_parallel_linear(self) -> type:
         return ColumnLinear
@@ -64,7 +67,10 @@ class QuestaSpecProvider(BackendSpecProvider):
         return None
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, **_) -> type:
-        """torch's LayerNorm / RMSNorm, chosen by `config.normalization` (0.19 adds `has_residual`)."""
+        """torch's LayerNorm / RMSNorm, chosen by `config.normalization` (0.19 adds `has_residual`); with
+        fused_norm, an RMSNorm on our Triton kernels."""
+        if self.fused_norm and rms_norm and not for_qk:
+            return fused.RMSNorm
         return WrappedTorchNorm
 
     def core_attention(self) -> type:
