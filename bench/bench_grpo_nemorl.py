@@ -48,6 +48,21 @@ Scaled to one GPU (what is compared is the per-GPU rate):
 - weights are random (Qwen2.5-1.5B shape, bench/shapes.py) and the reward is a pseudo-random function of the
   completion (bench_grpo_step.pseudo_reward): the speed does not depend on either once the lengths are forced.
 
+Options beyond the defaults (the defaults are main's recipe: each of these is off unless asked for):
+- `--proximal train_forward` (algo.proximal_logprobs): no proximal log-prob pass; the update's own forward,
+  detached, serves as the proximal policy. The same update (one optimizer update a step from the weights the
+  pass would read; tests/test_proximal_logprobs.py), one forward over every token less. The reference pass
+  still runs once a step (then at the start of training; its seconds are counted as log-probs).
+- `--recompute none|selective`, `--recompute-num-layers N`, `--micro-batch-tokens`: activation memory against
+  the recompute forward. The engine keeps its KV pool and graphs through training (the loop never calls
+  sleep), so the training activations must fit beside them.
+- `--producer-stream` (rollout.producer_stream): async decoding on a CUDA stream of its own, so its kernels
+  run concurrently with training instead of queueing behind them on the default stream.
+- `--skip-sync`: only the async mode.
+
+Before the first step the torch.compile'd log-prob kernels are compiled for varying lengths
+(`warm_logprob_kernels`: what a run's first steps do once), so no setting recompiles inside its timed step.
+
 Per step the JSON has the wall time, the phases (generation = time inside the engine's generate, reward = the
 rest of the rollout phase: decoding to text, scoring, grouping; log-probs incl. the reference pass; train;
 weight update; advantages + packing), the token counts and tokens/s/GPU; per mode the means over the steps after
@@ -55,6 +70,8 @@ the first. The result file is written after each mode, so a run cut short keeps 
 
     python3 bench/bench_grpo_nemorl.py --out bench/results/grpo_nemorl_h100.json                 # GPU, ~5 min
     python3 bench/bench_grpo_nemorl.py --device cpu --tiny --out /tmp/nemorl.json                # CPU smoke run
+    python3 bench/bench_grpo_nemorl.py --proximal train_forward --recompute none --micro-batch-tokens 8192 \
+        --producer-stream --out /tmp/nemorl_fast.json                                            # GPU, faster
 """
 
 from __future__ import annotations
@@ -96,8 +113,10 @@ NEMO_RL_V05 = {
 
 
 def sync_device() -> None:
+    """Wait for this thread's stream: with --producer-stream the async producer decodes on a stream of its own,
+    which neither the trainer's step times nor the producer's generate times should wait for."""
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 class ForcedEngine:
@@ -130,23 +149,64 @@ class ForcedEngine:
 
 
 class ReferencePass:
-    """The policy, with one extra forward over the same micro-batches in every log-probs call: the work of
-    NeMo-RL's reference-model log-probs (its KL term), which our recipe does not have. Seconds recorded."""
+    """The policy, with one extra forward over the step's micro-batches: the work of NeMo-RL's reference-model
+    log-probs (its KL term), which our recipe does not have. It runs in the log-probs call (before the proximal
+    pass), or, when the step has none (algo.proximal_logprobs=train_forward), at the start of train_step, where
+    its seconds are moved back to the log-probs phase (`in_train`). Seconds recorded a step."""
 
     def __init__(self, inner):
         self.inner = inner
         self.seconds: list[float] = []
+        self.in_train: list[bool] = []
+        self._done = False  # the reference pass of the current step has run
 
-    def logprobs(self, micro_batches, temperature: float = 1.0):
+    def _reference(self, micro_batches, temperature: float) -> None:
         sync_device()
         start = time.perf_counter()
         self.inner.logprobs(micro_batches, temperature=temperature)
         sync_device()
         self.seconds.append(time.perf_counter() - start)
+        self._done = True
+
+    def logprobs(self, micro_batches, temperature: float = 1.0):
+        if not self._done:
+            self._reference(micro_batches, temperature)
+            self.in_train.append(False)
         return self.inner.logprobs(micro_batches, temperature=temperature)
+
+    def train_step(self, micro_batches, loss_fn, normaliser, temperature: float = 1.0):
+        if not self._done:
+            self._reference(micro_batches, temperature)
+            self.in_train.append(True)
+        self._done = False
+        return self.inner.train_step(micro_batches, loss_fn, normaliser, temperature=temperature)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+def warm_logprob_kernels(policy, cfg) -> None:
+    """Compile the torch.compile'd log-prob kernels (model/logprobs.py) for varying chunk lengths, with and
+    without grad, before the first step: what a run's first steps do once. Without it a setting whose
+    micro-batches are one chunk each (micro-batch tokens <= model.logprob_chunk_tokens) would see its first
+    second length, and recompile, inside the timed step, while 16K micro-batches (two chunk lengths a row) do
+    it in the warm-up step. Random inputs of the real dtype and shapes; the policy's weights are not touched."""
+    from questa_nemo.model.logprobs import chunked_logprobs, output_weight
+
+    if not torch.cuda.is_available():
+        return
+    weight = output_weight(policy.modules[0]).detach().clone().requires_grad_(True)
+    for grad in (False, True):
+        for n in (1000, 1010):
+            with torch.set_grad_enabled(grad):
+                hidden = torch.randn(n, 1, weight.size(1), device=weight.device, dtype=weight.dtype)
+                hidden.requires_grad_(grad)
+                targets = torch.randint(0, policy.vocab_size, (n, 1), device=weight.device)
+                out = chunked_logprobs(hidden, weight, targets, 1.0, vocab_size=policy.vocab_size,
+                                       chunk_tokens=cfg.model.logprob_chunk_tokens)
+                if grad:  # as in the loss: a dense gradient for the log-probs, none for the entropy
+                    (out.logprobs * torch.randn_like(out.logprobs)).sum().backward()
+    sync_device()
 
 
 def make_rows(args, vocab: int) -> tuple[list[PromptRow], dict[tuple[int, ...], list[int]]]:
@@ -185,6 +245,9 @@ def configure(args, hf_path: str, max_staleness: int):
     cfg.rollout.max_new_tokens = args.max_total_tokens - args.prompt_min
     cfg.rollout.max_prompt_tokens = args.prompt_max
     cfg.rollout.max_staleness = max_staleness
+    cfg.algo.proximal_logprobs = args.proximal
+    cfg.model.recompute_num_layers = args.recompute_num_layers
+    cfg.rollout.producer_stream = args.producer_stream
     # the async producer keeps max_staleness steps ahead through the last timed step, as in a long run (it
     # would otherwise stop early and the last steps would wait for no generation); their rollouts are dropped
     cfg.train.steps = args.steps + max_staleness
@@ -205,6 +268,7 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int, rows, lengths)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     policy = build_policy(cfg, shape, args.steps)
+    warm_logprob_kernels(policy, cfg)
     trainer = ReferencePass(policy) if args.reference_pass else policy
     ctx = RolloutContext(policy.modules, vocab)
     outer = build_async_backend(cfg.rollout, ctx) if max_staleness > 0 else build_backend(cfg.rollout, ctx)
@@ -242,6 +306,8 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int, rows, lengths)
     mode["generate_calls"] = forced.calls
     if torch.cuda.is_available():
         mode["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        mode["peak_gpu_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        mode["gpu_memory_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
     return mode
 
 
@@ -251,6 +317,8 @@ def step_record(step, seconds, phases, metrics, data, forced, trainer, max_stale
     total = int(sum(len(s) for s in data.sequences))  # prompt + completion of every rollout sample
     call = forced.calls[step - 1]  # one generate call a step, in step order (sync: this step's)
     rollout = phases.get("time/rollout_s", 0.0)
+    reference = trainer.seconds[-1] if isinstance(trainer, ReferencePass) else 0.0
+    moved = reference if isinstance(trainer, ReferencePass) and trainer.in_train[-1] else 0.0
     record = {
         "step": step,
         "seconds": seconds,
@@ -263,9 +331,10 @@ def step_record(step, seconds, phases, metrics, data, forced, trainer, max_stale
         "generation_prefill_s": call["prefill_seconds"],
         "generation_graph_capture_s": call["graph_capture_seconds"],
         "exposed_rollout_s": rollout,  # what the trainer waited for its rollouts (sync: generation + reward)
-        "logprobs_s": phases.get("time/logprobs_s", 0.0),
-        "reference_logprobs_s": trainer.seconds[-1] if isinstance(trainer, ReferencePass) else 0.0,
-        "train_s": phases.get("time/train_s", 0.0),
+        # log-probs: the proximal pass (none with --proximal train_forward) and the reference pass, wherever it ran
+        "logprobs_s": phases.get("time/logprobs_s", 0.0) + moved,
+        "reference_logprobs_s": reference,
+        "train_s": phases.get("time/train_s", 0.0) - moved,
         "update_weights_s": phases.get("time/update_weights_s", 0.0),
         "advantages_and_pack_s": phases.get("time/advantages_s", 0.0) + phases.get("time/pack_s", 0.0),
         "behave_kl": metrics.get("actor/behave_kl"),
@@ -324,6 +393,19 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--length-sigma", type=float, default=1.0)
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
     p.add_argument("--recompute", default="full", choices=("none", "full", "selective"))
+    p.add_argument(
+        "--recompute-num-layers", type=int, default=None, help="recompute=full: only the first N layers"
+    )
+    p.add_argument(
+        "--proximal", default="recompute", choices=("recompute", "train_forward"),
+        help="algo.proximal_logprobs: recompute (a no-grad pass before the update, the recipe's default) or "
+        "train_forward (the update's own forward, detached: one forward less a step, the same update)",
+    )
+    p.add_argument(
+        "--producer-stream", action="store_true",
+        help="rollout.producer_stream: async decoding on a CUDA stream of its own, concurrent with training",
+    )
+    p.add_argument("--skip-sync", action="store_true", help="only the async mode (--staleness > 0)")
     p.add_argument("--steps", type=int, default=3, help="GRPO steps a mode; the first is a warm-up")
     p.add_argument(
         "--staleness", type=int, default=1, help="async bound (1 = one step off-policy); 0: sync only"
@@ -333,6 +415,10 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-block-size", type=int, default=64)
     p.add_argument("--out", default="bench/results/grpo_nemorl.json")
     args = p.parse_args(argv)
+    if args.recompute_num_layers is not None and (args.recompute != "full" or args.recompute_num_layers < 1):
+        p.error("--recompute-num-layers needs --recompute full and a value >= 1")
+    if args.skip_sync and args.staleness < 1:
+        p.error("--skip-sync needs --staleness >= 1 (an async mode to run)")
     if args.tiny:  # toy lengths: a 2-layer model on CPU in seconds
         args.max_total_tokens = min(args.max_total_tokens, 64)
         args.prompt_min, args.prompt_max = min(args.prompt_min, 8), min(args.prompt_max, 16)
@@ -367,7 +453,8 @@ def main(argv=None) -> int:
     modes: list[dict] = []
 
     def save() -> None:
-        sync, ahead = (modes + [{}, {}])[:2]
+        sync = next((m for m in modes if m["max_staleness"] == 0), {})
+        ahead = next((m for m in modes if m["max_staleness"] > 0), {})
         extra = {}
         if "mean_step_s" in sync and "mean_step_s" in ahead:
             extra["async_speedup_vs_sync"] = sync["mean_step_s"] / ahead["mean_step_s"]
@@ -375,7 +462,7 @@ def main(argv=None) -> int:
             args.out, "grpo_nemorl", args.tiny, settings, nemo_rl_v05=NEMO_RL_V05, modes=modes, **extra
         )
 
-    for k in [0] + ([args.staleness] if args.staleness > 0 else []):
+    for k in ([] if args.skip_sync else [0]) + ([args.staleness] if args.staleness > 0 else []):
         try:
             modes.append(run_mode(args, shape, hf_path, k, rows, lengths))
         except Exception as error:  # noqa: BLE001 - recorded in the result; the other mode still runs

@@ -18,6 +18,11 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   rope=megatron                   mcore, fusions=1: megatron's unfused RoPE instead of ours
   swiglu=megatron                 mcore, fusions=1: megatron's torch.compile'd SwiGLU instead of ours
   compile=0|1                     torch.compile every decoder layer (both impls)
+  newstuff=0|1                    mcore: 0 = the layers as before the Triton RMSNorm (torch's RMSNorm; default 1)
+  vcontig=1                       mcore: attention's value made contiguous (it is a view into the fused qkv output)
+  ckpt=megatron|torch             mcore, recompute=full: megatron's reentrant checkpoint or torch's (model.recompute_impl)
+  keepattn=0|1                    recompute=full: keep each layer's attention output instead of recomputing it
+                                  (mcore: model.recompute_keep_attention, implies ckpt=torch; hf: the same policy)
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
   chunk=N                         mcore: tokens per log-prob chunk (default: ModelConfig's)
   docs=N                          mcore: pack N equal causal sequences into the micro-batch (THD, default 1)
@@ -76,6 +81,26 @@ PRESETS: dict[str, list[str]] = {
         "32768/mcore:recompute=full,layers=20",
         "8192/mcore:recompute=none,docs=8",
     ],
+    "trainspeed": [  # issue 21's training rows, before (newstuff=0: main's layers) and after, by priority
+        "8192/hf:recompute=none,compile=1",
+        "8192/mcore:recompute=none,newstuff=0",
+        "8192/mcore:recompute=none",
+        "32768/hf:recompute=full",
+        "32768/mcore:recompute=full,newstuff=0",
+        "32768/mcore:recompute=full",
+        "32768/mcore:recompute=full,ckpt=torch",
+        "32768/mcore:recompute=full,keepattn=1",
+        "8192/mcore:recompute=none,compile=1",
+    ],
+    "trainspeed_extra": [  # a second call: compile without our RMSNorm, an attention layout, 32K fairness check
+        "8192/hf:recompute=none,compile=1",
+        "8192/mcore:recompute=none",
+        "8192/mcore:recompute=none,vcontig=1",
+        "8192/mcore:recompute=none,compile=1",
+        "8192/mcore:recompute=none,compile=1,newstuff=0",
+        "32768/mcore:recompute=full,keepattn=1",
+        "32768/hf:recompute=full,keepattn=1",  # the same attention-keeping policy for transformers
+    ],
     "tiny": [
         "64/hf:recompute=none",
         "64/mcore:recompute=none",
@@ -84,6 +109,10 @@ PRESETS: dict[str, list[str]] = {
         "64/mcore:recompute=selective",
         "64/mcore:recompute=full,layers=1,chunk=16",
         "64/mcore:recompute=none,docs=4",
+        "64/mcore:recompute=full,keepattn=1",
+        "64/mcore:recompute=full,ckpt=torch",
+        "64/hf:recompute=full,keepattn=1",
+        "64/mcore:recompute=none,newstuff=0,vcontig=1",
     ],
 }
 
@@ -94,7 +123,8 @@ class Run:
     impl: str  # mcore | hf
     options: dict[str, str]
     status: str = "pending"  # ok | oom | error: ... | skipped: ...
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # from the mean step time
+    tokens_per_s_median: float | None = None  # from the median step time (robust to one slow step)
     mfu: float | None = None
     step_s: list[float] = field(default_factory=list)
     host_ms: dict[str, float] = field(default_factory=dict)  # host time to issue each phase of one step
@@ -112,7 +142,8 @@ def parse_run(text: str) -> Run:
     if impl not in ("mcore", "hf"):
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
-    known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum"}
+    known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
+             "newstuff", "keepattn", "vcontig", "ckpt"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
     return Run(int(seq), impl, options)
@@ -165,9 +196,18 @@ def build_mcore(hf: dict, run: Run, device: str):
         recompute=recompute,
         recompute_num_layers=int(run.options["layers"]) if "layers" in run.options else None,
         fusions=run.options.get("fusions", "1") == "1",
+        recompute_impl="torch" if run.options.get("keepattn") == "1" else run.options.get("ckpt", "megatron"),
+        recompute_keep_attention=run.options.get("keepattn") == "1",
+        compile=run.options.get("compile") == "1",  # model.compile: every decoder layer
     )
     model = build_model(hf, cfg)
     model.train()
+    if run.options.get("newstuff") == "0":
+        torch_norms(model)
+    if run.options.get("vcontig") == "1":
+        for layer in model.decoder.layers:
+            core = layer.self_attention.core_attention
+            core.forward = contiguous_value(core.forward)
     if run.options.get("rope") == "megatron":
         model.config.apply_rope_fusion = False
     if run.options.get("swiglu") == "megatron":  # megatron's own fusion, as built without ours
@@ -175,9 +215,6 @@ def build_mcore(hf: dict, run: Run, device: str):
         for layer in model.decoder.layers:
             del layer.mlp.activation_func
             layer.mlp.activation_func = torch.nn.functional.silu
-    if run.options.get("compile") == "1":
-        for layer in model.decoder.layers:
-            layer.compile()
     chunk = int(run.options.get("chunk", cfg.logprob_chunk_tokens))
     docs = int(run.options.get("docs", 1))
     packed, positions = None, torch.arange(run.seq, device=device)[None]
@@ -203,6 +240,28 @@ def build_mcore(hf: dict, run: Run, device: str):
     return model, loss_fn
 
 
+def torch_norms(model) -> None:
+    """Swap our Triton RMSNorm submodules back to torch.nn.RMSNorm (same weights): the layers as before."""
+    from questa_nemo.model import fused
+
+    for layer in model.decoder.layers:
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            ours = getattr(layer, name)
+            if isinstance(ours, fused.RMSNorm):
+                norm = torch.nn.RMSNorm(ours.weight.numel(), eps=ours.eps)
+                norm.to(device=ours.weight.device, dtype=ours.weight.dtype)
+                with torch.no_grad():
+                    norm.weight.copy_(ours.weight)
+                setattr(layer, name, norm)
+
+
+def contiguous_value(forward):
+    def wrapped(query, key, value, *args, **kwargs):
+        return forward(query, key, value.contiguous(), *args, **kwargs)
+
+    return wrapped
+
+
 def build_hf(hf: dict, run: Run, device: str):
     """(model, step_loss) for transformers' Qwen2ForCausalLM with SDPA attention."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -215,7 +274,12 @@ def build_hf(hf: dict, run: Run, device: str):
     model.train()
     recompute = run.options.get("recompute", "none")
     if recompute == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs: dict = {"use_reentrant": False}
+        if run.options.get("keepattn") == "1":
+            from questa_nemo.model.recompute import keep_attention_contexts
+
+            kwargs["context_fn"] = keep_attention_contexts
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     elif recompute != "none":
         raise SystemExit(f"run {run.label}: transformers has recompute none or full only")
     if run.options.get("compile") == "1":
@@ -264,13 +328,31 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
         e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
     ]
     kernels.sort(key=lambda e: e.time_range.start)
-    gaps = []  # GPU idle between consecutive kernels: (us, at ms from the first kernel, after, before)
+    gaps = []  # GPU idle between consecutive kernels: (us, at ms from the first kernel, after, before, span)
     first = kernels[0].time_range.start if kernels else 0
     busy_until = kernels[0].time_range.end if kernels else 0
     for prev, e in zip(kernels, kernels[1:]):
         if e.time_range.start - busy_until > 20:
-            gaps.append((e.time_range.start - busy_until, (busy_until - first) / 1e3, prev.name, e.name))
+            span = (busy_until, e.time_range.start)
+            gaps.append((e.time_range.start - busy_until, (busy_until - first) / 1e3, prev.name, e.name, span))
         busy_until = max(busy_until, e.time_range.end)
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+
+    def host_during(span) -> list[str]:
+        """The host ops that overlapped a GPU gap most (what the host was doing while the GPU waited)."""
+        lo, hi = span
+        overlaps: dict[str, float] = {}
+        for e in host:
+            covered = min(hi, e.time_range.end) - max(lo, e.time_range.start)
+            if covered > 5:
+                overlaps[e.name] = max(overlaps.get(e.name, 0.0), covered)
+        return [f"{n[:70]} {us:.0f}us" for n, us in sorted(overlaps.items(), key=lambda kv: -kv[1])[:8]]
+
+    host_ops: dict[str, list] = {}  # host self time per op name: [calls, ms]
+    for e in host:
+        entry = host_ops.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.self_cpu_time_total / 1e3
     span_ms = (busy_until - first) / 1e3
     by_kind: dict[str, float] = {}
     by_name: dict[str, list] = {}
@@ -288,8 +370,12 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
         "gpu_span_ms": span_ms,
         "gpu_idle_ms": sum(g[0] for g in gaps) / 1e3,
         "largest_gaps": [
-            {"us": g, "at_ms": at, "after": a[:100], "before": b[:100]}
-            for g, at, a, b in sorted(gaps, reverse=True)[:15]
+            {"us": g, "at_ms": at, "after": a[:100], "before": b[:100], "host_during": host_during(span)}
+            for g, at, a, b, span in sorted(gaps, key=lambda gap: -gap[0])[:15]
+        ],
+        "host_self_ms_top": [
+            {"name": n[:120], "calls": c, "self_ms": ms}
+            for n, (c, ms) in sorted(host_ops.items(), key=lambda kv: -kv[1][1])[:40]
         ],
         "ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "top_kernels": [
@@ -390,6 +476,7 @@ def measure(
             )
     mean_step = sum(run.step_s) / len(run.step_s)
     run.tokens_per_s = accum * run.seq / mean_step
+    run.tokens_per_s_median = accum * run.seq / sorted(run.step_s)[len(run.step_s) // 2]
     if peak is not None:
         attended = run.seq // int(run.options.get("docs", 1))
         run.mfu = run.tokens_per_s * flops_per_token(hf, attended) / (peak * 1e12)
@@ -399,7 +486,7 @@ def measure(
 
 
 def check_fused_kernels(device: str) -> dict:
-    """Max |difference| of our GPU kernels (Triton SwiGLU and RoPE) from the reference maths, bf16."""
+    """Max |difference| of our GPU kernels (Triton SwiGLU, RoPE, RMSNorm) from the reference maths, bf16."""
     if device != "cuda":
         return {}
     from megatron.core.models.common.embeddings import rope_utils
@@ -441,6 +528,21 @@ def check_fused_kernels(device: str) -> dict:
     rope["rope_thd_max_abs_diff"] = (
         (fused.fused_rope_thd(packed, cu, freqs[:5192]).float() - thd_ref).abs().max().item()
     )
+    # RMSNorm at the model's shape: ours (Triton) and torch's (the layers before) vs the fp32 reference
+    x = (torch.randn(8192, 1536, device="cuda", generator=g) * 4).bfloat16().requires_grad_()
+    w = (1 + 0.1 * torch.randn(1536, device="cuda", generator=g)).bfloat16().requires_grad_()
+    g_norm = torch.randn(8192, 1536, device="cuda", dtype=torch.bfloat16, generator=g)
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    norm_ref = fused.rmsnorm_reference(x32, w32, 1e-6)
+    dx_ref, dw_ref = torch.autograd.grad(norm_ref, (x32, w32), g_norm.float())
+    norms = {"ours": lambda: fused._RMSNormFunction.apply(x, w, 1e-6),
+             "torch": lambda: torch.nn.functional.rms_norm(x, (1536,), w, 1e-6)}  # fmt: skip
+    for name, norm in norms.items():
+        normed = norm()
+        dx, dw = torch.autograd.grad(normed, (x, w), g_norm)
+        rope[f"rmsnorm_{name}_max_abs_diff"] = (normed.float() - norm_ref).abs().max().item()
+        rope[f"rmsnorm_{name}_dx_max_abs_diff"] = (dx.float() - dx_ref).abs().max().item()
+        rope[f"rmsnorm_{name}_dw_max_rel_diff"] = ((dw.float() - dw_ref).abs().max() / dw_ref.abs().max()).item()
     return {
         "swiglu_forward_max_abs_diff": (outs[0] - outs[1]).abs().max().item(),
         "swiglu_backward_max_abs_diff": (grads[0] - grads[1]).abs().max().item(),
@@ -483,6 +585,27 @@ def main(argv: list[str] | None = None) -> int:
     fused_check = check_fused_kernels(args.device)
     if fused_check:
         print("fused kernels vs reference:", json.dumps(fused_check), flush=True)
+    import megatron.core
+    import transformers
+
+    from questa_nemo.atomic import write_text_atomic
+
+    def write_result() -> None:  # after every run: a call killed at its time limit keeps what it measured
+        result = {
+            "card": card,
+            "peak_bf16_tflops": peak,
+            "torch": torch.__version__,
+            "megatron_core": megatron.core.__version__,
+            "transformers": transformers.__version__,
+            "model": hf,
+            "flops_per_token": {str(r.seq): flops_per_token(hf, r.seq) for r in runs},
+            "fused_kernel_check": fused_check,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "runs": [{**asdict(r), "label": r.label} for r in runs],
+        }
+        write_text_atomic(args.out, json.dumps(result, indent=2))
+
     began = time.perf_counter()
     for run in runs:
         if time.perf_counter() - began > args.time_budget_s:
@@ -497,30 +620,14 @@ def main(argv: list[str] | None = None) -> int:
         free_device(args.device)
         mfu = f"{run.mfu:6.1%}" if run.mfu is not None else "   n/a"
         tps = f"{run.tokens_per_s:9.0f}" if run.tokens_per_s else "      n/a"
+        if run.tokens_per_s_median:
+            tps += f" (median {run.tokens_per_s_median:.0f})"
         mem = f"{run.peak_mem_gib:5.1f} GiB" if run.peak_mem_gib else "      n/a"
         host = "  host " + "/".join(f"{v:.0f}" for v in run.host_ms.values()) if run.host_ms else ""
         print(f"{run.label:55s} {tps} tok/s  MFU {mfu}  peak {mem}  {run.status}{host}", flush=True)
+        write_result()
     destroy_distributed()
-
-    import megatron.core
-    import transformers
-
-    result = {
-        "card": card,
-        "peak_bf16_tflops": peak,
-        "torch": torch.__version__,
-        "megatron_core": megatron.core.__version__,
-        "transformers": transformers.__version__,
-        "model": hf,
-        "flops_per_token": {str(r.seq): flops_per_token(hf, r.seq) for r in runs},
-        "fused_kernel_check": fused_check,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "runs": [{**asdict(r), "label": r.label} for r in runs],
-    }
-    from questa_nemo.atomic import write_text_atomic
-
-    write_text_atomic(args.out, json.dumps(result, indent=2))
+    write_result()
     print(f"wrote {args.out} ({card})")
     return 0 if all(r.status in ("ok", "oom") or r.status.startswith("skipped") for r in runs) else 1
 

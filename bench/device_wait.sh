@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wait, inside one device call, on a run that bench/smollm2_arms.sh (or smollm2_questa.sh) started with
+# Wait, inside one device call, on a run that bench/smollm2_arms.sh started with
 # DETACH=1, then bring its output folder back as one archive ($OUT/results.tar.gz: a device call returns at
 # most 8 files).
 # Usage: bash bench/device_wait.sh RUN_OUT [SECONDS]   (RUN_OUT: the detached run's $OUT; default 540 s)

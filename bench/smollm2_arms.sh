@@ -15,9 +15,10 @@
 # halves came in two calls' carry and were copied out of .gguf/ in between; the run of
 # bench/results/smollm2_arms_h100 took 567 s after the machine started.)
 # Overrides go to the data command and every trainer / eval process. Environment: SEEDS (default "1 2"),
-# WARMUP_BUDGET_S (300: the warm-up does not stop on SIGTERM: a bound, not a cut), ARMS_BUDGET_S (300: then
+# WARMUP_BUDGET_S (420: the warm-up does not stop on SIGTERM: a bound, not a cut; a check of 768 samples took
+# ~30-40 s with three processes on one H100), ARMS_BUDGET_S (300: then
 # SIGTERM, the trainer checkpoints and stops; the arm is evaluated on its last checkpoint and its tokens say
-# how far it got), EVAL_BUDGET_S (140), STEPS (steps cap of an arm where the trainer has no train.token_budget;
+# how far it got), EVAL_BUDGET_S (140), WARMUP_ONLY (1: stop after the warm-ups, their checks in $OUT), STEPS (steps cap of an arm where the trainer has no train.token_budget;
 # default 20 ~ the token budget), THREADS (CPU threads per process, 2). Budget: ~1.5 min setup + import +
 # data, warm-ups <= 300 s (~90 s when the stop comes early), arms <= 300 s, evaluation <= 140 s: <= ~14 min
 # after the machine starts, ~10 min typically (one H100 run: 567 s).
@@ -117,7 +118,16 @@ for S in $SEEDS; do
     "world.output_dir=$DATA" "train.seed=$S" "train.run_arms=[]" train.final_eval=false)")
   LOGS+=("$RUN/seed$S/warmup.log")
 done
-run_all "${WARMUP_BUDGET_S:-300}" "warm-ups"
+run_all "${WARMUP_BUDGET_S:-420}" "warm-ups"
+if [ -n "${WARMUP_ONLY:-}" ]; then  # calibrating the world / the warm-up's stop: its checks, no arms
+  for S in $SEEDS; do
+    mkdir -p "$OUT/seed$S"
+    cp "$RUN/seed$S/warmup.log" "$RUN/seed$S/warmup/warmup.json" "$RUN/seed$S/warmup/calibration.json" \
+      "$OUT/seed$S/" 2>/dev/null || true
+  done
+  stamp "WARMUP_ONLY: warm-ups in $OUT"
+  exit 0
+fi
 
 eval_job() {  # eval_job SEED LABEL CHECKPOINT: one model, without hints, into $RUN/seed<S>/eval_<label>
   JOBS+=("$(q python3 -m questa_nemo.cli eval --config-name smollm2_world "${COMMON[@]}" "train.run_dir=$RUN/seed$1" \

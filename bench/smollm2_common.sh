@@ -1,4 +1,4 @@
-# Sourced by bench/smollm2_questa.sh and bench/smollm2_arms.sh: the SmolLM2 GGUF joined from its halves and
+# Sourced by bench/smollm2_arms.sh: the SmolLM2 GGUF joined from its halves and
 # checked, the detached re-launch, and the GPU image's packages. Expects NAME (the runner's name for messages),
 # OUT, GGUF, PARTS (array), OVERRIDES (array) and `stamp`; `set -euo pipefail` is the caller's.
 

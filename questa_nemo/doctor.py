@@ -169,6 +169,11 @@ def check_config(cfg: Config, gpus: Gpus | None = None) -> list[str]:
             problems.append(availability.reason)
     if cfg.model.context_parallel > 1:
         problems.append(f"model.context_parallel={cfg.model.context_parallel}: {CONTEXT_PARALLEL_UNSUPPORTED}")
+    te = cfg.model.attention == "te" or (
+        cfg.model.attention == "auto" and import_error(COMPONENTS["te"].module) is None
+    )
+    if cfg.model.compile and gpus.count and te:
+        problems.append("model.compile: not supported with Transformer Engine attention (use attention=sdpa)")
     if gpus.count:
         m = cfg.model
         model_parallel = m.tensor_parallel * m.pipeline_parallel * m.context_parallel
@@ -223,6 +228,8 @@ def capability_rows(gpus: Gpus) -> list[Availability]:
             Availability("TP x PP x CP", True, "CPU: gloo processes under torchrun, any size that divides")
         )
     rows.append(Availability("context_parallel > 1", False, CONTEXT_PARALLEL_UNSUPPORTED))
+    compiled = "torch.compile of every decoder layer, SDPA attention" if gpus.count else "ignored on CPU (eager)"
+    rows.append(Availability("model.compile=true", True, compiled))
     return rows
 
 

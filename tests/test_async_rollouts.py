@@ -352,3 +352,22 @@ def test_bench_cpu_smoke(tmp_path):
     assert [s["staleness_max"] for s in sync["steps"]] == [0.0, 0.0, 0.0]
     assert max(s["staleness_max"] for s in ahead["steps"]) <= 2.0
     assert "speedup_vs_sync" in ahead
+
+
+def test_producer_stream_is_a_no_op_on_cpu_and_samples_the_same(world_model):
+    """rollout.producer_stream (a CUDA stream for the producer's decoding) changes only where the kernels queue:
+    on CPU there is no stream and the samples are those of the plain snapshot engine."""
+    from questa_nemo.rollout import RolloutContext
+    from questa_nemo.rollout.snapshot import build_async_backend
+
+    cfg = config(2)
+    cfg.rollout.producer_stream = True
+    streamed = build_async_backend(cfg.rollout, RolloutContext([world_model], VOCAB))
+    plain = build_async_backend(config(2).rollout, RolloutContext([world_model], VOCAB))
+    assert streamed._stream is None and streamed._updated is None
+    prompts = [row.prompt_ids for row in prompt_source(4).rows]
+    params = SamplingParams(n=2, max_new_tokens=6, seed=5)
+    tokens = [[c.token_ids for c in g] for g in streamed.generate(prompts, params).completions]
+    assert tokens == [[c.token_ids for c in g] for g in plain.generate(prompts, params).completions]
+    streamed.update_weights(1)
+    assert streamed.version == 1 and streamed._updated is None

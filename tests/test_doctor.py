@@ -48,6 +48,15 @@ def test_te_attention_without_transformer_engine_is_blocked():
     assert doctor.check_config(_config(model={"attention": "auto"}), CPU) == []  # auto falls back to sdpa
 
 
+def test_model_compile_is_refused_with_te_attention_on_gpu_and_ignored_on_cpu():
+    assert doctor.check_config(_config(model={"compile": True, "attention": "sdpa"}), EIGHT_H100) == []
+    assert doctor.check_config(_config(model={"compile": True, "attention": "sdpa"}), CPU) == []
+    problems = doctor.check_config(_config(model={"compile": True, "attention": "te"}), EIGHT_H100)
+    assert any(p.startswith("model.compile: not supported with Transformer Engine") for p in problems)
+    rows = {row.key: row.reason for row in doctor.capability_rows(CPU)}
+    assert rows["model.compile=true"] == "ignored on CPU (eager)"
+
+
 def test_model_parallel_larger_than_the_gpus_is_blocked():
     fits = _config(model={"tensor_parallel": 4, "pipeline_parallel": 2})
     too_big = _config(model={"tensor_parallel": 4, "pipeline_parallel": 4})

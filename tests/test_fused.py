@@ -163,3 +163,53 @@ def test_model_with_swiglu_submodule_equals_megatron_glu(single_process):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rmsnorm_equals_torch_rmsnorm_values_and_gradients():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 3, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(7, 3, 24, generator=g, dtype=torch.float64)
+    ours = fused.RMSNorm(hidden_size=24, eps=1e-6).double()
+    ref = torch.nn.RMSNorm(24, eps=1e-6).double()
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(24, generator=g, dtype=torch.float64))
+        ref.weight.copy_(ours.weight)
+    out, out_ref = ours(x), ref(x)
+    grads = torch.autograd.grad(out, (x, ours.weight), upstream)
+    grads_ref = torch.autograd.grad(out_ref, (x, ref.weight), upstream)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-12)
+    for got, expected in zip(grads, grads_ref):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_model_built_with_fusions_equals_unfused(single_process, monkeypatch):
+    """The spec with fusions (our RMSNorm and SwiGLU submodules, our RoPE through megatron's fusion slot) gives
+    the unfused model's log-probs and gradients; on CPU every fused op runs its eager reference maths."""
+    from questa_nemo.model import megatron as mg
+    from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
+
+    ref, hf = tiny_hf_model("qwen2")
+    cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none")
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(6))
+
+    def loss_and_grads(fusions: bool):
+        monkeypatch.setattr(mg, "fusions_on", lambda cfg: fusions)
+        model = mg.build_model(hf, cfg)
+        mg.load_hf_weights(model, ref.state_dict(), hf, cfg)
+        norms = [type(layer.input_layernorm) for layer in model.decoder.layers]
+        assert all(n is (fused.RMSNorm if fusions else torch.nn.RMSNorm) for n in norms), norms
+        hidden = final_hidden_states(model, ids, torch.arange(12).expand_as(ids))
+        out = chunked_logprobs(hidden, output_weight(model), ids.t(), vocab_size=VOCAB)
+        out.logprobs.sum().backward()
+        return out.logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    try:
+        expected, expected_grads = loss_and_grads(fusions=False)
+        got, got_grads = loss_and_grads(fusions=True)
+    finally:
+        rope_utils.fused_apply_rotary_pos_emb = None  # as CPU runs find it (install() filled it)
+        rope_utils.fused_apply_rotary_pos_emb_thd = None
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert set(got_grads) == set(expected_grads)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -11,18 +11,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_cpu_smoke_run(tmp_path):
-    """Sync and one-step-off async, same prompts and forced lengths: the same tokens every step, counted as
-    NeMo-RL counts them (prompt + completion of every rollout sample over the step's wall time)."""
-    out = tmp_path / "nemorl.json"
+def run_bench(out: Path, *options: str) -> dict:
     cmd = [sys.executable, "bench/bench_grpo_nemorl.py", "--device", "cpu", "--tiny", "--prompts", "2"]
-    cmd += ["--samples", "4", "--recompute", "none", "--micro-batch-tokens", "256", "--out", str(out)]
+    cmd += ["--samples", "4", "--micro-batch-tokens", "256", "--out", str(out), *options]
     # a fresh world of one: not the rendezvous variables an in-process test of this session left behind
     rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in rendezvous} | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_cpu_smoke_run(tmp_path):
+    """Sync and one-step-off async, same prompts and forced lengths: the same tokens every step, counted as
+    NeMo-RL counts them (prompt + completion of every rollout sample over the step's wall time)."""
+    result = run_bench(tmp_path / "nemorl.json", "--recompute", "none")
     settings = result["settings"]
     assert "random" in settings["weights"] and settings["gpus"] == 1
     assert settings["trained_samples_per_step"] == settings["rollout_samples_per_step"] == 8
@@ -42,3 +45,17 @@ def test_cpu_smoke_run(tmp_path):
     assert len(ahead["generate_calls"]) == 4  # the producer stays one step ahead through the last timed step
     assert sync["timed_steps"] == [2, 3] and "reward_s" in sync["mean"]
     assert result["async_speedup_vs_sync"] > 0
+
+
+def test_cpu_smoke_run_without_the_proximal_pass(tmp_path):
+    """--proximal train_forward (no proximal pass: the reference pass runs at the start of training and its
+    seconds are counted as log-probs), partial recompute, the producer stream (a no-op on CPU), async only."""
+    result = run_bench(tmp_path / "nemorl.json", "--proximal", "train_forward", "--recompute", "full",
+                       "--recompute-num-layers", "1", "--producer-stream", "--skip-sync", "--steps", "2")
+    settings = result["settings"]
+    assert settings["proximal"] == "train_forward" and settings["recompute_num_layers"] == 1
+    (ahead,) = result["modes"]
+    assert ahead["max_staleness"] == 1 and "error" not in ahead, ahead
+    for s in ahead["steps"]:
+        assert s["logprobs_s"] == s["reference_logprobs_s"] > 0 and s["train_s"] > 0
+    assert "async_speedup_vs_sync" not in result

@@ -39,5 +39,5 @@ def test_the_installed_version_builds_our_layer_spec():
     from questa_nemo.model.megatron import layer_spec
 
     spec = layer_spec(ModelConfig(attention="sdpa", params_dtype="fp32"))
-    assert mcore_compat.mlp_submodules(spec).linear_fc1 is ColumnLinear
+    assert spec.submodules.self_attention.submodules.linear_qkv is ColumnLinear
     assert pin().specifier.contains(mcore_compat.MCORE_VERSION, prereleases=True)

@@ -56,6 +56,22 @@ def test_recompute_variants_give_the_same_gradients(single_process):
             recompute="selective",
             recompute_modules=["core_attn", "mlp"],
         ),
+        ModelConfig(params_dtype="fp32", attention="sdpa", recompute="full", recompute_impl="torch"),
+        ModelConfig(
+            params_dtype="fp32",
+            attention="sdpa",
+            recompute="full",
+            recompute_impl="torch",
+            recompute_keep_attention=True,
+        ),
+        ModelConfig(
+            params_dtype="fp32",
+            attention="sdpa",
+            recompute="full",
+            recompute_num_layers=1,
+            recompute_impl="torch",
+            recompute_keep_attention=True,
+        ),
     ]
     for cfg in variants:
         got = _grads(cfg, ref, hf)
@@ -64,6 +80,72 @@ def test_recompute_variants_give_the_same_gradients(single_process):
             torch.testing.assert_close(
                 got[name], expected[name], rtol=1e-5, atol=1e-6, msg=f"{cfg.recompute}: {name}"
             )
+
+
+def test_recompute_reruns_attention_unless_kept(single_process):
+    """Backward reruns each layer's fused SDPA op under megatron's and torch's full recompute, not when it is
+    kept; torch's recompute is not megatron's and skips a matmul a layer; a forward without grad is not
+    checkpointed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from questa_nemo.model.logprobs import final_hidden_states
+    from questa_nemo.model.megatron import build_model, transformer_config_from_hf
+    from questa_nemo.model.recompute import KEPT_OPS
+
+    class CountAttention(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = self.matmuls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func in KEPT_OPS
+            self.matmuls += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    _, hf = tiny_hf_model("qwen2")
+    layers = hf["num_hidden_layers"]
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
+    reruns, matmuls = {}, {}
+    for impl, keep in (("megatron", False), ("torch", False), ("torch", True)):
+        cfg = ModelConfig(
+            params_dtype="fp32",
+            attention="sdpa",
+            recompute="full",
+            recompute_impl=impl,
+            recompute_keep_attention=keep,
+        )
+        cfg.validate()
+        megatron_recompute = transformer_config_from_hf(hf, cfg).recompute_granularity
+        assert megatron_recompute == ("full" if impl == "megatron" else None)
+        model = build_model(hf, cfg)
+        model.train()
+        with CountAttention() as forward:
+            hidden = final_hidden_states(model, ids, torch.arange(8)[None])
+        with CountAttention() as backward:
+            hidden.float().pow(2).mean().backward()
+        assert forward.calls == layers
+        reruns[impl, keep], matmuls[impl, keep] = backward.calls, backward.matmuls
+        with torch.no_grad(), CountAttention() as inference:
+            final_hidden_states(model, ids, torch.arange(8)[None])
+        assert inference.calls == layers
+    assert reruns == {("megatron", False): layers, ("torch", False): layers, ("torch", True): 0}
+    # torch's recompute stops before each layer's MLP down projection (backward does not need its output)
+    assert matmuls["megatron", False] - matmuls["torch", False] == layers
+
+
+def test_torch_recompute_options_are_validated():
+    from questa_nemo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.recompute_keep_attention"):
+        ModelConfig(recompute="full", recompute_keep_attention=True).validate()  # megatron's recompute
+    with pytest.raises(ConfigError, match="model.recompute_impl"):
+        ModelConfig(recompute="selective", recompute_impl="torch").validate()
+    from questa_nemo.config import Config, validate
+
+    cfg = Config()
+    cfg.model.recompute_impl = "apex"
+    with pytest.raises(ConfigError, match="model.recompute_impl"):
+        validate(cfg)
 
 
 def test_bf16_build_has_only_bf16_parameters(single_process):
@@ -123,17 +205,72 @@ def test_packed_sdpa_is_causal_within_segments_and_zero_on_padding(lengths):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_layers_trace_under_torch_compile_with_packed_batches(single_process, monkeypatch):
+    """model.compile's path, traced by dynamo (eager backend: no C++ compiler needed): our fused modules (CPU
+    reference maths) and packed attention (kept eager) give the uncompiled model's outputs and gradients over
+    micro-batches of varying packing; compile is off on CPU (`compile_on`)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from questa_nemo.model import fused
+    from questa_nemo.model import megatron as mg
+    from questa_nemo.model.logprobs import final_hidden_states
+
+    ref, hf = tiny_hf_model("qwen2")
+    cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none", compile=True)
+    assert not mg.compile_on(cfg)
+    monkeypatch.setattr(mg, "fusions_on", lambda cfg: True)
+    models = []
+    for compiled in (False, True):
+        model = mg.build_model(hf, cfg)
+        mg.load_hf_weights(model, ref.state_dict(), hf, cfg)
+        if compiled:
+            for layer in model.decoder.layers:
+                layer.compile(backend="eager")
+        models.append(model)
+    try:
+        for cuts in ([0, 9, 20], [0, 4, 11, 17], [0, 15]):
+            cu = torch.tensor(cuts, dtype=torch.int32)
+            longest = int(cu.diff().max())
+            params = PackedSeqParams(
+                qkv_format="thd",
+                cu_seqlens_q=cu,
+                cu_seqlens_kv=cu,
+                max_seqlen_q=longest,
+                max_seqlen_kv=longest,
+            )
+            ids = torch.randint(0, VOCAB, (1, cuts[-1]), generator=torch.Generator().manual_seed(cuts[1]))
+            positions = fused.segment_positions(cu, cuts[-1])[None]
+            outs, grads = [], []
+            for model in models:
+                model.zero_grad()
+                hidden = final_hidden_states(model, ids, positions, packed_seq_params=params)
+                hidden.pow(2).mean().backward()
+                outs.append(hidden.detach())
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+            assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+            for name, grad in grads[0].items():
+                torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    finally:
+        torch._dynamo.reset()
+        from megatron.core.models.common.embeddings import rope_utils
+
+        rope_utils.fused_apply_rotary_pos_emb = rope_utils.fused_apply_rotary_pos_emb_thd = None
+
+
 def test_bench_train_cpu_smoke(tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     import bench_train
 
     out = tmp_path / "bench.json"
-    runs = ["32/mcore:recompute=full,chunk=8", "32/mcore:recompute=selective,docs=3", "32/hf:recompute=none"]
+    runs = ["32/mcore:recompute=full,chunk=8", "32/mcore:recompute=selective,docs=3", "32/hf:recompute=none",
+            "32/mcore:recompute=full,keepattn=1,newstuff=0"]  # fmt: skip
     code = bench_train.main(["--device", "cpu", "--tiny", "--preset", "none", "--runs", *runs,
                              "--steps", "1", "--warmup", "1", "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert code == 0 and result["card"] == "cpu"
-    assert [r["status"] for r in result["runs"]] == ["ok", "ok", "ok"]
+    assert [r["status"] for r in result["runs"]] == ["ok", "ok", "ok", "ok"]
+    assert all(bench_train.parse_run(run) for preset in bench_train.PRESETS.values() for run in preset)
     assert all(r["tokens_per_s"] > 0 for r in result["runs"])
     assert bench_train.flops_per_token(bench_train.QWEN25_15B, 8192) == pytest.approx(11.36e9, rel=0.01)
 

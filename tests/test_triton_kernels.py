@@ -24,9 +24,7 @@ def test_swiglu_kernels_equal_the_reference():
     g = torch.Generator().manual_seed(0)
     y, up = torch.randn(6, 80, generator=g), torch.randn(6, 40, generator=g)
     torch.testing.assert_close(triton_kernels.swiglu_forward(y), fused.swiglu_reference(y))
-    torch.testing.assert_close(
-        triton_kernels.swiglu_backward(up, y), fused.swiglu_reference_backward(up, y)
-    )
+    torch.testing.assert_close(triton_kernels.swiglu_backward(up, y), fused.swiglu_reference_backward(up, y))
 
 
 @pytest.mark.parametrize("layout", ["query", "key"])
@@ -48,3 +46,82 @@ def test_rope_kernel_equals_megatron_and_inverts(layout):
     leaf, upstream = t.clone().requires_grad_(), torch.randn(t.shape, generator=g)
     (grad,) = torch.autograd.grad(rope_utils._apply_rotary_pos_emb_bshd(leaf, freqs), leaf, upstream)
     torch.testing.assert_close(triton_kernels.rope(upstream, cos, sin, inverse=True), grad)
+
+
+@pytest.mark.parametrize("rows, programs", [(9, 4), (8, 1), (5, 16), (130, 1)])
+def test_rmsnorm_kernels_equal_the_reference(rows, programs):
+    """Hidden size 24 (a partly masked block); row blocks with a ragged last one, one program, more programs
+    than rows, the 64-row cap. dx and the summed partial weight gradients against autograd on the fp32
+    reference."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, 24, generator=g) * 3
+    weight, upstream = torch.randn(24, generator=g), torch.randn(rows, 24, generator=g)
+    y, rstd = triton_kernels.rmsnorm_forward(x, weight, 1e-6)
+    torch.testing.assert_close(y, fused.rmsnorm_reference(x, weight, 1e-6))
+    torch.testing.assert_close(rstd, torch.rsqrt(x.pow(2).mean(-1) + 1e-6))
+    leaf, w = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = torch.autograd.grad(fused.rmsnorm_reference(leaf, w, 1e-6), (leaf, w), upstream)
+    got = triton_kernels.rmsnorm_backward(upstream, x, weight, rstd, programs=programs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_model_on_the_triton_kernels_equals_the_unfused_model(monkeypatch):
+    """The tiny Qwen2 with every fused op on its Triton kernel (RMSNorm, RoPE, SwiGLU; interpreted) and full
+    recompute keeping attention: the unfused model's log-probs and gradients (fp32)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "dist"))
+    from tiny_hf import VOCAB, tiny_hf_model
+
+    from questa_nemo.config import ModelConfig
+    from questa_nemo.model import megatron as mg
+    from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
+    from questa_nemo.model.parallel import destroy_distributed, init_distributed
+
+    class SwiGLUOnTriton(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            ctx.save_for_backward(y)
+            return triton_kernels.swiglu_forward(y)
+
+        @staticmethod
+        def backward(ctx, g):
+            return triton_kernels.swiglu_backward(g, ctx.saved_tensors[0])
+
+    init_distributed(ModelConfig(params_dtype="fp32"))
+    ref, hf = tiny_hf_model("qwen2")
+    cfg = ModelConfig(
+        params_dtype="fp32",
+        attention="sdpa",
+        recompute="full",
+        recompute_impl="torch",
+        recompute_keep_attention=True,
+    )
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+
+    def run(fusions: bool):
+        monkeypatch.setattr(mg, "fusions_on", lambda cfg: fusions)
+        model = mg.build_model(hf, cfg)
+        mg.load_hf_weights(model, ref.state_dict(), hf, cfg)
+        hidden = final_hidden_states(model, ids, torch.arange(12)[None])
+        out = chunked_logprobs(hidden, output_weight(model), ids.t(), vocab_size=VOCAB)
+        out.logprobs.sum().backward()
+        return out.logprobs.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    try:
+        expected, expected_grads = run(fusions=False)
+        # the CUDA-only branches taken on CPU tensors: every op on its kernel
+        monkeypatch.setattr(
+            fused.RMSNorm, "forward", lambda self, x: fused._RMSNormFunction.apply(x, self.weight, self.eps)
+        )
+        monkeypatch.setattr(fused, "_rotate", lambda t, cos, sin: fused._RopeFunction.apply(t, cos, sin))
+        monkeypatch.setattr(fused.SwiGLU, "forward", lambda self, y: SwiGLUOnTriton.apply(y))
+        got, got_grads = run(fusions=True)
+    finally:
+        rope_utils.fused_apply_rotary_pos_emb = rope_utils.fused_apply_rotary_pos_emb_thd = None
+        destroy_distributed()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

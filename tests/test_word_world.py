@@ -1,5 +1,5 @@
 """The word world (questa_nemo/data/word_world.py), its recipe (conf/smollm2_world.yaml) and runner
-(bench/smollm2_questa.sh): arithmetic and formats, hinted prompts through the data pipeline and SmolLM2's chat
+(bench/smollm2_arms.sh): arithmetic and formats, hinted prompts through the data pipeline and SmolLM2's chat
 template, and a CPU smoke run of the recipe on the real SmolLM2 weights."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from smollm2_fixtures import smollm2  # noqa: F401
 
-from questa_nemo.config import RewardConfig, WorldConfig, load_config
+from questa_nemo.config import ConfigError, RewardConfig, WorldConfig, load_config
 from questa_nemo.data import word_world as ww
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +93,19 @@ def test_warmup_examples_teach_the_format_in_the_rl_prompt_format(tmp_path):
             assert hint == ""
     held_out = {examples[0].prompt.partition("\n\n")[0]}
     assert not held_out & {e.prompt.partition("\n\n")[0] for e in ww.warmup_examples(400, cfg, 0.4, held_out)}
+
+
+def test_warmup_max_ops_keeps_whole_hard_chains_out_of_the_warmup(tmp_path):
+    cfg = _small(tmp_path, max_ops=6, hard_min_ops=4, warmup_max_ops=3)
+    examples = ww.warmup_examples(300, cfg, hint_fraction=0.4)
+    assert {e.n_ops for e in examples} == {1, 2, 3}  # no chain of the hard range 4..6, hinted or not
+    assert examples[:50] != ww.warmup_examples(50, _small(tmp_path, max_ops=6, hard_min_ops=4), 0.4)
+    _small(tmp_path, max_ops=6, hard_min_ops=4, warmup_max_ops=6).validate()
+    for bad in (0, 7):
+        with pytest.raises(ConfigError, match="world.warmup_max_ops"):
+            _small(tmp_path, max_ops=6, warmup_max_ops=bad).validate()
+    with pytest.raises(ConfigError, match="world.hard_min_ops"):
+        _small(tmp_path, max_ops=6, hard_min_ops=7).validate()
 
 
 def test_problem_sets_are_seeded_distinct_and_exclude_held_out(tmp_path):
@@ -209,7 +222,7 @@ def test_runner_rejects_a_gguf_whose_hash_differs(tmp_path):
     done = subprocess.run(
         [
             "bash",
-            str(REPO / "bench" / "smollm2_questa.sh"),
+            str(REPO / "bench" / "smollm2_arms.sh"),
             str(joined),
             str(tmp_path / "a"),
             str(tmp_path / "b"),

@@ -239,7 +239,7 @@ def warmup_examples(
 
     rng = random.Random(f"{cfg.seed}:word:warmup")
     fmt = prompt_format(data_config([], "", [0.0], cfg.seed))
-    return draw_warmup_examples(rng, count, cfg.max_ops, hint_fraction, exclude, sample, fmt)
+    return draw_warmup_examples(rng, count, cfg.warmup_ops, hint_fraction, exclude, sample, fmt)
 
 
 def write_word_world(cfg: WorldConfig, hint_fraction: float = 0.4, jsonl_only: bool = False) -> dict[str, Path]:
@@ -284,8 +284,7 @@ def main(config_name: str = "smollm2_world", overrides: list[str] | None = None,
         datasets.disable_progress_bars()
     cfg = load_config(config_name, overrides)
     w = cfg.world
-    if not 1 <= w.hard_min_ops <= w.max_ops:
-        raise ConfigError("world.hard_min_ops", f"need 1 <= hard_min_ops <= max_ops={w.max_ops}")
+    w.validate()
     if w.modulus <= START_RANGE[1] + OPERAND_RANGE[1]:
         raise ConfigError("world.modulus", f"must exceed {START_RANGE[1] + OPERAND_RANGE[1]}")
     for name, path in write_word_world(w, cfg.train.warmup.hint_fraction, jsonl_only=datasets is None).items():

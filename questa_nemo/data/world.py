@@ -193,7 +193,7 @@ def warmup_examples(
         return problem.text(cfg.max_ops), problem.solution()
 
     rng = random.Random(f"{cfg.seed}:warmup")
-    return draw_warmup_examples(rng, count, cfg.max_ops, hint_fraction, exclude, sample, prompt_format(cfg))
+    return draw_warmup_examples(rng, count, cfg.warmup_ops, hint_fraction, exclude, sample, prompt_format(cfg))
 
 
 def draw_warmup_examples(
@@ -291,8 +291,7 @@ def main(config_name: str = "default", overrides: list[str] | None = None, posit
     datasets.disable_progress_bars()
     cfg = load_config(config_name, overrides)
     w = cfg.world
-    if not 1 <= w.hard_min_ops <= w.max_ops:
-        raise ConfigError("world.hard_min_ops", f"need 1 <= hard_min_ops <= max_ops={w.max_ops}")
+    w.validate()
     if w.modulus < 2:
         raise ConfigError("world.modulus", "must be >= 2")
     for name, path in write_world(w, cfg.train.warmup.hint_fraction).items():

@@ -86,6 +86,14 @@ def _segments(params: PackedSeqParams) -> tuple[list[int], list[int]]:
     return starts, lengths
 
 
+# Segment lengths are host ints that differ every micro-batch: eager even inside a compiled layer (model.compile)
+@torch.compiler.disable
+def _packed_forward(query, key, value, params: PackedSeqParams, scale: float) -> torch.Tensor:
+    starts, lengths = _segments(params)
+    out = packed_causal_sdpa(query, key, value, starts, lengths, scale)
+    return out.reshape(out.size(0), -1)
+
+
 class SDPACoreAttention(MegatronModule):
     """Drop-in for megatron's `core_attention` submodule (same constructor and forward signature)."""
 
@@ -130,9 +138,7 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention: attention_bias is not supported")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            starts, lengths = _segments(packed_seq_params)
-            out = packed_causal_sdpa(query, key, value, starts, lengths, self.softmax_scale)
-            return out.reshape(out.size(0), -1)
+            return _packed_forward(query, key, value, packed_seq_params, self.softmax_scale)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         out = causal_sdpa(q, k, v, self.softmax_scale)

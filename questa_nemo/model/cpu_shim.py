@@ -2,8 +2,8 @@
 
 megatron-core assumes CUDA in a few places that matter to us; each patch below redirects one of them to the
 CPU. `apply()` is called by `init_distributed` only when `torch.cuda.is_available()` is False, and is
-idempotent. On a GPU none of this runs; there the one other change to megatron is model/fused.py filling
-the fused-RoPE slot that Transformer Engine leaves empty.
+idempotent. On a GPU none of this runs; there the one other change to megatron is the spec provider
+(model/spec.py) filling the fused-RoPE slots that Transformer Engine leaves empty.
 
 What is patched, and why:
 1. `torch.cuda.current_device()` -> "cpu": layers, rotary embeddings and p2p communication allocate on

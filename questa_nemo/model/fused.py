@@ -5,9 +5,9 @@ casts, two products, a negation, two concatenations, a sum) on query and key of 
 backward: 14 ms of GPU time in a 1.5B training step at 8K tokens on an H200 (of about 200). With
 `apply_rope_fusion` megatron instead calls the module-level functions `rope_utils.fused_apply_rotary_pos_emb`
 (sbhd) and `fused_apply_rotary_pos_emb_thd` (packed), which it imports from TE. Without TE those are None;
-`install()` fills them with the functions below: one Triton kernel each way (model/triton_kernels.py), on
-cos / sin tables computed once per forward. (A torch.compile'd version took 5 ms a step, about five times
-what its memory traffic needs.)
+`install()` (called by the spec provider, model/spec.py) fills them with the functions below: one Triton
+kernel each way (model/triton_kernels.py), on cos / sin tables computed once per forward. (A torch.compile'd
+version took 5 ms a step, about five times what its memory traffic needs.)
 
 SwiGLU: megatron's own fusion (`bias_swiglu_impl`, torch.compile'd) writes its input gradient as a `cat` of
 the two halves and reads every input twice; its backward took 8.2 ms of that step, ours 5.0. `SwiGLU` is
@@ -44,14 +44,28 @@ def rope_tables(freqs: torch.Tensor, t: torch.Tensor, cu_seqlens: torch.Tensor |
     the tables of the last call are reused: one computation per forward instead of two per layer."""
     global _tables
     dtype = torch.promote_types(t.dtype, torch.float32)
-    if _tables and _tables[0] is freqs and _tables[1] is cu_seqlens and _tables[2].dtype == dtype:
+    compiling = torch.compiler.is_compiling()  # a compiled layer computes its own (fused into its graph)
+    if (
+        not compiling
+        and _tables
+        and _tables[0] is freqs
+        and _tables[1] is cu_seqlens
+        and _tables[2].dtype == dtype
+    ):
         return _tables[2], _tables[3]
     angles = freqs.to(dtype)
     if cu_seqlens is not None:
         angles = angles[segment_positions(cu_seqlens, t.size(0))]
     cos, sin = angles.cos(), angles.sin()
-    _tables = (freqs, cu_seqlens, cos, sin)
+    if not compiling:
+        _tables = (freqs, cu_seqlens, cos, sin)
     return cos, sin
+
+
+def forget_rope_tables() -> None:
+    """Drop the cached cos / sin tables (the next RoPE call computes them again)."""
+    global _tables
+    _tables = ()
 
 
 def segment_positions(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -171,3 +185,54 @@ class SwiGLU(torch.nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return _SwiGLUFunction.apply(y)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Nothing to save; megatron-core 0.15 and 0.16's MLP asks each of its children for this."""
+        return {}
+
+
+# ------------------------------------------------------------------------------------------ RMSNorm
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, in fp32, rounded once to x's dtype."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * weight.to(compute)).to(x.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """The Triton kernels (model/triton_kernels.py): forward keeps x and the per-row rstd; backward writes dx
+    and per-block fp32 partial weight gradients in one pass, summed by one small reduction."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        from questa_nemo.model.triton_kernels import rmsnorm_forward
+
+        y, rstd = rmsnorm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        from questa_nemo.model.triton_kernels import rmsnorm_backward
+
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rmsnorm_backward(g, x, weight, rstd)
+        return dx, dw, None
+
+
+class RMSNorm(torch.nn.Module):
+    """megatron's input / pre-MLP norm submodule (WrappedTorchNorm's constructor; a `weight` like
+    torch.nn.RMSNorm's, so checkpoints and conversions are unchanged). Triton on CUDA, else eager fp32."""
+
+    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-5, **_):
+        super().__init__()
+        if config is not None and getattr(config, "layernorm_zero_centered_gamma", False):
+            raise ValueError("fused RMSNorm: zero-centred gamma is not supported")
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == self.weight.dtype:
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return rmsnorm_reference(x, self.weight, self.eps)

@@ -5,8 +5,11 @@ What differs, read from each release's source (pip download --no-deps megatron-c
   submodule built from the layer spec) appear in 0.15. Before, the MLP always calls `config.activation_func`;
   our fused SwiGLU (model/fused.py) then cannot be plugged in, and megatron's own SwiGLU fusion
   (`bias_activation_fusion`) is used instead.
-- The local layer spec's `mlp` is a `ModuleSpec` up to 0.17 and a `functools.partial(MLP.as_mlp_submodule,
-  submodules=MLPSubmodules(...))` from 0.18; the submodules live in `.submodules` or `.keywords["submodules"]`.
+- The dense-MLP spec is a `ModuleSpec` up to 0.17 and a `functools.partial(MLP.as_mlp_submodule,
+  submodules=MLPSubmodules(...))` from 0.18; megatron's `get_mlp_module_spec_for_backend` builds either from a
+  backend spec provider (model/spec.py), and takes `use_te_activation_func` from 0.15.
+- The `BackendSpecProvider` protocol: `activation_func()` from 0.15, `layer_norm(..., has_residual)` from 0.19,
+  `grouped_mlp_modules`' arguments change (model/spec.py's provider accepts all of them).
 - Core attention is built with `model_comm_pgs=` up to 0.14 and `pg_collection=` from 0.15
   (model/attention.py's SDPACoreAttention takes both).
 - The checkpoint writer's results queue: `filesystem_async._get_write_results_queue()` up to 0.16, public
@@ -19,9 +22,9 @@ the check that fills it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from importlib.metadata import PackageNotFoundError, version
 
+from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -41,7 +44,8 @@ HAS_ACTIVATION_SUBMODULE = "use_te_activation_func" in _CONFIG_FIELDS and "activ
 
 
 def activation_submodule_kwargs(use: bool) -> dict:
-    """TransformerConfig kwargs that switch the activation submodule on or off (none before 0.15)."""
+    """`use_te_activation_func`, TransformerConfig's and `get_mlp_module_spec_for_backend`'s switch of the
+    activation submodule (none before 0.15)."""
     if not HAS_ACTIVATION_SUBMODULE:
         if use:
             raise ValueError(f"megatron-core {MCORE_VERSION} has no activation submodule (0.15+)")
@@ -49,12 +53,12 @@ def activation_submodule_kwargs(use: bool) -> dict:
     return {"use_te_activation_func": use}
 
 
-def mlp_submodules(layer_spec) -> MLPSubmodules:
-    """The MLPSubmodules of a decoder-layer spec, whether its `mlp` is a ModuleSpec (<= 0.17) or a partial."""
-    mlp = layer_spec.submodules.mlp
-    if isinstance(mlp, functools.partial):
-        return mlp.keywords["submodules"]
-    return mlp.submodules
+def dense_mlp_spec(backend):
+    """megatron's dense-MLP spec of `backend`'s modules (`get_mlp_module_spec_for_backend`: a ModuleSpec up to
+    0.17, a partial of `MLP.as_mlp_submodule` from 0.18), with `backend.activation_func()` as the activation
+    submodule when it gives one (0.15+)."""
+    use = backend.activation_func() is not None
+    return get_mlp_module_spec_for_backend(backend=backend, **activation_submodule_kwargs(use))
 
 
 def start_write_results_queue() -> None:

@@ -14,18 +14,15 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from questa_nemo.config import ConfigError, ModelConfig
-from questa_nemo.model import fused, mcore_compat
-from questa_nemo.model.attention import SDPACoreAttention
+from questa_nemo.model import mcore_compat
 from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, te_norm_names
-from questa_nemo.model.linear import ColumnLinear, RowLinear
+from questa_nemo.model.recompute import checkpoint_layers
+from questa_nemo.model.spec import QuestaSpecProvider, decoder_layer_spec
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
@@ -80,13 +77,12 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
             "model.sequence_parallel", "needs Transformer Engine (megatron's torch norms reject it)"
         )
     shape = ModelShape.from_hf(hf)
-    fuse = fusions_on(cfg)
-    if fuse:
-        fused.install()
-    own_swiglu = own_swiglu_on(cfg)
+    backend = spec_provider(cfg)  # the modules, and the switches they need in the config
     dtype = torch.bfloat16 if cfg.params_dtype == "bf16" else torch.float32
     recompute: dict = {}
-    if cfg.recompute == "full" and cfg.recompute_num_layers is None:
+    if cfg.recompute == "full" and cfg.recompute_impl == "torch":
+        pass  # torch's checkpoint of each layer (build_model: model/recompute.py), not megatron's
+    elif cfg.recompute == "full" and cfg.recompute_num_layers is None:
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif cfg.recompute == "full":
         recompute = dict(
@@ -121,16 +117,17 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
         context_parallel_size=cfg.context_parallel,
         sequence_parallel=cfg.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
-        # Fusions: RoPE TE's kernel or, without TE, ours (model/fused.py); SwiGLU megatron's jit_fuser under
-        # TE (or before megatron-core 0.15), else our activation submodule (built from the layer spec, which
-        # is what use_te_activation_func asks for). Bias-dropout-add stays unfused: no bias, dropout 0, so it is one add either way and the
-        # compiled call only costs host time. The others need apex / TE.
-        bias_activation_fusion=fuse and not own_swiglu,
-        **mcore_compat.activation_submodule_kwargs(own_swiglu),
+        # Fusions: RoPE TE's kernel or, without TE, ours (model/spec.py, model/fused.py); SwiGLU megatron's
+        # jit_fuser under TE (or before megatron-core 0.15), else our activation submodule (built from the
+        # layer spec, which is what use_te_activation_func asks for). Bias-dropout-add stays unfused: no bias,
+        # dropout 0, so it is one add either way and the compiled call only costs host time. The others need
+        # apex / TE.
+        bias_activation_fusion=fusions_on(cfg) and not backend.swiglu,
+        **mcore_compat.activation_submodule_kwargs(backend.swiglu),
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=fuse,
+        apply_rope_fusion=backend.rope_fusion(),
         gradient_accumulation_fusion=False,
         variable_seq_lengths=True,  # packed micro-batches differ in length: PP stages exchange shapes first
         moe_token_dispatcher_type="alltoall",  # no MoE here; megatron rejects variable lengths with "allgather"
@@ -138,25 +135,38 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
     )
 
 
+def spec_provider(cfg: ModelConfig) -> QuestaSpecProvider:
+    """Our modules for megatron (model/spec.py): without TE the whole decoder layer, with TE only the RoPE
+    fusion (TE's spec has TE's modules)."""
+    return QuestaSpecProvider(
+        sdpa=cfg.attention != "local",
+        swiglu=own_swiglu_on(cfg),
+        fused_rope=fusions_on(cfg),
+        fused_norm=fusions_on(cfg),
+    )
+
+
 def layer_spec(cfg: ModelConfig) -> ModuleSpec:
-    """The decoder-layer spec: TE's, or megatron's local spec with SDPA core attention (or its own), linear
-    layers with a plain single-rank path (model/linear.py) and, with fusions, our SwiGLU."""
+    """The decoder-layer spec: TE's, or the layer of megatron's local spec built from `spec_provider(cfg)`."""
     if uses_te(cfg):
         return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    attention, mlp = spec.submodules.self_attention.submodules, mcore_compat.mlp_submodules(spec)
-    if cfg.attention != "local":
-        attention.core_attention = SDPACoreAttention
-    attention.linear_qkv, attention.linear_proj = ColumnLinear, RowLinear
-    mlp.linear_fc1, mlp.linear_fc2 = ColumnLinear, RowLinear
-    if own_swiglu_on(cfg):
-        mlp.activation_func = fused.SwiGLU
-    return spec
+    return decoder_layer_spec(spec_provider(cfg))
 
 
 def fusions_on(cfg: ModelConfig) -> bool:
     """Fused kernels run on GPU only; CPU runs (tests, the embedded default) take megatron's plain ops."""
     return cfg.fusions and torch.cuda.is_available()
+
+
+def compile_on(cfg: ModelConfig) -> bool:
+    """torch.compile of the decoder layers: asked for, on GPU (CPU runs stay eager), not with TE attention."""
+    if not (cfg.compile and torch.cuda.is_available()):
+        return False
+    if uses_te(cfg):
+        raise ConfigError(
+            "model.compile", "not supported with Transformer Engine attention (use attention=sdpa)"
+        )
+    return True
 
 
 def own_swiglu_on(cfg: ModelConfig) -> bool:
@@ -219,6 +229,19 @@ def build_model(
         model.bfloat16()
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if cfg.recompute == "full" and cfg.recompute_impl == "torch":
+        if cfg.recompute_keep_attention and uses_te(cfg):
+            raise ConfigError(
+                "model.recompute_keep_attention", "needs SDPA attention (model.attention=sdpa), not TE's"
+            )
+        layers = model.decoder.layers
+        checkpoint_layers(
+            layers if cfg.recompute_num_layers is None else layers[: cfg.recompute_num_layers],
+            keep_attention=cfg.recompute_keep_attention,
+        )
+    if compile_on(cfg):
+        for layer in model.decoder.layers:  # one compiled graph serves every layer (parameters are inputs)
+            layer.compile()
     return model
 
 

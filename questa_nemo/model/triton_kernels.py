@@ -101,3 +101,79 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
             SIGN=-1.0 if inverse else 1.0, HALF=dim // 2, BLOCK_H=block_h, num_warps=4,
         )  # fmt: skip
     return out
+
+
+# ------------------------------------------------------------------------------------------ RMSNorm
+@triton.jit
+def _rmsnorm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, BLOCK: tl.constexpr):
+    """One row per program: rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * w, fp32 math, one rounding."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+    tl.store(rstd_ptr + row, rstd)
+    tl.store(y_ptr + row * n + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_backward_kernel(
+    g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, rows, n,
+    ROWS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """A block of rows per program: dx = rstd (w g - xhat mean(w g xhat)) with xhat = x rstd, and this block's
+    partial weight gradient sum_rows g xhat (fp32, one row of dw_partial per program)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(ROWS_PER_PROGRAM):
+        row = pid.to(tl.int64) * ROWS_PER_PROGRAM + i
+        live = mask & (row < rows)  # the last block may run past the rows: masked, adds 0 to dw
+        g = tl.load(g_ptr + row * n + cols, mask=live, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * n + cols, mask=live, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row + cols * 0, mask=live, other=0.0)  # broadcast, masked like the row
+        xhat = x * rstd
+        wg = w * g
+        c = tl.sum(wg * xhat, axis=0) / n
+        tl.store(dx_ptr + row * n + cols, (rstd * (wg - xhat * c)).to(dx_ptr.dtype.element_ty), mask=live)
+        dw += g * xhat
+    tl.store(dw_partial_ptr + pid.to(tl.int64) * n + cols, dw, mask=mask)
+
+
+def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim of x [..., n] -> (y like x, rstd [rows] fp32)."""
+    n = x.size(-1)
+    x2d = x.reshape(-1, n).contiguous()
+    y = torch.empty_like(x2d)
+    rstd = torch.empty(x2d.size(0), dtype=torch.float32, device=x.device)
+    if x2d.numel():
+        block = triton.next_power_of_2(n)
+        _rmsnorm_forward_kernel[(x2d.size(0),)](
+            x2d, weight.contiguous(), y, rstd, n, eps, BLOCK=block, num_warps=min(max(block // 256, 1), 16)
+        )  # fmt: skip
+    return y.view(x.shape), rstd
+
+
+def rmsnorm_backward(
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, programs: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (dx like x, dw like weight) of `rmsnorm_forward` for upstream g. Rows are split into about
+    `programs` blocks (a power of two rows each, at most 64: a compile-time constant, so micro-batches of any
+    length share a handful of compiled variants); their fp32 partial weight gradients are summed at the end."""
+    n = x.size(-1)
+    x2d, g2d = x.reshape(-1, n).contiguous(), g.reshape(-1, n).contiguous()
+    rows = x2d.size(0)
+    dx = torch.empty_like(x2d)
+    per_program = min(triton.next_power_of_2(triton.cdiv(rows, max(programs, 1))), 64) if rows else 1
+    programs = triton.cdiv(rows, per_program) if rows else 1
+    partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)  # every program writes its row
+    if rows:
+        block = triton.next_power_of_2(n)
+        _rmsnorm_backward_kernel[(programs,)](
+            g2d, x2d, weight.contiguous(), rstd, dx, partial, rows, n,
+            ROWS_PER_PROGRAM=per_program, BLOCK=block, num_warps=min(max(block // 256, 1), 16),
+        )  # fmt: skip
+    return dx.view(x.shape), partial.sum(0).to(weight.dtype)

@@ -12,6 +12,12 @@ One lock orders the two threads: a `generate` call (one chunk of prompts) and a 
 so a chunk is sampled from one version, which its completions carry. The snapshot costs one extra copy of the
 weights in memory; the trainer's publish waits for at most the in-flight chunk. No backend issues a collective
 inside `generate`, so the producer thread never competes with the trainer's collectives.
+
+On GPU with `stream` (config rollout.producer_stream) `generate` runs on a CUDA stream of its own (high
+priority), so decoding and training kernels run concurrently instead of queueing on the one default stream
+(there the trainer's first pass after a step's rollouts waited for the producer's next decode). It starts after the last
+update's copies (an event recorded on the trainer's stream, first after the snapshot's own copy) and
+synchronises its stream before returning, so the next update never writes weights a decode kernel still reads.
 """
 
 from __future__ import annotations
@@ -66,10 +72,12 @@ def build_async_backend(cfg: RolloutConfig, ctx: RolloutContext) -> AsyncSafeBac
     from questa_nemo.rollout import build_backend
 
     backend = build_backend(cfg, ctx)
+    stream = cfg.producer_stream
     if not getattr(backend, "shares_trainer_weights", False):
-        return AsyncSafeBackend(backend)
+        return AsyncSafeBackend(backend, stream=stream)
     shadow = [detached_clone(chunk) for chunk in ctx.chunks]
-    return AsyncSafeBackend(build_backend(cfg, replace(ctx, chunks=shadow)), ctx.chunks, shadow)
+    inner = build_backend(cfg, replace(ctx, chunks=shadow))
+    return AsyncSafeBackend(inner, ctx.chunks, shadow, stream=stream)
 
 
 class AsyncSafeBackend:
@@ -83,10 +91,20 @@ class AsyncSafeBackend:
         inner: GenerationBackend,
         source: list[torch.nn.Module] | None = None,
         shadow: list[torch.nn.Module] | None = None,
+        stream: bool = False,
     ):
         self.inner, self.source, self.shadow = inner, source or [], shadow or []
         self.version = inner.version
         self._lock = threading.Lock()
+        # the producer's stream (module doc) and the event its next generate waits for: recorded after the last
+        # update's copies, first after the snapshot's own copy (detached_clone, just before)
+        # high priority: the decode step's small kernels go ahead of queued training blocks (its graphs replay at
+        # the stream's priority), so decoding barely slows and training fills the SMs it leaves idle
+        self._stream = torch.cuda.Stream(priority=-1) if stream and torch.cuda.is_available() else None
+        self._updated: torch.cuda.Event | None = None
+        if self._stream is not None:
+            self._updated = torch.cuda.Event()
+            self._updated.record()
 
     def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(trainer tensor, shadow tensor) by name: parameters and floating-point buffers of every chunk."""
@@ -103,7 +121,14 @@ class AsyncSafeBackend:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> GenerationResult:
         with self._lock:
-            return self.inner.generate(prompts, params)
+            if self._stream is None:
+                return self.inner.generate(prompts, params)
+            if self._updated is not None:
+                self._stream.wait_event(self._updated)
+            with torch.cuda.stream(self._stream):
+                result = self.inner.generate(prompts, params)
+            self._stream.synchronize()
+            return result
 
     @torch.no_grad()
     def update_weights(self, version: int) -> None:
@@ -113,6 +138,9 @@ class AsyncSafeBackend:
             for theirs, ours in self._pairs():  # looked up each time: a checkpoint load may re-bind tensors
                 ours.copy_(theirs.detach())
             self.inner.update_weights(version)
+            if self._stream is not None:
+                self._updated = torch.cuda.Event()
+                self._updated.record()  # on the trainer's stream, after the copies
             self.version = version
 
     def sleep(self) -> None:

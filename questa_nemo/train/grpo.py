@@ -389,14 +389,20 @@ def segments(row: torch.Tensor, mb: PackedMicroBatch) -> torch.Tensor:
 def make_loss_fn(cfg: Config):
     """The per-micro-batch loss callback MegatronPolicy.train_step calls: (logprobs [1, T], entropy [1, T],
     micro-batch) -> (loss summed over the micro-batch, summed stats). The policy divides by the step
-    normaliser, so the callback passes normaliser 1 to policy_loss."""
+    normaliser, so the callback passes normaliser 1 to policy_loss.
+
+    algo.proximal_logprobs=train_forward: a micro-batch without recomputed proximal log-probs takes the
+    update's own log-probs, detached (see `proximal_from_train_forward`)."""
     loss_cfg = loss_config_from(cfg.algo)
+    own_proximal = cfg.algo.proximal_logprobs == "train_forward"
 
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: PackedMicroBatch):
         def view(x: torch.Tensor) -> torch.Tensor:  # [1, T] -> [S, L]: one row per sequence
             return segments(x.to(logprobs.device), mb)
 
         proximal = view(mb.proximal_logprobs) if mb.proximal_logprobs is not None else None
+        if proximal is None and own_proximal:
+            proximal = view(logprobs.detach())
         loss, stats = policy_loss(
             view(logprobs), view(mb.advantages), view(mb.loss_mask) > 0, view(mb.behaviour_logprobs),
             normaliser=1.0, cfg=loss_cfg, proximal_logprobs=proximal, entropy=view(entropy),
@@ -525,6 +531,22 @@ def _reason_counts(filled: FilledStep[Group]) -> dict[str, int]:
     return reasons
 
 
+def proximal_from_train_forward(cfg: Config) -> bool:
+    """True when the step skips the proximal log-prob pass (algo.proximal_logprobs=train_forward): the loss
+    then takes the update's own log-probs, detached. Exactly what the pass would give up to the rounding
+    between two forwards: `policy.train_step` makes ONE optimizer update over all the step's micro-batches,
+    from the weights the pass would read, and the model has no dropout, so current == proximal in value (PPO
+    ratio 1, never clipped; gradient A x w x grad log p, as with the pass) and the behaviour weights
+    exp(proximal - behaviour) are the same whatever the samples' staleness. A step that updated the weights
+    several times on these log-probs (minibatches, PPO epochs) would need the pass: the trainer has none.
+    hints.unhinted_correction needs the log-probs before the update (refused by validation, checked here)."""
+    if cfg.algo.proximal_logprobs != "train_forward":
+        return False
+    if cfg.algo.hints.unhinted_correction:
+        raise ValueError("algo.proximal_logprobs=train_forward cannot serve algo.hints.unhinted_correction")
+    return True
+
+
 class SyncRollouts:
     """Rollouts generated when the step asks for them, with the current weights (the colocated default)."""
 
@@ -580,10 +602,11 @@ def grpo_step(
     loss_fn, loss_cfg = make_loss_fn(cfg)
     with timer("pack"):
         micro_batches = policy.pack(data.sequences)
-    with timer("logprobs"):
-        proximal = policy.logprobs(micro_batches, temperature=temperature)
-        for mb, lp in zip(micro_batches, proximal.logprobs):
-            mb.proximal_logprobs = lp
+    if not proximal_from_train_forward(cfg):
+        with timer("logprobs"):
+            proximal = policy.logprobs(micro_batches, temperature=temperature)
+            for mb, lp in zip(micro_batches, proximal.logprobs):
+                mb.proximal_logprobs = lp
     if cfg.algo.hints.unhinted_correction:
         with timer("correction"):
             metrics.update(unhinted_correction(cfg, policy, data, micro_batches, proximal.logprobs, temperature,

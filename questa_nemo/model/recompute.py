@@ -1,0 +1,78 @@
+"""Full activation recompute by torch's checkpoint per layer, optionally keeping the attention output.
+
+`model.recompute_impl: torch` (with `recompute: full`) checkpoints each decoder layer with torch's non-reentrant
+checkpoint instead of megatron's reentrant one: the same memory (each layer's input), and recompute stops as
+soon as backward has every tensor it saved, so the MLP's down projection, whose output backward does not
+need, is not rerun (megatron reruns the whole layer).
+
+`model.recompute_keep_attention` also keeps each layer's attention output. At long contexts attention
+dominates the layer (at 32K tokens on the 1.5B shape its forward is about a fifth of a full-recompute step),
+so rerunning it is the most expensive part of recompute, while its output is small: one [s, heads x head_dim]
+tensor and the softmax statistics ([heads, s] fp32), about 100 MB a layer at 32K for the 1.5B shape, against
+the GBs of activations full recompute saves. A selective policy saves the fused SDPA op's outputs (output,
+log-sum-exp, RNG state) in the forward and hands them back during recompute; every other op is recomputed.
+Attention's backward then runs from the recomputed query / key / value and the saved output, exactly what it
+would have used without recompute, so gradients are unchanged (the tests compare them).
+
+Only torch's SDPA attention (model/attention.py) is kept: Transformer Engine's attention is not an aten op,
+so with TE the policy would save nothing; `build_model` refuses that combination.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
+
+from questa_nemo.model import fused
+
+_aten = torch.ops.aten
+# The fused SDPA ops torch dispatches to (CUDA: cuDNN / flash / memory-efficient; CPU: flash for CPU).
+KEPT_OPS = frozenset(
+    {
+        _aten._scaled_dot_product_cudnn_attention.default,
+        _aten._scaled_dot_product_flash_attention.default,
+        _aten._scaled_dot_product_efficient_attention.default,
+        _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    }
+)
+
+
+def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def keep_attention_contexts():
+    """`context_fn` for torch.utils.checkpoint: save the fused SDPA ops' outputs, recompute the rest."""
+    return create_selective_checkpoint_contexts(_policy)
+
+
+def checkpoint_layers(layers, keep_attention: bool = False) -> None:
+    """Full recompute of each layer in backward by torch's non-reentrant checkpoint; with `keep_attention`,
+    except its fused attention op (see the module docstring). Call on layers built without megatron's own
+    recompute; idempotent."""
+    context_fn = keep_attention_contexts if keep_attention else noop_context_fn
+    for layer in layers:
+        if getattr(layer, "_checkpointed", False):
+            continue
+        layer.forward = functools.partial(_checkpointed_forward, layer.forward, context_fn)
+        layer._checkpointed = True
+
+
+def _checkpointed_forward(forward, context_fn, *args, **kwargs):
+    if not torch.is_grad_enabled():  # no backward will come: nothing to save or recompute
+        return forward(*args, **kwargs)
+
+    def run(*args, **kwargs):
+        # The recompute must issue the ops the forward issued: RoPE's cos / sin tables are cached across
+        # layers (model/fused.py), so each run starts without them and computes its own.
+        fused.forget_rope_tables()
+        return forward(*args, **kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
