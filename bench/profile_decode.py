@@ -307,7 +307,8 @@ def print_tables(result: dict) -> None:
                 print(f"  [{variant}] error: {r['error']}")
                 continue
             a, prof = r["graph_step"], r["eager_profile"]
-            print(f"  [{variant}] graphed step {a['ms']:.3f} ms ({a['tokens_per_second']:.0f} tok/s); eager "
+            print(f"  [{variant}] graphed step {a['ms']:.3f} ms ({a['tokens_per_second']:.0f} tok/s, "
+                  f"{r.get('step_speedup_vs_main', 1.0):.2f}x main); eager "
                   f"kernels {prof['kernels']}, kernel sum {prof['kernel_sum_ms']:.3f} ms, graph gap "
                   f"{r['graph_gap_ms']:.3f} ms")  # fmt: skip
             for k, v in prof["kinds"].items():
@@ -382,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             backend.sleep()
             print(f"{case} {variant}: step {a['ms']:.3f} ms", flush=True)
+        base = per["variants"].get("main", {}).get("graph_step")
+        for r in per["variants"].values():
+            if base and "graph_step" in r:
+                r["step_speedup_vs_main"] = base["ms"] / r["graph_step"]["ms"]
         if importlib.util.find_spec("triton") is not None:
             per["attention_sweep"] = attention_sweep(args, contexts, dtype, args.device, args.quick_sweep)
         result["cases"][case] = per
