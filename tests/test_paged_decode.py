@@ -303,13 +303,15 @@ def test_prompt_groups_from_block_tables():
     for row in owned:
         for blk in row:
             refs[blk] += 1
-    members, items, skip, count = prompt_groups(owned, refs, max_members=3, max_items=2)
+    members, items, skip, count = prompt_groups(owned, refs, max_members=3, max_items=2, min_item_blocks=1)
     groups = [m for m in members if m[0] >= 0]
     assert sorted(map(tuple, groups)) == [(0, 1, 2), (3, 4, -1)]  # slot 7 alone after the cap: no group
     assert skip == [3, 3, 3, 1, 1, 0, 0, 0]
     used = [it for it in items if it[0] >= 0]
     assert sorted((it[1], it[2]) for it in used) == [(0, 1), (0, 2), (2, 3)]
     assert count == [2, 2, 2, 1, 1, 0, 0, 0]
+    _, items, _, count = prompt_groups(owned, refs, max_members=3, max_items=2)  # items of >= 4 blocks
+    assert count == [1, 1, 1, 1, 1, 0, 0, 0] and sum(it[0] >= 0 for it in items) == 2
 
 
 @needs_triton
@@ -334,7 +336,7 @@ def test_cascade_attention_matches_dense_oracle(interpreter_loops):
         table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
     q = torch.randn(len(owned), groups, per_group, dim, generator=g)
     positions = torch.tensor(lengths) - 1
-    host = prompt_groups(owned, refs, max_members=4, max_items=2)
+    host = prompt_groups(owned, refs, max_members=4, max_items=2, min_item_blocks=1)
     cascade = Cascade(*(torch.tensor(t, dtype=torch.int32) for t in host), 2)
     ref = paged_attention_dense(q, k, v, table, positions)
     for split_len in (16, 32):

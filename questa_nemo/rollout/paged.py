@@ -55,11 +55,16 @@ CASCADE_ITEMS = 8  # prefix partials a sequence reserves (work items a group's s
 
 
 def prompt_groups(
-    owned: list[list[int]], refs: list[int], max_members: int = CASCADE_MEMBERS, max_items: int = CASCADE_ITEMS
+    owned: list[list[int]],
+    refs: list[int],
+    max_members: int = CASCADE_MEMBERS,
+    max_items: int = CASCADE_ITEMS,
+    min_item_blocks: int = 4,
 ) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
     """Cascade attention's groups from the block tables (host, pure): slots whose leading blocks are the same
     shared blocks (the samples of one prompt, paged share_prefix), at most `max_members` a group, each group's
-    shared prefix cut into at most `max_items` work items, at most one item per slot in all.
+    shared prefix cut into at most `max_items` work items of at least `min_item_blocks` blocks (each item is one
+    more partial per member for the merge to read), at most one item per slot in all.
 
     Returns rows for one slot each: members [slots][max_members] (-1 pads), items [slots][4] (group row or -1,
     first block, last block, partial index), skip [slots] (shared leading blocks), count [slots] (partials)."""
@@ -86,7 +91,7 @@ def prompt_groups(
     k = 0
     for row, (chunk, shared) in enumerate(groups):
         members[row][: len(chunk)] = chunk
-        step = -(-shared // per_group)
+        step = max(min_item_blocks, -(-shared // per_group))
         n_items = -(-shared // step)
         for index in range(n_items):
             items[k] = [row, index * step, min(shared, (index + 1) * step), index]

@@ -83,8 +83,12 @@ def _split_kernel(
         return
     lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l_sum, 1.0)), float("-inf"))
     row = (b.to(tl.int64) * groups + g) * part_splits + s  # part [B, G, S', H, D], lse [B, G, S', H]
-    tl.store(part_ptr + row * H * D + h[:, None] * D + d[None, :], out)
-    tl.store(lse_ptr + row * H + h, lse)
+    if FIXED:  # the padded head rows are never read (the merge masks them): do not write them
+        rows = head_mask
+    else:
+        rows = h < H
+    tl.store(part_ptr + row * H * D + h[:, None] * D + d[None, :], out, mask=rows[:, None])
+    tl.store(lse_ptr + row * H + h, lse, mask=rows)
 
 
 @triton.jit
@@ -113,21 +117,27 @@ def _merge_kernel(
         shared = tl.load(count_ptr + b)
     else:
         shared = 0
+    if FIXED:  # padded head rows: not written, not read (0 stands in: finite, stored nowhere)
+        live = h < per_group
+    else:
+        live = h < H
+    lse_at = lse_ptr + base * H + h
+    part_at = part_ptr + base * H * D + h[:, None] * D + d[None, :]
     m = tl.full([H], float("-inf"), dtype=tl.float32)
     for s in range(0, used):
-        m = tl.maximum(m, tl.load(lse_ptr + (base + s) * H + h))
+        m = tl.maximum(m, tl.load(lse_at + s * H, mask=live, other=0.0))
     for s in range(0, shared):
-        m = tl.maximum(m, tl.load(lse_ptr + (base + num_splits + s) * H + h))
+        m = tl.maximum(m, tl.load(lse_at + (num_splits + s) * H, mask=live, other=0.0))
     total = tl.zeros([H], dtype=tl.float32)
     acc = tl.zeros([H, D], dtype=tl.float32)
     for s in range(0, used):
-        weight = tl.exp(tl.load(lse_ptr + (base + s) * H + h) - m)  # split 0 is never empty: m is finite
+        weight = tl.exp(tl.load(lse_at + s * H, mask=live, other=0.0) - m)  # split 0 is never empty: m finite
         total += weight
-        acc += weight[:, None] * tl.load(part_ptr + (base + s) * H * D + h[:, None] * D + d[None, :])
+        acc += weight[:, None] * tl.load(part_at + s * H * D, mask=live[:, None], other=0.0)
     for s in range(0, shared):
-        weight = tl.exp(tl.load(lse_ptr + (base + num_splits + s) * H + h) - m)
+        weight = tl.exp(tl.load(lse_at + (num_splits + s) * H, mask=live, other=0.0) - m)
         total += weight
-        acc += weight[:, None] * tl.load(part_ptr + (base + num_splits + s) * H * D + h[:, None] * D + d[None, :])
+        acc += weight[:, None] * tl.load(part_at + (num_splits + s) * H * D, mask=live[:, None], other=0.0)
     out = acc / total[:, None]
     dst = out_ptr + b.to(tl.int64) * stride_ob + g * stride_og + h[:, None] * stride_oh + d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(h < per_group)[:, None])
