@@ -317,6 +317,29 @@ def test_two_checkpoints_compared_resumed_and_reported(tmp_path, capsys):
         evaluate_all(hotter, *args, backend_for)
 
 
+def test_a_run_folder_resumes_only_its_own_newest_checkpoint(tmp_path):
+    from questa_nemo.eval.run import evaluate_all
+
+    cfg = eval_config(tmp_path)
+    rows = load_benchmark(
+        BenchmarkConfig(path=str(write_jsonl(tmp_path / "b.jsonl", ROWS_FILE)), id_field="id")
+    )
+    run = tmp_path / "run"
+
+    def save(step: int) -> None:
+        (run / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step_{step}" / "run_state.json").write_text("{}")
+
+    script = {"Q: " + k: v for k, v in SCRIPT.items()}
+    args = ([str(run)], ["arm"], [("mini", "b.jsonl", rows)], TOK, ExactScorer(), boxed)
+    save(5)
+    first = evaluate_all(cfg, *args, lambda cfg_, ck: ScriptedBackend(script))
+    assert evaluate_all(cfg, *args, lambda cfg_, ck: pytest.fail("rebuilt")) == first  # same step: cached
+    save(10)  # the run went on: step 10's weights are not step 5's
+    with pytest.raises(StoreError, match="checkpoint"):
+        evaluate_all(cfg, *args, lambda cfg_, ck: ScriptedBackend(script))
+
+
 def test_profile_mode_writes_pass_rates(tmp_path):
     from questa_nemo.eval.run import evaluate_all
 

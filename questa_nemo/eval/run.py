@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from questa_nemo.ckpt.runs import resolve_checkpoint
 from questa_nemo.config import Config, ConfigError, EvalConfig, load_config
 from questa_nemo.eval.benchmarks import BenchmarkRow, benchmark_key, load_benchmark
 from questa_nemo.eval.passk import majority_vote
@@ -157,11 +158,13 @@ def model_labels(checkpoints: Sequence[str], labels: Sequence[str]) -> list[str]
 def run_settings(
     cfg: Config, checkpoint: str, benchmark_path: str, seed: int | None = None
 ) -> dict[str, Any]:
-    """What the per-problem results depend on; a resumed run must match it."""
+    """What the per-problem results depend on; a resumed run must match it. A run folder is recorded as the
+    checkpoint it stands for (its newest): results of an older step are not the newer step's (a SmolLM2 arm
+    resumed after an out-of-memory death was once "evaluated" from the cache of its earlier step)."""
     e = cfg.eval
     return {
         "preset": e.preset,
-        "checkpoint": checkpoint,
+        "checkpoint": resolve_checkpoint(checkpoint) if checkpoint else checkpoint,
         "benchmark": benchmark_path,
         "n_samples": e.n_samples,
         "temperature": e.temperature,
