@@ -18,7 +18,8 @@
 # WARMUP_BUDGET_S (420: the warm-up does not stop on SIGTERM: a bound, not a cut; a check of 768 samples took
 # ~30-40 s with three processes on one H100), ARMS_BUDGET_S (300: then
 # SIGTERM, the trainer checkpoints and stops; the arm is evaluated on its last checkpoint and its tokens say
-# how far it got), EVAL_BUDGET_S (140), WARMUP_ONLY (1: stop after the warm-ups, their checks in $OUT), STEPS (steps cap of an arm where the trainer has no train.token_budget;
+# how far it got), ARMS_RETRY_BUDGET_S (200: an arm that died, e.g. of GPU memory, resumes from its last
+# checkpoint once the others are done), EVAL_BUDGET_S (140), WARMUP_ONLY (1: stop after the warm-ups, their checks in $OUT), STEPS (steps cap of an arm where the trainer has no train.token_budget;
 # default 20 ~ the token budget), THREADS (CPU threads per process, 2). Budget: ~1.5 min setup + import +
 # data, warm-ups <= 300 s (~90 s when the stop comes early), arms <= 300 s, evaluation <= 140 s: <= ~14 min
 # after the machine starts, ~10 min typically (one H100 run: 567 s).
@@ -146,6 +147,23 @@ for S in $SEEDS; do
   done
 done
 [ ${#JOBS[@]} -gt 0 ] && run_all "${ARMS_BUDGET_S:-300}" "arms"
+
+# 2b. an arm that died (not one cut by the time bound, rc 124) resumes from its last checkpoint, now with fewer
+#     processes on the card: on the H100 run of bench/results/smollm2_arms_h100_run2 seed 2's questa died of GPU
+#     memory after step 15 of 24 (six ~13 GiB trainers on 80 GB). ARMS_RETRY_BUDGET_S (default 200; 0: none).
+ARM_JOBS=("${JOBS[@]}"); ARM_LOGS=("${LOGS[@]}")
+JOBS=(); LOGS=()
+for i in "${!ARM_JOBS[@]}"; do
+  rc=$(cat "${ARM_LOGS[$i]}.rc" 2>/dev/null || echo killed)
+  if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then
+    cp "${ARM_LOGS[$i]}" "${ARM_LOGS[$i]%.log}.died.log" 2>/dev/null || true
+    JOBS+=("${ARM_JOBS[$i]}"); LOGS+=("${ARM_LOGS[$i]}")
+  fi
+done
+if [ ${#JOBS[@]} -gt 0 ] && [ "${ARMS_RETRY_BUDGET_S:-200}" -gt 0 ]; then
+  stamp "resuming ${#JOBS[@]} arm(s) that died (their first logs: *.died.log)"
+  run_all "${ARMS_RETRY_BUDGET_S:-200}" "arms resumed"
+fi
 
 # 3. the RL start (the warm-up weights) and each arm's last checkpoint (a run folder stands for its newest),
 #    one process per model x seed, all without hints
