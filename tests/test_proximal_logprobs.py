@@ -89,23 +89,30 @@ class Counting:
         return getattr(self.inner, name)
 
 
+def fresh_policy(cfg):
+    """(policy, backend, rollouts) from the world model under seed 0 (inside init_distributed)."""
+    from questa_nemo.ckpt.load import load_chunks
+    from questa_nemo.model.policy import MegatronPolicy
+    from questa_nemo.rollout import RolloutContext, build_backend
+
+    torch.manual_seed(0)
+    policy = MegatronPolicy(load_chunks(cfg.model, WORLD_HF, None), cfg.model, cfg.optim, 4,
+                            cfg.train.micro_batch_tokens, VOCAB)
+    backend = build_backend(cfg.rollout, RolloutContext(policy.modules, VOCAB))
+    rollouts = SyncRollouts(cfg, prompts(), backend, first_token_even, lambda ids: " ".join(map(str, ids)), ())
+    return policy, backend, rollouts
+
+
 def one_step(cfg, stale: float = 0.0) -> dict:
     """One GRPO step of a fresh policy (same seed, same samples every call): metrics, phases, the gradient of
     the update (the grad buffers after it), passes run, and the weights after it."""
-    from questa_nemo.ckpt.load import load_chunks
     from questa_nemo.model.parallel import destroy_distributed, init_distributed
-    from questa_nemo.model.policy import MegatronPolicy
-    from questa_nemo.rollout import RolloutContext, build_backend
     from questa_nemo.train.grpo import grpo_step
     from questa_nemo.train.metrics import PhaseTimer
 
     init_distributed(cfg.model)
     try:
-        torch.manual_seed(0)
-        policy = MegatronPolicy(load_chunks(cfg.model, WORLD_HF, None), cfg.model, cfg.optim, 4,
-                                cfg.train.micro_batch_tokens, VOCAB)
-        backend = build_backend(cfg.rollout, RolloutContext(policy.modules, VOCAB))
-        rollouts = SyncRollouts(cfg, prompts(), backend, first_token_even, lambda ids: " ".join(map(str, ids)), ())
+        policy, backend, rollouts = fresh_policy(cfg)
         if stale:
             rollouts = Stale(rollouts, stale)
         counting = Counting(policy)
@@ -165,10 +172,7 @@ def test_a_second_update_on_the_same_logprobs_would_differ():
     """Why the skip is tied to one optimizer update a step: a second update on the same micro-batches (a PPO
     epoch or minibatch, which the trainer does not run) sees ratio != 1 with the pass's log-probs, exactly 1
     with its own forward: there the two would train differently."""
-    from questa_nemo.ckpt.load import load_chunks
     from questa_nemo.model.parallel import destroy_distributed, init_distributed
-    from questa_nemo.model.policy import MegatronPolicy
-    from questa_nemo.rollout import RolloutContext, build_backend
     from questa_nemo.train.grpo import build_step_data, make_loss_fn
 
     ratios = {}
@@ -176,11 +180,7 @@ def test_a_second_update_on_the_same_logprobs_would_differ():
         cfg = config(proximal, "optim.lr=3e-2")
         init_distributed(cfg.model)
         try:
-            torch.manual_seed(0)
-            policy = MegatronPolicy(load_chunks(cfg.model, WORLD_HF, None), cfg.model, cfg.optim, 4,
-                                    cfg.train.micro_batch_tokens, VOCAB)
-            backend = build_backend(cfg.rollout, RolloutContext(policy.modules, VOCAB))
-            rollouts = SyncRollouts(cfg, prompts(), backend, first_token_even, lambda i: " ".join(map(str, i)), ())
+            policy, backend, rollouts = fresh_policy(cfg)
             data = build_step_data(cfg, rollouts.next(1).groups, backend.version)
             micro_batches = policy.pack(data.sequences)
             if proximal == "recompute":
