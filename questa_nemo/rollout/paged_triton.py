@@ -24,6 +24,19 @@ HEAD_ROWS = 16  # query heads of a group, padded: tl.dot needs at least 16 rows
 
 
 @triton.jit
+def _softmax_step(scores, v, m, l_sum, acc):
+    """One key/value block of an online softmax: scores [rows, BS] float32 (masked positions -inf), v [BS, D];
+    the running max m, sum l_sum [rows] and output acc [rows, D] -> their updated values. The probabilities are
+    rounded to v's dtype for p @ v, as flash attention does."""
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_sum, acc
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, part_ptr, lse_ptr, out_ptr, skip_ptr,
     groups, per_group, num_splits, part_splits, split_blocks, scale,
@@ -68,13 +81,8 @@ def _split_kernel(
         k = tl.load(k_ptr + block * stride_kn + tile)  # [BS, D]
         scores = tl.dot(q, tl.trans(k)) * scale  # [H, BS] float32
         scores = tl.where((j * BS + n)[None, :] < length, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + block * stride_kn + tile)  # [BS, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l_sum, acc = _softmax_step(scores, v, m, l_sum, acc)
     nonempty = l_sum > 0
     out = acc / tl.where(nonempty, l_sum, 1.0)[:, None]
     if DIRECT:  # one split a sequence: its normalised output is the answer (what the merge of one split gives)
@@ -187,13 +195,8 @@ def _prefix_kernel(
         block = tl.load(table_ptr + leader * stride_tb + j).to(tl.int64)
         k = tl.load(k_ptr + block * stride_kn + tile)  # [BS, D]
         scores = tl.dot(q, tl.trans(k)) * scale  # [R, BS] float32
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + block * stride_kn + tile)  # [BS, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l_sum, acc = _softmax_step(scores, v, m, l_sum, acc)
     out = acc / l_sum[:, None]
     lse = m + tl.log(l_sum)
     row = (seq * groups + g) * part_splits + num_splits + index
