@@ -521,13 +521,20 @@ def versions() -> dict:
     return out
 
 
+def device_ready(device: str, name: str) -> bool:
+    """False (with a one-line reason) when --device cuda sees no GPU; --device cpu hides every GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"{name}: --device cuda but no GPU is visible (use --device cpu --tiny)", file=sys.stderr)
+        return False
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_rollout: --device cuda but no GPU is visible (use --device cpu --tiny)", file=sys.stderr)
+    if not device_ready(args.device, "bench_rollout"):
         return 2
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     hf = hf_config(args.tiny)
     vocab = hf["vocab_size"]
     policy, twin = build_policy(hf, "bf16" if args.device == "cuda" else "fp32")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_rollout import build_policy, engine, hf_config, versions, write_json  # noqa: E402
+from bench_rollout import build_policy, device_ready, engine, hf_config, versions, write_json  # noqa: E402
 from shapes import drawn_lengths  # noqa: E402
 
 from questa_nemo.rollout.graphs import StepKey  # noqa: E402
@@ -330,11 +329,8 @@ def print_tables(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("profile_decode: --device cuda but no GPU is visible (use --device cpu --tiny)", file=sys.stderr)
+    if not device_ready(args.device, "profile_decode"):
         return 2
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     started = time.perf_counter()
     hf = hf_config(args.tiny)
     vocab = hf["vocab_size"]
