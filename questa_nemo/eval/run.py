@@ -158,13 +158,14 @@ def model_labels(checkpoints: Sequence[str], labels: Sequence[str]) -> list[str]
 def run_settings(
     cfg: Config, checkpoint: str, benchmark_path: str, seed: int | None = None
 ) -> dict[str, Any]:
-    """What the per-problem results depend on; a resumed run must match it. A run folder is recorded as the
-    checkpoint it stands for (its newest): results of an older step are not the newer step's (a SmolLM2 arm
-    resumed after an out-of-memory death was once "evaluated" from the cache of its earlier step)."""
+    """What the per-problem results depend on; a resumed run must match it. `checkpoint` is the one the
+    results come from: evaluate_all passes a run folder's newest (resolve_checkpoint), so results of an older
+    step are not taken for a newer step's (a SmolLM2 arm resumed after an out-of-memory death was once
+    "evaluated" from the cache of its earlier step)."""
     e = cfg.eval
     return {
         "preset": e.preset,
-        "checkpoint": resolve_checkpoint(checkpoint) if checkpoint else checkpoint,
+        "checkpoint": checkpoint,
         "benchmark": benchmark_path,
         "n_samples": e.n_samples,
         "temperature": e.temperature,
@@ -262,6 +263,9 @@ def evaluate_all(
     sampling = sampling_from(cfg, tokenizer)
     results: Results = {}
     for label, checkpoint in zip(labels, checkpoints):
+        # a run folder stands for its newest checkpoint: resolved once, so the results are recorded under the
+        # step the backend loads even if the run saves another meanwhile
+        checkpoint = resolve_checkpoint(checkpoint)
         context = context_of(cfg, checkpoint) if context_of is not None else None
         limits = {}
         for key, path, rows, *_ in benchmarks:
