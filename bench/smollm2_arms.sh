@@ -120,12 +120,23 @@ for S in $SEEDS; do
   LOGS+=("$RUN/seed$S/warmup.log")
 done
 run_all "${WARMUP_BUDGET_S:-420}" "warm-ups"
-if [ -n "${WARMUP_ONLY:-}" ]; then  # calibrating the world / the warm-up's stop: its checks, no arms
+collect_outputs() {  # logs, warm-up checks, evaluations and metrics of every seed into $OUT
+  local S A f
   for S in $SEEDS; do
     mkdir -p "$OUT/seed$S"
-    cp "$RUN/seed$S/warmup.log" "$RUN/seed$S/warmup/warmup.json" "$RUN/seed$S/warmup/calibration.json" \
-      "$OUT/seed$S/" 2>/dev/null || true
+    cp "$RUN/seed$S"/*.log "$RUN/seed$S"/*.rc "$OUT/seed$S/" 2>/dev/null || true
+    cp "$RUN/seed$S/warmup/warmup.json" "$RUN/seed$S/warmup/calibration.json" "$OUT/seed$S/" 2>/dev/null || true
+    for f in "$RUN/seed$S"/eval_*/results.json; do
+      if [ -f "$f" ]; then cp "$f" "$OUT/seed$S/$(basename "$(dirname "$f")").json"; fi
+    done
+    for A in $ARMS; do
+      if [ -f "$RUN/seed$S/$A/metrics.jsonl" ]; then cp "$RUN/seed$S/$A/metrics.jsonl" "$OUT/seed$S/${A}_metrics.jsonl"; fi
+    done
   done
+  cp "$DATA/rl/manifest.json" "$OUT/data_manifest.json" 2>/dev/null || true
+}
+if [ -n "${WARMUP_ONLY:-}" ]; then  # calibrating the world / the warm-up's stop: its checks, no arms
+  collect_outputs
   stamp "WARMUP_ONLY: warm-ups in $OUT"
   exit 0
 fi
@@ -182,14 +193,5 @@ done
 python3 bench/arms_summary.py "$RUN" "$OUT/results.json" --config smollm2_world --benchmark word_hard \
   --plan "$OUT/arms_plan.txt" --curves "$OUT/curves.png" --seeds "${SEEDS// /,}" "${COMMON[@]}" "world.output_dir=$DATA" \
   | tee "$OUT/table.md" || stamp "summary failed"
-for S in $SEEDS; do
-  mkdir -p "$OUT/seed$S"
-  cp "$RUN/seed$S"/*.log "$RUN/seed$S"/*.rc "$OUT/seed$S/" 2>/dev/null || true
-  cp "$RUN/seed$S/warmup/warmup.json" "$RUN/seed$S/warmup/calibration.json" "$OUT/seed$S/" 2>/dev/null || true
-  for f in "$RUN/seed$S"/eval_*/results.json; do [ -f "$f" ] && cp "$f" "$OUT/seed$S/$(basename "$(dirname "$f")").json"; done
-  for A in $ARMS; do
-    [ -f "$RUN/seed$S/$A/metrics.jsonl" ] && cp "$RUN/seed$S/$A/metrics.jsonl" "$OUT/seed$S/${A}_metrics.jsonl"
-  done
-done
-cp "$DATA/rl/manifest.json" "$OUT/data_manifest.json" 2>/dev/null || true
+collect_outputs
 stamp "results in $OUT"
