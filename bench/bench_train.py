@@ -26,6 +26,8 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
   chunk=N                         mcore: tokens per log-prob chunk (default: ModelConfig's)
   docs=N                          mcore: pack N equal causal sequences into the micro-batch (THD, default 1)
+  segplan=0|1                     mcore, docs>1: 0 = every layer reads the segments back from the GPU (a host
+                                  sync per layer, as before model/attention.py kept one plan per micro-batch)
   accum=N                         N micro-batches (gradients accumulated) per optimizer step (default 1)
 
 GPU:  python bench/bench_train.py --device cuda --preset gpu --out bench/results/train_h200.json
@@ -101,6 +103,13 @@ PRESETS: dict[str, list[str]] = {
         "32768/mcore:recompute=full,keepattn=1",
         "32768/hf:recompute=full,keepattn=1",  # the same attention-keeping policy for transformers
     ],
+    "packed": [  # packed (THD) micro-batches: each layer reading the segments back (before) against one plan
+        "8192/mcore:recompute=none",
+        "8192/mcore:recompute=none,docs=8,segplan=0",
+        "8192/mcore:recompute=none,docs=8",
+        "8192/mcore:recompute=none,docs=32,segplan=0",
+        "8192/mcore:recompute=none,docs=32",
+    ],
     "tiny": [
         "64/hf:recompute=none",
         "64/mcore:recompute=none",
@@ -143,7 +152,7 @@ def parse_run(text: str) -> Run:
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
     known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
-             "newstuff", "keepattn", "vcontig", "ckpt"}  # fmt: skip
+             "newstuff", "keepattn", "vcontig", "ckpt", "segplan"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
     return Run(int(seq), impl, options)
@@ -204,6 +213,9 @@ def build_mcore(hf: dict, run: Run, device: str):
     model.train()
     if run.options.get("newstuff") == "0":
         torch_norms(model)
+    from questa_nemo.model import attention
+
+    attention.plans_kept = 0 if run.options.get("segplan") == "0" else attention.PLANS_KEPT  # set on every run
     if run.options.get("vcontig") == "1":
         for layer in model.decoder.layers:
             core = layer.self_attention.core_attention

@@ -205,6 +205,44 @@ def test_packed_sdpa_is_causal_within_segments_and_zero_on_padding(lengths):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_attention_reads_no_segments_back_from_the_device_once_planned(monkeypatch):
+    """The policy registers each micro-batch's plan from its host copy of cu_seqlens (policy._packed_params), so
+    a layer never reads cu_seqlens back (a host sync per layer on a GPU); an unregistered micro-batch reads it
+    once and every later layer reuses the plan. Same output as the plan-less call."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from questa_nemo.model import attention
+    from questa_nemo.model.packing import PackedMicroBatch
+    from questa_nemo.model.policy import _packed_params
+
+    lengths = [7, 7, 6, 1]  # batched path (index tensors in the plan)
+    cu = torch.tensor([0, 7, 14, 20, 21, 24], dtype=torch.int32)  # 3 positions of padding at the end
+    mb = PackedMicroBatch(
+        tokens=torch.zeros(1, 24, dtype=torch.long),
+        sequence_ids=[0, 1, 2, 3],
+        cu_seqlens=cu,
+        **{f: None for f in PackedMicroBatch.__dataclass_fields__ if f not in ("tokens", "sequence_ids", "cu_seqlens")},
+    )
+    params = _packed_params(mb, torch.device("cpu"))
+    reads = []
+    monkeypatch.setattr(attention, "_segments", lambda p: reads.append(p) or (_ for _ in ()).throw(AssertionError))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(24, 4, 8, generator=g), torch.randn(24, 2, 8, generator=g), torch.randn(24, 2, 8, generator=g)
+    got = attention._packed_forward(q, k, v, params, 8**-0.5)
+    want = attention.packed_causal_sdpa(q, k, v, [0, 7, 14, 20], lengths, 8**-0.5).reshape(24, -1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not reads
+
+    monkeypatch.undo()
+    calls = []
+    original = attention._segments
+    monkeypatch.setattr(attention, "_segments", lambda p: calls.append(p) or original(p))
+    fresh = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu[:5].clone(), cu_seqlens_kv=cu[:5].clone())
+    for _ in range(3):  # three layers of one forward
+        torch.testing.assert_close(attention._packed_forward(q, k, v, fresh, 8**-0.5)[:21], want[:21])
+    assert len(calls) == 1
+
+
 def test_layers_trace_under_torch_compile_with_packed_batches(single_process, monkeypatch):
     """model.compile's path, traced by dynamo (eager backend: no C++ compiler needed): our fused modules (CPU
     reference maths) and packed attention (kept eager) give the uncompiled model's outputs and gradients over

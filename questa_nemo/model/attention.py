@@ -10,6 +10,7 @@ ever built.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,36 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     )
 
 
+class SegmentPlan(NamedTuple):
+    """How one packed micro-batch is attended, worked out once on the host and shared by every layer (and the
+    recompute), so a layer's forward issues no host sync: the segments as ints, and for the batched path the
+    device index tensors of the gather and the scatter back."""
+
+    segments: tuple[tuple[int, int], ...]  # (start, length) of each non-empty segment
+    longest: int
+    index: torch.Tensor | None  # [S, longest] packed row each padded slot reads (padding reads row 0); None:
+    take: torch.Tensor | None  # [n] positions of the real slots in the flattened [S * longest]  per segment
+    rows: torch.Tensor | None  # [n] the packed rows they are written to
+
+
+def segment_plan(starts: list[int], lengths: list[int], device: torch.device) -> SegmentPlan:
+    """Segments of similar length (many short rollouts) go through one batched SDPA call, right-padded to the
+    longest: under a causal mask a real row never sees the padding after it, so the result is exact. When
+    padding would more than double the rows (one long sequence among short ones) each segment is attended on
+    its own instead."""
+    segments = tuple((start, length) for start, length in zip(starts, lengths) if length > 0)
+    longest = max((length for _, length in segments), default=0)
+    if not segments or len(segments) * longest > 2 * sum(length for _, length in segments):
+        return SegmentPlan(segments, longest, None, None, None)
+    offsets = torch.arange(longest)
+    first = torch.tensor([s for s, _ in segments])
+    valid = offsets.unsqueeze(0) < torch.tensor([n for _, n in segments]).unsqueeze(1)  # [S, longest]
+    index = torch.where(valid, first.unsqueeze(1) + offsets.unsqueeze(0), torch.zeros_like(first).unsqueeze(1))
+    take = valid.flatten().nonzero().squeeze(1)
+    rows = index.flatten()[take]
+    return SegmentPlan(segments, longest, *(t.to(device, non_blocking=True) for t in (index, take, rows)))
+
+
 def packed_causal_sdpa(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -36,45 +67,50 @@ def packed_causal_sdpa(
     starts: list[int],
     lengths: list[int],
     scale: float,
+    plan: SegmentPlan | None = None,
 ) -> torch.Tensor:
     """Causal attention within each packed segment.
 
     query: [t, heads, d]; key, value: [t, groups, d]; segment i is rows starts[i] : starts[i] + lengths[i].
-    Rows outside every segment (padding) come back as zeros. Returns [t, heads, d].
-
-    Segments of similar length (many short rollouts) go through one batched SDPA call, right-padded to the
-    longest: under a causal mask a real row never sees the padding after it, so the result is exact. When
-    padding would more than double the rows (one long sequence among short ones) each segment is attended on
-    its own instead.
+    Rows outside every segment (padding) come back as zeros. Returns [t, heads, d]. `plan`: segment_plan of
+    these starts and lengths, when the caller has it (no host work or sync here then).
     """
-    segments = [(start, length) for start, length in zip(starts, lengths) if length > 0]
+    plan = plan or segment_plan(starts, lengths, query.device)
     out = torch.zeros_like(query)
-    if not segments:
+    if plan.index is None:
+        for start, length in plan.segments:
+            rows = slice(start, start + length)
+            # [len, h, d] -> [1, h, len, d]
+            q, k, v = (x[rows].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+            out[rows] = causal_sdpa(q, k, v, scale).squeeze(0).transpose(0, 1)
         return out
-    longest = max(length for _, length in segments)
-    if len(segments) * longest <= 2 * sum(length for _, length in segments):
-        return _batched_segments(query, key, value, segments, longest, scale, out)
-    for start, length in segments:
-        rows = slice(start, start + length)
-        # [len, h, d] -> [1, h, len, d]
-        q, k, v = (x[rows].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
-        out[rows] = causal_sdpa(q, k, v, scale).squeeze(0).transpose(0, 1)
-    return out
-
-
-def _batched_segments(query, key, value, segments, longest, scale, out):
-    """The segments gathered into [S, h, longest, d] (right-padded), one causal SDPA call, scattered back."""
-    offsets = torch.arange(longest, device=query.device)
-    starts = torch.tensor([s for s, _ in segments], device=query.device)
-    lengths = torch.tensor([n for _, n in segments], device=query.device)
-    valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # [S, longest]
-    # padded slots read row 0 (any real row would do): their outputs are dropped below
-    index = torch.where(valid, starts.unsqueeze(1) + offsets.unsqueeze(0), torch.zeros_like(starts).unsqueeze(1))
-    # [t, h, d] -> [S, longest, h, d] -> [S, h, longest, d]
-    q, k, v = (x[index].transpose(1, 2) for x in (query, key, value))
+    # [t, h, d] -> [S, longest, h, d] -> [S, h, longest, d]; one causal SDPA call; the real slots scattered back
+    q, k, v = (x[plan.index].transpose(1, 2) for x in (query, key, value))
     attended = causal_sdpa(q, k, v, scale).transpose(1, 2)  # [S, longest, h, d]
-    out[index[valid]] = attended[valid]
-    return out
+    return out.index_copy(0, plan.rows, attended.flatten(0, 1).index_select(0, plan.take))
+
+
+# The plans of the last few micro-batches, by the identity of their cu_seqlens_q tensor: every layer of a
+# forward (and of its recompute) gets the same PackedSeqParams, whose tensors the policy builds once per
+# micro-batch (model/policy.py registers the plan from its host copy, so no layer ever syncs).
+_plans: list[tuple[torch.Tensor, SegmentPlan]] = []
+PLANS_KEPT = 4
+plans_kept = PLANS_KEPT  # bench_train's segplan=0 sets 0 (every layer reads the segments back, as before)
+
+
+def register_segment_plan(params: PackedSeqParams, starts: list[int], lengths: list[int]) -> SegmentPlan:
+    """Record (and return) the plan of `params` from host ints (the packer's own copy of cu_seqlens)."""
+    plan = segment_plan(starts, lengths, params.cu_seqlens_q.device)
+    _plans.insert(0, (params.cu_seqlens_q, plan))
+    del _plans[plans_kept:]
+    return plan
+
+
+def _plan_for(params: PackedSeqParams) -> SegmentPlan:
+    for cu, plan in _plans:
+        if cu is params.cu_seqlens_q:
+            return plan
+    return register_segment_plan(params, *_segments(params))  # not registered: one host read, then kept
 
 
 def _segments(params: PackedSeqParams) -> tuple[list[int], list[int]]:
@@ -89,8 +125,8 @@ def _segments(params: PackedSeqParams) -> tuple[list[int], list[int]]:
 # Segment lengths are host ints that differ every micro-batch: eager even inside a compiled layer (model.compile)
 @torch.compiler.disable
 def _packed_forward(query, key, value, params: PackedSeqParams, scale: float) -> torch.Tensor:
-    starts, lengths = _segments(params)
-    out = packed_causal_sdpa(query, key, value, starts, lengths, scale)
+    plan = _plan_for(params)
+    out = packed_causal_sdpa(query, key, value, [], [], scale, plan=plan)
     return out.reshape(out.size(0), -1)
 
 

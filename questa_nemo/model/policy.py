@@ -30,6 +30,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from questa_nemo.config import CONTEXT_PARALLEL_UNSUPPORTED, ConfigError, ModelConfig, OptimConfig
+from questa_nemo.model.attention import register_segment_plan
 from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
 from questa_nemo.model.packing import PackedMicroBatch, TokenSequence, assign_first_fit_decreasing, pack
 
@@ -89,8 +90,9 @@ def _packed_params(mb: PackedMicroBatch, device: torch.device) -> PackedSeqParam
     padded = real.clone()
     padded[-1] = cu[-1]
     max_seqlen = int(padded.diff().max())
+    host_real, host_padded = real.tolist(), padded.tolist()
     real, padded = real.to(device), padded.to(device)
-    return PackedSeqParams(
+    params = PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=real,
         cu_seqlens_kv=real,
@@ -99,6 +101,10 @@ def _packed_params(mb: PackedMicroBatch, device: torch.device) -> PackedSeqParam
         max_seqlen_q=max_seqlen,
         max_seqlen_kv=max_seqlen,
     )
+    # the attention's per-micro-batch plan from these host ints: no layer syncs to read cu_seqlens back
+    lengths = [b - a for a, b in zip(host_real[:-1], host_real[1:])]
+    register_segment_plan(params, host_padded[:-1], lengths)
+    return params
 
 
 def align_to_tokens(next_token_values: torch.Tensor, segment_starts: torch.Tensor) -> torch.Tensor:
