@@ -25,7 +25,9 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
                                   (mcore: model.recompute_keep_attention, implies ckpt=torch; hf: the same policy)
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
   chunk=N                         mcore: tokens per log-prob chunk (default: ModelConfig's)
-  docs=N                          mcore: pack N equal causal sequences into the micro-batch (THD, default 1)
+  docs=N|r1                       mcore: pack N equal causal sequences into the micro-batch (THD, default 1);
+                                  r1: the rows the GRPO trainer packs from NeMo-RL-shaped lengths, in turn
+                                  (tok/s counts their sequences' tokens, not the row's padding)
   segplan=0|1                     mcore, docs>1: 0 = every layer reads the segments back from the GPU (a host
                                   sync per layer, as before model/attention.py kept one plan per micro-batch)
   accum=N                         N micro-batches (gradients accumulated) per optimizer step (default 1)
@@ -55,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from shapes import QWEN25_1P5B, TINY_QWEN2  # noqa: E402
+from shapes import QWEN25_1P5B, TINY_QWEN2, drawn_lengths  # noqa: E402
 
 QWEN25_15B = QWEN25_1P5B
 TINY = {**TINY_QWEN2, "vocab_size": 1000}
@@ -107,8 +109,8 @@ PRESETS: dict[str, list[str]] = {
         "8192/mcore:recompute=none",
         "8192/mcore:recompute=none,docs=8,segplan=0",
         "8192/mcore:recompute=none,docs=8",
-        "8192/mcore:recompute=none,docs=32,segplan=0",
-        "8192/mcore:recompute=none,docs=32",
+        "8192/mcore:recompute=none,docs=r1,segplan=0",
+        "8192/mcore:recompute=none,docs=r1",
     ],
     "tiny": [
         "64/hf:recompute=none",
@@ -139,6 +141,8 @@ class Run:
     host_ms: dict[str, float] = field(default_factory=dict)  # host time to issue each phase of one step
     peak_mem_gib: float | None = None
     build_s: float | None = None
+    attended: int | None = None  # attention length of the MFU count (packed: token-weighted mean segment)
+    real_fraction: float = 1.0  # share of the row's tokens that are sequences (docs=r1: the rest is padding)
 
     @property
     def label(self) -> str:
@@ -228,21 +232,13 @@ def build_mcore(hf: dict, run: Run, device: str):
             del layer.mlp.activation_func
             layer.mlp.activation_func = torch.nn.functional.silu
     chunk = int(run.options.get("chunk", cfg.logprob_chunk_tokens))
-    docs = int(run.options.get("docs", 1))
-    packed, positions = None, torch.arange(run.seq, device=device)[None]
-    if docs > 1:
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        length = run.seq // docs
-        cu = torch.arange(docs + 1, device=device, dtype=torch.int32) * length
-        cu[-1] = run.seq
-        packed = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=run.seq - cu[-2].item(),
-            max_seqlen_kv=run.seq - cu[-2].item(),
-        )  # fmt: skip
-        positions = (positions - cu[:-1].repeat_interleave(cu.diff()).long()[None]).contiguous()
+    rows = packed_rows(run, device)  # [(PackedSeqParams or None, positions [1, seq], starts, lengths)]
+    calls = iter(range(10**9))
 
     def loss_fn(ids: torch.Tensor, targets: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        packed, positions, starts, lengths = rows[next(calls) % len(rows)]  # docs=r1: a row a call, in turn
+        if packed is not None and run.options.get("segplan") != "0":
+            attention.register_segment_plan(packed, starts, lengths)  # as the policy does for each micro-batch
         hidden = final_hidden_states(model, ids, positions, packed_seq_params=packed)  # [s, 1, h]
         out = chunked_logprobs(
             hidden, output_weight(model), targets.t(), vocab_size=hf["vocab_size"], chunk_tokens=chunk
@@ -250,6 +246,49 @@ def build_mcore(hf: dict, run: Run, device: str):
         return -(out.logprobs * adv.t()).mean()
 
     return model, loss_fn
+
+
+def packed_rows(run: Run, device: str) -> list[tuple]:
+    """The micro-batch layouts a run cycles through: one unpacked row (docs=1), N equal causal sequences
+    (docs=N), or docs=r1: the rows the GRPO trainer packs (model/packing.py's first-fit decreasing under the
+    row's tokens) from 256 sequences of NeMo-RL-shaped lengths (prompt 150-400 + R1-like completion, mean
+    ~1.3K, at most 4K: bench_grpo_nemorl's; scaled by seq / 8192), the rows at least 95% full, the rest of each row padding that no
+    attention reads (the trainer's padded layout). Each entry: (PackedSeqParams or None, positions [1, seq],
+    segment starts, segment lengths)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from questa_nemo.model.packing import assign_first_fit_decreasing
+
+    docs = run.options.get("docs", "1")
+    if docs == "1":
+        return [(None, torch.arange(run.seq, device=device)[None], [], [])]
+    if docs == "r1":
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(150, 401, (256,), generator=g).tolist()
+        completions = drawn_lengths(256, 1100.0, 1.0, 4096 - 400, seed=0)
+        scale = run.seq / 8192  # the same layouts in miniature at smoke-test lengths
+        lengths = [max(1, min(round((p + c) * scale), run.seq)) for p, c in zip(prompts, completions)]
+        bins = assign_first_fit_decreasing(lengths, run.seq)
+        layouts = [[lengths[i] for i in b] for b in bins if sum(lengths[i] for i in b) >= 0.95 * run.seq]
+    else:
+        layouts = [[run.seq // int(docs)] * (int(docs) - 1) + [run.seq - run.seq // int(docs) * (int(docs) - 1)]]
+    tokens = [n for segs in layouts for n in segs]
+    run.attended = round(sum(n * n for n in tokens) / sum(tokens))
+    run.real_fraction = sum(tokens) / (run.seq * len(layouts))
+    rows = []
+    for segs in layouts:
+        real = torch.tensor([0, *segs], dtype=torch.int32).cumsum(0).to(torch.int32)
+        padded = real.clone()
+        padded[-1] = run.seq  # the padding belongs to the last sequence's extent, not to its length
+        starts, cu_real, cu_padded = real[:-1].tolist(), real.to(device), padded.to(device)
+        longest = int(padded.diff().max())
+        packed = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu_real, cu_seqlens_kv=cu_real, cu_seqlens_q_padded=cu_padded,
+            cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest,
+        )  # fmt: skip
+        offsets = torch.arange(run.seq) - padded[:-1].repeat_interleave(padded.diff()).long()
+        rows.append((packed, offsets.to(device)[None], starts, segs))
+    return rows
 
 
 def torch_norms(model) -> None:
@@ -487,11 +526,11 @@ def measure(
                 f" (idle {summary['gpu_idle_ms']:.1f} ms in {summary['gpu_span_ms']:.1f}): {kinds}"
             )
     mean_step = sum(run.step_s) / len(run.step_s)
-    run.tokens_per_s = accum * run.seq / mean_step
-    run.tokens_per_s_median = accum * run.seq / sorted(run.step_s)[len(run.step_s) // 2]
+    real = accum * run.seq * run.real_fraction  # tokens of sequences a step (padding not counted)
+    run.tokens_per_s = real / mean_step
+    run.tokens_per_s_median = real / sorted(run.step_s)[len(run.step_s) // 2]
     if peak is not None:
-        attended = run.seq // int(run.options.get("docs", 1))
-        run.mfu = run.tokens_per_s * flops_per_token(hf, attended) / (peak * 1e12)
+        run.mfu = run.tokens_per_s * flops_per_token(hf, run.attended or run.seq) / (peak * 1e12)
     if device == "cuda":
         run.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
     run.status = "ok"
