@@ -185,6 +185,49 @@ class ReferencePass:
         return getattr(self.inner, name)
 
 
+class LastTrainCall:
+    """The trainer, keeping the arguments of its last train_step (what --profile replays)."""
+
+    def __init__(self, inner):
+        self.inner, self.last = inner, None
+
+    def train_step(self, micro_batches, loss_fn, normaliser, temperature: float = 1.0):
+        self.last = (micro_batches, loss_fn, normaliser, temperature)
+        return self.inner.train_step(micro_batches, loss_fn, normaliser, temperature=temperature)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def profile_passes(policy, last, count: int, out_dir: Path) -> dict:
+    """The last step's first `count` training micro-batches again, each pass under torch.profiler (bench_train's
+    profile_step: GPU time by kernel kind, idle gaps and what the host did in them, top kernels): a forward-only
+    log-prob pass (the reference / proximal pass's work) and a train_step (forward, backward and the megatron
+    optimizer update, which moves the weights: run after the timed steps). Set beside bench_train's unpacked and
+    `docs=r1` rows of the same card, it shows what the trainer's step adds to the bare model's."""
+    from bench_train import profile_step
+
+    from questa_nemo.model.attention import segment_plan
+
+    micro_batches, loss_fn, normaliser, temperature = last
+    mbs = micro_batches[:count]
+    out = {"micro_batches": len(mbs), "of": len(micro_batches), "row_tokens": int(mbs[0].tokens.numel())}
+    layouts = []
+    for mb in mbs:
+        cu = mb.cu_seqlens.tolist()[: len(mb.sequence_ids) + 1]
+        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        plan = segment_plan(cu[:-1], lengths, torch.device("cpu"))
+        layouts.append({"segments": len(lengths), "longest": max(lengths), "tokens": sum(lengths),
+                        "attention": "batched" if plan.index is not None else "per_segment"})  # fmt: skip
+    out["layouts"] = layouts
+    out["logprobs"] = profile_step(lambda: policy.logprobs(mbs, temperature), "grpo_logprobs", out_dir)
+    out["train_step"] = profile_step(
+        lambda: policy.train_step(mbs, loss_fn, normaliser * len(mbs) / len(micro_batches), temperature),
+        "grpo_train_step", out_dir,
+    )  # fmt: skip
+    return out
+
+
 def warm_logprob_kernels(policy, cfg) -> None:
     """Compile the torch.compile'd log-prob kernels (model/logprobs.py) for varying chunk lengths, with and
     without grad, before the first step: what a run's first steps do once. Without it a setting whose
@@ -270,6 +313,7 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int, rows, lengths)
     policy = build_policy(cfg, shape, args.steps)
     warm_logprob_kernels(policy, cfg)
     trainer = ReferencePass(policy) if args.reference_pass else policy
+    recorder = LastTrainCall(trainer)  # --profile replays its last train_step
     ctx = RolloutContext(policy.modules, vocab)
     outer = build_async_backend(cfg.rollout, ctx) if max_staleness > 0 else build_backend(cfg.rollout, ctx)
     engine = outer.inner if max_staleness > 0 else outer  # the MegatronBackend that decodes
@@ -293,7 +337,7 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int, rows, lengths)
             timer = PhaseTimer()
             sync_device()
             start = time.perf_counter()
-            metrics, data = grpo_step(cfg, step, trainer, backend, rollouts, timer)
+            metrics, data = grpo_step(cfg, step, recorder, backend, rollouts, timer)
             sync_device()
             seconds = time.perf_counter() - start
             phases = timer.pop()
@@ -303,6 +347,8 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int, rows, lengths)
         if max_staleness > 0:
             rollouts.close()
     mode = {"max_staleness": max_staleness, "steps": steps, **summary(steps)}
+    if args.profile is not None and max_staleness == 0 and recorder.last:
+        mode["profile"] = profile_passes(policy, recorder.last, args.profile_micro_batches, Path(args.profile))
     mode["generate_calls"] = forced.calls
     if torch.cuda.is_available():
         mode["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -413,6 +459,12 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-pass", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--contiguous-kv", action="store_true", help="the contiguous KV cache instead of paged")
     p.add_argument("--kv-block-size", type=int, default=64)
+    p.add_argument(
+        "--profile", default=None,
+        help="after the sync mode's steps, its last step's first micro-batches again under torch.profiler "
+        "(a log-prob pass and a train_step), kernel breakdowns written here and into the result (CPU: host ops)",
+    )
+    p.add_argument("--profile-micro-batches", type=int, default=6)
     p.add_argument("--out", default="bench/results/grpo_nemorl.json")
     args = p.parse_args(argv)
     if args.recompute_num_layers is not None and (args.recompute != "full" or args.recompute_num_layers < 1):

@@ -367,11 +367,13 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)  # CPU (smoke tests): host ops only, no kernels
+    sync()
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]) as prof:
         step()
-        torch.cuda.synchronize()
+        sync()
     wall_ms = (time.perf_counter() - start) * 1e3
     events = prof.events()
     # GPU-side copies of record_function ranges (e.g. Optimizer.step) are annotations, not kernels

@@ -59,3 +59,17 @@ def test_cpu_smoke_run_without_the_proximal_pass(tmp_path):
     for s in ahead["steps"]:
         assert s["logprobs_s"] == s["reference_logprobs_s"] > 0 and s["train_s"] > 0
     assert "async_speedup_vs_sync" not in result
+
+
+def test_profile_replays_the_last_steps_micro_batches(tmp_path):
+    """--profile: the sync mode's last train_step, its first micro-batches again under torch.profiler (CPU: host
+    ops only), with each micro-batch's packed layout and the attention path it takes."""
+    result = run_bench(tmp_path / "nemorl.json", "--recompute", "none", "--staleness", "0", "--steps", "1",
+                       "--profile", str(tmp_path / "profile"), "--profile-micro-batches", "2")  # fmt: skip
+    profile = result["modes"][0]["profile"]
+    assert profile["micro_batches"] == min(2, profile["of"]) and profile["row_tokens"] <= 256
+    for layout in profile["layouts"]:
+        assert 1 <= layout["longest"] <= layout["tokens"] <= 256 and layout["attention"] in ("batched", "per_segment")
+    for phase in ("logprobs", "train_step"):
+        assert profile[phase]["wall_ms"] > 0 and profile[phase]["host_self_ms_top"]
+    assert sorted(f.name for f in (tmp_path / "profile").iterdir()) == ["grpo_logprobs.json", "grpo_train_step.json"]
