@@ -18,8 +18,8 @@
 # WARMUP_BUDGET_S (420: the warm-up does not stop on SIGTERM: a bound, not a cut; a check of 768 samples took
 # ~30-40 s with three processes on one H100), ARMS_BUDGET_S (300: then
 # SIGTERM, the trainer checkpoints and stops; the arm is evaluated on its last checkpoint and its tokens say
-# how far it got), ARMS_RETRY_BUDGET_S (200: an arm that died, e.g. of GPU memory, resumes from its last
-# checkpoint once the others are done), EVAL_BUDGET_S (140), WARMUP_ONLY (1: stop after the warm-ups, their checks in $OUT), STEPS (steps cap of an arm where the trainer has no train.token_budget;
+# how far it got), ARMS_RETRY_BUDGET_S (200: an arm that died, e.g. of GPU memory, or was cut before its
+# token budget resumes from its last checkpoint once the others are done), EVAL_BUDGET_S (140), WARMUP_ONLY (1: stop after the warm-ups, their checks in $OUT), STEPS (steps cap of an arm where the trainer has no train.token_budget;
 # default 20 ~ the token budget), THREADS (CPU threads per process, 2). Budget: ~1.5 min setup + import +
 # data, warm-ups <= 300 s (~90 s when the stop comes early), arms <= 300 s, evaluation <= 140 s: <= ~14 min
 # after the machine starts, ~10 min typically (one H100 run: 567 s).
@@ -159,20 +159,22 @@ for S in $SEEDS; do
 done
 [ ${#JOBS[@]} -gt 0 ] && run_all "${ARMS_BUDGET_S:-300}" "arms"
 
-# 2b. an arm that died (not one cut by the time bound, rc 124) resumes from its last checkpoint, now with fewer
-#     processes on the card: on the H100 run of bench/results/smollm2_arms_h100_run2 seed 2's questa died of GPU
-#     memory after step 15 of 24 (six ~13 GiB trainers on 80 GB). ARMS_RETRY_BUDGET_S (default 200; 0: none).
+# 2b. an arm that died, or was cut by the time bound (rc 124) before its token budget, resumes from its last
+#     checkpoint, now with fewer processes on the card, so every arm reaches the same generated tokens (one that
+#     had reached its budget exits 0 and is not rerun): on the H100 run of bench/results/smollm2_arms_h100_run2
+#     seed 2's questa died of GPU memory after step 15 of 24 (six ~13 GiB trainers on 80 GB), and six arms took
+#     285 of their 300 s. ARMS_RETRY_BUDGET_S (default 200; 0: none).
 ARM_JOBS=("${JOBS[@]}"); ARM_LOGS=("${LOGS[@]}")
 JOBS=(); LOGS=()
 for i in "${!ARM_JOBS[@]}"; do
   rc=$(cat "${ARM_LOGS[$i]}.rc" 2>/dev/null || echo killed)
-  if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then
+  if [ "$rc" != 0 ]; then
     cp "${ARM_LOGS[$i]}" "${ARM_LOGS[$i]%.log}.died.log" 2>/dev/null || true
     JOBS+=("${ARM_JOBS[$i]}"); LOGS+=("${ARM_LOGS[$i]}")
   fi
 done
 if [ ${#JOBS[@]} -gt 0 ] && [ "${ARMS_RETRY_BUDGET_S:-200}" -gt 0 ]; then
-  stamp "resuming ${#JOBS[@]} arm(s) that died (their first logs: *.died.log)"
+  stamp "resuming ${#JOBS[@]} arm(s) that died or were cut (their first logs: *.died.log)"
   run_all "${ARMS_RETRY_BUDGET_S:-200}" "arms resumed"
 fi
 
