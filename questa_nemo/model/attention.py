@@ -90,11 +90,12 @@ def packed_causal_sdpa(
     return out.index_copy(0, plan.rows, attended.flatten(0, 1).index_select(0, plan.take))
 
 
-# The plans of the last few micro-batches, by the identity of their cu_seqlens_q tensor: every layer of a
-# forward (and of its recompute) gets the same PackedSeqParams, whose tensors the policy builds once per
-# micro-batch (model/policy.py registers the plan from its host copy, so no layer ever syncs).
+# The plans of the last micro-batches, by the identity of their cu_seqlens_q tensor: every layer of a forward
+# (and of its recompute) gets the same PackedSeqParams, whose tensors the policy builds once per micro-batch
+# (model/policy.py registers the plan from its host copy, so no layer ever syncs). Enough are kept for a
+# pipeline schedule's micro-batches in flight, whose recompute comes after later forwards (a few hundred KB each).
 _plans: list[tuple[torch.Tensor, SegmentPlan]] = []
-PLANS_KEPT = 4
+PLANS_KEPT = 32
 plans_kept = PLANS_KEPT  # bench_train's segplan=0 sets 0 (every layer reads the segments back, as before)
 
 
