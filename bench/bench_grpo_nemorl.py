@@ -336,12 +336,16 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int, rows, lengths)
         for step in range(1, args.steps + 1):
             timer = PhaseTimer()
             sync_device()
+            allocator = allocator_counts()
             start = time.perf_counter()
             metrics, data = grpo_step(cfg, step, recorder, backend, rollouts, timer)
             sync_device()
             seconds = time.perf_counter() - start
             phases = timer.pop()
             steps.append(step_record(step, seconds, phases, metrics, data, forced, trainer, max_staleness))
+            # memory pressure shows here: a retry frees every cached block after a synchronize, and cudaMalloc /
+            # cudaFree each synchronise the device
+            steps[-1]["allocator"] = {k: v - allocator.get(k, 0) for k, v in allocator_counts().items()}
             print(json.dumps({"max_staleness": max_staleness, **steps[-1]}), flush=True)
     finally:
         if max_staleness > 0:
@@ -355,6 +359,15 @@ def run_mode(args, shape: dict, hf_path: str, max_staleness: int, rows, lengths)
         mode["peak_gpu_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         mode["gpu_memory_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
     return mode
+
+
+def allocator_counts() -> dict[str, int]:
+    """The CUDA caching allocator's event counters (empty on CPU)."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    keys = ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free")
+    return {k: int(stats.get(k, 0)) for k in keys}
 
 
 def step_record(step, seconds, phases, metrics, data, forced, trainer, max_staleness) -> dict:
