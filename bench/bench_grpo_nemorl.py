@@ -79,6 +79,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -496,7 +497,9 @@ def arguments(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = arguments(argv)
-    from questa_nemo.model.parallel import init_distributed
+    from questa_nemo.model.parallel import cuda_allocator_defaults, init_distributed
+
+    cuda_allocator_defaults("megatron")  # what `questa-nemo train` sets (model/parallel.py), unless the user did
 
     shape = TINY_QWEN2 if args.tiny else QWEN25_1P5B
     tmp = Path(tempfile.mkdtemp())
@@ -514,6 +517,7 @@ def main(argv=None) -> int:
         "kv_blocks": 0 if args.contiguous_kv else pool_blocks(rows, lengths, args),
         "gpus": 1,
         "torch": torch.__version__,
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
     }
     modes: list[dict] = []
 

@@ -334,3 +334,31 @@ def test_model_yaml_loads_and_validates(name, tmp_path):
     validate(cfg)
     validate_model_shapes(cfg.model, read_hf_config(cfg.model.hf_config))
     assert isinstance(cfg, Config) and cfg.model.recompute in ("none", "full")
+
+
+def test_cuda_allocator_default_is_expandable_segments_unless_the_user_set_one(monkeypatch):
+    """`questa-nemo train` / `eval` set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True on a GPU before CUDA
+    starts, unless the user set it (or PYTORCH_ALLOC_CONF), the backend shares weights by CUDA IPC (trtllm),
+    or it is too late (CUDA initialised)."""
+    import os
+
+    from questa_nemo.model import parallel
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    monkeypatch.setattr(os, "environ", env)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert parallel.cuda_allocator_defaults("trtllm") is None and "PYTORCH_CUDA_ALLOC_CONF" not in env
+    assert parallel.cuda_allocator_defaults("megatron") == "expandable_segments:True"
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:128"
+    assert parallel.cuda_allocator_defaults("megatron") is None and env["PYTORCH_CUDA_ALLOC_CONF"].startswith("max")
+    del env["PYTORCH_CUDA_ALLOC_CONF"]
+    env["PYTORCH_ALLOC_CONF"] = "expandable_segments:False"
+    assert parallel.cuda_allocator_defaults("megatron") is None and "PYTORCH_CUDA_ALLOC_CONF" not in env
+    del env["PYTORCH_ALLOC_CONF"]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert parallel.cuda_allocator_defaults("megatron") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert parallel.cuda_allocator_defaults("megatron") is None and "PYTORCH_CUDA_ALLOC_CONF" not in env

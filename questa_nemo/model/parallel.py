@@ -41,6 +41,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The CUDA caching allocator's setting when the user sets none: expandable segments. A step's packed
+# micro-batches and attention gathers change shape every time beside the engine's fixed KV pool, the pattern
+# that fragments fixed segments into out-of-memory retries (each one a device synchronize and a release of
+# every cached block); bench_train and the SmolLM2 runs ran with it, CUDA graphs included.
+ALLOCATOR_DEFAULT = "expandable_segments:True"
+
+
+def cuda_allocator_defaults(rollout_backend: str) -> str | None:
+    """Set PYTORCH_CUDA_ALLOC_CONF to ALLOCATOR_DEFAULT unless the user set it (or PYTORCH_ALLOC_CONF), the
+    rollout backend shares weights by CUDA IPC handles (trtllm: memory of expandable segments may not be
+    exportable), there is no GPU, or CUDA is already initialised (too late to take effect). Returns what it set, else None.
+    Call before anything touches the GPU."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return None
+    if rollout_backend == "trtllm" or not torch.cuda.is_available() or torch.cuda.is_initialized():
+        return None
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
+    return ALLOCATOR_DEFAULT
+
+
 def init_distributed(cfg: ModelConfig, timeout_minutes: int = 30) -> ParallelInfo:
     """Start torch.distributed (nccl on GPU, gloo on CPU) and megatron's parallel state for `cfg`.
 
