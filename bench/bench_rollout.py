@@ -101,19 +101,23 @@ def group(lengths: list[int], n: int) -> list[list[int]]:
     return [lengths[i : i + n] for i in range(0, len(lengths), n)]
 
 
-def engine(
-    policy, vocab: int, args: argparse.Namespace, paged: bool, fused: bool = True, cascade: bool = False
-) -> MegatronBackend:
-    """fused: EngineOptions.fused_decode (False: the paged step as it was before, engine "paged_main");
-    cascade: EngineOptions.cascade_attention (engine "paged_cascade")."""
+ENGINES = {  # name -> EngineOptions besides the shared ones
+    "old": {"paged_kv": False},  # the contiguous cache
+    "paged": {"paged_kv": True},  # the defaults: fused_decode
+    "paged_main": {"paged_kv": True, "fused_decode": False},  # the paged step before fused_decode
+    "paged_cascade": {"paged_kv": True, "cascade_attention": True},
+    "paged_fs": {"paged_kv": True, "fused_sampler": True},  # the sampler in one Triton kernel
+}
+
+
+def engine(policy, vocab: int, args: argparse.Namespace, name: str) -> MegatronBackend:
+    """The engine called `name` in ENGINES, at the run's batch, KV share and block size."""
     options = EngineOptions(
         max_batch_sequences=args.batch,
         cuda_graphs=not args.no_graphs,
         kv_cache_memory_fraction=args.kv_fraction,
-        paged_kv=paged,
         kv_block_size=args.block_size,
-        fused_decode=fused,
-        cascade_attention=cascade,
+        **ENGINES[name],
     )
     return MegatronBackend(policy, vocab, options)
 
@@ -370,16 +374,26 @@ def check_paged(
         report["paged_cascade_sampled_logprob_vs_full_forward_max_abs"] = logprob_error(
             policy, prompts, done, vocab, sampled
         )
+        fused_sampling = MegatronBackend(
+            policy, vocab, EngineOptions(max_batch_sequences=16, paged_kv=True, fused_sampler=True)
+        )
+        done = fused_sampling.generate(prompts, sampled).completions
+        report["paged_fs_sampled_logprob_vs_full_forward_max_abs"] = logprob_error(
+            policy, prompts, done, vocab, sampled
+        )
+        report["fused_sampler_vs_torch"] = fused_sampler_check(vocab)
         paged_error = max(
             report["paged_greedy_logprob_vs_full_forward_max_abs"],
             report["paged_sampled_logprob_vs_full_forward_max_abs"],
             report["paged_cascade_sampled_logprob_vs_full_forward_max_abs"],
+            report["paged_fs_sampled_logprob_vs_full_forward_max_abs"],
         )
         # bf16 output rounding is ~4e-3 at |x| ~ 1
         report["paged_ok"] = (
             max(errors.values()) < 3e-2
             and paged_error <= max(2 * old_error, 0.1)
             and report["rope_append_same_bits_as_torch"]
+            and report["fused_sampler_vs_torch"]["ok"]
         )
         try:
             report["attention_one_layer"] = attention_timing()
@@ -410,6 +424,29 @@ def rope_append_same_bits(batch: int = 64, groups: int = 2, per_group: int = 6, 
     return bool(
         torch.equal(q, qk[:, :, :per_group, 0]) and torch.equal(pool[0], k_ref) and torch.equal(pool[1], v_ref)
     )
+
+
+def fused_sampler_check(vocab: int, batch: int = 256) -> dict:
+    """The fused sampler (rollout/sampling_triton.py) on bf16 GPU logits against sample_tokens on their float32
+    upcast, at one uniform per row: the share of rows picking the same token (a uniform within float32
+    rounding of a boundary may pick the neighbour) and the largest log-prob difference."""
+    from questa_nemo.rollout.sampling import sample_tokens
+    from questa_nemo.rollout.sampling_triton import fused_sample
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = (torch.randn(batch, vocab, device="cuda", generator=g) * 3).bfloat16()
+    u = torch.rand(batch, device="cuda", generator=g).clamp(1e-6, 1 - 2**-24)
+    out = {}
+    for temperature in (1.0, 0.7):
+        tokens, logprobs = fused_sample(logits, u, temperature)
+        want, _ = sample_tokens(logits.float(), u, temperature, 1.0)
+        exact = torch.log_softmax(logits.float() / temperature, -1).gather(1, tokens[:, None])[:, 0]
+        out[f"t{temperature}"] = {
+            "same_token_share": (tokens == want).float().mean().item(),
+            "logprob_max_abs": (logprobs - exact).abs().max().item(),
+        }
+    out["ok"] = all(r["same_token_share"] >= 0.99 and r["logprob_max_abs"] < 1e-3 for r in out.values())
+    return out
 
 
 def attention_timing(batch: int = 256, low: int = 1024, high: int = 3072, bs: int = 64) -> dict:
@@ -479,7 +516,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--engines",
         default="old,paged",
         help="comma list of old (contiguous cache), paged, paged_main (paged with fused_decode off: the step "
-        "before), paged_cascade (paged with cascade_attention)",
+        "before), paged_cascade (paged with cascade_attention), paged_fs (paged with fused_sampler)",
     )
     p.add_argument("--prompts", type=int, default=16, help="prompts of the fixed rows (x --samples)")
     p.add_argument("--samples", type=int, default=16)
@@ -558,13 +595,10 @@ def main(argv: list[str] | None = None) -> int:
             result["check"] = {"ok": False, "error": repr(e)}
         print("check:", json.dumps(result["check"]), flush=True)
         write_json(args.out, result)
-    engines = {
-        name: engine(
-            policy, vocab, args, paged=name.startswith("paged"), fused=name != "paged_main",
-            cascade=name == "paged_cascade",
-        )
-        for name in args.engines.split(",")
-    }
+    unknown = sorted(set(args.engines.split(",")) - set(ENGINES))
+    if unknown:
+        raise SystemExit(f"--engines: unknown {unknown}; known: {sorted(ENGINES)}")
+    engines = {name: engine(policy, vocab, args, name) for name in args.engines.split(",")}
     for name, backend in list(engines.items()):  # library warm-up (kernels, Triton compile), not timed
         try:
             run_ours(backend, random_prompts(1, args.prompt_len, vocab, seed=0), 2, 8)
@@ -606,9 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         rates = {k: v["tokens_per_second"] for k, v in out.items() if isinstance(v, dict) and "seconds" in v}
         if "old" in rates and "paged" in rates:
             out["paged_vs_old"] = rates["paged"] / rates["old"]
-        for k in ("paged", "paged_cascade"):
+        for k in ("paged", "paged_cascade", "paged_fs"):
             if "paged_main" in rates and k in rates:
                 out[f"{k}_vs_paged_main"] = rates[k] / rates["paged_main"]
+        if "paged" in rates and "paged_fs" in rates:
+            out["paged_fs_vs_paged"] = rates["paged_fs"] / rates["paged"]
         for k in ("old", "paged"):
             if k in rates and "transformers" in rates:
                 out[f"{k}_vs_transformers"] = rates[k] / rates["transformers"]

@@ -17,8 +17,9 @@ sequences are batch / samples prompts x samples, each prompt's full blocks share
 share_prefix, as the engine does), so the prompt part of the KV is read `samples` times a step.
 
 Variants (--variants): `main` is the engine at EngineOptions(fused_decode=False) (main's step: torch RoPE,
-index_put into the pool, auto split launch), `new` the defaults (see rollout/paged_triton.py). Both run side by
-side in one process on one card.
+index_put into the pool, auto split launch), `new` the defaults (see rollout/paged_triton.py), `cascade` new
+with cascade attention, `fs` new with the fused sampler (rollout/sampling_triton.py; the sampler table (d)
+times it alone too). All run side by side in one process on one card.
 
     . bench/gpu_setup.sh && python bench/profile_decode.py --out $OUT/profile_decode.json   # ~3 min, one H100
     TRITON_INTERPRET=1 python bench/profile_decode.py --device cpu --tiny                  # smoke (tests/)
@@ -45,6 +46,7 @@ from questa_nemo.rollout.graphs import StepKey  # noqa: E402
 from questa_nemo.rollout.paged import CASCADE_ITEMS, blocks_for, prompt_groups, split_positions  # noqa: E402
 from questa_nemo.rollout.sampling import sample_tokens, uniform_draws  # noqa: E402
 
+VARIANTS = {"main": "paged_main", "new": "paged", "cascade": "paged_cascade", "fs": "paged_fs"}  # bench_rollout
 KINDS = ("attention", "matmul", "sampling", "kv_write", "norm", "elementwise", "other")
 _MATMUL = ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "addmm", "linear")
 _ATTENTION = ("_split_kernel", "_merge_kernel", "_prefix_kernel", "attention", "fmha", "flash")
@@ -263,6 +265,16 @@ def sampler_timing(args, vocab: int, device) -> list[dict]:
 
             ms = timed(fn, args.sampler_reps)
             rows.append({"batch": b, "vocab": vocab, "temperature": temperature, "top_p": top_p, "ms": ms})
+        if device == "cuda" or importlib.util.find_spec("triton") is not None:
+            from questa_nemo.rollout.sampling_triton import fused_sample
+
+            half = logits.to(torch.bfloat16)  # the lm_head's own output: what the fused sampler reads
+
+            def fused(x=half, k=keys, at=positions):
+                return fused_sample(x, uniform_draws(k, at), 1.0)
+
+            ms = timed(fused, args.sampler_reps)
+            rows.append({"batch": b, "vocab": vocab, "temperature": 1.0, "top_p": 1.0, "ms": ms, "fused": True})
     return rows
 
 
@@ -278,7 +290,8 @@ def parse_args(argv):
     p.add_argument("--realistic-max", type=int, default=8192)
     p.add_argument("--cases", default="fixed,realistic")
     p.add_argument(
-        "--variants", default="main,new,cascade", help="comma list: main (fused_decode off), new, cascade (new + cascade)"
+        "--variants", default="main,new,cascade,fs",
+        help="comma list: main (fused_decode off), new, cascade (new + cascade), fs (new + fused_sampler)",
     )
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-fraction", type=float, default=0.6)
@@ -351,11 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args.no_graphs = args.no_graphs or args.device == "cpu"
     backends = {}
     for variant in args.variants.split(","):
-        b = engine(policy, vocab, args, paged=True)
-        b.options = dataclasses.replace(
-            b.options, fused_decode=variant != "main", cascade_attention=variant == "cascade"
-        )
-        backends[variant] = b
+        backends[variant] = engine(policy, vocab, args, VARIANTS[variant])
     key = StepKey(args.batch, 0, 1.0, 1.0)
     for case in args.cases.split(","):
         contexts = case_contexts(args, case)

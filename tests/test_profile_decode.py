@@ -35,7 +35,7 @@ def test_cpu_smoke_run(tmp_path, request):
     result = json.loads(out.read_text())
     for case in ("fixed", "realistic"):
         per = result["cases"][case]
-        assert set(per["variants"]) == {"main", "new", "cascade"}
+        assert set(per["variants"]) == {"main", "new", "cascade", "fs"}
         assert per["variants"]["cascade"]["launch"].get("cascade") is (True if HAS_TRITON else None)
         for r in per["variants"].values():
             assert r["graph_step"]["ms"] > 0 and r["eager_profile"]["kernel_sum_ms"] > 0
@@ -45,4 +45,5 @@ def test_cpu_smoke_run(tmp_path, request):
             assert {r["block_size"] for r in rows} == {16, 32}
             assert any(r["cascade"] for r in rows)
     assert per["max_context"] == 140  # 40 + the longest draw (100)
-    assert len(result["sampler"]) == 4
+    assert len(result["sampler"]) == 4 + HAS_TRITON  # torch's sampler at four settings, the fused kernel
+    assert [r.get("fused", False) for r in result["sampler"]][4:] == [True] * HAS_TRITON

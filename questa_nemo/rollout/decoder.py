@@ -287,9 +287,10 @@ def prefill(w: DecoderWeights, cache, slot: int, tokens: torch.Tensor, chunk: in
 
 
 def decode_logits(
-    w: DecoderWeights, cache, tokens: torch.Tensor, positions: torch.Tensor, attend_len: int
+    w: DecoderWeights, cache, tokens: torch.Tensor, positions: torch.Tensor, attend_len: int, upcast: bool = True
 ) -> torch.Tensor:
-    """One decode step for the first B cache slots: logits of the next token, float32 [B, vocab].
+    """One decode step for the first B cache slots: logits of the next token, float32 [B, vocab] (the weights'
+    dtype with upcast=False, for a sampler that reads them as they are).
 
     tokens, positions: [B] on device (slot b's token sits at positions[b]); its key/value are written there
     and it attends to cache positions <= positions[b], all of which lie below `attend_len` (a static bound, so
@@ -310,4 +311,5 @@ def decode_logits(
             attn = cache.decode_attention(i, ctx, q[:, :, :, 0], k[:, :, 0], v[:, :, 0])  # [B, G, per, D]
         h = _mlp_and_proj(h, attn.reshape(b, 1, -1), lw, w)
     last = rms_norm(h[:, 0], w.final_norm, w.eps)
-    return F.linear(last, w.lm_head).float()
+    logits = F.linear(last, w.lm_head)
+    return logits.float() if upcast else logits

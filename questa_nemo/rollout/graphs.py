@@ -53,9 +53,12 @@ def attend_bucket(max_position: int, max_len: int) -> int:
 class DecodeRunner:
     """Static step buffers for every cache slot, and the captured graphs keyed by StepKey."""
 
-    def __init__(self, weights: DecoderWeights, cache, use_graphs: bool):
-        """cache: a decoder.KVCache or a paged.PagedKVCache (the same step interface)."""
+    def __init__(self, weights: DecoderWeights, cache, use_graphs: bool, fused_sampler: bool = False):
+        """cache: a decoder.KVCache or a paged.PagedKVCache (the same step interface). fused_sampler: sample
+        at temperature > 0 without top-p in one Triton kernel over the lm_head's output (sampling_triton.py;
+        Triton needed: CUDA, or the interpreter in tests)."""
         self.weights, self.cache, self.use_graphs = weights, cache, use_graphs
+        self.fused_sampler = fused_sampler
         slots = cache.slots
         device = weights.embedding.device
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # [S] next input token per slot
@@ -77,11 +80,17 @@ class DecodeRunner:
         """The captured region: static shapes, no host syncs."""
         b = key.batch
         tokens, positions = self.tokens[:b], self.positions[:b]
-        logits = decode_logits(self.weights, self.cache, tokens, positions, key.attend_len)
+        fused = self.fused_sampler and key.temperature > 0 and key.top_p >= 1
+        logits = decode_logits(self.weights, self.cache, tokens, positions, key.attend_len, upcast=not fused)
         uniforms = None
         if key.temperature > 0:
             uniforms = uniform_draws(self.noise_key[:b], positions - self.noise_start[:b])
-        next_tokens, logprobs = sample_tokens(logits, uniforms, key.temperature, key.top_p)
+        if fused:
+            from questa_nemo.rollout.sampling_triton import fused_sample
+
+            next_tokens, logprobs = fused_sample(logits, uniforms, key.temperature)
+        else:
+            next_tokens, logprobs = sample_tokens(logits, uniforms, key.temperature, key.top_p)
         tokens.copy_(next_tokens)
         self.logprobs[:b].copy_(logprobs)
         positions.add_(1)

@@ -77,6 +77,10 @@ class EngineOptions:
     # paged + fused_decode: the samples of a prompt read its shared blocks once per group (cascade attention,
     # paged_triton._prefix_kernel); off until measured on a GPU (bench/profile_decode.py variant "cascade")
     cascade_attention: bool = False
+    # GPU: sample (temperature > 0, no top-p) in one Triton kernel over the lm_head's bf16 output instead of
+    # torch's float32 passes (rollout/sampling_triton.py); off until measured on a GPU (bench_rollout's
+    # engine "paged_fs"). Tokens are the same inverse-CDF picks up to the rounding of the sums.
+    fused_sampler: bool = False
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig) -> EngineOptions:
@@ -320,7 +324,7 @@ class MegatronBackend:
         on_gpu = w.embedding.is_cuda
         if self.options.paged_kv:
             cache = self._paged_cache(max_len, slots, longest)
-            self._runner = DecodeRunner(w, cache, use_graphs=on_gpu and self.options.cuda_graphs)
+            self._runner = self._new_runner(cache)
             return self._runner
         if on_gpu:
             per_slot = 2 * len(w.layers) * w.groups * max_len * w.head_dim * w.embedding.element_size()
@@ -335,8 +339,17 @@ class MegatronBackend:
             self._memory_bound = fit < slots
             slots = min(slots, fit)
         cache = KVCache.allocate(w, slots, max_len)
-        self._runner = DecodeRunner(w, cache, use_graphs=on_gpu and self.options.cuda_graphs)
+        self._runner = self._new_runner(cache)
         return self._runner
+
+    def _new_runner(self, cache) -> DecodeRunner:
+        on_gpu = self.weights.embedding.is_cuda
+        return DecodeRunner(
+            self.weights,
+            cache,
+            use_graphs=on_gpu and self.options.cuda_graphs,
+            fused_sampler=on_gpu and self.options.fused_sampler,
+        )
 
     def _paged_cache(self, max_len: int, slots: int, longest: int) -> PagedKVCache:
         """A block pool: `kv_blocks`, or what kv_cache_memory_fraction of free GPU memory holds (at most what
