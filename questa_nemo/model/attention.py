@@ -37,8 +37,9 @@ class SegmentPlan(NamedTuple):
 
     segments: tuple[tuple[int, int], ...]  # (start, length) of each non-empty segment
     longest: int
-    index: torch.Tensor | None  # [S, longest] packed row each padded slot reads (padding reads row 0); None:
-    take: torch.Tensor | None  # [n] positions of the real slots in the flattened [S * longest]  per segment
+    # the batched path's tensors (None: each segment is attended on its own)
+    index: torch.Tensor | None  # [S, longest] the packed row each padded slot reads (padding reads row 0)
+    take: torch.Tensor | None  # [n] positions of the real slots in the flattened [S * longest]
     rows: torch.Tensor | None  # [n] the packed rows they are written to
 
 
@@ -67,15 +68,17 @@ def packed_causal_sdpa(
     starts: list[int],
     lengths: list[int],
     scale: float,
-    plan: SegmentPlan | None = None,
 ) -> torch.Tensor:
     """Causal attention within each packed segment.
 
     query: [t, heads, d]; key, value: [t, groups, d]; segment i is rows starts[i] : starts[i] + lengths[i].
-    Rows outside every segment (padding) come back as zeros. Returns [t, heads, d]. `plan`: segment_plan of
-    these starts and lengths, when the caller has it (no host work or sync here then).
+    Rows outside every segment (padding) come back as zeros. Returns [t, heads, d].
     """
-    plan = plan or segment_plan(starts, lengths, query.device)
+    return _attend(query, key, value, segment_plan(starts, lengths, query.device), scale)
+
+
+def _attend(query, key, value, plan: SegmentPlan, scale: float) -> torch.Tensor:
+    """packed_causal_sdpa with the plan worked out (no host work or sync here)."""
     out = torch.zeros_like(query)
     if plan.index is None:
         for start, length in plan.segments:
@@ -126,8 +129,7 @@ def _segments(params: PackedSeqParams) -> tuple[list[int], list[int]]:
 # Segment lengths are host ints that differ every micro-batch: eager even inside a compiled layer (model.compile)
 @torch.compiler.disable
 def _packed_forward(query, key, value, params: PackedSeqParams, scale: float) -> torch.Tensor:
-    plan = _plan_for(params)
-    out = packed_causal_sdpa(query, key, value, [], [], scale, plan=plan)
+    out = _attend(query, key, value, _plan_for(params), scale)
     return out.reshape(out.size(0), -1)
 
 

@@ -51,8 +51,8 @@ ALLOCATOR_DEFAULT = "expandable_segments:True"
 def cuda_allocator_defaults(rollout_backend: str) -> str | None:
     """Set PYTORCH_CUDA_ALLOC_CONF to ALLOCATOR_DEFAULT unless the user set it (or PYTORCH_ALLOC_CONF), the
     rollout backend shares weights by CUDA IPC handles (trtllm: memory of expandable segments may not be
-    exportable), there is no GPU, or CUDA is already initialised (too late to take effect). Returns what it set, else None.
-    Call before anything touches the GPU."""
+    exportable), there is no GPU, or CUDA is already initialised (too late to take effect). Returns what it
+    set, else None. Call before anything touches the GPU."""
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
         return None
     if rollout_backend == "trtllm" or not torch.cuda.is_available() or torch.cuda.is_initialized():
