@@ -362,3 +362,23 @@ def test_cuda_allocator_default_is_expandable_segments_unless_the_user_set_one(m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert parallel.cuda_allocator_defaults("megatron") is None and "PYTORCH_CUDA_ALLOC_CONF" not in env
+
+
+def test_train_and_eval_set_the_allocator_default_before_anything_starts_cuda(monkeypatch):
+    """`train` checks the config against the GPUs (doctor.check_config starts CUDA): the allocator default comes
+    first; `eval` sets it before its own checks too."""
+    from questa_nemo import doctor
+    from questa_nemo.config import ConfigError
+    from questa_nemo.eval import run as eval_run
+    from questa_nemo.model import parallel
+    from questa_nemo.train import recipe
+
+    calls = []
+    monkeypatch.setattr(parallel, "cuda_allocator_defaults", lambda backend: calls.append(("alloc", backend)))
+    monkeypatch.setattr(doctor, "check_config", lambda cfg: calls.append(("check", None)) or ["stop here"])
+    assert recipe.main("default", ["rollout.backend=hf"]) == 2
+    assert calls == [("alloc", "hf"), ("check", None)]
+    calls.clear()
+    with pytest.raises(ConfigError, match="eval.benchmarks"):
+        eval_run.main("eval_default", ["eval.benchmarks=[]"], [])
+    assert calls == [("alloc", "megatron")]

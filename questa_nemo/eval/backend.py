@@ -30,14 +30,13 @@ def backend_for_checkpoint(cfg: Config, checkpoint: str, hf: dict | None = None)
 
     from questa_nemo.ckpt.load import load_chunks
     from questa_nemo.ckpt.runs import resolve_checkpoint
-    from questa_nemo.model.parallel import cuda_allocator_defaults, init_distributed
+    from questa_nemo.model.parallel import init_distributed
     from questa_nemo.rollout import RolloutContext, build_backend
 
     checkpoint = resolve_checkpoint(checkpoint)  # a run folder stands for its newest checkpoint
     hf = hf or model_hf_config(cfg, checkpoint)
     validate_model_shapes(cfg.model, hf)
     if not torch.distributed.is_initialized():
-        cuda_allocator_defaults(cfg.rollout.backend)
         init_distributed(cfg.model)
     chunks = load_chunks(cfg.model, hf, checkpoint)
     pad = hf.get("pad_token_id")

@@ -334,9 +334,11 @@ def main(config_name: str, overrides: list[str], positional: list[str]) -> int:
     # The checkpoint -> GenerationBackend factory (eval/backend.py) builds a model; imported here so that everything
     # above depends on the GenerationBackend protocol only.
     from questa_nemo.eval import backend as backends
+    from questa_nemo.model.parallel import cuda_allocator_defaults
     from questa_nemo.reward.extract import extract_answer
 
     cfg = load_config(config_name, overrides)
+    cuda_allocator_defaults(cfg.rollout.backend)  # before anything starts CUDA
     e = cfg.eval
     if positional:
         raise ConfigError(

@@ -79,9 +79,8 @@ def model_source(cfg: Config) -> tuple[str, str]:
 def open_session(cfg: Config) -> Session:
     from transformers import AutoTokenizer
 
-    from questa_nemo.model.parallel import cuda_allocator_defaults, init_distributed
+    from questa_nemo.model.parallel import init_distributed
 
-    cuda_allocator_defaults(cfg.rollout.backend)
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ and cfg.reward.kind != "world":
         # One intra-op thread on CPU beside the math reward's worker processes, unless asked otherwise: torch's
         # spinning thread pool on an oversubscribed 2-core machine ran a step 40x slower (10.6 s against
@@ -294,10 +293,12 @@ def _run_stages(cfg: Config, preempt: PreemptionFlag) -> int:
 
 def main(config_name: str = "default", overrides: list[str] | None = None, positional=None) -> int:
     from questa_nemo.doctor import check_config
+    from questa_nemo.model.parallel import cuda_allocator_defaults
 
     if positional:
         raise ConfigError("train", f"takes no positional arguments, got {positional}")
     cfg = load_config(config_name, overrides)
+    cuda_allocator_defaults(cfg.rollout.backend)  # before anything (the checks below) starts CUDA
     problems = check_config(cfg)
     if problems:
         for p in problems:
