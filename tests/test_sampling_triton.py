@@ -136,3 +136,36 @@ def test_fused_sampler_step_is_capture_safe(model, sampler_on, monkeypatch):
     sampler_on.clear()
     assert_step_is_capture_safe(b._runner, StepKey(8, 256, 1.0, 1.0), monkeypatch)
     assert len(sampler_on) == 2  # the step and its replay
+
+
+AOT_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from questa_nemo.rollout import sampling_triton
+
+vocab = 151_936
+for dtype in ("*bf16", "*fp32"):
+    signature = {"logits_ptr": dtype, "uniforms_ptr": "*fp32", "tokens_ptr": "*i64", "logprobs_ptr": "*fp32",
+                 "stride_row": "i32", "inv_temperature": "fp32", "vocab": "constexpr", "BLOCKS": "constexpr",
+                 "BLOCK": "constexpr"}
+    constants = {"vocab": vocab, "BLOCKS": triton.cdiv(vocab, sampling_triton.BLOCK), "BLOCK": sampling_triton.BLOCK}
+    source = ASTSource(fn=sampling_triton._sample_kernel, signature=signature, constexprs=constants)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert kernel.asm["cubin"] and ".entry _sample_kernel" in kernel.asm["ptx"], dtype
+print("compiled")
+"""
+
+
+def test_fused_sampler_kernel_compiles_for_hopper():
+    """Ahead of time, no GPU needed: Triton lowers the kernel to PTX and ptxas assembles it for sm_90 at the
+    real vocabulary (151,936), bf16 and fp32 logits, as the engine launches it (the interpreter runs above do
+    not compile). In a process of its own: the interpreter is on in this one."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]

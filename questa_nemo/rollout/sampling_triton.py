@@ -28,21 +28,20 @@ BLOCK = 4096  # vocabulary entries a program reads per iteration
 @triton.jit
 def _sample_kernel(
     logits_ptr, uniforms_ptr, tokens_ptr, logprobs_ptr, stride_row, inv_temperature,
-    vocab: tl.constexpr, BLOCK: tl.constexpr,
+    vocab: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
     lanes = tl.arange(0, BLOCK)
-    blocks: tl.constexpr = (vocab + BLOCK - 1) // BLOCK  # a constant: one compile per vocabulary size
     # (1) the row max of logits / T
     top = tl.full((), float("-inf"), tl.float32)
-    for i in range(0, blocks):
+    for i in range(0, BLOCKS):
         offs = i * BLOCK + lanes
         x = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_temperature
         top = tl.maximum(top, tl.max(x, 0))
     # (2) Z = sum exp(l - max), block by block
     total = tl.zeros((), tl.float32)
-    for i in range(0, blocks):
+    for i in range(0, BLOCKS):
         offs = i * BLOCK + lanes
         x = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_temperature
         total += tl.sum(tl.exp(x - top), 0)
@@ -51,7 +50,7 @@ def _sample_kernel(
     running = tl.zeros((), tl.float32)
     token = tl.full((), -1, tl.int32)
     last = tl.zeros((), tl.int32)
-    for i in range(0, blocks):
+    for i in range(0, BLOCKS):
         offs = i * BLOCK + lanes
         inside = offs < vocab
         x = tl.load(base + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temperature
@@ -81,6 +80,6 @@ def fused_sample(
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _sample_kernel[(rows,)](
         logits, uniforms.float(), tokens, logprobs, logits.stride(0), 1.0 / temperature,
-        vocab=vocab, BLOCK=BLOCK, num_warps=8,
+        vocab=vocab, BLOCKS=triton.cdiv(vocab, BLOCK), BLOCK=BLOCK, num_warps=8,  # one compile a vocabulary
     )  # fmt: skip
     return tokens, logprobs
