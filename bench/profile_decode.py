@@ -299,7 +299,7 @@ def parse_args(argv):
     p.add_argument("--sweep-block-sizes", default="16,32,64,128")
     p.add_argument("--quick-sweep", action="store_true", help="splits only (no warps x stages)")
     p.add_argument("--attn-reps", type=int, default=20)
-    p.add_argument("--sampler-batches", default="256,512")
+    p.add_argument("--sampler-batches", default="8,256,512")  # 8: the tail of a rollout
     p.add_argument("--sampler-reps", type=int, default=20)
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--cpu-kernel", action="store_true", help="CPU: the step runs the Triton kernels (interpreter)")
