@@ -201,6 +201,7 @@ def build_mcore(hf: dict, run: Run, device: str):
     from questa_nemo.config import ModelConfig
     from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
     from questa_nemo.model.megatron import build_model
+    from questa_nemo.model.policy import _packed_params
 
     recompute = run.options.get("recompute", "none")
     cfg = ModelConfig(
@@ -232,13 +233,15 @@ def build_mcore(hf: dict, run: Run, device: str):
             del layer.mlp.activation_func
             layer.mlp.activation_func = torch.nn.functional.silu
     chunk = int(run.options.get("chunk", cfg.logprob_chunk_tokens))
-    rows = packed_rows(run, device)  # [(PackedSeqParams or None, positions [1, seq], starts, lengths)]
+    rows = packed_rows(run)  # the packed micro-batches a run cycles through; none for one unpacked row
+    unpacked = torch.arange(run.seq, device=device)[None]
     calls = iter(range(10**9))
 
     def loss_fn(ids: torch.Tensor, targets: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-        packed, positions, starts, lengths = rows[next(calls) % len(rows)]  # docs=r1: a row a call, in turn
-        if packed is not None and run.options.get("segplan") != "0":
-            attention.register_segment_plan(packed, starts, lengths)  # as the policy does for each micro-batch
+        packed, positions = None, unpacked
+        if rows:  # what the policy does for each micro-batch: its THD params (and attention plan), positions
+            mb = rows[next(calls) % len(rows)]
+            packed, positions = _packed_params(mb, torch.device(device)), mb.position_ids.to(device)
         hidden = final_hidden_states(model, ids, positions, packed_seq_params=packed)  # [s, 1, h]
         out = chunked_logprobs(
             hidden, output_weight(model), targets.t(), vocab_size=hf["vocab_size"], chunk_tokens=chunk
@@ -248,46 +251,33 @@ def build_mcore(hf: dict, run: Run, device: str):
     return model, loss_fn
 
 
-def packed_rows(run: Run, device: str) -> list[tuple]:
-    """The micro-batch layouts a run cycles through: one unpacked row (docs=1), N equal causal sequences
-    (docs=N), or docs=r1: the rows the GRPO trainer packs (model/packing.py's first-fit decreasing under the
-    row's tokens) from 256 sequences of NeMo-RL-shaped lengths (prompt 150-400 + R1-like completion, mean
-    ~1.3K, at most 4K: bench_grpo_nemorl's; scaled by seq / 8192), the rows at least 95% full, the rest of each row padding that no
-    attention reads (the trainer's padded layout). Each entry: (PackedSeqParams or None, positions [1, seq],
-    segment starts, segment lengths)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    from questa_nemo.model.packing import assign_first_fit_decreasing
+def packed_rows(run: Run) -> list:
+    """The packed micro-batches a run cycles through (model/packing.py's, as the trainer packs them; every row
+    `run.seq` tokens, the length of the benchmark's ids): none for docs=1 (one unpacked row), one row of N equal
+    causal sequences for docs=N, or for docs=r1 the rows the GRPO trainer packs (first-fit decreasing under the
+    row's tokens) from 256 sequences of NeMo-RL-shaped lengths (prompt 150-400 + R1-like completion, mean ~1.3K,
+    at most 4K: bench_grpo_nemorl's; scaled by seq / 8192), those at least 95% full. Sets run.attended and
+    run.real_fraction from their sequences."""
+    from questa_nemo.model.packing import TokenSequence, pack
 
     docs = run.options.get("docs", "1")
     if docs == "1":
-        return [(None, torch.arange(run.seq, device=device)[None], [], [])]
+        return []
     if docs == "r1":
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(150, 401, (256,), generator=g).tolist()
         completions = drawn_lengths(256, 1100.0, 1.0, 4096 - 400, seed=0)
         scale = run.seq / 8192  # the same layouts in miniature at smoke-test lengths
         lengths = [max(1, min(round((p + c) * scale), run.seq)) for p, c in zip(prompts, completions)]
-        bins = assign_first_fit_decreasing(lengths, run.seq)
-        layouts = [[lengths[i] for i in b] for b in bins if sum(lengths[i] for i in b) >= 0.95 * run.seq]
     else:
-        layouts = [[run.seq // int(docs)] * (int(docs) - 1) + [run.seq - run.seq // int(docs) * (int(docs) - 1)]]
-    tokens = [n for segs in layouts for n in segs]
+        lengths = [run.seq // int(docs)] * (int(docs) - 1) + [run.seq - run.seq // int(docs) * (int(docs) - 1)]
+    zeros = [torch.zeros(n) for n in lengths]
+    sequences = [TokenSequence(torch.zeros(n, dtype=torch.long), z, z, z) for n, z in zip(lengths, zeros)]
+    # pad_multiple = seq: every row exactly seq long (no bin holds more), as the benchmark's ids are
+    rows = [mb for mb in pack(sequences, run.seq, pad_multiple=run.seq) if mb.num_real_tokens >= 0.95 * run.seq]
+    tokens = [lengths[i] for mb in rows for i in mb.sequence_ids]
     run.attended = round(sum(n * n for n in tokens) / sum(tokens))
-    run.real_fraction = sum(tokens) / (run.seq * len(layouts))
-    rows = []
-    for segs in layouts:
-        real = torch.tensor([0, *segs], dtype=torch.int32).cumsum(0).to(torch.int32)
-        padded = real.clone()
-        padded[-1] = run.seq  # the padding belongs to the last sequence's extent, not to its length
-        starts, cu_real, cu_padded = real[:-1].tolist(), real.to(device), padded.to(device)
-        longest = int(padded.diff().max())
-        packed = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu_real, cu_seqlens_kv=cu_real, cu_seqlens_q_padded=cu_padded,
-            cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest,
-        )  # fmt: skip
-        offsets = torch.arange(run.seq) - padded[:-1].repeat_interleave(padded.diff()).long()
-        rows.append((packed, offsets.to(device)[None], starts, segs))
+    run.real_fraction = sum(tokens) / (run.seq * len(rows))
     return rows
 
 
