@@ -265,7 +265,7 @@ def sampler_timing(args, vocab: int, device) -> list[dict]:
 
             ms = timed(fn, args.sampler_reps)
             rows.append({"batch": b, "vocab": vocab, "temperature": temperature, "top_p": top_p, "ms": ms})
-        if device == "cuda" or importlib.util.find_spec("triton") is not None:
+        if device == "cuda" or args.cpu_kernel:  # CPU: Triton under its interpreter, as the step (--cpu-kernel)
             from questa_nemo.rollout.sampling_triton import fused_sample
 
             half = logits.to(torch.bfloat16)  # the lm_head's own output: what the fused sampler reads
