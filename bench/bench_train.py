@@ -30,6 +30,8 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
                                   (tok/s counts their sequences' tokens, not the row's padding)
   segplan=0|1                     mcore, docs>1: 0 = every layer reads the segments back from the GPU (a host
                                   sync per layer, as before model/attention.py kept one plan per micro-batch)
+  varlen=0|1                      mcore, docs>1: 0 = packed attention through SDPA (batched / per segment)
+                                  instead of torch's flash variable-length kernel (one call for all segments)
   accum=N                         N micro-batches (gradients accumulated) per optimizer step (default 1)
 
 GPU:  python bench/bench_train.py --device cuda --preset gpu --out bench/results/train_h200.json
@@ -105,11 +107,13 @@ PRESETS: dict[str, list[str]] = {
         "32768/mcore:recompute=full,keepattn=1",
         "32768/hf:recompute=full,keepattn=1",  # the same attention-keeping policy for transformers
     ],
-    "packed": [  # packed (THD) micro-batches: each layer reading the segments back (before) against one plan
+    "packed": [  # packed (THD) micro-batches: segments read back in every layer / one plan / the varlen kernel
         "8192/mcore:recompute=none",
-        "8192/mcore:recompute=none,docs=8,segplan=0",
+        "8192/mcore:recompute=none,docs=8,segplan=0,varlen=0",
+        "8192/mcore:recompute=none,docs=8,varlen=0",
         "8192/mcore:recompute=none,docs=8",
-        "8192/mcore:recompute=none,docs=r1,segplan=0",
+        "8192/mcore:recompute=none,docs=r1,segplan=0,varlen=0",
+        "8192/mcore:recompute=none,docs=r1,varlen=0",
         "8192/mcore:recompute=none,docs=r1",
     ],
     "tiny": [
@@ -156,7 +160,7 @@ def parse_run(text: str) -> Run:
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
     known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
-             "newstuff", "keepattn", "vcontig", "ckpt", "segplan"}  # fmt: skip
+             "newstuff", "keepattn", "vcontig", "ckpt", "segplan", "varlen"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
     return Run(int(seq), impl, options)
@@ -221,6 +225,7 @@ def build_mcore(hf: dict, run: Run, device: str):
     from questa_nemo.model import attention
 
     attention.plans_kept = 0 if run.options.get("segplan") == "0" else attention.PLANS_KEPT  # set on every run
+    attention.use_varlen = run.options.get("varlen") != "0"
     if run.options.get("vcontig") == "1":
         for layer in model.decoder.layers:
             core = layer.self_attention.core_attention
@@ -586,11 +591,45 @@ def check_fused_kernels(device: str) -> dict:
         rope[f"rmsnorm_{name}_max_abs_diff"] = (normed.float() - norm_ref).abs().max().item()
         rope[f"rmsnorm_{name}_dx_max_abs_diff"] = (dx.float() - dx_ref).abs().max().item()
         rope[f"rmsnorm_{name}_dw_max_rel_diff"] = ((dw.float() - dw_ref).abs().max() / dw_ref.abs().max()).item()
+    rope.update(check_varlen(g))
     return {
         "swiglu_forward_max_abs_diff": (outs[0] - outs[1]).abs().max().item(),
         "swiglu_backward_max_abs_diff": (grads[0] - grads[1]).abs().max().item(),
         **rope,
     }
+
+
+def check_varlen(g: torch.Generator) -> dict:
+    """Packed attention at the model's heads: torch's flash variable-length kernel and the SDPA path (bf16)
+    against float32 SDPA per segment, output and gradients; empty without torch.nn.attention.varlen."""
+    from questa_nemo.model import attention
+
+    if attention.varlen_kernel() is None:
+        return {"varlen": "unavailable"}
+    lengths = [3000, 1, 700, 1500, 33, 2900]  # 8134 of 8192 rows; the rest padding
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    qkv = [torch.randn(8192, h, 128, device="cuda", dtype=torch.bfloat16, generator=g) for h in (12, 2, 2)]
+    up = torch.randn(8192, 12, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    plan = attention.segment_plan(starts, lengths, torch.device("cuda"))
+    ref_in = [x.float().requires_grad_() for x in qkv]
+    ref = torch.zeros_like(ref_in[0])
+    for start, n in zip(starts, lengths):
+        q, k, v = (x[start : start + n].transpose(0, 1).unsqueeze(0) for x in ref_in)
+        ref[start : start + n] = attention.causal_sdpa(q, k, v, 128**-0.5).squeeze(0).transpose(0, 1)
+    ref_grads = torch.autograd.grad(ref, ref_in, up.float())
+    out = {}
+    for name, on in (("varlen", True), ("sdpa", False)):
+        attention.use_varlen = on
+        try:
+            inputs = [x.detach().requires_grad_() for x in qkv]
+            got = attention._attend(*inputs, plan, 128**-0.5)
+            grads = torch.autograd.grad(got, inputs, up)
+        finally:
+            attention.use_varlen = True
+        out[f"packed_{name}_max_abs_diff"] = (got.float() - ref).abs().max().item()
+        for label, a, b in zip("qkv", grads, ref_grads):
+            out[f"packed_{name}_d{label}_max_abs_diff"] = (a.float() - b).abs().max().item()
+    return out
 
 
 def free_device(device: str) -> None:

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from tiny_hf import VOCAB, tiny_hf_model  # noqa: E402
 
 from questa_nemo.config import ModelConfig  # noqa: E402
+from questa_nemo.model import attention  # noqa: E402
 from questa_nemo.model.attention import packed_causal_sdpa  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,6 +242,77 @@ def test_packed_attention_reads_no_segments_back_from_the_device_once_planned(mo
     for _ in range(3):  # three layers of one forward
         torch.testing.assert_close(attention._packed_forward(q, k, v, fresh, 8**-0.5)[:21], want[:21])
     assert len(calls) == 1
+
+
+def _reference_varlen(native_gqa: bool):
+    """A stand-in for torch's flash varlen_attn on CPU, with its signature: causal SDPA per segment of cu."""
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                    **extra):  # fmt: skip
+        assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
+        assert extra == ({"enable_gqa": True} if native_gqa and key.size(1) != query.size(1) else {})
+        assert key.size(1) == query.size(1) or native_gqa  # without enable_gqa the heads come repeated
+        cu = cu_seq_q.tolist()
+        assert query.size(0) == cu[-1] and max_q == max(b - a for a, b in zip(cu[:-1], cu[1:]))
+        parts = []
+        for a, b in zip(cu[:-1], cu[1:]):
+            q, k, v = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+            parts.append(attention.causal_sdpa(q, k, v, scale).squeeze(0).transpose(0, 1))
+        return torch.cat(parts)
+
+    return varlen_attn, native_gqa
+
+
+
+@pytest.mark.parametrize("native_gqa", [True, False])
+@pytest.mark.parametrize("lengths", [[5, 6], [7, 7, 6, 1], [20, 2, 1]])
+def test_varlen_path_attends_each_segment_causally_and_zeroes_the_padding(lengths, native_gqa):
+    """The GPU path (one variable-length kernel call for all segments) on CPU with a reference kernel of the same
+    signature: same output and gradients as the SDPA path, padding rows zero, grouped heads passed as they are
+    (torch >= 2.13, enable_gqa) or repeated (torch 2.10-2.12). Gaps between segments keep the SDPA path."""
+    g = torch.Generator().manual_seed(0)
+    t = sum(lengths) + 3  # three rows of padding
+    q = torch.randn(t, 4, 8, generator=g, requires_grad=True)
+    k = torch.randn(t, 2, 8, generator=g, requires_grad=True)
+    v = torch.randn(t, 2, 8, generator=g, requires_grad=True)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    plan = attention.segment_plan(starts, lengths, q.device)
+    assert plan.end == sum(lengths) and plan.cu.tolist() == [0, *[sum(lengths[: i + 1]) for i in range(len(lengths))]]
+    got = attention._varlen_attend(q, k, v, plan, 8**-0.5, kernel=_reference_varlen(native_gqa))
+    want = packed_causal_sdpa(q, k, v, starts, lengths, scale=8**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got[sum(lengths):].abs().max() == 0
+    weights = torch.randn(got.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((want * weights).sum(), (q, k, v))):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    gap = attention.segment_plan([0, lengths[0] + 1], lengths[:2], q.device)  # a padding row between segments
+    assert gap.cu is None and not attention._varlen_usable(q, gap)
+    assert not attention._varlen_usable(q, plan)  # CPU float32: the SDPA path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's flash varlen kernel runs on CUDA only")
+def test_varlen_kernel_matches_the_sdpa_path_on_gpu(monkeypatch):
+    """On a GPU in bf16: the variable-length kernel against the SDPA paths (output and gradients)."""
+    if attention.varlen_kernel() is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [700, 33, 1, 512, 512, 90]
+    t = sum(lengths) + 64
+    q, k, v = (torch.randn(t, h, 128, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (12, 2, 2))  # fmt: skip
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    plan = attention.segment_plan(starts, lengths, q.device)
+    assert attention._varlen_usable(q, plan)
+    got = attention._attend(q, k, v, plan, 128**-0.5)
+    monkeypatch.setattr(attention, "use_varlen", False)
+    want = attention._attend(q, k, v, plan, 128**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2)
+    assert got[sum(lengths):].abs().max() == 0
+    weights = torch.randn(got.shape, generator=g, device="cuda", dtype=torch.bfloat16)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((want * weights).sum(), (q, k, v))):  # fmt: skip
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=5e-2)
 
 
 def test_layers_trace_under_torch_compile_with_packed_batches(single_process, monkeypatch):

@@ -3,12 +3,15 @@
 megatron-core's own fallback (`DotProductAttention`) materialises the [b, heads, s, s] score matrix and
 rejects packed sequences; SDPA runs flash / memory-efficient kernels on GPU, never builds the matrix, and
 handles GQA natively. Packed (THD) micro-batches are attended per segment from `cu_seqlens`, each segment
-causal on its own (segments of similar length batched into one call), so no [T, T] block-diagonal mask is
-ever built.
+causal on its own, so no [T, T] block-diagonal mask is ever built: on a GPU in one call of torch's flash
+variable-length kernel (`torch.nn.attention.varlen`, torch >= 2.10) when the segments lie back to back;
+otherwise (CPU, older torch) segments of similar length batched into one SDPA call, or one call each.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import NamedTuple
 
@@ -41,6 +44,9 @@ class SegmentPlan(NamedTuple):
     index: torch.Tensor | None  # [S, longest] the packed row each padded slot reads (padding reads row 0)
     take: torch.Tensor | None  # [n] positions of the real slots in the flattened [S * longest]
     rows: torch.Tensor | None  # [n] the packed rows they are written to
+    # the variable-length kernel's (None: the segments do not lie back to back from row 0)
+    cu: torch.Tensor | None = None  # [S + 1] int32 cumulative segment lengths
+    end: int = 0  # rows 0 .. end are the segments; the rest is padding (zeros out)
 
 
 def segment_plan(starts: list[int], lengths: list[int], device: torch.device) -> SegmentPlan:
@@ -50,15 +56,19 @@ def segment_plan(starts: list[int], lengths: list[int], device: torch.device) ->
     its own instead."""
     segments = tuple((start, length) for start, length in zip(starts, lengths) if length > 0)
     longest = max((length for _, length in segments), default=0)
+    cu, end = None, 0
+    if segments and all(start == sum(n for _, n in segments[:i]) for i, (start, _) in enumerate(segments)):
+        end = segments[-1][0] + segments[-1][1]
+        cu = torch.tensor([0] + [start + n for start, n in segments], dtype=torch.int32).to(device, non_blocking=True)
     if not segments or len(segments) * longest > 2 * sum(length for _, length in segments):
-        return SegmentPlan(segments, longest, None, None, None)
+        return SegmentPlan(segments, longest, None, None, None, cu, end)
     offsets = torch.arange(longest)
     first = torch.tensor([s for s, _ in segments])
     valid = offsets.unsqueeze(0) < torch.tensor([n for _, n in segments]).unsqueeze(1)  # [S, longest]
     index = torch.where(valid, first.unsqueeze(1) + offsets.unsqueeze(0), torch.zeros_like(first).unsqueeze(1))
     take = valid.flatten().nonzero().squeeze(1)
     rows = index.flatten()[take]
-    return SegmentPlan(segments, longest, *(t.to(device, non_blocking=True) for t in (index, take, rows)))
+    return SegmentPlan(segments, longest, *(t.to(device, non_blocking=True) for t in (index, take, rows)), cu, end)
 
 
 def packed_causal_sdpa(
@@ -77,8 +87,57 @@ def packed_causal_sdpa(
     return _attend(query, key, value, segment_plan(starts, lengths, query.device), scale)
 
 
+use_varlen = True  # bench_train's varlen=0 sets False (the SDPA paths below, as before)
+
+
+@functools.cache
+def varlen_kernel():
+    """torch's flash variable-length attention and whether it takes grouped key/value heads as they are
+    (`enable_gqa`, torch >= 2.13; before, keys and values are repeated to the query heads); None without it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def _varlen_usable(query: torch.Tensor, plan: SegmentPlan) -> bool:
+    return (
+        use_varlen
+        and plan.cu is not None
+        and query.is_cuda
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and query.size(-1) % 8 == 0
+        and query.size(-1) <= 256
+        and varlen_kernel() is not None
+    )
+
+
+def _varlen_attend(query, key, value, plan: SegmentPlan, scale: float, kernel=None) -> torch.Tensor:
+    """All segments in one call of the variable-length kernel (causal within each; `kernel`: tests pass a
+    reference with its signature); padding rows after the last segment come back as zeros."""
+    fn, native_gqa = kernel or varlen_kernel()
+    heads, groups = query.size(1), key.size(1)
+    extra = {}
+    if heads != groups:
+        if native_gqa:
+            extra["enable_gqa"] = True
+        else:
+            key, value = (x.repeat_interleave(heads // groups, dim=1) for x in (key, value))
+    end = plan.end
+    out = fn(
+        query[:end], key[:end], value[:end], plan.cu, plan.cu, plan.longest, plan.longest,
+        scale=scale, window_size=(-1, 0), **extra,
+    )  # fmt: skip
+    if end < query.size(0):
+        out = torch.cat([out, out.new_zeros(query.size(0) - end, *out.shape[1:])])
+    return out
+
+
 def _attend(query, key, value, plan: SegmentPlan, scale: float) -> torch.Tensor:
     """packed_causal_sdpa with the plan worked out (no host work or sync here)."""
+    if _varlen_usable(query, plan):
+        return _varlen_attend(query, key, value, plan, scale)
     out = torch.zeros_like(query)
     if plan.index is None:
         for start, length in plan.segments:
