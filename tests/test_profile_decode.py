@@ -35,7 +35,7 @@ def test_cpu_smoke_run(tmp_path, request):
     result = json.loads(out.read_text())
     for case in ("fixed", "realistic"):
         per = result["cases"][case]
-        assert set(per["variants"]) == {"main", "new", "cascade", "fs"}
+        assert set(per["variants"]) == {"main", "new", "cascade", "ts"}
         assert per["variants"]["cascade"]["launch"].get("cascade") is (True if HAS_TRITON else None)
         for r in per["variants"].values():
             assert r["graph_step"]["ms"] > 0 and r["eager_profile"]["kernel_sum_ms"] > 0

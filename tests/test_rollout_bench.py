@@ -49,3 +49,25 @@ def test_cpu_check(tmp_path):
     assert check["greedy_logprob_vs_full_forward_max_abs"] < 1e-4
     assert check["greedy_prefix_matching_hf"] == [check["greedy_tokens_per_prompt"]] * 4
     assert check["paged_ok"] and check["paged_greedy_logprob_vs_full_forward_max_abs"] < 1e-4
+
+
+def test_bracket_miss_is_rounding_for_the_inverse_cdf_pick_and_a_token_for_its_neighbour():
+    """The fused sampler's GPU self-check measures picks against the float64 inverse CDF: torch's float32
+    sampler misses its bracket by rounding only; the next token misses by about the picked token's mass."""
+    import torch
+
+    from questa_nemo.rollout.sampling import sample_tokens
+
+    bench_rollout = load_bench()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 5000, generator=g) * 3
+    u = torch.rand(64, generator=g).clamp(1e-6, 1 - 2**-24)
+    tokens, _ = sample_tokens(logits, u, 0.7, 1.0)
+    assert bench_rollout.bracket_miss(logits, u, 0.7, tokens).max() < 1e-6
+    shifted = (tokens + 1).clamp_max(4999)
+    miss = bench_rollout.bracket_miss(logits, u, 0.7, shifted)
+    mass = torch.softmax(logits.double() / 0.7, -1)
+    moved = shifted != tokens
+    assert moved.sum() > 60
+    # u * total lies inside the picked token's bracket, so the neighbour misses by at most that token's mass
+    assert (miss[moved] > 0).all() and (miss[moved] <= mass.gather(1, tokens[:, None])[:, 0][moved] + 1e-9).all()
