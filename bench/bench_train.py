@@ -107,14 +107,14 @@ PRESETS: dict[str, list[str]] = {
         "32768/mcore:recompute=full,keepattn=1",
         "32768/hf:recompute=full,keepattn=1",  # the same attention-keeping policy for transformers
     ],
-    "packed": [  # packed (THD) micro-batches: segments read back in every layer / one plan / the varlen kernel
-        "8192/mcore:recompute=none",
-        "8192/mcore:recompute=none,docs=8,segplan=0,varlen=0",
-        "8192/mcore:recompute=none,docs=8,varlen=0",
-        "8192/mcore:recompute=none,docs=8",
-        "8192/mcore:recompute=none,docs=r1,segplan=0,varlen=0",
+    "packed": [  # packed (THD) micro-batches: the varlen kernel / one plan (SDPA) / segments read back per layer
         "8192/mcore:recompute=none,docs=r1,varlen=0",
         "8192/mcore:recompute=none,docs=r1",
+        "8192/mcore:recompute=none,docs=8,varlen=0",
+        "8192/mcore:recompute=none,docs=8",
+        "8192/mcore:recompute=none",
+        "8192/mcore:recompute=none,docs=r1,segplan=0,varlen=0",
+        "8192/mcore:recompute=none,docs=8,segplan=0,varlen=0",
     ],
     "tiny": [
         "64/hf:recompute=none",
