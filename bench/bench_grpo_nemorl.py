@@ -479,6 +479,10 @@ def arguments(argv=None) -> argparse.Namespace:
         "(a log-prob pass and a train_step), kernel breakdowns written here and into the result (CPU: host ops)",
     )
     p.add_argument("--profile-micro-batches", type=int, default=6)
+    p.add_argument(
+        "--packed-varlen", action="store_true",
+        help="packed attention in one call of torch's flash variable-length kernel (model/attention.use_varlen)",
+    )
     p.add_argument("--out", default="bench/results/grpo_nemorl.json")
     args = p.parse_args(argv)
     if args.recompute_num_layers is not None and (args.recompute != "full" or args.recompute_num_layers < 1):
@@ -500,6 +504,9 @@ def main(argv=None) -> int:
     from questa_nemo.model.parallel import cuda_allocator_defaults, init_distributed
 
     cuda_allocator_defaults("megatron")  # what `questa-nemo train` sets (model/parallel.py), unless the user did
+    from questa_nemo.model import attention
+
+    attention.use_varlen = args.packed_varlen
 
     shape = TINY_QWEN2 if args.tiny else QWEN25_1P5B
     tmp = Path(tempfile.mkdtemp())

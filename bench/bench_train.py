@@ -30,8 +30,8 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
                                   (tok/s counts their sequences' tokens, not the row's padding)
   segplan=0|1                     mcore, docs>1: 0 = every layer reads the segments back from the GPU (a host
                                   sync per layer, as before model/attention.py kept one plan per micro-batch)
-  varlen=0|1                      mcore, docs>1: 0 = packed attention through SDPA (batched / per segment)
-                                  instead of torch's flash variable-length kernel (one call for all segments)
+  varlen=0|1                      mcore, docs>1: 1 = packed attention in one call of torch's flash
+                                  variable-length kernel (attention.use_varlen); 0 (default) = through SDPA
   accum=N                         N micro-batches (gradients accumulated) per optimizer step (default 1)
 
 GPU:  python bench/bench_train.py --device cuda --preset gpu --out bench/results/train_h200.json
@@ -108,13 +108,13 @@ PRESETS: dict[str, list[str]] = {
         "32768/hf:recompute=full,keepattn=1",  # the same attention-keeping policy for transformers
     ],
     "packed": [  # packed (THD) micro-batches: the varlen kernel / one plan (SDPA) / segments read back per layer
-        "8192/mcore:recompute=none,docs=r1,varlen=0",
         "8192/mcore:recompute=none,docs=r1",
-        "8192/mcore:recompute=none,docs=8,varlen=0",
+        "8192/mcore:recompute=none,docs=r1,varlen=1",
         "8192/mcore:recompute=none,docs=8",
+        "8192/mcore:recompute=none,docs=8,varlen=1",
         "8192/mcore:recompute=none",
-        "8192/mcore:recompute=none,docs=r1,segplan=0,varlen=0",
-        "8192/mcore:recompute=none,docs=8,segplan=0,varlen=0",
+        "8192/mcore:recompute=none,docs=r1,segplan=0",
+        "8192/mcore:recompute=none,docs=8,segplan=0",
     ],
     "tiny": [
         "64/hf:recompute=none",
@@ -225,7 +225,7 @@ def build_mcore(hf: dict, run: Run, device: str):
     from questa_nemo.model import attention
 
     attention.plans_kept = 0 if run.options.get("segplan") == "0" else attention.PLANS_KEPT  # set on every run
-    attention.use_varlen = run.options.get("varlen") != "0"
+    attention.use_varlen = run.options.get("varlen") == "1"
     if run.options.get("vcontig") == "1":
         for layer in model.decoder.layers:
             core = layer.self_attention.core_attention
@@ -625,7 +625,7 @@ def check_varlen(g: torch.Generator) -> dict:
             got = attention._attend(*inputs, plan, 128**-0.5)
             grads = torch.autograd.grad(got, inputs, up)
         finally:
-            attention.use_varlen = True
+            attention.use_varlen = False
         out[f"packed_{name}_max_abs_diff"] = (got.float() - ref).abs().max().item()
         for label, a, b in zip("qkv", grads, ref_grads):
             out[f"packed_{name}_d{label}_max_abs_diff"] = (a.float() - b).abs().max().item()

@@ -287,8 +287,8 @@ def test_varlen_path_attends_each_segment_causally_and_zeroes_the_padding(length
                     torch.autograd.grad((want * weights).sum(), (q, k, v))):  # fmt: skip
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     gap = attention.segment_plan([0, lengths[0] + 1], lengths[:2], q.device)  # a padding row between segments
-    assert gap.cu is None and not attention._varlen_usable(q, gap)
-    assert not attention._varlen_usable(q, plan)  # CPU float32: the SDPA path
+    assert gap.cu is None
+    assert not attention._varlen_usable(q, plan)  # off by default; and CPU float32 takes the SDPA path anyway
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's flash varlen kernel runs on CUDA only")
@@ -303,6 +303,7 @@ def test_varlen_kernel_matches_the_sdpa_path_on_gpu(monkeypatch):
                for h in (12, 2, 2))  # fmt: skip
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     plan = attention.segment_plan(starts, lengths, q.device)
+    monkeypatch.setattr(attention, "use_varlen", True)
     assert attention._varlen_usable(q, plan)
     got = attention._attend(q, k, v, plan, 128**-0.5)
     monkeypatch.setattr(attention, "use_varlen", False)

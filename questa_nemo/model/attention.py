@@ -3,9 +3,9 @@
 megatron-core's own fallback (`DotProductAttention`) materialises the [b, heads, s, s] score matrix and
 rejects packed sequences; SDPA runs flash / memory-efficient kernels on GPU, never builds the matrix, and
 handles GQA natively. Packed (THD) micro-batches are attended per segment from `cu_seqlens`, each segment
-causal on its own, so no [T, T] block-diagonal mask is ever built: on a GPU in one call of torch's flash
-variable-length kernel (`torch.nn.attention.varlen`, torch >= 2.10) when the segments lie back to back;
-otherwise (CPU, older torch) segments of similar length batched into one SDPA call, or one call each.
+causal on its own, so no [T, T] block-diagonal mask is ever built: segments of similar length batched into
+one SDPA call, or one call each; or (`use_varlen`, GPU) all in one call of torch's flash variable-length
+kernel (`torch.nn.attention.varlen`, torch >= 2.10) when the segments lie back to back.
 """
 
 from __future__ import annotations
@@ -87,7 +87,11 @@ def packed_causal_sdpa(
     return _attend(query, key, value, segment_plan(starts, lengths, query.device), scale)
 
 
-use_varlen = True  # bench_train's varlen=0 sets False (the SDPA paths below, as before)
+# Off until measured on a GPU (written without one; bench/bench_train.py --preset packed sets it per run with
+# varlen=0|1 and checks both paths against float32, tests/test_model_build.py has a GPU test): the packed
+# rows the trainer builds from R1-like lengths ran at 26,705 tok/s on an H100 through SDPA against 42,665 for
+# one 8K sequence, and 2-21 segments a row cost one batched or up to 21 SDPA calls a layer and direction.
+use_varlen = False
 
 
 @functools.cache
