@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The measurements written without a GPU and not yet run on one, in priority order, inside one device call:
+#   1. packed training rows: torch's flash variable-length kernel against the SDPA paths, with a float32
+#      check of both (bench_train --preset packed; model/attention.use_varlen is off until this says so)
+#   2. the fused sampler's self-check against the float64 inverse CDF (bench_rollout.fused_sampler_check)
+#   3. the end-to-end GRPO step shaped like NeMo-RL's table, sync, SDPA then varlen, the second profiled
+#   4. the decode step at a rollout's tail (profile_decode at 8 sequences: the realistic row's floor)
+# Each part has its own time bound (the next starts whatever happened); all output goes into
+# $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
+# Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS]
+# SECONDS (default 570) bounds the whole; parts that would start past it are skipped.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the output folder of the device call}
+END=$(( $(date +%s) + ${1:-570} ))
+DIR=$(mktemp -d)
+LOG=$DIR/pending.log
+: > "$LOG"
+
+part() {  # part NAME SECONDS COMMAND...: run with a bound of min(SECONDS, time left - 15)
+    local name=$1 want=$2
+    shift 2
+    local left=$(( END - $(date +%s) - 15 ))
+    if [ "$left" -lt 30 ]; then
+        echo "[gpu_pending] $name: skipped (${left}s left)" | tee -a "$LOG"
+        return
+    fi
+    local bound=$(( want < left ? want : left ))
+    echo "[gpu_pending] $name: up to ${bound}s" | tee -a "$LOG"
+    timeout -k 10 "$bound" "$@" > "$DIR/$name.log" 2>&1
+    echo "[gpu_pending] $name: rc=$?" | tee -a "$LOG"
+    grep -v -E 'DEPRECATED|^\s*$' "$DIR/$name.log" | tail -n 12 | tee -a "$LOG"
+}
+
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
+part train_packed 170 python3 bench/bench_train.py --device cuda --preset packed --steps 6 --time-budget-s 140 \
+    --out "$DIR/train_packed.json"
+part sampler_check 45 python3 -c "
+import json, sys
+sys.path.insert(0, 'bench')
+import bench_rollout
+print(json.dumps(bench_rollout.fused_sampler_check(151936), indent=1))"
+GRPO=(--steps 2 --staleness 0 --proximal train_forward --recompute none --micro-batch-tokens 8192)
+part grpo_sdpa 150 python3 bench/bench_grpo_nemorl.py "${GRPO[@]}" --out "$DIR/grpo_sdpa.json"
+part grpo_varlen 170 python3 bench/bench_grpo_nemorl.py "${GRPO[@]}" --packed-varlen --profile "$DIR/profile_grpo" \
+    --out "$DIR/grpo_varlen.json"
+part decode_tail 90 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
+    --variants new,ts --quick-sweep --out "$DIR/decode_tail.json"
+tar -czf "$OUT/pending.tar.gz" -C "$DIR" .
