@@ -107,6 +107,12 @@ PRESETS: dict[str, list[str]] = {
         "32768/mcore:recompute=full,keepattn=1",
         "32768/hf:recompute=full,keepattn=1",  # the same attention-keeping policy for transformers
     ],
+    "long": [  # issue 21's 32K goal (full recompute, 1.25x transformers): recompute with attention kept
+        "32768/hf:recompute=full",
+        "32768/mcore:recompute=full",
+        "32768/mcore:recompute=full,keepattn=1",
+        "32768/hf:recompute=full,keepattn=1",
+    ],
     "packed": [  # packed (THD) micro-batches: the varlen kernel / one plan (SDPA) / segments read back per layer
         "8192/mcore:recompute=none,docs=r1",
         "8192/mcore:recompute=none,docs=r1,varlen=1",

@@ -5,14 +5,20 @@
 #   2. the fused sampler's self-check against the float64 inverse CDF (bench_rollout.fused_sampler_check)
 #   3. the end-to-end GRPO step shaped like NeMo-RL's table, sync, SDPA then varlen, the second profiled
 #   4. the decode step at a rollout's tail (profile_decode at 8 sequences: the realistic row's floor)
+#   5. 32K with full recompute, attention kept (bench_train --preset long: model.recompute_keep_attention)
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
-# Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS]
-# SECONDS (default 570) bounds the whole; parts that would start past it are skipped.
+# Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
+# SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
+# the order above: train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long) picks some: all
+# of them need about 14 minutes, two calls, e.g. "train_packed sampler_check decode_tail train_long" then
+# "grpo_sdpa grpo_varlen".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
+shift || true
+WANT=" ${*:-train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -20,6 +26,7 @@ LOG=$DIR/pending.log
 part() {  # part NAME SECONDS COMMAND...: run with a bound of min(SECONDS, time left - 15)
     local name=$1 want=$2
     shift 2
+    case "$WANT" in *" $name "*) ;; *) return ;; esac
     local left=$(( END - $(date +%s) - 15 ))
     if [ "$left" -lt 30 ]; then
         echo "[gpu_pending] $name: skipped (${left}s left)" | tee -a "$LOG"
@@ -46,4 +53,6 @@ part grpo_varlen 170 python3 bench/bench_grpo_nemorl.py "${GRPO[@]}" --packed-va
     --out "$DIR/grpo_varlen.json"
 part decode_tail 90 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
     --variants new,ts --quick-sweep --out "$DIR/decode_tail.json"
+part train_long 200 python3 bench/bench_train.py --device cuda --preset long --steps 3 --time-budget-s 170 \
+    --out "$DIR/train_long.json"
 tar -czf "$OUT/pending.tar.gz" -C "$DIR" .
