@@ -6,19 +6,21 @@
 #   3. the end-to-end GRPO step shaped like NeMo-RL's table, sync, SDPA then varlen, the second profiled
 #   4. the decode step at a rollout's tail (profile_decode at 8 sequences: the realistic row's floor)
 #   5. 32K with full recompute, attention kept (bench_train --preset long: model.recompute_keep_attention)
+#   6. the GRPO step one step off-policy, the producer decoding on its own CUDA stream (its tail overlaps
+#      training; never run)
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
-# the order above: train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long) picks some: all
-# of them need about 14 minutes, two calls, e.g. "train_packed sampler_check decode_tail train_long" then
-# "grpo_sdpa grpo_varlen".
+# the order above: train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async) picks
+# some: all of them need about 17 minutes, two calls, e.g. "train_packed sampler_check decode_tail
+# train_long" then "grpo_sdpa grpo_varlen grpo_async".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long} "
+WANT=" ${*:-train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -55,4 +57,6 @@ part decode_tail 90 python3 bench/profile_decode.py --batch 8 --samples 1 --cont
     --variants new,ts --quick-sweep --out "$DIR/decode_tail.json"
 part train_long 200 python3 bench/bench_train.py --device cuda --preset long --steps 3 --time-budget-s 170 \
     --out "$DIR/train_long.json"
+part grpo_async 210 python3 bench/bench_grpo_nemorl.py --steps 3 --staleness 1 --skip-sync --producer-stream \
+    --proximal train_forward --recompute none --micro-batch-tokens 8192 --out "$DIR/grpo_async.json"
 tar -czf "$OUT/pending.tar.gz" -C "$DIR" .
