@@ -628,6 +628,7 @@ def check_varlen(g: torch.Generator) -> dict:
         attention.use_varlen = on
         try:
             inputs = [x.detach().requires_grad_() for x in qkv]
+            out[f"packed_{name}_path_is_varlen"] = attention._varlen_usable(inputs[0], plan)
             got = attention._attend(*inputs, plan, 128**-0.5)
             grads = torch.autograd.grad(got, inputs, up)
         finally:
