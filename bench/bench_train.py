@@ -153,6 +153,7 @@ class Run:
     build_s: float | None = None
     attended: int | None = None  # attention length of the MFU count (packed: token-weighted mean segment)
     real_fraction: float = 1.0  # share of the row's tokens that are sequences (docs=r1: the rest is padding)
+    varlen: bool = False  # varlen=1 and this torch / device can run it (else the row ran SDPA)
 
     @property
     def label(self) -> str:
@@ -232,6 +233,7 @@ def build_mcore(hf: dict, run: Run, device: str):
 
     attention.plans_kept = 0 if run.options.get("segplan") == "0" else attention.PLANS_KEPT  # set on every run
     attention.use_varlen = run.options.get("varlen") == "1"
+    run.varlen = attention.use_varlen and device == "cuda" and attention.varlen_kernel() is not None
     if run.options.get("vcontig") == "1":
         for layer in model.decoder.layers:
             core = layer.self_attention.core_attention
