@@ -81,7 +81,7 @@ class EngineOptions:
     # torch's float32 passes (rollout/sampling_triton.py). H100, bench_rollout "paged_fs" against "paged":
     # 38,120 against 34,535 tok/s at 256 x (1K + 2K), 13,442 against 12,520 at realistic lengths; the same
     # inverse-CDF picks up to the rounding of the sums (253 of 256 rows the same token as torch's float32
-    # sampler on random logits, log-probs within 1e-6). False: torch's sampler (rollout/sampling.py).
+    # sampler on random logits, log-probs within 1.6e-6). False: torch's sampler (rollout/sampling.py).
     fused_sampler: bool = True
 
     @classmethod
