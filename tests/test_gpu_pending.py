@@ -1,0 +1,53 @@
+"""bench/gpu_pending.sh (the unmeasured GPU work in one device call) on CPU with stand-in commands: parts run
+in order, each under its own bound, chosen by name, and everything comes back in one archive."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_pending.sh"
+
+
+def _stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_parts_run_by_name_and_come_back_in_one_archive(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _stub(stubs, "nvidia-smi", "echo 'stand-in GPU, 80 GiB'\n")
+    _stub(stubs, "python3", 'echo "python3 $*"\ncase "$*" in *bench_grpo_nemorl*) exit 3;; esac\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(out)}
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "200", "sampler_check", "grpo_varlen", "train_long"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[gpu_pending]")]
+    assert [line.split(":")[0] for line in lines[::2]] == [
+        "[gpu_pending] sampler_check", "[gpu_pending] grpo_varlen", "[gpu_pending] train_long",
+    ]  # fmt: skip
+    assert "grpo_varlen: rc=3" in result.stdout  # a failing part is reported and the next one still runs
+    assert "--packed-varlen" in result.stdout and "--preset long" in result.stdout
+    with tarfile.open(out / "pending.tar.gz") as archive:
+        names = {Path(n).name for n in archive.getnames()}
+    assert {"pending.log", "sampler_check.log", "grpo_varlen.log", "train_long.log"} <= names
+    assert "train_packed.log" not in names
+
+
+def test_parts_that_would_start_past_the_bound_are_skipped(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _stub(stubs, "nvidia-smi", "echo gpu\n")
+    _stub(stubs, "python3", "echo ran\n")
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(tmp_path)}
+    result = subprocess.run(["bash", str(SCRIPT), "40"], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert "train_packed: skipped" in result.stdout and "rc=" not in result.stdout
+    assert (tmp_path / "pending.tar.gz").exists()
