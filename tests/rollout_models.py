@@ -3,6 +3,10 @@ from it by the model-core code (build_model + load_hf_weights), sharing one worl
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 VOCAB = 96
@@ -81,3 +85,10 @@ def assert_step_is_capture_safe(runner, key, monkeypatch) -> None:
     runner.positions.copy_(saved[1])
     runner._step(key)
     assert all(torch.equal(a, b) for a, b in zip(first, (runner.tokens, runner.logprobs, runner.positions)))
+
+
+def compile_for_hopper(script: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run `script` (Triton's ahead-of-time compile of rollout kernels for sm_90: PTX and ptxas, no GPU) in a
+    process of its own, without TRITON_INTERPRET, which the calling test process has on."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)

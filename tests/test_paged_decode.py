@@ -10,7 +10,14 @@ import os
 
 import pytest
 import torch
-from rollout_models import VOCAB, assert_step_is_capture_safe, full_forward_logprobs, hf_model, megatron_twin
+from rollout_models import (
+    VOCAB,
+    assert_step_is_capture_safe,
+    compile_for_hopper,
+    full_forward_logprobs,
+    hf_model,
+    megatron_twin,
+)
 
 from questa_nemo.rollout.base import SamplingParams
 from questa_nemo.rollout.megatron_engine import EngineOptions, MegatronBackend
@@ -491,9 +498,5 @@ print("compiled", len(done))
 
 @needs_triton
 def test_paged_kernels_compile_for_hopper():
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter is on in this process
-    done = subprocess.run([sys.executable, "-c", PAGED_AOT], capture_output=True, text=True, env=env, timeout=600)
+    done = compile_for_hopper(PAGED_AOT, timeout=600)
     assert done.returncode == 0 and "compiled 13" in done.stdout, done.stderr[-2000:]

@@ -163,9 +163,7 @@ def test_fused_sampler_kernel_compiles_for_hopper():
     """Ahead of time, no GPU needed: Triton lowers the kernel to PTX and ptxas assembles it for sm_90 at the
     real vocabulary (151,936), bf16 and fp32 logits, as the engine launches it (the interpreter runs above do
     not compile). In a process of its own: the interpreter is on in this one."""
-    import subprocess
-    import sys
+    from rollout_models import compile_for_hopper
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    done = compile_for_hopper(AOT_COMPILE, timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]
