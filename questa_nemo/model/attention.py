@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 from typing import NamedTuple
 
@@ -56,10 +57,11 @@ def segment_plan(starts: list[int], lengths: list[int], device: torch.device) ->
     its own instead."""
     segments = tuple((start, length) for start, length in zip(starts, lengths) if length > 0)
     longest = max((length for _, length in segments), default=0)
+    bounds = [0, *itertools.accumulate(n for _, n in segments)]
     cu, end = None, 0
-    if segments and all(start == sum(n for _, n in segments[:i]) for i, (start, _) in enumerate(segments)):
-        end = segments[-1][0] + segments[-1][1]
-        cu = torch.tensor([0] + [start + n for start, n in segments], dtype=torch.int32).to(device, non_blocking=True)
+    if segments and [start for start, _ in segments] == bounds[:-1]:  # back to back from row 0
+        end = bounds[-1]
+        cu = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
     if not segments or len(segments) * longest > 2 * sum(length for _, length in segments):
         return SegmentPlan(segments, longest, None, None, None, cu, end)
     offsets = torch.arange(longest)
