@@ -107,7 +107,6 @@ ENGINES = {  # name -> EngineOptions besides the shared ones
     "paged_main": {"paged_kv": True, "fused_decode": False, "fused_sampler": False},  # the step before both
     "paged_ts": {"paged_kv": True, "fused_sampler": False},  # the defaults with torch's float32 sampler
     "paged_cascade": {"paged_kv": True, "cascade_attention": True},
-    "paged_fs": {"paged_kv": True, "fused_sampler": True},  # the sampler in one Triton kernel (the default)
 }
 
 
@@ -375,11 +374,11 @@ def check_paged(
         report["paged_cascade_sampled_logprob_vs_full_forward_max_abs"] = logprob_error(
             policy, prompts, done, vocab, sampled
         )
-        fused_sampling = MegatronBackend(
-            policy, vocab, EngineOptions(max_batch_sequences=16, paged_kv=True, fused_sampler=True)
+        torch_sampling = MegatronBackend(  # the engine above samples with the fused sampler (the default)
+            policy, vocab, EngineOptions(max_batch_sequences=16, paged_kv=True, fused_sampler=False)
         )
-        done = fused_sampling.generate(prompts, sampled).completions
-        report["paged_fs_sampled_logprob_vs_full_forward_max_abs"] = logprob_error(
+        done = torch_sampling.generate(prompts, sampled).completions
+        report["paged_ts_sampled_logprob_vs_full_forward_max_abs"] = logprob_error(
             policy, prompts, done, vocab, sampled
         )
         report["fused_sampler_vs_torch"] = fused_sampler_check(vocab)
@@ -387,7 +386,7 @@ def check_paged(
             report["paged_greedy_logprob_vs_full_forward_max_abs"],
             report["paged_sampled_logprob_vs_full_forward_max_abs"],
             report["paged_cascade_sampled_logprob_vs_full_forward_max_abs"],
-            report["paged_fs_sampled_logprob_vs_full_forward_max_abs"],
+            report["paged_ts_sampled_logprob_vs_full_forward_max_abs"],
         )
         # bf16 output rounding is ~4e-3 at |x| ~ 1
         report["paged_ok"] = (
@@ -538,8 +537,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--engines",
         default="old,paged",
         help="comma list of old (contiguous cache), paged (the defaults), paged_main (fused_decode and "
-        "fused_sampler off: the step before both), paged_ts (torch's sampler), paged_cascade (paged with "
-        "cascade_attention), paged_fs (paged with fused_sampler, the default)",
+        "fused_sampler off: the step before both), paged_ts (torch's sampler instead of the fused one), "
+        "paged_cascade (paged with cascade_attention)",
     )
     p.add_argument("--prompts", type=int, default=16, help="prompts of the fixed rows (x --samples)")
     p.add_argument("--samples", type=int, default=16)
@@ -663,11 +662,9 @@ def main(argv: list[str] | None = None) -> int:
         rates = {k: v["tokens_per_second"] for k, v in out.items() if isinstance(v, dict) and "seconds" in v}
         if "old" in rates and "paged" in rates:
             out["paged_vs_old"] = rates["paged"] / rates["old"]
-        for k in ("paged", "paged_cascade", "paged_fs"):
+        for k in ("paged", "paged_cascade", "paged_ts"):
             if "paged_main" in rates and k in rates:
                 out[f"{k}_vs_paged_main"] = rates[k] / rates["paged_main"]
-        if "paged" in rates and "paged_fs" in rates:
-            out["paged_fs_vs_paged"] = rates["paged_fs"] / rates["paged"]
         if "paged" in rates and "paged_ts" in rates:
             out["paged_vs_paged_ts"] = rates["paged"] / rates["paged_ts"]
         for k in ("old", "paged"):

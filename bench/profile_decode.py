@@ -18,9 +18,8 @@ share_prefix, as the engine does), so the prompt part of the KV is read `samples
 
 Variants (--variants): `main` is the engine at EngineOptions(fused_decode=False, fused_sampler=False) (the
 earlier step: torch RoPE, index_put into the pool, auto split launch, torch's sampler), `new` the defaults (see
-rollout/paged_triton.py; the fused sampler included), `cascade` new with cascade attention, `fs` new with the
-fused sampler named (the default), `ts` new with torch's sampler (rollout/sampling.py; the sampler table (d)
-times both alone too). All run side by side in one process on one card.
+rollout/paged_triton.py; the fused sampler included), `cascade` new with cascade attention, `ts` new with
+torch's sampler (rollout/sampling.py; the sampler table (d) times both alone too). All run side by side in one process on one card.
 
     . bench/gpu_setup.sh && python bench/profile_decode.py --out $OUT/profile_decode.json   # ~3 min, one H100
     TRITON_INTERPRET=1 python bench/profile_decode.py --device cpu --tiny                  # smoke (tests/)
@@ -47,7 +46,7 @@ from questa_nemo.rollout.graphs import StepKey  # noqa: E402
 from questa_nemo.rollout.paged import CASCADE_ITEMS, blocks_for, prompt_groups, split_positions  # noqa: E402
 from questa_nemo.rollout.sampling import sample_tokens, uniform_draws  # noqa: E402
 
-VARIANTS = {"main": "paged_main", "new": "paged", "cascade": "paged_cascade", "fs": "paged_fs", "ts": "paged_ts"}  # bench_rollout
+VARIANTS = {"main": "paged_main", "new": "paged", "cascade": "paged_cascade", "ts": "paged_ts"}  # bench_rollout
 KINDS = ("attention", "matmul", "sampling", "kv_write", "norm", "elementwise", "other")
 _MATMUL = ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "addmm", "linear")
 _ATTENTION = ("_split_kernel", "_merge_kernel", "_prefix_kernel", "attention", "fmha", "flash")
@@ -293,7 +292,7 @@ def parse_args(argv):
     p.add_argument(
         "--variants", default="main,new,cascade,ts",
         help="comma list: main (fused_decode and fused_sampler off), new (the defaults), cascade (new + "
-        "cascade), fs (new + fused_sampler, the default), ts (new with torch's sampler)",
+        "cascade), ts (new with torch's sampler instead of the fused one)",
     )
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-fraction", type=float, default=0.6)
