@@ -208,18 +208,22 @@ def profile_passes(policy, last, count: int, out_dir: Path) -> dict:
     `docs=r1` rows of the same card, it shows what the trainer's step adds to the bare model's."""
     from bench_train import profile_step
 
-    from questa_nemo.model.attention import segment_plan
+    from questa_nemo.model.attention import attention_path, segment_plan
 
     micro_batches, loss_fn, normaliser, temperature = last
     mbs = micro_batches[:count]
     out = {"micro_batches": len(mbs), "of": len(micro_batches), "row_tokens": int(mbs[0].tokens.numel())}
+    config = policy.modules[0].config
+    # queries as the layers see them: the model's device and dtype, heads and head size
+    query = torch.empty(0, config.num_attention_heads, config.kv_channels, dtype=config.params_dtype,
+                        device=policy.device)  # fmt: skip
     layouts = []
     for mb in mbs:
         cu = mb.cu_seqlens.tolist()[: len(mb.sequence_ids) + 1]
         lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-        plan = segment_plan(cu[:-1], lengths, torch.device("cpu"))
+        plan = segment_plan(cu[:-1], lengths, policy.device)
         layouts.append({"segments": len(lengths), "longest": max(lengths), "tokens": sum(lengths),
-                        "attention": "batched" if plan.index is not None else "per_segment"})  # fmt: skip
+                        "attention": attention_path(query, plan)})  # fmt: skip
     out["layouts"] = layouts
     out["logprobs"] = profile_step(lambda: policy.logprobs(mbs, temperature), "grpo_logprobs", out_dir)
     out["train_step"] = profile_step(

@@ -233,7 +233,9 @@ def build_mcore(hf: dict, run: Run, device: str):
 
     attention.plans_kept = 0 if run.options.get("segplan") == "0" else attention.PLANS_KEPT  # set on every run
     attention.use_varlen = run.options.get("varlen") == "1"
-    run.varlen = attention.use_varlen and device == "cuda" and attention.varlen_kernel() is not None
+    heads, dim = hf["num_attention_heads"], hf["hidden_size"] // hf["num_attention_heads"]
+    probe = torch.empty(0, heads, dim, dtype=next(model.parameters()).dtype, device=device)  # as layers see q
+    run.varlen = attention.attention_path(probe, attention.segment_plan([0], [1], torch.device(device))) == "varlen"
     if run.options.get("vcontig") == "1":
         for layer in model.decoder.layers:
             core = layer.self_attention.core_attention
@@ -630,7 +632,7 @@ def check_varlen(g: torch.Generator) -> dict:
         attention.use_varlen = on
         try:
             inputs = [x.detach().requires_grad_() for x in qkv]
-            out[f"packed_{name}_path_is_varlen"] = attention._varlen_usable(inputs[0], plan)
+            out[f"packed_{name}_path"] = attention.attention_path(inputs[0], plan)
             got = attention._attend(*inputs, plan, 128**-0.5)
             grads = torch.autograd.grad(got, inputs, up)
         finally:

@@ -140,12 +140,21 @@ def _varlen_attend(query, key, value, plan: SegmentPlan, scale: float, kernel=No
     return out
 
 
+def attention_path(query: torch.Tensor, plan: SegmentPlan) -> str:
+    """The path `_attend` takes for `plan` with queries like `query` (a [0, heads, d] tensor of the model's
+    device and dtype will do): "varlen", "batched" (one padded SDPA call) or "per_segment"."""
+    if _varlen_usable(query, plan):
+        return "varlen"
+    return "batched" if plan.index is not None else "per_segment"
+
+
 def _attend(query, key, value, plan: SegmentPlan, scale: float) -> torch.Tensor:
     """packed_causal_sdpa with the plan worked out (no host work or sync here)."""
-    if _varlen_usable(query, plan):
+    path = attention_path(query, plan)
+    if path == "varlen":
         return _varlen_attend(query, key, value, plan, scale)
     out = torch.zeros_like(query)
-    if plan.index is None:
+    if path == "per_segment":
         for start, length in plan.segments:
             rows = slice(start, start + length)
             # [len, h, d] -> [1, h, len, d]
