@@ -316,6 +316,47 @@ def test_varlen_kernel_matches_the_sdpa_path_on_gpu(monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=5e-2)
 
 
+def test_keep_attention_keeps_the_varlen_op(monkeypatch):
+    """recompute_keep_attention saves torch's variable-length attention op (the packed path with use_varlen) as
+    it saves SDPA's; on a GPU, a checkpointed packed attention under the keep policy does not rerun it."""
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint
+
+    from questa_nemo.model import recompute
+
+    if attention.varlen_kernel() is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    op = torch.ops.torch_attn._varlen_attn.default
+    assert op in recompute.kept_ops() and recompute.KEPT_OPS <= recompute.kept_ops()
+    assert recompute._policy(None, op) == CheckpointPolicy.MUST_SAVE
+    assert recompute._policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    if not torch.cuda.is_available():
+        return
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func is op
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(attention, "use_varlen", True)
+    lengths = [300, 200, 12]
+    plan = attention.segment_plan([0, 300, 500], lengths, torch.device("cuda"))
+    x = torch.randn(520, 12, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def layer(x):
+        return attention._attend(x * 2, x[:, :2] * 3, x[:, :2] * 4, plan, 128**-0.5).float().pow(2).sum()
+
+    for keep, reruns in ((False, 1), (True, 0)):
+        context_fn = recompute.keep_attention_contexts if keep else recompute.noop_context_fn
+        loss = checkpoint(layer, x, use_reentrant=False, context_fn=context_fn)
+        Count.calls = 0
+        with Count():
+            loss.backward()
+        assert Count.calls == reruns, keep
+
+
 def test_layers_trace_under_torch_compile_with_packed_batches(single_process, monkeypatch):
     """model.compile's path, traced by dynamo (eager backend: no C++ compiler needed): our fused modules (CPU
     reference maths) and packed attention (kept eager) give the uncompiled model's outputs and gradients over

@@ -14,8 +14,9 @@ log-sum-exp, RNG state) in the forward and hands them back during recompute; eve
 Attention's backward then runs from the recomputed query / key / value and the saved output, exactly what it
 would have used without recompute, so gradients are unchanged (the tests compare them).
 
-Only torch's SDPA attention (model/attention.py) is kept: Transformer Engine's attention is not an aten op,
-so with TE the policy would save nothing; `build_model` refuses that combination.
+Only torch's attention ops are kept (model/attention.py: SDPA, and for packed rows torch's variable-length
+custom op `torch_attn::_varlen_attn`): Transformer Engine's attention is not one of them, so with TE the policy
+would save nothing; `build_model` refuses that combination.
 """
 
 from __future__ import annotations
@@ -44,8 +45,19 @@ KEPT_OPS = frozenset(
 )
 
 
+@functools.cache
+def kept_ops() -> frozenset:
+    """KEPT_OPS and, where this torch has it, the variable-length attention's custom op (the packed path's
+    kernel with model/attention.use_varlen; registered when torch.nn.attention.varlen is imported)."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+    except ImportError:
+        return KEPT_OPS
+    return KEPT_OPS | {torch.ops.torch_attn._varlen_attn.default}
+
+
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in kept_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def keep_attention_contexts():
