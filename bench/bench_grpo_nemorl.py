@@ -214,6 +214,7 @@ def profile_passes(policy, last, count: int, out_dir: Path) -> dict:
     mbs = micro_batches[:count]
     out = {"micro_batches": len(mbs), "of": len(micro_batches), "row_tokens": int(mbs[0].tokens.numel())}
     config = policy.modules[0].config
+    core = policy.modules[0].decoder.layers[0].self_attention.core_attention  # VarlenCoreAttention: varlen
     # queries as the layers see them: the model's device and dtype, heads and head size
     query = torch.empty(0, config.num_attention_heads, config.kv_channels, dtype=config.params_dtype,
                         device=policy.device)  # fmt: skip
@@ -223,7 +224,7 @@ def profile_passes(policy, last, count: int, out_dir: Path) -> dict:
         lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
         plan = segment_plan(cu[:-1], lengths, policy.device)
         layouts.append({"segments": len(lengths), "longest": max(lengths), "tokens": sum(lengths),
-                        "attention": attention_path(query, plan)})  # fmt: skip
+                        "attention": attention_path(query, plan, varlen=core.varlen)})  # fmt: skip
     out["layouts"] = layouts
     out["logprobs"] = profile_step(lambda: policy.logprobs(mbs, temperature), "grpo_logprobs", out_dir)
     out["train_step"] = profile_step(
@@ -296,6 +297,7 @@ def configure(args, hf_path: str, max_staleness: int):
     cfg.algo.proximal_logprobs = args.proximal
     cfg.model.recompute_num_layers = args.recompute_num_layers
     cfg.rollout.producer_stream = args.producer_stream
+    cfg.model.packed_attention = "varlen" if args.packed_varlen else "sdpa"
     # the async producer keeps max_staleness steps ahead through the last timed step, as in a long run (it
     # would otherwise stop early and the last steps would wait for no generation); their rollouts are dropped
     cfg.train.steps = args.steps + max_staleness
@@ -485,7 +487,7 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-micro-batches", type=int, default=6)
     p.add_argument(
         "--packed-varlen", action="store_true",
-        help="packed attention in one call of torch's flash variable-length kernel (model/attention.use_varlen)",
+        help="packed attention in one call of torch's flash varlen kernel (model.packed_attention=varlen)",
     )
     p.add_argument("--out", default="bench/results/grpo_nemorl.json")
     args = p.parse_args(argv)
@@ -508,10 +510,6 @@ def main(argv=None) -> int:
     from questa_nemo.model.parallel import cuda_allocator_defaults, init_distributed
 
     cuda_allocator_defaults("megatron")  # what `questa-nemo train` sets (model/parallel.py), unless the user did
-    from questa_nemo.model import attention
-
-    attention.use_varlen = args.packed_varlen
-
     shape = TINY_QWEN2 if args.tiny else QWEN25_1P5B
     tmp = Path(tempfile.mkdtemp())
     (tmp / "config.json").write_text(json.dumps(shape))

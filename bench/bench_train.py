@@ -31,7 +31,7 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   segplan=0|1                     mcore, docs>1: 0 = every layer reads the segments back from the GPU (a host
                                   sync per layer, as before model/attention.py kept one plan per micro-batch)
   varlen=0|1                      mcore, docs>1: 1 = packed attention in one call of torch's flash
-                                  variable-length kernel (attention.use_varlen); 0 (default) = through SDPA
+                                  variable-length kernel (model.packed_attention=varlen); 0 (default) = sdpa
   accum=N                         N micro-batches (gradients accumulated) per optimizer step (default 1)
 
 GPU:  python bench/bench_train.py --device cuda --preset gpu --out bench/results/train_h200.json
@@ -153,7 +153,7 @@ class Run:
     build_s: float | None = None
     attended: int | None = None  # attention length of the MFU count (packed: token-weighted mean segment)
     real_fraction: float = 1.0  # share of the row's tokens that are sequences (docs=r1: the rest is padding)
-    varlen: bool = False  # varlen=1 and this torch / device can run it (else the row ran SDPA)
+    varlen: bool = False  # varlen=1 and the packed rows took the kernel (where it cannot run the row fails)
 
     @property
     def label(self) -> str:
@@ -224,6 +224,7 @@ def build_mcore(hf: dict, run: Run, device: str):
         recompute_impl="torch" if run.options.get("keepattn") == "1" else run.options.get("ckpt", "megatron"),
         recompute_keep_attention=run.options.get("keepattn") == "1",
         compile=run.options.get("compile") == "1",  # model.compile: every decoder layer
+        packed_attention="varlen" if run.options.get("varlen") == "1" else "sdpa",
     )
     model = build_model(hf, cfg)
     model.train()
@@ -232,10 +233,11 @@ def build_mcore(hf: dict, run: Run, device: str):
     from questa_nemo.model import attention
 
     attention.plans_kept = 0 if run.options.get("segplan") == "0" else attention.PLANS_KEPT  # set on every run
-    attention.use_varlen = run.options.get("varlen") == "1"
     heads, dim = hf["num_attention_heads"], hf["hidden_size"] // hf["num_attention_heads"]
     probe = torch.empty(0, heads, dim, dtype=next(model.parameters()).dtype, device=device)  # as layers see q
-    run.varlen = attention.attention_path(probe, attention.segment_plan([0], [1], torch.device(device))) == "varlen"
+    core = model.decoder.layers[0].self_attention.core_attention  # VarlenCoreAttention with varlen=1
+    plan = attention.segment_plan([0], [1], torch.device(device))
+    run.varlen = attention.attention_path(probe, plan, varlen=core.varlen) == "varlen"
     if run.options.get("vcontig") == "1":
         for layer in model.decoder.layers:
             core = layer.self_attention.core_attention
@@ -629,14 +631,10 @@ def check_varlen(g: torch.Generator) -> dict:
     ref_grads = torch.autograd.grad(ref, ref_in, up.float())
     out = {}
     for name, on in (("varlen", True), ("sdpa", False)):
-        attention.use_varlen = on
-        try:
-            inputs = [x.detach().requires_grad_() for x in qkv]
-            out[f"packed_{name}_path"] = attention.attention_path(inputs[0], plan)
-            got = attention._attend(*inputs, plan, 128**-0.5)
-            grads = torch.autograd.grad(got, inputs, up)
-        finally:
-            attention.use_varlen = False
+        inputs = [x.detach().requires_grad_() for x in qkv]
+        out[f"packed_{name}_path"] = attention.attention_path(inputs[0], plan, varlen=on)
+        got = attention._attend(*inputs, plan, 128**-0.5, varlen=on)
+        grads = torch.autograd.grad(got, inputs, up)
         out[f"packed_{name}_max_abs_diff"] = (got.float() - ref).abs().max().item()
         for label, a, b in zip("qkv", grads, ref_grads):
             out[f"packed_{name}_d{label}_max_abs_diff"] = (a.float() - b).abs().max().item()

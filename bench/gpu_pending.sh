@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements written without a GPU and not yet run on one, in priority order, inside one device call:
 #   1. packed training rows: torch's flash variable-length kernel against the SDPA paths, with a float32
-#      check of both (bench_train --preset packed; model/attention.use_varlen is off until this says so)
+#      check of both (bench_train --preset packed; model.packed_attention stays sdpa until this says so)
 #   2. the fused sampler's self-check against the float64 inverse CDF (bench_rollout.fused_sampler_check)
 #   3. the end-to-end GRPO step shaped like NeMo-RL's table, sync, SDPA then varlen, the second profiled
 #   4. the decode step at a rollout's tail (profile_decode at 8 sequences: the realistic row's floor)

@@ -133,6 +133,10 @@ class ModelConfig:
     tokenizer: str | None = None  # HF tokenizer folder; defaults to the hf_config folder
     params_dtype: str = "bf16"  # bf16 | fp32 (CPU runs use fp32)
     attention: str = "auto"  # auto (TE if importable, else sdpa) | te | sdpa | local
+    # how SDPA core attention attends packed micro-batches: sdpa = per-segment / batched SDPA calls; varlen = all
+    # segments in one call of torch's flash variable-length kernel (GPU, bf16 / fp16, torch >= 2.10; not with
+    # TE or local attention); auto = varlen where usable, else sdpa (model/megatron.py packed_varlen_on)
+    packed_attention: str = "sdpa"
     recompute: str = "full"  # none | full | selective  (reference: activation checkpointing on)
     # recompute=selective: megatron submodules recomputed in backward (core_attn | mlp | layernorm)
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn", "mlp"])
@@ -670,6 +674,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.answer_leak": ("keep", "drop", "recut"),
     "model.params_dtype": ("bf16", "fp32"),
     "model.attention": ("auto", "te", "sdpa", "local"),
+    "model.packed_attention": ("sdpa", "varlen", "auto"),
     "model.recompute": ("none", "full", "selective"),
     "model.recompute_impl": ("megatron", "torch"),
     "reward.kind": ("math", "world"),

@@ -130,6 +130,21 @@ def attention_availability(choice: str, gpus: Gpus) -> Availability:
     return Availability(key, True)  # sdpa and local are plain torch, on CPU and GPU
 
 
+def resolves_to_te(attention: str) -> bool:
+    """Whether model.attention resolves to Transformer Engine's here (auto: where it imports)."""
+    return attention == "te" or (attention == "auto" and import_error(COMPONENTS["te"].module) is None)
+
+
+def packed_varlen_availability(gpus: Gpus, attention: str = "sdpa") -> Availability:
+    """Whether model.packed_attention=varlen can run here with `attention` (model.attention): the model
+    build's own check (model/varlen.py, megatron-free), with the GPUs seen here."""
+    from questa_nemo.model.varlen import varlen_problem
+
+    key = "model.packed_attention=varlen"
+    problem = varlen_problem(resolves_to_te(attention), attention, "cuda" if gpus.count else "cpu")
+    return Availability(key, problem is None, "" if problem is None else f"{key} unavailable: {problem}")
+
+
 def rollout_availability(backend: str, gpus: Gpus) -> Availability:
     """Whether rollout backend `backend` (a name in config.ROLLOUT_BACKENDS) can run here."""
     key = f"rollout.backend={backend}"
@@ -156,22 +171,24 @@ def check_config(cfg: Config, gpus: Gpus | None = None) -> list[str]:
     """Blocking problems of running `cfg` in this environment, one line each; empty when it can run.
 
     Checks what the config asks for against what imports and what hardware is visible: the attention spec,
-    the rollout backend, bf16 support, and that TP x PP x CP (and the TensorRT-LLM rollout's TP) fit the
-    GPUs of the job. Config-internal relations are `config.validate`'s job, not this one's.
+    the packed attention kernel, the rollout backend, bf16 support, and that TP x PP x CP (and the
+    TensorRT-LLM rollout's TP) fit the GPUs of the job. Config-internal relations are `config.validate`'s
+    job, not this one's.
     """
     gpus = gpus or visible_gpus()
     problems = []
-    for availability in (
+    availabilities = [
         attention_availability(cfg.model.attention, gpus),
         rollout_availability(cfg.rollout.backend, gpus),
-    ):
+    ]
+    if cfg.model.packed_attention == "varlen":  # auto falls back to sdpa where varlen cannot run
+        availabilities.append(packed_varlen_availability(gpus, cfg.model.attention))
+    for availability in availabilities:
         if not availability.ok:
             problems.append(availability.reason)
     if cfg.model.context_parallel > 1:
         problems.append(f"model.context_parallel={cfg.model.context_parallel}: {CONTEXT_PARALLEL_UNSUPPORTED}")
-    te = cfg.model.attention == "te" or (
-        cfg.model.attention == "auto" and import_error(COMPONENTS["te"].module) is None
-    )
+    te = resolves_to_te(cfg.model.attention)
     if cfg.model.compile and gpus.count and te:
         problems.append("model.compile: not supported with Transformer Engine attention (use attention=sdpa)")
     if gpus.count:
@@ -218,6 +235,8 @@ def capability_rows(gpus: Gpus) -> list[Availability]:
     auto = "te" if te_error is None else "sdpa: Transformer Engine not importable"
     rows = [Availability("model.attention=auto", True, f"resolves to {auto}")]
     rows += [attention_availability(a, gpus) for a in ("te", "sdpa", "local")]
+    varlen = packed_varlen_availability(gpus)  # TE's and megatron's local attention refuse it
+    rows.append(Availability(varlen.key, True, "with SDPA core attention") if varlen.ok else varlen)
     rows += [rollout_availability(b, gpus) for b in ROLLOUT_BACKENDS]
     if gpus.count:
         rows.append(

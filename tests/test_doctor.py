@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,31 @@ def test_model_compile_is_refused_with_te_attention_on_gpu_and_ignored_on_cpu():
     assert rows["model.compile=true"] == "ignored on CPU (eager)"
 
 
+def test_packed_varlen_attention_is_blocked_where_it_cannot_run():
+    """model.packed_attention=varlen is refused with the model build's own reason (model/varlen.py); auto falls
+    back to sdpa and is never a problem."""
+    from questa_nemo.model import varlen
+
+    asked = "model.packed_attention=varlen unavailable: "
+    sdpa, local = ({"packed_attention": "varlen", "attention": a} for a in ("sdpa", "local"))
+    assert doctor.check_config(_config(model=sdpa), CPU) == [asked + "needs a CUDA GPU"]
+    assert doctor.check_config(_config(model={"packed_attention": "auto"}), CPU) == []
+    assert doctor.check_config(_config(model=local), EIGHT_H100) == [asked + varlen.LOCAL_ATTENTION]
+    on_gpu = [] if varlen.varlen_kernel() else [asked + varlen.NO_KERNEL]
+    assert doctor.check_config(_config(model=sdpa), EIGHT_H100) == on_gpu
+    row = {a.key: a for a in doctor.capability_rows(CPU)}["model.packed_attention=varlen"]
+    assert not row.ok and row.reason == asked + "needs a CUDA GPU"
+
+
+def test_packed_varlen_attention_with_te_attention_is_blocked(monkeypatch):
+    monkeypatch.setattr(doctor, "import_error", lambda module: None)  # all imports: auto resolves to TE
+    cfg = _config(model={"packed_attention": "varlen", "attention": "auto"})
+    problems = doctor.check_config(cfg, EIGHT_H100)
+    assert "model.packed_attention=varlen unavailable: Transformer Engine attention attends packed rows" in (
+        " ".join(problems)
+    )
+
+
 def test_model_parallel_larger_than_the_gpus_is_blocked():
     fits = _config(model={"tensor_parallel": 4, "pipeline_parallel": 2})
     too_big = _config(model={"tensor_parallel": 4, "pipeline_parallel": 4})
@@ -88,7 +114,8 @@ def test_doctor_command_prints_the_table_and_exits_zero():
     assert out.returncode == 0, out.stderr
     for row in ("Python", "torch", "megatron-core", "Transformer Engine", "TensorRT-LLM", "math-verify"):
         assert f"  {row} " in out.stdout
-    assert "rollout.backend=megatron  ok" in out.stdout
+    assert re.search(r"  rollout.backend=megatron +ok\n", out.stdout)  # keys padded to the longest
+    assert re.search(r"  model.packed_attention=varlen +(ok|no: )", out.stdout)
     assert "config default  can run here" in out.stdout
 
 

@@ -288,11 +288,12 @@ def test_varlen_path_attends_each_segment_causally_and_zeroes_the_padding(length
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     gap = attention.segment_plan([0, lengths[0] + 1], lengths[:2], q.device)  # a padding row between segments
     assert gap.cu is None
-    assert not attention._varlen_usable(q, plan)  # off by default; and CPU float32 takes the SDPA path anyway
+    assert not attention.varlen_usable(q, plan)  # CPU float32: the SDPA path even when varlen is asked for
+    assert attention.attention_path(q, plan, varlen=True) == attention.attention_path(q, plan) != "varlen"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's flash varlen kernel runs on CUDA only")
-def test_varlen_kernel_matches_the_sdpa_path_on_gpu(monkeypatch):
+def test_varlen_kernel_matches_the_sdpa_path_on_gpu():
     """On a GPU in bf16: the variable-length kernel against the SDPA paths (output and gradients)."""
     if attention.varlen_kernel() is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
@@ -303,10 +304,9 @@ def test_varlen_kernel_matches_the_sdpa_path_on_gpu(monkeypatch):
                for h in (12, 2, 2))  # fmt: skip
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     plan = attention.segment_plan(starts, lengths, q.device)
-    monkeypatch.setattr(attention, "use_varlen", True)
-    assert attention._varlen_usable(q, plan)
-    got = attention._attend(q, k, v, plan, 128**-0.5)
-    monkeypatch.setattr(attention, "use_varlen", False)
+    assert attention.varlen_usable(q, plan) and attention.attention_path(q, plan, varlen=True) == "varlen"
+    assert attention.attention_path(q, plan) != "varlen"  # not asked for: SDPA
+    got = attention._attend(q, k, v, plan, 128**-0.5, varlen=True)
     want = attention._attend(q, k, v, plan, 128**-0.5)
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2)
     assert got[sum(lengths):].abs().max() == 0
@@ -316,9 +316,10 @@ def test_varlen_kernel_matches_the_sdpa_path_on_gpu(monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=5e-2)
 
 
-def test_keep_attention_keeps_the_varlen_op(monkeypatch):
-    """recompute_keep_attention saves torch's variable-length attention op (the packed path with use_varlen) as
-    it saves SDPA's; on a GPU, a checkpointed packed attention under the keep policy does not rerun it."""
+def test_keep_attention_keeps_the_varlen_op():
+    """recompute_keep_attention saves torch's variable-length attention op (the packed path with
+    model.packed_attention=varlen) as it saves SDPA's; on a GPU, a checkpointed packed attention under the keep
+    policy does not rerun it."""
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 
     from questa_nemo.model import recompute
@@ -340,13 +341,13 @@ def test_keep_attention_keeps_the_varlen_op(monkeypatch):
             Count.calls += func is op
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(attention, "use_varlen", True)
     lengths = [300, 200, 12]
     plan = attention.segment_plan([0, 300, 500], lengths, torch.device("cuda"))
     x = torch.randn(520, 12, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
     def layer(x):
-        return attention._attend(x * 2, x[:, :2] * 3, x[:, :2] * 4, plan, 128**-0.5).float().pow(2).sum()
+        out = attention._attend(x * 2, x[:, :2] * 3, x[:, :2] * 4, plan, 128**-0.5, varlen=True)
+        return out.float().pow(2).sum()
 
     for keep, reruns in ((False, 1), (True, 0)):
         context_fn = recompute.keep_attention_contexts if keep else recompute.noop_context_fn
@@ -355,6 +356,104 @@ def test_keep_attention_keeps_the_varlen_op(monkeypatch):
         with Count():
             loss.backward()
         assert Count.calls == reruns, keep
+
+
+def test_packed_attention_key_is_validated():
+    """model.packed_attention: sdpa (the default) | varlen | auto; anything else is refused naming the key.
+    Whether varlen can run on this machine is the model build's and doctor's question, not validation's."""
+    from questa_nemo.config import ConfigError, load_config
+
+    assert ModelConfig().packed_attention == "sdpa"
+    with pytest.raises(ConfigError, match=r"^model.packed_attention: 'flash' is not one of sdpa, varlen, auto$"):
+        load_config("default", ["model.packed_attention=flash"])
+    for choice in ("sdpa", "varlen", "auto"):
+        assert load_config("default", [f"model.packed_attention={choice}"]).model.packed_attention == choice
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU answers")
+def test_packed_varlen_on_is_sdpa_on_cpu_and_refuses_varlen_with_the_reason(monkeypatch):
+    from questa_nemo.config import ConfigError
+    from questa_nemo.model import megatron as mg
+    from questa_nemo.model import varlen
+
+    monkeypatch.setattr(mg, "te_available", lambda: False)
+    assert not mg.packed_varlen_on(ModelConfig())  # the default: sdpa
+    assert not mg.packed_varlen_on(ModelConfig(packed_attention="auto"))  # auto on CPU: sdpa
+    assert not mg.packed_varlen_on(ModelConfig(attention="local", packed_attention="auto"))
+    refused = "^model.packed_attention: varlen unavailable: "
+    with pytest.raises(ConfigError, match=f"{refused}{varlen.NEEDS_GPU}$"):
+        mg.packed_varlen_on(ModelConfig(packed_attention="varlen"))
+    with pytest.raises(ConfigError, match=f"{refused}megatron's local attention"):
+        mg.packed_varlen_on(ModelConfig(attention="local", packed_attention="varlen"))
+    with pytest.raises(ConfigError, match="^model.packed_attention: 'flash' is not one of"):
+        mg.packed_varlen_on(ModelConfig(packed_attention="flash"))
+    # where the kernel can run: auto takes it, except under Transformer Engine or local attention
+    monkeypatch.setattr(varlen, "varlen_available", lambda device: None)
+    assert mg.packed_varlen_on(ModelConfig(packed_attention="auto"))
+    assert mg.packed_varlen_on(ModelConfig(packed_attention="varlen"))
+    assert not mg.packed_varlen_on(ModelConfig(attention="local", packed_attention="auto"))
+    monkeypatch.setattr(mg, "te_available", lambda: True)  # attention=auto resolves to TE
+    assert not mg.packed_varlen_on(ModelConfig(packed_attention="auto"))
+    with pytest.raises(ConfigError, match=f"{refused}Transformer Engine attention attends packed rows"):
+        mg.packed_varlen_on(ModelConfig(packed_attention="varlen"))
+
+
+def test_varlen_available_gives_the_reason():
+    from questa_nemo.model import varlen
+
+    assert attention.varlen_available is varlen.varlen_available  # one check, megatron-free (doctor's too)
+    assert varlen.varlen_available("cpu") == varlen.NEEDS_GPU == "needs a CUDA GPU"
+    on_gpu = None if varlen.varlen_kernel() else varlen.NO_KERNEL
+    assert varlen.varlen_available(torch.device("cuda")) == on_gpu
+
+
+def test_spec_provider_gives_varlen_core_attention_where_it_can_run(monkeypatch):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from questa_nemo.model import megatron as mg
+    from questa_nemo.model import varlen
+    from questa_nemo.model.attention import SDPACoreAttention, VarlenCoreAttention
+
+    auto = ModelConfig(params_dtype="fp32", attention="sdpa", packed_attention="auto")
+    if not torch.cuda.is_available():
+        assert mg.spec_provider(auto).core_attention() is SDPACoreAttention  # auto on CPU: sdpa
+    monkeypatch.setattr(varlen, "varlen_available", lambda device: None)
+    assert mg.spec_provider(auto).core_attention() is VarlenCoreAttention
+    assert VarlenCoreAttention.varlen and not SDPACoreAttention.varlen
+    sdpa = ModelConfig(params_dtype="fp32", attention="sdpa")
+    assert mg.spec_provider(sdpa).core_attention() is SDPACoreAttention
+    local = ModelConfig(params_dtype="fp32", attention="local", packed_attention="auto")
+    assert mg.spec_provider(local).core_attention() is DotProductAttention
+
+
+def test_varlen_core_attention_on_cpu_attends_packed_rows_through_sdpa(single_process, monkeypatch):
+    """A model built with VarlenCoreAttention (auto, the kernel made to look available) runs on CPU in fp32:
+    `varlen_usable` is false for CPU tensors, so packed rows take the SDPA path, with the SDPA model's outputs."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from questa_nemo.model import fused, varlen
+    from questa_nemo.model import megatron as mg
+    from questa_nemo.model.attention import SDPACoreAttention, VarlenCoreAttention
+    from questa_nemo.model.logprobs import final_hidden_states
+
+    monkeypatch.setattr(varlen, "varlen_available", lambda device: None)
+    monkeypatch.setattr(attention, "_varlen_attend", lambda *a, **k: pytest.fail("varlen kernel called"))
+    ref, hf = tiny_hf_model("qwen2")
+    cu = torch.tensor([0, 9, 20], dtype=torch.int32)
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=11, max_seqlen_kv=11
+    )
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    positions = fused.segment_positions(cu, 20)[None]
+    outs = {}
+    for choice, core_type in (("sdpa", SDPACoreAttention), ("auto", VarlenCoreAttention)):
+        cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none", packed_attention=choice)
+        model = mg.build_model(hf, cfg)
+        mg.load_hf_weights(model, ref.state_dict(), hf, cfg)
+        assert {type(layer.self_attention.core_attention) for layer in model.decoder.layers} == {core_type}
+        with torch.no_grad():
+            outs[choice] = final_hidden_states(model, ids, positions, packed_seq_params=params)
+    torch.testing.assert_close(outs["auto"], outs["sdpa"], rtol=0, atol=0)
 
 
 def test_layers_trace_under_torch_compile_with_packed_batches(single_process, monkeypatch):

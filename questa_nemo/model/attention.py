@@ -4,14 +4,13 @@ megatron-core's own fallback (`DotProductAttention`) materialises the [b, heads,
 rejects packed sequences; SDPA runs flash / memory-efficient kernels on GPU, never builds the matrix, and
 handles GQA natively. Packed (THD) micro-batches are attended per segment from `cu_seqlens`, each segment
 causal on its own, so no [T, T] block-diagonal mask is ever built: segments of similar length batched into
-one SDPA call, or one call each; or (`use_varlen`, GPU) all in one call of torch's flash variable-length
-kernel (`torch.nn.attention.varlen`, torch >= 2.10) when the segments lie back to back.
+one SDPA call, or one call each; or (`VarlenCoreAttention`, chosen by `model.packed_attention`, on GPU in
+bf16 / fp16) all in one call of torch's flash variable-length kernel (`torch.nn.attention.varlen`, torch >=
+2.10) when the segments lie back to back.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
 import math
 from typing import NamedTuple
@@ -22,6 +21,9 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+# megatron-free (model/varlen.py: what `questa-nemo doctor` asks too); varlen_available is re-exported
+from questa_nemo.model.varlen import varlen_available, varlen_kernel  # noqa: F401
 
 
 def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -89,28 +91,17 @@ def packed_causal_sdpa(
     return _attend(query, key, value, segment_plan(starts, lengths, query.device), scale)
 
 
-# Off until measured on a GPU (written without one; bench/bench_train.py --preset packed sets it per run with
-# varlen=0|1 and checks both paths against float32, tests/test_model_build.py has a GPU test): the packed
-# rows the trainer builds from R1-like lengths ran at 26,705 tok/s on an H100 through SDPA against 42,665 for
-# one 8K sequence, and 2-21 segments a row cost one batched or up to 21 SDPA calls a layer and direction.
-use_varlen = False
-
-
-@functools.cache
-def varlen_kernel():
-    """torch's flash variable-length attention and whether it takes grouped key/value heads as they are
-    (`enable_gqa`, torch >= 2.13; before, keys and values are repeated to the query heads); None without it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
-
-
-def _varlen_usable(query: torch.Tensor, plan: SegmentPlan) -> bool:
+# The variable-length kernel is the knob model.packed_attention (sdpa | varlen | auto), sdpa until measured
+# on a GPU (written without one; bench/bench_train.py --preset packed sets it per run with varlen=0|1 and
+# checks both paths against float32, tests/test_model_build.py has a GPU test): the packed rows the trainer
+# builds from R1-like lengths ran at 26,705 tok/s on an H100 through SDPA against 42,665 for one 8K sequence,
+# and 2-21 segments a row cost one batched or up to 21 SDPA calls a layer and direction.
+def varlen_usable(query: torch.Tensor, plan: SegmentPlan) -> bool:
+    """Whether the variable-length kernel can attend `plan` with queries like `query`: segments back to
+    back, CUDA, bf16 / fp16, a head size it takes, a torch that has it (whether to ask is the caller's
+    choice: `varlen`)."""
     return (
-        use_varlen
-        and plan.cu is not None
+        plan.cu is not None
         and query.is_cuda
         and query.dtype in (torch.bfloat16, torch.float16)
         and query.size(-1) % 8 == 0
@@ -140,17 +131,19 @@ def _varlen_attend(query, key, value, plan: SegmentPlan, scale: float, kernel=No
     return out
 
 
-def attention_path(query: torch.Tensor, plan: SegmentPlan) -> str:
+def attention_path(query: torch.Tensor, plan: SegmentPlan, varlen: bool = False) -> str:
     """The path `_attend` takes for `plan` with queries like `query` (a [0, heads, d] tensor of the model's
-    device and dtype will do): "varlen", "batched" (one padded SDPA call) or "per_segment"."""
-    if _varlen_usable(query, plan):
+    device and dtype will do) and `varlen` (the variable-length kernel asked for, as `VarlenCoreAttention`
+    does): "varlen", "batched" (one padded SDPA call) or "per_segment"."""
+    if varlen and varlen_usable(query, plan):
         return "varlen"
     return "batched" if plan.index is not None else "per_segment"
 
 
-def _attend(query, key, value, plan: SegmentPlan, scale: float) -> torch.Tensor:
-    """packed_causal_sdpa with the plan worked out (no host work or sync here)."""
-    path = attention_path(query, plan)
+def _attend(query, key, value, plan: SegmentPlan, scale: float, varlen: bool = False) -> torch.Tensor:
+    """packed_causal_sdpa with the plan worked out (no host work or sync here); `varlen`: through the
+    variable-length kernel where usable."""
+    path = attention_path(query, plan, varlen)
     if path == "varlen":
         return _varlen_attend(query, key, value, plan, scale)
     out = torch.zeros_like(query)
@@ -202,13 +195,17 @@ def _segments(params: PackedSeqParams) -> tuple[list[int], list[int]]:
 
 # Segment lengths are host ints that differ every micro-batch: eager even inside a compiled layer (model.compile)
 @torch.compiler.disable
-def _packed_forward(query, key, value, params: PackedSeqParams, scale: float) -> torch.Tensor:
-    out = _attend(query, key, value, _plan_for(params), scale)
+def _packed_forward(
+    query, key, value, params: PackedSeqParams, scale: float, varlen: bool = False
+) -> torch.Tensor:
+    out = _attend(query, key, value, _plan_for(params), scale, varlen)
     return out.reshape(out.size(0), -1)
 
 
 class SDPACoreAttention(MegatronModule):
     """Drop-in for megatron's `core_attention` submodule (same constructor and forward signature)."""
+
+    varlen: bool = False  # packed rows through torch's variable-length kernel where usable (subclass below)
 
     def __init__(
         self,
@@ -251,9 +248,17 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention: attention_bias is not supported")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            return _packed_forward(query, key, value, packed_seq_params, self.softmax_scale)
+            return _packed_forward(query, key, value, packed_seq_params, self.softmax_scale, self.varlen)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         out = causal_sdpa(q, k, v, self.softmax_scale)
         s, b = query.shape[:2]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+class VarlenCoreAttention(SDPACoreAttention):
+    """Packed rows through torch's variable-length kernel where usable (`varlen_usable`: GPU, bf16 / fp16,
+    segments back to back), else as SDPACoreAttention; unpacked batches as SDPACoreAttention
+    (model.packed_attention=varlen, or auto where `varlen_available`)."""
+
+    varlen = True

@@ -48,7 +48,7 @@ KEPT_OPS = frozenset(
 @functools.cache
 def kept_ops() -> frozenset:
     """KEPT_OPS and, where this torch has it, the variable-length attention's custom op (the packed path's
-    kernel with model/attention.use_varlen; registered when torch.nn.attention.varlen is imported)."""
+    kernel with model.packed_attention=varlen; registered when torch.nn.attention.varlen is imported)."""
     try:
         import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
     except ImportError:

@@ -4,7 +4,8 @@
 the interface megatron's own local / TE / inference specs are built from:
 - linear layers: `ColumnLinear` / `RowLinear` (model/linear.py: megatron's tensor-parallel linears with one
   F.linear at TP = 1),
-- core attention: `SDPACoreAttention` (model/attention.py), or megatron's `DotProductAttention` when asked for,
+- core attention: `SDPACoreAttention` (model/attention.py; `VarlenCoreAttention` for packed micro-batches through
+  torch's variable-length kernel), or megatron's `DotProductAttention` when asked for,
 - norms: torch's (megatron's `WrappedTorchNorm`, RMSNorm from the config), as megatron's local spec has them,
   or with fusions our Triton `RMSNorm` (model/fused.py) for the layers' input and pre-MLP norms,
 - activation: our fused `SwiGLU` (model/fused.py) as the MLP's activation submodule, or none (megatron's
@@ -37,7 +38,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from questa_nemo.model import fused, mcore_compat
-from questa_nemo.model.attention import SDPACoreAttention
+from questa_nemo.model.attention import SDPACoreAttention, VarlenCoreAttention
 from questa_nemo.model.linear import ColumnLinear, RowLinear
 
 
@@ -46,13 +47,21 @@ class QuestaSpecProvider(BackendSpecProvider):
 
     sdpa: SDPA core attention (else megatron's O(s^2) `DotProductAttention`); swiglu: our fused SwiGLU as the
     MLP's activation submodule (megatron-core 0.15+); fused_rope: `apply_rope_fusion` on our Triton RoPE
-    where TE's is missing; fused_norm: our Triton RMSNorm for the decoder layers' norms.
+    where TE's is missing; fused_norm: our Triton RMSNorm for the decoder layers' norms; varlen (with sdpa):
+    packed micro-batches through torch's variable-length kernel where usable (`VarlenCoreAttention`).
     """
 
     def __init__(
-        self, *, sdpa: bool = True, swiglu: bool = False, fused_rope: bool = False, fused_norm: bool = False
+        self,
+        *,
+        sdpa: bool = True,
+        swiglu: bool = False,
+        fused_rope: bool = False,
+        fused_norm: bool = False,
+        varlen: bool = False,
     ):
         self.sdpa, self.swiglu, self.fused_rope, self.fused_norm = sdpa, swiglu, fused_rope, fused_norm
+        self.varlen = varlen
 
     def column_parallel_linear(self) -> type:
         return ColumnLinear
@@ -74,7 +83,9 @@ class QuestaSpecProvider(BackendSpecProvider):
         return WrappedTorchNorm
 
     def core_attention(self) -> type:
-        return SDPACoreAttention if self.sdpa else DotProductAttention
+        if not self.sdpa:
+            return DotProductAttention
+        return VarlenCoreAttention if self.varlen else SDPACoreAttention
 
     def activation_func(self) -> type | None:
         """The MLP's activation submodule (megatron-core 0.15+ builds it under `use_te_activation_func`)."""
