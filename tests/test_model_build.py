@@ -233,6 +233,9 @@ def test_packed_attention_reads_no_segments_back_from_the_device_once_planned(mo
     want = attention.packed_causal_sdpa(q, k, v, [0, 7, 14, 20], lengths, 8**-0.5).reshape(24, -1)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not reads
+    kept = list(attention._plans)
+    _packed_params(mb, torch.device("cpu"), plan=False)  # a model without SDPA core attention: no plan made
+    assert [id(c) for c, _ in attention._plans] == [id(c) for c, _ in kept]
 
     monkeypatch.undo()
     calls = []

@@ -166,3 +166,16 @@ def test_step_loss_is_the_normalised_sum_whatever_the_callback_names_its_stats(p
     step = policy.train_step(micro_batches, loss_with_a_loss_stat, tokens)
     assert step.loss == pytest.approx(nll / tokens, rel=1e-5)
     assert step.metrics["loss"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_segment_plans_only_for_sdpa_core_attention(policy):
+    """The policy builds SDPA core attention's per-micro-batch plan only when its model has that attention."""
+    from policy_common import TINY_HF
+
+    from questa_nemo.config import ModelConfig
+    from questa_nemo.model.megatron import build_model
+    from questa_nemo.model.policy import needs_segment_plans
+
+    assert policy.segment_plans
+    local = build_model(TINY_HF, ModelConfig(params_dtype="fp32", attention="local", recompute="none"))
+    assert not needs_segment_plans([local])

@@ -30,7 +30,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from questa_nemo.config import CONTEXT_PARALLEL_UNSUPPORTED, ConfigError, ModelConfig, OptimConfig
-from questa_nemo.model.attention import register_segment_plan
+from questa_nemo.model.attention import SDPACoreAttention, register_segment_plan
 from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
 from questa_nemo.model.packing import PackedMicroBatch, TokenSequence, assign_first_fit_decreasing, pack
 
@@ -79,11 +79,13 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
 
 
-def _packed_params(mb: PackedMicroBatch, device: torch.device) -> PackedSeqParams:
+def _packed_params(mb: PackedMicroBatch, device: torch.device, plan: bool = True) -> PackedSeqParams:
     """THD params in the padded layout: the row's tail of padding belongs to the last sequence's padded extent
     (`*_padded`, where RoPE and the layout find each sequence) but not to its length (`cu_seqlens_q/kv`, what
     attention attends), so no attention is spent on it. It can be most of a micro-batch: every micro-batch of
-    a step is as long as the fullest one. A micro-batch of padding alone keeps it as a segment of its own."""
+    a step is as long as the fullest one. A micro-batch of padding alone keeps it as a segment of its own.
+    `plan`: register SDPA core attention's plan of the micro-batch (off when the model has none: TE's or
+    megatron's local attention read the params themselves)."""
     cu = mb.cu_seqlens.to(torch.int32)
     n = len(mb.sequence_ids)
     real = cu[: n + 1] if n else cu
@@ -101,10 +103,16 @@ def _packed_params(mb: PackedMicroBatch, device: torch.device) -> PackedSeqParam
         max_seqlen_q=max_seqlen,
         max_seqlen_kv=max_seqlen,
     )
-    # the attention's per-micro-batch plan from these host ints: no layer syncs to read cu_seqlens back
-    lengths = [b - a for a, b in zip(host_real[:-1], host_real[1:])]
-    register_segment_plan(params, host_padded[:-1], lengths)
+    if plan:  # the attention's per-micro-batch plan from these host ints: no layer syncs to read cu_seqlens back
+        lengths = [b - a for a, b in zip(host_real[:-1], host_real[1:])]
+        register_segment_plan(params, host_padded[:-1], lengths)
     return params
+
+
+def needs_segment_plans(model_chunks: Iterable[torch.nn.Module]) -> bool:
+    """Whether packed micro-batches need SDPA core attention's plan (model/attention.py): not with TE's or
+    megatron's local attention, which read the packed params themselves."""
+    return any(isinstance(m, SDPACoreAttention) for chunk in model_chunks for m in chunk.modules())
 
 
 def align_to_tokens(next_token_values: torch.Tensor, segment_starts: torch.Tensor) -> torch.Tensor:
@@ -149,6 +157,7 @@ class MegatronPolicy:
         ]
         for chunk in self.model_chunks:
             chunk.broadcast_params()  # DP replicas start from the same weights
+        self.segment_plans = needs_segment_plans(model_chunks)
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = [chunk.no_sync for chunk in self.model_chunks]
         if len(self.model_chunks) == 1:
@@ -215,7 +224,7 @@ class MegatronPolicy:
                 _unwrap(model),
                 mb.tokens.to(self.device),
                 mb.position_ids.to(self.device),
-                packed_seq_params=_packed_params(mb, self.device),
+                packed_seq_params=_packed_params(mb, self.device, self.segment_plans),
             )
             return output, partial(loss_func, mb, _unwrap(model))
 
