@@ -362,11 +362,11 @@ def test_keep_attention_keeps_the_varlen_op():
 
 
 def test_packed_attention_key_is_validated():
-    """model.packed_attention: sdpa (the default) | varlen | auto; anything else is refused naming the key.
+    """model.packed_attention: sdpa | varlen | auto (the default: varlen where usable); anything else is refused naming the key.
     Whether varlen can run on this machine is the model build's and doctor's question, not validation's."""
     from questa_nemo.config import ConfigError, load_config
 
-    assert ModelConfig().packed_attention == "sdpa"
+    assert ModelConfig().packed_attention == "auto"
     with pytest.raises(ConfigError, match=r"^model.packed_attention: 'flash' is not one of sdpa, varlen, auto$"):
         load_config("default", ["model.packed_attention=flash"])
     for choice in ("sdpa", "varlen", "auto"):
@@ -423,7 +423,7 @@ def test_spec_provider_gives_varlen_core_attention_where_it_can_run(monkeypatch)
     monkeypatch.setattr(varlen, "varlen_available", lambda device: None)
     assert mg.spec_provider(auto).core_attention() is VarlenCoreAttention
     assert VarlenCoreAttention.varlen and not SDPACoreAttention.varlen
-    sdpa = ModelConfig(params_dtype="fp32", attention="sdpa")
+    sdpa = ModelConfig(params_dtype="fp32", attention="sdpa", packed_attention="sdpa")
     assert mg.spec_provider(sdpa).core_attention() is SDPACoreAttention
     local = ModelConfig(params_dtype="fp32", attention="local", packed_attention="auto")
     assert mg.spec_provider(local).core_attention() is DotProductAttention
