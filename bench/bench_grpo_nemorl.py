@@ -297,7 +297,7 @@ def configure(args, hf_path: str, max_staleness: int):
     cfg.algo.proximal_logprobs = args.proximal
     cfg.model.recompute_num_layers = args.recompute_num_layers
     cfg.rollout.producer_stream = args.producer_stream
-    cfg.model.packed_attention = "varlen" if args.packed_varlen else "sdpa"
+    cfg.model.packed_attention = args.packed_attention
     # the async producer keeps max_staleness steps ahead through the last timed step, as in a long run (it
     # would otherwise stop early and the last steps would wait for no generation); their rollouts are dropped
     cfg.train.steps = args.steps + max_staleness
@@ -486,8 +486,8 @@ def arguments(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--profile-micro-batches", type=int, default=6)
     p.add_argument(
-        "--packed-varlen", action="store_true",
-        help="packed attention in one call of torch's flash varlen kernel (model.packed_attention=varlen)",
+        "--packed-attention", default="auto", choices=("auto", "varlen", "sdpa"),
+        help="model.packed_attention: packed rows through torch's flash varlen kernel (auto: where it can run) or SDPA",
     )
     p.add_argument("--out", default="bench/results/grpo_nemorl.json")
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements written without a GPU and not yet run on one, in priority order, inside one device call:
 #   1. packed training rows: torch's flash variable-length kernel against the SDPA paths, with a float32
-#      check of both (bench_train --preset packed; model.packed_attention stays sdpa until this says so)
+#      check of both (bench_train --preset packed; measured once on an H100: model.packed_attention defaults to auto since)
 #   2. the fused sampler's self-check against the float64 inverse CDF (bench_rollout.fused_sampler_check)
 #   3. the end-to-end GRPO step shaped like NeMo-RL's table, sync, SDPA then varlen, the second profiled
 #   4. the decode step at a rollout's tail (profile_decode at 8 sequences: the realistic row's floor)
@@ -50,8 +50,8 @@ sys.path.insert(0, 'bench')
 import bench_rollout
 print(json.dumps(bench_rollout.fused_sampler_check(151936), indent=1))"
 GRPO=(--steps 2 --staleness 0 --proximal train_forward --recompute none --micro-batch-tokens 8192)
-part grpo_sdpa 150 python3 bench/bench_grpo_nemorl.py "${GRPO[@]}" --out "$DIR/grpo_sdpa.json"
-part grpo_varlen 170 python3 bench/bench_grpo_nemorl.py "${GRPO[@]}" --packed-varlen --profile "$DIR/profile_grpo" \
+part grpo_sdpa 150 python3 bench/bench_grpo_nemorl.py "${GRPO[@]}" --packed-attention sdpa --out "$DIR/grpo_sdpa.json"
+part grpo_varlen 170 python3 bench/bench_grpo_nemorl.py "${GRPO[@]}" --packed-attention varlen --profile "$DIR/profile_grpo" \
     --out "$DIR/grpo_varlen.json"
 part decode_tail 90 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
     --variants new,ts --quick-sweep --out "$DIR/decode_tail.json"

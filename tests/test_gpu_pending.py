@@ -35,7 +35,7 @@ def test_parts_run_by_name_and_come_back_in_one_archive(tmp_path):
         "[gpu_pending] sampler_check", "[gpu_pending] grpo_varlen", "[gpu_pending] train_long",
     ]  # fmt: skip
     assert "grpo_varlen: rc=3" in result.stdout  # a failing part is reported and the next one still runs
-    assert "--packed-varlen" in result.stdout and "--preset long" in result.stdout
+    assert "--packed-attention varlen" in result.stdout and "--preset long" in result.stdout
     with tarfile.open(out / "pending.tar.gz") as archive:
         names = {Path(n).name for n in archive.getnames()}
     assert {"pending.log", "sampler_check.log", "grpo_varlen.log", "train_long.log"} <= names

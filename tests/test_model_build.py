@@ -380,7 +380,7 @@ def test_packed_varlen_on_is_sdpa_on_cpu_and_refuses_varlen_with_the_reason(monk
     from questa_nemo.model import varlen
 
     monkeypatch.setattr(mg, "te_available", lambda: False)
-    assert not mg.packed_varlen_on(ModelConfig())  # the default: sdpa
+    assert not mg.packed_varlen_on(ModelConfig())  # the default (auto) on CPU: sdpa
     assert not mg.packed_varlen_on(ModelConfig(packed_attention="auto"))  # auto on CPU: sdpa
     assert not mg.packed_varlen_on(ModelConfig(attention="local", packed_attention="auto"))
     refused = "^model.packed_attention: varlen unavailable: "
