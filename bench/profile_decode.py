@@ -19,7 +19,9 @@ share_prefix, as the engine does), so the prompt part of the KV is read `samples
 Variants (--variants): `main` is the engine at EngineOptions(fused_decode=False, fused_sampler=False) (the
 earlier step: torch RoPE, index_put into the pool, auto split launch, torch's sampler), `new` the defaults (see
 rollout/paged_triton.py; the fused sampler included), `cascade` new with cascade attention, `ts` new with
-torch's sampler (rollout/sampling.py; the sampler table (d) times both alone too). All run side by side in one process on one card.
+torch's sampler (rollout/sampling.py; the sampler table (d) times both alone too), `merge` new with the tile merge
+(EngineOptions.merge_tile: paged_triton._merge_tile_kernel; the sweep (c) times both merges at the engine's split
+length too). All run side by side in one process on one card.
 
     . bench/gpu_setup.sh && python bench/profile_decode.py --out $OUT/profile_decode.json   # ~3 min, one H100
     TRITON_INTERPRET=1 python bench/profile_decode.py --device cpu --tiny                  # smoke (tests/)
@@ -46,10 +48,12 @@ from questa_nemo.rollout.graphs import StepKey  # noqa: E402
 from questa_nemo.rollout.paged import CASCADE_ITEMS, blocks_for, prompt_groups, split_positions  # noqa: E402
 from questa_nemo.rollout.sampling import sample_tokens, uniform_draws  # noqa: E402
 
-VARIANTS = {"main": "paged_main", "new": "paged", "cascade": "paged_cascade", "ts": "paged_ts"}  # bench_rollout
+VARIANTS = {  # -> bench_rollout's ENGINES
+    "main": "paged_main", "new": "paged", "cascade": "paged_cascade", "ts": "paged_ts", "merge": "paged_merge",
+}  # fmt: skip
 KINDS = ("attention", "matmul", "sampling", "kv_write", "norm", "elementwise", "other")
 _MATMUL = ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "addmm", "linear")
-_ATTENTION = ("_split_kernel", "_merge_kernel", "_prefix_kernel", "attention", "fmha", "flash")
+_ATTENTION = ("_split_kernel", "_merge_kernel", "_merge_tile_kernel", "_prefix_kernel", "attention", "fmha", "flash")
 
 
 def kernel_kind(name: str) -> str:
@@ -214,11 +218,15 @@ def attention_sweep(args, contexts: list[int], dtype, device, quick: bool) -> li
         num_blocks = max(n for _, n in tables.values())
         pool = torch.randn(2, num_blocks, groups, bs, dim, device=device, dtype=dtype)
         unique = unique_blocks * bs * per_token
-        main_default = {"splits": None, "num_warps": 4, "num_stages": None, "split_len": None}
+        main_default = {"splits": None, "num_warps": 4, "num_stages": None, "split_len": None, "merge_tile": False}
         settings = [main_default] + [{**main_default, "splits": n} for n in (1, 2, 4, 8)]
         settings += [{**main_default, "split_len": n} for n in (256, 512, 1024, 2048) if n % bs == 0]
         new_split = split_positions(b, groups, sms, bs)  # the engine's fused_decode default
         settings += [{**main_default, "split_len": n, "cascade": True} for n in sorted({new_split, 512, 1024})]
+        # both merges at the engine's launches (the loop merge is main_default's): auto splits, fixed, cascade
+        settings += [{**main_default, "split_len": new_split}]
+        settings += [{**main_default, **c, "merge_tile": True}
+                     for c in ({}, {"split_len": new_split}, {"split_len": new_split, "cascade": True})]  # fmt: skip
         if not quick and bs == args.block_size:  # warps x stages at the engine's block size only (compiles)
             for base in ({"splits": 1}, {"split_len": 1024 if 1024 % bs == 0 else None}):
                 settings += [{**main_default, **base, "num_warps": w, "num_stages": st}
@@ -241,6 +249,10 @@ def attention_sweep(args, contexts: list[int], dtype, device, quick: bool) -> li
                 row.setdefault("cascade", False)
                 try:
                     ms = timed(fn, args.attn_reps)
+                    if cfg["merge_tile"]:  # the same launch merged by the loop kernel: same maths, other order
+                        loop = paged_decode_attention(q, pool[0], pool[1], table, positions, sms,
+                                                      **{**launch, "merge_tile": False})  # fmt: skip
+                        row["max_abs_vs_loop_merge"] = (fn().float() - loop.float()).abs().max().item()
                 except Exception as e:  # noqa: BLE001  (e.g. out of shared memory: the rest of the sweep runs)
                     rows.append({**row, "error": repr(e)[:200]})
                     continue
@@ -290,9 +302,9 @@ def parse_args(argv):
     p.add_argument("--realistic-max", type=int, default=8192)
     p.add_argument("--cases", default="fixed,realistic")
     p.add_argument(
-        "--variants", default="main,new,cascade,ts",
+        "--variants", default="main,new,cascade,ts,merge",
         help="comma list: main (fused_decode and fused_sampler off), new (the defaults), cascade (new + "
-        "cascade), ts (new with torch's sampler instead of the fused one)",
+        "cascade), ts (new with torch's sampler instead of the fused one), merge (new + the tile merge)",
     )
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-fraction", type=float, default=0.6)
@@ -330,13 +342,20 @@ def print_tables(result: dict) -> None:
                 print(f"        {ms:8.3f} ms  {name}")
         rows = [r for r in per.get("attention_sweep", []) if "us" in r]
         if rows:
-            print("  attention, one layer:  bs splits split_len warps stages shared casc      us  logical GB/s  unique GB/s")
+            print("  attention, one layer:  bs splits split_len warps stages shared casc tile      us  logical GB/s  "
+                  "unique GB/s")
             defaults = [r for r in rows if r["splits"] is None and r["split_len"] is None and r["num_stages"] is None]
             for r in sorted(rows, key=lambda r: r["us"])[:12] + defaults:
                 print(f"  {'':20s}{r['block_size']:4d} {str(r['splits']):>6s} {str(r['split_len']):>9s} "
                       f"{r['num_warps']:5d} {str(r['num_stages']):>6s} {str(r['shared_prompts']):>6s} "
-                      f"{'yes' if r['cascade'] else 'no':>4s} "
+                      f"{'yes' if r['cascade'] else 'no':>4s} {'yes' if r['merge_tile'] else 'no':>4s} "
                       f"{r['us']:7.1f} {r['logical_gb_per_s']:12.0f} {r['unique_gb_per_s']:12.0f}")  # fmt: skip
+            same = ("block_size", "splits", "split_len", "num_warps", "num_stages", "shared_prompts", "cascade")
+            for r in (r for r in rows if r["merge_tile"]):  # each tile merge against the loop merge's launch
+                loop = next((x for x in rows if not x["merge_tile"] and all(x[k] == r[k] for k in same)), None)
+                print(f"  merge bs {r['block_size']} splits {r['splits']} split_len {r['split_len']} cascade "
+                      f"{r['cascade']}: loop {loop['us'] if loop else float('nan'):.1f} us, tile {r['us']:.1f} us, "
+                      f"max |tile - loop| {r.get('max_abs_vs_loop_merge', float('nan')):.2e}")  # fmt: skip
     for r in result.get("sampler", []):
         print(f"sampler B={r['batch']} V={r['vocab']} T={r['temperature']} top_p={r['top_p']}: {r['ms']:.3f} ms")
 

@@ -51,3 +51,26 @@ def test_parts_that_would_start_past_the_bound_are_skipped(tmp_path):
     result = subprocess.run(["bash", str(SCRIPT), "40"], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert "train_packed: skipped" in result.stdout and "rc=" not in result.stdout
     assert (tmp_path / "pending.tar.gz").exists()
+
+
+def test_merge_parts_run_first_by_default(tmp_path):
+    """With no PARTS every part runs, the tile merge's two first: profile_decode's new and merge variants at a
+    rollout's tail, then bench_rollout's realistic row alone with engines paged and paged_merge."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _stub(stubs, "nvidia-smi", "echo gpu\n")
+    _stub(stubs, "python3", 'echo "python3 $*"\n')
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(tmp_path)}
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "300"], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    started = [line.split(":")[0].split()[-1] for line in result.stdout.splitlines() if ": up to " in line]
+    assert started[:3] == ["decode_merge", "rollout_merge", "train_packed"] and len(started) == 9, started
+    with tarfile.open(tmp_path / "pending.tar.gz") as archive:
+        files = [m for m in archive.getmembers() if m.isfile()]
+        logs = {Path(m.name).name: archive.extractfile(m).read().decode() for m in files}
+    decode = logs["decode_merge.log"]
+    assert "profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed --variants new,merge" in decode
+    rollout = logs["rollout_merge.log"]
+    assert "--engines paged,paged_merge" in rollout
+    assert all(f"{flag} 0" in rollout for flag in ("--hf-new-tokens", "--new-tokens", "--recipe-prompts"))

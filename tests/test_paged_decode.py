@@ -208,7 +208,7 @@ def kernel_on(monkeypatch, interpreter_loops):
     from questa_nemo.rollout import paged_triton
 
     original = MegatronBackend._paged_cache
-    launches = {"attention": 0, "cascade": []}  # cascade: each cascaded launch's item groups (device copies)
+    launches = {"attention": 0, "cascade": [], "merge_tile": 0}  # cascade: each cascaded launch's item groups
 
     def with_kernel(self, *args):
         cache = original(self, *args)
@@ -219,6 +219,7 @@ def kernel_on(monkeypatch, interpreter_loops):
 
     def counted(*args, **kwargs):
         launches["attention"] += 1
+        launches["merge_tile"] += bool(kwargs.get("merge_tile"))
         cascade = kwargs.get("cascade")
         if cascade is not None:  # no host read here: the capture-safety test runs through this
             launches["cascade"].append(cascade.items[:, 0].clone())
@@ -230,31 +231,37 @@ def kernel_on(monkeypatch, interpreter_loops):
     return launches
 
 
+MERGES = pytest.mark.parametrize("merge_tile", [False, True], ids=["loop_merge", "tile_merge"])
+
+
 @needs_triton
+@MERGES
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_kernel_matches_dense_oracle(splits, dtype, interpreter_loops):
+def test_triton_kernel_matches_dense_oracle(splits, dtype, merge_tile, interpreter_loops):
     from questa_nemo.rollout.paged_triton import paged_decode_attention
 
     q, k, v, table, positions = random_pool([1, 15, 16, 17, 40, 64], dtype=dtype)
-    out = paged_decode_attention(q, k, v, table, positions, num_sms=1, splits=splits)
+    out = paged_decode_attention(q, k, v, table, positions, num_sms=1, splits=splits, merge_tile=merge_tile)
     ref = paged_attention_dense(q, k, v, table, positions)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
 @needs_triton
+@MERGES
 @pytest.mark.parametrize("split_len", [16, 32, 48, 128])
-def test_fixed_length_splits_match_dense_oracle(split_len, interpreter_loops):
+def test_fixed_length_splits_match_dense_oracle(split_len, merge_tile, interpreter_loops):
     """Fixed-length splits (EngineOptions.fused_decode): programs past a sequence's length exit, the merge reads
     only the sequence's splits, one split in all writes the output directly (128: no merge)."""
     from questa_nemo.rollout.paged_triton import paged_decode_attention
 
     q, k, v, table, positions = random_pool([1, 15, 16, 17, 40, 64, 100])
-    out = paged_decode_attention(q, k, v, table, positions, num_sms=1, split_len=split_len)
+    launch = {"num_sms": 1, "split_len": split_len, "merge_tile": merge_tile}
+    out = paged_decode_attention(q, k, v, table, positions, **launch)
     torch.testing.assert_close(out, paged_attention_dense(q, k, v, table, positions), atol=1e-5, rtol=1e-5)
     if split_len == 16:  # one block a split: each sequence's arithmetic is its own, whatever the batch
-        alone = paged_decode_attention(q[2:3], k, v, table[2:3], positions[2:3], num_sms=1, split_len=16)
+        alone = paged_decode_attention(q[2:3], k, v, table[2:3], positions[2:3], **launch)
         assert torch.equal(alone, out[2:3])
 
 
@@ -321,15 +328,14 @@ def test_prompt_groups_from_block_tables():
     assert count == [1, 1, 1, 1, 1, 0, 0, 0] and sum(it[0] >= 0 for it in items) == 2
 
 
-@needs_triton
-def test_cascade_attention_matches_dense_oracle(interpreter_loops):
-    """Cascade attention (shared prefix read once per group, suffix splits after it, one merge) against the
-    float64 oracle, with two groups, a singleton and a sequence barely past its prompt."""
+def cascade_pool(per_group: int = 3):
+    """Two prompt groups sharing leading blocks, a singleton, a sequence barely past its prompt: q, k, v, table,
+    positions and their Cascade (up to 2 prefix partials a sequence)."""
     from questa_nemo.rollout.paged import prompt_groups
-    from questa_nemo.rollout.paged_triton import Cascade, paged_decode_attention
+    from questa_nemo.rollout.paged_triton import Cascade
 
     g = torch.Generator().manual_seed(1)
-    bs, groups, per_group, dim = 16, 2, 3, 32
+    bs, groups, dim = 16, 2, 32
     owned = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 7], [8, 9, 10], [8, 11], [12, 13]]
     lengths = [60, 70, 49, 40, 20, 30]
     refs = [0] * 14
@@ -344,11 +350,63 @@ def test_cascade_attention_matches_dense_oracle(interpreter_loops):
     q = torch.randn(len(owned), groups, per_group, dim, generator=g)
     positions = torch.tensor(lengths) - 1
     host = prompt_groups(owned, refs, max_members=4, max_items=2, min_item_blocks=1)
-    cascade = Cascade(*(torch.tensor(t, dtype=torch.int32) for t in host), 2)
+    return q, k, v, table, positions, Cascade(*(torch.tensor(t, dtype=torch.int32) for t in host), 2)
+
+
+@needs_triton
+@MERGES
+def test_cascade_attention_matches_dense_oracle(merge_tile, interpreter_loops):
+    """Cascade attention (shared prefix read once per group, suffix splits after it, one merge) against the
+    float64 oracle, with two groups, a singleton and a sequence barely past its prompt."""
+    from questa_nemo.rollout.paged_triton import paged_decode_attention
+
+    q, k, v, table, positions, cascade = cascade_pool()
     ref = paged_attention_dense(q, k, v, table, positions)
     for split_len in (16, 32):
-        out = paged_decode_attention(q, k, v, table, positions, 1, split_len=split_len, cascade=cascade)
+        out = paged_decode_attention(
+            q, k, v, table, positions, 1, split_len=split_len, cascade=cascade, merge_tile=merge_tile
+        )
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def nan_scratch(monkeypatch):
+    """torch.empty's floating tensors come back NaN-filled (the kernels' partial outputs and log-sum-exps): a
+    merge that reads a partial never written (a padded head row, a split past the sequence's own, a prefix
+    slot past its group's count) turns its output NaN."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@needs_triton
+@pytest.mark.parametrize("per_group", [3, 6])
+@pytest.mark.parametrize("case", ["splits", "fixed", "fixed_chunked", "cascade", "cascade_chunked"])
+def test_tile_merge_equals_loop_merge(case, per_group, monkeypatch, nan_scratch, interpreter_loops):
+    """EngineOptions.merge_tile: _merge_tile_kernel (a program per live head row, the partials as one tile, or
+    in chunks rescaled online) gives _merge_kernel's output to float32 rounding, and the float64 oracle's, for
+    splits by batch, fixed-length splits over lengths from one split to the table's width (most sequences use
+    fewer splits than the grid has) and cascade; 6 query heads a group leave padded rows 6..15 unwritten."""
+    from questa_nemo.rollout import paged_triton
+
+    if case.startswith("cascade"):
+        q, k, v, table, positions, cascade = cascade_pool(per_group)
+        launch = {"split_len": 16, "cascade": cascade}  # 5 splits + 2 prefix slots: part_splits 7
+    else:
+        lengths = [1, 16, 17, 250, 1000, 33, 990, 64]  # 1 split ... 32 (the table's 64 blocks / 2)
+        q, k, v, table, positions = random_pool(lengths, per_group=per_group)
+        launch = {"splits": 5} if case == "splits" else {"split_len": 32}
+    if case.endswith("chunked"):  # chunks of 2 splits: online rescale, chunks with no valid partial
+        monkeypatch.setattr(paged_triton, "MERGE_TILE_ELEMENTS", 2 * q.size(-1))
+    loop = paged_triton.paged_decode_attention(q, k, v, table, positions, 1, **launch)
+    tile = paged_triton.paged_decode_attention(q, k, v, table, positions, 1, **launch, merge_tile=True)
+    assert not tile.isnan().any() and not loop.isnan().any()
+    torch.testing.assert_close(tile, loop, atol=1e-6, rtol=1e-6)  # same maths, sums in another order
+    torch.testing.assert_close(tile, paged_attention_dense(q, k, v, table, positions), atol=1e-5, rtol=1e-5)
 
 
 @needs_triton
@@ -357,12 +415,16 @@ def test_engine_with_triton_kernel_equals_contiguous(model, kernel_on):
     contiguous cache: greedy tokens equal, log-probs within float32 noise."""
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=12, ignore_eos=True)
     contiguous = backend(model).generate(PROMPTS, params)
-    for fused, cascade in ((False, False), (True, False), (True, True)):  # the earlier step, fused, cascade
-        b = paged(model, fused_decode=fused, cascade_attention=cascade)
-        before = {"attention": kernel_on["attention"], "cascade": len(kernel_on["cascade"])}
+    # the earlier step, fused, cascade, cascade with the tile merge
+    combos = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
+    for fused, cascade, merge in combos:
+        b = paged(model, fused_decode=fused, cascade_attention=cascade, merge_tile=merge)
+        before = {k: kernel_on[k] for k in ("attention", "merge_tile")} | {"cascade": len(kernel_on["cascade"])}
         result = b.generate(PROMPTS, params)
         assert b._runner.cache.fused == fused and b._runner.cache.cascade == cascade
+        assert b._runner.cache.merge_tile == merge
         assert kernel_on["attention"] - before["attention"] == 12 * 2  # every step's two layers
+        assert kernel_on["merge_tile"] - before["merge_tile"] == (12 * 2 if merge else 0)
         # cascade: the long prompt's samples share its two full blocks, read once by their group
         assert (kernel_on["cascaded"](before["cascade"]) > 0) == cascade
         assert tokens(result) == tokens(contiguous)
@@ -386,12 +448,13 @@ def test_paged_decode_step_is_capture_safe(model, monkeypatch):
 
 
 @needs_triton
-def test_fused_cascade_step_is_capture_safe(model, kernel_on, monkeypatch):
+@MERGES
+def test_fused_cascade_step_is_capture_safe(model, kernel_on, monkeypatch, merge_tile):
     """The kernel step with fused_decode and cascade attention reads no tensor value on the host either (the
-    launch settings and cascade groups come from shapes and persistent device tensors)."""
+    launch settings and cascade groups come from shapes and persistent device tensors), with either merge."""
     from questa_nemo.rollout.graphs import StepKey
 
-    b = paged(model, cascade_attention=True)
+    b = paged(model, cascade_attention=True, merge_tile=merge_tile)
     b.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=4))
     runner = b._runner
     for i in range(3):
@@ -403,8 +466,10 @@ def test_fused_cascade_step_is_capture_safe(model, kernel_on, monkeypatch):
     runner.noise_key.copy_(torch.arange(1, runner.noise_key.numel() + 1))
     runner.positions[:4] = torch.tensor([36, 20, 30, 35])
     before = len(kernel_on["cascade"])
+    merges = kernel_on["merge_tile"]
     assert_step_is_capture_safe(runner, StepKey(8, 256, 1.0, 1.0), monkeypatch)
     assert kernel_on["cascaded"](before) > 0
+    assert (kernel_on["merge_tile"] > merges) == merge_tile
 
 
 def test_rollout_kv_cache_config_picks_the_layout(model):
@@ -485,6 +550,9 @@ for fixed in (False, True):
         c = {"BS": 64, "D": 128, "H": 16, "FIXED": fixed, "CASCADE": cascade}
         k = triton.compile(ASTSource(fn=pt._merge_kernel, signature=sig(merge_names, merge_types), constexprs=c), target=target, options={"num_warps": 4})
         done.append(("merge", fixed, cascade, bool(k.asm["cubin"])))
+        for chunk, warps in ((64, 4), (128, 8)):  # _merge_tile_kernel as launched: 4 warps up to 8192 values
+            k = triton.compile(ASTSource(fn=pt._merge_tile_kernel, signature=sig(merge_names + ["C"], merge_types + ["constexpr"]), constexprs={**c, "C": chunk}), target=target, options={"num_warps": warps})
+            done.append(("merge_tile", fixed, cascade, chunk, bool(k.asm["cubin"])))
 prefix_names = ["q_ptr", "k_ptr", "v_ptr", "table_ptr", "members_ptr", "items_ptr", "part_ptr", "lse_ptr",
     "groups", "per_group", "num_splits", "part_splits", "scale", "stride_qb", "stride_qg", "stride_qh", "stride_kn", "stride_kg", "stride_ks",
     "stride_tb", "stride_mg", "BS", "D", "H", "M", "R"]
@@ -499,4 +567,4 @@ print("compiled", len(done))
 @needs_triton
 def test_paged_kernels_compile_for_hopper():
     done = compile_for_hopper(PAGED_AOT, timeout=600)
-    assert done.returncode == 0 and "compiled 13" in done.stdout, done.stderr[-2000:]
+    assert done.returncode == 0 and "compiled 21" in done.stdout, done.stderr[-2000:]

@@ -35,8 +35,10 @@ def test_cpu_smoke_run(tmp_path, request):
     result = json.loads(out.read_text())
     for case in ("fixed", "realistic"):
         per = result["cases"][case]
-        assert set(per["variants"]) == {"main", "new", "cascade", "ts"}
+        assert set(per["variants"]) == {"main", "new", "cascade", "ts", "merge"}
         assert per["variants"]["cascade"]["launch"].get("cascade") is (True if HAS_TRITON else None)
+        assert per["variants"]["merge"]["launch"].get("merge_tile") is True
+        assert "merge_tile" not in per["variants"]["new"]["launch"]
         for r in per["variants"].values():
             assert r["graph_step"]["ms"] > 0 and r["eager_profile"]["kernel_sum_ms"] > 0
         if HAS_TRITON:
@@ -44,6 +46,9 @@ def test_cpu_smoke_run(tmp_path, request):
             assert rows and all("us" in r for r in rows), rows
             assert {r["block_size"] for r in rows} == {16, 32}
             assert any(r["cascade"] for r in rows)
+            tiles = [r for r in rows if r["merge_tile"]]  # auto splits, the engine's split length, cascade
+            assert len(tiles) == 2 * 3 and any(r["cascade"] for r in tiles)
+            assert all(r["max_abs_vs_loop_merge"] < 1e-5 for r in tiles), tiles
     assert per["max_context"] == 140  # 40 + the longest draw (100)
     assert len(result["sampler"]) == 4 + HAS_TRITON  # torch's sampler at four settings, the fused kernel
     assert [r.get("fused", False) for r in result["sampler"]][4:] == [True] * HAS_TRITON

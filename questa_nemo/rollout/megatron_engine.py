@@ -77,6 +77,9 @@ class EngineOptions:
     # paged + fused_decode: the samples of a prompt read its shared blocks once per group (cascade attention,
     # paged_triton._prefix_kernel); off until measured on a GPU (bench/profile_decode.py variant "cascade")
     cascade_attention: bool = False
+    # paged, Triton kernel: merge the split partials with paged_triton._merge_tile_kernel (a program per query
+    # head, all its partials in one tile) instead of _merge_kernel; off until measured (profile_decode "merge")
+    merge_tile: bool = False
     # GPU: sample (temperature > 0, no top-p) in one Triton kernel over the lm_head's bf16 output instead of
     # torch's float32 passes (rollout/sampling_triton.py). H100, bench_rollout "paged_fs" against "paged":
     # 38,120 against 34,535 tok/s at 256 x (1K + 2K), 13,442 against 12,520 at realistic lengths; the same
@@ -376,6 +379,7 @@ class MegatronBackend:
         cache = PagedKVCache.allocate(w, slots, max_len, blocks, bs, use_kernel=w.embedding.is_cuda)
         cache.fused = opts.fused_decode
         cache.cascade = opts.fused_decode and opts.cascade_attention
+        cache.merge_tile = opts.merge_tile
         return cache
 
     def _admit(

@@ -169,6 +169,7 @@ class PagedKVCache:
         # cascade attention over shared prompt blocks (EngineOptions.cascade_attention; needs fused)
         self.fused = False
         self.cascade = False
+        self.merge_tile = False  # the kernel's merge: one program per query head (EngineOptions.merge_tile)
         self._groups: tuple[torch.Tensor, ...] | None = None  # device: members, items, skip, count
 
     @classmethod
@@ -351,14 +352,15 @@ class PagedKVCache:
     def launch_settings(self, batch: int) -> dict:
         """The attention kernel's launch settings at this batch (recorded by benchmarks)."""
         groups = self.k.size(2)
+        merge = {"merge_tile": True} if self.merge_tile else {}
         if self.fused:
-            out = {"split_len": split_positions(batch, groups, self.num_sms, self.block_size)}
+            out = {"split_len": split_positions(batch, groups, self.num_sms, self.block_size), **merge}
             if self.cascade and self.use_kernel and self._groups is not None:
                 from questa_nemo.rollout.paged_triton import Cascade
 
                 out["cascade"] = Cascade(*self._groups, CASCADE_ITEMS)
             return out
-        return {"splits": num_splits(batch, groups, self.num_sms)}
+        return {"splits": num_splits(batch, groups, self.num_sms), **merge}
 
     def _kernel(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, ctx: dict) -> torch.Tensor:
         from questa_nemo.rollout.paged_triton import paged_decode_attention

@@ -6,7 +6,8 @@ Grid (sequence, query group, split). A program loads its group's query heads onc
 blocks, split evenly over the S programs of that sequence) through the block table, and keeps an online
 softmax in float32 (scores = q k^T accumulated in float32, as SDPA's fused kernels do; the probabilities are
 rounded to the value dtype for the p @ v product, as flash attention does). It writes its normalised partial
-output and log-sum-exp; `_merge_kernel` combines the S partials. Nothing depends on the host: lengths come from
+output and log-sum-exp; `_merge_kernel` combines the S partials (or, with merge_tile, `_merge_tile_kernel`: a
+program per live head row reading all its partials as one tile). Nothing depends on the host: lengths come from
 the step's positions tensor (length = position + 1), so the launch is captured in the decode step's CUDA graph.
 """
 
@@ -21,6 +22,11 @@ import triton.language as tl
 from questa_nemo.rollout.paged import num_splits
 
 HEAD_ROWS = 16  # query heads of a group, padded: tl.dot needs at least 16 rows
+# _merge_tile_kernel: float32 partial values one program holds at once (chunk of the split axis x head dim):
+# 128 splits of a 128-wide head; more splits go in chunks, rescaled online. At most 64 values a thread (4 warps
+# up to 8192, 8 above): sm_90 ptxas, JIT-aligned pointers: 80 registers at 64 x 128 / 4 warps and at
+# 128 x 128 / 8 warps, no spills (184 registers at 128 x 128 / 4 warps; 256 x 128 / 4 spills)
+MERGE_TILE_ELEMENTS = 16384
 
 
 @triton.jit
@@ -152,6 +158,59 @@ def _merge_kernel(
 
 
 @triton.jit
+def _merge_tile_kernel(
+    part_ptr, lse_ptr, out_ptr, pos_ptr, skip_ptr, count_ptr,
+    groups, per_group, num_splits, part_splits, split_blocks,
+    stride_ob, stride_og, stride_oh,
+    BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, FIXED: tl.constexpr, CASCADE: tl.constexpr,
+    C: tl.constexpr,
+):  # fmt: skip
+    """`_merge_kernel`'s result, one program a (sequence, query group, live head row): the head's partials are
+    read C at a time as one [C] vector of log-sum-exps and one [C, D] tile (C >= part_splits: all in one go,
+    no serial walk over the splits). Valid indices: [0, used) and, with CASCADE, [num_splits, num_splits +
+    count[b]); the rest are masked (never read). Over several chunks the max and sums are rescaled online."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    h = tl.program_id(2)  # < per_group: the grid has no padded rows
+    base = (b.to(tl.int64) * groups + g) * part_splits
+    if FIXED:  # only this sequence's splits were written
+        length = tl.load(pos_ptr + b).to(tl.int32) + 1
+        own = tl.cdiv(length, BS)
+        if CASCADE:
+            own = own - tl.load(skip_ptr + b)
+        used = tl.minimum(tl.cdiv(own, split_blocks), num_splits)
+    else:
+        used = num_splits
+    if CASCADE:
+        shared = tl.load(count_ptr + b)
+        end = tl.where(shared > 0, num_splits + shared, used)  # past the last valid index
+    else:
+        shared = 0
+        end = used
+    s = tl.arange(0, C)
+    d = tl.arange(0, D)
+    lse_at = lse_ptr + base * H + h
+    part_at = part_ptr + base * H * D + h * D + d[None, :]
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for c in range(0, tl.cdiv(end, C)):  # one chunk when C >= part_splits
+        idx = c * C + s
+        valid = (idx < used) | ((idx >= num_splits) & (idx < num_splits + shared))
+        x = tl.load(lse_at + idx * H, mask=valid, other=float("-inf"))  # [C]
+        m_new = tl.maximum(m, tl.max(x, 0))  # finite from the first chunk on: split 0 is never empty
+        alpha = tl.exp(m - m_new)  # 0 on the first chunk (m = -inf)
+        weight = tl.where(valid, tl.exp(x - m_new), 0.0)  # [C]
+        tile = tl.load(part_at + (idx * H * D)[:, None], mask=valid[:, None], other=0.0)  # [C, D]
+        total = total * alpha + tl.sum(weight, 0)
+        acc = acc * alpha + tl.sum(weight[:, None] * tile, 0)
+        m = m_new
+    out = acc / total
+    dst = out_ptr + b.to(tl.int64) * stride_ob + g * stride_og + h * stride_oh + d
+    tl.store(dst, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _prefix_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, members_ptr, items_ptr, part_ptr, lse_ptr,
     groups, per_group, num_splits, part_splits, scale,
@@ -232,6 +291,7 @@ def paged_decode_attention(
     num_stages: int | None = None,
     split_len: int | None = None,
     cascade: Cascade | None = None,
+    merge_tile: bool = False,
 ) -> torch.Tensor:
     """q [B, G, P, D] (D contiguous); pools [N, G, bs, D] (one layer, bs x D contiguous); table [>= B, MB]
     int32; positions [B] (sequence b reads its positions 0..positions[b]) -> attention output [B, G, P, D].
@@ -240,7 +300,9 @@ def paged_decode_attention(
     grid covers the table's width, programs past a sequence's length exit at once, and a grid of one split
     writes the output directly (no merge).
     cascade (with split_len): the shared leading blocks of each prompt group are read once for the whole group
-    (`_prefix_kernel`), each sequence's split programs start after them, the merge takes both."""
+    (`_prefix_kernel`), each sequence's split programs start after them, the merge takes both.
+    merge_tile: merge with `_merge_tile_kernel` (a program per live head row, its partials read as one tile)
+    instead of `_merge_kernel` (a program per query group walking the splits); same maths and output."""
     b, g, per_group, d = q.shape
     bs = k_pool.size(2)
     if per_group > HEAD_ROWS or d & (d - 1) or bs & (bs - 1) or bs < 16:
@@ -284,8 +346,19 @@ def paged_decode_attention(
         BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), DIRECT=direct, CASCADE=cascade is not None,
         num_warps=num_warps, **stages,
     )  # fmt: skip
-    if not direct:
-        count = cascade.count if cascade is not None else positions
+    if direct:
+        return out
+    count = cascade.count if cascade is not None else positions
+    if merge_tile:  # every partial index in one tile of up to MERGE_TILE_ELEMENTS values (else chunks of it)
+        cap = max(1, MERGE_TILE_ELEMENTS // d)
+        chunk = min(triton.next_power_of_2(part_splits), 1 << cap.bit_length() - 1)  # a power of two (tl.arange)
+        _merge_tile_kernel[(b, g, per_group)](
+            part, lse, out, positions, skip, count, g, per_group, s, part_splits, split_blocks,
+            out.stride(0), out.stride(1), out.stride(2),
+            BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), CASCADE=cascade is not None, C=chunk,
+            num_warps=8 if chunk * d > 8192 else 4,
+        )  # fmt: skip
+    else:
         _merge_kernel[(b, g)](
             part, lse, out, positions, skip, count, g, per_group, s, part_splits, split_blocks,
             out.stride(0), out.stride(1), out.stride(2),
