@@ -106,6 +106,26 @@ def _split_kernel(
 
 
 @triton.jit
+def _written(pos_ptr, skip_ptr, count_ptr, b, num_splits, split_blocks,
+             BS: tl.constexpr, FIXED: tl.constexpr, CASCADE: tl.constexpr):  # fmt: skip
+    """Sequence b's partials the merges read: its own splits [0, used) (FIXED: only those were written) and,
+    with CASCADE, `shared` prefix partials from index num_splits on."""
+    if FIXED:
+        length = tl.load(pos_ptr + b).to(tl.int32) + 1
+        own = tl.cdiv(length, BS)
+        if CASCADE:
+            own = own - tl.load(skip_ptr + b)
+        used = tl.minimum(tl.cdiv(own, split_blocks), num_splits)
+    else:
+        used = num_splits
+    if CASCADE:
+        shared = tl.load(count_ptr + b)
+    else:
+        shared = 0
+    return used, shared
+
+
+@triton.jit
 def _merge_kernel(
     part_ptr, lse_ptr, out_ptr, pos_ptr, skip_ptr, count_ptr,
     groups, per_group, num_splits, part_splits, split_blocks,
@@ -119,18 +139,7 @@ def _merge_kernel(
     h = tl.arange(0, H)
     d = tl.arange(0, D)
     base = (b.to(tl.int64) * groups + g) * part_splits
-    if FIXED:  # only this sequence's splits were written
-        length = tl.load(pos_ptr + b).to(tl.int32) + 1
-        own = tl.cdiv(length, BS)
-        if CASCADE:
-            own = own - tl.load(skip_ptr + b)
-        used = tl.minimum(tl.cdiv(own, split_blocks), num_splits)
-    else:
-        used = num_splits
-    if CASCADE:
-        shared = tl.load(count_ptr + b)
-    else:
-        shared = 0
+    used, shared = _written(pos_ptr, skip_ptr, count_ptr, b, num_splits, split_blocks, BS, FIXED, CASCADE)
     if FIXED:  # padded head rows: not written, not read (0 stands in: finite, stored nowhere)
         live = h < per_group
     else:
@@ -173,19 +182,10 @@ def _merge_tile_kernel(
     g = tl.program_id(1)
     h = tl.program_id(2)  # < per_group: the grid has no padded rows
     base = (b.to(tl.int64) * groups + g) * part_splits
-    if FIXED:  # only this sequence's splits were written
-        length = tl.load(pos_ptr + b).to(tl.int32) + 1
-        own = tl.cdiv(length, BS)
-        if CASCADE:
-            own = own - tl.load(skip_ptr + b)
-        used = tl.minimum(tl.cdiv(own, split_blocks), num_splits)
-    else:
-        used = num_splits
+    used, shared = _written(pos_ptr, skip_ptr, count_ptr, b, num_splits, split_blocks, BS, FIXED, CASCADE)
     if CASCADE:
-        shared = tl.load(count_ptr + b)
         end = tl.where(shared > 0, num_splits + shared, used)  # past the last valid index
     else:
-        shared = 0
         end = used
     s = tl.arange(0, C)
     d = tl.arange(0, D)
