@@ -32,6 +32,7 @@ from torch.utils.checkpoint import (
 )
 
 from questa_nemo.model import fused
+from questa_nemo.model.varlen import varlen_kernel
 
 _aten = torch.ops.aten
 # The fused SDPA ops torch dispatches to (CUDA: cuDNN / flash / memory-efficient; CPU: flash for CPU).
@@ -49,9 +50,7 @@ KEPT_OPS = frozenset(
 def kept_ops() -> frozenset:
     """KEPT_OPS and, where this torch has it, the variable-length attention's custom op (the packed path's
     kernel with model.packed_attention=varlen; registered when torch.nn.attention.varlen is imported)."""
-    try:
-        import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
-    except ImportError:
+    if varlen_kernel() is None:  # imports torch.nn.attention.varlen where this torch has it
         return KEPT_OPS
     return KEPT_OPS | {torch.ops.torch_attn._varlen_attn.default}
 
