@@ -749,14 +749,19 @@ def read_hf_config(path: str | Path) -> dict:
         return json.load(f)
 
 
+def check_choice(key: str, value) -> None:
+    """ConfigError naming `key` unless `value` is one of CHOICES[key]."""
+    allowed = CHOICES[key]
+    if value not in allowed:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check every key and the relations between sections before anything expensive happens; raise
     ConfigError naming the key. Reads no file: the model's shapes are checked at build time
     (`validate_model_shapes`), so a recipe loads without its model on disk."""
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
+    for key in CHOICES:
+        check_choice(key, _get(cfg, key))
 
     cfg.data.validate()
     cfg.world.validate()

@@ -18,7 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transfor
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from questa_nemo.config import CHOICES, ConfigError, ModelConfig
+from questa_nemo.config import ConfigError, ModelConfig, check_choice
 from questa_nemo.model import mcore_compat, varlen
 from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, te_norm_names
 from questa_nemo.model.recompute import checkpoint_layers
@@ -174,9 +174,8 @@ def packed_varlen_on(cfg: ModelConfig) -> bool:
     """Whether SDPA core attention takes packed micro-batches through torch's variable-length kernel
     (`VarlenCoreAttention`) under model.packed_attention: varlen (refused where it cannot run: TE or local
     attention, no GPU, a torch without the kernel), auto where it can run (CPU runs: sdpa), sdpa never."""
-    choice, allowed = cfg.packed_attention, CHOICES["model.packed_attention"]
-    if choice not in allowed:  # a ModelConfig built in code, not validated
-        raise ConfigError("model.packed_attention", f"{choice!r} is not one of {', '.join(allowed)}")
+    choice = cfg.packed_attention
+    check_choice("model.packed_attention", choice)  # a ModelConfig built in code, not validated
     if choice == "sdpa":
         return False
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where build_model puts the model
