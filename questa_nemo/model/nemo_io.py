@@ -23,6 +23,9 @@ def ensure_process_group() -> None:
     if not torch.cuda.is_available():
         cpu_shim.apply()  # the torch_dist writer synchronises "the GPU" before writing
     if not torch.distributed.is_initialized():
+        from questa_nemo.model.parallel import destroy_at_exit
+
+        destroy_at_exit()
         rendezvous = tempfile.NamedTemporaryFile(prefix="questa-nemo-pg-", delete=False)
         rendezvous.close()
         torch.distributed.init_process_group(

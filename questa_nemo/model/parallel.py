@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -87,6 +89,7 @@ def init_distributed(cfg: ModelConfig, timeout_minutes: int = 30) -> ParallelInf
         )
     if on_gpu:
         torch.cuda.set_device(local_rank)
+    destroy_at_exit()
     if not torch.distributed.is_initialized():
         # A world of one process (no torchrun): a free local port, passed directly rather than through
         # os.environ, so processes this one starts (tests, tools) never inherit a port already taken.
@@ -151,6 +154,48 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# How long the exit hook waits for the teardown before it ends the process itself (exit status 1).
+EXIT_TEARDOWN_S = 60.0
+_exit_hook = threading.Lock()
+_exit_hook_set = False
+
+
+def destroy_at_exit() -> None:
+    """Tear the process groups down at interpreter exit (once per process), while Python is still whole.
+
+    A process that leaves with its groups alive lets interpreter finalization destroy gloo's pending work,
+    whose tensors hold Python references, from gloo's worker threads: a run whose every rank printed its
+    result then died with "terminate called without an active exception" and SIGABRT (exit 134; seen in CI on
+    tests/dist/collectives_worker.py). Every entry point starts its groups through `init_distributed`, so
+    registering here covers the trainer, eval and the benchmarks alike, and an explicit
+    `destroy_distributed` before exit leaves the hook nothing to do. GPU runs have gloo groups too
+    (megatron's DP copies, the loop's dedicated group). A teardown that blocks (a peer died mid-collective)
+    ends the process after EXIT_TEARDOWN_S with status 1 instead of hanging the job."""
+    global _exit_hook_set
+    with _exit_hook:
+        if _exit_hook_set:
+            return
+        _exit_hook_set = True
+    atexit.register(_teardown_at_exit)
+
+
+def _teardown_at_exit() -> None:
+    def give_up() -> None:
+        print(f"questa-nemo: process group teardown at exit did not finish in {EXIT_TEARDOWN_S:.0f} s; "
+              "exiting with status 1", file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(1)
+
+    timer = threading.Timer(EXIT_TEARDOWN_S, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        destroy_distributed()
+    except Exception as e:  # the interpreter is leaving: say it, never raise from an exit hook
+        print(f"questa-nemo: process group teardown at exit failed: {e}", file=sys.stderr, flush=True)
+    finally:
+        timer.cancel()
 
 
 # ------------------------------------------------------------------------------------------ collectives
