@@ -44,6 +44,7 @@ from transformers import LogitsProcessor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from roofline import fractions, row_bounds  # noqa: E402
 from shapes import QWEN25_1P5B, TINY_QWEN2, drawn_lengths  # noqa: E402
 
 from questa_nemo.atomic import write_text_atomic  # noqa: E402
@@ -641,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warm-up {name}: {e!r}", flush=True)
 
     def row(
-        name: str, prompts, new_tokens: int, lengths=None, which=None, hf: bool = False, batch=None
+        name: str, prompts, new_tokens: int, lengths=None, which=None, with_hf: bool = False, batch=None
     ) -> None:
         out: dict = {"sequences": len(prompts) * args.samples, "prompt_len": args.prompt_len}
         out["max_batch_sequences"] = batch or args.batch
@@ -658,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, b in engines.items()
         }
         runs = {k: fn for k, fn in runs.items() if which is None or k in which}
-        if hf:
+        if with_hf:
             runs["transformers"] = lambda: run_hf(twin, prompts, args.samples, new_tokens, lengths)
             out["max_batch_sequences"] = len(prompts) * args.samples  # transformers: one batch of all
         for key, fn in runs.items():
@@ -682,6 +683,11 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("old", "paged"):
             if k in rates and "transformers" in rates:
                 out[f"{k}_vs_transformers"] = rates[k] / rates["transformers"]
+        bounds = row_bounds(
+            lengths or [[new_tokens] * args.samples for _ in prompts], args.prompt_len, hf, result["device"]
+        )
+        if bounds is not None:  # the row's memory roofline on this card (bench/roofline.py), and each engine's share
+            out["roofline"] = {**bounds, "fraction": fractions(out, bounds)}
         if "paged" in out and "kv_cache_gib" in out["paged"]:  # what a contiguous cache holds in that memory
             w = engines["paged"].weights
             per_slot = 2 * len(w.layers) * w.groups * w.head_dim * w.embedding.element_size()
@@ -694,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         run_hf(twin, random_prompts(1, args.prompt_len, vocab, seed=0), 2, 4)
     prompts = random_prompts(args.prompts, args.prompt_len, vocab, seed=1)
     if args.hf_new_tokens:
-        row("fixed_hf", prompts, args.hf_new_tokens, hf=True)
+        row("fixed_hf", prompts, args.hf_new_tokens, with_hf=True)
     if args.new_tokens:
         row("fixed", prompts, args.new_tokens)
     if args.new_tokens and "old" in engines:
@@ -712,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
             seqs = count * args.samples
             lengths = drawn_lengths(seqs, args.length_mean, args.length_sigma, longest, seed=len(name))
             prompts = random_prompts(count, args.prompt_len, vocab, seed=5)
-            row(name, prompts, longest, group(lengths, args.samples), which, hf=with_hf, batch=batch)
+            row(name, prompts, longest, group(lengths, args.samples), which, with_hf=with_hf, batch=batch)
     write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("args", "model")}, indent=2))
     return 0 if result.get("check", {"ok": True})["ok"] else 1

@@ -24,7 +24,11 @@ def test_cpu_smoke_run(tmp_path):
     argv += ["--new-tokens", "8", "--hf-new-tokens", "4", "--batch", "8", "--block-size", "16"]
     argv += ["--length-mean", "6", "--realistic-prompts", "2", "--realistic-max", "12", "--hf-realistic"]
     argv += ["--recipe-prompts", "1", "--recipe-max", "20", "--recipe-old", "--out", str(out)]
-    assert load_bench().main(argv) == 0
+    bench = load_bench()
+    # each row's memory roofline as on an H100 (a CPU has no bound): the tiny model's, with every engine's share
+    bounds = bench.row_bounds
+    bench.row_bounds = lambda lengths, prompt_len, hf, device: bounds(lengths, prompt_len, hf, "NVIDIA H100")
+    assert bench.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and "random" in result["weights"]
     for engine in ("old", "paged", "transformers"):
@@ -38,6 +42,10 @@ def test_cpu_smoke_run(tmp_path):
     assert result["recipe"]["paged"]["kv_blocks_peak"] > 0
     assert result["fixed_hf"]["paged_vs_transformers"] > 0 and result["weight_update_seconds"] >= 0
     assert result["recipe"]["contiguous_slots_in_same_memory"] >= 1
+    roof = result["realistic"]["roofline"]
+    assert roof["bandwidth_tb_s"] == 3.35 and set(roof["fraction"]) == {"old", "paged", "transformers"}
+    assert roof["shared_prompt"]["tokens_per_second"] >= roof["per_sequence"]["tokens_per_second"] > 0
+    assert set(result["fixed"]["roofline"]["fraction"]) == {"old", "paged"}
 
 
 def test_cpu_check(tmp_path):

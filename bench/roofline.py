@@ -1,0 +1,151 @@
+"""The memory roofline of a rollout: the fastest a decode could go if every step only read what it must.
+
+A decode step of a dense model must read every weight it multiplies by (the layers and the output head; the
+embedding is a gather of B rows, left out) and, for each live sequence, the keys and values of its context. At a
+card's peak memory bandwidth that bounds the step's time from below; summed over the steps of a rollout whose
+sequences stop at their own lengths, it bounds the rollout's output tokens/s from above. Prefill, the sampler's
+logits, activations and launch gaps are left out, so the bound is loose in our favour: a measured fraction of it
+understates nothing.
+
+Two bounds: `per_sequence` reads each sequence's prompt keys on its own (what a paged kernel without prefix
+sharing does from HBM); `shared_prompt` reads a prompt's keys once a step for all its samples (a cascade kernel,
+or L2 serving the repeats). The fixed row of issue 21 (256 x (1K + 2K), H100): ~47,000 tok/s per sequence.
+
+    cd bench/results && python ../roofline.py rollout_paged_h100_run1.json rollout_fixed_newsampler_h100.json \
+        rollout_fused_h100.json rollout_fused_sampler_h100.json > rollout_roofline_h100.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# Peak HBM bandwidth (bytes/s) by the name torch.cuda.get_device_name() gives; the first match wins, so the
+# more specific names come first. From NVIDIA's data sheets.
+PEAK_BANDWIDTH = (
+    ("H100 PCIe", 2.0e12),
+    ("H100 NVL", 3.9e12),
+    ("H100", 3.35e12),  # H100 SXM (80GB HBM3)
+    ("H200", 4.8e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100", 1.555e12),
+)
+
+
+def card_bandwidth(device_name: str) -> float | None:
+    """Peak memory bandwidth of the card torch names `device_name` (bytes/s), None for a card not listed."""
+    for key, bandwidth in PEAK_BANDWIDTH:
+        if key.lower() in device_name.lower():
+            return bandwidth
+    return None
+
+
+@dataclass(frozen=True)
+class DecodeBytes:
+    weights: int  # bytes a step reads from weights (layers + output head)
+    kv_per_position: int  # bytes of keys and values one position holds over all layers
+
+
+def decode_bytes(hf: dict, bytes_per_value: int = 2) -> DecodeBytes:
+    """What a decode step of the Llama / Qwen2-shaped model `hf` (a config.json dict) reads, in bf16 by default."""
+    h, inter, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    head_dim = hf.get("head_dim") or h // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    bias = q + 2 * kv if hf.get("model_type") == "qwen2" else 0  # Qwen2: q / k / v biases
+    per_layer = h * (q + 2 * kv) + bias + q * h + 3 * h * inter + 2 * h  # qkv, o, SwiGLU, two norms
+    params = layers * per_layer + h + hf["vocab_size"] * h  # + final norm + output head
+    return DecodeBytes(params * bytes_per_value, layers * 2 * kv * bytes_per_value)
+
+
+def _alive(lengths: list[int], steps: int) -> list[int]:
+    """alive[s] = how many of `lengths` are >= s + 1 (still decoding at step s, 0-based)."""
+    ends = [0] * (steps + 1)
+    for n in lengths:
+        ends[min(n, steps)] += 1
+    alive, left = [0] * steps, len(lengths)
+    for s in range(steps):
+        left -= ends[s]
+        alive[s] = left
+    return alive
+
+
+def rollout_roofline(
+    lengths: list[list[int]], prompt_len: int, hf: dict, bandwidth: float, shared_prompt: bool = False
+) -> dict:
+    """The bound for completions of `lengths` [prompt][sample] tokens after prompts of `prompt_len` tokens:
+    seconds of decode and output tokens/s at `bandwidth` bytes/s. A step s (0-based) of a live sequence reads
+    its prompt_len + s positions of keys and values (the new one included), and every step reads the weights."""
+    flat = [n for row in lengths for n in row]
+    steps = max(flat)
+    b = decode_bytes(hf)
+    seqs = _alive(flat, steps)
+    prompts = _alive([max(row) for row in lengths], steps) if shared_prompt else seqs
+    total = 0
+    for s in range(steps):
+        # generated positions s + 1 of each live sequence, the prompt once per live sequence or live prompt
+        total += b.weights + b.kv_per_position * ((s + 1) * seqs[s] + prompt_len * prompts[s])
+    seconds = total / bandwidth
+    return {"seconds": seconds, "tokens_per_second": sum(flat) / seconds, "bytes": total, "steps": steps}
+
+
+def row_bounds(lengths: list[list[int]], prompt_len: int, hf: dict, device_name: str) -> dict | None:
+    """Both bounds of a benchmark row on the card `device_name` (None where its bandwidth is not listed)."""
+    bandwidth = card_bandwidth(device_name)
+    if bandwidth is None:
+        return None
+    out = {"bandwidth_tb_s": bandwidth / 1e12}
+    for key, shared in (("per_sequence", False), ("shared_prompt", True)):
+        bound = rollout_roofline(lengths, prompt_len, hf, bandwidth, shared)
+        out[key] = {"seconds": bound["seconds"], "tokens_per_second": bound["tokens_per_second"]}
+    return out
+
+
+def fractions(row: dict, bounds: dict) -> dict:
+    """Each engine's tokens_per_second in `row` as a fraction of both bounds."""
+    out = {}
+    for engine, stats in row.items():
+        if isinstance(stats, dict) and "tokens_per_second" in stats:
+            out[engine] = {k: stats["tokens_per_second"] / bounds[k]["tokens_per_second"]
+                           for k in ("per_sequence", "shared_prompt")}  # fmt: skip
+    return out
+
+
+def row_lengths(result: dict, name: str) -> list[list[int]] | None:
+    """The completion lengths [prompt][sample] bench_rollout.py decoded in row `name` of its JSON `result`,
+    rebuilt from its arguments (the draws are seeded); None for a row it did not run."""
+    from shapes import drawn_lengths
+
+    args, row = result["args"], result.get(name)
+    if not isinstance(row, dict) or "sequences" not in row:
+        return None
+    n, seqs = args["samples"], row["sequences"]
+    if name in ("fixed", "fixed_hf"):
+        new = args["new_tokens"] if name == "fixed" else args["hf_new_tokens"]
+        return [[new] * n for _ in range(seqs // n)]
+    longest = args["realistic_max"] if name == "realistic" else args["recipe_max"]
+    flat = drawn_lengths(seqs, args["length_mean"], args["length_sigma"], longest, seed=len(name))
+    return [flat[i : i + n] for i in range(0, seqs, n)]
+
+
+def report(path: str) -> dict:
+    """Every row of a bench_rollout.py JSON against its bounds on the card the JSON names."""
+    result = json.loads(Path(path).read_text())
+    hf = {**result["model"]}
+    out = {"file": path, "device": result["device"]}
+    for name in ("fixed_hf", "fixed", "realistic", "recipe"):
+        lengths = row_lengths(result, name)
+        if lengths is None:
+            continue
+        bounds = row_bounds(lengths, result[name]["prompt_len"], hf, result["device"])
+        if bounds is not None:
+            out[name] = {"bound": bounds, "fraction": fractions(result[name], bounds)}
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    print(json.dumps([report(file) for file in sys.argv[1:]], indent=1))
