@@ -338,3 +338,16 @@ def test_dp2_adaptive_hint_levels_agree_on_every_rank(tmp_path):
     logged = metrics(run / "metrics.jsonl")
     assert logged[-1]["hints/tokens_used"] == ends[0]["token_budget"]["used"]
     assert sum(m["hints/retry_groups"] for m in logged) > 0
+
+
+def test_memory_metrics_report_what_is_held_now_beside_the_peak():
+    """A leak over a long run shows in the current values (the peaks move only once it passes them)."""
+    from questa_nemo.train.loop import memory_metrics
+
+    m = memory_metrics()
+    assert 0 < m["perf/cpu_rss_gib"] <= m["perf/cpu_max_rss_gib"] * 1.01, m
+    held = bytearray(256 * 2**20)  # 256 MiB, touched
+    held[::4096] = b"x" * len(held[::4096])
+    grown = memory_metrics()["perf/cpu_rss_gib"]
+    assert grown - m["perf/cpu_rss_gib"] > 0.2, (m, grown)
+    del held

@@ -132,11 +132,22 @@ class Checkpointer:
 
 
 def memory_metrics() -> dict[str, float]:
-    if torch.cuda.is_available():
-        return {"perf/gpu_max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+    """The step's memory: the peak and what is held now, on the GPU and in host RAM. The peaks answer "does it
+    fit"; the current values answer "does it grow" (a leak over a three-day run shows as a rising line long
+    before the peak moves)."""
     import resource
 
-    return {"perf/cpu_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    import psutil
+
+    out = {
+        "perf/cpu_rss_gib": psutil.Process().memory_info().rss / 2**30,
+        "perf/cpu_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+    }
+    if torch.cuda.is_available():
+        out["perf/gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["perf/gpu_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+        out["perf/gpu_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
+    return out
 
 
 def fit(
