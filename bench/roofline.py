@@ -11,8 +11,8 @@ Two bounds: `per_sequence` reads each sequence's prompt keys on its own (what a 
 sharing does from HBM); `shared_prompt` reads a prompt's keys once a step for all its samples (a cascade kernel,
 or L2 serving the repeats). The fixed row of issue 21 (256 x (1K + 2K), H100): ~47,000 tok/s per sequence.
 
-    cd bench/results && python ../roofline.py rollout_paged_h100_run1.json rollout_fixed_newsampler_h100.json \
-        rollout_fused_h100.json rollout_fused_sampler_h100.json > rollout_roofline_h100.json
+    python bench/roofline.py bench/results/rollout_{paged_h100_run1,fixed_newsampler_h100,fused_h100}.json \
+        bench/results/rollout_fused_sampler_h100.json > bench/results/rollout_roofline_h100.json
 """
 
 from __future__ import annotations
