@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from roofline import fractions, row_bounds  # noqa: E402
-from shapes import QWEN25_1P5B, TINY_QWEN2, drawn_lengths  # noqa: E402
+from shapes import QWEN25_1P5B, TINY_QWEN2, row_draw  # noqa: E402
 
 from questa_nemo.atomic import write_text_atomic  # noqa: E402
 from questa_nemo.config import ModelConfig  # noqa: E402
@@ -95,11 +95,6 @@ def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def group(lengths: list[int], n: int) -> list[list[int]]:
-    """Flat per-sequence lengths -> [prompt][sample]."""
-    return [lengths[i : i + n] for i in range(0, len(lengths), n)]
 
 
 ENGINES = {  # name -> EngineOptions besides the shared ones
@@ -715,10 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     for name, count, longest, which, with_hf, batch in rows:
         if count:
-            seqs = count * args.samples
-            lengths = drawn_lengths(seqs, args.length_mean, args.length_sigma, longest, seed=len(name))
+            lengths = row_draw(name, count * args.samples, args.samples, args.length_mean, args.length_sigma, longest)
             prompts = random_prompts(count, args.prompt_len, vocab, seed=5)
-            row(name, prompts, longest, group(lengths, args.samples), which, with_hf=with_hf, batch=batch)
+            row(name, prompts, longest, lengths, which, with_hf=with_hf, batch=batch)
     write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("args", "model")}, indent=2))
     return 0 if result.get("check", {"ok": True})["ok"] else 1

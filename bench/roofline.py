@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from shapes import row_draw
+
 # Peak HBM bandwidth (bytes/s) by the name torch.cuda.get_device_name() gives; the first match wins, so the
 # more specific names come first. From NVIDIA's data sheets.
 PEAK_BANDWIDTH = (
@@ -117,8 +119,6 @@ def fractions(row: dict, bounds: dict) -> dict:
 def row_lengths(result: dict, name: str) -> list[list[int]] | None:
     """The completion lengths [prompt][sample] bench_rollout.py decoded in row `name` of its JSON `result`,
     rebuilt from its arguments (the draws are seeded); None for a row it did not run."""
-    from shapes import drawn_lengths
-
     args, row = result["args"], result.get(name)
     if not isinstance(row, dict) or "sequences" not in row:
         return None
@@ -127,25 +127,22 @@ def row_lengths(result: dict, name: str) -> list[list[int]] | None:
         new = args["new_tokens"] if name == "fixed" else args["hf_new_tokens"]
         return [[new] * n for _ in range(seqs // n)]
     longest = args["realistic_max"] if name == "realistic" else args["recipe_max"]
-    flat = drawn_lengths(seqs, args["length_mean"], args["length_sigma"], longest, seed=len(name))
-    return [flat[i : i + n] for i in range(0, seqs, n)]
+    return row_draw(name, seqs, n, args["length_mean"], args["length_sigma"], longest)
 
 
 def report(path: str) -> dict:
     """Every row of a bench_rollout.py JSON against its bounds on the card the JSON names."""
     result = json.loads(Path(path).read_text())
-    hf = {**result["model"]}
     out = {"file": path, "device": result["device"]}
     for name in ("fixed_hf", "fixed", "realistic", "recipe"):
         lengths = row_lengths(result, name)
         if lengths is None:
             continue
-        bounds = row_bounds(lengths, result[name]["prompt_len"], hf, result["device"])
+        bounds = row_bounds(lengths, result[name]["prompt_len"], result["model"], result["device"])
         if bounds is not None:
             out[name] = {"bound": bounds, "fraction": fractions(result[name], bounds)}
     return out
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __name__ == "__main__":  # bench/ is sys.path[0] when run as a script (shapes above)
     print(json.dumps([report(file) for file in sys.argv[1:]], indent=1))

@@ -47,6 +47,14 @@ def drawn_lengths(count: int, mean: float, sigma: float, longest: int, seed: int
     return draws.tolist()
 
 
+def row_draw(name: str, sequences: int, samples: int, mean: float, sigma: float, longest: int) -> list[list[int]]:
+    """bench_rollout.py's completion lengths [prompt][sample] for its drawn row `name` (realistic, recipe):
+    `drawn_lengths` seeded by the row's name, `samples` a prompt. bench/roofline.py rebuilds a recorded row
+    through this too."""
+    flat = drawn_lengths(sequences, mean, sigma, longest, seed=len(name))
+    return [flat[i : i + samples] for i in range(0, sequences, samples)]
+
+
 def write_result(path: str, bench: str, tiny: bool, settings: dict, **payload) -> None:
     """bench/results JSON: which benchmark, on which card (or CPU), at which shape and settings, then the data."""
     import json
