@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The measurements written without a GPU, in priority order, inside one device call:
-#   1. the tile merge of the split-K decode attention (EngineOptions.merge_tile, off until this says so) at a
-#      rollout's tail: profile_decode at 8 sequences of 8K, variants new and merge side by side (the step, its
-#      kernels, and the attention sweep timing both merges and the tile merge's difference from the loop's)
-#   2. the same end to end: bench_rollout's realistic row, engines paged and paged_merge
+#   1. the tile merge of the split-K decode attention (EngineOptions.merge_tile, the default since it ran) at
+#      a rollout's tail: profile_decode at 8 sequences of 8K, variants new and loop (the loop merge) side by
+#      side (the step, its kernels, and the attention sweep timing both merges and their difference)
+#   2. the same end to end: bench_rollout's realistic row, engines paged and paged_loop
 #   3. packed training rows: torch's flash variable-length kernel against the SDPA paths, with a float32
 #      check of both (bench_train --preset packed; measured once on an H100: model.packed_attention defaults to auto since)
 #   4. the fused sampler's self-check against the float64 inverse CDF (bench_rollout.fused_sampler_check)
@@ -17,8 +17,8 @@
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
 # the order above: decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail
-# train_long grpo_async) picks some. Parts 3-6 ran on an H100 on 2026-12-06 (README (∇)); still unmeasured:
-# "decode_merge rollout_merge train_long grpo_async" (two calls: the first two, then the last two).
+# train_long grpo_async) picks some. Every part has run on an H100 (parts 3-6 in one call, README (∇); 1, 2
+# and 7 in one call, 8 in the next, README (μ)): the script stays to re-run them on another card or version.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
@@ -47,8 +47,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a bound of min(SECONDS, time 
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 part decode_merge 120 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
-    --variants new,merge --quick-sweep --sweep-block-sizes 64 --out "$DIR/decode_merge.json"
-part rollout_merge 240 python3 bench/bench_rollout.py --engines paged,paged_merge --hf-new-tokens 0 \
+    --variants new,loop --quick-sweep --sweep-block-sizes 64 --out "$DIR/decode_merge.json"
+part rollout_merge 240 python3 bench/bench_rollout.py --engines paged,paged_loop --hf-new-tokens 0 \
     --new-tokens 0 --recipe-prompts 0 --out "$DIR/rollout_merge.json"
 part train_packed 170 python3 bench/bench_train.py --device cuda --preset packed --steps 6 --time-budget-s 140 \
     --out "$DIR/train_packed.json"

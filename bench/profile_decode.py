@@ -16,12 +16,13 @@ lengths drawn as bench_rollout's realistic row: lognormal mean 1K, longest 8K). 
 sequences are batch / samples prompts x samples, each prompt's full blocks shared by its samples (paged.py's
 share_prefix, as the engine does), so the prompt part of the KV is read `samples` times a step.
 
-Variants (--variants): `main` is the engine at EngineOptions(fused_decode=False, fused_sampler=False) (the
-earlier step: torch RoPE, index_put into the pool, auto split launch, torch's sampler), `new` the defaults (see
-rollout/paged_triton.py; the fused sampler included), `cascade` new with cascade attention, `ts` new with
-torch's sampler (rollout/sampling.py; the sampler table (d) times both alone too), `merge` new with the tile merge
-(EngineOptions.merge_tile: paged_triton._merge_tile_kernel; the sweep (c) times both merges at the engine's split
-length too). All run side by side in one process on one card.
+Variants (--variants): `main` is the engine at EngineOptions(fused_decode=False, fused_sampler=False,
+merge_tile=False) (the earlier step: torch RoPE, index_put into the pool, auto split launch, the loop merge,
+torch's sampler), `new` the defaults (see rollout/paged_triton.py; the fused sampler and the tile merge
+included), `cascade` new with cascade attention, `ts` new with torch's sampler (rollout/sampling.py; the
+sampler table (d) times both alone too), `loop` new with the loop merge of the splits (merge_tile=False:
+paged_triton._merge_kernel; the sweep (c) times both merges at the engine's split length too). All run side by
+side in one process on one card.
 
     . bench/gpu_setup.sh && python bench/profile_decode.py --out $OUT/profile_decode.json   # ~3 min, one H100
     TRITON_INTERPRET=1 python bench/profile_decode.py --device cpu --tiny                  # smoke (tests/)
@@ -49,7 +50,7 @@ from questa_nemo.rollout.paged import CASCADE_ITEMS, blocks_for, prompt_groups, 
 from questa_nemo.rollout.sampling import sample_tokens, uniform_draws  # noqa: E402
 
 VARIANTS = {  # -> bench_rollout's ENGINES
-    "main": "paged_main", "new": "paged", "cascade": "paged_cascade", "ts": "paged_ts", "merge": "paged_merge",
+    "main": "paged_main", "new": "paged", "cascade": "paged_cascade", "ts": "paged_ts", "loop": "paged_loop",
 }  # fmt: skip
 KINDS = ("attention", "matmul", "sampling", "kv_write", "norm", "elementwise", "other")
 _MATMUL = ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "addmm", "linear")
@@ -302,9 +303,9 @@ def parse_args(argv):
     p.add_argument("--realistic-max", type=int, default=8192)
     p.add_argument("--cases", default="fixed,realistic")
     p.add_argument(
-        "--variants", default="main,new,cascade,ts,merge",
+        "--variants", default="main,new,cascade,ts,loop",
         help="comma list: main (fused_decode and fused_sampler off), new (the defaults), cascade (new + "
-        "cascade), ts (new with torch's sampler instead of the fused one), merge (new + the tile merge)",
+        "cascade), ts (new with torch's sampler instead of the fused one), loop (new with the loop merge)",
     )
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-fraction", type=float, default=0.6)

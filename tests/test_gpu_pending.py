@@ -54,8 +54,8 @@ def test_parts_that_would_start_past_the_bound_are_skipped(tmp_path):
 
 
 def test_merge_parts_run_first_by_default(tmp_path):
-    """With no PARTS every part runs, the tile merge's two first: profile_decode's new and merge variants at a
-    rollout's tail, then bench_rollout's realistic row alone with engines paged and paged_merge."""
+    """With no PARTS every part runs, the merge's two first: profile_decode's new and loop variants at a
+    rollout's tail, then bench_rollout's realistic row alone with engines paged and paged_loop."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
     _stub(stubs, "nvidia-smi", "echo gpu\n")
@@ -70,7 +70,7 @@ def test_merge_parts_run_first_by_default(tmp_path):
         files = [m for m in archive.getmembers() if m.isfile()]
         logs = {Path(m.name).name: archive.extractfile(m).read().decode() for m in files}
     decode = logs["decode_merge.log"]
-    assert "profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed --variants new,merge" in decode
+    assert "profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed --variants new,loop" in decode
     rollout = logs["rollout_merge.log"]
-    assert "--engines paged,paged_merge" in rollout
+    assert "--engines paged,paged_loop" in rollout
     assert all(f"{flag} 0" in rollout for flag in ("--hf-new-tokens", "--new-tokens", "--recipe-prompts"))

@@ -402,7 +402,7 @@ def test_tile_merge_equals_loop_merge(case, per_group, monkeypatch, nan_scratch,
         launch = {"splits": 5} if case == "splits" else {"split_len": 32}
     if case.endswith("chunked"):  # chunks of 2 splits: online rescale, chunks with no valid partial
         monkeypatch.setattr(paged_triton, "MERGE_TILE_ELEMENTS", 2 * q.size(-1))
-    loop = paged_triton.paged_decode_attention(q, k, v, table, positions, 1, **launch)
+    loop = paged_triton.paged_decode_attention(q, k, v, table, positions, 1, **launch, merge_tile=False)
     tile = paged_triton.paged_decode_attention(q, k, v, table, positions, 1, **launch, merge_tile=True)
     assert not tile.isnan().any() and not loop.isnan().any()
     torch.testing.assert_close(tile, loop, atol=1e-6, rtol=1e-6)  # same maths, sums in another order
@@ -515,6 +515,28 @@ def test_split_positions_by_batch():
     assert split_positions(512, 2, 132, 64) == 2048
     assert split_positions(8, 2, 132, 64) == 128  # two blocks: at most 16 splits at 2K
     assert split_positions(8, 2, 132, 16) == 32
+
+
+def test_tile_merge_only_where_splits_are_short():
+    """EngineOptions.merge_tile picks the tile merge at batches whose split length is at most
+    TILE_MERGE_MAX_SPLIT (many splits a sequence: 6x faster merge at a rollout's tail) and the loop merge above
+    (a few splits a sequence, where the tile merge measured up to 2% slower); off: the loop merge everywhere.
+    The choice depends on the batch only, so a captured step stays valid."""
+    from questa_nemo.rollout.paged import TILE_MERGE_MAX_SPLIT, PagedKVCache
+
+    pool = torch.zeros(1, 4, 2, 64, 8)
+    cache = PagedKVCache(pool, pool.clone(), slots=512, max_len=9216, num_sms=132)
+    cache.fused = True
+    tile = {b: cache.launch_settings(b) for b in (8, 64, 128, 256, 512)}
+    assert TILE_MERGE_MAX_SPLIT == 512
+    assert [tile[b]["split_len"] for b in tile] == [128, 256, 512, 1024, 2048]
+    assert [tile[b]["merge_tile"] for b in tile] == [True, True, True, False, False]
+    cache.merge_tile = False
+    assert not any(cache.launch_settings(b)["merge_tile"] for b in tile)
+    cache.fused = False  # the earlier step (splits by batch): the option as set
+    assert cache.launch_settings(8) == {"splits": 32, "merge_tile": False}
+    cache.merge_tile = True
+    assert cache.launch_settings(256)["merge_tile"] is True
 
 
 # Every decode-attention kernel variant, lowered to PTX and assembled by ptxas for sm_90 (no GPU needed): the

@@ -35,10 +35,11 @@ def test_cpu_smoke_run(tmp_path, request):
     result = json.loads(out.read_text())
     for case in ("fixed", "realistic"):
         per = result["cases"][case]
-        assert set(per["variants"]) == {"main", "new", "cascade", "ts", "merge"}
+        assert set(per["variants"]) == {"main", "new", "cascade", "ts", "loop"}
         assert per["variants"]["cascade"]["launch"].get("cascade") is (True if HAS_TRITON else None)
-        assert per["variants"]["merge"]["launch"].get("merge_tile") is True
-        assert "merge_tile" not in per["variants"]["new"]["launch"]
+        assert per["variants"]["loop"]["launch"]["merge_tile"] is False
+        assert per["variants"]["main"]["launch"]["merge_tile"] is False
+        assert per["variants"]["new"]["launch"]["merge_tile"] is True  # the default
         for r in per["variants"].values():
             assert r["graph_step"]["ms"] > 0 and r["eager_profile"]["kernel_sum_ms"] > 0
         if HAS_TRITON:

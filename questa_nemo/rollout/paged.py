@@ -50,6 +50,12 @@ def split_positions(batch: int, groups: int, num_sms: int, block_size: int) -> i
     return max(2 * block_size, min(2048, split))
 
 
+# EngineOptions.merge_tile merges by the tile kernel at split lengths up to this (many splits a sequence); above
+# it (at most a few splits a sequence) the loop merge is as fast or faster. H100, the decode step, tile against
+# loop (bench/results/merge_crossover_h100.json): split 1024 (batch 256) +0.8 to +1.9% slower; split 512
+# (batch 128, 8K context) 1.2% faster; 256 (batch 64) 5.6%; 128 (batch 8 to 32, 8K) 15 to 19% faster.
+TILE_MERGE_MAX_SPLIT = 512
+
 CASCADE_MEMBERS = 16  # sequences one prefix-group tile holds (16 x 6 query heads = 96 rows of a 128-row tile)
 CASCADE_ITEMS = 8  # prefix partials a sequence reserves (work items a group's shared prefix splits into)
 
@@ -169,7 +175,7 @@ class PagedKVCache:
         # cascade attention over shared prompt blocks (EngineOptions.cascade_attention; needs fused)
         self.fused = False
         self.cascade = False
-        self.merge_tile = False  # the kernel's merge: one program per query head (EngineOptions.merge_tile)
+        self.merge_tile = True  # the kernel's merge: one program per query head (EngineOptions.merge_tile)
         self._groups: tuple[torch.Tensor, ...] | None = None  # device: members, items, skip, count
 
     @classmethod
@@ -352,15 +358,15 @@ class PagedKVCache:
     def launch_settings(self, batch: int) -> dict:
         """The attention kernel's launch settings at this batch (recorded by benchmarks)."""
         groups = self.k.size(2)
-        merge = {"merge_tile": True} if self.merge_tile else {}
         if self.fused:
-            out = {"split_len": split_positions(batch, groups, self.num_sms, self.block_size), **merge}
+            split = split_positions(batch, groups, self.num_sms, self.block_size)
+            out = {"split_len": split, "merge_tile": self.merge_tile and split <= TILE_MERGE_MAX_SPLIT}
             if self.cascade and self.use_kernel and self._groups is not None:
                 from questa_nemo.rollout.paged_triton import Cascade
 
                 out["cascade"] = Cascade(*self._groups, CASCADE_ITEMS)
             return out
-        return {"splits": num_splits(batch, groups, self.num_sms), **merge}
+        return {"splits": num_splits(batch, groups, self.num_sms), "merge_tile": self.merge_tile}
 
     def _kernel(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, ctx: dict) -> torch.Tensor:
         from questa_nemo.rollout.paged_triton import paged_decode_attention
