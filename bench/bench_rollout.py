@@ -104,6 +104,7 @@ ENGINES = {  # name -> EngineOptions besides the shared ones
     "paged_ts": {"paged_kv": True, "fused_sampler": False},  # the defaults with torch's float32 sampler
     "paged_cascade": {"paged_kv": True, "cascade_attention": True},
     "paged_loop": {"paged_kv": True, "merge_tile": False},  # the defaults with the loop merge of the splits
+    "paged_fn": {"paged_kv": True, "fused_norms": True},  # the defaults with add + RMSNorm, SwiGLU in Triton
 }
 
 
@@ -376,6 +377,7 @@ def check_paged(
         errors["cascade_split_len_128_loop_merge"] = (out.float() - ref).abs().max().item()
         report["paged_kernel_vs_float64_max_abs"] = errors
         report["rope_append_same_bits_as_torch"] = rope_append_same_bits()
+        report["add_rmsnorm"] = add_rmsnorm_same_bits()
         cascaded = MegatronBackend(
             policy, vocab, EngineOptions(max_batch_sequences=16, paged_kv=True, cascade_attention=True)
         )
@@ -433,6 +435,27 @@ def rope_append_same_bits(batch: int = 64, groups: int = 2, per_group: int = 6, 
     return bool(
         torch.equal(q, qk[:, :, :per_group, 0]) and torch.equal(pool[0], k_ref) and torch.equal(pool[1], v_ref)
     )
+
+
+def add_rmsnorm_same_bits(rows: int = 256, hidden: int = 1536) -> dict:
+    """The decode step's fused residual add + RMSNorm (fused_norms) on bf16 GPU tensors: the sum against torch's
+    add (same bits expected), the norm against the trainer's RMSNorm kernel on that sum (same bits expected) and
+    against torch's F.rms_norm (the unfused step's; largest difference reported)."""
+    from questa_nemo.model.triton_kernels import add_rmsnorm, rmsnorm_forward
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(rows, 1, hidden, device="cuda", generator=g).bfloat16()
+    residual = (torch.randn(rows, 1, hidden, device="cuda", generator=g) * 8).bfloat16()
+    weight = torch.randn(hidden, device="cuda", generator=g).bfloat16()
+    h, y = add_rmsnorm(x, residual, weight, 1e-6)
+    ref = residual + x
+    torch_norm = torch.nn.functional.rms_norm(ref, (hidden,), weight, 1e-6)
+    return {
+        "add_same_bits": bool(torch.equal(h, ref)),
+        "norm_same_bits_as_trainer_kernel": bool(torch.equal(y, rmsnorm_forward(ref, weight, 1e-6)[0])),
+        "norm_vs_torch_rms_norm_max_abs": (y.float() - torch_norm.float()).abs().max().item(),
+        "norm_vs_torch_rms_norm_differing_share": (y != torch_norm).float().mean().item(),
+    }
 
 
 def bracket_miss(logits: torch.Tensor, u: torch.Tensor, temperature: float, tokens: torch.Tensor) -> torch.Tensor:
@@ -547,7 +570,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="old,paged",
         help="comma list of old (contiguous cache), paged (the defaults), paged_main (fused_decode and "
         "fused_sampler off: the step before both), paged_ts (torch's sampler instead of the fused one), "
-        "paged_cascade (paged with cascade_attention), paged_loop (paged with the loop merge: merge_tile off)",
+        "paged_cascade (paged with cascade_attention), paged_loop (paged with the loop merge: merge_tile off), "
+        "paged_fn (paged with fused_norms)",
     )
     p.add_argument("--prompts", type=int, default=16, help="prompts of the fixed rows (x --samples)")
     p.add_argument("--samples", type=int, default=16)
@@ -671,11 +695,13 @@ def main(argv: list[str] | None = None) -> int:
         rates = {k: v["tokens_per_second"] for k, v in out.items() if isinstance(v, dict) and "seconds" in v}
         if "old" in rates and "paged" in rates:
             out["paged_vs_old"] = rates["paged"] / rates["old"]
-        for k in ("paged", "paged_cascade", "paged_ts", "paged_loop"):
+        for k in ("paged", "paged_cascade", "paged_ts", "paged_loop", "paged_fn"):
             if "paged_main" in rates and k in rates:
                 out[f"{k}_vs_paged_main"] = rates[k] / rates["paged_main"]
         if "paged" in rates and "paged_ts" in rates:
             out["paged_vs_paged_ts"] = rates["paged"] / rates["paged_ts"]
+        if "paged" in rates and "paged_fn" in rates:
+            out["paged_fn_vs_paged"] = rates["paged_fn"] / rates["paged"]
         if "paged" in rates and "paged_loop" in rates:
             out["paged_vs_paged_loop"] = rates["paged"] / rates["paged_loop"]
         for k in ("old", "paged"):

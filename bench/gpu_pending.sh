@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # The measurements written without a GPU, in priority order, inside one device call:
+#   0. the decode step's residual adds, RMSNorms and SwiGLU as Triton kernels (EngineOptions.fused_norms, off,
+#      never run on a GPU): profile_decode at 8 sequences of 8K, variants new and fn; then bench_rollout's
+#      self-check (with the fused kernel's bits against torch's add and the trainer's RMSNorm: `add_rmsnorm`)
+#      and its realistic row at 512 slots, engines paged and paged_fn
 #   1. the tile merge of the split-K decode attention (EngineOptions.merge_tile, the default since it ran) at
 #      a rollout's tail: profile_decode at 8 sequences of 8K, variants new and loop (the loop merge) side by
 #      side (the step, its kernels, and the attention sweep timing both merges and their difference)
@@ -16,15 +20,16 @@
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
-# the order above: decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail
-# train_long grpo_async) picks some. Every part has run on an H100 (parts 3-6 in one call, README (∇); 1, 2
-# and 7 in one call, 8 in the next, README (μ)): the script stays to re-run them on another card or version.
+# the order above: decode_norms rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa
+# grpo_varlen decode_tail train_long grpo_async) picks some. Parts 1-8 have run on an H100 (3-6 in one call,
+# README (∇); 1, 2 and 7 in one call, 8 in the next, README (μ)); still unmeasured: "decode_norms
+# rollout_norms" (one call, about 4 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async} "
+WANT=" ${*:-decode_norms rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -46,6 +51,10 @@ part() {  # part NAME SECONDS COMMAND...: run with a bound of min(SECONDS, time 
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
+part decode_norms 90 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
+    --variants new,fn --quick-sweep --sweep-block-sizes 64 --attn-reps 3 --out "$DIR/decode_norms.json"
+part rollout_norms 300 python3 bench/bench_rollout.py --also-check --engines paged,paged_fn --hf-new-tokens 0 \
+    --new-tokens 0 --recipe-prompts 0 --batch 512 --out "$DIR/rollout_norms.json"
 part decode_merge 120 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
     --variants new,loop --quick-sweep --sweep-block-sizes 64 --out "$DIR/decode_merge.json"
 part rollout_merge 240 python3 bench/bench_rollout.py --engines paged,paged_loop --hf-new-tokens 0 \

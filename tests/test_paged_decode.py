@@ -415,14 +415,15 @@ def test_engine_with_triton_kernel_equals_contiguous(model, kernel_on):
     contiguous cache: greedy tokens equal, log-probs within float32 noise."""
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=12, ignore_eos=True)
     contiguous = backend(model).generate(PROMPTS, params)
-    # the earlier step, fused, cascade, cascade with the tile merge
-    combos = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
-    for fused, cascade, merge in combos:
-        b = paged(model, fused_decode=fused, cascade_attention=cascade, merge_tile=merge)
+    # the earlier step, fused, cascade, cascade with the tile merge, fused with the norms in Triton
+    combos = ((False, False, False, False), (True, False, False, False), (True, True, False, False))
+    combos += ((True, True, True, False), (True, False, True, True))
+    for fused, cascade, merge, norms in combos:
+        b = paged(model, fused_decode=fused, cascade_attention=cascade, merge_tile=merge, fused_norms=norms)
         before = {k: kernel_on[k] for k in ("attention", "merge_tile")} | {"cascade": len(kernel_on["cascade"])}
         result = b.generate(PROMPTS, params)
         assert b._runner.cache.fused == fused and b._runner.cache.cascade == cascade
-        assert b._runner.cache.merge_tile == merge
+        assert b._runner.cache.merge_tile == merge and b._runner.cache.fused_residual == norms
         assert kernel_on["attention"] - before["attention"] == 12 * 2  # every step's two layers
         assert kernel_on["merge_tile"] - before["merge_tile"] == (12 * 2 if merge else 0)
         # cascade: the long prompt's samples share its two full blocks, read once by their group

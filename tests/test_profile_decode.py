@@ -35,7 +35,7 @@ def test_cpu_smoke_run(tmp_path, request):
     result = json.loads(out.read_text())
     for case in ("fixed", "realistic"):
         per = result["cases"][case]
-        assert set(per["variants"]) == {"main", "new", "cascade", "ts", "loop"}
+        assert set(per["variants"]) == {"main", "new", "cascade", "ts", "loop", "fn"}
         assert per["variants"]["cascade"]["launch"].get("cascade") is (True if HAS_TRITON else None)
         assert per["variants"]["loop"]["launch"]["merge_tile"] is False
         assert per["variants"]["main"]["launch"]["merge_tile"] is False

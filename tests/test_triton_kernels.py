@@ -66,6 +66,28 @@ def test_rmsnorm_kernels_equal_the_reference(rows, programs):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rmsnorm_is_the_add_then_the_norm_kernel(dtype):
+    """The decode step's fused residual add + RMSNorm (EngineOptions.fused_norms): in fp32 the sum has torch's
+    add's bits and the norm `rmsnorm_forward`'s bits on that sum (hidden 24: a partly masked block; [B, 1,
+    hidden] as the decode step passes it). In bf16 the interpreter rounds its float32 -> bf16 casts differently
+    from the GPU (which rounds to nearest, as torch): within one bf16 step here; the GPU's bits are checked by
+    bench_rollout's self-check (`add_rmsnorm`)."""
+    g = torch.Generator().manual_seed(3)
+    x, residual = torch.randn(5, 1, 24, generator=g).to(dtype), (torch.randn(5, 1, 24, generator=g) * 4).to(dtype)
+    weight = torch.randn(24, generator=g).to(dtype)
+    h, y = triton_kernels.add_rmsnorm(x, residual, weight, 1e-6)
+    assert h.shape == y.shape == residual.shape and h.dtype == y.dtype == dtype
+    reference = fused.rmsnorm_reference(residual + x, weight, 1e-6)
+    if dtype == torch.float32:
+        assert torch.equal(h, residual + x)
+        assert torch.equal(y, triton_kernels.rmsnorm_forward(residual + x, weight, 1e-6)[0])
+        torch.testing.assert_close(y, reference)
+    else:
+        torch.testing.assert_close(h, residual + x, atol=0.07, rtol=2**-7)  # |sum| < 16: one step is 2^-4
+        torch.testing.assert_close(y, reference, atol=0.05, rtol=2**-6)
+
+
 def test_model_on_the_triton_kernels_equals_the_unfused_model(monkeypatch):
     """The tiny Qwen2 with every fused op on its Triton kernel (RMSNorm, RoPE, SwiGLU; interpreted) and full
     recompute keeping attention: the unfused model's log-probs and gradients (fp32)."""
@@ -125,3 +147,32 @@ def test_model_on_the_triton_kernels_equals_the_unfused_model(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+ADD_RMSNORM_AOT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from questa_nemo.model import triton_kernels as tk
+
+signature = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16",
+             "n": "i32", "eps": "fp32", "BLOCK": "constexpr"}
+source = ASTSource(fn=tk._add_rmsnorm_kernel, signature=signature, constexprs={"BLOCK": 2048})
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+assert kernel.asm["cubin"] and "cvt.rn.bf16.f32" in kernel.asm["ptx"]
+print("compiled")
+"""
+
+
+def test_add_rmsnorm_kernel_compiles_for_hopper():
+    """Ahead of time, no GPU: the decode step's add + RMSNorm kernel as launched at hidden 1536 in bf16 (block
+    2048, 8 warps) lowers to PTX and assembles for sm_90, and its float32 -> bf16 casts round to nearest (as
+    torch's add does; the interpreter above does not model that rounding)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from rollout_models import compile_for_hopper
+
+    done = compile_for_hopper(ADD_RMSNORM_AOT, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]

@@ -3,6 +3,10 @@
 SwiGLU over megatron's fused fc1 output y = [gate | up] ([rows, 2f], contiguous): each program handles one
 row's block of columns, reads gate, up (and the upstream gradient) once and writes both halves of the input
 gradient, where a compiled `cat` of the two halves reads its inputs twice.
+
+`swiglu_forward`, `rmsnorm_forward` and `add_rmsnorm` (a residual add and the next RMSNorm in one launch) also
+serve the rollout's decode step (rollout/decoder.py, EngineOptions.fused_norms), where each op is a
+launch-bound kernel on a few rows.
 """
 
 from __future__ import annotations
@@ -177,3 +181,37 @@ def rmsnorm_backward(
             ROWS_PER_PROGRAM=per_program, BLOCK=block, num_warps=min(max(block // 256, 1), 16),
         )  # fmt: skip
     return dx.view(x.shape), partial.sum(0).to(weight.dtype)
+
+
+# ------------------------------------------------------------------------------ residual add + RMSNorm
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, n, eps, BLOCK: tl.constexpr):
+    """One row per program: h = r + x (fp32 sum rounded to h's dtype, as torch's add), then y = RMSNorm(h) from
+    the rounded h with `_rmsnorm_forward_kernel`'s maths (same block and warps: the same bits)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+    h = (r + x).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + row * n + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / n + eps)
+    tl.store(y_ptr + row * n + cols, (hf * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + x, RMSNorm(residual + x)) for x, residual [..., n] of one dtype, in one kernel: the decode
+    step's residual stream (rollout/decoder.py), where the add and the norm were two launches each time."""
+    n = x.size(-1)
+    x2d, r2d = x.reshape(-1, n).contiguous(), residual.reshape(-1, n).contiguous()
+    h, y = torch.empty_like(r2d), torch.empty_like(r2d)
+    if x2d.numel():
+        block = triton.next_power_of_2(n)
+        _add_rmsnorm_kernel[(x2d.size(0),)](
+            x2d, r2d, weight.contiguous(), h, y, n, eps, BLOCK=block, num_warps=min(max(block // 256, 1), 16)
+        )  # fmt: skip
+    return h.view(residual.shape), y.view(residual.shape)

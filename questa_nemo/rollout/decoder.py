@@ -301,6 +301,9 @@ def decode_logits(
     ctx = cache.decode_context(positions, attend_len)
     h = F.embedding(tokens[:, None], w.embedding)  # [B, 1, hidden]
     cos, sin = rope_tables(positions[:, None], w.inv_freq, h.dtype)
+    if getattr(cache, "fused_residual", False):  # a paged kernel cache with EngineOptions.fused_norms
+        logits = _decode_fused_norms(w, cache, ctx, h, cos.view(b, -1), sin.view(b, -1))
+        return logits.float() if upcast else logits
     takes_qkv = getattr(cache, "takes_qkv", False)  # a paged cache's fused RoPE + append (same bits)
     for i, lw in enumerate(w.layers):
         if takes_qkv:
@@ -313,3 +316,25 @@ def decode_logits(
     last = rms_norm(h[:, 0], w.final_norm, w.eps)
     logits = F.linear(last, w.lm_head)
     return logits.float() if upcast else logits
+
+
+def _decode_fused_norms(
+    w: DecoderWeights, cache, ctx: dict, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """`decode_logits`' layers with the residual stream in Triton kernels (model/triton_kernels.py): each
+    residual add and the RMSNorm after it are one launch (`add_rmsnorm`: the add's bits as torch's, the norm's
+    as the trainer's fused RMSNorm), SwiGLU is one (`swiglu_forward`), the final norm rides on the last add.
+    About three launches a layer fewer than the torch ops, on a step that is launch-bound at a rollout's tail.
+    h [B, 1, hidden]; cos, sin [B, D / 2] -> logits [B, vocab] in the weights' dtype."""
+    from questa_nemo.model.triton_kernels import add_rmsnorm, rmsnorm_forward, swiglu_forward
+
+    b = h.size(0)
+    x = rmsnorm_forward(h, w.layers[0].attn_norm, w.eps)[0]
+    for i, lw in enumerate(w.layers):
+        qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [B, 1, (heads + 2G) D]
+        attn = cache.decode_attention_qkv(i, ctx, qkv[:, 0], cos, sin)  # [B, G, per, D]
+        h, x = add_rmsnorm(F.linear(attn.reshape(b, 1, -1), lw.proj, lw.proj_bias), h, lw.mlp_norm, w.eps)
+        mlp = F.linear(swiglu_forward(F.linear(x, lw.fc1, lw.fc1_bias)), lw.fc2, lw.fc2_bias)
+        after = w.layers[i + 1].attn_norm if i + 1 < len(w.layers) else w.final_norm
+        h, x = add_rmsnorm(mlp, h, after, w.eps)
+    return F.linear(x[:, 0], w.lm_head)

@@ -83,6 +83,9 @@ class EngineOptions:
     # step at 8 sequences of 8K 3.90 -> 3.17 ms (merge 0.90 -> 0.14 ms of kernels); README (μ). False: the
     # loop merge at every batch.
     merge_tile: bool = True
+    # paged + fused_decode, Triton kernel: the decode step's residual add and the RMSNorm after it in one kernel,
+    # SwiGLU in one (decoder._decode_fused_norms: about 84 fewer launches a step at 28 layers); off until measured
+    fused_norms: bool = False
     # GPU: sample (temperature > 0, no top-p) in one Triton kernel over the lm_head's bf16 output instead of
     # torch's float32 passes (rollout/sampling_triton.py). H100, bench_rollout "paged_fs" against "paged":
     # 38,120 against 34,535 tok/s at 256 x (1K + 2K), 13,442 against 12,520 at realistic lengths; the same
@@ -383,6 +386,7 @@ class MegatronBackend:
         cache.fused = opts.fused_decode
         cache.cascade = opts.fused_decode and opts.cascade_attention
         cache.merge_tile = opts.merge_tile
+        cache.fused_norms = opts.fused_norms
         return cache
 
     def _admit(

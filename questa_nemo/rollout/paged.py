@@ -176,6 +176,7 @@ class PagedKVCache:
         self.fused = False
         self.cascade = False
         self.merge_tile = True  # the kernel's merge: one program per query head (EngineOptions.merge_tile)
+        self.fused_norms = False  # with takes_qkv: the step's residual adds, norms, SwiGLU in Triton (decoder.py)
         self._groups: tuple[torch.Tensor, ...] | None = None  # device: members, items, skip, count
 
     @classmethod
@@ -343,6 +344,12 @@ class PagedKVCache:
     def takes_qkv(self) -> bool:
         """Whether the decode step hands `decode_attention_qkv` the raw fused QKV (RoPE + append in one kernel)."""
         return self.use_kernel and self.fused
+
+    @property
+    def fused_residual(self) -> bool:
+        """Whether the decode step runs its residual adds, RMSNorms and SwiGLU as Triton kernels
+        (decoder._decode_fused_norms; EngineOptions.fused_norms, on the fused kernel path only)."""
+        return self.takes_qkv and self.fused_norms
 
     def decode_attention_qkv(
         self, layer: int, ctx: dict, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
