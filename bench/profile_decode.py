@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_rollout import build_policy, device_ready, engine, hf_config, versions, write_json  # noqa: E402
-from shapes import drawn_lengths  # noqa: E402
+from shapes import row_draw  # noqa: E402
 
 from questa_nemo.rollout.graphs import StepKey  # noqa: E402
 from questa_nemo.rollout.paged import CASCADE_ITEMS, blocks_for, prompt_groups, split_positions  # noqa: E402
@@ -102,7 +102,7 @@ def case_contexts(args, name: str) -> list[int]:
     """Sequence lengths (positions attended, the new token's included) of the batch's sequences."""
     if name == "fixed":
         return [args.context] * args.batch
-    drawn = drawn_lengths(args.batch, args.length_mean, 1.2, args.realistic_max, seed=len("realistic"))
+    drawn = row_draw("realistic", args.batch, args.batch, args.length_mean, 1.2, args.realistic_max)[0]  # one group
     return [args.prompt_len + n for n in drawn]
 
 
