@@ -15,21 +15,23 @@
 #   6. the decode step at a rollout's tail (profile_decode at 8 sequences: the realistic row's floor)
 #   7. 32K with full recompute, attention kept (bench_train --preset long: model.recompute_keep_attention)
 #   8. the GRPO step one step off-policy, the producer decoding on its own CUDA stream (its tail overlaps
-#      training; never run)
+#      training)
+#   9. training at 8K against compiled transformers with the value made contiguous (bench_train --preset
+#      layout, profiled: where the 7% of attention time goes; never run)
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
 # the order above: decode_norms rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa
-# grpo_varlen decode_tail train_long grpo_async) picks some. Parts 1-8 have run on an H100 (3-6 in one call,
-# README (∇); 1, 2 and 7 in one call, 8 in the next, README (μ)); still unmeasured: "decode_norms
-# rollout_norms" (one call, about 4 minutes).
+# grpo_varlen decode_tail train_long grpo_async train_layout) picks some. Parts 1-8 have run on an H100 (3-6
+# in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README (μ)); still unmeasured:
+# "decode_norms rollout_norms train_layout" (one call, about 8 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-decode_norms rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async} "
+WANT=" ${*:-decode_norms rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -76,4 +78,6 @@ part train_long 200 python3 bench/bench_train.py --device cuda --preset long --s
     --out "$DIR/train_long.json"
 part grpo_async 210 python3 bench/bench_grpo_nemorl.py --steps 3 --staleness 1 --skip-sync --producer-stream \
     --proximal train_forward --recompute none --micro-batch-tokens 8192 --out "$DIR/grpo_async.json"
+part train_layout 200 python3 bench/bench_train.py --device cuda --preset layout --steps 4 --time-budget-s 170 \
+    --profile "$DIR/profile_layout" --out "$DIR/train_layout.json"
 tar -czf "$OUT/pending.tar.gz" -C "$DIR" .

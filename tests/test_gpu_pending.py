@@ -67,7 +67,7 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
     )
     started = [line.split(":")[0].split()[-1] for line in result.stdout.splitlines() if ": up to " in line]
     assert started[:4] == ["decode_norms", "rollout_norms", "decode_merge", "rollout_merge"], started
-    assert len(started) == 11, started
+    assert len(started) == 12 and started[-1] == "train_layout", started
     with tarfile.open(tmp_path / "pending.tar.gz") as archive:
         files = [m for m in archive.getmembers() if m.isfile()]
         logs = {Path(m.name).name: archive.extractfile(m).read().decode() for m in files}
