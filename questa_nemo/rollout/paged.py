@@ -52,8 +52,8 @@ def split_positions(batch: int, groups: int, num_sms: int, block_size: int) -> i
 
 # EngineOptions.merge_tile merges by the tile kernel at split lengths up to this (many splits a sequence); above
 # it (at most a few splits a sequence) the loop merge is as fast or faster. H100, the decode step, tile against
-# loop (bench/results/merge_crossover_h100.json): split 1024 (batch 256) +0.8 to +1.9% slower; split 512
-# (batch 128, 8K context) 1.2% faster; 256 (batch 64) 5.6%; 128 (batch 8 to 32, 8K) 15 to 19% faster.
+# loop (bench/results/merge_crossover_h100/summary.json): split 1024 (batch 256) +0.8 to +1.9% slower; split
+# 512 (batch 128, 8K context) 1.2% faster; 256 (batch 64) 5.6%; 128 (batch 8 to 32, 8K) 15 to 19% faster.
 TILE_MERGE_MAX_SPLIT = 512
 
 CASCADE_MEMBERS = 16  # sequences one prefix-group tile holds (16 x 6 query heads = 96 rows of a 128-row tile)

@@ -7,8 +7,9 @@ blocks, split evenly over the S programs of that sequence) through the block tab
 softmax in float32 (scores = q k^T accumulated in float32, as SDPA's fused kernels do; the probabilities are
 rounded to the value dtype for the p @ v product, as flash attention does). It writes its normalised partial
 output and log-sum-exp; `_merge_tile_kernel` combines the S partials (a program per live head row reading all
-its partials as one tile; with merge_tile=False, `_merge_kernel`: a program per query group walking them). Nothing depends on the host: lengths come from
-the step's positions tensor (length = position + 1), so the launch is captured in the decode step's CUDA graph.
+its partials as one tile; with merge_tile=False, `_merge_kernel`: a program per query group walking them).
+Nothing depends on the host: lengths come from the step's positions tensor (length = position + 1), so the
+launch is captured in the decode step's CUDA graph.
 """
 
 from __future__ import annotations
