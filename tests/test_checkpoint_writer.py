@@ -63,3 +63,13 @@ def test_missing_psutil_is_named_instead_of_a_hang(tmp_path):
     code, out, seconds = finish(proc, 30)
     assert code != 0 and "saved" not in out
     assert "psutil is not installed" in out and "checkpoint writer process" in out, out[-3000:]
+
+
+def test_disk_filling_up_mid_save_is_one_clear_error(tmp_path):
+    """A short write inside megatron's forked writers (a full disk; here a file-size cap) surfaces as torch's
+    "unexpected pos" deep in a CheckpointException; the trainer names it as a full disk and cleans up."""
+    proc = start(tmp_path, "short")
+    code, out, _ = finish(proc, 300)
+    assert code != 0 and "saved" not in out
+    assert "CheckpointDiskFull" in out and "the disk is full or over quota" in out, out[-3000:]
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob("ckpt.tmp-*"))

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from policy_common import (  # noqa: E402
     write_hf_folder,
 )
 
+from questa_nemo.model import checkpoint  # noqa: E402
 from questa_nemo.model.checkpoint import (  # noqa: E402
+    CheckpointDiskFull,
     is_complete,
     load_checkpoint,
     read_metadata,
@@ -104,6 +107,43 @@ def test_failing_writer_leaves_previous_checkpoint_loadable(policy, tmp_path, mo
     restored = build_policy()
     load_checkpoint(restored, first)
     assert all(torch.equal(v, saved_weights[k]) for k, v in hf_view(restored).items())
+
+
+def _bytes_under(*folders: Path) -> int:
+    return sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
+
+
+def test_checkpoint_larger_than_the_free_space_is_refused_before_writing(policy, tmp_path, monkeypatch):
+    micro_batches, tokens = batch(policy)
+    policy.train_step(micro_batches, nll_loss, tokens)
+    needs = []
+    real_check = checkpoint._check_disk
+    monkeypatch.setattr(checkpoint, "_check_disk", lambda *a: needs.append(real_check(*a)) or needs[-1])
+    first = save_checkpoint(policy, tmp_path / "step_1", step=1)
+    # the estimate counts the model and the optimizer state: its tensor bytes are what the two folders hold,
+    # within their headers and metadata
+    tensor_bytes = (needs[0] - checkpoint._DISK_SLACK) / checkpoint._DISK_OVERHEAD
+    written = _bytes_under(first / "model", first / "optimizer")
+    assert 0.8 * written <= tensor_bytes <= written, (tensor_bytes, written)
+
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: needs[0] - 1)
+    with pytest.raises(CheckpointDiskFull, match=r"not enough disk space for checkpoint .*step_2: it needs about"):
+        save_checkpoint(policy, tmp_path / "step_2", step=2)
+    assert not (tmp_path / "step_2").exists() and not list(tmp_path.glob("*.tmp-*"))
+    assert is_complete(first) and read_metadata(first).step == 1
+
+
+def test_disk_full_is_recognised_in_what_megatron_raises():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    short = RuntimeError("Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert checkpoint._disk_filled(CheckpointException("write", {0: (short, traceback.StackSummary())}))
+    assert checkpoint._disk_filled(OSError(28, "No space left on device"))
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = OSError(122, "Disk quota exceeded")
+    assert checkpoint._disk_filled(wrapped)
+    assert not checkpoint._disk_filled(RuntimeError("Worker failure: CUDA error"))
+    assert not checkpoint._disk_filled(OSError(13, "Permission denied"))
 
 
 def test_directory_without_marker_is_not_a_checkpoint(tmp_path):

@@ -16,6 +16,7 @@ Sharded tensors are global, so a checkpoint loads at another TP / PP layout; see
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import json
 import shutil
@@ -28,12 +29,13 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from questa_nemo.atomic import publish_dir, write_text_atomic
-from questa_nemo.model import mcore_compat
+from questa_nemo.model import mcore_compat, parallel
 
 COMPLETE_MARKER = "complete"
 FORMAT_VERSION = 1
@@ -209,6 +211,81 @@ def writer_watchdog(where: str, poll_s: float = 0.1) -> Iterator[None]:
         raise CheckpointWriterDied(died[0])
 
 
+class CheckpointDiskFull(OSError):
+    """The checkpoint's file system has too little free space: found before writing, or it filled up mid-write
+    (megatron's writer then fails with torch's "unexpected pos", a short write)."""
+
+
+# torch_dist files hold the tensors plus per-item headers and metadata: a few percent over the tensor bytes.
+_DISK_OVERHEAD = 1.05
+_DISK_SLACK = 64 * 2**20
+
+
+def _shard_bytes(sharded: object) -> int:
+    """Bytes of the tensors this rank writes as the main replica (what a checkpoint holds once over all ranks)."""
+    if isinstance(sharded, Mapping):
+        return sum(_shard_bytes(v) for v in sharded.values())
+    if isinstance(sharded, (list, tuple)):
+        return sum(_shard_bytes(v) for v in sharded)
+    if isinstance(sharded, (ShardedTensor, ShardedTensorFactory)) and is_main_replica(sharded.replica_id):
+        data = sharded.data
+        return data.numel() * data.element_size() if isinstance(data, torch.Tensor) else 0
+    return 0
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest existing ancestor)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _check_disk(final: Path, *sharded_state_dicts: object) -> int:
+    """Collective: the checkpoint's size (main replicas summed over all ranks, plus overhead); raise
+    CheckpointDiskFull on every rank when rank 0 sees less free space beside `final`. Checkpoint folders are on
+    a file system all ranks share (megatron's metadata is written once by rank 0), so one rank's view decides."""
+    local = sum(_shard_bytes(sd) for sd in sharded_state_dicts if sd is not None)
+    total = int(parallel.all_reduce(torch.tensor([local], dtype=torch.int64), "sum").item())
+    need = int(total * _DISK_OVERHEAD) + _DISK_SLACK
+    verdict = [None]
+    if _rank() == 0:
+        free = _free_bytes(final.parent)
+        if free < need:
+            verdict[0] = (
+                f"not enough disk space for checkpoint {final}: it needs about {_gib(need)}, "
+                f"{_gib(free)} are free there; free some space or save elsewhere (earlier checkpoints are untouched)"
+            )
+    torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointDiskFull(errno.ENOSPC, verdict[0])
+    return need
+
+
+_DISK_FULL_SIGNS = ("unexpected pos", "No space left on device", "Disk quota exceeded")
+
+
+def _disk_filled(exc: BaseException) -> bool:
+    """Whether a failed save ran out of space: ENOSPC / EDQUOT anywhere in the exception chain, or the message
+    of torch's zip writer after a short write (megatron's writer re-raises worker failures as text)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(sign in str(exc) for sign in _DISK_FULL_SIGNS):
+            return True
+        # torch's CheckpointException: {rank: (exception, stack)} of the ranks whose writes failed
+        for failure in (getattr(exc, "failures", None) or {}).values():
+            if _disk_filled(failure[0] if isinstance(failure, tuple) else failure):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _save_strategy():
     """torch_dist, written fully in parallel over data-parallel replicas (each writes a share of the shards)."""
     strategy = get_default_save_sharded_strategy("torch_dist")
@@ -276,24 +353,36 @@ def _save(
     tokenizer_dir: str | Path | None = None,
 ) -> Path:
     final = Path(directory).absolute()
+    model_sd = model_sharded_state_dict(model_chunks)
+    optim_sd = None
+    if optimizer is not None:
+        optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks))
+        optim_sd = {"optimizer": optim_sd, "lr_scheduler": scheduler.state_dict(), **(extra_common or {})}
+    need = _check_disk(final, model_sd, optim_sd)
     tmp = _agreed_temp_dir(final)
     _shield_writer_manager()
     try:
-        model_sd = model_sharded_state_dict(model_chunks)
         with writer_watchdog(str(final)):
             dist_checkpointing.save(model_sd, str(tmp / "model"), sharded_strategy=_save_strategy())
-        if optimizer is not None:
-            optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks))
-            optim_sd = {"optimizer": optim_sd, "lr_scheduler": scheduler.state_dict(), **(extra_common or {})}
+        if optim_sd is not None:
             with writer_watchdog(str(final)):
                 dist_checkpointing.save(optim_sd, str(tmp / "optimizer"), sharded_strategy=_save_strategy())
         torch.save(_rng_states(), tmp / "rng" / f"rank_{_rank()}.pt")
         if _rank() == 0:
             _write_side_files(tmp, hf_config, tokenizer_dir)
             _write_json(tmp / "metadata.json", asdict(_layout(step, optimizer is not None)))
-    except BaseException:
+    except BaseException as e:
+        # torch's CheckpointException (what megatron raises for a failed write) derives from BaseException
+        filled = not isinstance(e, (KeyboardInterrupt, SystemExit)) and _disk_filled(e)
+        free = _free_bytes(tmp) if filled else 0
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # earlier checkpoints were never touched
+        if filled:
+            raise CheckpointDiskFull(
+                errno.ENOSPC,
+                f"a write fell short while saving checkpoint {final}: the disk is full or over quota ({_gib(free)} "
+                f"free now, about {_gib(need)} needed); the partial write was removed, earlier checkpoints are untouched",
+            ) from e
         raise
     torch.distributed.barrier()
     if _rank() == 0:

@@ -1,6 +1,7 @@
 """A one-rank trainer that saves a checkpoint whose writer dies (tests/test_checkpoint_writer.py).
 
     python writer_death_worker.py OUT MODE     MODE: hang (the writer waits to be killed) | nopsutil | ok
+                                               | short (files capped at 20 kB: the short writes of a full disk)
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def main() -> None:
         FileSystemWriterAsync.write_preloaded_data = staticmethod(slow_writer)
 
     policy = build_policy()
+    if mode == "short":  # what a full disk does to megatron's writers: a write returns less than it was given
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the cap then fail instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))  # the forked writers inherit it
     (out / "saving").write_text("")
     save_checkpoint(policy, out / "ckpt", step=1)
     print("saved", flush=True)
