@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from questa_nemo.atomic import write_text_atomic
-from questa_nemo.ckpt.runs import STATE_FILE, checkpoint_dirs, latest_checkpoint
+from questa_nemo.ckpt.runs import STATE_FILE, check_disk_headroom, checkpoint_dirs, latest_checkpoint
 from questa_nemo.config import Config
 from questa_nemo.model.parallel import LoopCollectives, barrier
 from questa_nemo.train.async_rollouts import AsyncRollouts
@@ -106,6 +106,9 @@ class Checkpointer:
             write_text_atomic(path / STATE_FILE, json.dumps(asdict(state)))
         barrier()
         self._prune(state.step)
+        warning = check_disk_headroom(path, self.run_dir) if self.is_main else None
+        if warning:
+            print(warning, flush=True)
         return path
 
     def _prune(self, newest: int) -> None:
