@@ -539,6 +539,9 @@ class TrainConfig:
     seed: int = 1
     log_tensorboard: bool = True
     progress_bar: bool = True
+    # kept groups a step (this rank's first ones) whose prompt, completions, rewards and reasons go to
+    # run_dir/samples.jsonl, to read what the policy writes; 0 = none
+    log_samples: int = 1
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     # Arms trained side by side from the same initial weights and seed, each into run_dir/<arm>. An arm is a
     # data set path, or {dataset: <path>, hints: {<keys of algo.hints, merged over it for this arm>},
@@ -566,6 +569,7 @@ class TrainConfig:
             raise ConfigError("train.token_budget", "must be >= 1 or null")
         keys = ("steps", "prompts_per_step", "micro_batch_tokens", "save_every", "recovery_every")
         _at_least("train", self, keys, 1)
+        _at_least("train", self, ("log_samples",), 0)
         self.warmup.validate()
         specs = {name: arm_spec(name, value) for name, value in self.arms.items()}
         for name in self.run_arms or []:

@@ -147,3 +147,28 @@ def test_filter_stats_are_summed_over_two_dp_ranks():
     for name, value in summed.items():
         assert both[f"filter/{name}"] == value, name
     assert both["filter/kept_groups"] == 2.0
+
+
+def test_sample_log_holds_the_first_groups_as_text_and_a_resume_drops_what_it_redoes(tmp_path):
+    import json
+
+    from questa_nemo.train.metrics import SampleLogger
+
+    def decode(ids):
+        return " ".join(map(str, ids))
+
+    log = SampleLogger(tmp_path, limit=1)
+    for step in (1, 2, 3):
+        log.log(step, fixture_groups(), decode)
+    log.log(4, [], decode)  # a step that kept nothing writes nothing
+    lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]  # one group a step: limit=1
+    first = lines[0]
+    assert (first["id"], first["prompt"], first["answer"]) == ("p0", "1 2 3", "\\boxed{1}")
+    assert first["samples"] == [
+        {"text": "A", "reward": 1.0, "reason": "correct", "tokens": 2, "finish": "stop", "hinted": True},
+        {"text": "B", "reward": 0.0, "reason": "wrong", "tokens": 1, "finish": "length", "hinted": True},
+    ]
+    SampleLogger(tmp_path, limit=2, resume_step=2).log(3, fixture_groups(), decode)  # resumed after step 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3]  # the old step 3 dropped, the redone one written with two groups

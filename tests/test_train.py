@@ -162,6 +162,8 @@ def test_embedded_default_runs_its_arms_and_reports(tmp_path):
     assert [m["step"] for m in hint] == [1, 2, 3]
     assert all(m["reward/success_hinted"] >= 0 for m in hint)
     assert "reward/success_unhinted" in metrics(run / "plain" / "metrics.jsonl")[0]
+    samples = [json.loads(line) for line in (run / "questa" / "samples.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in samples} <= {1, 2, 3} and all(r["samples"] and r["prompt"] for r in samples)
 
 
 def test_warmup_stops_when_asked_and_only_at_its_checks():

@@ -22,7 +22,7 @@ from questa_nemo.model.parallel import LoopCollectives, barrier
 from questa_nemo.train.async_rollouts import AsyncRollouts
 from questa_nemo.train.grpo import SyncRollouts, grpo_step
 from questa_nemo.train.hints import HintRuntime
-from questa_nemo.train.metrics import MetricsLogger, PhaseTimer
+from questa_nemo.train.metrics import MetricsLogger, PhaseTimer, SampleLogger
 from questa_nemo.train.preempt import EXIT_PREEMPTED, PreemptionFlag
 from questa_nemo.train.prompts import HintPrompts, PromptSource
 
@@ -197,6 +197,7 @@ def fit(
         backend.update_weights(state.version)
         print(f"[questa-nemo] resumed {run_dir} at step {state.step}", flush=True)
     logger = MetricsLogger(run_dir, cfg.train.log_tensorboard and is_main, resume_step=state.step) if is_main else None
+    samples = SampleLogger(run_dir, t.log_samples, resume_step=state.step) if is_main and t.log_samples else None
     own_flag = preempt is None
     preempt = preempt or PreemptionFlag()
     bar = tqdm(
@@ -234,6 +235,8 @@ def fit(
             state.hint_levels, state.token_budget = hints.state_dict(step)
             if logger is not None:
                 logger.log(step, metrics)
+            if samples is not None:
+                samples.log(step, data.groups, decode)
             bar.update(1)
             bar.set_postfix(
                 success=f"{metrics.get('reward/success', math.nan):.3f}",

@@ -35,6 +35,60 @@ def _jsonable(value):
     return value
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the lines of a per-step JSONL file whose "step" is past `step` (what a resumed run will redo)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def sample_records(step: int, groups, decode, limit: int) -> list[dict]:
+    """One record per group, for the first `limit` groups (train/grpo.py Group): the prompt as text, the
+    reference answer, and each completion's text, reward, reason, length and finish reason."""
+    records = []
+    for group in groups[:limit]:
+        prompts = group.prompts()
+        records.append(
+            {
+                "step": step,
+                "id": group.prompt.id,
+                "prompt": decode(group.prompt.prompt_ids),
+                "answer": group.prompt.answer,
+                "samples": [
+                    {
+                        "text": text,
+                        "reward": result.reward,
+                        "reason": result.reason,
+                        "tokens": len(completion.token_ids),
+                        "finish": completion.finish_reason,
+                        "hinted": prompt.hinted,
+                    }
+                    for prompt, completion, result, text in zip(prompts, group.completions, group.results, group.texts)
+                ],
+            }
+        )
+    return records
+
+
+class SampleLogger:
+    """Writes `<run_dir>/samples.jsonl`: a few of each step's groups as text (sample_records); a resumed run
+    truncates lines past its resume step, as MetricsLogger does."""
+
+    def __init__(self, run_dir: str | Path, limit: int, resume_step: int = 0):
+        self.path, self.limit = Path(run_dir) / "samples.jsonl", limit
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_after(self.path, resume_step)
+
+    def log(self, step: int, groups, decode) -> None:
+        records = sample_records(step, groups, decode, self.limit)
+        if records:
+            with open(self.path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 class MetricsLogger:
     """Writes `<run_dir>/metrics.jsonl` (appending; a resumed run truncates lines past its resume step so the
     file never holds a step twice) and TensorBoard event files under `<run_dir>/tb`."""
@@ -53,12 +107,7 @@ class MetricsLogger:
                 self._tb = None
 
     def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        truncate_after(self.path, step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
