@@ -24,6 +24,7 @@ from policy_common import (  # noqa: E402
     write_hf_folder,
 )
 
+from questa_nemo.ckpt.runs import folder_bytes  # noqa: E402
 from questa_nemo.model import checkpoint  # noqa: E402
 from questa_nemo.model.checkpoint import (  # noqa: E402
     CheckpointDiskFull,
@@ -109,10 +110,6 @@ def test_failing_writer_leaves_previous_checkpoint_loadable(policy, tmp_path, mo
     assert all(torch.equal(v, saved_weights[k]) for k, v in hf_view(restored).items())
 
 
-def _bytes_under(*folders: Path) -> int:
-    return sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
-
-
 def test_checkpoint_larger_than_the_free_space_is_refused_before_writing(policy, tmp_path, monkeypatch):
     micro_batches, tokens = batch(policy)
     policy.train_step(micro_batches, nll_loss, tokens)
@@ -123,7 +120,7 @@ def test_checkpoint_larger_than_the_free_space_is_refused_before_writing(policy,
     # the estimate counts the model and the optimizer state: its tensor bytes are what the two folders hold,
     # within their headers and metadata
     tensor_bytes = (needs[0] - checkpoint._DISK_SLACK) / checkpoint._DISK_OVERHEAD
-    written = _bytes_under(first / "model", first / "optimizer")
+    written = folder_bytes(first / "model") + folder_bytes(first / "optimizer")
     assert 0.8 * written <= tensor_bytes <= written, (tensor_bytes, written)
 
     monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: needs[0] - 1)

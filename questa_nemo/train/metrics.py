@@ -96,7 +96,7 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
+        truncate_after(self.path, resume_step)
         self._tb = None
         if tensorboard:
             try:
@@ -105,9 +105,6 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1)
             except ImportError:
                 self._tb = None
-
-    def _truncate_after(self, step: int) -> None:
-        truncate_after(self.path, step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
