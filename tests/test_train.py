@@ -348,8 +348,13 @@ def test_memory_metrics_report_what_is_held_now_beside_the_peak():
 
     m = memory_metrics()
     assert 0 < m["perf/cpu_rss_gib"] <= m["perf/cpu_max_rss_gib"] * 1.01, m
-    held = bytearray(256 * 2**20)  # 256 MiB, touched
-    held[::4096] = b"x" * len(held[::4096])
+    # A fresh anonymous mapping, every page written: new resident pages whatever the allocator holds already.
+    # (A bytearray went through malloc; late in a CI run it reused pages the process held, and RSS did not move.)
+    import mmap
+
+    held = mmap.mmap(-1, 256 * 2**20)  # 256 MiB
+    for offset in range(0, len(held), mmap.PAGESIZE):
+        held[offset] = 1
     grown = memory_metrics()["perf/cpu_rss_gib"]
+    held.close()
     assert grown - m["perf/cpu_rss_gib"] > 0.2, (m, grown)
-    del held
