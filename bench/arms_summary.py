@@ -7,8 +7,11 @@ standard errors over problems) of the RL start ("initial") and of every arm come
 results.json (one `questa-nemo eval` per model: bench/smollm2_arms.sh) or else from
 RUN/seed<S>/summary.json (the trainer's final report: bench/embedded_arms.sh). Per arm its generated tokens,
 steps and zero-signal share come from its metrics (train.arms.training_record). Over seeds: the mean and the
-standard error of the mean (sample sd / sqrt(n)) of each number. Overrides rebuild the arms' configs as the
-runs had them (train.arms of --config).
+standard error of the mean (sample sd / sqrt(n)) of each number. Where the per-problem results are there
+(RUN/seed<S>/eval/<label>/<benchmark>.jsonl or eval_*/<label>/...), "paired" holds every arm minus the RL start
+and every later arm minus an earlier one: per seed the mean per-problem difference with its paired standard
+error over problems (eval.passk.paired_difference), over seeds the mean and standard error of those means.
+Overrides rebuild the arms' configs as the runs had them (train.arms of --config).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from questa_nemo.config import load_config  # noqa: E402
+from questa_nemo.eval.passk import paired_difference  # noqa: E402
 from questa_nemo.train.arms import plan_arms, training_record  # noqa: E402
 from questa_nemo.train.metrics import read_metrics  # noqa: E402
 
@@ -50,6 +54,40 @@ def passk_blocks(seed_dir: Path, benchmark: str) -> dict[str, dict]:
         s = json.loads(summary.read_text())
         return {label: block[benchmark] for label, block in s.items() if label != "training" and benchmark in block}
     return {}
+
+
+def problem_counts(seed_dir: Path, label: str, benchmark: str) -> dict[str, tuple[int, int]] | None:
+    """problem id -> (samples, correct) of one model on `benchmark`, from the evaluation's per-problem file."""
+    for path in [seed_dir / "eval" / label / f"{benchmark}.jsonl",
+                 *sorted(seed_dir.glob(f"eval_*/{label}/{benchmark}.jsonl"))]:
+        if path.exists():
+            rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+            return {str(r["id"]): (int(r["n"]), int(r["correct"])) for r in rows}
+    return None
+
+
+def paired_table(run: Path, seeds: list[str], labels: list[str], benchmark: str, ks: list[str]) -> dict:
+    """"A - B" -> pass@k -> {per_seed: [{seed, mean, stderr}], over_seeds}, for every arm minus "initial" and
+    every later arm minus an earlier one, on the problems both evaluated."""
+    out: dict[str, dict] = {}
+    pairs = [(a, "initial") for a in labels[1:]] + [(labels[j], labels[i]) for i in range(1, len(labels))
+                                                    for j in range(i + 1, len(labels))]
+    for a, b in pairs:
+        for k in ks:
+            rows = []
+            for seed in seeds:
+                ca, cb = (problem_counts(run / f"seed{seed}", x, benchmark) for x in (a, b))
+                if not ca or not cb:
+                    continue
+                ids = sorted(set(ca) & set(cb))
+                if not ids or min(min(ca[i][0], cb[i][0]) for i in ids) < int(k):  # pass@k needs k samples
+                    continue
+                est = paired_difference([ca[i] for i in ids], [cb[i] for i in ids], int(k))
+                rows.append({"seed": int(seed), "problems": len(ids), "mean": est.mean, "stderr": est.stderr})
+            if rows:
+                out.setdefault(f"{a} - {b}", {})[f"pass@{k}"] = {
+                    "per_seed": rows, "over_seeds": over_seeds([r["mean"] for r in rows])}
+    return out
 
 
 def warmup_record(seed_dir: Path) -> dict:
@@ -175,7 +213,8 @@ def main() -> int:
                 entry["skipped"] = sorted(skipped)
         table[label] = entry
     result = {"benchmark": args.benchmark, "config": args.config, "overrides": overrides,
-              "rl_start_no_hint_pass@8": table["initial"].get("pass@8"), "over_seeds": table, "seeds": seeds_out}
+              "rl_start_no_hint_pass@8": table["initial"].get("pass@8"), "over_seeds": table,
+              "paired": paired_table(run, args.seeds, ["initial", *names], args.benchmark, ks), "seeds": seeds_out}
     if args.plan and Path(args.plan).exists():
         result["arms_plan"] = Path(args.plan).read_text().splitlines()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +244,13 @@ def main() -> int:
         cells = ", ".join(f"{label} {100 * m['pass@1']['mean']:.1f}/{100 * m.get('pass@8', m['pass@1'])['mean']:.1f}"
                           for label, m in r["models"].items() if "pass@1" in m)
         print(f"seed {r['seed']}: warm-up kept step {r['warmup'].get('kept_step')} {kc}; {cells}")
+    if result["paired"]:
+        print("\npaired over problems, pass@1 (points of %): per seed difference +- paired stderr; over seeds")
+        for pair, block in result["paired"].items():
+            if "pass@1" in block:
+                b = block["pass@1"]
+                per = ", ".join(f"{100 * r['mean']:+.2f} +- {100 * r['stderr']:.2f}" for r in b["per_seed"])
+                print(f"{pair}: {per}; {cell(b['over_seeds'])}")
     return 0
 
 

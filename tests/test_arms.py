@@ -5,6 +5,7 @@ it spent, and the hint-ratio splits the arms draw on (same problems in every spl
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -226,6 +227,11 @@ def test_arms_summary_reads_seeds_into_mean_and_stderr(tmp_path):
         (d / "summary.json").write_text(json.dumps(summary))
         (d / "warmup" / "warmup.json").write_text(json.dumps({"steps": 10, "kept_step": 10, "nll": [],
                                                              "pass1_checks": {"10": {"hinted": 0.2, "no_hint": 0.05}}}))
+        # per-problem results of the evaluation (3 problems, 4 samples): questa ahead of plain by 1, 2, 0 correct
+        for label, correct in (("initial", (0, 0, 0)), ("plain", (1, 0, 2)), ("questa", (seed + 1, 2, 2))):
+            (d / "eval" / label).mkdir(parents=True)
+            (d / "eval" / label / "world_hard.jsonl").write_text("".join(
+                json.dumps({"id": str(i), "n": 4, "correct": c}) + "\n" for i, c in enumerate(correct)))
         for arm, tokens in (("plain", 1000), ("questa", 990)):
             (d / arm).mkdir()
             (d / arm / "metrics.jsonl").write_text(json.dumps({"step": 1, "hints/tokens_used": tokens,
@@ -240,6 +246,14 @@ def test_arms_summary_reads_seeds_into_mean_and_stderr(tmp_path):
     assert table["questa"]["pass@1"]["stderr"] == pytest.approx(0.10)  # sd 0.1414 / sqrt(2)
     assert table["plain"]["generated_tokens"]["mean"] == 1000 and table["plain"]["zero_signal_share"]["mean"] == 0.5
     assert table["adaptive"].get("pass@1") is None and "| questa | 30.0 +- 10.0 |" in done.stdout
+    # paired over problems: seed 1 gaps 1/4, 2/4, 0 -> mean 0.25, stderr 0.25/sqrt(3); seed 2 gaps 2/4, 2/4, 0
+    paired = json.loads(out.read_text())["paired"]
+    s1, s2 = paired["questa - plain"]["pass@1"]["per_seed"]
+    assert (s1["seed"], s1["problems"], s1["mean"]) == (1, 3, pytest.approx(0.25))
+    assert s1["stderr"] == pytest.approx(0.25 / math.sqrt(3)) and s2["mean"] == pytest.approx(1 / 3)
+    assert paired["questa - plain"]["pass@1"]["over_seeds"]["mean"] == pytest.approx((0.25 + 1 / 3) / 2)
+    assert "plain - initial" in paired and "adaptive - plain" not in paired  # adaptive has no results here
+    assert "questa - plain: +25.00 +- 14.43, +33.33 +- 16.67" in done.stdout
 
 
 def test_smollm2_arms_runner_rejects_a_gguf_whose_hash_differs(tmp_path):

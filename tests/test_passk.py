@@ -12,6 +12,7 @@ from questa_nemo.eval.passk import (
     mean_and_std,
     mean_and_stderr,
     normalise_answer,
+    paired_difference,
     pass_at_k,
     pass_at_k_over_problems,
     pass_at_k_over_seeds,
@@ -49,6 +50,17 @@ def test_mean_and_stderr_across_problems():
     assert mean_and_stderr([0.25]).stderr == 0.0
     with pytest.raises(ValueError):
         mean_and_stderr([])
+
+
+def test_paired_difference_is_the_mean_per_problem_gap_with_its_own_error():
+    a, b = [(4, 4), (4, 2), (4, 1)], [(4, 3), (4, 1), (4, 1)]  # A is 0.25, 0.25, 0 ahead per problem
+    est = paired_difference(a, b, k=1)
+    assert est.mean == pytest.approx(pass_at_k_over_problems(a, 1).mean - pass_at_k_over_problems(b, 1).mean)
+    assert est.stderr == pytest.approx(mean_and_stderr([0.25, 0.25, 0.0]).stderr)
+    # the same gap on every problem has no spread, however much the problems differ from each other
+    assert paired_difference([(4, 3), (4, 1)], [(4, 2), (4, 0)], k=1).stderr == 0.0
+    with pytest.raises(ValueError, match="same problems"):
+        paired_difference(a, b[:2], k=1)
 
 
 def test_normalise_answer():

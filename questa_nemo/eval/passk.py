@@ -53,6 +53,15 @@ def pass_at_k_over_problems(counts: Sequence[tuple[int, int]], k: int) -> Estima
     return mean_and_stderr([pass_at_k(n, c, k) for n, c in counts])
 
 
+def paired_difference(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]], k: int) -> Estimate:
+    """pass@k of model A minus model B on the same problems, a[i] and b[i] the (n, correct) of problem i: the mean
+    per-problem difference and its standard error over problems. Pairing takes out how hard each problem is (it
+    is hard for both), so this error is smaller than the two means' errors taken as independent."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference needs the same problems on both sides, got {len(a)} and {len(b)}")
+    return mean_and_stderr([pass_at_k(na, ca, k) - pass_at_k(nb, cb, k) for (na, ca), (nb, cb) in zip(a, b)])
+
+
 _SPACING = re.compile(r"\\[,!;: ]|\\q?quad|\s+")
 _WRAPPERS = re.compile(r"\\(?:left|right|displaystyle)")
 
