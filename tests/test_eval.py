@@ -243,6 +243,16 @@ def test_report_table_plot_and_pass_rates(tmp_path):
     table = format_table(report, [1, 2, 4])
     assert "pass@4" in table.splitlines()[0]
     assert re.search(r"aime24\s+trained\s+2\s+62\.50 \+- 37\.50", table)
+    # trained minus base per problem: 1/4 and 2/4 -> +37.5 points, paired stderr 12.5 (the sd of .25 and .5 / sqrt 2)
+    gap = report["paired"]["aime24"]
+    assert gap["against"] == "base" and gap["pass@1"]["trained"]["problems"] == 2
+    assert gap["pass@1"]["trained"]["mean"] == pytest.approx(0.375)
+    assert gap["pass@1"]["trained"]["stderr"] == pytest.approx(0.125)
+    assert "aime24: pass@1 minus base's, paired over problems: trained +37.50 +- 12.50" in table
+    # seeds pool per problem; one model alone has nothing to pair with
+    seeded = build_report({"base": {"x": {1: base, 2: base}}, "trained": {"x": {1: trained, 2: base}}}, {}, {}, [1])
+    assert seeded["paired"]["x"]["pass@1"]["trained"]["mean"] == pytest.approx((1 / 8 + 2 / 8) / 2)
+    assert "paired" not in build_report({"base": {"aime24": base}}, {}, {}, [1])
     plot_pass_at_k(report, tmp_path / "passk.png")
     assert (tmp_path / "passk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     write_pass_rates(tmp_path / "rates.jsonl", base)

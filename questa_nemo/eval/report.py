@@ -14,6 +14,7 @@ from questa_nemo.eval.benchmarks import benchmark_title
 from questa_nemo.eval.passk import (
     mean_and_std,
     mean_and_stderr,
+    paired_difference,
     pass_at_k_over_problems,
     pass_at_k_over_seeds,
 )
@@ -62,6 +63,38 @@ def summarise_seeds(runs: Mapping[int, Sequence[ProblemResult]]) -> dict[str, An
     return whole | {"seeds": [int(s) for s in per_seed], "over_seeds": over, "per_seed": per_seed}
 
 
+def paired_against_first(results: Results) -> dict[str, Any]:
+    """Benchmark key -> pass@1 of every later model minus the first (the base, as the models were given), on the
+    problems both answered: the mean per-problem difference and its paired standard error over problems (a
+    problem hard for one is hard for the other, so this error is smaller than the two models' errors together).
+    Several seeds count as one run per problem, their samples pooled. Empty for one model."""
+    labels = list(results)
+    out: dict[str, Any] = {}
+    if len(labels) < 2:
+        return out
+
+    def by_id(runs: Sequence[ProblemResult] | Mapping[int, Sequence[ProblemResult]]) -> dict[str, ProblemResult]:
+        problems = pooled(dict(runs)) if isinstance(runs, Mapping) else runs
+        return {p.id: p for p in problems}
+
+    base = labels[0]
+    for key, base_runs in results[base].items():
+        ref = by_id(base_runs)
+        rows = {}
+        for label in labels[1:]:
+            if key not in results[label]:
+                continue
+            other = by_id(results[label][key])
+            ids = [i for i in ref if i in other]
+            if ids:
+                est = paired_difference([(other[i].n, other[i].correct) for i in ids],
+                                        [(ref[i].n, ref[i].correct) for i in ids], 1)
+                rows[label] = {"problems": len(ids), **est._asdict()}
+        if rows:
+            out[key] = {"against": base, "pass@1": rows}
+    return out
+
+
 def build_report(
     results: Results, checkpoints: Mapping[str, str], settings: Mapping[str, Any], ks: Sequence[int]
 ) -> dict[str, Any]:
@@ -74,7 +107,9 @@ def build_report(
             summaries[key] = {"title": benchmark_title(key)} | summary
         models[label] = {"checkpoint": checkpoints.get(label, ""), "benchmarks": summaries}
     kept = {k: v for k, v in settings.items() if k not in ("checkpoint", "benchmark")}
-    return {"preset": settings.get("preset", "custom"), "settings": kept, "ks": list(ks), "models": models}
+    report = {"preset": settings.get("preset", "custom"), "settings": kept, "ks": list(ks), "models": models}
+    paired = paired_against_first(results)
+    return report | ({"paired": paired} if paired else {})
 
 
 def format_table(report: Mapping[str, Any], ks: Sequence[int]) -> str:
@@ -105,6 +140,10 @@ def format_table(report: Mapping[str, Any], ks: Sequence[int]) -> str:
             lines.append(row)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    for bench, block in sorted(report.get("paired", {}).items()):
+        gaps = ", ".join(f"{label} {100 * e['mean']:+.2f} +- {100 * e['stderr']:.2f}"
+                         for label, e in block["pass@1"].items())
+        table += f"\n{bench}: pass@1 minus {block['against']}'s, paired over problems: {gaps}"
     settings = report.get("settings", {})
     differs = settings.get("preset_deviations") or {}
     title = f"preset: {report.get('preset', 'custom')}" + (f" (differs: {differs})" if differs else "")
