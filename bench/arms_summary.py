@@ -70,13 +70,14 @@ def paired_table(run: Path, seeds: list[str], labels: list[str], benchmark: str,
     """"A - B" -> pass@k -> {per_seed: [{seed, mean, stderr}], over_seeds}, for every arm minus "initial" and
     every later arm minus an earlier one, on the problems both evaluated."""
     out: dict[str, dict] = {}
+    counts = {(seed, label): problem_counts(run / f"seed{seed}", label, benchmark) for seed in seeds for label in labels}
     pairs = [(a, "initial") for a in labels[1:]] + [(labels[j], labels[i]) for i in range(1, len(labels))
                                                     for j in range(i + 1, len(labels))]
     for a, b in pairs:
         for k in ks:
             rows = []
             for seed in seeds:
-                ca, cb = (problem_counts(run / f"seed{seed}", x, benchmark) for x in (a, b))
+                ca, cb = counts[seed, a], counts[seed, b]
                 if not ca or not cb:
                     continue
                 ids = sorted(set(ca) & set(cb))
