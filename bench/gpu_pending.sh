@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The measurements written without a GPU, in priority order, inside one device call:
 #   0. the decode step's residual adds, RMSNorms and SwiGLU as Triton kernels (EngineOptions.fused_norms, off,
-#      never run on a GPU): profile_decode at 8 sequences of 8K, variants new and fn; then bench_rollout's
-#      self-check (with the fused kernel's bits against torch's add and the trainer's RMSNorm: `add_rmsnorm`)
-#      and its realistic row at 512 slots, engines paged and paged_fn
+#      never run on a GPU) and its projections at <= 32 rows in Triton's skinny matmul (skinny_gemm, off):
+#      profile_decode at 8 sequences of 8K, variants new, fn and sk; bench_skinny (cuBLAS against the skinny
+#      kernel per projection at 1-32 rows, a tile sweep at 8); then bench_rollout's self-check (with the fused
+#      kernel's bits against torch's add and the trainer's RMSNorm: `add_rmsnorm`) and its realistic row at
+#      512 slots, engines paged, paged_fn and paged_fnsk
 #   1. the tile merge of the split-K decode attention (EngineOptions.merge_tile, the default since it ran) at
 #      a rollout's tail: profile_decode at 8 sequences of 8K, variants new and loop (the loop merge) side by
 #      side (the step, its kernels, and the attention sweep timing both merges and their difference)
@@ -22,16 +24,16 @@
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
-# the order above: decode_norms rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa
+# the order above: decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa
 # grpo_varlen decode_tail train_long grpo_async train_layout) picks some. Parts 1-8 have run on an H100 (3-6
 # in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README (μ)); still unmeasured:
-# "decode_norms rollout_norms train_layout" (one call, about 8 minutes).
+# "decode_norms skinny rollout_norms train_layout" (one call, about 9 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-decode_norms rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout} "
+WANT=" ${*:-decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -54,8 +56,9 @@ part() {  # part NAME SECONDS COMMAND...: run with a bound of min(SECONDS, time 
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 part decode_norms 90 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
-    --variants new,fn --quick-sweep --sweep-block-sizes 64 --attn-reps 3 --out "$DIR/decode_norms.json"
-part rollout_norms 300 python3 bench/bench_rollout.py --also-check --engines paged,paged_fn --hf-new-tokens 0 \
+    --variants new,fn,sk --quick-sweep --sweep-block-sizes 64 --attn-reps 3 --out "$DIR/decode_norms.json"
+part skinny 120 python3 bench/bench_skinny.py --sweep-seconds 12 --out "$DIR/skinny.json"
+part rollout_norms 330 python3 bench/bench_rollout.py --also-check --engines paged,paged_fn,paged_fnsk --hf-new-tokens 0 \
     --new-tokens 0 --recipe-prompts 0 --batch 512 --out "$DIR/rollout_norms.json"
 part decode_merge 120 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
     --variants new,loop --quick-sweep --sweep-block-sizes 64 --out "$DIR/decode_merge.json"

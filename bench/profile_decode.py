@@ -52,7 +52,7 @@ from questa_nemo.rollout.sampling import sample_tokens, uniform_draws  # noqa: E
 
 VARIANTS = {  # -> bench_rollout's ENGINES
     "main": "paged_main", "new": "paged", "cascade": "paged_cascade", "ts": "paged_ts", "loop": "paged_loop",
-    "fn": "paged_fn",
+    "fn": "paged_fn", "sk": "paged_fnsk",
 }  # fmt: skip
 KINDS = ("attention", "matmul", "sampling", "kv_write", "norm", "elementwise", "other")
 _MATMUL = ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "addmm", "linear")
@@ -308,7 +308,7 @@ def parse_args(argv):
         "--variants", default="main,new,cascade,ts,loop,fn",
         help="comma list: main (fused_decode and fused_sampler off), new (the defaults), cascade (new + "
         "cascade), ts (new with torch's sampler instead of the fused one), loop (new with the loop merge), fn "
-        "(new with fused_norms)",
+        "(new with fused_norms), sk (fn with skinny_gemm)",
     )
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-fraction", type=float, default=0.6)

@@ -410,20 +410,30 @@ def test_tile_merge_equals_loop_merge(case, per_group, monkeypatch, nan_scratch,
 
 
 @needs_triton
-def test_engine_with_triton_kernel_equals_contiguous(model, kernel_on):
+def test_engine_with_triton_kernel_equals_contiguous(model, kernel_on, monkeypatch):
     """The engine's paged path with the kernel (as on GPU: one graph key per batch, no span) against the
     contiguous cache: greedy tokens equal, log-probs within float32 noise."""
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=12, ignore_eos=True)
     contiguous = backend(model).generate(PROMPTS, params)
-    # the earlier step, fused, cascade, cascade with the tile merge, fused with the norms in Triton
-    combos = ((False, False, False, False), (True, False, False, False), (True, True, False, False))
-    combos += ((True, True, True, False), (True, False, True, True))
-    for fused, cascade, merge, norms in combos:
-        b = paged(model, fused_decode=fused, cascade_attention=cascade, merge_tile=merge, fused_norms=norms)
+    # the earlier step, fused, cascade, cascade with the tile merge, fused with the norms in Triton, and with
+    # the skinny matmul for the projections
+    combos = ((False, False, False, False, False), (True, False, False, False, False))
+    combos += ((True, True, False, False, False), (True, True, True, False, False), (True, False, True, True, False))
+    combos += ((True, False, True, True, True),)
+    from questa_nemo.model import triton_kernels
+
+    skinny_calls = []
+    real_skinny = triton_kernels.skinny_linear
+    monkeypatch.setattr(triton_kernels, "skinny_linear", lambda *a, **k: skinny_calls.append(1) or real_skinny(*a, **k))
+    for fused, cascade, merge, norms, skinny in combos:
+        b = paged(model, fused_decode=fused, cascade_attention=cascade, merge_tile=merge, fused_norms=norms,
+                  skinny_gemm=skinny)  # fmt: skip
         before = {k: kernel_on[k] for k in ("attention", "merge_tile")} | {"cascade": len(kernel_on["cascade"])}
+        calls = len(skinny_calls)
         result = b.generate(PROMPTS, params)
         assert b._runner.cache.fused == fused and b._runner.cache.cascade == cascade
         assert b._runner.cache.merge_tile == merge and b._runner.cache.fused_residual == norms
+        assert (len(skinny_calls) - calls == 12 * (2 * 4 + 1)) == skinny  # every step's 2 layers x 4 + the head
         assert kernel_on["attention"] - before["attention"] == 12 * 2  # every step's two layers
         assert kernel_on["merge_tile"] - before["merge_tile"] == (12 * 2 if merge else 0)
         # cascade: the long prompt's samples share its two full blocks, read once by their group

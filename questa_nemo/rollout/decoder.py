@@ -325,16 +325,18 @@ def _decode_fused_norms(
     residual add and the RMSNorm after it are one launch (`add_rmsnorm`: the add's bits as torch's, the norm's
     as the trainer's fused RMSNorm), SwiGLU is one (`swiglu_forward`), the final norm rides on the last add.
     About three launches a layer fewer than the torch ops, on a step that is launch-bound at a rollout's tail.
+    With the cache's `skinny_gemm` the projections go through `skinny_linear` (cuBLAS past 32 rows).
     h [B, 1, hidden]; cos, sin [B, D / 2] -> logits [B, vocab] in the weights' dtype."""
-    from questa_nemo.model.triton_kernels import add_rmsnorm, rmsnorm_forward, swiglu_forward
+    from questa_nemo.model.triton_kernels import add_rmsnorm, rmsnorm_forward, skinny_linear, swiglu_forward
 
+    linear = skinny_linear if getattr(cache, "skinny_gemm", False) else F.linear
     b = h.size(0)
     x = rmsnorm_forward(h, w.layers[0].attn_norm, w.eps)[0]
     for i, lw in enumerate(w.layers):
-        qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [B, 1, (heads + 2G) D]
+        qkv = linear(x, lw.qkv, lw.qkv_bias)  # [B, 1, (heads + 2G) D]
         attn = cache.decode_attention_qkv(i, ctx, qkv[:, 0], cos, sin)  # [B, G, per, D]
-        h, x = add_rmsnorm(F.linear(attn.reshape(b, 1, -1), lw.proj, lw.proj_bias), h, lw.mlp_norm, w.eps)
-        mlp = F.linear(swiglu_forward(F.linear(x, lw.fc1, lw.fc1_bias)), lw.fc2, lw.fc2_bias)
+        h, x = add_rmsnorm(linear(attn.reshape(b, 1, -1), lw.proj, lw.proj_bias), h, lw.mlp_norm, w.eps)
+        mlp = linear(swiglu_forward(linear(x, lw.fc1, lw.fc1_bias)), lw.fc2, lw.fc2_bias)
         after = w.layers[i + 1].attn_norm if i + 1 < len(w.layers) else w.final_norm
         h, x = add_rmsnorm(mlp, h, after, w.eps)
-    return F.linear(x[:, 0], w.lm_head)
+    return linear(x[:, 0], w.lm_head)

@@ -86,6 +86,11 @@ class EngineOptions:
     # paged + fused_decode, Triton kernel: the decode step's residual add and the RMSNorm after it in one kernel,
     # SwiGLU in one (decoder._decode_fused_norms: about 84 fewer launches a step at 28 layers); off until measured
     fused_norms: bool = False
+    # with fused_norms: the decode step's projections at up to 32 sequences (a rollout's tail) in Triton's
+    # skinny matmul (model/triton_kernels.skinny_linear: K split over the SMs, the partials summed in a fixed
+    # order by the last program of a tile) instead of cuBLAS, whose kernels read the attention's small
+    # weights at a fraction of the bandwidth; off until measured (bench/bench_skinny.py, profile_decode "sk")
+    skinny_gemm: bool = False
     # GPU: sample (temperature > 0, no top-p) in one Triton kernel over the lm_head's bf16 output instead of
     # torch's float32 passes (rollout/sampling_triton.py). H100, bench_rollout "paged_fs" against "paged":
     # 38,120 against 34,535 tok/s at 256 x (1K + 2K), 13,442 against 12,520 at realistic lengths; the same
@@ -387,6 +392,7 @@ class MegatronBackend:
         cache.cascade = opts.fused_decode and opts.cascade_attention
         cache.merge_tile = opts.merge_tile
         cache.fused_norms = opts.fused_norms
+        cache.skinny_gemm = opts.skinny_gemm
         return cache
 
     def _admit(

@@ -177,6 +177,7 @@ class PagedKVCache:
         self.cascade = False
         self.merge_tile = True  # the kernel's merge: one program per query head (EngineOptions.merge_tile)
         self.fused_norms = False  # with takes_qkv: the step's residual adds, norms, SwiGLU in Triton (decoder.py)
+        self.skinny_gemm = False  # with fused_norms: the projections at <= 32 rows in Triton (decoder.py)
         self._groups: tuple[torch.Tensor, ...] | None = None  # device: members, items, skip, count
 
     @classmethod
