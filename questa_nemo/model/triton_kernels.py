@@ -283,7 +283,9 @@ _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _workspace(device: torch.device, block_m: int, n: int, split: int, tiles: int):
     """The split partials and the per-tile tickets (zeroed once; the kernel leaves them zero) for one shape,
-    kept for the process: a captured graph keeps pointing at them."""
+    kept for the process: a captured graph keeps pointing at them. Launches of one shape must not overlap (two
+    streams decoding at once in one process would share them); the rollout engine decodes on one stream at a
+    time (the async producer's stream decodes while the trainer, which does not use this kernel, trains)."""
     key = (str(device), block_m, n, split, tiles)
     if key not in _WORKSPACE:
         _WORKSPACE[key] = (
