@@ -104,7 +104,8 @@ ENGINES = {  # name -> EngineOptions besides the shared ones
     "paged_ts": {"paged_kv": True, "fused_sampler": False},  # the defaults with torch's float32 sampler
     "paged_cascade": {"paged_kv": True, "cascade_attention": True},
     "paged_loop": {"paged_kv": True, "merge_tile": False},  # the defaults with the loop merge of the splits
-    "paged_fn": {"paged_kv": True, "fused_norms": True},  # the defaults with add + RMSNorm, SwiGLU in Triton
+    "paged_fn": {"paged_kv": True, "fused_norms": True},  # add + RMSNorm, SwiGLU in Triton (the default since)
+    "paged_nofn": {"paged_kv": True, "fused_norms": False},  # the defaults with torch's add, RMSNorm, SwiGLU
     "paged_fnsk": {"paged_kv": True, "fused_norms": True, "skinny_gemm": True},  # and the skinny matmul
 }
 
@@ -572,7 +573,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma list of old (contiguous cache), paged (the defaults), paged_main (fused_decode and "
         "fused_sampler off: the step before both), paged_ts (torch's sampler instead of the fused one), "
         "paged_cascade (paged with cascade_attention), paged_loop (paged with the loop merge: merge_tile off), "
-        "paged_fn (paged with fused_norms), paged_fnsk (paged_fn with skinny_gemm)",
+        "paged_fn (paged with fused_norms, the default since), paged_nofn (paged without fused_norms), "
+        "paged_fnsk (paged_fn with skinny_gemm)",
     )
     p.add_argument("--prompts", type=int, default=16, help="prompts of the fixed rows (x --samples)")
     p.add_argument("--samples", type=int, default=16)
@@ -704,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("paged_fn", "paged_fnsk"):
             if "paged" in rates and k in rates:
                 out[f"{k}_vs_paged"] = rates[k] / rates["paged"]
+        if "paged" in rates and "paged_nofn" in rates:
+            out["paged_vs_paged_nofn"] = rates["paged"] / rates["paged_nofn"]
         if "paged" in rates and "paged_loop" in rates:
             out["paged_vs_paged_loop"] = rates["paged"] / rates["paged_loop"]
         for k in ("old", "paged"):

@@ -84,12 +84,14 @@ class EngineOptions:
     # loop merge at every batch.
     merge_tile: bool = True
     # paged + fused_decode, Triton kernel: the decode step's residual add and the RMSNorm after it in one kernel,
-    # SwiGLU in one (decoder._decode_fused_norms: about 84 fewer launches a step at 28 layers); off until measured
-    fused_norms: bool = False
+    # SwiGLU in one (decoder._decode_fused_norms: 84 fewer launches a step at 28 layers; the add's bits as
+    # torch's, the norm's as the trainer's kernel). H100: the step at 8 sequences of 8K 3.15 -> 2.85 ms, the
+    # realistic row at 512 slots 14,366 -> 15,878 tok/s (README (κ)). False: torch's add, RMSNorm and SwiGLU.
+    fused_norms: bool = True
     # with fused_norms: the decode step's projections at up to 32 sequences (a rollout's tail) in Triton's
     # skinny matmul (model/triton_kernels.skinny_linear: K split over the SMs, the partials summed in a fixed
-    # order by the last program of a tile) instead of cuBLAS, whose kernels read the attention's small
-    # weights at a fraction of the bandwidth; off until measured (bench/bench_skinny.py, profile_decode "sk")
+    # order by the last program of a tile) instead of cuBLAS. Off: on an H100 no faster (bench/bench_skinny.py:
+    # a step's projections at 8 rows 1.510 against cuBLAS's 1.508 ms; the realistic row 15,862 against 15,878)
     skinny_gemm: bool = False
     # GPU: sample (temperature > 0, no top-p) in one Triton kernel over the lm_head's bf16 output instead of
     # torch's float32 passes (rollout/sampling_triton.py). H100, bench_rollout "paged_fs" against "paged":
