@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The measurements written without a GPU, in priority order, inside one device call:
-#   0. the decode step's residual adds, RMSNorms and SwiGLU as Triton kernels (EngineOptions.fused_norms, off,
-#      never run on a GPU) and its projections at <= 32 rows in Triton's skinny matmul (skinny_gemm, off):
+#   -1. the fixed (256 x 1K + 2K) and realistic (256 slots) rollout rows with fused_norms (on by default since
+#      part 0 ran) against without (engines paged_nofn, paged), and the recipe-length row with the defaults
+#   0. the decode step's residual adds, RMSNorms and SwiGLU as Triton kernels (EngineOptions.fused_norms, on
+#      since this ran) and its projections at <= 32 rows in Triton's skinny matmul (skinny_gemm, off):
 #      profile_decode at 8 sequences of 8K, variants new, fn and sk; bench_skinny (cuBLAS against the skinny
 #      kernel per projection at 1-32 rows, a tile sweep at 8); then bench_rollout's self-check (with the fused
 #      kernel's bits against torch's add and the trainer's RMSNorm: `add_rmsnorm`) and its realistic row at
@@ -24,16 +26,17 @@
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
-# the order above: decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa
-# grpo_varlen decode_tail train_long grpo_async train_layout) picks some. Parts 1-8 have run on an H100 (3-6
-# in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README (μ)); still unmeasured:
-# "decode_norms skinny rollout_norms train_layout" (one call, about 9 minutes).
+# the order above: rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge
+# train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout) picks some.
+# Parts 0-8 have run on an H100 (3-6 in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README
+# (μ); 0 in one call, README (κ)); still unmeasured: "rollout_fixed_norms rollout_recipe train_layout" (one
+# call, about 8 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout} "
+WANT=" ${*:-rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -55,6 +58,10 @@ part() {  # part NAME SECONDS COMMAND...: run with a bound of min(SECONDS, time 
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
+part rollout_fixed_norms 200 python3 bench/bench_rollout.py --engines paged_nofn,paged --hf-new-tokens 0 \
+    --recipe-prompts 0 --out "$DIR/rollout_fixed_norms.json"
+part rollout_recipe 130 python3 bench/bench_rollout.py --engines paged --hf-new-tokens 0 --new-tokens 0 \
+    --realistic-prompts 0 --out "$DIR/rollout_recipe.json"
 part decode_norms 90 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
     --variants new,fn,sk --quick-sweep --sweep-block-sizes 64 --attn-reps 3 --out "$DIR/decode_norms.json"
 part skinny 120 python3 bench/bench_skinny.py --sweep-seconds 12 --out "$DIR/skinny.json"

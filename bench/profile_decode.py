@@ -55,7 +55,7 @@ VARIANTS = {  # -> bench_rollout's ENGINES
     "fn": "paged_fn", "sk": "paged_fnsk",
 }  # fmt: skip
 KINDS = ("attention", "matmul", "sampling", "kv_write", "norm", "elementwise", "other")
-_MATMUL = ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "addmm", "linear")
+_MATMUL = ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "addmm", "linear", "skinny")
 _ATTENTION = ("_split_kernel", "_merge_kernel", "_merge_tile_kernel", "_prefix_kernel", "attention", "fmha", "flash")
 
 
@@ -69,7 +69,7 @@ def kernel_kind(name: str) -> str:
         return "kv_write"
     if "norm" in low:
         return "norm"
-    if any(s in low for s in ("elementwise", "vectorized", "unrolled", "cat", "copy", "mul", "add", "silu")):
+    if any(s in low for s in ("elementwise", "vectorized", "unrolled", "cat", "copy", "mul", "add", "silu", "swiglu")):
         return "elementwise"
     return "other"
 
