@@ -292,14 +292,15 @@ def test_rope_append_kernel_equals_torch_rope_and_index_put(dtype, interpreter_l
 @needs_triton
 def test_fused_step_gives_the_same_bits(model, kernel_on, monkeypatch):
     """At the same attention launch, the fused step (RoPE + append in one kernel) samples the same tokens with
-    the same log-probs as the step of torch ops it replaces."""
+    the same log-probs as the step of torch ops it replaces (both with torch's norms: fused_norms, whose
+    RMSNorm rounds as the trainer's kernel, is checked in test_engine_with_triton_kernel_equals_contiguous)."""
     from questa_nemo.rollout.paged import PagedKVCache
 
     monkeypatch.setattr(PagedKVCache, "launch_settings", lambda self, batch: {"splits": 2})
     params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=4, ignore_eos=True)
     results = []
     for fused in (False, True):
-        b = paged(model, fused_decode=fused)
+        b = paged(model, fused_decode=fused, fused_norms=False)
         results.append(b.generate(PROMPTS, params))
         assert b._runner.cache.takes_qkv == fused
     assert kernel_on["attention"] >= 2 * 10 * 2  # two engines, ten steps, two layers: the kernel ran
