@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from roofline import card_bandwidth  # noqa: E402
 
 from questa_nemo.model import triton_kernels as tk  # noqa: E402
 
@@ -81,8 +84,7 @@ def main() -> None:
     args = p.parse_args()
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
-    bandwidth = {"H100": 3.35e12, "H200": 4.8e12}
-    peak = next((v for key, v in bandwidth.items() if key in props.name), None)
+    peak = card_bandwidth(props.name)
     g = torch.Generator(device=dev).manual_seed(0)
     result = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
               "triton": __import__("triton").__version__, "peak_bytes_per_s": peak, "shapes": {}}  # fmt: skip
@@ -99,9 +101,9 @@ def main() -> None:
             x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16, generator=g)
             ref = F.linear(x.float(), weights[0].float(), None if biases[0] is None else biases[0].float())
             err_cublas = (F.linear(x, weights[0], biases[0]).float() - ref).abs().max().item()
-            err_skinny = (tk.skinny_linear(x, weights[0], biases[0]).float() - ref).abs().max().item()
-            again = tk.skinny_linear(x, weights[0], biases[0])
-            deterministic = torch.equal(again, tk.skinny_linear(x, weights[0], biases[0]))
+            first = tk.skinny_linear(x, weights[0], biases[0])
+            err_skinny = (first.float() - ref).abs().max().item()
+            deterministic = torch.equal(first, tk.skinny_linear(x, weights[0], biases[0]))
 
             def run(linear, cfg=None, x=x, weights=weights, biases=biases):
                 return lambda: [linear(x, w, b) if cfg is None else tk.skinny_linear(x, w, b, config=cfg)
