@@ -20,6 +20,7 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   compile=0|1                     torch.compile every decoder layer (both impls)
   newstuff=0|1                    mcore: 0 = the layers as before the Triton RMSNorm (torch's RMSNorm; default 1)
   vcontig=1                       mcore: attention's value made contiguous (it is a view into the fused qkv output)
+  headmajor=1                     mcore: query, key and value copied head-major ([b, heads, s, d] storage) for SDPA
   ckpt=megatron|torch             mcore, recompute=full: megatron's reentrant checkpoint or torch's (model.recompute_impl)
   keepattn=0|1                    recompute=full: keep each layer's attention output instead of recomputing it
                                   (mcore: model.recompute_keep_attention, implies ckpt=torch; hf: the same policy)
@@ -119,6 +120,22 @@ PRESETS: dict[str, list[str]] = {
         "32768/mcore:recompute=full,keepattn=1",
         "32768/hf:recompute=full,keepattn=1",
     ],
+    "long_compile": [  # the 32K rows with every decoder layer compiled (the checkpoint, and with keepattn its
+        # selective policy, inside the compiled region), each against transformers eager and compiled
+        "32768/hf:recompute=full",
+        "32768/mcore:recompute=full,keepattn=1,compile=1",
+        "32768/hf:recompute=full,keepattn=1",
+        "32768/mcore:recompute=full,keepattn=1,compile=1,headmajor=1",
+        "32768/hf:recompute=full,keepattn=1,compile=1",
+        "32768/hf:recompute=full,compile=1",
+        "32768/mcore:recompute=full,keepattn=1",
+        "32768/mcore:recompute=full,compile=1",
+    ],
+    "headmajor": [  # our SDPA inputs head-major, as transformers' are: the same cuDNN kernels ran 5% slower on ours
+        "8192/hf:recompute=none,compile=1",
+        "8192/mcore:recompute=none,compile=1",
+        "8192/mcore:recompute=none,compile=1,headmajor=1",
+    ],
     "packed": [  # packed (THD) micro-batches: the varlen kernel / one plan (SDPA) / segments read back per layer
         "8192/mcore:recompute=none,docs=r1",
         "8192/mcore:recompute=none,docs=r1,varlen=1",
@@ -173,7 +190,7 @@ def parse_run(text: str) -> Run:
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
     known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
-             "newstuff", "keepattn", "vcontig", "ckpt", "segplan", "varlen"}  # fmt: skip
+             "newstuff", "keepattn", "vcontig", "headmajor", "ckpt", "segplan", "varlen"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
     return Run(int(seq), impl, options)
@@ -248,6 +265,10 @@ def build_mcore(hf: dict, run: Run, device: str):
         for layer in model.decoder.layers:
             core = layer.self_attention.core_attention
             core.forward = contiguous_value(core.forward)
+    if run.options.get("headmajor") == "1":
+        for layer in model.decoder.layers:
+            core = layer.self_attention.core_attention
+            core.forward = head_major(core.forward)
     if run.options.get("rope") == "megatron":
         model.config.apply_rope_fusion = False
     if run.options.get("swiglu") == "megatron":  # megatron's own fusion, as built without ours
@@ -322,6 +343,17 @@ def torch_norms(model) -> None:
 def contiguous_value(forward):
     def wrapped(query, key, value, *args, **kwargs):
         return forward(query, key, value.contiguous(), *args, **kwargs)
+
+    return wrapped
+
+
+def head_major(forward):
+    """q / k / v each copied to [b, heads, s, d] storage (seen as [s, b, heads, d]): every head's rows back to
+    back, as transformers' layout hands them to SDPA, instead of a token's heads back to back."""
+
+    def wrapped(query, key, value, *args, **kwargs):
+        q, k, v = (x.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3) for x in (query, key, value))
+        return forward(q, k, v, *args, **kwargs)
 
     return wrapped
 

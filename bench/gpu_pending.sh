@@ -21,22 +21,25 @@
 #   8. the GRPO step one step off-policy, the producer decoding on its own CUDA stream (its tail overlaps
 #      training)
 #   9. training at 8K against compiled transformers with the value made contiguous (bench_train --preset
-#      layout, profiled: where the 7% of attention time goes; never run)
+#      layout, profiled: where the 7% of attention time goes; ran 2026-12-06: no gain)
+#  10. training at 8K with q / k / v head-major for SDPA (bench_train --preset headmajor, profiled), and the
+#      32K rows with every layer compiled on both sides (--preset long_compile)
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
 # the order above: rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge
-# train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout) picks some.
-# Parts 0-8 have run on an H100 (3-6 in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README
-# (μ); 0 in one call, README (κ)); still unmeasured: "rollout_fixed_norms rollout_recipe train_layout" (one
-# call, about 8 minutes).
+# train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor
+# train_long_compile) picks some.
+# Parts -1 and 0-9 have run on an H100 (3-6 in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README
+# (μ); 0 in one call, README (κ); -1 and 9 in one call, README (λ)); still unmeasured: "train_headmajor
+# train_long_compile" (one call, about 9 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout} "
+WANT=" ${*:-rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -90,4 +93,8 @@ part grpo_async 210 python3 bench/bench_grpo_nemorl.py --steps 3 --staleness 1 -
     --proximal train_forward --recompute none --micro-batch-tokens 8192 --out "$DIR/grpo_async.json"
 part train_layout 200 python3 bench/bench_train.py --device cuda --preset layout --steps 4 --time-budget-s 170 \
     --profile "$DIR/profile_layout" --out "$DIR/train_layout.json"
+part train_headmajor 120 python3 bench/bench_train.py --device cuda --preset headmajor --steps 4 --time-budget-s 100 \
+    --profile "$DIR/profile_headmajor" --out "$DIR/train_headmajor.json"
+part train_long_compile 400 python3 bench/bench_train.py --device cuda --preset long_compile --steps 3 \
+    --time-budget-s 370 --out "$DIR/train_long_compile.json"
 tar -czf "$OUT/pending.tar.gz" -C "$DIR" .

@@ -58,7 +58,7 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
     realistic against paged_nofn, the recipe-length row), then the fused norms' and the skinny matmul's three
     (profile_decode's new, fn and sk variants at a rollout's tail, bench_skinny, bench_rollout's self-check
     and realistic row at 512 slots with engines paged, paged_fn and paged_fnsk), then the merge's two
-    (variants new and loop, engines paged and paged_loop)."""
+    (variants new and loop, engines paged and paged_loop); the training rows last (all measured since)."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
     _stub(stubs, "nvidia-smi", "echo gpu\n")
@@ -70,7 +70,7 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
     started = [line.split(":")[0].split()[-1] for line in result.stdout.splitlines() if ": up to " in line]
     first = ["rollout_fixed_norms", "rollout_recipe", "decode_norms", "skinny", "rollout_norms", "decode_merge"]
     assert started[:7] == [*first, "rollout_merge"], started
-    assert len(started) == 15 and started[-1] == "train_layout", started
+    assert len(started) == 17 and started[-3:] == ["train_layout", "train_headmajor", "train_long_compile"], started
     with tarfile.open(tmp_path / "pending.tar.gz") as archive:
         files = [m for m in archive.getmembers() if m.isfile()]
         logs = {Path(m.name).name: archive.extractfile(m).read().decode() for m in files}
@@ -78,6 +78,8 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
     assert "--engines paged_nofn,paged" in fixed and "--recipe-prompts 0" in fixed and "--new-tokens" not in fixed
     recipe = logs["rollout_recipe.log"]
     assert "--new-tokens 0" in recipe and "--realistic-prompts 0" in recipe
+    assert "--preset headmajor" in logs["train_headmajor.log"]
+    assert "--preset long_compile" in logs["train_long_compile.log"]
     norms = logs["decode_norms.log"]
     assert "profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed --variants new,fn,sk" in norms
     assert "bench_skinny.py" in logs["skinny.log"]

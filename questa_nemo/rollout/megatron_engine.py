@@ -86,7 +86,8 @@ class EngineOptions:
     # paged + fused_decode, Triton kernel: the decode step's residual add and the RMSNorm after it in one kernel,
     # SwiGLU in one (decoder._decode_fused_norms: 84 fewer launches a step at 28 layers; the add's bits as
     # torch's, the norm's as the trainer's kernel). H100: the step at 8 sequences of 8K 3.15 -> 2.85 ms, the
-    # realistic row at 512 slots 14,366 -> 15,878 tok/s (README (κ)). False: torch's add, RMSNorm and SwiGLU.
+    # realistic row at 512 slots 14,366 -> 15,878 tok/s (README (κ)), the fixed row 35,232 -> 40,624 (README
+    # (λ)). False: torch's add, RMSNorm and SwiGLU.
     fused_norms: bool = True
     # with fused_norms: the decode step's projections at up to 32 sequences (a rollout's tail) in Triton's
     # skinny matmul (model/triton_kernels.skinny_linear: K split over the SMs, the partials summed in a fixed
