@@ -261,14 +261,11 @@ def build_mcore(hf: dict, run: Run, device: str):
     core = model.decoder.layers[0].self_attention.core_attention  # VarlenCoreAttention with varlen=1
     plan = attention.segment_plan([0], [1], torch.device(device))
     run.varlen = attention.attention_path(probe, plan, varlen=core.varlen) == "varlen"
-    if run.options.get("vcontig") == "1":
-        for layer in model.decoder.layers:
-            core = layer.self_attention.core_attention
-            core.forward = contiguous_value(core.forward)
-    if run.options.get("headmajor") == "1":
-        for layer in model.decoder.layers:
-            core = layer.self_attention.core_attention
-            core.forward = head_major(core.forward)
+    for option, relay in ATTENTION_INPUT_LAYOUTS.items():
+        if run.options.get(option) == "1":
+            for layer in model.decoder.layers:
+                core = layer.self_attention.core_attention
+                core.forward = relaid_inputs(core.forward, relay)
     if run.options.get("rope") == "megatron":
         model.config.apply_rope_fusion = False
     if run.options.get("swiglu") == "megatron":  # megatron's own fusion, as built without ours
@@ -340,20 +337,22 @@ def torch_norms(model) -> None:
                 setattr(layer, name, norm)
 
 
-def contiguous_value(forward):
+def _head_major(x: torch.Tensor) -> torch.Tensor:
+    """x [s, b, heads, d] copied to [b, heads, s, d] storage (seen as [s, b, heads, d]): every head's rows back
+    to back, as transformers' layout hands them to SDPA, instead of a token's heads back to back."""
+    return x.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3)
+
+
+# run option -> how core attention's (query, key, value) are laid out before it sees them
+ATTENTION_INPUT_LAYOUTS = {
+    "vcontig": lambda q, k, v: (q, k, v.contiguous()),
+    "headmajor": lambda q, k, v: (_head_major(q), _head_major(k), _head_major(v)),
+}
+
+
+def relaid_inputs(forward, relay):
     def wrapped(query, key, value, *args, **kwargs):
-        return forward(query, key, value.contiguous(), *args, **kwargs)
-
-    return wrapped
-
-
-def head_major(forward):
-    """q / k / v each copied to [b, heads, s, d] storage (seen as [s, b, heads, d]): every head's rows back to
-    back, as transformers' layout hands them to SDPA, instead of a token's heads back to back."""
-
-    def wrapped(query, key, value, *args, **kwargs):
-        q, k, v = (x.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3) for x in (query, key, value))
-        return forward(q, k, v, *args, **kwargs)
+        return forward(*relay(query, key, value), *args, **kwargs)
 
     return wrapped
 

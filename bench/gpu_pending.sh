@@ -23,7 +23,7 @@
 #   9. training at 8K against compiled transformers with the value made contiguous (bench_train --preset
 #      layout, profiled: where the 7% of attention time goes; ran 2026-12-06: no gain)
 #  10. training at 8K with q / k / v head-major for SDPA (bench_train --preset headmajor, profiled), and the
-#      32K rows with every layer compiled on both sides (--preset long_compile)
+#      32K rows with every layer compiled on both sides (--preset long_compile; ran 2026-12-06, README (λ))
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
@@ -31,9 +31,8 @@
 # the order above: rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge
 # train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor
 # train_long_compile) picks some.
-# Parts -1 and 0-9 have run on an H100 (3-6 in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README
-# (μ); 0 in one call, README (κ); -1 and 9 in one call, README (λ)); still unmeasured: "train_headmajor
-# train_long_compile" (one call, about 9 minutes).
+# Parts -1 and 0-10 have run on an H100 (3-6 in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README
+# (μ); 0 in one call, README (κ); -1 and 9 in one call, 10 in the next, README (λ)); every part has run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
