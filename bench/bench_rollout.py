@@ -169,9 +169,19 @@ class _ForcedEOS(LogitsProcessor):
 
 
 @torch.no_grad()
-def run_hf(model, prompts: list[list[int]], n: int, new_tokens: int, lengths: list[list[int]] | None = None):
-    """Plain transformers generate at batch len(prompts) x n (sampling at T = 1, no top-k, dynamic cache):
-    EOS ignored via min_new_tokens, or (lengths) an EOS forced at each row's drawn length."""
+def run_hf(
+    model,
+    prompts: list[list[int]],
+    n: int,
+    new_tokens: int,
+    lengths: list[list[int]] | None = None,
+    static: bool = False,
+):
+    """transformers generate at batch len(prompts) x n (sampling at T = 1, no top-k): EOS ignored via
+    min_new_tokens, or (lengths) an EOS forced at each row's drawn length. Plain generate keeps a dynamic
+    cache; static=True asks for its static cache, with which generate compiles the model's decode forward
+    (torch.compile, mode reduce-overhead: CUDA graphs), the fastest transformers offers. The compile is paid
+    in a warm-up call of the same shapes (every row stopped after 4 tokens), reported, not timed."""
     from transformers import LogitsProcessorList
 
     ids = torch.tensor(prompts, device=model.device)
@@ -185,6 +195,22 @@ def run_hf(model, prompts: list[list[int]], n: int, new_tokens: int, lengths: li
             pad_token_id=eos,
             logits_processor=LogitsProcessorList([_ForcedEOS(flat, ids.size(1), eos)]),
         )
+    warmup_s = None
+    if static:
+        extra["cache_implementation"] = "static"
+        short = dict(extra)
+        if lengths is not None:  # same batch, same max_new_tokens (the static cache's shape); EOS after 4 tokens
+            short["logits_processor"] = LogitsProcessorList([_ForcedEOS(flat.clamp(max=4), ids.size(1), eos)])
+        else:
+            short["min_new_tokens"] = 0
+        sync()
+        tic = time.perf_counter()
+        model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=True,
+            temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=n, **short,
+        )  # fmt: skip
+        sync()
+        warmup_s = time.perf_counter() - tic
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sync()
@@ -215,6 +241,9 @@ def run_hf(model, prompts: list[list[int]], n: int, new_tokens: int, lengths: li
     stats = dict(
         tokens=tokens, seconds=seconds, tokens_per_second=tokens / seconds, prompts=len(prompts), samples=n
     )
+    if static:
+        # generate keeps its torch.compile'd call on the model once it took the compiled path
+        stats.update(cache="static", compiled=hasattr(model, "_compiled_call"), warmup_seconds=warmup_s)
     if torch.cuda.is_available():
         stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return stats
@@ -598,6 +627,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="transformers on the realistic row too, one batch of all its sequences (small runs only: at 256 "
         "sequences and 8K its dynamic cache alone would need ~66 GB and ~8K eager steps)",
     )
+    p.add_argument(
+        "--hf-static",
+        action="store_true",
+        help="with the transformers rows, also transformers with its static cache, with which generate compiles "
+        "the decode forward (CUDA graphs): the strongest transformers baseline",
+    )
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (to measure what graphs buy)")
     p.add_argument("--out", default="bench_rollout.json")
     return p.parse_args(argv)
@@ -686,6 +721,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = {k: fn for k, fn in runs.items() if which is None or k in which}
         if with_hf:
             runs["transformers"] = lambda: run_hf(twin, prompts, args.samples, new_tokens, lengths)
+            if args.hf_static:
+                runs["transformers_static"] = lambda: run_hf(
+                    twin, prompts, args.samples, new_tokens, lengths, static=True
+                )
             out["max_batch_sequences"] = len(prompts) * args.samples  # transformers: one batch of all
         for key, fn in runs.items():
             try:
@@ -711,11 +750,13 @@ def main(argv: list[str] | None = None) -> int:
         if "paged" in rates and "paged_loop" in rates:
             out["paged_vs_paged_loop"] = rates["paged"] / rates["paged_loop"]
         for k in ("old", "paged"):
-            if k in rates and "transformers" in rates:
-                out[f"{k}_vs_transformers"] = rates[k] / rates["transformers"]
+            for base in ("transformers", "transformers_static"):
+                if k in rates and base in rates:
+                    out[f"{k}_vs_{base}"] = rates[k] / rates[base]
         bounds = row_bounds(
-            lengths or [[new_tokens] * args.samples for _ in prompts], args.prompt_len, hf, result["device"]
-        )
+            lengths or [[new_tokens] * args.samples for _ in prompts], args.prompt_len, hf, result["device"],
+            slots=batch or args.batch,
+        )  # fmt: skip
         if bounds is not None:  # the row's memory roofline on this card (bench/roofline.py), and each engine's share
             out["roofline"] = {**bounds, "fraction": fractions(out, bounds)}
         if "paged" in out and "kv_cache_gib" in out["paged"]:  # what a contiguous cache holds in that memory

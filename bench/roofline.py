@@ -17,6 +17,7 @@ or L2 serving the repeats). The fixed row of issue 21 (256 x (1K + 2K), H100): ~
 
 from __future__ import annotations
 
+import heapq
 import json
 import sys
 from dataclasses import dataclass
@@ -75,13 +76,71 @@ def _alive(lengths: list[int], steps: int) -> list[int]:
     return alive
 
 
+def _admitted(lengths: list[list[int]], slots: int) -> list[list[int]]:
+    """The step each sequence starts decoding at when at most `slots` decode at once and they are admitted in
+    draw order (prompt by prompt, sample by sample), each into the first slot that frees: a sequence of n
+    tokens started at step a decodes steps a .. a + n - 1, and its slot takes the next one at step a + n."""
+    free = [0] * slots  # the step each slot is free from (a heap)
+    starts = []
+    for row in lengths:
+        starts.append([])
+        for n in row:
+            a = heapq.heappop(free)
+            starts[-1].append(a)
+            heapq.heappush(free, a + n)
+    return starts
+
+
+def _slotted_bytes(lengths: list[list[int]], prompt_len: int, b: DecodeBytes, slots: int, shared: bool):
+    """Bytes and steps of a rollout at most `slots` sequences at a time (_admitted's schedule): every step
+    reads the weights; a live sequence at its k-th step (0-based) reads prompt_len + k + 1 positions, its
+    prompt's positions once a step per prompt with a live sample when `shared`."""
+    starts = _admitted(lengths, slots)
+    steps = max(a + n for row, srow in zip(lengths, starts) for n, a in zip(row, srow))
+    count, start_sum, prompts = [0] * (steps + 1), [0] * (steps + 1), [0] * (steps + 1)
+    for row, srow in zip(lengths, starts):
+        spans = sorted((a, a + n) for n, a in zip(row, srow) if n > 0)
+        for a, e in spans:  # difference arrays: live count and the sum of live start steps
+            count[a] += 1
+            count[e] -= 1
+            start_sum[a] += a
+            start_sum[e] -= a
+        merged: list[list[int]] = []  # the steps at least one sample of this prompt is live
+        for a, e in spans:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([a, e])
+        for a, e in merged:
+            prompts[a] += 1
+            prompts[e] -= 1
+    total, live, sums, live_prompts = 0, 0, 0, 0
+    for s in range(steps):
+        live, sums, live_prompts = live + count[s], sums + start_sum[s], live_prompts + prompts[s]
+        generated = (s + 1) * live - sums  # sum over live sequences of (s - start + 1)
+        read_prompts = live_prompts if shared else live
+        total += b.weights + b.kv_per_position * (generated + prompt_len * read_prompts)
+    return total, steps
+
+
 def rollout_roofline(
-    lengths: list[list[int]], prompt_len: int, hf: dict, bandwidth: float, shared_prompt: bool = False
+    lengths: list[list[int]],
+    prompt_len: int,
+    hf: dict,
+    bandwidth: float,
+    shared_prompt: bool = False,
+    slots: int | None = None,
 ) -> dict:
     """The bound for completions of `lengths` [prompt][sample] tokens after prompts of `prompt_len` tokens:
     seconds of decode and output tokens/s at `bandwidth` bytes/s. A step s (0-based) of a live sequence reads
-    its prompt_len + s positions of keys and values (the new one included), and every step reads the weights."""
+    its prompt_len + s positions of keys and values (the new one included), and every step reads the weights.
+    slots: at most this many sequences decode at once (an engine's max_batch_sequences), later ones admitted in
+    draw order as slots free (_admitted); None or at least every sequence: all decode from step 0."""
     flat = [n for row in lengths for n in row]
+    if slots is not None and slots < len(flat):
+        total, steps = _slotted_bytes(lengths, prompt_len, decode_bytes(hf), slots, shared_prompt)
+        seconds = total / bandwidth
+        return {"seconds": seconds, "tokens_per_second": sum(flat) / seconds, "bytes": total, "steps": steps}
     steps = max(flat)
     b = decode_bytes(hf)
     seqs = _alive(flat, steps)
@@ -94,14 +153,19 @@ def rollout_roofline(
     return {"seconds": seconds, "tokens_per_second": sum(flat) / seconds, "bytes": total, "steps": steps}
 
 
-def row_bounds(lengths: list[list[int]], prompt_len: int, hf: dict, device_name: str) -> dict | None:
-    """Both bounds of a benchmark row on the card `device_name` (None where its bandwidth is not listed)."""
+def row_bounds(
+    lengths: list[list[int]], prompt_len: int, hf: dict, device_name: str, slots: int | None = None
+) -> dict | None:
+    """Both bounds of a benchmark row on the card `device_name` (None where its bandwidth is not listed), at
+    most `slots` sequences at once when the row has more (rollout_roofline)."""
     bandwidth = card_bandwidth(device_name)
     if bandwidth is None:
         return None
     out = {"bandwidth_tb_s": bandwidth / 1e12}
+    if slots is not None and slots < sum(map(len, lengths)):
+        out["slots"] = slots
     for key, shared in (("per_sequence", False), ("shared_prompt", True)):
-        bound = rollout_roofline(lengths, prompt_len, hf, bandwidth, shared)
+        bound = rollout_roofline(lengths, prompt_len, hf, bandwidth, shared, out.get("slots"))
         out[key] = {"seconds": bound["seconds"], "tokens_per_second": bound["tokens_per_second"]}
     return out
 
@@ -138,7 +202,8 @@ def report(path: str) -> dict:
         lengths = row_lengths(result, name)
         if lengths is None:
             continue
-        bounds = row_bounds(lengths, result[name]["prompt_len"], result["model"], result["device"])
+        slots = result[name].get("max_batch_sequences")
+        bounds = row_bounds(lengths, result[name]["prompt_len"], result["model"], result["device"], slots)
         if bounds is not None:
             out[name] = {"bound": bounds, "fraction": fractions(result[name], bounds)}
     return out

@@ -22,12 +22,12 @@ def test_cpu_smoke_run(tmp_path):
     out = tmp_path / "rollout.json"
     argv = ["--device", "cpu", "--tiny", "--prompts", "2", "--samples", "2", "--prompt-len", "16"]
     argv += ["--new-tokens", "8", "--hf-new-tokens", "4", "--batch", "8", "--block-size", "16"]
-    argv += ["--length-mean", "6", "--realistic-prompts", "2", "--realistic-max", "12", "--hf-realistic"]
+    argv += ["--length-mean", "6", "--realistic-prompts", "2", "--realistic-max", "12", "--hf-realistic", "--hf-static"]
     argv += ["--recipe-prompts", "1", "--recipe-max", "20", "--recipe-old", "--out", str(out)]
     bench = load_bench()
     # each row's memory roofline as on an H100 (a CPU has no bound): the tiny model's, with every engine's share
     bounds = bench.row_bounds
-    bench.row_bounds = lambda lengths, prompt_len, hf, device: bounds(lengths, prompt_len, hf, "NVIDIA H100")
+    bench.row_bounds = lambda lengths, prompt_len, hf, device, slots=None: bounds(lengths, prompt_len, hf, "NVIDIA H100", slots)
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and "random" in result["weights"]
@@ -36,14 +36,16 @@ def test_cpu_smoke_run(tmp_path):
     assert result["fixed"]["old"]["tokens"] == result["fixed"]["paged"]["tokens"] == 2 * 2 * 8
     drawn = result["realistic"]["drawn_lengths"]
     assert drawn["max"] == 12 and drawn["min"] >= 1
-    tokens = {result["realistic"][e]["tokens"] for e in ("old", "paged", "transformers")}
+    tokens = {result["realistic"][e]["tokens"] for e in ("old", "paged", "transformers", "transformers_static")}
+    static = result["realistic"]["transformers_static"]
+    assert static["cache"] == "static" and static["compiled"] is False  # generate compiles on GPUs only
     assert len(tokens) == 1 and result["recipe"]["drawn_lengths"]["max"] == 20
     assert result["recipe"]["paged"]["tokens"] == result["recipe"]["old"]["tokens"]
     assert result["recipe"]["paged"]["kv_blocks_peak"] > 0
     assert result["fixed_hf"]["paged_vs_transformers"] > 0 and result["weight_update_seconds"] >= 0
     assert result["recipe"]["contiguous_slots_in_same_memory"] >= 1
     roof = result["realistic"]["roofline"]
-    assert roof["bandwidth_tb_s"] == 3.35 and set(roof["fraction"]) == {"old", "paged", "transformers"}
+    assert roof["bandwidth_tb_s"] == 3.35 and set(roof["fraction"]) == {"old", "paged", "transformers", "transformers_static"}
     assert roof["shared_prompt"]["tokens_per_second"] >= roof["per_sequence"]["tokens_per_second"] > 0
     assert set(result["fixed"]["roofline"]["fraction"]) == {"old", "paged"}
 

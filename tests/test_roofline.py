@@ -73,3 +73,33 @@ def test_a_measured_json_against_its_bounds():
 
 def test_a_cpu_row_has_no_bound():
     assert roofline.row_bounds([[4, 4]], 8, QWEN25_1P5B, "cpu") is None
+
+
+def test_a_row_with_more_sequences_than_slots_admits_them_as_slots_free():
+    hf = {**QWEN25_1P5B}
+    b = roofline.decode_bytes(hf)
+    # one prompt, samples of 2, 1, 3 tokens, 2 slots: the third starts at step 1, where the 1-token one freed
+    bound = roofline.rollout_roofline([[2, 1, 3]], 10, hf, 1.0, slots=2)
+    # step 0: 11 + 11; step 1: 12 (first) + 11 (third); steps 2, 3: the third alone reads 12, 13
+    assert bound["steps"] == 4 and bound["bytes"] == 4 * b.weights + b.kv_per_position * (22 + 23 + 12 + 13)
+    shared = roofline.rollout_roofline([[2, 1, 3]], 10, hf, 1.0, shared_prompt=True, slots=2)
+    # the prompt once a step over 4 steps instead of 6 sequence-steps
+    assert shared["bytes"] == bound["bytes"] - 2 * 10 * b.kv_per_position
+    for lengths in ([[2, 1, 3]], [[5, 1], [3, 3]]):  # slots for every sequence: the unslotted bound
+        for flag in (False, True):
+            assert roofline.rollout_roofline(lengths, 7, hf, 1.0, flag, slots=8) == roofline.rollout_roofline(
+                lengths, 7, hf, 1.0, flag
+            )
+
+
+def test_fewer_slots_lower_the_bound_of_the_realistic_row():
+    from shapes import row_draw
+
+    lengths = row_draw("realistic", 512, 16, 1024.0, 1.2, 8192)
+    every = roofline.rollout_roofline(lengths, 1024, QWEN25_1P5B, 3.35e12)
+    half = roofline.rollout_roofline(lengths, 1024, QWEN25_1P5B, 3.35e12, slots=256)
+    assert half["tokens_per_second"] < every["tokens_per_second"] and half["steps"] >= every["steps"]
+    bounds = roofline.row_bounds(lengths, 1024, QWEN25_1P5B, H100, slots=256)
+    assert bounds["slots"] == 256
+    assert bounds["per_sequence"]["tokens_per_second"] == pytest.approx(half["tokens_per_second"])
+    assert "slots" not in roofline.row_bounds(lengths, 1024, QWEN25_1P5B, H100, slots=512)
