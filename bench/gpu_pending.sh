@@ -38,7 +38,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile rollout_realistic_hf rollout_realistic512 rollout_rlscale} "
+WANT=" ${*:-rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile rollout_realistic_hf rollout_realistic_hf4k rollout_realistic512 rollout_rlscale} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -99,6 +99,8 @@ part train_long_compile 400 python3 bench/bench_train.py --device cuda --preset 
 REAL=(--engines paged --hf-new-tokens 0 --new-tokens 0 --recipe-prompts 0)
 part rollout_realistic_hf 540 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 --hf-realistic --hf-static \
     --out "$DIR/rollout_realistic_hf.json"
+part rollout_realistic_hf4k 300 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 --realistic-max 4096 \
+    --hf-realistic --hf-static --out "$DIR/rollout_realistic_hf4k.json"
 part rollout_realistic512 120 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 32 --batch 512 \
     --out "$DIR/rollout_realistic512.json"
 part rollout_rlscale 240 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 128 --batch 512 \
