@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The measurements written without a GPU, in priority order, inside one device call:
+# The measurements written without a GPU, in priority order, inside one device call (part 11 first: the only
+# one not yet run):
 #   -1. the fixed (256 x 1K + 2K) and realistic (256 slots) rollout rows with fused_norms (on by default since
 #      part 0 ran) against without (engines paged_nofn, paged), and the recipe-length row with the defaults
 #   0. the decode step's residual adds, RMSNorms and SwiGLU as Triton kernels (EngineOptions.fused_norms, on
@@ -24,21 +25,26 @@
 #      layout, profiled: where the 7% of attention time goes; ran 2026-12-06: no gain)
 #  10. training at 8K with q / k / v head-major for SDPA (bench_train --preset headmajor, profiled), and the
 #      32K rows with every layer compiled on both sides (--preset long_compile; ran 2026-12-06, README (λ))
+#  11. not yet run: the realistic row against transformers generate, plain and with its static cache
+#      (compiled: --hf-static), on the same 32 sequences up to 8K (rollout_realistic_hf) or 4K
+#      (rollout_realistic_hf4k, a short call); the 512-sequence row at 512 slots (rollout_realistic512); and
+#      2,048 sequences at 512 slots, NeMo-RL's rollout samples a step (rollout_rlscale)
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
-# the order above: rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge
-# train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor
+# this order: rollout_realistic_hf rollout_realistic_hf4k rollout_realistic512 rollout_rlscale, then
+# rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed
+# sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor
 # train_long_compile) picks some.
 # Parts -1 and 0-10 have run on an H100 (3-6 in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README
-# (μ); 0 in one call, README (κ); -1 and 9 in one call, 10 in the next, README (λ)); every part has run.
+# (μ); 0 in one call, README (κ); -1 and 9 in one call, 10 in the next, README (λ)); part 11 has not (README (ν)).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile rollout_realistic_hf rollout_realistic_hf4k rollout_realistic512 rollout_rlscale} "
+WANT=" ${*:-rollout_realistic_hf rollout_realistic_hf4k rollout_realistic512 rollout_rlscale rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -60,6 +66,15 @@ part() {  # part NAME SECONDS COMMAND...: run with a bound of min(SECONDS, time 
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
+REAL=(--engines paged --hf-new-tokens 0 --new-tokens 0 --recipe-prompts 0)
+part rollout_realistic_hf 540 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 --hf-realistic --hf-static \
+    --out "$DIR/rollout_realistic_hf.json"
+part rollout_realistic_hf4k 300 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 --realistic-max 4096 \
+    --hf-realistic --hf-static --out "$DIR/rollout_realistic_hf4k.json"
+part rollout_realistic512 120 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 32 --batch 512 \
+    --out "$DIR/rollout_realistic512.json"
+part rollout_rlscale 240 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 128 --batch 512 \
+    --out "$DIR/rollout_rlscale.json"
 part rollout_fixed_norms 200 python3 bench/bench_rollout.py --engines paged_nofn,paged --hf-new-tokens 0 \
     --recipe-prompts 0 --out "$DIR/rollout_fixed_norms.json"
 part rollout_recipe 130 python3 bench/bench_rollout.py --engines paged --hf-new-tokens 0 --new-tokens 0 \
@@ -96,13 +111,4 @@ part train_headmajor 120 python3 bench/bench_train.py --device cuda --preset hea
     --profile "$DIR/profile_headmajor" --out "$DIR/train_headmajor.json"
 part train_long_compile 400 python3 bench/bench_train.py --device cuda --preset long_compile --steps 3 \
     --time-budget-s 370 --out "$DIR/train_long_compile.json"
-REAL=(--engines paged --hf-new-tokens 0 --new-tokens 0 --recipe-prompts 0)
-part rollout_realistic_hf 540 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 --hf-realistic --hf-static \
-    --out "$DIR/rollout_realistic_hf.json"
-part rollout_realistic_hf4k 300 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 --realistic-max 4096 \
-    --hf-realistic --hf-static --out "$DIR/rollout_realistic_hf4k.json"
-part rollout_realistic512 120 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 32 --batch 512 \
-    --out "$DIR/rollout_realistic512.json"
-part rollout_rlscale 240 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 128 --batch 512 \
-    --out "$DIR/rollout_rlscale.json"
 tar -czf "$OUT/pending.tar.gz" -C "$DIR" .

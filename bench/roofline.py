@@ -12,7 +12,8 @@ sharing does from HBM); `shared_prompt` reads a prompt's keys once a step for al
 or L2 serving the repeats). The fixed row of issue 21 (256 x (1K + 2K), H100): ~47,000 tok/s per sequence.
 
     python bench/roofline.py bench/results/rollout_{paged_h100_run1,fixed_newsampler_h100,fused_h100}.json \
-        bench/results/rollout_fused_sampler_h100.json > bench/results/rollout_roofline_h100.json
+        bench/results/rollout_{fused_sampler,tile_rule,norms,fixed_norms,recipe_norms}_h100.json \
+        > bench/results/rollout_roofline_h100.json
 """
 
 from __future__ import annotations
@@ -64,18 +65,6 @@ def decode_bytes(hf: dict, bytes_per_value: int = 2) -> DecodeBytes:
     return DecodeBytes(params * bytes_per_value, layers * 2 * kv * bytes_per_value)
 
 
-def _alive(lengths: list[int], steps: int) -> list[int]:
-    """alive[s] = how many of `lengths` are >= s + 1 (still decoding at step s, 0-based)."""
-    ends = [0] * (steps + 1)
-    for n in lengths:
-        ends[min(n, steps)] += 1
-    alive, left = [0] * steps, len(lengths)
-    for s in range(steps):
-        left -= ends[s]
-        alive[s] = left
-    return alive
-
-
 def _admitted(lengths: list[list[int]], slots: int) -> list[list[int]]:
     """The step each sequence starts decoding at when at most `slots` decode at once and they are admitted in
     draw order (prompt by prompt, sample by sample), each into the first slot that frees: a sequence of n
@@ -91,11 +80,16 @@ def _admitted(lengths: list[list[int]], slots: int) -> list[list[int]]:
     return starts
 
 
-def _slotted_bytes(lengths: list[list[int]], prompt_len: int, b: DecodeBytes, slots: int, shared: bool):
-    """Bytes and steps of a rollout at most `slots` sequences at a time (_admitted's schedule): every step
-    reads the weights; a live sequence at its k-th step (0-based) reads prompt_len + k + 1 positions, its
-    prompt's positions once a step per prompt with a live sample when `shared`."""
-    starts = _admitted(lengths, slots)
+def step_reads(
+    lengths: list[list[int]], prompt_len: int, b: DecodeBytes, slots: int | None = None, shared: bool = False
+) -> list[tuple[int, int]]:
+    """(live sequences, bytes read) of each decode step of a rollout whose sequences decode `lengths`
+    [prompt][sample] tokens after prompts of `prompt_len`: every step reads the weights; a live sequence at its
+    k-th step (0-based) reads prompt_len + k + 1 positions of keys and values (the new one included), its
+    prompt's part once a step per prompt with a live sample when `shared`. slots: at most this many decode at
+    once (_admitted's schedule); None: all from step 0."""
+    flat = [n for row in lengths for n in row]
+    starts = _admitted(lengths, slots or max(len(flat), 1))
     steps = max(a + n for row, srow in zip(lengths, starts) for n, a in zip(row, srow))
     count, start_sum, prompts = [0] * (steps + 1), [0] * (steps + 1), [0] * (steps + 1)
     for row, srow in zip(lengths, starts):
@@ -114,13 +108,13 @@ def _slotted_bytes(lengths: list[list[int]], prompt_len: int, b: DecodeBytes, sl
         for a, e in merged:
             prompts[a] += 1
             prompts[e] -= 1
-    total, live, sums, live_prompts = 0, 0, 0, 0
+    out, live, sums, live_prompts = [], 0, 0, 0
     for s in range(steps):
         live, sums, live_prompts = live + count[s], sums + start_sum[s], live_prompts + prompts[s]
         generated = (s + 1) * live - sums  # sum over live sequences of (s - start + 1)
         read_prompts = live_prompts if shared else live
-        total += b.weights + b.kv_per_position * (generated + prompt_len * read_prompts)
-    return total, steps
+        out.append((live, b.weights + b.kv_per_position * (generated + prompt_len * read_prompts)))
+    return out
 
 
 def rollout_roofline(
@@ -132,25 +126,36 @@ def rollout_roofline(
     slots: int | None = None,
 ) -> dict:
     """The bound for completions of `lengths` [prompt][sample] tokens after prompts of `prompt_len` tokens:
-    seconds of decode and output tokens/s at `bandwidth` bytes/s. A step s (0-based) of a live sequence reads
-    its prompt_len + s positions of keys and values (the new one included), and every step reads the weights.
-    slots: at most this many sequences decode at once (an engine's max_batch_sequences), later ones admitted in
-    draw order as slots free (_admitted); None or at least every sequence: all decode from step 0."""
-    flat = [n for row in lengths for n in row]
-    if slots is not None and slots < len(flat):
-        total, steps = _slotted_bytes(lengths, prompt_len, decode_bytes(hf), slots, shared_prompt)
-        seconds = total / bandwidth
-        return {"seconds": seconds, "tokens_per_second": sum(flat) / seconds, "bytes": total, "steps": steps}
-    steps = max(flat)
-    b = decode_bytes(hf)
-    seqs = _alive(flat, steps)
-    prompts = _alive([max(row) for row in lengths], steps) if shared_prompt else seqs
-    total = 0
-    for s in range(steps):
-        # generated positions s + 1 of each live sequence, the prompt once per live sequence or live prompt
-        total += b.weights + b.kv_per_position * ((s + 1) * seqs[s] + prompt_len * prompts[s])
+    seconds of decode and output tokens/s at `bandwidth` bytes/s, summed over step_reads' steps. slots: at most
+    this many sequences decode at once (an engine's max_batch_sequences), later ones admitted in draw order
+    as slots free; None: all decode from step 0."""
+    reads = step_reads(lengths, prompt_len, decode_bytes(hf), slots, shared_prompt)
+    total = sum(r for _, r in reads)
     seconds = total / bandwidth
-    return {"seconds": seconds, "tokens_per_second": sum(flat) / seconds, "bytes": total, "steps": steps}
+    tokens = sum(n for row in lengths for n in row)
+    return {"seconds": seconds, "tokens_per_second": tokens / seconds, "bytes": total, "steps": len(reads)}
+
+
+LIVE_BUCKETS = (8, 32, 128)  # by_live's upper edges; the last bucket takes the rest
+
+
+def by_live(
+    lengths: list[list[int]], prompt_len: int, hf: dict, bandwidth: float, slots: int | None = None
+) -> dict:
+    """The per-sequence bound split by how many sequences a step decodes ("1-8", "9-32", "33-128", "129+"):
+    each bucket's steps, output tokens and floor in seconds. Where a rollout's time goes at its tail: steps
+    of a few sequences are bound by the weights alone."""
+    edges = [0, *LIVE_BUCKETS]
+    names = [f"{lo + 1}-{hi}" for lo, hi in zip(edges, edges[1:])] + [f"{edges[-1] + 1}+"]
+    out = {name: {"steps": 0, "tokens": 0, "floor_seconds": 0.0} for name in names}
+    for live, read in step_reads(lengths, prompt_len, decode_bytes(hf), slots):
+        if live == 0:
+            continue
+        name = names[sum(live > e for e in LIVE_BUCKETS)]
+        out[name]["steps"] += 1
+        out[name]["tokens"] += live
+        out[name]["floor_seconds"] += read / bandwidth
+    return out
 
 
 def row_bounds(
@@ -167,6 +172,7 @@ def row_bounds(
     for key, shared in (("per_sequence", False), ("shared_prompt", True)):
         bound = rollout_roofline(lengths, prompt_len, hf, bandwidth, shared, out.get("slots"))
         out[key] = {"seconds": bound["seconds"], "tokens_per_second": bound["tokens_per_second"]}
+    out["per_sequence_by_live"] = by_live(lengths, prompt_len, hf, bandwidth, out.get("slots"))
     return out
 
 

@@ -103,3 +103,27 @@ def test_fewer_slots_lower_the_bound_of_the_realistic_row():
     assert bounds["slots"] == 256
     assert bounds["per_sequence"]["tokens_per_second"] == pytest.approx(half["tokens_per_second"])
     assert "slots" not in roofline.row_bounds(lengths, 1024, QWEN25_1P5B, H100, slots=512)
+
+
+def test_the_bound_split_by_live_sequences():
+    hf = {**QWEN25_1P5B}
+    split = roofline.by_live([[2, 1, 3]], 10, hf, 1.0, slots=2)  # live 2, 2, 1, 1 over 4 steps
+    assert split["1-8"]["steps"] == 4 and split["1-8"]["tokens"] == 6
+    assert split["1-8"]["floor_seconds"] == roofline.rollout_roofline([[2, 1, 3]], 10, hf, 1.0, slots=2)["bytes"]
+    assert split["129+"] == {"steps": 0, "tokens": 0, "floor_seconds": 0.0}
+
+
+def test_the_realistic_rows_tail_alone_takes_most_of_its_goal():
+    """Issue 21's realistic goal, 25,000 tok/s on the 512-sequence row, leaves 19.4 s for 484,020 tokens; the
+    steps decoding 32 or fewer sequences (5,260 of 8,192) are bound to 8.0 s by the weights and their keys."""
+    from shapes import row_draw
+
+    lengths = row_draw("realistic", 512, 16, 1024.0, 1.2, 8192)
+    split = roofline.by_live(lengths, 1024, QWEN25_1P5B, 3.35e12)
+    whole = roofline.rollout_roofline(lengths, 1024, QWEN25_1P5B, 3.35e12)
+    assert sum(b["steps"] for b in split.values()) == whole["steps"] == 8192
+    assert sum(b["floor_seconds"] for b in split.values()) == pytest.approx(whole["seconds"])
+    tail = [split["1-8"], split["9-32"]]
+    assert sum(b["steps"] for b in tail) == 5260
+    assert 7.9 < sum(b["floor_seconds"] for b in tail) < 8.1
+    assert 19.3 < sum(sum(row) for row in lengths) / 25_000 < 19.5
