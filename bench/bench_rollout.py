@@ -195,6 +195,12 @@ def run_hf(
             pad_token_id=eos,
             logits_processor=LogitsProcessorList([_ForcedEOS(flat, ids.size(1), eos)]),
         )
+    def generate(**kwargs):  # sampling at T = 1 over the whole vocabulary, len(prompts) x n rows
+        return model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=True,
+            temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=n, **kwargs,
+        )  # fmt: skip
+
     warmup_s = None
     if static:
         extra["cache_implementation"] = "static"
@@ -205,27 +211,14 @@ def run_hf(
             short["min_new_tokens"] = 0
         sync()
         tic = time.perf_counter()
-        model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=True,
-            temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=n, **short,
-        )  # fmt: skip
+        generate(**short)
         sync()
         warmup_s = time.perf_counter() - tic
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sync()
     started = time.perf_counter()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new_tokens,
-        do_sample=True,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        num_return_sequences=n,
-        **extra,
-    )
+    out = generate(**extra)
     sync()
     seconds = time.perf_counter() - started
     if torch.cuda.is_available():
