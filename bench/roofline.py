@@ -117,6 +117,13 @@ def step_reads(
     return out
 
 
+def _summed(reads: list[tuple[int, int]], tokens: int, bandwidth: float) -> dict:
+    """The bound of step_reads' steps: seconds at `bandwidth` bytes/s and output tokens/s."""
+    total = sum(r for _, r in reads)
+    seconds = total / bandwidth
+    return {"seconds": seconds, "tokens_per_second": tokens / seconds, "bytes": total, "steps": len(reads)}
+
+
 def rollout_roofline(
     lengths: list[list[int]],
     prompt_len: int,
@@ -130,13 +137,24 @@ def rollout_roofline(
     this many sequences decode at once (an engine's max_batch_sequences), later ones admitted in draw order
     as slots free; None: all decode from step 0."""
     reads = step_reads(lengths, prompt_len, decode_bytes(hf), slots, shared_prompt)
-    total = sum(r for _, r in reads)
-    seconds = total / bandwidth
-    tokens = sum(n for row in lengths for n in row)
-    return {"seconds": seconds, "tokens_per_second": tokens / seconds, "bytes": total, "steps": len(reads)}
+    return _summed(reads, sum(map(sum, lengths)), bandwidth)
 
 
 LIVE_BUCKETS = (8, 32, 128)  # by_live's upper edges; the last bucket takes the rest
+
+
+def _split_by_live(reads: list[tuple[int, int]], bandwidth: float) -> dict:
+    """step_reads' steps in buckets of live sequences: each bucket's steps, output tokens and floor seconds.
+    Every step has a live sequence (a slot that frees takes the next one at once), so none is left out."""
+    edges = [0, *LIVE_BUCKETS]
+    names = [f"{lo + 1}-{hi}" for lo, hi in zip(edges, edges[1:])] + [f"{edges[-1] + 1}+"]
+    out = {name: {"steps": 0, "tokens": 0, "floor_seconds": 0.0} for name in names}
+    for live, read in reads:
+        bucket = out[names[sum(live > e for e in LIVE_BUCKETS)]]
+        bucket["steps"] += 1
+        bucket["tokens"] += live
+        bucket["floor_seconds"] += read / bandwidth
+    return out
 
 
 def by_live(
@@ -145,34 +163,30 @@ def by_live(
     """The per-sequence bound split by how many sequences a step decodes ("1-8", "9-32", "33-128", "129+"):
     each bucket's steps, output tokens and floor in seconds. Where a rollout's time goes at its tail: steps
     of a few sequences are bound by the weights alone."""
-    edges = [0, *LIVE_BUCKETS]
-    names = [f"{lo + 1}-{hi}" for lo, hi in zip(edges, edges[1:])] + [f"{edges[-1] + 1}+"]
-    out = {name: {"steps": 0, "tokens": 0, "floor_seconds": 0.0} for name in names}
-    for live, read in step_reads(lengths, prompt_len, decode_bytes(hf), slots):
-        if live == 0:
-            continue
-        name = names[sum(live > e for e in LIVE_BUCKETS)]
-        out[name]["steps"] += 1
-        out[name]["tokens"] += live
-        out[name]["floor_seconds"] += read / bandwidth
-    return out
+    return _split_by_live(step_reads(lengths, prompt_len, decode_bytes(hf), slots), bandwidth)
 
 
 def row_bounds(
     lengths: list[list[int]], prompt_len: int, hf: dict, device_name: str, slots: int | None = None
 ) -> dict | None:
     """Both bounds of a benchmark row on the card `device_name` (None where its bandwidth is not listed), at
-    most `slots` sequences at once when the row has more (rollout_roofline)."""
+    most `slots` sequences at once when the row has more (rollout_roofline), and the per-sequence one split by
+    live sequences (by_live)."""
     bandwidth = card_bandwidth(device_name)
     if bandwidth is None:
         return None
     out = {"bandwidth_tb_s": bandwidth / 1e12}
     if slots is not None and slots < sum(map(len, lengths)):
         out["slots"] = slots
-    for key, shared in (("per_sequence", False), ("shared_prompt", True)):
-        bound = rollout_roofline(lengths, prompt_len, hf, bandwidth, shared, out.get("slots"))
+    tokens, b = sum(map(sum, lengths)), decode_bytes(hf)
+    per_sequence = step_reads(lengths, prompt_len, b, out.get("slots"))  # read once: the bound and its split
+    for key, reads in (
+        ("per_sequence", per_sequence),
+        ("shared_prompt", step_reads(lengths, prompt_len, b, out.get("slots"), shared=True)),
+    ):
+        bound = _summed(reads, tokens, bandwidth)
         out[key] = {"seconds": bound["seconds"], "tokens_per_second": bound["tokens_per_second"]}
-    out["per_sequence_by_live"] = by_live(lengths, prompt_len, hf, bandwidth, out.get("slots"))
+    out["per_sequence_by_live"] = _split_by_live(per_sequence, bandwidth)
     return out
 
 
