@@ -204,11 +204,11 @@ def run_hf(
     warmup_s = None
     if static:
         extra["cache_implementation"] = "static"
-        short = dict(extra)
-        if lengths is not None:  # same batch, same max_new_tokens (the static cache's shape); EOS after 4 tokens
-            short["logits_processor"] = LogitsProcessorList([_ForcedEOS(flat.clamp(max=4), ids.size(1), eos)])
-        else:
-            short["min_new_tokens"] = 0
+        # same batch, same max_new_tokens (the static cache's shape); every row's EOS forced as its 4th token,
+        # fixed rows too (their timed run ignores EOS, so without it the warm-up would decode the whole row)
+        four = torch.full((len(prompts) * n,), 4, device=model.device)
+        short = {**extra, "eos_token_id": eos, "pad_token_id": eos, "min_new_tokens": 0}
+        short["logits_processor"] = LogitsProcessorList([_ForcedEOS(four, ids.size(1), eos)])
         sync()
         tic = time.perf_counter()
         generate(**short)
