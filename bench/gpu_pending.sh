@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The measurements written without a GPU, in priority order, inside one device call (part 11 first: the only
-# one not yet run):
+# The measurements written without a GPU, in priority order, inside one device call (parts 11 and 12 first: the
+# ones not yet run):
 #   -1. the fixed (256 x 1K + 2K) and realistic (256 slots) rollout rows with fused_norms (on by default since
 #      part 0 ran) against without (engines paged_nofn, paged), and the recipe-length row with the defaults
 #   0. the decode step's residual adds, RMSNorms and SwiGLU as Triton kernels (EngineOptions.fused_norms, on
@@ -29,22 +29,26 @@
 #      (compiled: --hf-static), on the same 32 sequences up to 8K (rollout_realistic_hf) or 4K
 #      (rollout_realistic_hf4k, a short call); the 512-sequence row at 512 slots (rollout_realistic512); and
 #      2,048 sequences at 512 slots, NeMo-RL's rollout samples a step (rollout_rlscale)
+#  12. not yet run: float8 projections at a rollout's tail (EngineOptions.fp8_weights): bench_skinny's fp8
+#      column beside cuBLAS and the bf16 skinny kernel (fp8_skinny), and the realistic row at 512 slots, engines
+#      paged and paged_fp8, with the log-probs each samples against the bf16 forward first (rollout_fp8)
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
-# this order: rollout_realistic_hf rollout_realistic_hf4k rollout_realistic512 rollout_rlscale, then
+# this order: rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale fp8_skinny rollout_fp8 rollout_realistic512, then
 # rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed
 # sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor
 # train_long_compile) picks some.
 # Parts -1 and 0-10 have run on an H100 (3-6 in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README
-# (μ); 0 in one call, README (κ); -1 and 9 in one call, 10 in the next, README (λ)); part 11 has not (README (ν)).
+# (μ); 0 in one call, README (κ); -1 and 9 in one call, 10 in the next, README (λ)); parts 11 and 12 have not
+# (README (ν), (ξ)).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-rollout_realistic_hf rollout_realistic_hf4k rollout_realistic512 rollout_rlscale rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
+WANT=" ${*:-rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale fp8_skinny rollout_fp8 rollout_realistic512 rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -71,10 +75,13 @@ part rollout_realistic_hf 540 python3 bench/bench_rollout.py "${REAL[@]}" --real
     --out "$DIR/rollout_realistic_hf.json"
 part rollout_realistic_hf4k 300 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 --realistic-max 4096 \
     --hf-realistic --hf-static --out "$DIR/rollout_realistic_hf4k.json"
-part rollout_realistic512 120 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 32 --batch 512 \
-    --out "$DIR/rollout_realistic512.json"
 part rollout_rlscale 240 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 128 --batch 512 \
     --out "$DIR/rollout_rlscale.json"
+part fp8_skinny 90 python3 bench/bench_skinny.py --no-sweep --out "$DIR/fp8_skinny.json"
+part rollout_fp8 240 python3 bench/bench_rollout.py --engines paged,paged_fp8 --hf-new-tokens 0 --new-tokens 0 \
+    --recipe-prompts 0 --realistic-prompts 32 --batch 512 --out "$DIR/rollout_fp8.json"
+part rollout_realistic512 120 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 32 --batch 512 \
+    --out "$DIR/rollout_realistic512.json"
 part rollout_fixed_norms 200 python3 bench/bench_rollout.py --engines paged_nofn,paged --hf-new-tokens 0 \
     --recipe-prompts 0 --out "$DIR/rollout_fixed_norms.json"
 part rollout_recipe 130 python3 bench/bench_rollout.py --engines paged --hf-new-tokens 0 --new-tokens 0 \

@@ -203,35 +203,69 @@ def test_skinny_linear_equals_f_linear(rows, n, k, bias, config):
     assert all(int(count.abs().sum()) == 0 for _, count in triton_kernels._WORKSPACE.values())
 
 
+@pytest.mark.parametrize(
+    "rows, n, k, bias, config",
+    [
+        (1, 40, 48, False, None),
+        (8, 96, 600, True, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 3, "num_warps": 4,
+                            "num_stages": 1}),  # split K (the scale on the summed partials), with bias
+        (32, 64, 520, True, None),  # SKINNY_MAX_ROWS; fp8's deeper K tile, the last one ragged
+    ],
+)  # fmt: skip
+def test_skinny_linear_fp8_equals_dequantized_weight(rows, n, k, bias, config):
+    """EngineOptions.fp8_weights' matmul: float8 weights with a scale a row (model/fp8.quantize_fp8_rows) equal
+    F.linear on the dequantized weight (w8 * scale) up to float32 rounding, with and without split K, twice (the
+    tickets left at zero); more rows than SKINNY_MAX_ROWS are refused (the caller keeps unquantized weights)."""
+    from questa_nemo.model.fp8 import quantize_fp8_rows
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(rows, 1, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    w8, scale = quantize_fp8_rows(w)
+    want = torch.nn.functional.linear(x, w8.float() * scale[:, None], b)
+    for _ in range(2):
+        got = triton_kernels.skinny_linear(x, w8, b, config=config, scale=scale)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert all(int(count.abs().sum()) == 0 for _, count in triton_kernels._WORKSPACE.values())
+    with pytest.raises(ValueError, match="float8 weights take 1..32 rows"):
+        triton_kernels.skinny_linear(torch.randn(33, k), w8, b, scale=scale)
+
+
 SKINNY_AOT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from questa_nemo.model import triton_kernels as tk
 
-signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
-             "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_PER": "constexpr", "HAS_BIAS": "constexpr",
-             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr"}
-for n, k in ((2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960), (151936, 1536)):
-    for rows in (8, 32):
-        cfg = tk.skinny_config(rows, n, k, 132)
-        k_per = triton.cdiv(triton.cdiv(k, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        cfg["SPLIT_K"] = triton.cdiv(k, k_per)
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        constexprs = {"K_PER": k_per, "HAS_BIAS": n == 2048, **cfg}
-        source = ASTSource(fn=tk._skinny_kernel, signature=signature, constexprs=constexprs)
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-        ptx = kernel.asm["ptx"]
-        assert kernel.asm["cubin"] and "mma" in ptx, (n, k, rows)
-        assert cfg["SPLIT_K"] == 1 or "atom.global.gpu.acq_rel.add" in ptx, (n, k, cfg)
-        print(n, k, rows, cfg["SPLIT_K"], "compiled")
+for fp8 in (False, True):
+    signature = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv" if fp8 else "*bf16", "s_ptr": "*fp32", "b_ptr": "*bf16",
+                 "y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                 "K_PER": "constexpr", "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
+                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr"}
+    shapes = ((2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)) + (() if fp8 else ((151936, 1536),))
+    for n, k in shapes:
+        for rows in (8, 32):
+            cfg = tk.skinny_config(rows, n, k, 132, fp8=fp8)
+            k_per = triton.cdiv(triton.cdiv(k, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+            cfg["SPLIT_K"] = triton.cdiv(k, k_per)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            constexprs = {"K_PER": k_per, "HAS_SCALE": fp8, "HAS_BIAS": n == 2048, **cfg}
+            source = ASTSource(fn=tk._skinny_kernel, signature=signature, constexprs=constexprs)
+            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": warps, "num_stages": stages})
+            ptx = kernel.asm["ptx"]
+            assert kernel.asm["cubin"] and "mma" in ptx, (n, k, rows)
+            assert cfg["SPLIT_K"] == 1 or "atom.global.gpu.acq_rel.add" in ptx, (n, k, cfg)
+            assert not fp8 or "cvt.rn.bf16x2.e4m3x2" in ptx or "e4m3" in ptx, (n, k, rows)  # widened in registers
+            print(n, k, rows, cfg["SPLIT_K"], "fp8" if fp8 else "bf16", "compiled")
 print("all compiled")
 """
 
 
 def test_skinny_kernel_compiles_for_hopper():
     """Ahead of time, no GPU: the skinny matmul at the Qwen2.5-1.5B decode step's five projections (qkv with its
-    bias, the attention's output, the MLP's two, the output head) at 8 and 32 rows with `skinny_config`'s tiles
+    bias, the attention's output, the MLP's two, the output head; the four projections with float8 weights too)
+    at 8 and 32 rows with `skinny_config`'s tiles
     lowers to PTX with tensor-core instructions and assembles for sm_90; the split-K tiles take their ticket
     with an acquire-release atomic (the last program's sum must see the others' partials)."""
     import sys

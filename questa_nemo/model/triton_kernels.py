@@ -223,15 +223,17 @@ SKINNY_MAX_ROWS = 32  # rows (sequences) up to which `skinny_linear` runs its ow
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K,
-    K_PER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K,
+    K_PER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     """y [M, N] = x [M, K] @ w [N, K]^T (+ b) for a few rows M <= BLOCK_M: a decode step's projections, where
     the weight read is the whole cost. Program (n, s) reads columns n * BLOCK_N.. of w over K slice s
     (K_PER wide). With SPLIT_K > 1 each program leaves its float32 partial in part [SPLIT_K, BLOCK_M, N] and
     takes a ticket from count [tiles]; the last of a tile's programs sums the partials in split order (the
-    same bits whoever finishes last), writes y and resets the ticket, so a captured graph replays cleanly."""
+    same bits whoever finishes last), writes y and resets the ticket, so a captured graph replays cleanly.
+    HAS_SCALE: w is float8 (e4m3) with a float32 scale per output column in s [N] (model/fp8.py): each tile is
+    widened to x's dtype (exact) for the dot, the column's scale multiplies its float32 sum once."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -245,9 +247,13 @@ def _skinny_kernel(
         x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + k[None, :], mask=(rn[:, None] < N) & kmask[None, :],
                     other=0.0)  # fmt: skip
+        if HAS_SCALE:
+            w = w.to(x.dtype)
         acc += tl.dot(x, tl.trans(w))
     out_mask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT_K == 1:
+        if HAS_SCALE:
+            acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
@@ -259,19 +265,22 @@ def _skinny_kernel(
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(tile + s * BLOCK_M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_SCALE:
+                total *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
             if HAS_BIAS:
                 total += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + rm[:, None] * N + rn[None, :], total.to(y_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(count_ptr + pid_n, 0)
 
 
-def skinny_config(rows: int, n: int, k: int, sms: int) -> dict:
+def skinny_config(rows: int, n: int, k: int, sms: int, fp8: bool = False) -> dict:
     """Tile sizes for `skinny_linear` at [rows, k] x [n, k]^T: 64 columns a program on wide outputs, 32 on
     narrow ones, and K split until the programs cover the SMs about twice (narrow outputs: the attention's
-    projections and the MLP's down projection at a 1.5B model's hidden size)."""
+    projections and the MLP's down projection at a 1.5B model's hidden size). fp8: float8 weights, twice as
+    deep a K tile (the same bytes a load as bf16's)."""
     block_m = 16 if rows <= 16 else 32
     block_n = 64 if n >= 8192 else 32
-    block_k = 128
+    block_k = 256 if fp8 else 128
     tiles = triton.cdiv(n, block_n)
     split = max(1, min(triton.cdiv(2 * sms, tiles), k // (2 * block_k)))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4,
@@ -299,13 +308,21 @@ _SMS: dict[str, int] = {}
 
 
 def skinny_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., k] with at most SKINNY_MAX_ROWS rows (more go to F.linear):
-    `_skinny_kernel`, float32 accumulation, one rounding. config: tile sizes (default `skinny_config`)."""
+    `_skinny_kernel`, float32 accumulation, one rounding. config: tile sizes (default `skinny_config`).
+    scale: weight is float8 with this float32 scale per output row (model/fp8.quantize_fp8_rows):
+    y = (x @ w8^T) * scale (+ bias), at most SKINNY_MAX_ROWS rows (larger batches: the weight in x's dtype)."""
     n, k = weight.shape
     x2d = x.reshape(-1, k)
     rows = x2d.size(0)
+    if scale is not None and not 0 < rows <= SKINNY_MAX_ROWS:
+        raise ValueError(f"skinny_linear: float8 weights take 1..{SKINNY_MAX_ROWS} rows, got {rows}")
     if rows == 0 or rows > SKINNY_MAX_ROWS:
         return torch.nn.functional.linear(x, weight, bias)
     x2d, weight = x2d.contiguous(), weight.contiguous()
@@ -313,7 +330,7 @@ def skinny_linear(
         dev = str(x.device)
         if dev not in _SMS:
             _SMS[dev] = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-        config = skinny_config(rows, n, k, _SMS[dev])
+        config = skinny_config(rows, n, k, _SMS[dev], fp8=scale is not None)
     cfg = dict(config)
     block_m, block_n, block_k, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     if rows > block_m:
@@ -325,7 +342,7 @@ def skinny_linear(
     part, count = _workspace(x.device, block_m, n, split, tiles) if split > 1 else (x2d, x2d)
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     _skinny_kernel[(tiles, split)](
-        x2d, weight, bias if bias is not None else weight, y, part, count, rows, n, k,
-        K_PER=k_per, HAS_BIAS=bias is not None, **cfg,
+        x2d, weight, scale if scale is not None else x2d, bias if bias is not None else x2d, y, part, count,
+        rows, n, k, K_PER=k_per, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, **cfg,
     )  # fmt: skip
     return y.view(*x.shape[:-1], n)

@@ -52,6 +52,10 @@ class DecoderWeights:
     groups: int
     head_dim: int
     eps: float
+    # EngineOptions.fp8_weights: per layer, {"qkv", "proj", "fc1", "fc2"} -> (float8 weight, float32 scale a row)
+    # (model/triton_kernels.quantize_fp8_rows), owned by the engine and refreshed in place on every weight
+    # update; the fused-norms step multiplies by them at up to SKINNY_MAX_ROWS sequences. Not in `tensors()`.
+    fp8: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @classmethod
     def from_gpt_model(cls, model: torch.nn.Module, vocab_size: int) -> DecoderWeights:
@@ -325,18 +329,36 @@ def _decode_fused_norms(
     residual add and the RMSNorm after it are one launch (`add_rmsnorm`: the add's bits as torch's, the norm's
     as the trainer's fused RMSNorm), SwiGLU is one (`swiglu_forward`), the final norm rides on the last add.
     About three launches a layer fewer than the torch ops, on a step that is launch-bound at a rollout's tail.
-    With the cache's `skinny_gemm` the projections go through `skinny_linear` (cuBLAS past 32 rows).
+    With the cache's `skinny_gemm` the projections go through `skinny_linear` (cuBLAS past 32 rows); with the
+    weights' `fp8` copies (EngineOptions.fp8_weights) the layers' four projections at up to 32 sequences go
+    through `skinny_linear` on those (the output head stays in the weights' dtype).
     h [B, 1, hidden]; cos, sin [B, D / 2] -> logits [B, vocab] in the weights' dtype."""
-    from questa_nemo.model.triton_kernels import add_rmsnorm, rmsnorm_forward, skinny_linear, swiglu_forward
+    from questa_nemo.model.triton_kernels import (
+        SKINNY_MAX_ROWS,
+        add_rmsnorm,
+        rmsnorm_forward,
+        skinny_linear,
+        swiglu_forward,
+    )
 
     linear = skinny_linear if getattr(cache, "skinny_gemm", False) else F.linear
     b = h.size(0)
+    fp8 = w.fp8 if w.fp8 is not None and b <= SKINNY_MAX_ROWS else None
+
+    def project(i: int, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        if fp8 is None:
+            return linear(x, weight, bias)
+        w8, scale = fp8[i][name]
+        return skinny_linear(x, w8, bias, scale=scale)
+
     x = rmsnorm_forward(h, w.layers[0].attn_norm, w.eps)[0]
     for i, lw in enumerate(w.layers):
-        qkv = linear(x, lw.qkv, lw.qkv_bias)  # [B, 1, (heads + 2G) D]
+        qkv = project(i, "qkv", x, lw.qkv, lw.qkv_bias)  # [B, 1, (heads + 2G) D]
         attn = cache.decode_attention_qkv(i, ctx, qkv[:, 0], cos, sin)  # [B, G, per, D]
-        h, x = add_rmsnorm(linear(attn.reshape(b, 1, -1), lw.proj, lw.proj_bias), h, lw.mlp_norm, w.eps)
-        mlp = linear(swiglu_forward(linear(x, lw.fc1, lw.fc1_bias)), lw.fc2, lw.fc2_bias)
+        out = project(i, "proj", attn.reshape(b, 1, -1), lw.proj, lw.proj_bias)
+        h, x = add_rmsnorm(out, h, lw.mlp_norm, w.eps)
+        up = swiglu_forward(project(i, "fc1", x, lw.fc1, lw.fc1_bias))
+        mlp = project(i, "fc2", up, lw.fc2, lw.fc2_bias)
         after = w.layers[i + 1].attn_norm if i + 1 < len(w.layers) else w.final_norm
         h, x = add_rmsnorm(mlp, h, after, w.eps)
     return linear(x[:, 0], w.lm_head)

@@ -49,6 +49,7 @@ import torch
 
 from questa_nemo.config import RolloutConfig
 from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron
+from questa_nemo.model.fp8 import quantize_fp8_rows
 from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContext, SamplingParams
 from questa_nemo.rollout.decoder import DecoderWeights, KVCache, prefill
 from questa_nemo.rollout.graphs import ATTEND_LEN_BUCKET, DecodeRunner, StepKey, attend_bucket, batch_bucket
@@ -94,6 +95,14 @@ class EngineOptions:
     # order by the last program of a tile) instead of cuBLAS. Off: on an H100 no faster (bench/bench_skinny.py:
     # a step's projections at 8 rows 1.510 against cuBLAS's 1.508 ms; the realistic row 15,862 against 15,878)
     skinny_gemm: bool = False
+    # with fused_norms: the layers' four projections at up to 32 sequences (a rollout's tail, where the weight
+    # read is most of the step) multiply by float8 e4m3 copies of the weights, one float32 scale per output
+    # row (model/triton_kernels.quantize_fp8_rows: about 1/16 relative error a weight at worst), in the skinny
+    # matmul: half the bytes. Larger batches and the output head keep the weights' dtype. Changes what is
+    # sampled (the trainer's log-probs are not the sampler's: use loss.proximal=train_forward); the float8
+    # copies (half the projections' size) are requantized on every weight update. Off: not yet measured on a
+    # GPU (bench/bench_skinny.py and bench_rollout's paged_fp8).
+    fp8_weights: bool = False
     # GPU: sample (temperature > 0, no top-p) in one Triton kernel over the lm_head's bf16 output instead of
     # torch's float32 passes (rollout/sampling_triton.py). H100, bench_rollout "paged_fs" against "paged":
     # 38,120 against 34,535 tok/s at 256 x (1K + 2K), 13,442 against 12,520 at realistic lengths; the same
@@ -173,6 +182,20 @@ def build(cfg: RolloutConfig, ctx: RolloutContext) -> MegatronBackend:
     return MegatronBackend(model, ctx.vocab_size, options, ctx.version, replica=replica)
 
 
+FP8_PROJECTIONS = ("qkv", "proj", "fc1", "fc2")
+
+
+def _quantize_layers(
+    weights: DecoderWeights, into: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Float8 copies of every layer's projections (EngineOptions.fp8_weights), into `into`'s buffers if given."""
+    out = []
+    for i, lw in enumerate(weights.layers):
+        buffers = {} if into is None else into[i]
+        out.append({name: quantize_fp8_rows(getattr(lw, name), buffers.get(name)) for name in FP8_PROJECTIONS})
+    return out
+
+
 class MegatronBackend:
     """GenerationBackend over an unwrapped megatron GPTModel: its own tensors (TP = PP = 1), or with `replica`
     (a collective returning fresh unsharded DecoderWeights of the trainer's current weights) a replica that
@@ -189,6 +212,13 @@ class MegatronBackend:
         self.model, self.vocab_size, self.options, self.version = model, vocab_size, options, version
         self._replica = replica
         self.weights = replica() if replica is not None else DecoderWeights.from_gpt_model(model, vocab_size)
+        if options.fp8_weights and not (options.paged_kv and options.fused_decode and options.fused_norms):
+            raise ValueError(
+                "rollout: fp8_weights runs in the fused-norms decode step: it needs paged_kv, fused_decode and "
+                "fused_norms"
+            )
+        self._fp8 = _quantize_layers(self.weights) if options.fp8_weights else None
+        self.weights.fp8 = self._fp8
         self._runner: DecodeRunner | None = None
         self._memory_bound = False  # the current cache has fewer slots than wanted because memory ran short
 
@@ -205,12 +235,14 @@ class MegatronBackend:
         if self._replica is not None:
             for mine, fresh in zip(self.weights.tensors(), self._replica().tensors()):
                 mine.copy_(fresh)
-            self.version = version
-            return
-        fresh = DecoderWeights.from_gpt_model(self.model, self.vocab_size)
-        if self._runner is not None and fresh.data_ptrs() != self.weights.data_ptrs():
-            self.sleep()  # graphs captured the old addresses
-        self.weights = fresh
+        else:
+            fresh = DecoderWeights.from_gpt_model(self.model, self.vocab_size)
+            if self._runner is not None and fresh.data_ptrs() != self.weights.data_ptrs():
+                self.sleep()  # graphs captured the old addresses
+            fresh.fp8 = self._fp8
+            self.weights = fresh
+        if self._fp8 is not None:  # into the same buffers: captured graphs read them
+            _quantize_layers(self.weights, self._fp8)
         self.version = version
 
     def sleep(self) -> None:
@@ -363,6 +395,8 @@ class MegatronBackend:
 
     def _new_runner(self, cache) -> DecodeRunner:
         on_gpu = self.weights.embedding.is_cuda
+        if self._fp8 is not None and not getattr(cache, "fused_residual", False):
+            raise RuntimeError("rollout: fp8_weights needs the Triton decode step (a GPU); this cache runs torch's")
         return DecodeRunner(
             self.weights,
             cache,
