@@ -108,6 +108,9 @@ ENGINES = {  # name -> EngineOptions besides the shared ones
     "paged_nofn": {"paged_kv": True, "fused_norms": False},  # the defaults with torch's add, RMSNorm, SwiGLU
     "paged_fnsk": {"paged_kv": True, "fused_norms": True, "skinny_gemm": True},  # and the skinny matmul
     "paged_fp8": {"paged_kv": True, "fp8_weights": True},  # the defaults with float8 projections at <= 32 rows
+    "paged_pdl": {"paged_kv": True, "pdl": True},  # the defaults, Triton kernels as dependent launches
+    "paged_skpd": {"paged_kv": True, "skinny_gemm": True, "pdl": True},  # and the projections in Triton too
+    "paged_fp8pd": {"paged_kv": True, "fp8_weights": True, "pdl": True},  # float8 projections, dependent launches
 }
 
 
@@ -620,7 +623,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "paged_cascade (paged with cascade_attention), paged_loop (paged with the loop merge: merge_tile off), "
         "paged_fn (paged with fused_norms, the default since), paged_nofn (paged without fused_norms), "
         "paged_fnsk (paged_fn with skinny_gemm), paged_fp8 (paged with fp8_weights; GPU only, with a check of "
-        "the log-probs it samples against the bf16 forward's first)",
+        "the log-probs it samples against the bf16 forward's first), paged_pdl (paged with pdl), paged_skpd "
+        "(skinny_gemm and pdl), paged_fp8pd (fp8_weights and pdl)",
     )
     p.add_argument("--prompts", type=int, default=16, help="prompts of the fixed rows (x --samples)")
     p.add_argument("--samples", type=int, default=16)
@@ -708,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.engines.split(",")) - set(ENGINES))
     if unknown:
         raise SystemExit(f"--engines: unknown {unknown}; known: {sorted(ENGINES)}")
-    if "paged_fp8" in args.engines.split(",") and args.device == "cuda":  # before the rows: a short call keeps it
+    if {"paged_fp8", "paged_fp8pd"} & set(args.engines.split(",")) and args.device == "cuda":  # before the rows
         try:
             result["fp8_mismatch"] = fp8_mismatch(policy, vocab, args.tiny)
         except Exception as e:  # noqa: BLE001
@@ -766,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
                 out[f"{k}_vs_paged_main"] = rates[k] / rates["paged_main"]
         if "paged" in rates and "paged_ts" in rates:
             out["paged_vs_paged_ts"] = rates["paged"] / rates["paged_ts"]
-        for k in ("paged_fn", "paged_fnsk", "paged_fp8"):
+        for k in ("paged_fn", "paged_fnsk", "paged_fp8", "paged_pdl", "paged_skpd", "paged_fp8pd"):
             if "paged" in rates and k in rates:
                 out[f"{k}_vs_paged"] = rates[k] / rates["paged"]
         if "paged" in rates and "paged_nofn" in rates:

@@ -9,7 +9,9 @@ the step runs it: one CUDA graph over 28 distinct weight copies (so L2 serves no
 (the best is reported beside the heuristic's). Every output is checked against float32 maths on the same
 bf16 inputs (cuBLAS's error beside ours). The layers' four projections also run with float8 weights
 (EngineOptions.fp8_weights: model/fp8.quantize_fp8_rows, skinny_linear with `scale`; half the bytes), checked
-against float32 maths on the dequantized weight; the step's `fp8_ms` is theirs plus cuBLAS's output head.
+against float32 maths on the dequantized weight; the step's `fp8_ms` is theirs plus cuBLAS's output head. Both
+Triton paths are also timed with every launch a programmatic dependent launch (EngineOptions.pdl: a copy's
+programs placed while the previous copy's last ones run), `skinny_pdl_ms` and the fp8 column's `pdl_ms`.
 
 Usage (GPU): python3 bench/bench_skinny.py --out skinny.json [--rows 1,8,16,32] [--no-sweep] [--sweep-seconds S]
 """
@@ -22,6 +24,7 @@ import json
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -92,7 +95,8 @@ def main() -> None:
     result = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
               "triton": __import__("triton").__version__, "peak_bytes_per_s": peak, "shapes": {}}  # fmt: skip
     rows_list = [int(r) for r in args.rows.split(",")]
-    step = {r: {"cublas_ms": 0.0, "skinny_ms": 0.0, "best_ms": 0.0, "fp8_ms": 0.0} for r in rows_list}
+    step = {r: {"cublas_ms": 0.0, "skinny_ms": 0.0, "best_ms": 0.0, "fp8_ms": 0.0, "skinny_pdl_ms": 0.0,
+                "fp8_pdl_ms": 0.0} for r in rows_list}  # fmt: skip
     for name, (n, k, has_bias, copies) in SHAPES.items():
         weights = [
             torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) / k**0.5 for _ in range(copies)
@@ -115,8 +119,10 @@ def main() -> None:
 
             cublas = graph_ms(run(F.linear), args.replays)
             skinny = graph_ms(run(tk.skinny_linear), args.replays)
+            pdl = partial(tk.skinny_linear, pdl=True)  # consecutive copies as programmatic dependent launches
+            skinny_pdl = graph_ms(run(pdl), args.replays)
             row = {"cublas_ms": cublas, "skinny_ms": skinny, "speedup": cublas / skinny,
-                   "config": tk.skinny_config(rows, n, k, props.multi_processor_count),
+                   "skinny_pdl_ms": skinny_pdl, "config": tk.skinny_config(rows, n, k, props.multi_processor_count),
                    "max_abs_err": {"cublas": err_cublas, "skinny": err_skinny}, "deterministic": deterministic}  # fmt: skip
             if peak:
                 row["bandwidth_pct"] = {
@@ -128,10 +134,12 @@ def main() -> None:
                 deq = w8.float() * scale[:, None]
                 bias0 = None if biases[0] is None else biases[0].float()
                 got = tk.skinny_linear(x, w8, biases[0], scale=scale).float()
-                fp8_ms = graph_ms(lambda x=x, fp8=fp8, biases=biases: [
-                    tk.skinny_linear(x, w8, b, scale=s) for (w8, s), b in zip(fp8, biases)], args.replays)  # fmt: skip
+                def run8(pdl: bool, x=x, fp8=fp8, biases=biases):
+                    return lambda: [tk.skinny_linear(x, w8, b, scale=s, pdl=pdl) for (w8, s), b in zip(fp8, biases)]
+
+                fp8_ms, fp8_pdl_ms = graph_ms(run8(False), args.replays), graph_ms(run8(True), args.replays)
                 row["fp8"] = {
-                    "ms": fp8_ms, "speedup_vs_cublas": cublas / fp8_ms,
+                    "ms": fp8_ms, "pdl_ms": fp8_pdl_ms, "speedup_vs_cublas": cublas / fp8_ms,
                     "max_abs_err_vs_dequantized": (got - F.linear(x.float(), deq, bias0)).abs().max().item(),
                     "rel_err_vs_bf16_weights": ((got - ref).norm() / ref.norm()).item(),  # what float8 changes
                 }  # fmt: skip
@@ -160,6 +168,8 @@ def main() -> None:
             step[rows]["skinny_ms"] += skinny
             step[rows]["best_ms"] += best[0]
             step[rows]["fp8_ms"] += row["fp8"]["ms"] if fp8 is not None else cublas
+            step[rows]["skinny_pdl_ms"] += skinny_pdl
+            step[rows]["fp8_pdl_ms"] += row["fp8"]["pdl_ms"] if fp8 is not None else cublas
             print(name, rows, json.dumps({k2: row[k2] for k2 in ("cublas_ms", "skinny_ms", "speedup")}),
                   "best", round(best[0], 4), best[1], "fp8", row.get("fp8", {}).get("ms"), flush=True)  # fmt: skip
         result["shapes"][name] = shape

@@ -29,10 +29,12 @@
 #      (compiled: --hf-static), on the same 32 sequences up to 8K (rollout_realistic_hf) or 4K
 #      (rollout_realistic_hf4k, a short call); the 512-sequence row at 512 slots (rollout_realistic512); and
 #      2,048 sequences at 512 slots, NeMo-RL's rollout samples a step (rollout_rlscale)
-#  12. not yet run: float8 projections at a rollout's tail (EngineOptions.fp8_weights): bench_skinny's fp8
-#      column beside cuBLAS and the bf16 skinny kernel (fp8_skinny), the decode step at 8 sequences of 8K,
-#      variants new and f8 (decode_fp8), and the realistic row at 512 slots, engines paged and paged_fp8, with
-#      the log-probs each samples against the bf16 forward first (rollout_fp8)
+#  12. not yet run: float8 projections at a rollout's tail (EngineOptions.fp8_weights) and the step's Triton
+#      kernels as programmatic dependent launches (EngineOptions.pdl): bench_skinny's fp8 and pdl columns
+#      beside cuBLAS and the bf16 skinny kernel (fp8_skinny), the decode step at 8 sequences of 8K, variants
+#      new, sk, pd, skpd, f8 and f8pd (decode_fp8), and the realistic row at 512 slots, engines paged,
+#      paged_skpd, paged_fp8 and paged_fp8pd, with the log-probs the float8 engine samples against the bf16
+#      forward first (rollout_fp8)
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
@@ -79,10 +81,10 @@ part rollout_realistic_hf4k 300 python3 bench/bench_rollout.py "${REAL[@]}" --re
 part rollout_rlscale 240 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 128 --batch 512 \
     --out "$DIR/rollout_rlscale.json"
 part fp8_skinny 90 python3 bench/bench_skinny.py --no-sweep --out "$DIR/fp8_skinny.json"
-part decode_fp8 90 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
-    --variants new,f8 --quick-sweep --sweep-block-sizes 64 --attn-reps 3 --out "$DIR/decode_fp8.json"
-part rollout_fp8 240 python3 bench/bench_rollout.py --engines paged,paged_fp8 --hf-new-tokens 0 --new-tokens 0 \
-    --recipe-prompts 0 --realistic-prompts 32 --batch 512 --out "$DIR/rollout_fp8.json"
+part decode_fp8 120 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
+    --variants new,sk,pd,skpd,f8,f8pd --quick-sweep --sweep-block-sizes 64 --attn-reps 3 --out "$DIR/decode_fp8.json"
+part rollout_fp8 300 python3 bench/bench_rollout.py --engines paged,paged_skpd,paged_fp8,paged_fp8pd --hf-new-tokens 0 \
+    --new-tokens 0 --recipe-prompts 0 --realistic-prompts 32 --batch 512 --out "$DIR/rollout_fp8.json"
 part rollout_realistic512 120 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 32 --batch 512 \
     --out "$DIR/rollout_realistic512.json"
 part rollout_fixed_norms 200 python3 bench/bench_rollout.py --engines paged_nofn,paged --hf-new-tokens 0 \

@@ -87,9 +87,9 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
     assert "--realistic-max 4096" in logs["rollout_realistic_hf4k.log"]
     assert "--realistic-prompts 128 --batch 512" in logs["rollout_rlscale.log"]
     assert "bench_skinny.py --no-sweep" in logs["fp8_skinny.log"]
-    assert "--context 8192 --cases fixed --variants new,f8" in logs["decode_fp8.log"]
+    assert "--context 8192 --cases fixed --variants new,sk,pd,skpd,f8,f8pd" in logs["decode_fp8.log"]
     fp8 = logs["rollout_fp8.log"]
-    assert "--engines paged,paged_fp8" in fp8 and "--realistic-prompts 32 --batch 512" in fp8
+    assert "--engines paged,paged_skpd,paged_fp8,paged_fp8pd" in fp8 and "--realistic-prompts 32 --batch 512" in fp8
     assert "--preset headmajor" in logs["train_headmajor.log"]
     assert "--preset long_compile" in logs["train_long_compile.log"]
     norms = logs["decode_norms.log"]

@@ -623,21 +623,21 @@ ints = lambda n: ["i32"] * n
 split_names = ["q_ptr", "k_ptr", "v_ptr", "table_ptr", "pos_ptr", "part_ptr", "lse_ptr", "out_ptr", "skip_ptr",
     "groups", "per_group", "num_splits", "part_splits", "split_blocks", "scale",
     "stride_qb", "stride_qg", "stride_qh", "stride_kn", "stride_kg", "stride_ks", "stride_tb", "stride_ob", "stride_og", "stride_oh",
-    "BS", "D", "H", "FIXED", "DIRECT", "CASCADE"]
-split_types = ["*bf16", "*bf16", "*bf16", "*i32", "*i64", "*fp32", "*fp32", "*bf16", "*i32"] + ints(5) + ["fp32"] + ints(10) + ["constexpr"] * 6
+    "BS", "D", "H", "FIXED", "DIRECT", "CASCADE", "PDL"]
+split_types = ["*bf16", "*bf16", "*bf16", "*i32", "*i64", "*fp32", "*fp32", "*bf16", "*i32"] + ints(5) + ["fp32"] + ints(10) + ["constexpr"] * 7
 done = []
 for fixed in (False, True):
     for direct in (False, True):
         for cascade in (False, True):
-            c = {"BS": 64, "D": 128, "H": 16, "FIXED": fixed, "DIRECT": direct, "CASCADE": cascade}
+            c = {"BS": 64, "D": 128, "H": 16, "FIXED": fixed, "DIRECT": direct, "CASCADE": cascade, "PDL": False}
             k = triton.compile(ASTSource(fn=pt._split_kernel, signature=sig(split_names, split_types), constexprs=c), target=target, options={"num_warps": 4})
             done.append(("split", fixed, direct, cascade, bool(k.asm["cubin"])))
 merge_names = ["part_ptr", "lse_ptr", "out_ptr", "pos_ptr", "skip_ptr", "count_ptr", "groups", "per_group", "num_splits", "part_splits", "split_blocks",
-    "stride_ob", "stride_og", "stride_oh", "BS", "D", "H", "FIXED", "CASCADE"]
-merge_types = ["*fp32", "*fp32", "*bf16", "*i64", "*i32", "*i32"] + ints(5) + ints(3) + ["constexpr"] * 5
+    "stride_ob", "stride_og", "stride_oh", "BS", "D", "H", "FIXED", "CASCADE", "PDL"]
+merge_types = ["*fp32", "*fp32", "*bf16", "*i64", "*i32", "*i32"] + ints(5) + ints(3) + ["constexpr"] * 6
 for fixed in (False, True):
     for cascade in (False, True):
-        c = {"BS": 64, "D": 128, "H": 16, "FIXED": fixed, "CASCADE": cascade}
+        c = {"BS": 64, "D": 128, "H": 16, "FIXED": fixed, "CASCADE": cascade, "PDL": False}
         k = triton.compile(ASTSource(fn=pt._merge_kernel, signature=sig(merge_names, merge_types), constexprs=c), target=target, options={"num_warps": 4})
         done.append(("merge", fixed, cascade, bool(k.asm["cubin"])))
         for chunk, warps in ((64, 4), (128, 8)):  # _merge_tile_kernel as launched: 4 warps up to 8192 values
@@ -645,9 +645,9 @@ for fixed in (False, True):
             done.append(("merge_tile", fixed, cascade, chunk, bool(k.asm["cubin"])))
 prefix_names = ["q_ptr", "k_ptr", "v_ptr", "table_ptr", "members_ptr", "items_ptr", "part_ptr", "lse_ptr",
     "groups", "per_group", "num_splits", "part_splits", "scale", "stride_qb", "stride_qg", "stride_qh", "stride_kn", "stride_kg", "stride_ks",
-    "stride_tb", "stride_mg", "BS", "D", "H", "M", "R"]
-prefix_types = ["*bf16"] * 3 + ["*i32"] * 3 + ["*fp32"] * 2 + ints(4) + ["fp32"] + ints(8) + ["constexpr"] * 5
-k = triton.compile(ASTSource(fn=pt._prefix_kernel, signature=sig(prefix_names, prefix_types), constexprs={"BS": 64, "D": 128, "H": 16, "M": 16, "R": 128}), target=target, options={"num_warps": 8})
+    "stride_tb", "stride_mg", "BS", "D", "H", "M", "R", "PDL"]
+prefix_types = ["*bf16"] * 3 + ["*i32"] * 3 + ["*fp32"] * 2 + ints(4) + ["fp32"] + ints(8) + ["constexpr"] * 6
+k = triton.compile(ASTSource(fn=pt._prefix_kernel, signature=sig(prefix_names, prefix_types), constexprs={"BS": 64, "D": 128, "H": 16, "M": 16, "R": 128, "PDL": False}), target=target, options={"num_warps": 8})
 done.append(("prefix", bool(k.asm["cubin"])))
 assert all(row[-1] for row in done), done
 print("compiled", len(done))

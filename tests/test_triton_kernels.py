@@ -156,8 +156,8 @@ from triton.compiler import ASTSource
 from questa_nemo.model import triton_kernels as tk
 
 signature = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16",
-             "n": "i32", "eps": "fp32", "BLOCK": "constexpr"}
-source = ASTSource(fn=tk._add_rmsnorm_kernel, signature=signature, constexprs={"BLOCK": 2048})
+             "n": "i32", "eps": "fp32", "BLOCK": "constexpr", "PDL": "constexpr"}
+source = ASTSource(fn=tk._add_rmsnorm_kernel, signature=signature, constexprs={"BLOCK": 2048, "PDL": False})
 kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 assert kernel.asm["cubin"] and "cvt.rn.bf16.f32" in kernel.asm["ptx"]
 print("compiled")
@@ -241,7 +241,7 @@ for fp8 in (False, True):
     signature = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv" if fp8 else "*bf16", "s_ptr": "*fp32", "b_ptr": "*bf16",
                  "y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                  "K_PER": "constexpr", "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
-                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr"}
+                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr", "PDL": "constexpr"}
     shapes = ((2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)) + (() if fp8 else ((151936, 1536),))
     for n, k in shapes:
         for rows in (8, 32):
@@ -249,7 +249,7 @@ for fp8 in (False, True):
             k_per = triton.cdiv(triton.cdiv(k, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
             cfg["SPLIT_K"] = triton.cdiv(k, k_per)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            constexprs = {"K_PER": k_per, "HAS_SCALE": fp8, "HAS_BIAS": n == 2048, **cfg}
+            constexprs = {"K_PER": k_per, "HAS_SCALE": fp8, "HAS_BIAS": n == 2048, "PDL": False, **cfg}
             source = ASTSource(fn=tk._skinny_kernel, signature=signature, constexprs=constexprs)
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                     options={"num_warps": warps, "num_stages": stages})

@@ -14,12 +14,33 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 BLOCK = 1024
 
 
+# ------------------------------------------------------------------------------ programmatic dependent launch
 @triton.jit
-def _swiglu_forward_kernel(y_ptr, out_ptr, f, BLOCK: tl.constexpr):
+def pdl_enter(PDL: tl.constexpr):
+    """With PDL (the kernel launched with `pdl_launch(True)`, Hopper+): wait until the previous kernel on the
+    stream has finished and its writes are visible, then let the next one launch. Its programs are placed while
+    this kernel's last ones run and wait here in turn, instead of launching when this kernel ends: the gap
+    between two small kernels of a decode step. Every load of a previous kernel's output and every store
+    must come after this call. Without PDL it is nothing."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """The launch option of a kernel that calls `pdl_enter(PDL=pdl)` (none without: Triton's interpreter and
+    GPUs before Hopper take none)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def _swiglu_forward_kernel(y_ptr, out_ptr, f, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < f
@@ -44,13 +65,15 @@ def _swiglu_backward_kernel(g_ptr, y_ptr, dy_ptr, f, BLOCK: tl.constexpr):
     tl.store(dy_ptr + row * 2 * f + f + cols, d_up.to(dy_ptr.dtype.element_ty), mask=mask)
 
 
-def swiglu_forward(y: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for y [..., 2f] -> [..., f]."""
+def swiglu_forward(y: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """silu(gate) * up for y [..., 2f] -> [..., f]. pdl: a programmatic dependent launch (`pdl_enter`)."""
     f = y.size(-1) // 2
     y2d = y.reshape(-1, 2 * f).contiguous()
     out = torch.empty(y2d.size(0), f, dtype=y.dtype, device=y.device)
     if out.numel():
-        _swiglu_forward_kernel[(y2d.size(0), triton.cdiv(f, BLOCK))](y2d, out, f, BLOCK=BLOCK, num_warps=4)
+        _swiglu_forward_kernel[(y2d.size(0), triton.cdiv(f, BLOCK))](
+            y2d, out, f, BLOCK=BLOCK, PDL=pdl, num_warps=4, **pdl_launch(pdl)
+        )  # fmt: skip
     return out.view(*y.shape[:-1], f)
 
 
@@ -109,8 +132,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
 
 # ------------------------------------------------------------------------------------------ RMSNorm
 @triton.jit
-def _rmsnorm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, BLOCK: tl.constexpr):
+def _rmsnorm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One row per program: rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * w, fp32 math, one rounding."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -147,8 +171,10 @@ def _rmsnorm_backward_kernel(
     tl.store(dw_partial_ptr + pid.to(tl.int64) * n + cols, dw, mask=mask)
 
 
-def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim of x [..., n] -> (y like x, rstd [rows] fp32)."""
+def rmsnorm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim of x [..., n] -> (y like x, rstd [rows] fp32). pdl: see `pdl_enter`."""
     n = x.size(-1)
     x2d = x.reshape(-1, n).contiguous()
     y = torch.empty_like(x2d)
@@ -156,7 +182,8 @@ def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[
     if x2d.numel():
         block = triton.next_power_of_2(n)
         _rmsnorm_forward_kernel[(x2d.size(0),)](
-            x2d, weight.contiguous(), y, rstd, n, eps, BLOCK=block, num_warps=min(max(block // 256, 1), 16)
+            x2d, weight.contiguous(), y, rstd, n, eps, BLOCK=block, PDL=pdl,
+            num_warps=min(max(block // 256, 1), 16), **pdl_launch(pdl),
         )  # fmt: skip
     return y.view(x.shape), rstd
 
@@ -185,9 +212,10 @@ def rmsnorm_backward(
 
 # ------------------------------------------------------------------------------ residual add + RMSNorm
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, n, eps, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, n, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One row per program: h = r + x (fp32 sum rounded to h's dtype, as torch's add), then y = RMSNorm(h) from
     the rounded h with `_rmsnorm_forward_kernel`'s maths (same block and warps: the same bits)."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -202,17 +230,19 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, n, eps, BLOCK: tl.con
 
 
 def add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual + x, RMSNorm(residual + x)) for x, residual [..., n] of one dtype, in one kernel: the decode
-    step's residual stream (rollout/decoder.py), where the add and the norm were two launches each time."""
+    step's residual stream (rollout/decoder.py), where the add and the norm were two launches each time.
+    pdl: see `pdl_enter`."""
     n = x.size(-1)
     x2d, r2d = x.reshape(-1, n).contiguous(), residual.reshape(-1, n).contiguous()
     h, y = torch.empty_like(r2d), torch.empty_like(r2d)
     if x2d.numel():
         block = triton.next_power_of_2(n)
         _add_rmsnorm_kernel[(x2d.size(0),)](
-            x2d, r2d, weight.contiguous(), h, y, n, eps, BLOCK=block, num_warps=min(max(block // 256, 1), 16)
+            x2d, r2d, weight.contiguous(), h, y, n, eps, BLOCK=block, PDL=pdl,
+            num_warps=min(max(block // 256, 1), 16), **pdl_launch(pdl),
         )  # fmt: skip
     return h.view(residual.shape), y.view(residual.shape)
 
@@ -225,7 +255,7 @@ SKINNY_MAX_ROWS = 32  # rows (sequences) up to which `skinny_linear` runs its ow
 def _skinny_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K,
     K_PER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """y [M, N] = x [M, K] @ w [N, K]^T (+ b) for a few rows M <= BLOCK_M: a decode step's projections, where
     the weight read is the whole cost. Program (n, s) reads columns n * BLOCK_N.. of w over K slice s
@@ -234,6 +264,7 @@ def _skinny_kernel(
     same bits whoever finishes last), writes y and resets the ticket, so a captured graph replays cleanly.
     HAS_SCALE: w is float8 (e4m3) with a float32 scale per output column in s [N] (model/fp8.py): each tile is
     widened to x's dtype (exact) for the dot, the column's scale multiplies its float32 sum once."""
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -313,11 +344,13 @@ def skinny_linear(
     bias: torch.Tensor | None = None,
     config: dict | None = None,
     scale: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., k] with at most SKINNY_MAX_ROWS rows (more go to F.linear):
     `_skinny_kernel`, float32 accumulation, one rounding. config: tile sizes (default `skinny_config`).
     scale: weight is float8 with this float32 scale per output row (model/fp8.quantize_fp8_rows):
-    y = (x @ w8^T) * scale (+ bias), at most SKINNY_MAX_ROWS rows (larger batches: the weight in x's dtype)."""
+    y = (x @ w8^T) * scale (+ bias), at most SKINNY_MAX_ROWS rows (larger batches: the weight in x's dtype).
+    pdl: a programmatic dependent launch (`pdl_enter`; not on the F.linear path)."""
     n, k = weight.shape
     x2d = x.reshape(-1, k)
     rows = x2d.size(0)
@@ -343,6 +376,7 @@ def skinny_linear(
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     _skinny_kernel[(tiles, split)](
         x2d, weight, scale if scale is not None else x2d, bias if bias is not None else x2d, y, part, count,
-        rows, n, k, K_PER=k_per, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, **cfg,
+        rows, n, k, K_PER=k_per, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, PDL=pdl, **cfg,
+        **pdl_launch(pdl),
     )  # fmt: skip
     return y.view(*x.shape[:-1], n)

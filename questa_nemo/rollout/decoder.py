@@ -331,7 +331,8 @@ def _decode_fused_norms(
     About three launches a layer fewer than the torch ops, on a step that is launch-bound at a rollout's tail.
     With the cache's `skinny_gemm` the projections go through `skinny_linear` (cuBLAS past 32 rows); with the
     weights' `fp8` copies (EngineOptions.fp8_weights) the layers' four projections at up to 32 sequences go
-    through `skinny_linear` on those (the output head stays in the weights' dtype).
+    through `skinny_linear` on those (the output head stays in the weights' dtype). With the cache's `pdl` every
+    Triton kernel of the step is a programmatic dependent launch (model/triton_kernels.pdl_enter).
     h [B, 1, hidden]; cos, sin [B, D / 2] -> logits [B, vocab] in the weights' dtype."""
     from questa_nemo.model.triton_kernels import (
         SKINNY_MAX_ROWS,
@@ -341,24 +342,25 @@ def _decode_fused_norms(
         swiglu_forward,
     )
 
-    linear = skinny_linear if getattr(cache, "skinny_gemm", False) else F.linear
+    pdl = getattr(cache, "pdl", False)  # EngineOptions.pdl: programmatic dependent launches of these kernels
+    skinny = getattr(cache, "skinny_gemm", False)
     b = h.size(0)
     fp8 = w.fp8 if w.fp8 is not None and b <= SKINNY_MAX_ROWS else None
 
     def project(i: int, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        if fp8 is None:
-            return linear(x, weight, bias)
-        w8, scale = fp8[i][name]
-        return skinny_linear(x, w8, bias, scale=scale)
+        if fp8 is not None:
+            w8, scale = fp8[i][name]
+            return skinny_linear(x, w8, bias, scale=scale, pdl=pdl)
+        return skinny_linear(x, weight, bias, pdl=pdl) if skinny else F.linear(x, weight, bias)
 
-    x = rmsnorm_forward(h, w.layers[0].attn_norm, w.eps)[0]
+    x = rmsnorm_forward(h, w.layers[0].attn_norm, w.eps, pdl=pdl)[0]
     for i, lw in enumerate(w.layers):
         qkv = project(i, "qkv", x, lw.qkv, lw.qkv_bias)  # [B, 1, (heads + 2G) D]
         attn = cache.decode_attention_qkv(i, ctx, qkv[:, 0], cos, sin)  # [B, G, per, D]
         out = project(i, "proj", attn.reshape(b, 1, -1), lw.proj, lw.proj_bias)
-        h, x = add_rmsnorm(out, h, lw.mlp_norm, w.eps)
-        up = swiglu_forward(project(i, "fc1", x, lw.fc1, lw.fc1_bias))
+        h, x = add_rmsnorm(out, h, lw.mlp_norm, w.eps, pdl=pdl)
+        up = swiglu_forward(project(i, "fc1", x, lw.fc1, lw.fc1_bias), pdl=pdl)
         mlp = project(i, "fc2", up, lw.fc2, lw.fc2_bias)
         after = w.layers[i + 1].attn_norm if i + 1 < len(w.layers) else w.final_norm
-        h, x = add_rmsnorm(mlp, h, after, w.eps)
-    return linear(x[:, 0], w.lm_head)
+        h, x = add_rmsnorm(mlp, h, after, w.eps, pdl=pdl)
+    return skinny_linear(x[:, 0], w.lm_head) if skinny else F.linear(x[:, 0], w.lm_head)

@@ -103,6 +103,12 @@ class EngineOptions:
     # copies (half the projections' size) are requantized on every weight update. Off: not yet measured on a
     # GPU (bench/bench_skinny.py and bench_rollout's paged_fp8).
     fp8_weights: bool = False
+    # with fused_norms, Hopper or later: the step's Triton kernels (RoPE + append, attention and its merge, the
+    # residual add + RMSNorm, SwiGLU, and the projections where they run in Triton: skinny_gemm, fp8_weights)
+    # as programmatic dependent launches (model/triton_kernels.pdl_enter): each kernel's programs are placed
+    # while the previous one's last ones run, instead of after it ends (the gaps of a launch-bound step at a
+    # rollout's tail). Same bits. Off: not yet measured on a GPU (profile_decode variants pd, skpd, f8pd).
+    pdl: bool = False
     # GPU: sample (temperature > 0, no top-p) in one Triton kernel over the lm_head's bf16 output instead of
     # torch's float32 passes (rollout/sampling_triton.py). H100, bench_rollout "paged_fs" against "paged":
     # 38,120 against 34,535 tok/s at 256 x (1K + 2K), 13,442 against 12,520 at realistic lengths; the same
@@ -212,11 +218,12 @@ class MegatronBackend:
         self.model, self.vocab_size, self.options, self.version = model, vocab_size, options, version
         self._replica = replica
         self.weights = replica() if replica is not None else DecoderWeights.from_gpt_model(model, vocab_size)
-        if options.fp8_weights and not (options.paged_kv and options.fused_decode and options.fused_norms):
-            raise ValueError(
-                "rollout: fp8_weights runs in the fused-norms decode step: it needs paged_kv, fused_decode and "
-                "fused_norms"
-            )
+        for name in ("fp8_weights", "pdl"):
+            if getattr(options, name) and not (options.paged_kv and options.fused_decode and options.fused_norms):
+                raise ValueError(
+                    f"rollout: {name} runs in the fused-norms decode step: it needs paged_kv, fused_decode and "
+                    "fused_norms"
+                )
         self._fp8 = _quantize_layers(self.weights) if options.fp8_weights else None
         self.weights.fp8 = self._fp8
         self._runner: DecodeRunner | None = None
@@ -397,6 +404,11 @@ class MegatronBackend:
         on_gpu = self.weights.embedding.is_cuda
         if self._fp8 is not None and not getattr(cache, "fused_residual", False):
             raise RuntimeError("rollout: fp8_weights needs the Triton decode step (a GPU); this cache runs torch's")
+        if self.options.pdl:
+            if not getattr(cache, "fused_residual", False):
+                raise RuntimeError("rollout: pdl needs the Triton decode step (a GPU); this cache runs torch's")
+            if on_gpu and torch.cuda.get_device_capability(self.weights.embedding.device)[0] < 9:
+                raise RuntimeError("rollout: pdl (programmatic dependent launch) needs a Hopper or later GPU")
         return DecodeRunner(
             self.weights,
             cache,
@@ -430,6 +442,7 @@ class MegatronBackend:
         cache.merge_tile = opts.merge_tile
         cache.fused_norms = opts.fused_norms
         cache.skinny_gemm = opts.skinny_gemm
+        cache.pdl = opts.pdl
         return cache
 
     def _admit(

@@ -178,6 +178,7 @@ class PagedKVCache:
         self.merge_tile = True  # the kernel's merge: one program per query head (EngineOptions.merge_tile)
         self.fused_norms = False  # with takes_qkv: the step's residual adds, norms, SwiGLU in Triton (decoder.py)
         self.skinny_gemm = False  # with fused_norms: the projections at <= 32 rows in Triton (decoder.py)
+        self.pdl = False  # with fused_norms: the step's Triton kernels as programmatic dependent launches
         self._groups: tuple[torch.Tensor, ...] | None = None  # device: members, items, skip, count
 
     @classmethod
@@ -360,7 +361,7 @@ class PagedKVCache:
         from questa_nemo.rollout.paged_triton import rope_append
 
         kp, vp = self.k[layer], self.v[layer]
-        q = rope_append(qkv, cos, sin, kp, vp, ctx["blocks"], ctx["offsets"])
+        q = rope_append(qkv, cos, sin, kp, vp, ctx["blocks"], ctx["offsets"], pdl=self.pdl)
         return self._kernel(q, kp, vp, ctx)
 
     def launch_settings(self, batch: int) -> dict:
@@ -380,7 +381,7 @@ class PagedKVCache:
         from questa_nemo.rollout.paged_triton import paged_decode_attention
 
         return paged_decode_attention(
-            q, kp, vp, self.table, ctx["positions"], self.num_sms, **self.launch_settings(q.size(0))
+            q, kp, vp, self.table, ctx["positions"], self.num_sms, **self.launch_settings(q.size(0)), pdl=self.pdl
         )
 
 

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from questa_nemo.model.triton_kernels import pdl_enter, pdl_launch
 from questa_nemo.rollout.paged import num_splits
 
 HEAD_ROWS = 16  # query heads of a group, padded: tl.dot needs at least 16 rows
@@ -51,8 +52,9 @@ def _split_kernel(
     stride_kn, stride_kg, stride_ks,
     stride_tb, stride_ob, stride_og, stride_oh,
     BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, FIXED: tl.constexpr, DIRECT: tl.constexpr,
-    CASCADE: tl.constexpr,
+    CASCADE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -132,9 +134,11 @@ def _merge_kernel(
     groups, per_group, num_splits, part_splits, split_blocks,
     stride_ob, stride_og, stride_oh,
     BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, FIXED: tl.constexpr, CASCADE: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Combine a sequence's split partials [splits 0..used) and, with CASCADE, its group's prefix partials
     [num_splits .. num_splits + count[b]) by their log-sum-exp."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     h = tl.arange(0, H)
@@ -173,12 +177,13 @@ def _merge_tile_kernel(
     groups, per_group, num_splits, part_splits, split_blocks,
     stride_ob, stride_og, stride_oh,
     BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, FIXED: tl.constexpr, CASCADE: tl.constexpr,
-    C: tl.constexpr,
+    C: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """`_merge_kernel`'s result, one program a (sequence, query group, live head row): the head's partials are
     read C at a time as one [C] vector of log-sum-exps and one [C, D] tile (C >= part_splits: all in one go,
     no serial walk over the splits). Valid indices: [0, used) and, with CASCADE, [num_splits, num_splits +
     count[b]); the rest are masked (never read). Over several chunks the max and sums are rescaled online."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     h = tl.program_id(2)  # < per_group: the grid has no padded rows
@@ -218,12 +223,13 @@ def _prefix_kernel(
     stride_qb, stride_qg, stride_qh,
     stride_kn, stride_kg, stride_ks,
     stride_tb, stride_mg,
-    BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, M: tl.constexpr, R: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, M: tl.constexpr, R: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Cascade: one work item (a prompt group, blocks [first, last) of its shared prefix, its partial index)
     and one query group. The query heads of every member (up to M sequences sharing the prefix) are the rows of
     one tile, so each shared key/value block is read once for the whole group instead of once per member.
     Writes each member's partial output and log-sum-exp at split num_splits + index of its part rows."""
+    pdl_enter(PDL)
     item = tl.program_id(0)
     g = tl.program_id(1)
     grp = tl.load(items_ptr + item * 4)
@@ -293,6 +299,7 @@ def paged_decode_attention(
     split_len: int | None = None,
     cascade: Cascade | None = None,
     merge_tile: bool = True,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """q [B, G, P, D] (D contiguous); pools [N, G, bs, D] (one layer, bs x D contiguous); table [>= B, MB]
     int32; positions [B] (sequence b reads its positions 0..positions[b]) -> attention output [B, G, P, D].
@@ -304,7 +311,8 @@ def paged_decode_attention(
     (`_prefix_kernel`), each sequence's split programs start after them, the merge takes both.
     merge_tile: merge with `_merge_tile_kernel` (a program per live head row, its partials read as one tile;
     the default) or, False, with `_merge_kernel` (a program per query group walking the splits: 6x slower at
-    8 sequences of 8K on an H100); same maths, sums in another order."""
+    8 sequences of 8K on an H100); same maths, sums in another order.
+    pdl: every kernel as a programmatic dependent launch (model/triton_kernels.pdl_enter)."""
     b, g, per_group, d = q.shape
     bs = k_pool.size(2)
     if per_group > HEAD_ROWS or d & (d - 1) or bs & (bs - 1) or bs < 16:
@@ -337,7 +345,8 @@ def paged_decode_attention(
             k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
             table.stride(0), members.stride(0),
             BS=bs, D=d, H=HEAD_ROWS, M=members.size(1),
-            R=max(16, triton.next_power_of_2(members.size(1) * per_group)), num_warps=8,
+            R=max(16, triton.next_power_of_2(members.size(1) * per_group)), PDL=pdl, num_warps=8,
+            **pdl_launch(pdl),
         )  # fmt: skip
     _split_kernel[(b, g, s)](
         q, k_pool, v_pool, table, positions, part, lse, out, skip,
@@ -346,7 +355,7 @@ def paged_decode_attention(
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         table.stride(0), out.stride(0), out.stride(1), out.stride(2),
         BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), DIRECT=direct, CASCADE=cascade is not None,
-        num_warps=num_warps, **stages,
+        PDL=pdl, num_warps=num_warps, **stages, **pdl_launch(pdl),
     )  # fmt: skip
     if direct:
         return out
@@ -357,14 +366,15 @@ def paged_decode_attention(
         _merge_tile_kernel[(b, g, per_group)](
             part, lse, out, positions, skip, count, g, per_group, s, part_splits, split_blocks,
             out.stride(0), out.stride(1), out.stride(2),
-            BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), CASCADE=cascade is not None, C=chunk,
-            num_warps=8 if chunk * d > 8192 else 4,
+            BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), CASCADE=cascade is not None, C=chunk, PDL=pdl,
+            num_warps=8 if chunk * d > 8192 else 4, **pdl_launch(pdl),
         )  # fmt: skip
     else:
         _merge_kernel[(b, g)](
             part, lse, out, positions, skip, count, g, per_group, s, part_splits, split_blocks,
             out.stride(0), out.stride(1), out.stride(2),
-            BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), CASCADE=cascade is not None, num_warps=4,
+            BS=bs, D=d, H=HEAD_ROWS, FIXED=bool(split_blocks), CASCADE=cascade is not None, PDL=pdl, num_warps=4,
+            **pdl_launch(pdl),
         )  # fmt: skip
     return out
 
@@ -373,11 +383,12 @@ def paged_decode_attention(
 def _rope_append_kernel(
     qkv_ptr, cos_ptr, sin_ptr, blocks_ptr, offsets_ptr, q_ptr, k_ptr, v_ptr,
     per_group, stride_xb, stride_cb, stride_qb, stride_qg, stride_qh, stride_kn, stride_kg, stride_ks,
-    HALF: tl.constexpr, R: tl.constexpr,
+    HALF: tl.constexpr, R: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, query group): rotate the group's query heads and key (rotate-half RoPE), write the
     queries to q [B, G, P, D] and the key and value into the pool at the sequence's new position. Every product
     and sum is rounded to the model dtype as the torch ops of decoder.rope round them (same bits)."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     r = tl.arange(0, R)  # the group's rows: per_group query heads, then its key, then its value
@@ -415,12 +426,13 @@ def rope_append(
     v_pool: torch.Tensor,
     blocks: torch.Tensor,
     offsets: torch.Tensor,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """qkv [B, G * (P + 2) * D] (megatron's fused layout: per group its P query heads, key, value; rows
     contiguous), cos / sin [B, D / 2] (decoder.rope_tables of the step's positions); pools [N, G, bs, D] of one
     layer; blocks / offsets [B]: where each sequence's new position lives. Writes the rotated key and the value
     into the pools, returns the rotated queries [B, G, P, D] (contiguous). One kernel for what decoder._qkv's
-    RoPE and PagedKVCache's index_put do in about ten."""
+    RoPE and PagedKVCache's index_put do in about ten. pdl: see model/triton_kernels.pdl_enter."""
     b = qkv.size(0)
     groups, d = k_pool.size(1), k_pool.size(3)
     per_group = qkv.size(1) // (groups * d) - 2
@@ -432,6 +444,7 @@ def rope_append(
         qkv, cos, sin, blocks, offsets, q, k_pool, v_pool,
         per_group, qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), q.stride(2),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        HALF=d // 2, R=rows, num_warps=4, enable_fp_fusion=False,  # float32: no FMA, torch's rounding
+        HALF=d // 2, R=rows, PDL=pdl, num_warps=4, enable_fp_fusion=False,  # float32: no FMA, torch's rounding
+        **pdl_launch(pdl),
     )  # fmt: skip
     return q
