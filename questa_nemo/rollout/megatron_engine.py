@@ -97,11 +97,12 @@ class EngineOptions:
     skinny_gemm: bool = False
     # with fused_norms: the layers' four projections at up to 32 sequences (a rollout's tail, where the weight
     # read is most of the step) multiply by float8 e4m3 copies of the weights, one float32 scale per output
-    # row (model/triton_kernels.quantize_fp8_rows: about 1/16 relative error a weight at worst), in the skinny
-    # matmul: half the bytes. Larger batches and the output head keep the weights' dtype. Changes what is
-    # sampled (the trainer's log-probs are not the sampler's: use loss.proximal=train_forward); the float8
-    # copies (half the projections' size) are requantized on every weight update. Off: not yet measured on a
-    # GPU (bench/bench_skinny.py and bench_rollout's paged_fp8).
+    # row (model/fp8.quantize_fp8_rows: at most 1/16 relative error a weight), in the skinny matmul: half the
+    # bytes. Larger batches and the output head keep the weights' dtype. Changes what is sampled: the decoupled
+    # loss's behaviour weight exp(proximal - behaviour) (algo/loss.py) corrects for it, its cap masks the tokens
+    # float8 moved most. SmolLM2-135M on CPU: KL(float8 || bf16) about 0.02 a token, ~18x bf16's own against
+    # float32 (bench/fp8_kl.py). The float8 copies (half the projections' size) are requantized on every weight
+    # update. Off: not yet measured on a GPU (bench_skinny, profile_decode f8, bench_rollout paged_fp8).
     fp8_weights: bool = False
     # with fused_norms, Hopper or later: the step's Triton kernels (RoPE + append, attention and its merge, the
     # residual add + RMSNorm, SwiGLU, and the projections where they run in Triton: skinny_gemm, fp8_weights)
