@@ -92,3 +92,51 @@ def test_pdl_refused_off_the_triton_step():
     b = MegatronBackend(model, VOCAB, EngineOptions(**options, pdl=True))
     with pytest.raises(RuntimeError, match="pdl needs the Triton decode step"):
         b.generate([[5, 7]], SamplingParams(n=1, temperature=0.0, max_new_tokens=2, ignore_eos=True))
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **kwargs)` records the keyword arguments."""
+
+    def __init__(self, calls: list, name: str):
+        self.calls, self.name = calls, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.name, kwargs))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU torch)")
+@pytest.mark.parametrize("pdl", [False, True])
+def test_every_decode_launch_passes_pdl_to_its_kernel_and_launch(monkeypatch, pdl):
+    """Each launcher of the decode step hands `pdl` both to its kernel (PDL, the wait) and to the launch
+    (launch_pdl, the attribute that lets the kernel start early): one without the other is a silent loss of
+    speed (launch without the option) or a kernel that waits for nothing. Kernels replaced by recorders."""
+    import torch
+
+    from questa_nemo.model import triton_kernels as tk
+    from questa_nemo.rollout import paged_triton as pt
+
+    calls: list = []
+    names = ["_swiglu_forward_kernel", "_rmsnorm_forward_kernel", "_add_rmsnorm_kernel", "_skinny_kernel"]
+    for name in names:
+        monkeypatch.setattr(tk, name, _Recorder(calls, name))
+    for name in ["_rope_append_kernel", "_split_kernel", "_merge_tile_kernel", "_merge_kernel"]:
+        monkeypatch.setattr(pt, name, _Recorder(calls, name))
+    x = torch.randn(4, 64)
+    tk.swiglu_forward(torch.randn(4, 128), pdl=pdl)
+    tk.rmsnorm_forward(x, torch.ones(64), 1e-6, pdl=pdl)
+    tk.add_rmsnorm(x, x, torch.ones(64), 1e-6, pdl=pdl)
+    tk.skinny_linear(x, torch.randn(48, 64), pdl=pdl)
+    b, g, per, d, bs = 2, 2, 3, 16, 16
+    pool = torch.zeros(9, g, bs, d)
+    table = torch.arange(1, 9, dtype=torch.int32).view(2, 4)
+    pt.rope_append(torch.randn(b, g * (per + 2) * d), torch.ones(b, d // 2), torch.zeros(b, d // 2), pool, pool,
+                   torch.ones(b, dtype=torch.int32), torch.zeros(b, dtype=torch.int32), pdl=pdl)  # fmt: skip
+    q = torch.randn(b, g, per, d)
+    positions = torch.tensor([20, 40])
+    for tile in (True, False):
+        pt.paged_decode_attention(q, pool, pool, table, positions, 1, split_len=16, merge_tile=tile, pdl=pdl)
+    launched = [name for name, _ in calls]
+    assert set(launched) == set(names) | {"_rope_append_kernel", "_split_kernel", "_merge_tile_kernel",
+                                          "_merge_kernel"}, launched  # fmt: skip
+    for name, kwargs in calls:
+        assert kwargs["PDL"] is pdl and kwargs.get("launch_pdl", False) is pdl, (name, kwargs)

@@ -229,6 +229,10 @@ def test_skinny_linear_fp8_equals_dequantized_weight(rows, n, k, bias, config):
     assert all(int(count.abs().sum()) == 0 for _, count in triton_kernels._WORKSPACE.values())
     with pytest.raises(ValueError, match="float8 weights take 1..32 rows"):
         triton_kernels.skinny_linear(torch.randn(33, k), w8, b, scale=scale)
+    with pytest.raises(ValueError, match=rf"scale float32 \[{n}\], got torch.float8_e4m3fn and torch.float64"):
+        triton_kernels.skinny_linear(x, w8, b, scale=scale.double())
+    with pytest.raises(ValueError, match="must be float8_e4m3fn"):
+        triton_kernels.skinny_linear(x, w, b, scale=scale)  # an unquantized weight with a scale
 
 
 SKINNY_AOT = """

@@ -33,8 +33,8 @@ def pdl_enter(PDL: tl.constexpr):
 
 
 def pdl_launch(pdl: bool) -> dict:
-    """The launch option of a kernel that calls `pdl_enter(PDL=pdl)` (none without: Triton's interpreter and
-    GPUs before Hopper take none)."""
+    """The launch option of a kernel that calls `pdl_enter(PDL=pdl)`; none without PDL. PDL needs a Hopper or
+    later GPU: Triton's interpreter cannot run a kernel with PDL on (its wait is inline PTX)."""
     return {"launch_pdl": True} if pdl else {}
 
 
@@ -354,8 +354,13 @@ def skinny_linear(
     n, k = weight.shape
     x2d = x.reshape(-1, k)
     rows = x2d.size(0)
-    if scale is not None and not 0 < rows <= SKINNY_MAX_ROWS:
-        raise ValueError(f"skinny_linear: float8 weights take 1..{SKINNY_MAX_ROWS} rows, got {rows}")
+    if scale is not None:
+        if not 0 < rows <= SKINNY_MAX_ROWS:
+            raise ValueError(f"skinny_linear: float8 weights take 1..{SKINNY_MAX_ROWS} rows, got {rows}")
+        if weight.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32 or scale.shape != (n,):
+            raise ValueError(f"skinny_linear: with scale the weight must be float8_e4m3fn and the scale float32 "
+                             f"[{n}], got {weight.dtype} and {scale.dtype} {tuple(scale.shape)}")  # fmt: skip
+        scale = scale.contiguous()
     if rows == 0 or rows > SKINNY_MAX_ROWS:
         return torch.nn.functional.linear(x, weight, bias)
     x2d, weight = x2d.contiguous(), weight.contiguous()

@@ -53,7 +53,7 @@ class DecoderWeights:
     head_dim: int
     eps: float
     # EngineOptions.fp8_weights: per layer, {"qkv", "proj", "fc1", "fc2"} -> (float8 weight, float32 scale a row)
-    # (model/triton_kernels.quantize_fp8_rows), owned by the engine and refreshed in place on every weight
+    # (model/fp8.quantize_fp8_rows), owned by the engine and refreshed in place on every weight
     # update; the fused-norms step multiplies by them at up to SKINNY_MAX_ROWS sequences. Not in `tensors()`.
     fp8: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 

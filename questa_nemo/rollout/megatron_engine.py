@@ -97,12 +97,14 @@ class EngineOptions:
     skinny_gemm: bool = False
     # with fused_norms: the layers' four projections at up to 32 sequences (a rollout's tail, where the weight
     # read is most of the step) multiply by float8 e4m3 copies of the weights, one float32 scale per output
-    # row (model/fp8.quantize_fp8_rows: at most 1/16 relative error a weight), in the skinny matmul: half the
+    # row (model/fp8.quantize_fp8_rows: 1/16 relative error a weight at most, 2^-10 of the row's scale for
+    # the smallest, subnormal ones), in the skinny matmul (Ada / Hopper or later: float8 loads): half the
     # bytes. Larger batches and the output head keep the weights' dtype. Changes what is sampled: the decoupled
     # loss's behaviour weight exp(proximal - behaviour) (algo/loss.py) corrects for it, its cap masks the tokens
     # float8 moved most. SmolLM2-135M on CPU: KL(float8 || bf16) about 0.02 a token, ~18x bf16's own against
     # float32 (bench/fp8_kl.py). The float8 copies (half the projections' size) are requantized on every weight
-    # update. Off: not yet measured on a GPU (bench_skinny, profile_decode f8, bench_rollout paged_fp8).
+    # update and kept through sleep(). Off: not yet measured on a GPU (bench_skinny, profile_decode f8,
+    # bench_rollout paged_fp8).
     fp8_weights: bool = False
     # with fused_norms, Hopper or later: the step's Triton kernels (RoPE + append, attention and its merge, the
     # residual add + RMSNorm, SwiGLU, and the projections where they run in Triton: skinny_gemm, fp8_weights)
@@ -403,8 +405,11 @@ class MegatronBackend:
 
     def _new_runner(self, cache) -> DecodeRunner:
         on_gpu = self.weights.embedding.is_cuda
-        if self._fp8 is not None and not getattr(cache, "fused_residual", False):
-            raise RuntimeError("rollout: fp8_weights needs the Triton decode step (a GPU); this cache runs torch's")
+        if self._fp8 is not None:
+            if not getattr(cache, "fused_residual", False):
+                raise RuntimeError("rollout: fp8_weights needs the Triton decode step (a GPU); this cache runs torch's")
+            if on_gpu and torch.cuda.get_device_capability(self.weights.embedding.device) < (8, 9):
+                raise RuntimeError("rollout: fp8_weights (float8 loads in Triton) needs an Ada, Hopper or later GPU")
         if self.options.pdl:
             if not getattr(cache, "fused_residual", False):
                 raise RuntimeError("rollout: pdl needs the Triton decode step (a GPU); this cache runs torch's")
