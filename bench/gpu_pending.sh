@@ -81,7 +81,7 @@ part rollout_realistic_hf4k 300 python3 bench/bench_rollout.py "${REAL[@]}" --re
 part rollout_rlscale 240 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 128 --batch 512 \
     --out "$DIR/rollout_rlscale.json"
 part fp8_skinny 90 python3 bench/bench_skinny.py --no-sweep --out "$DIR/fp8_skinny.json"
-part decode_fp8 120 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
+part decode_fp8 180 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
     --variants new,sk,pd,skpd,f8,f8pd --quick-sweep --sweep-block-sizes 64 --attn-reps 3 --out "$DIR/decode_fp8.json"
 part rollout_fp8 300 python3 bench/bench_rollout.py --engines paged,paged_skpd,paged_fp8,paged_fp8pd --hf-new-tokens 0 \
     --new-tokens 0 --recipe-prompts 0 --realistic-prompts 32 --batch 512 --out "$DIR/rollout_fp8.json"
