@@ -101,8 +101,8 @@ class EngineOptions:
     # the smallest, subnormal ones), in the skinny matmul (Ada / Hopper or later: float8 loads): half the
     # bytes. Larger batches and the output head keep the weights' dtype. Changes what is sampled: the decoupled
     # loss's behaviour weight exp(proximal - behaviour) (algo/loss.py) corrects for it, its cap masks the tokens
-    # float8 moved most. SmolLM2-135M on CPU: KL(float8 || bf16) about 0.02 a token, ~18x bf16's own against
-    # float32 (bench/fp8_kl.py). The float8 copies (half the projections' size) are requantized on every weight
+    # float8 moved most. SmolLM2-135M on CPU: KL(float8 || bf16) 0.021 a token over 3 seeds, about 19x bf16's
+    # own against float32 (bench/fp8_kl.py). The float8 copies (half the projections' size) are requantized on every weight
     # update and kept through sleep(). Off: not yet measured on a GPU (bench_skinny, profile_decode f8,
     # bench_rollout paged_fp8).
     fp8_weights: bool = False
@@ -405,16 +405,16 @@ class MegatronBackend:
 
     def _new_runner(self, cache) -> DecodeRunner:
         on_gpu = self.weights.embedding.is_cuda
-        if self._fp8 is not None:
+        for name, least, card in (
+            ("fp8_weights", (8, 9), "an Ada, Hopper or later GPU (float8 loads in Triton)"),
+            ("pdl", (9, 0), "a Hopper or later GPU (programmatic dependent launch)"),
+        ):
+            if not getattr(self.options, name):
+                continue
             if not getattr(cache, "fused_residual", False):
-                raise RuntimeError("rollout: fp8_weights needs the Triton decode step (a GPU); this cache runs torch's")
-            if on_gpu and torch.cuda.get_device_capability(self.weights.embedding.device) < (8, 9):
-                raise RuntimeError("rollout: fp8_weights (float8 loads in Triton) needs an Ada, Hopper or later GPU")
-        if self.options.pdl:
-            if not getattr(cache, "fused_residual", False):
-                raise RuntimeError("rollout: pdl needs the Triton decode step (a GPU); this cache runs torch's")
-            if on_gpu and torch.cuda.get_device_capability(self.weights.embedding.device)[0] < 9:
-                raise RuntimeError("rollout: pdl (programmatic dependent launch) needs a Hopper or later GPU")
+                raise RuntimeError(f"rollout: {name} needs the Triton decode step (a GPU); this cache runs torch's")
+            if on_gpu and torch.cuda.get_device_capability(self.weights.embedding.device) < least:
+                raise RuntimeError(f"rollout: {name} needs {card}")
         return DecodeRunner(
             self.weights,
             cache,
