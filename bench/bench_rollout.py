@@ -107,10 +107,12 @@ ENGINES = {  # name -> EngineOptions besides the shared ones
     "paged_fn": {"paged_kv": True, "fused_norms": True},  # add + RMSNorm, SwiGLU in Triton (the default since)
     "paged_nofn": {"paged_kv": True, "fused_norms": False},  # the defaults with torch's add, RMSNorm, SwiGLU
     "paged_fnsk": {"paged_kv": True, "fused_norms": True, "skinny_gemm": True},  # and the skinny matmul
-    "paged_fp8": {"paged_kv": True, "fp8_weights": True},  # the defaults with float8 projections at <= 32 rows
+    "paged_i8": {"paged_kv": True, "weights8": "int8"},  # the defaults with int8 projections at <= 32 rows
+    "paged_fp8": {"paged_kv": True, "weights8": "fp8"},  # the defaults with float8 projections at <= 32 rows
     "paged_pdl": {"paged_kv": True, "pdl": True},  # the defaults, Triton kernels as dependent launches
     "paged_skpd": {"paged_kv": True, "skinny_gemm": True, "pdl": True},  # and the projections in Triton too
-    "paged_fp8pd": {"paged_kv": True, "fp8_weights": True, "pdl": True},  # float8 projections, dependent launches
+    "paged_i8pd": {"paged_kv": True, "weights8": "int8", "pdl": True},  # int8 projections, dependent launches
+    "paged_fp8pd": {"paged_kv": True, "weights8": "fp8", "pdl": True},  # float8 projections, dependent launches
 }
 
 
@@ -270,16 +272,17 @@ def logprob_error(policy, prompts, completions, vocab: int, params: SamplingPara
     )
 
 
-def fp8_mismatch(policy, vocab: int, tiny: bool) -> dict:
-    """What EngineOptions.fp8_weights changes in what is sampled: 4 prompts x 4 samples (T = 1, at most 32
-    sequences: every decode step on the float8 projections), each token's returned log-prob against the bf16
-    policy's full forward (the trainer's), for the engine with and without float8 weights: the largest gap, and
-    the mean of the k1 and k3 estimators of KL(sampler || trainer) over the sampled tokens. RANDOM weights: a
-    trained model's sharper distributions may move more (see bench/fp8_kl.py for real weights)."""
+def weights8_mismatch(policy, vocab: int, tiny: bool, formats: list[str]) -> dict:
+    """What EngineOptions.weights8 changes in what is sampled: 4 prompts x 4 samples (T = 1, at most 32
+    sequences: every decode step on the 8-bit projections), each token's returned log-prob against the bf16
+    policy's full forward (the trainer's), for the engine without 8-bit weights and with each of `formats`: the
+    largest gap, and the mean of the k1 and k3 estimators of KL(sampler || trainer) over the sampled tokens.
+    RANDOM weights: a trained model's sharper distributions may move more (bench/weights8_kl.py: real
+    weights)."""
     prompts = random_prompts(4, 64 if tiny else 256, vocab, seed=11)
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=32 if tiny else 256, ignore_eos=True, seed=5)
     out: dict = {"sequences": 16, "new_tokens": params.max_new_tokens}
-    for name, extra in (("paged", {}), ("paged_fp8", {"fp8_weights": True})):
+    for name, extra in (("paged", {}), *((f"paged_{f.replace('int', 'i')}", {"weights8": f}) for f in formats)):
         backend = MegatronBackend(policy, vocab, EngineOptions(max_batch_sequences=16, paged_kv=True, **extra))
         done = backend.generate(prompts, params).completions
         gaps = torch.cat([
@@ -622,9 +625,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "fused_sampler off: the step before both), paged_ts (torch's sampler instead of the fused one), "
         "paged_cascade (paged with cascade_attention), paged_loop (paged with the loop merge: merge_tile off), "
         "paged_fn (paged with fused_norms, the default since), paged_nofn (paged without fused_norms), "
-        "paged_fnsk (paged_fn with skinny_gemm), paged_fp8 (paged with fp8_weights; GPU only, with a check of "
-        "the log-probs it samples against the bf16 forward's first), paged_pdl (paged with pdl), paged_skpd "
-        "(skinny_gemm and pdl), paged_fp8pd (fp8_weights and pdl)",
+        "paged_fnsk (paged_fn with skinny_gemm), paged_i8 / paged_fp8 (paged with weights8 int8 / fp8; GPU only, "
+        "with a check of the log-probs they sample against the bf16 forward's first), paged_pdl (paged with "
+        "pdl), paged_skpd (skinny_gemm and pdl), paged_i8pd / paged_fp8pd (weights8 int8 / fp8 and pdl)",
     )
     p.add_argument("--prompts", type=int, default=16, help="prompts of the fixed rows (x --samples)")
     p.add_argument("--samples", type=int, default=16)
@@ -712,12 +715,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.engines.split(",")) - set(ENGINES))
     if unknown:
         raise SystemExit(f"--engines: unknown {unknown}; known: {sorted(ENGINES)}")
-    if {"paged_fp8", "paged_fp8pd"} & set(args.engines.split(",")) and args.device == "cuda":  # before the rows
+    formats = sorted({ENGINES[e]["weights8"] for e in args.engines.split(",") if ENGINES[e].get("weights8")})
+    if formats and args.device == "cuda":  # before the rows
         try:
-            result["fp8_mismatch"] = fp8_mismatch(policy, vocab, args.tiny)
+            result["weights8_mismatch"] = weights8_mismatch(policy, vocab, args.tiny, formats)
         except Exception as e:  # noqa: BLE001
-            result["fp8_mismatch"] = {"error": repr(e)}
-        print("fp8_mismatch:", json.dumps(result["fp8_mismatch"]), flush=True)
+            result["weights8_mismatch"] = {"error": repr(e)}
+        print("weights8_mismatch:", json.dumps(result["weights8_mismatch"]), flush=True)
         write_json(args.out, result)
     engines = {name: engine(policy, vocab, args, name) for name in args.engines.split(",")}
     for name, backend in list(engines.items()):  # library warm-up (kernels, Triton compile), not timed
@@ -770,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
                 out[f"{k}_vs_paged_main"] = rates[k] / rates["paged_main"]
         if "paged" in rates and "paged_ts" in rates:
             out["paged_vs_paged_ts"] = rates["paged"] / rates["paged_ts"]
-        for k in ("paged_fn", "paged_fnsk", "paged_fp8", "paged_pdl", "paged_skpd", "paged_fp8pd"):
+        for k in ("paged_fn", "paged_fnsk", "paged_i8", "paged_fp8", "paged_pdl", "paged_skpd", "paged_i8pd",
+                  "paged_fp8pd"):  # fmt: skip
             if "paged" in rates and k in rates:
                 out[f"{k}_vs_paged"] = rates[k] / rates["paged"]
         if "paged" in rates and "paged_nofn" in rates:

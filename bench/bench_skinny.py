@@ -7,11 +7,12 @@ at about 30% of the bandwidth, the MLP's at about 70%. Each shape of the Qwen2.5
 the step runs it: one CUDA graph over 28 distinct weight copies (so L2 serves none), replayed; the output head
 (467 MB) once a replay. Rows: 1, 8, 16, 32 sequences, `skinny_config`'s tiles, and at 8 rows a sweep of tiles
 (the best is reported beside the heuristic's). Every output is checked against float32 maths on the same
-bf16 inputs (cuBLAS's error beside ours). The layers' four projections also run with float8 weights
-(EngineOptions.fp8_weights: model/fp8.quantize_fp8_rows, skinny_linear with `scale`; half the bytes), checked
-against float32 maths on the dequantized weight; the step's `fp8_ms` is theirs plus cuBLAS's output head. Both
-Triton paths are also timed with every launch a programmatic dependent launch (EngineOptions.pdl: a copy's
-programs placed while the previous copy's last ones run), `skinny_pdl_ms` and the fp8 column's `pdl_ms`.
+bf16 inputs (cuBLAS's error beside ours). The layers' four projections also run with int8 and float8 weights
+(EngineOptions.weights8: model/weights8.quantize_rows, skinny_linear with `scale`; half the bytes), checked
+against float32 maths on the dequantized weight; the step's `int8_ms` / `fp8_ms` are theirs plus cuBLAS's
+output head. The Triton paths are also timed with every launch a programmatic dependent launch
+(EngineOptions.pdl: a copy's programs placed while the previous copy's last ones run), `skinny_pdl_ms` and the
+8-bit columns' `pdl_ms`.
 
 Usage (GPU): python3 bench/bench_skinny.py --out skinny.json [--rows 1,8,16,32] [--no-sweep] [--sweep-seconds S]
 """
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import card_bandwidth  # noqa: E402
 
 from questa_nemo.model import triton_kernels as tk  # noqa: E402
-from questa_nemo.model.fp8 import quantize_fp8_rows  # noqa: E402
+from questa_nemo.model.weights8 import FORMATS, dequantize_rows, quantize_rows  # noqa: E402
 
 # name -> (out features, in features, bias, copies): Qwen2.5-1.5B's decode-step projections
 SHAPES = {
@@ -95,15 +96,15 @@ def main() -> None:
     result = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
               "triton": __import__("triton").__version__, "peak_bytes_per_s": peak, "shapes": {}}  # fmt: skip
     rows_list = [int(r) for r in args.rows.split(",")]
-    step = {r: {"cublas_ms": 0.0, "skinny_ms": 0.0, "best_ms": 0.0, "fp8_ms": 0.0, "skinny_pdl_ms": 0.0,
-                "fp8_pdl_ms": 0.0} for r in rows_list}  # fmt: skip
+    columns = ["cublas", "skinny", "best", "skinny_pdl", *FORMATS, *(f"{f}_pdl" for f in FORMATS)]
+    step = {r: {f"{c}_ms": 0.0 for c in columns} for r in rows_list}
     for name, (n, k, has_bias, copies) in SHAPES.items():
         weights = [
             torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) / k**0.5 for _ in range(copies)
         ]
         biases = [torch.randn(n, device=dev, dtype=torch.bfloat16, generator=g) if has_bias else None
                   for _ in range(copies)]  # fmt: skip
-        fp8 = [quantize_fp8_rows(w) for w in weights] if name != "lm_head" else None  # the head stays bf16
+        eight = {} if name == "lm_head" else {f: [quantize_rows(w, f) for w in weights] for f in FORMATS}  # head: bf16
         shape = {"n": n, "k": k, "copies": copies, "weight_bytes": n * k * 2 * copies, "rows": {}}
         for rows in rows_list:
             x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16, generator=g)
@@ -129,22 +130,23 @@ def main() -> None:
                     "cublas": 100 * shape["weight_bytes"] / (cublas * 1e-3) / peak,
                     "skinny": 100 * shape["weight_bytes"] / (skinny * 1e-3) / peak,
                 }
-            if fp8 is not None:
-                w8, scale = fp8[0]
-                deq = w8.float() * scale[:, None]
+            for fmt, copies8 in eight.items():
+                q, scale = copies8[0]
                 bias0 = None if biases[0] is None else biases[0].float()
-                got = tk.skinny_linear(x, w8, biases[0], scale=scale).float()
-                def run8(pdl: bool, x=x, fp8=fp8, biases=biases):
-                    return lambda: [tk.skinny_linear(x, w8, b, scale=s, pdl=pdl) for (w8, s), b in zip(fp8, biases)]
+                got = tk.skinny_linear(x, q, biases[0], scale=scale).float()
 
-                fp8_ms, fp8_pdl_ms = graph_ms(run8(False), args.replays), graph_ms(run8(True), args.replays)
-                row["fp8"] = {
-                    "ms": fp8_ms, "pdl_ms": fp8_pdl_ms, "speedup_vs_cublas": cublas / fp8_ms,
-                    "max_abs_err_vs_dequantized": (got - F.linear(x.float(), deq, bias0)).abs().max().item(),
-                    "rel_err_vs_bf16_weights": ((got - ref).norm() / ref.norm()).item(),  # what float8 changes
+                def run8(pdl: bool, x=x, copies8=copies8, biases=biases):
+                    return lambda: [tk.skinny_linear(x, q, b, scale=s, pdl=pdl) for (q, s), b in zip(copies8, biases)]
+
+                ms8, pdl_ms8 = graph_ms(run8(False), args.replays), graph_ms(run8(True), args.replays)
+                row[fmt] = {
+                    "ms": ms8, "pdl_ms": pdl_ms8, "speedup_vs_cublas": cublas / ms8,
+                    "max_abs_err_vs_dequantized": (got - F.linear(x.float(), dequantize_rows(q, scale), bias0))
+                    .abs().max().item(),
+                    "rel_err_vs_bf16_weights": ((got - ref).norm() / ref.norm()).item(),  # what 8 bits change
                 }  # fmt: skip
                 if peak:
-                    row["fp8"]["bandwidth_pct"] = 100 * shape["weight_bytes"] / 2 / (fp8_ms * 1e-3) / peak
+                    row[fmt]["bandwidth_pct"] = 100 * shape["weight_bytes"] / 2 / (ms8 * 1e-3) / peak
             best = (skinny, row["config"])
             if rows == 8 and not args.no_sweep:
                 tried, sweep_end = 0, time.monotonic() + args.sweep_seconds
@@ -167,20 +169,22 @@ def main() -> None:
             step[rows]["cublas_ms"] += cublas  # a graph replay is one decode step's share of this projection
             step[rows]["skinny_ms"] += skinny
             step[rows]["best_ms"] += best[0]
-            step[rows]["fp8_ms"] += row["fp8"]["ms"] if fp8 is not None else cublas
             step[rows]["skinny_pdl_ms"] += skinny_pdl
-            step[rows]["fp8_pdl_ms"] += row["fp8"]["pdl_ms"] if fp8 is not None else cublas
+            for fmt in FORMATS:  # the head: cuBLAS
+                step[rows][f"{fmt}_ms"] += row[fmt]["ms"] if fmt in row else cublas
+                step[rows][f"{fmt}_pdl_ms"] += row[fmt]["pdl_ms"] if fmt in row else cublas
             print(name, rows, json.dumps({k2: row[k2] for k2 in ("cublas_ms", "skinny_ms", "speedup")}),
-                  "best", round(best[0], 4), best[1], "fp8", row.get("fp8", {}).get("ms"), flush=True)  # fmt: skip
+                  "best", round(best[0], 4), best[1], *(f"{f} {row[f]['ms']:.4f}" for f in FORMATS if f in row),
+                  flush=True)  # fmt: skip
         result["shapes"][name] = shape
-        del weights, biases, fp8
+        del weights, biases, eight
         torch.cuda.empty_cache()
     result["decode_step_matmuls"] = step  # ms a step: 28 layers x 4 projections + the head
     if peak:
         floor = sum(n * k * 2 * c for n, k, _, c in SHAPES.values()) / peak * 1e3
         result["weight_floor_ms"] = floor
         head = SHAPES["lm_head"]
-        result["weight_floor_fp8_ms"] = (floor + head[0] * head[1] * 2 / peak * 1e3) / 2  # projections at 1 byte
+        result["weight_floor_8bit_ms"] = (floor + head[0] * head[1] * 2 / peak * 1e3) / 2  # projections at 1 byte
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("decode_step_matmuls", json.dumps(step), "floor_ms", result.get("weight_floor_ms"), flush=True)
 

@@ -29,17 +29,17 @@
 #      (compiled: --hf-static), on the same 32 sequences up to 8K (rollout_realistic_hf) or 4K
 #      (rollout_realistic_hf4k, a short call); the 512-sequence row at 512 slots (rollout_realistic512); and
 #      2,048 sequences at 512 slots, NeMo-RL's rollout samples a step (rollout_rlscale)
-#  12. not yet run: float8 projections at a rollout's tail (EngineOptions.fp8_weights) and the step's Triton
-#      kernels as programmatic dependent launches (EngineOptions.pdl): bench_skinny's fp8 and pdl columns
-#      beside cuBLAS and the bf16 skinny kernel (fp8_skinny), the decode step at 8 sequences of 8K, variants
-#      new, sk, pd, skpd, f8 and f8pd (decode_fp8), and the realistic row at 512 slots, engines paged,
-#      paged_skpd, paged_fp8 and paged_fp8pd, with the log-probs the float8 engine samples against the bf16
-#      forward first (rollout_fp8)
+#  12. not yet run: int8 and float8 projections at a rollout's tail (EngineOptions.weights8) and the step's
+#      Triton kernels as programmatic dependent launches (EngineOptions.pdl): bench_skinny's int8, fp8 and pdl
+#      columns beside cuBLAS and the bf16 skinny kernel (w8_skinny), the decode step at 8 sequences of 8K,
+#      variants new, sk, pd, skpd, i8, i8pd and f8pd (decode_w8), and the realistic row at 512 slots, engines
+#      paged, paged_skpd, paged_i8pd and paged_fp8pd, with the log-probs the 8-bit engines sample against the
+#      bf16 forward first (rollout_w8)
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
-# this order: rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale fp8_skinny decode_fp8 rollout_fp8 rollout_realistic512, then
+# this order: rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale w8_skinny decode_w8 rollout_w8 rollout_realistic512, then
 # rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed
 # sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor
 # train_long_compile) picks some.
@@ -51,7 +51,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale fp8_skinny decode_fp8 rollout_fp8 rollout_realistic512 rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
+WANT=" ${*:-rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale w8_skinny decode_w8 rollout_w8 rollout_realistic512 rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -80,11 +80,12 @@ part rollout_realistic_hf4k 300 python3 bench/bench_rollout.py "${REAL[@]}" --re
     --hf-realistic --hf-static --out "$DIR/rollout_realistic_hf4k.json"
 part rollout_rlscale 240 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 128 --batch 512 \
     --out "$DIR/rollout_rlscale.json"
-part fp8_skinny 90 python3 bench/bench_skinny.py --no-sweep --out "$DIR/fp8_skinny.json"
-part decode_fp8 180 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
-    --variants new,sk,pd,skpd,f8,f8pd --quick-sweep --sweep-block-sizes 64 --attn-reps 3 --out "$DIR/decode_fp8.json"
-part rollout_fp8 300 python3 bench/bench_rollout.py --engines paged,paged_skpd,paged_fp8,paged_fp8pd --hf-new-tokens 0 \
-    --new-tokens 0 --recipe-prompts 0 --realistic-prompts 32 --batch 512 --out "$DIR/rollout_fp8.json"
+part w8_skinny 100 python3 bench/bench_skinny.py --no-sweep --out "$DIR/w8_skinny.json"
+part decode_w8 210 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
+    --variants new,sk,pd,skpd,i8,i8pd,f8pd --quick-sweep --sweep-block-sizes 64 --attn-reps 3 \
+    --out "$DIR/decode_w8.json"
+part rollout_w8 300 python3 bench/bench_rollout.py --engines paged,paged_skpd,paged_i8pd,paged_fp8pd --hf-new-tokens 0 \
+    --new-tokens 0 --recipe-prompts 0 --realistic-prompts 32 --batch 512 --out "$DIR/rollout_w8.json"
 part rollout_realistic512 120 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 32 --batch 512 \
     --out "$DIR/rollout_realistic512.json"
 part rollout_fixed_norms 200 python3 bench/bench_rollout.py --engines paged_nofn,paged --hf-new-tokens 0 \

@@ -23,8 +23,9 @@ included), `cascade` new with cascade attention, `ts` new with torch's sampler (
 sampler table (d) times both alone too), `loop` new with the loop merge of the splits (merge_tile=False:
 paged_triton._merge_kernel; the sweep (c) times both merges at the engine's split length too), `fn` new with
 the residual adds, norms and SwiGLU as Triton kernels (EngineOptions.fused_norms), `sk` fn with the skinny
-matmul (skinny_gemm), `f8` new with float8 projections (fp8_weights, up to 32 sequences), `pd`, `skpd`, `f8pd`
-new, sk and f8 with the step's Triton kernels as programmatic dependent launches (pdl). All run side by side in
+matmul (skinny_gemm), `i8` / `f8` new with int8 / float8 projections (weights8, up to 32 sequences), `pd`,
+`skpd`, `i8pd`, `f8pd` new, sk, i8 and f8 with the step's Triton kernels as programmatic dependent launches
+(pdl). All run side by side in
 one process on one card.
 
     . bench/gpu_setup.sh && python bench/profile_decode.py --out $OUT/profile_decode.json   # ~3 min, one H100
@@ -54,8 +55,8 @@ from questa_nemo.rollout.sampling import sample_tokens, uniform_draws  # noqa: E
 
 VARIANTS = {  # -> bench_rollout's ENGINES
     "main": "paged_main", "new": "paged", "cascade": "paged_cascade", "ts": "paged_ts", "loop": "paged_loop",
-    "fn": "paged_fn", "sk": "paged_fnsk", "f8": "paged_fp8", "pd": "paged_pdl", "skpd": "paged_skpd",
-    "f8pd": "paged_fp8pd",
+    "fn": "paged_fn", "sk": "paged_fnsk", "i8": "paged_i8", "f8": "paged_fp8", "pd": "paged_pdl",
+    "skpd": "paged_skpd", "i8pd": "paged_i8pd", "f8pd": "paged_fp8pd",
 }  # fmt: skip
 KINDS = ("attention", "matmul", "sampling", "kv_write", "norm", "elementwise", "other")
 _MATMUL = ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "addmm", "linear", "skinny")
@@ -311,8 +312,8 @@ def parse_args(argv):
         "--variants", default="main,new,cascade,ts,loop,fn",
         help="comma list: main (fused_decode and fused_sampler off), new (the defaults), cascade (new + "
         "cascade), ts (new with torch's sampler instead of the fused one), loop (new with the loop merge), fn "
-        "(new with fused_norms), sk (fn with skinny_gemm), f8 (new with fp8_weights: float8 projections), pd "
-        "(new with pdl: dependent launches), skpd (sk with pdl), f8pd (f8 with pdl)",
+        "(new with fused_norms), sk (fn with skinny_gemm), i8 / f8 (new with weights8 int8 / fp8: 8-bit "
+        "projections), pd (new with pdl: dependent launches), skpd (sk with pdl), i8pd / f8pd (i8 / f8 with pdl)",
     )
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-fraction", type=float, default=0.6)

@@ -55,7 +55,7 @@ def test_parts_that_would_start_past_the_bound_are_skipped(tmp_path):
 
 def test_unmeasured_parts_run_first_by_default(tmp_path):
     """With no PARTS every part runs: the rows not yet run first (the realistic row against both transformers
-    baselines at 8K and at 4K, at 2,048 sequences; float8 projections in bench_skinny, in the decode step at
+    baselines at 8K and at 4K, at 2,048 sequences; int8 and float8 projections in bench_skinny, in the decode step at
     8 sequences of 8K and on the realistic row at 512 slots; that row alone), then the rollout rows with fused_norms on
     (fixed and realistic against paged_nofn, the recipe-length row), the fused norms' and the skinny matmul's
     three (profile_decode's new, fn and sk variants at a rollout's tail, bench_skinny, bench_rollout's
@@ -70,8 +70,8 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
         ["bash", str(SCRIPT), "300"], env=env, capture_output=True, text=True, timeout=60, check=True
     )
     started = [line.split(":")[0].split()[-1] for line in result.stdout.splitlines() if ": up to " in line]
-    unrun = ["rollout_realistic_hf", "rollout_realistic_hf4k", "rollout_rlscale", "fp8_skinny", "decode_fp8"]
-    unrun += ["rollout_fp8", "rollout_realistic512"]
+    unrun = ["rollout_realistic_hf", "rollout_realistic_hf4k", "rollout_rlscale", "w8_skinny", "decode_w8"]
+    unrun += ["rollout_w8", "rollout_realistic512"]
     first = ["rollout_fixed_norms", "rollout_recipe", "decode_norms", "skinny", "rollout_norms", "decode_merge"]
     assert started[:14] == [*unrun, *first, "rollout_merge"], started
     assert len(started) == 24 and started[-3:] == ["train_layout", "train_headmajor", "train_long_compile"], started
@@ -86,10 +86,10 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
     assert "--realistic-prompts 2 --hf-realistic --hf-static" in hf and "--recipe-prompts 0" in hf
     assert "--realistic-max 4096" in logs["rollout_realistic_hf4k.log"]
     assert "--realistic-prompts 128 --batch 512" in logs["rollout_rlscale.log"]
-    assert "bench_skinny.py --no-sweep" in logs["fp8_skinny.log"]
-    assert "--context 8192 --cases fixed --variants new,sk,pd,skpd,f8,f8pd" in logs["decode_fp8.log"]
-    fp8 = logs["rollout_fp8.log"]
-    assert "--engines paged,paged_skpd,paged_fp8,paged_fp8pd" in fp8 and "--realistic-prompts 32 --batch 512" in fp8
+    assert "bench_skinny.py --no-sweep" in logs["w8_skinny.log"]
+    assert "--context 8192 --cases fixed --variants new,sk,pd,skpd,i8,i8pd,f8pd" in logs["decode_w8.log"]
+    w8 = logs["rollout_w8.log"]
+    assert "--engines paged,paged_skpd,paged_i8pd,paged_fp8pd" in w8 and "--realistic-prompts 32 --batch 512" in w8
     assert "--preset headmajor" in logs["train_headmajor.log"]
     assert "--preset long_compile" in logs["train_long_compile.log"]
     norms = logs["decode_norms.log"]

@@ -444,22 +444,22 @@ def test_engine_with_triton_kernel_equals_contiguous(model, kernel_on, monkeypat
 
 
 @needs_triton
-def test_engine_fp8_weights_equal_dequantized_weights(model, kernel_on, monkeypatch):
-    """EngineOptions.fp8_weights: the step's four projections a layer multiply by float8 copies in the skinny
-    matmul. Against the contiguous cache on a twin whose projections are those copies dequantized (w8 * scale):
-    greedy tokens equal, log-probs within float32 noise, so the float8 path is that model exactly. Prompts of
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_engine_weights8_equal_dequantized_weights(model, kernel_on, monkeypatch, fmt):
+    """EngineOptions.weights8: the step's four projections a layer multiply by 8-bit copies in the skinny
+    matmul. Against the contiguous cache on a twin whose projections are those copies dequantized (q * scale):
+    greedy tokens equal, log-probs within float32 noise, so the 8-bit path is that model exactly. Prompts of
     one token: the prefill (a prompt's tokens before its last) runs the model's own weights, only the decode
-    step the float8 copies. A weight update requantizes into the same buffers (a captured graph keeps reading
+    step the 8-bit copies. A weight update requantizes into the same buffers (a captured graph keeps reading
     them); the head stays unquantized."""
     from questa_nemo.model import triton_kernels
-    from questa_nemo.model.fp8 import quantize_fp8_rows
+    from questa_nemo.model.weights8 import FORMATS, dequantize_rows, quantize_rows
     from questa_nemo.rollout.decoder import DecoderWeights
 
     twin = megatron_twin(hf_model("qwen2"))
     for lw in DecoderWeights.from_gpt_model(twin, VOCAB).layers:
         for name in ("qkv", "proj", "fc1", "fc2"):
-            w8, scale = quantize_fp8_rows(getattr(lw, name))
-            getattr(lw, name).copy_(w8.float() * scale[:, None])
+            getattr(lw, name).copy_(dequantize_rows(*quantize_rows(getattr(lw, name), fmt)))
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=12, ignore_eos=True)
     prompts = [[5], [7], [60]]
     want = backend(twin).generate(prompts, params)
@@ -467,36 +467,41 @@ def test_engine_fp8_weights_equal_dequantized_weights(model, kernel_on, monkeypa
     real_skinny = triton_kernels.skinny_linear
     monkeypatch.setattr(triton_kernels, "skinny_linear",
                         lambda *a, **k: scaled.append(k.get("scale") is not None) or real_skinny(*a, **k))  # fmt: skip
-    b = paged(model, fp8_weights=True)
+    b = paged(model, weights8=fmt)
     got = b.generate(prompts, params)
     assert scaled.count(True) == 12 * 2 * 4 and scaled.count(False) == 0  # every step's 2 layers x 4; head: F.linear
     assert tokens(got) == tokens(want)
     assert max_logprob_diff(got, want) < 1e-4
     unquantized = backend(model).generate(prompts, params)
-    assert max_logprob_diff(got, unquantized) > 1e-4  # the copies are float8: not the model's own weights
+    assert max_logprob_diff(got, unquantized) > 1e-5  # the copies are 8-bit: not the model's own weights
 
-    first = b.weights.fp8[0]["fc1"]
+    first = b.weights.w8[0]["fc1"]
+    assert first[0].dtype == FORMATS[fmt][0]
     ptrs = (first[0].data_ptr(), first[1].data_ptr())
     before = first[0].float().clone()
     with torch.no_grad():
         model.decoder.layers[0].mlp.linear_fc1.weight.mul_(2.0)
         try:
             b.update_weights(1)
-            assert (first[0].data_ptr(), first[1].data_ptr()) == ptrs and b.weights.fp8 is not None
-            assert torch.equal(first[0].float(), before)  # a doubled row: the same float8, twice the scale
-            assert torch.equal(first[1], quantize_fp8_rows(model.decoder.layers[0].mlp.linear_fc1.weight)[1])
+            assert (first[0].data_ptr(), first[1].data_ptr()) == ptrs and b.weights.w8 is not None
+            assert torch.equal(first[0].float(), before)  # a doubled row: the same 8-bit values, twice the scale
+            assert torch.equal(first[1], quantize_rows(model.decoder.layers[0].mlp.linear_fc1.weight, fmt)[1])
         finally:
             model.decoder.layers[0].mlp.linear_fc1.weight.mul_(0.5)
 
 
-def test_engine_fp8_weights_refused_off_the_triton_step(model):
-    """fp8_weights runs only in the fused-norms Triton step: without fused_norms it is refused when the engine
-    is built; on a cache that runs torch's step (CPU, no kernel) at the first generate, naming the option."""
-    with pytest.raises(ValueError, match="fp8_weights .* fused_norms"):
-        paged(model, fp8_weights=True, fused_norms=False)
-    b = paged(model, fp8_weights=True)
-    with pytest.raises(RuntimeError, match="fp8_weights needs the Triton decode step"):
-        b.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_new_tokens=2, ignore_eos=True))
+def test_engine_weights8_refused_off_the_triton_step(model):
+    """weights8 runs only in the fused-norms Triton step: without fused_norms it is refused when the engine is
+    built; on a cache that runs torch's step (CPU, no kernel) at the first generate, naming the option; a
+    format it does not know is refused when the engine is built."""
+    with pytest.raises(ValueError, match="weights8 .* fused_norms"):
+        paged(model, weights8="int8", fused_norms=False)
+    with pytest.raises(ValueError, match="weights8 is 'int4': one of"):
+        paged(model, weights8="int4")
+    for fmt in ("int8", "fp8"):
+        b = paged(model, weights8=fmt)
+        with pytest.raises(RuntimeError, match=f"weights8='{fmt}' needs the Triton decode step"):
+            b.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_new_tokens=2, ignore_eos=True))
 
 
 def test_paged_decode_step_is_capture_safe(model, monkeypatch):

@@ -178,60 +178,37 @@ def test_add_rmsnorm_kernel_compiles_for_hopper():
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize(
-    "rows, n, k, bias, config",
-    [
-        (1, 40, 48, False, None),  # one row; n and k not multiples of the blocks
-        (8, 96, 300, True, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 3, "num_warps": 4,
-                            "num_stages": 1}),  # split K, the last split ragged, with bias
-        (20, 64, 256, True, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 8, "num_warps": 4,
-                             "num_stages": 1}),
-        (33, 16, 16, True, None),  # past SKINNY_MAX_ROWS: F.linear
-    ],
-)  # fmt: skip
-def test_skinny_linear_equals_f_linear(rows, n, k, bias, config):
-    """The decode step's skinny matmul (EngineOptions.skinny_gemm) in fp32 against F.linear, with and without
-    split K; run twice, as a captured graph replays it: the split tickets are left at zero."""
-    g = torch.Generator().manual_seed(4)
-    x, w = torch.randn(rows, 1, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
-    b = torch.randn(n, generator=g) if bias else None
-    want = torch.nn.functional.linear(x, w, b)
-    for _ in range(2):
-        got = triton_kernels.skinny_linear(x, w, b, config=config)
-        assert got.shape == want.shape
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert all(int(count.abs().sum()) == 0 for _, count in triton_kernels._WORKSPACE.values())
-
-
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize(
     "rows, n, k, bias, config",
     [
         (1, 40, 48, False, None),
         (8, 96, 600, True, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 3, "num_warps": 4,
                             "num_stages": 1}),  # split K (the scale on the summed partials), with bias
-        (32, 64, 520, True, None),  # SKINNY_MAX_ROWS; fp8's deeper K tile, the last one ragged
+        (32, 64, 520, True, None),  # SKINNY_MAX_ROWS; the 8-bit deeper K tile, the last one ragged
     ],
 )  # fmt: skip
-def test_skinny_linear_fp8_equals_dequantized_weight(rows, n, k, bias, config):
-    """EngineOptions.fp8_weights' matmul: float8 weights with a scale a row (model/fp8.quantize_fp8_rows) equal
-    F.linear on the dequantized weight (w8 * scale) up to float32 rounding, with and without split K, twice (the
-    tickets left at zero); more rows than SKINNY_MAX_ROWS are refused (the caller keeps unquantized weights)."""
-    from questa_nemo.model.fp8 import quantize_fp8_rows
+def test_skinny_linear_8bit_equals_dequantized_weight(rows, n, k, bias, config, fmt):
+    """EngineOptions.weights8's matmul: int8 or float8 weights with a scale a row (model/weights8.quantize_rows)
+    equal F.linear on the dequantized weight (q * scale) up to float32 rounding, with and without split K,
+    twice (the tickets left at zero); more rows than SKINNY_MAX_ROWS are refused (the caller keeps unquantized
+    weights), as are a wrong scale and a weight that is not 8-bit."""
+    from questa_nemo.model.weights8 import dequantize_rows, quantize_rows
 
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(rows, 1, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
     b = torch.randn(n, generator=g) if bias else None
-    w8, scale = quantize_fp8_rows(w)
-    want = torch.nn.functional.linear(x, w8.float() * scale[:, None], b)
+    q, scale = quantize_rows(w, fmt)
+    want = torch.nn.functional.linear(x, dequantize_rows(q, scale), b)
     for _ in range(2):
-        got = triton_kernels.skinny_linear(x, w8, b, config=config, scale=scale)
+        got = triton_kernels.skinny_linear(x, q, b, config=config, scale=scale)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert all(int(count.abs().sum()) == 0 for _, count in triton_kernels._WORKSPACE.values())
-    with pytest.raises(ValueError, match="float8 weights take 1..32 rows"):
-        triton_kernels.skinny_linear(torch.randn(33, k), w8, b, scale=scale)
-    with pytest.raises(ValueError, match=rf"scale float32 \[{n}\], got torch.float8_e4m3fn and torch.float64"):
-        triton_kernels.skinny_linear(x, w8, b, scale=scale.double())
-    with pytest.raises(ValueError, match="must be float8_e4m3fn"):
+    with pytest.raises(ValueError, match="8-bit weights take 1..32 rows"):
+        triton_kernels.skinny_linear(torch.randn(33, k), q, b, scale=scale)
+    with pytest.raises(ValueError, match=rf"scale float32 \[{n}\], got {q.dtype} and torch.float64"):
+        triton_kernels.skinny_linear(x, q, b, scale=scale.double())
+    with pytest.raises(ValueError, match="must be int8 or float8_e4m3fn"):
         triton_kernels.skinny_linear(x, w, b, scale=scale)  # an unquantized weight with a scale
 
 
@@ -241,34 +218,36 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from questa_nemo.model import triton_kernels as tk
 
-for fp8 in (False, True):
-    signature = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv" if fp8 else "*bf16", "s_ptr": "*fp32", "b_ptr": "*bf16",
+for wtype in ("bf16", "fp8e4nv", "i8"):
+    eight = wtype != "bf16"
+    signature = {"x_ptr": "*bf16", "w_ptr": "*" + wtype, "s_ptr": "*fp32", "b_ptr": "*bf16",
                  "y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                  "K_PER": "constexpr", "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SPLIT_K": "constexpr", "PDL": "constexpr"}
-    shapes = ((2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)) + (() if fp8 else ((151936, 1536),))
+    shapes = ((2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)) + (() if eight else ((151936, 1536),))
     for n, k in shapes:
         for rows in (8, 32):
-            cfg = tk.skinny_config(rows, n, k, 132, fp8=fp8)
+            cfg = tk.skinny_config(rows, n, k, 132, eight_bit=eight)
             k_per = triton.cdiv(triton.cdiv(k, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
             cfg["SPLIT_K"] = triton.cdiv(k, k_per)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            constexprs = {"K_PER": k_per, "HAS_SCALE": fp8, "HAS_BIAS": n == 2048, "PDL": False, **cfg}
+            constexprs = {"K_PER": k_per, "HAS_SCALE": eight, "HAS_BIAS": n == 2048, "PDL": False, **cfg}
             source = ASTSource(fn=tk._skinny_kernel, signature=signature, constexprs=constexprs)
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                     options={"num_warps": warps, "num_stages": stages})
             ptx = kernel.asm["ptx"]
             assert kernel.asm["cubin"] and "mma" in ptx, (n, k, rows)
             assert cfg["SPLIT_K"] == 1 or "atom.global.gpu.acq_rel.add" in ptx, (n, k, cfg)
-            assert not fp8 or "cvt.rn.bf16x2.e4m3x2" in ptx or "e4m3" in ptx, (n, k, rows)  # widened in registers
-            print(n, k, rows, cfg["SPLIT_K"], "fp8" if fp8 else "bf16", "compiled")
+            assert wtype != "fp8e4nv" or "cvt.rn.bf16x2.e4m3x2" in ptx or "e4m3" in ptx, (n, k, rows)  # widened
+            assert wtype != "i8" or ".b8" in ptx and "prmt.b32" in ptx, (n, k, rows)  # bytes, widened in registers
+            print(n, k, rows, cfg["SPLIT_K"], wtype, "compiled")
 print("all compiled")
 """
 
 
 def test_skinny_kernel_compiles_for_hopper():
     """Ahead of time, no GPU: the skinny matmul at the Qwen2.5-1.5B decode step's five projections (qkv with its
-    bias, the attention's output, the MLP's two, the output head; the four projections with float8 weights too)
+    bias, the attention's output, the MLP's two, the output head; the four projections with int8 and float8 weights too)
     at 8 and 32 rows with `skinny_config`'s tiles
     lowers to PTX with tensor-core instructions and assembles for sm_90; the split-K tiles take their ticket
     with an acquire-release atomic (the last program's sum must see the others' partials)."""

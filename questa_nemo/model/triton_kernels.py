@@ -262,8 +262,9 @@ def _skinny_kernel(
     (K_PER wide). With SPLIT_K > 1 each program leaves its float32 partial in part [SPLIT_K, BLOCK_M, N] and
     takes a ticket from count [tiles]; the last of a tile's programs sums the partials in split order (the
     same bits whoever finishes last), writes y and resets the ticket, so a captured graph replays cleanly.
-    HAS_SCALE: w is float8 (e4m3) with a float32 scale per output column in s [N] (model/fp8.py): each tile is
-    widened to x's dtype (exact) for the dot, the column's scale multiplies its float32 sum once."""
+    HAS_SCALE: w is 8-bit (int8 or float8 e4m3) with a float32 scale per output column in s [N]
+    (model/weights8.py): each tile is widened to x's dtype (exact for both) for the dot, the column's scale
+    multiplies its float32 sum once."""
     pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -304,14 +305,14 @@ def _skinny_kernel(
             tl.atomic_xchg(count_ptr + pid_n, 0)
 
 
-def skinny_config(rows: int, n: int, k: int, sms: int, fp8: bool = False) -> dict:
+def skinny_config(rows: int, n: int, k: int, sms: int, eight_bit: bool = False) -> dict:
     """Tile sizes for `skinny_linear` at [rows, k] x [n, k]^T: 64 columns a program on wide outputs, 32 on
     narrow ones, and K split until the programs cover the SMs about twice (narrow outputs: the attention's
-    projections and the MLP's down projection at a 1.5B model's hidden size). fp8: float8 weights, twice as
-    deep a K tile (the same bytes a load as bf16's)."""
+    projections and the MLP's down projection at a 1.5B model's hidden size). eight_bit: 8-bit weights (int8,
+    float8), twice as deep a K tile (the same bytes a load as bf16's)."""
     block_m = 16 if rows <= 16 else 32
     block_n = 64 if n >= 8192 else 32
-    block_k = 256 if fp8 else 128
+    block_k = 256 if eight_bit else 128
     tiles = triton.cdiv(n, block_n)
     split = max(1, min(triton.cdiv(2 * sms, tiles), k // (2 * block_k)))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4,
@@ -348,18 +349,20 @@ def skinny_linear(
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., k] with at most SKINNY_MAX_ROWS rows (more go to F.linear):
     `_skinny_kernel`, float32 accumulation, one rounding. config: tile sizes (default `skinny_config`).
-    scale: weight is float8 with this float32 scale per output row (model/fp8.quantize_fp8_rows):
-    y = (x @ w8^T) * scale (+ bias), at most SKINNY_MAX_ROWS rows (larger batches: the weight in x's dtype).
+    scale: weight is 8-bit (int8 or float8 e4m3) with this float32 scale per output row
+    (model/weights8.quantize_rows): y = (x @ q^T) * scale (+ bias), at most SKINNY_MAX_ROWS rows (larger
+    batches: the weight in x's dtype).
     pdl: a programmatic dependent launch (`pdl_enter`; not on the F.linear path)."""
     n, k = weight.shape
     x2d = x.reshape(-1, k)
     rows = x2d.size(0)
     if scale is not None:
         if not 0 < rows <= SKINNY_MAX_ROWS:
-            raise ValueError(f"skinny_linear: float8 weights take 1..{SKINNY_MAX_ROWS} rows, got {rows}")
-        if weight.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32 or scale.shape != (n,):
-            raise ValueError(f"skinny_linear: with scale the weight must be float8_e4m3fn and the scale float32 "
-                             f"[{n}], got {weight.dtype} and {scale.dtype} {tuple(scale.shape)}")  # fmt: skip
+            raise ValueError(f"skinny_linear: 8-bit weights take 1..{SKINNY_MAX_ROWS} rows, got {rows}")
+        eight_bit = weight.dtype in (torch.int8, torch.float8_e4m3fn)
+        if not eight_bit or scale.dtype != torch.float32 or scale.shape != (n,):
+            raise ValueError(f"skinny_linear: with scale the weight must be int8 or float8_e4m3fn and the scale "
+                             f"float32 [{n}], got {weight.dtype} and {scale.dtype} {tuple(scale.shape)}")  # fmt: skip
         scale = scale.contiguous()
     if rows == 0 or rows > SKINNY_MAX_ROWS:
         return torch.nn.functional.linear(x, weight, bias)
@@ -368,7 +371,7 @@ def skinny_linear(
         dev = str(x.device)
         if dev not in _SMS:
             _SMS[dev] = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-        config = skinny_config(rows, n, k, _SMS[dev], fp8=scale is not None)
+        config = skinny_config(rows, n, k, _SMS[dev], eight_bit=scale is not None)
     cfg = dict(config)
     block_m, block_n, block_k, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     if rows > block_m:

@@ -52,10 +52,10 @@ class DecoderWeights:
     groups: int
     head_dim: int
     eps: float
-    # EngineOptions.fp8_weights: per layer, {"qkv", "proj", "fc1", "fc2"} -> (float8 weight, float32 scale a row)
-    # (model/fp8.quantize_fp8_rows), owned by the engine and refreshed in place on every weight
+    # EngineOptions.weights8: per layer, {"qkv", "proj", "fc1", "fc2"} -> (int8 or float8 weight, float32 scale a
+    # row) (model/weights8.quantize_rows), owned by the engine and refreshed in place on every weight
     # update; the fused-norms step multiplies by them at up to SKINNY_MAX_ROWS sequences. Not in `tensors()`.
-    fp8: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    w8: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @classmethod
     def from_gpt_model(cls, model: torch.nn.Module, vocab_size: int) -> DecoderWeights:
@@ -330,7 +330,7 @@ def _decode_fused_norms(
     as the trainer's fused RMSNorm), SwiGLU is one (`swiglu_forward`), the final norm rides on the last add.
     About three launches a layer fewer than the torch ops, on a step that is launch-bound at a rollout's tail.
     With the cache's `skinny_gemm` the projections go through `skinny_linear` (cuBLAS past 32 rows); with the
-    weights' `fp8` copies (EngineOptions.fp8_weights) the layers' four projections at up to 32 sequences go
+    weights' 8-bit copies `w8` (EngineOptions.weights8) the layers' four projections at up to 32 sequences go
     through `skinny_linear` on those (the output head stays in the weights' dtype). With the cache's `pdl` every
     Triton kernel of the step is a programmatic dependent launch (model/triton_kernels.pdl_enter).
     h [B, 1, hidden]; cos, sin [B, D / 2] -> logits [B, vocab] in the weights' dtype."""
@@ -345,12 +345,12 @@ def _decode_fused_norms(
     pdl = getattr(cache, "pdl", False)  # EngineOptions.pdl: programmatic dependent launches of these kernels
     skinny = getattr(cache, "skinny_gemm", False)
     b = h.size(0)
-    fp8 = w.fp8 if w.fp8 is not None and b <= SKINNY_MAX_ROWS else None
+    w8 = w.w8 if w.w8 is not None and b <= SKINNY_MAX_ROWS else None
 
     def project(i: int, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        if fp8 is not None:
-            w8, scale = fp8[i][name]
-            return skinny_linear(x, w8, bias, scale=scale, pdl=pdl)
+        if w8 is not None:
+            q, scale = w8[i][name]
+            return skinny_linear(x, q, bias, scale=scale, pdl=pdl)
         return skinny_linear(x, weight, bias, pdl=pdl) if skinny else F.linear(x, weight, bias)
 
     x = rmsnorm_forward(h, w.layers[0].attn_norm, w.eps, pdl=pdl)[0]

