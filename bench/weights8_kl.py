@@ -82,6 +82,7 @@ def summary(values: torch.Tensor) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--problems", type=int, default=len(PROBLEMS), help="the first N math problems")
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--seeds", default="0,1,2")
@@ -101,7 +102,7 @@ def main() -> int:
     eight = {fmt: copy.deepcopy(bf16) for fmt in FORMATS}
     replaced = {fmt: round_trip(m, fmt) for fmt, m in eight.items()}
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in PROBLEMS]  # fmt: skip
+               for q in PROBLEMS[: args.problems]]  # fmt: skip
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in prompts]
     result: dict = {
         "model": f"SmolLM2-135M-Instruct ({gguf.name}, dequantised to float32 by transformers)",
