@@ -102,8 +102,8 @@ class EngineOptions:
     # steps a row) or "fp8" (e4m3, a 3-bit mantissa; Ada / Hopper or later); None: off. Larger batches and the
     # output head keep the weights' dtype. Changes what is sampled: the decoupled loss's behaviour weight
     # exp(proximal - behaviour) (algo/loss.py) corrects for it, its cap masks the tokens that moved most.
-    # SmolLM2-135M on CPU, KL(8-bit || bf16) a token (bench/weights8_kl.py): int8 about 4x lower than fp8
-    # (fp8: 0.021, about 19x bf16's own against float32). The copies (half the projections' size) are
+    # SmolLM2-135M on CPU, KL(8-bit || bf16) a token over 3 seeds (bench/weights8_kl.py): int8 0.0052, fp8
+    # 0.021; bf16's own against float32 0.0011. The copies (half the projections' size) are
     # requantized on every weight update and kept through sleep(). Off: not yet measured on a GPU
     # (bench_skinny, profile_decode i8 / f8, bench_rollout paged_i8pd / paged_fp8pd).
     weights8: str | None = None
