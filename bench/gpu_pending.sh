@@ -25,12 +25,13 @@
 #      layout, profiled: where the 7% of attention time goes; ran 2026-12-06: no gain)
 #  10. training at 8K with q / k / v head-major for SDPA (bench_train --preset headmajor, profiled), and the
 #      32K rows with every layer compiled on both sides (--preset long_compile; ran 2026-12-06, README (λ))
-#  11. not yet run: the realistic row against transformers generate, plain and with its static cache
+#  11. not yet run on an H100: the realistic row against transformers generate, plain and with its static cache
 #      (compiled: --hf-static), on the same 32 sequences up to 8K (rollout_realistic_hf) or 4K
-#      (rollout_realistic_hf4k, a short call); the 512-sequence row at 512 slots (rollout_realistic512); and
-#      2,048 sequences at 512 slots, NeMo-RL's rollout samples a step (rollout_rlscale)
-#  12. not yet run: int8 and float8 projections at a rollout's tail (EngineOptions.weights8) and the step's
-#      Triton kernels as programmatic dependent launches (EngineOptions.pdl): bench_skinny's int8, fp8 and pdl
+#      (rollout_realistic_hf4k: it did not finish in 210 s on an H200, give it its own call); the 512-sequence
+#      row at 512 slots (rollout_realistic512); and 2,048 sequences at 512 slots, NeMo-RL's rollout samples a
+#      step (rollout_rlscale, ran once on an H200: README (ο))
+#  12. ran once on an H200 (README (ο)), not yet on an H100: int8 and float8 projections at a rollout's tail
+#      (EngineOptions.weights8) and the step's Triton kernels as programmatic dependent launches (EngineOptions.pdl): bench_skinny's int8, fp8 and pdl
 #      columns beside cuBLAS and the bf16 skinny kernel (w8_skinny), the decode step at 8 sequences of 8K,
 #      variants new, sk, pd, skpd, i8, i8pd and f8pd (decode_w8), and the realistic row at 512 slots, engines
 #      paged, paged_skpd, paged_i8pd and paged_fp8pd, with the log-probs the 8-bit engines sample against the
@@ -45,7 +46,7 @@
 # train_long_compile) picks some.
 # Parts -1 and 0-10 have run on an H100 (3-6 in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README
 # (μ); 0 in one call, README (κ); -1 and 9 in one call, 10 in the next, README (λ)); parts 11 and 12 have not
-# (README (ν), (ξ)).
+# (README (ν), (ξ)); rollout_rlscale, w8_skinny, decode_w8 and rollout_w8 ran on an H200 (README (ο)).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}

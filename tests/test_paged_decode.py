@@ -450,7 +450,7 @@ def test_engine_weights8_equal_dequantized_weights(model, kernel_on, monkeypatch
     matmul. Against the contiguous cache on a twin whose projections are those copies dequantized (q * scale):
     greedy tokens equal, log-probs within float32 noise, so the 8-bit path is that model exactly. Prompts of
     one token: the prefill (a prompt's tokens before its last) runs the model's own weights, only the decode
-    step the 8-bit copies. A weight update requantizes into the same buffers (a captured graph keeps reading
+    step the 8-bit copies; a batch past WEIGHTS8_MAX_ROWS keeps the model's weights. A weight update requantizes into the same buffers (a captured graph keeps reading
     them); the head stays unquantized."""
     from questa_nemo.model import triton_kernels
     from questa_nemo.model.weights8 import FORMATS, dequantize_rows, quantize_rows
@@ -474,6 +474,10 @@ def test_engine_weights8_equal_dequantized_weights(model, kernel_on, monkeypatch
     assert max_logprob_diff(got, want) < 1e-4
     unquantized = backend(model).generate(prompts, params)
     assert max_logprob_diff(got, unquantized) > 1e-5  # the copies are 8-bit: not the model's own weights
+    scaled.clear()
+    wide = paged(model, weights8=fmt, max_batch_sequences=32)  # 18 sequences: one batch of 32
+    wide.generate([[5 + i] for i in range(9)], SamplingParams(n=2, temperature=0.0, max_new_tokens=2, ignore_eos=True))
+    assert scaled == []  # past WEIGHTS8_MAX_ROWS every projection multiplies by the model's weights (cuBLAS)
 
     first = b.weights.w8[0]["fc1"]
     assert first[0].dtype == FORMATS[fmt][0]

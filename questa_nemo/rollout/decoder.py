@@ -54,7 +54,7 @@ class DecoderWeights:
     eps: float
     # EngineOptions.weights8: per layer, {"qkv", "proj", "fc1", "fc2"} -> (int8 or float8 weight, float32 scale a
     # row) (model/weights8.quantize_rows), owned by the engine and refreshed in place on every weight
-    # update; the fused-norms step multiplies by them at up to SKINNY_MAX_ROWS sequences. Not in `tensors()`.
+    # update; the fused-norms step multiplies by them at up to WEIGHTS8_MAX_ROWS sequences. Not in `tensors()`.
     w8: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @classmethod
@@ -322,6 +322,13 @@ def decode_logits(
     return logits.float() if upcast else logits
 
 
+# Sequences up to which the decode step multiplies by the 8-bit copies (EngineOptions.weights8); larger batches
+# keep the weights' dtype in cuBLAS. H200, bench/bench_skinny.py (a step's four projections a layer and the head,
+# ms): at 8 rows cuBLAS 1.240, int8 1.085 (1.048 with PDL); at 16 1.254, 1.081; at 32 cuBLAS 1.275 and int8
+# 1.486 (the kernel's 32-row tile loses to cuBLAS there), so the copies stop at 16.
+WEIGHTS8_MAX_ROWS = 16
+
+
 def _decode_fused_norms(
     w: DecoderWeights, cache, ctx: dict, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
@@ -330,12 +337,11 @@ def _decode_fused_norms(
     as the trainer's fused RMSNorm), SwiGLU is one (`swiglu_forward`), the final norm rides on the last add.
     About three launches a layer fewer than the torch ops, on a step that is launch-bound at a rollout's tail.
     With the cache's `skinny_gemm` the projections go through `skinny_linear` (cuBLAS past 32 rows); with the
-    weights' 8-bit copies `w8` (EngineOptions.weights8) the layers' four projections at up to 32 sequences go
-    through `skinny_linear` on those (the output head stays in the weights' dtype). With the cache's `pdl` every
+    weights' 8-bit copies `w8` (EngineOptions.weights8) the layers' four projections at up to WEIGHTS8_MAX_ROWS
+    sequences go through `skinny_linear` on those (the output head stays in the weights' dtype). With the cache's `pdl` every
     Triton kernel of the step is a programmatic dependent launch (model/triton_kernels.pdl_enter).
     h [B, 1, hidden]; cos, sin [B, D / 2] -> logits [B, vocab] in the weights' dtype."""
     from questa_nemo.model.triton_kernels import (
-        SKINNY_MAX_ROWS,
         add_rmsnorm,
         rmsnorm_forward,
         skinny_linear,
@@ -345,7 +351,7 @@ def _decode_fused_norms(
     pdl = getattr(cache, "pdl", False)  # EngineOptions.pdl: programmatic dependent launches of these kernels
     skinny = getattr(cache, "skinny_gemm", False)
     b = h.size(0)
-    w8 = w.w8 if w.w8 is not None and b <= SKINNY_MAX_ROWS else None
+    w8 = w.w8 if w.w8 is not None and b <= WEIGHTS8_MAX_ROWS else None
 
     def project(i: int, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         if w8 is not None:

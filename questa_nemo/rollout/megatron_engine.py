@@ -96,22 +96,25 @@ class EngineOptions:
     # order by the last program of a tile) instead of cuBLAS. Off: on an H100 no faster (bench/bench_skinny.py:
     # a step's projections at 8 rows 1.510 against cuBLAS's 1.508 ms; the realistic row 15,862 against 15,878)
     skinny_gemm: bool = False
-    # with fused_norms: the layers' four projections at up to 32 sequences (a rollout's tail, where the weight
-    # read is most of the step) multiply by 8-bit copies of the weights with one float32 scale per output row
-    # (model/weights8.quantize_rows), in the skinny matmul: half the bytes. "int8" (a uniform grid of 255
-    # steps a row) or "fp8" (e4m3, a 3-bit mantissa; Ada / Hopper or later); None: off. Larger batches and the
-    # output head keep the weights' dtype. Changes what is sampled: the decoupled loss's behaviour weight
-    # exp(proximal - behaviour) (algo/loss.py) corrects for it, its cap masks the tokens that moved most.
-    # SmolLM2-135M on CPU, KL(8-bit || bf16) a token over 3 seeds (bench/weights8_kl.py): int8 0.0052, fp8
-    # 0.021; bf16's own against float32 0.0011. The copies (half the projections' size) are
-    # requantized on every weight update and kept through sleep(). Off: not yet measured on a GPU
-    # (bench_skinny, profile_decode i8 / f8, bench_rollout paged_i8pd / paged_fp8pd).
+    # with fused_norms: the layers' four projections at up to 16 sequences (rollout/decoder.WEIGHTS8_MAX_ROWS:
+    # a rollout's tail, where the weight read is most of the step) multiply by 8-bit copies of the weights with
+    # one float32 scale per output row (model/weights8.quantize_rows), in the skinny matmul: half the bytes.
+    # "int8" (a uniform grid of 255 steps a row) or "fp8" (e4m3, a 3-bit mantissa; Ada / Hopper or later);
+    # None: off. Larger batches and the output head keep the weights' dtype. Changes what is sampled: the
+    # decoupled loss's behaviour weight exp(proximal - behaviour) (algo/loss.py) corrects for it, its cap masks
+    # the tokens that moved most. SmolLM2-135M on CPU, KL(8-bit || bf16) a token over 3 seeds
+    # (bench/weights8_kl.py): int8 0.0052, fp8 0.021; bf16's own against float32 0.0011. The copies (half the
+    # projections' size) are requantized on every weight update and kept through sleep(). Off: on an H200 int8
+    # with pdl took a decode step at 8 sequences from 2.404 to 2.094 ms but the realistic row only 1.022x
+    # (fp8 0.994x), README (ο).
     weights8: str | None = None
     # with fused_norms, Hopper or later: the step's Triton kernels (RoPE + append, attention and its merge, the
     # residual add + RMSNorm, SwiGLU, and the projections where they run in Triton: skinny_gemm, weights8)
     # as programmatic dependent launches (model/triton_kernels.pdl_enter): each kernel's programs are placed
     # while the previous one's last ones run, instead of after it ends (the gaps of a launch-bound step at a
-    # rollout's tail). Same bits. Off: not yet measured on a GPU (profile_decode variants pd, skpd, f8pd).
+    # rollout's tail). Same bits. H200, a decode step at 8 sequences of 8K: with cuBLAS projections no change
+    # (2.404 ms: the chain breaks at each GEMM), with the skinny matmul 2.405 -> 2.281, with int8 2.243 -> 2.094
+    # (README (ο)). Off: on the realistic row the skinny matmul with it gave 1.014x.
     pdl: bool = False
     # GPU: sample (temperature > 0, no top-p) in one Triton kernel over the lm_head's bf16 output instead of
     # torch's float32 passes (rollout/sampling_triton.py). H100, bench_rollout "paged_fs" against "paged":
