@@ -31,8 +31,8 @@
 #      row at 512 slots (rollout_realistic512); and 2,048 sequences at 512 slots, NeMo-RL's rollout samples a
 #      step (rollout_rlscale, ran once on an H200: README (ο))
 #  12. ran once on an H200 (README (ο)), not yet on an H100: int8 and float8 projections at a rollout's tail
-#      (EngineOptions.weights8) and the step's Triton kernels as programmatic dependent launches (EngineOptions.pdl): bench_skinny's int8, fp8 and pdl
-#      columns beside cuBLAS and the bf16 skinny kernel (w8_skinny), the decode step at 8 sequences of 8K,
+#      (EngineOptions.weights8) and the step's Triton kernels as programmatic dependent launches
+#      (EngineOptions.pdl): bench_skinny's int8, fp8 and pdl columns beside cuBLAS and the bf16 skinny kernel (w8_skinny), the decode step at 8 sequences of 8K,
 #      variants new, sk, pd, skpd, i8, i8pd and f8pd (decode_w8), and the realistic row at 512 slots, engines
 #      paged, paged_skpd, paged_i8pd and paged_fp8pd, with the log-probs the 8-bit engines sample against the
 #      bf16 forward first (rollout_w8)

@@ -338,8 +338,8 @@ def _decode_fused_norms(
     About three launches a layer fewer than the torch ops, on a step that is launch-bound at a rollout's tail.
     With the cache's `skinny_gemm` the projections go through `skinny_linear` (cuBLAS past 32 rows); with the
     weights' 8-bit copies `w8` (EngineOptions.weights8) the layers' four projections at up to WEIGHTS8_MAX_ROWS
-    sequences go through `skinny_linear` on those (the output head stays in the weights' dtype). With the cache's `pdl` every
-    Triton kernel of the step is a programmatic dependent launch (model/triton_kernels.pdl_enter).
+    sequences go through `skinny_linear` on those (the output head stays in the weights' dtype). With the
+    cache's `pdl` every Triton kernel of the step is a programmatic dependent launch (pdl_enter).
     h [B, 1, hidden]; cos, sin [B, D / 2] -> logits [B, vocab] in the weights' dtype."""
     from questa_nemo.model.triton_kernels import (
         add_rmsnorm,
