@@ -107,8 +107,8 @@ ENGINES = {  # name -> EngineOptions besides the shared ones
     "paged_fn": {"paged_kv": True, "fused_norms": True},  # add + RMSNorm, SwiGLU in Triton (the default since)
     "paged_nofn": {"paged_kv": True, "fused_norms": False},  # the defaults with torch's add, RMSNorm, SwiGLU
     "paged_fnsk": {"paged_kv": True, "fused_norms": True, "skinny_gemm": True},  # and the skinny matmul
-    "paged_i8": {"paged_kv": True, "weights8": "int8"},  # the defaults with int8 projections at <= 32 rows
-    "paged_fp8": {"paged_kv": True, "weights8": "fp8"},  # the defaults with float8 projections at <= 32 rows
+    "paged_i8": {"paged_kv": True, "weights8": "int8"},  # the defaults with int8 projections at <= 16 rows
+    "paged_fp8": {"paged_kv": True, "weights8": "fp8"},  # the defaults with float8 projections at <= 16 rows
     "paged_pdl": {"paged_kv": True, "pdl": True},  # the defaults, Triton kernels as dependent launches
     "paged_skpd": {"paged_kv": True, "skinny_gemm": True, "pdl": True},  # and the projections in Triton too
     "paged_i8pd": {"paged_kv": True, "weights8": "int8", "pdl": True},  # int8 projections, dependent launches
@@ -273,8 +273,8 @@ def logprob_error(policy, prompts, completions, vocab: int, params: SamplingPara
 
 
 def weights8_mismatch(policy, vocab: int, tiny: bool, formats: list[str]) -> dict:
-    """What EngineOptions.weights8 changes in what is sampled: 4 prompts x 4 samples (T = 1, at most 32
-    sequences: every decode step on the 8-bit projections), each token's returned log-prob against the bf16
+    """What EngineOptions.weights8 changes in what is sampled: 4 prompts x 4 samples (T = 1, 16 sequences,
+    decoder.WEIGHTS8_MAX_ROWS: every decode step on the 8-bit projections), each token's returned log-prob against the bf16
     policy's full forward (the trainer's), for the engine without 8-bit weights and with each of `formats`: the
     largest gap, and the mean of the k1 and k3 estimators of KL(sampler || trainer) over the sampled tokens.
     RANDOM weights: a trained model's sharper distributions may move more (bench/weights8_kl.py: real

@@ -23,7 +23,7 @@ included), `cascade` new with cascade attention, `ts` new with torch's sampler (
 sampler table (d) times both alone too), `loop` new with the loop merge of the splits (merge_tile=False:
 paged_triton._merge_kernel; the sweep (c) times both merges at the engine's split length too), `fn` new with
 the residual adds, norms and SwiGLU as Triton kernels (EngineOptions.fused_norms), `sk` fn with the skinny
-matmul (skinny_gemm), `i8` / `f8` new with int8 / float8 projections (weights8, up to 32 sequences), `pd`,
+matmul (skinny_gemm), `i8` / `f8` new with int8 / float8 projections (weights8, up to 16 sequences), `pd`,
 `skpd`, `i8pd`, `f8pd` new, sk, i8 and f8 with the step's Triton kernels as programmatic dependent launches
 (pdl). All run side by side in
 one process on one card.

@@ -29,6 +29,9 @@ KERNELS = {  # kernel -> (pointer / scalar types in order, constexprs, warps)
     "skinny": (tk._skinny_kernel, ["*bf16", "*fp8e4nv", "*fp32", "*bf16", "*bf16", "*fp32", "*i32", i32, i32, i32],
                {"K_PER": 512, "HAS_SCALE": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256,
                 "SPLIT_K": 3}, 4),
+    "skinny_i8": (tk._skinny_kernel, ["*bf16", "*i8", "*fp32", "*bf16", "*bf16", "*fp32", "*i32", i32, i32, i32],
+                  {"K_PER": 512, "HAS_SCALE": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256,
+                   "SPLIT_K": 3}, 4),
     "rope_append": (pt._rope_append_kernel, ["*bf16"] * 3 + ["*i32"] * 2 + ["*bf16"] * 3 + [i32] * 9,
                     {"HALF": 64, "R": 8}, 4),
     "split": (pt._split_kernel, ["*bf16"] * 3 + ["*i32", "*i64", "*fp32", "*fp32", "*bf16", "*i32"] + [i32] * 5
@@ -73,8 +76,8 @@ def test_pdl_kernels_wait_before_their_first_memory_access():
     from rollout_models import compile_for_hopper
 
     done = compile_for_hopper(PDL_AOT, timeout=900)
-    assert done.returncode == 0 and "pdl ordered 9" in done.stdout, (done.stdout[-2000:], done.stderr[-3000:])
-    assert len(re.findall(r"waits before", done.stdout)) == 9
+    assert done.returncode == 0 and "pdl ordered 10" in done.stdout, (done.stdout[-2000:], done.stderr[-3000:])
+    assert len(re.findall(r"waits before", done.stdout)) == 10
 
 
 def test_pdl_refused_off_the_triton_step():

@@ -99,7 +99,7 @@ class EngineOptions:
     # with fused_norms: the layers' four projections at up to 16 sequences (rollout/decoder.WEIGHTS8_MAX_ROWS:
     # a rollout's tail, where the weight read is most of the step) multiply by 8-bit copies of the weights with
     # one float32 scale per output row (model/weights8.quantize_rows), in the skinny matmul: half the bytes.
-    # "int8" (a uniform grid of 255 steps a row) or "fp8" (e4m3, a 3-bit mantissa; Ada / Hopper or later);
+    # "int8" (a uniform grid of 255 levels a row) or "fp8" (e4m3, a 3-bit mantissa; Ada / Hopper or later);
     # None: off. Larger batches and the output head keep the weights' dtype. Changes what is sampled: the
     # decoupled loss's behaviour weight exp(proximal - behaviour) (algo/loss.py) corrects for it, its cap masks
     # the tokens that moved most. SmolLM2-135M on CPU, KL(8-bit || bf16) a token over 3 seeds
