@@ -274,15 +274,17 @@ def logprob_error(policy, prompts, completions, vocab: int, params: SamplingPara
 
 def weights8_mismatch(policy, vocab: int, tiny: bool, formats: list[str]) -> dict:
     """What EngineOptions.weights8 changes in what is sampled: 4 prompts x 4 samples (T = 1, 16 sequences,
-    decoder.WEIGHTS8_MAX_ROWS: every decode step on the 8-bit projections), each token's returned log-prob against the bf16
-    policy's full forward (the trainer's), for the engine without 8-bit weights and with each of `formats`: the
-    largest gap, and the mean of the k1 and k3 estimators of KL(sampler || trainer) over the sampled tokens.
+    decoder.WEIGHTS8_MAX_ROWS: every decode step on the 8-bit projections), each token's returned log-prob
+    against the bf16 policy's full forward (the trainer's), for the engine without 8-bit weights and with each
+    of `formats` (its engine in ENGINES with no other option): the largest gap, and the mean of the k1 and k3
+    estimators of KL(sampler || trainer) over the sampled tokens.
     RANDOM weights: a trained model's sharper distributions may move more (bench/weights8_kl.py: real
     weights)."""
     prompts = random_prompts(4, 64 if tiny else 256, vocab, seed=11)
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=32 if tiny else 256, ignore_eos=True, seed=5)
     out: dict = {"sequences": 16, "new_tokens": params.max_new_tokens}
-    for name, extra in (("paged", {}), *((f"paged_{f.replace('int', 'i')}", {"weights8": f}) for f in formats)):
+    alone = {o["weights8"]: n for n, o in ENGINES.items() if set(o) == {"paged_kv", "weights8"}}  # paged_i8, ...
+    for name, extra in (("paged", {}), *((alone[f], {"weights8": f}) for f in formats)):
         backend = MegatronBackend(policy, vocab, EngineOptions(max_batch_sequences=16, paged_kv=True, **extra))
         done = backend.generate(prompts, params).completions
         gaps = torch.cat([

@@ -450,8 +450,8 @@ def test_engine_weights8_equal_dequantized_weights(model, kernel_on, monkeypatch
     matmul. Against the contiguous cache on a twin whose projections are those copies dequantized (q * scale):
     greedy tokens equal, log-probs within float32 noise, so the 8-bit path is that model exactly. Prompts of
     one token: the prefill (a prompt's tokens before its last) runs the model's own weights, only the decode
-    step the 8-bit copies; a batch past WEIGHTS8_MAX_ROWS keeps the model's weights. A weight update requantizes into the same buffers (a captured graph keeps reading
-    them); the head stays unquantized."""
+    step the 8-bit copies; a batch past WEIGHTS8_MAX_ROWS keeps the model's weights. A weight update
+    requantizes into the same buffers (a captured graph keeps reading them); the head stays unquantized."""
     from questa_nemo.model import triton_kernels
     from questa_nemo.model.weights8 import FORMATS, dequantize_rows, quantize_rows
     from questa_nemo.rollout.decoder import DecoderWeights

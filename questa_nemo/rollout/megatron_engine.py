@@ -411,16 +411,17 @@ class MegatronBackend:
 
     def _new_runner(self, cache) -> DecodeRunner:
         on_gpu = self.weights.embedding.is_cuda
+        fp8 = self.options.weights8 == "fp8"  # int8 runs wherever Triton does
         for name, on, least, card in (
-            ("weights8='fp8'", self.options.weights8 == "fp8", (8, 9), "an Ada, Hopper or later GPU (float8 loads)"),
-            ("weights8='int8'", self.options.weights8 == "int8", (0, 0), ""),
+            (f"weights8={self.options.weights8!r}", self.options.weights8 is not None, (8, 9) if fp8 else None,
+             "an Ada, Hopper or later GPU (float8 loads)"),
             ("pdl", self.options.pdl, (9, 0), "a Hopper or later GPU (programmatic dependent launch)"),
-        ):
+        ):  # fmt: skip
             if not on:
                 continue
             if not getattr(cache, "fused_residual", False):
                 raise RuntimeError(f"rollout: {name} needs the Triton decode step (a GPU); this cache runs torch's")
-            if on_gpu and torch.cuda.get_device_capability(self.weights.embedding.device) < least:
+            if on_gpu and least and torch.cuda.get_device_capability(self.weights.embedding.device) < least:
                 raise RuntimeError(f"rollout: {name} needs {card}")
         return DecodeRunner(
             self.weights,
