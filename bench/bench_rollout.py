@@ -659,6 +659,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with the transformers rows, also transformers with its static cache, with which generate compiles "
         "the decode forward (CUDA graphs): the strongest transformers baseline",
     )
+    p.add_argument(
+        "--hf-skip-plain",
+        action="store_true",
+        help="with --hf-static, leave plain transformers out (its dynamic-cache row takes most of a call at 4K)",
+    )
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (to measure what graphs buy)")
     p.add_argument("--out", default="bench_rollout.json")
     return p.parse_args(argv)
@@ -754,7 +759,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         runs = {k: fn for k, fn in runs.items() if which is None or k in which}
         if with_hf:
-            runs["transformers"] = lambda: run_hf(twin, prompts, args.samples, new_tokens, lengths)
+            if not (args.hf_static and args.hf_skip_plain):
+                runs["transformers"] = lambda: run_hf(twin, prompts, args.samples, new_tokens, lengths)
             if args.hf_static:
                 runs["transformers_static"] = lambda: run_hf(
                     twin, prompts, args.samples, new_tokens, lengths, static=True
@@ -768,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
                 if key in engines:
                     engines[key].sleep()
             print(f"{name} {key}:", json.dumps(out[key]), flush=True)
+            result[name] = out
+            write_json(args.out, result)  # after every engine: a run cut short keeps what it measured
         rates = {k: v["tokens_per_second"] for k, v in out.items() if isinstance(v, dict) and "seconds" in v}
         if "old" in rates and "paged" in rates:
             out["paged_vs_old"] = rates["paged"] / rates["old"]

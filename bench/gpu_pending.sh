@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The measurements written without a GPU, in priority order, inside one device call (parts 11 and 12 first: the
-# ones not yet run):
+# newest):
 #   -1. the fixed (256 x 1K + 2K) and realistic (256 slots) rollout rows with fused_norms (on by default since
 #      part 0 ran) against without (engines paged_nofn, paged), and the recipe-length row with the defaults
 #   0. the decode step's residual adds, RMSNorms and SwiGLU as Triton kernels (EngineOptions.fused_norms, on
@@ -25,34 +25,35 @@
 #      layout, profiled: where the 7% of attention time goes; ran 2026-12-06: no gain)
 #  10. training at 8K with q / k / v head-major for SDPA (bench_train --preset headmajor, profiled), and the
 #      32K rows with every layer compiled on both sides (--preset long_compile; ran 2026-12-06, README (λ))
-#  11. not yet run on an H100: the realistic row against transformers generate, plain and with its static cache
-#      (compiled: --hf-static), on the same 32 sequences up to 8K (rollout_realistic_hf) or 4K
-#      (rollout_realistic_hf4k: it did not finish in 210 s on an H200, give it its own call); the 512-sequence
-#      row at 512 slots (rollout_realistic512); and 2,048 sequences at 512 slots, NeMo-RL's rollout samples a
-#      step (rollout_rlscale, ran once on an H200: README (ο))
-#  12. ran once on an H200 (README (ο)), not yet on an H100: int8 and float8 projections at a rollout's tail
-#      (EngineOptions.weights8) and the step's Triton kernels as programmatic dependent launches
-#      (EngineOptions.pdl): bench_skinny's int8, fp8 and pdl columns beside cuBLAS and the bf16 skinny kernel (w8_skinny), the decode step at 8 sequences of 8K,
-#      variants new, sk, pd, skpd, i8, i8pd and f8pd (decode_w8), and the realistic row at 512 slots, engines
-#      paged, paged_skpd, paged_i8pd and paged_fp8pd, with the log-probs the 8-bit engines sample against the
-#      bf16 forward first (rollout_w8)
+#  11. the realistic row against transformers generate, plain and with its static cache (compiled: --hf-static),
+#      on the same 32 sequences up to 8K (rollout_realistic_hf, not yet run: over 540 s) or 4K
+#      (rollout_realistic_hf4k: plain took 265 s on an H100; rollout_realistic_hf4k_static: the static one
+#      alone, --hf-skip-plain); the 512-sequence row at 512 slots (rollout_realistic512); 2,048 sequences at
+#      512 slots, NeMo-RL's rollout samples a step (rollout_rlscale), and the same with int8 projections
+#      (rollout_rlscale_w8). All but rollout_realistic_hf ran on an H100 (README (π))
+#  12. int8 and float8 projections at a rollout's tail (EngineOptions.weights8) and the step's Triton kernels as
+#      programmatic dependent launches (EngineOptions.pdl): bench_skinny's int8, fp8 and pdl columns beside
+#      cuBLAS and the bf16 skinny kernel (w8_skinny), the decode step at 8 sequences of 8K, variants new, sk,
+#      pd, skpd, i8, i8pd and f8pd (decode_w8: ran on an H200 only, README (ο)), and the realistic row at 512
+#      slots, engines paged, paged_skpd, paged_i8pd and paged_fp8pd, with the log-probs the 8-bit engines
+#      sample against the bf16 forward first (rollout_w8). w8_skinny and rollout_w8 ran on an H100 (README (π))
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
-# this order: rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale w8_skinny decode_w8 rollout_w8 rollout_realistic512, then
+# this order: rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale rollout_realistic_hf4k_static rollout_rlscale_w8 w8_skinny decode_w8 rollout_w8 rollout_realistic512, then
 # rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed
 # sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor
 # train_long_compile) picks some.
 # Parts -1 and 0-10 have run on an H100 (3-6 in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README
-# (μ); 0 in one call, README (κ); -1 and 9 in one call, 10 in the next, README (λ)); parts 11 and 12 have not
-# (README (ν), (ξ)); rollout_rlscale, w8_skinny, decode_w8 and rollout_w8 ran on an H200 (README (ο)).
+# (μ); 0 in one call, README (κ); -1 and 9 in one call, 10 in the next, README (λ)); parts 11 and 12 in four
+# calls, README (π), but for rollout_realistic_hf and decode_w8 (the latter ran on an H200, README (ο)).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale w8_skinny decode_w8 rollout_w8 rollout_realistic512 rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
+WANT=" ${*:-rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale rollout_realistic_hf4k_static rollout_rlscale_w8 w8_skinny decode_w8 rollout_w8 rollout_realistic512 rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -81,6 +82,10 @@ part rollout_realistic_hf4k 300 python3 bench/bench_rollout.py "${REAL[@]}" --re
     --hf-realistic --hf-static --out "$DIR/rollout_realistic_hf4k.json"
 part rollout_rlscale 240 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 128 --batch 512 \
     --out "$DIR/rollout_rlscale.json"
+part rollout_realistic_hf4k_static 300 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 \
+    --realistic-max 4096 --hf-realistic --hf-static --hf-skip-plain --out "$DIR/rollout_realistic_hf4k_static.json"
+part rollout_rlscale_w8 330 python3 bench/bench_rollout.py --engines paged,paged_i8pd --hf-new-tokens 0 --new-tokens 0 \
+    --recipe-prompts 0 --realistic-prompts 128 --batch 512 --out "$DIR/rollout_rlscale_w8.json"
 part w8_skinny 100 python3 bench/bench_skinny.py --no-sweep --out "$DIR/w8_skinny.json"
 part decode_w8 210 python3 bench/profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed \
     --variants new,sk,pd,skpd,i8,i8pd,f8pd --quick-sweep --sweep-block-sizes 64 --attn-reps 3 \

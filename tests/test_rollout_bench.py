@@ -50,6 +50,31 @@ def test_cpu_smoke_run(tmp_path):
     assert set(result["fixed"]["roofline"]["fraction"]) == {"old", "paged"}
 
 
+def test_cpu_static_baseline_alone(tmp_path, monkeypatch):
+    """--hf-skip-plain: the realistic row against transformers' static cache only, and the JSON written after
+    each engine, so a part cut short by its time bound keeps the engines that finished."""
+    out = tmp_path / "static.json"
+    argv = ["--device", "cpu", "--tiny", "--engines", "paged", "--samples", "2", "--prompt-len", "16"]
+    argv += ["--new-tokens", "0", "--hf-new-tokens", "0", "--recipe-prompts", "0", "--block-size", "16"]
+    argv += ["--length-mean", "6", "--realistic-prompts", "2", "--realistic-max", "12", "--hf-realistic"]
+    argv += ["--hf-static", "--hf-skip-plain", "--out", str(out)]
+    bench = load_bench()
+    seen: list[set] = []
+    write = bench.write_json
+
+    def spy(path, data):  # which of the row's engines each write holds
+        seen.append(set(data.get("realistic", {})))
+        write(path, data)
+
+    monkeypatch.setattr(bench, "write_json", spy)
+    assert bench.main(argv) == 0
+    realistic = json.loads(out.read_text())["realistic"]
+    assert "transformers" not in realistic and realistic["transformers_static"]["cache"] == "static"
+    assert realistic["paged"]["tokens"] == realistic["transformers_static"]["tokens"]
+    assert realistic["paged_vs_transformers_static"] > 0
+    assert any("paged" in keys and "transformers_static" not in keys for keys in seen)  # written mid-row
+
+
 def test_cpu_check(tmp_path):
     out = tmp_path / "check.json"
     assert load_bench().main(["--device", "cpu", "--tiny", "--check", "--out", str(out)]) == 0
