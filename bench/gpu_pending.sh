@@ -26,11 +26,12 @@
 #  10. training at 8K with q / k / v head-major for SDPA (bench_train --preset headmajor, profiled), and the
 #      32K rows with every layer compiled on both sides (--preset long_compile; ran 2026-12-06, README (λ))
 #  11. the realistic row against transformers generate, plain and with its static cache (compiled: --hf-static),
-#      on the same 32 sequences up to 8K (rollout_realistic_hf, not yet run: over 540 s) or 4K
-#      (rollout_realistic_hf4k: plain took 265 s on an H100; rollout_realistic_hf4k_static: the static one
-#      alone, --hf-skip-plain); the 512-sequence row at 512 slots (rollout_realistic512); 2,048 sequences at
-#      512 slots, NeMo-RL's rollout samples a step (rollout_rlscale), and the same with int8 projections
-#      (rollout_rlscale_w8). All but rollout_realistic_hf ran on an H100 (README (π))
+#      on the same 32 sequences up to 8K (rollout_realistic_hf, not run: plain alone would need over 540 s) or
+#      4K (rollout_realistic_hf4k: plain took 265 s on an H100); the static one alone (--hf-skip-plain) up to
+#      4K (rollout_realistic_hf4k_static) and 8K (rollout_realistic_hf_static); the 512-sequence row at 512
+#      slots (rollout_realistic512); 2,048 sequences at 512 slots, the recipe's 128 prompts x 16 samples a step
+#      (rollout_rlscale), and the same with int8 projections (rollout_rlscale_w8). All but rollout_realistic_hf
+#      and rollout_realistic512 (its row ran as rollout_w8's engine paged) ran on an H100 (README (π))
 #  12. int8 and float8 projections at a rollout's tail (EngineOptions.weights8) and the step's Triton kernels as
 #      programmatic dependent launches (EngineOptions.pdl): bench_skinny's int8, fp8 and pdl columns beside
 #      cuBLAS and the bf16 skinny kernel (w8_skinny), the decode step at 8 sequences of 8K, variants new, sk,
@@ -41,7 +42,7 @@
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
-# this order: rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale rollout_realistic_hf4k_static rollout_rlscale_w8 w8_skinny decode_w8 rollout_w8 rollout_realistic512, then
+# this order: rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale rollout_realistic_hf4k_static rollout_realistic_hf_static rollout_rlscale_w8 w8_skinny decode_w8 rollout_w8 rollout_realistic512, then
 # rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed
 # sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor
 # train_long_compile) picks some.
@@ -53,7 +54,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale rollout_realistic_hf4k_static rollout_rlscale_w8 w8_skinny decode_w8 rollout_w8 rollout_realistic512 rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
+WANT=" ${*:-rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale rollout_realistic_hf4k_static rollout_realistic_hf_static rollout_rlscale_w8 w8_skinny decode_w8 rollout_w8 rollout_realistic512 rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -84,6 +85,8 @@ part rollout_rlscale 240 python3 bench/bench_rollout.py "${REAL[@]}" --realistic
     --out "$DIR/rollout_rlscale.json"
 part rollout_realistic_hf4k_static 300 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 \
     --realistic-max 4096 --hf-realistic --hf-static --hf-skip-plain --out "$DIR/rollout_realistic_hf4k_static.json"
+part rollout_realistic_hf_static 480 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 --hf-realistic \
+    --hf-static --hf-skip-plain --out "$DIR/rollout_realistic_hf_static.json"
 part rollout_rlscale_w8 330 python3 bench/bench_rollout.py --engines paged,paged_i8pd --hf-new-tokens 0 --new-tokens 0 \
     --recipe-prompts 0 --realistic-prompts 128 --batch 512 --out "$DIR/rollout_rlscale_w8.json"
 part w8_skinny 100 python3 bench/bench_skinny.py --no-sweep --out "$DIR/w8_skinny.json"

@@ -71,10 +71,10 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
     )
     started = [line.split(":")[0].split()[-1] for line in result.stdout.splitlines() if ": up to " in line]
     unrun = ["rollout_realistic_hf", "rollout_realistic_hf4k", "rollout_rlscale", "rollout_realistic_hf4k_static"]
-    unrun += ["rollout_rlscale_w8", "w8_skinny", "decode_w8", "rollout_w8", "rollout_realistic512"]
+    unrun += ["rollout_realistic_hf_static", "rollout_rlscale_w8", "w8_skinny", "decode_w8", "rollout_w8", "rollout_realistic512"]
     first = ["rollout_fixed_norms", "rollout_recipe", "decode_norms", "skinny", "rollout_norms", "decode_merge"]
-    assert started[:16] == [*unrun, *first, "rollout_merge"], started
-    assert len(started) == 26 and started[-3:] == ["train_layout", "train_headmajor", "train_long_compile"], started
+    assert started[:17] == [*unrun, *first, "rollout_merge"], started
+    assert len(started) == 27 and started[-3:] == ["train_layout", "train_headmajor", "train_long_compile"], started
     with tarfile.open(tmp_path / "pending.tar.gz") as archive:
         files = [m for m in archive.getmembers() if m.isfile()]
         logs = {Path(m.name).name: archive.extractfile(m).read().decode() for m in files}
@@ -88,6 +88,7 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
     assert "--realistic-prompts 128 --batch 512" in logs["rollout_rlscale.log"]
     static = logs["rollout_realistic_hf4k_static.log"]
     assert "--realistic-max 4096 --hf-realistic --hf-static --hf-skip-plain" in static
+    assert "--realistic-prompts 2 --hf-realistic --hf-static --hf-skip-plain" in logs["rollout_realistic_hf_static.log"]
     assert "--engines paged,paged_i8pd" in logs["rollout_rlscale_w8.log"]
     assert "--realistic-prompts 128 --batch 512" in logs["rollout_rlscale_w8.log"]
     assert "bench_skinny.py --no-sweep" in logs["w8_skinny.log"]
