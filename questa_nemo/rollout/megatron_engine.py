@@ -104,9 +104,9 @@ class EngineOptions:
     # decoupled loss's behaviour weight exp(proximal - behaviour) (algo/loss.py) corrects for it, its cap masks
     # the tokens that moved most. SmolLM2-135M on CPU, KL(8-bit || bf16) a token over 3 seeds
     # (bench/weights8_kl.py): int8 0.0052, fp8 0.021; bf16's own against float32 0.0011. The copies (half the
-    # projections' size) are requantized on every weight update and kept through sleep(). Off: on an H200 int8
-    # with pdl took a decode step at 8 sequences from 2.404 to 2.094 ms but the realistic row only 1.022x
-    # (fp8 0.994x), README (ο).
+    # projections' size) are requantized on every weight update and kept through sleep(). Off: on an H100 int8
+    # with pdl ran the 512-sequence realistic row 1.062x (fp8 1.053x) and the 2,048-sequence one 0.997x
+    # (README (π)); on an H200 it took a decode step at 8 sequences from 2.404 to 2.094 ms (README (ο)).
     weights8: str | None = None
     # with fused_norms, Hopper or later: the step's Triton kernels (RoPE + append, attention and its merge, the
     # residual add + RMSNorm, SwiGLU, and the projections where they run in Triton: skinny_gemm, weights8)
