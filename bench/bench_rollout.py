@@ -666,7 +666,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (to measure what graphs buy)")
     p.add_argument("--out", default="bench_rollout.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.hf_skip_plain and not args.hf_static:
+        p.error("--hf-skip-plain leaves only the static-cache baseline: pass --hf-static with it")
+    return args
 
 
 def versions() -> dict:

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_rollout.py"
 
 
@@ -73,6 +75,8 @@ def test_cpu_static_baseline_alone(tmp_path, monkeypatch):
     assert realistic["paged"]["tokens"] == realistic["transformers_static"]["tokens"]
     assert realistic["paged_vs_transformers_static"] > 0
     assert any("paged" in keys and "transformers_static" not in keys for keys in seen)  # written mid-row
+    with pytest.raises(SystemExit):  # nothing left to compare against: refused, not a silent plain run
+        bench.parse_args(["--hf-realistic", "--hf-skip-plain"])
 
 
 def test_cpu_check(tmp_path):
