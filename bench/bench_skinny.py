@@ -2,8 +2,8 @@
 (model/triton_kernels.skinny_linear, EngineOptions.skinny_gemm), side by side on the same weights.
 
 At 8 sequences the decode step's matmuls took 1.50 ms on an H100 against a 0.92 ms weight-read floor
-(README (μ)): cuBLAS's kernels for the attention's small projections (qkv 6 MB, the output 4.5 MB a layer) ran
-at about 30% of the bandwidth, the MLP's at about 70%. Each shape of the Qwen2.5-1.5B decode step is timed as
+(docs/benchmarks.md (μ)): cuBLAS's kernels for the attention's small projections (qkv 6 MB, the output 4.5 MB
+a layer) ran at about 30% of the bandwidth, the MLP's at about 70%. Each shape of the Qwen2.5-1.5B decode step is timed as
 the step runs it: one CUDA graph over 28 distinct weight copies (so L2 serves none), replayed; the output head
 (467 MB) once a replay. Rows: 1, 8, 16, 32 sequences, `skinny_config`'s tiles, and at 8 rows a sweep of tiles
 (the best is reported beside the heuristic's). Every output is checked against float32 maths on the same

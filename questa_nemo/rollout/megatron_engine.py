@@ -82,14 +82,14 @@ class EngineOptions:
     # paged, Triton kernel: merge the split partials with paged_triton._merge_tile_kernel (a program per query
     # head, all its partials in one tile) instead of _merge_kernel (a program per query group walking them),
     # at batches whose splits are short (paged.TILE_MERGE_MAX_SPLIT: many splits a sequence). H100: the decode
-    # step at 8 sequences of 8K 3.90 -> 3.17 ms (merge 0.90 -> 0.14 ms of kernels); README (μ). False: the
-    # loop merge at every batch.
+    # step at 8 sequences of 8K 3.90 -> 3.17 ms (merge 0.90 -> 0.14 ms of kernels); docs/benchmarks.md (μ).
+    # False: the loop merge at every batch.
     merge_tile: bool = True
     # paged + fused_decode, Triton kernel: the decode step's residual add and the RMSNorm after it in one kernel,
     # SwiGLU in one (decoder._decode_fused_norms: 84 fewer launches a step at 28 layers; the add's bits as
     # torch's, the norm's as the trainer's kernel). H100: the step at 8 sequences of 8K 3.15 -> 2.85 ms, the
-    # realistic row at 512 slots 14,366 -> 15,878 tok/s (README (κ)), the fixed row 35,232 -> 40,624 (README
-    # (λ)). False: torch's add, RMSNorm and SwiGLU.
+    # realistic row at 512 slots 14,366 -> 15,878 tok/s (docs/benchmarks.md (κ)), the fixed row 35,232 ->
+    # 40,624 (docs/benchmarks.md (λ)). False: torch's add, RMSNorm and SwiGLU.
     fused_norms: bool = True
     # with fused_norms: the decode step's projections at up to 32 sequences (a rollout's tail) in Triton's
     # skinny matmul (model/triton_kernels.skinny_linear: K split over the SMs, the partials summed in a fixed
@@ -106,7 +106,8 @@ class EngineOptions:
     # (bench/weights8_kl.py): int8 0.0052, fp8 0.021; bf16's own against float32 0.0011. The copies (half the
     # projections' size) are requantized on every weight update and kept through sleep(). Off: on an H100 int8
     # with pdl ran the 512-sequence realistic row 1.062x (fp8 1.053x) and the 2,048-sequence one 0.997x
-    # (README (π)); on an H200 it took a decode step at 8 sequences from 2.404 to 2.094 ms (README (ο)).
+    # (docs/benchmarks.md (π)); on an H200 it took a decode step at 8 sequences from 2.404 to 2.094 ms
+    # (docs/benchmarks.md (ο)).
     weights8: str | None = None
     # with fused_norms, Hopper or later: the step's Triton kernels (RoPE + append, attention and its merge, the
     # residual add + RMSNorm, SwiGLU, and the projections where they run in Triton: skinny_gemm, weights8)
@@ -114,7 +115,7 @@ class EngineOptions:
     # while the previous one's last ones run, instead of after it ends (the gaps of a launch-bound step at a
     # rollout's tail). Same bits. H200, a decode step at 8 sequences of 8K: with cuBLAS projections no change
     # (2.404 ms: the chain breaks at each GEMM), with the skinny matmul 2.405 -> 2.281, with int8 2.243 -> 2.094
-    # (README (ο)). Off: on the realistic row the skinny matmul with it gave 1.014x.
+    # (docs/benchmarks.md (ο)). Off: on the realistic row the skinny matmul with it gave 1.014x.
     pdl: bool = False
     # GPU: sample (temperature > 0, no top-p) in one Triton kernel over the lm_head's bf16 output instead of
     # torch's float32 passes (rollout/sampling_triton.py). H100, bench_rollout "paged_fs" against "paged":
