@@ -762,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         runs = {k: fn for k, fn in runs.items() if which is None or k in which}
         if with_hf:
-            if not (args.hf_static and args.hf_skip_plain):
+            if not args.hf_skip_plain:  # parse_args: only with --hf-static
                 runs["transformers"] = lambda: run_hf(twin, prompts, args.samples, new_tokens, lengths)
             if args.hf_static:
                 runs["transformers_static"] = lambda: run_hf(

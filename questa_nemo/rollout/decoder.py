@@ -325,7 +325,8 @@ def decode_logits(
 # Sequences up to which the decode step multiplies by the 8-bit copies (EngineOptions.weights8); larger batches
 # keep the weights' dtype in cuBLAS. H200, bench/bench_skinny.py (a step's four projections a layer and the head,
 # ms): at 8 rows cuBLAS 1.240, int8 1.085 (1.048 with PDL); at 16 1.254, 1.081; at 32 cuBLAS 1.275 and int8
-# 1.486 (the kernel's 32-row tile loses to cuBLAS there), so the copies stop at 16.
+# 1.486 (the kernel's 32-row tile loses to cuBLAS there), so the copies stop at 16. An H100 since
+# (w8_skinny_h100.json): at 16 rows cuBLAS 1.528, int8 1.221; at 32 both 1.57.
 WEIGHTS8_MAX_ROWS = 16
 
 
