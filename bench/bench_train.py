@@ -120,6 +120,14 @@ PRESETS: dict[str, list[str]] = {
         "32768/mcore:recompute=full,keepattn=1",
         "32768/hf:recompute=full,keepattn=1",
     ],
+    "long_ckpt": [  # 32K full recompute by torch's checkpoint (as transformers' gradient checkpointing runs) and
+        # what one forward saves for backward (--saved-sites: where keep-attention's extra memory is allocated)
+        "32768/hf:recompute=full",
+        "32768/mcore:recompute=full",
+        "32768/mcore:recompute=full,ckpt=torch",
+        "32768/mcore:recompute=full,keepattn=1",
+        "32768/hf:recompute=full,keepattn=1",
+    ],
     "long_compile": [  # the 32K rows with every decoder layer compiled (the checkpoint, and with keepattn its
         # selective policy, inside the compiled region), each against transformers eager and compiled
         "32768/hf:recompute=full",
@@ -173,6 +181,8 @@ class Run:
     step_s: list[float] = field(default_factory=list)
     host_ms: dict[str, float] = field(default_factory=dict)  # host time to issue each phase of one step
     peak_mem_gib: float | None = None
+    saved_gib: float | None = None  # left allocated by one forward for its backward (activations, checkpoints)
+    saved_sites: list = field(default_factory=list)  # --saved-sites: the largest of them by allocating frames
     build_s: float | None = None
     attended: int | None = None  # attention length of the MFU count (packed: token-weighted mean segment)
     real_fraction: float = 1.0  # share of the row's tokens that are sequences (docs=r1: the rest is padding)
@@ -507,6 +517,47 @@ def train_step(forward, optimizer, accum: int, marks: dict[str, float] | None = 
     return loss
 
 
+def alive_sites(snap: dict, limit: int = 10) -> list[dict]:
+    """The largest allocation sites among the live blocks of a torch.cuda.memory._snapshot() taken with memory
+    history on (blocks without frames were allocated before recording and are left out); a site is the
+    innermost three frames in repo, megatron, transformers or torch.utils.checkpoint code."""
+    keep = ("questa_nemo", "megatron", "transformers", "checkpoint.py", "bench_train", "ckpt_leftovers")
+    by_site: dict[str, list] = {}
+    for segment in snap["segments"]:
+        for block in segment["blocks"]:
+            frames = block.get("frames") or []
+            if block["state"] != "active_allocated" or not frames:
+                continue
+            named = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames
+                     if any(k in f["filename"] for k in keep)][:3]
+            site = " < ".join(named) or f"{Path(frames[0]['filename']).name}:{frames[0]['line']}"
+            entry = by_site.setdefault(site, [0, 0])
+            entry[0] += block["size"]
+            entry[1] += 1
+    return [{"site": k, "gib": v[0] / 2**30, "blocks": v[1]}
+            for k, v in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:limit]]
+
+
+def forward_saved(forward, sites: bool) -> tuple[float, list]:
+    """GiB one forward leaves allocated for its backward (saved activations, checkpoint inputs, kept outputs),
+    the loss's graph dropped unused after; with `sites`, the 10 largest allocation sites among them (innermost
+    Python frames of repo, megatron, transformers or torch.utils.checkpoint code) from torch's memory history."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    if sites:
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=10**6)
+    loss = forward()
+    torch.cuda.synchronize()
+    saved = (torch.cuda.memory_allocated() - before) / 2**30
+    top: list = []
+    if sites:
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        top = alive_sites(snap)
+    del loss  # frees the graph and what it saved
+    return saved, top
+
+
 def host_timing(forward, optimizer, accum: int) -> dict[str, float]:
     """When the host finished issuing forward, backward and the optimizer step, and when the GPU finished
     (ms from the step's start). A step whose GPU finishes right after the host is bound by the host."""
@@ -529,6 +580,7 @@ def measure(
     warmup: int,
     peak: float | None,
     profile_dir: Path | None = None,
+    saved_sites: bool = False,
 ) -> None:
     built_at = time.perf_counter()
     model, loss_fn = (build_mcore if run.impl == "mcore" else build_hf)(hf, run, device)
@@ -564,6 +616,11 @@ def measure(
                 run.step_s.append(time.perf_counter() - start)
         if device == "cuda":
             run.host_ms = host_timing(forward, optimizer, accum)
+            try:  # a diagnostic: its failure must not cost the run its throughput
+                run.saved_gib, run.saved_sites = forward_saved(forward, saved_sites)
+            except Exception as e:  # noqa: BLE001
+                torch.cuda.memory._record_memory_history(enabled=None)
+                run.saved_sites = [{"error": f"{type(e).__name__}: {str(e)[:200]}"}]
         if profile_dir is not None and device == "cuda":
             summary = profile_step(step_once, run.label, profile_dir)
             kinds = "  ".join(f"{k} {v:.1f}" for k, v in summary["ms_by_kind"].items())
@@ -699,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget-s", type=float, default=330.0, help="skip runs that start after this")
     parser.add_argument("--out", type=Path, required=True, help="JSON result file")
     parser.add_argument("--profile", type=Path, default=None, help="write a kernel breakdown per run here")
+    parser.add_argument("--saved-sites", action="store_true",
+                        help="record where the memory a forward saves for backward was allocated (saved_sites)")
     args = parser.parse_args(argv)
 
     hf = TINY if args.tiny else QWEN25_15B
@@ -740,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
             run.status = "skipped: time budget"
             continue
         try:
-            measure(run, hf, args.device, args.steps, args.warmup, peak, args.profile)
+            measure(run, hf, args.device, args.steps, args.warmup, peak, args.profile, args.saved_sites)
         except torch.OutOfMemoryError:
             run.status = "oom"
         except Exception as e:  # one failing variant must not hide the others' numbers
@@ -751,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
         if run.tokens_per_s_median:
             tps += f" (median {run.tokens_per_s_median:.0f})"
         mem = f"{run.peak_mem_gib:5.1f} GiB" if run.peak_mem_gib else "      n/a"
+        if run.saved_gib is not None:
+            mem += f" (forward saves {run.saved_gib:.2f})"
         host = "  host " + "/".join(f"{v:.0f}" for v in run.host_ms.values()) if run.host_ms else ""
         print(f"{run.label:55s} {tps} tok/s  MFU {mfu}  peak {mem}  {run.status}{host}", flush=True)
         write_result()

@@ -35,27 +35,31 @@
 #  12. int8 and float8 projections at a rollout's tail (EngineOptions.weights8) and the step's Triton kernels as
 #      programmatic dependent launches (EngineOptions.pdl): bench_skinny's int8, fp8 and pdl columns beside
 #      cuBLAS and the bf16 skinny kernel (w8_skinny), the decode step at 8 sequences of 8K, variants new, sk,
-#      pd, skpd, i8, i8pd and f8pd (decode_w8: ran on an H200 only, docs/benchmarks.md (ο)), and the realistic row at 512
+#      pd, skpd, i8, i8pd and f8pd (decode_w8: on an H200, docs/benchmarks.md (ο), and an H100, (σ)), and the realistic row at 512
 #      slots, engines paged, paged_skpd, paged_i8pd and paged_fp8pd, with the log-probs the 8-bit engines
 #      sample against the bf16 forward first (rollout_w8). w8_skinny and rollout_w8 ran on an H100 (docs/benchmarks.md (π))
+#  13. what a 32K step under activation recompute carries into the next one, by where it is freed, with and without
+#      model/recompute.py's drop of megatron's mlp_norm_manager (ckpt_leftovers), and the 32K rows with torch's
+#      checkpoint beside megatron's and transformers', with what one forward saves (train_long_ckpt); both ran on an
+#      H100 (docs/benchmarks.md (σ))
 # Each part has its own time bound (the next starts whatever happened); all output goes into
 # $OUT/pending.tar.gz (a device call brings back few files); each part's last lines are printed as it ends.
 # Usage (GPU image, repository root): . bench/gpu_setup.sh && OUT=$OUT bash bench/gpu_pending.sh [SECONDS [PART...]]
 # SECONDS (default 570) bounds the whole; parts that would start past it are skipped. PARTS (default all, in
-# this order: rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale rollout_realistic_hf4k_static rollout_realistic_hf_static rollout_rlscale_w8 w8_skinny decode_w8 rollout_w8 rollout_realistic512, then
+# this order: ckpt_leftovers train_long_ckpt rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale rollout_realistic_hf4k_static rollout_realistic_hf_static rollout_rlscale_w8 w8_skinny decode_w8 rollout_w8 rollout_realistic512, then
 # rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed
 # sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor
 # train_long_compile) picks some.
 # Where each part ran (the marks are notes in docs/benchmarks.md): parts -1 and 0-10 on an H100 (3-6 in one
 # call, (∇); 1, 2 and 7 in one call, 8 in the next, (μ); 0 in one call, (κ); -1 and 9 in one call, 10 in the
 # next, (λ)); parts 11 and 12 in five calls, (π), but for rollout_realistic_hf (not run) and decode_w8 (on an
-# H200 only, (ο)).
+# H200, (ο), and an H100, (σ)); part 13 in two calls, (σ).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder of the device call}
 END=$(( $(date +%s) + ${1:-570} ))
 shift || true
-WANT=" ${*:-rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale rollout_realistic_hf4k_static rollout_realistic_hf_static rollout_rlscale_w8 w8_skinny decode_w8 rollout_w8 rollout_realistic512 rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
+WANT=" ${*:-ckpt_leftovers train_long_ckpt rollout_realistic_hf rollout_realistic_hf4k rollout_rlscale rollout_realistic_hf4k_static rollout_realistic_hf_static rollout_rlscale_w8 w8_skinny decode_w8 rollout_w8 rollout_realistic512 rollout_fixed_norms rollout_recipe decode_norms skinny rollout_norms decode_merge rollout_merge train_packed sampler_check grpo_sdpa grpo_varlen decode_tail train_long grpo_async train_layout train_headmajor train_long_compile} "
 DIR=$(mktemp -d)
 LOG=$DIR/pending.log
 : > "$LOG"
@@ -78,6 +82,9 @@ part() {  # part NAME SECONDS COMMAND...: run with a bound of min(SECONDS, time 
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 REAL=(--engines paged --hf-new-tokens 0 --new-tokens 0 --recipe-prompts 0)
+part ckpt_leftovers 150 python3 bench/ckpt_leftovers.py --out "$DIR/ckpt_leftovers.json"
+part train_long_ckpt 240 python3 bench/bench_train.py --device cuda --preset long_ckpt --steps 3 --saved-sites \
+    --time-budget-s 200 --out "$DIR/train_long_ckpt.json"
 part rollout_realistic_hf 540 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 --hf-realistic --hf-static \
     --out "$DIR/rollout_realistic_hf.json"
 part rollout_realistic_hf4k 300 python3 bench/bench_rollout.py "${REAL[@]}" --realistic-prompts 2 --realistic-max 4096 \

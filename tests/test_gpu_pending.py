@@ -70,11 +70,11 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
         ["bash", str(SCRIPT), "300"], env=env, capture_output=True, text=True, timeout=60, check=True
     )
     started = [line.split(":")[0].split()[-1] for line in result.stdout.splitlines() if ": up to " in line]
-    newest = ["rollout_realistic_hf", "rollout_realistic_hf4k", "rollout_rlscale", "rollout_realistic_hf4k_static"]
+    newest = ["ckpt_leftovers", "train_long_ckpt", "rollout_realistic_hf", "rollout_realistic_hf4k", "rollout_rlscale", "rollout_realistic_hf4k_static"]
     newest += ["rollout_realistic_hf_static", "rollout_rlscale_w8", "w8_skinny", "decode_w8", "rollout_w8", "rollout_realistic512"]
     first = ["rollout_fixed_norms", "rollout_recipe", "decode_norms", "skinny", "rollout_norms", "decode_merge"]
-    assert started[:17] == [*newest, *first, "rollout_merge"], started
-    assert len(started) == 27 and started[-3:] == ["train_layout", "train_headmajor", "train_long_compile"], started
+    assert started[:19] == [*newest, *first, "rollout_merge"], started
+    assert len(started) == 29 and started[-3:] == ["train_layout", "train_headmajor", "train_long_compile"], started
     with tarfile.open(tmp_path / "pending.tar.gz") as archive:
         files = [m for m in archive.getmembers() if m.isfile()]
         logs = {Path(m.name).name: archive.extractfile(m).read().decode() for m in files}
@@ -97,6 +97,8 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
     assert "--engines paged,paged_skpd,paged_i8pd,paged_fp8pd" in w8 and "--realistic-prompts 32 --batch 512" in w8
     assert "--preset headmajor" in logs["train_headmajor.log"]
     assert "--preset long_compile" in logs["train_long_compile.log"]
+    assert "--preset long_ckpt --steps 3 --saved-sites" in logs["train_long_ckpt.log"]
+    assert "bench/ckpt_leftovers.py --out" in logs["ckpt_leftovers.log"]
     norms = logs["decode_norms.log"]
     assert "profile_decode.py --batch 8 --samples 1 --context 8192 --cases fixed --variants new,fn,sk" in norms
     assert "bench_skinny.py" in logs["skinny.log"]

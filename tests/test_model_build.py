@@ -134,6 +134,50 @@ def test_recompute_reruns_attention_unless_kept(single_process):
     assert matmuls["megatron", False] - matmuls["torch", False] == layers
 
 
+class _StashingLayer(torch.nn.Module):
+    """What megatron-core 0.19's TransformerLayer does: from the pre-MLP norm to the end of the MLP it keeps
+    `mlp_norm_manager`, a handle holding the post-attention hidden states, and sets it back to None at the end."""
+
+    def __init__(self, offload: bool = False):
+        super().__init__()
+        self.offload = offload
+        self.w1 = torch.nn.Parameter(torch.randn(4, 4))
+        self.w2 = torch.nn.Parameter(torch.randn(4, 4))
+        self.mlp_norm_manager = None
+
+    def forward(self, x):
+        from types import SimpleNamespace
+
+        h = x @ self.w1  # "attention"
+        self.mlp_norm_manager = SimpleNamespace(offload=self.offload, tensor=h)
+        y = h.relu() @ self.w2  # "down projection": its output is not needed by backward
+        self.mlp_norm_manager = None
+        return y + x
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_early_stopped_recompute_leaves_no_stash_on_the_layer(monkeypatch, drop):
+    """Torch's checkpoint stops the recompute before the last matmul, so the layer's own reset never runs in
+    backward: without model/recompute.py's drop the recomputed hidden states (and their graph) stay on the
+    layer until the next forward (17.95 GiB at 32K on the 1.5B shape, docs/benchmarks.md (sigma)); with it, nothing
+    stays. A handle that offloads is megatron's business and is left alone."""
+    from questa_nemo.model import recompute
+
+    monkeypatch.setattr(recompute, "DROP_STOPPED_STASH", drop)
+    layer = _StashingLayer()
+    recompute.checkpoint_layers([layer])
+    x = torch.randn(3, 4, requires_grad=True)
+    layer(x).sum().backward()
+    if drop:
+        assert layer.mlp_norm_manager is None
+    else:  # the early stop happened and left the recomputed tensor, its graph alive
+        assert layer.mlp_norm_manager is not None and layer.mlp_norm_manager.tensor.grad_fn is not None
+    offloading = _StashingLayer(offload=True)
+    recompute.checkpoint_layers([offloading])
+    offloading(x).sum().backward()
+    assert offloading.mlp_norm_manager is not None and offloading.mlp_norm_manager.offload
+
+
 def test_torch_recompute_options_are_validated():
     from questa_nemo.config import ConfigError
 
@@ -530,6 +574,15 @@ def test_bench_train_cpu_smoke(tmp_path):
     assert all(bench_train.parse_run(run) for preset in bench_train.PRESETS.values() for run in preset)
     assert all(r["tokens_per_s"] > 0 for r in result["runs"])
     assert bench_train.flops_per_token(bench_train.QWEN25_15B, 8192) == pytest.approx(11.36e9, rel=0.01)
+    # --saved-sites on a GPU: live blocks with frames (allocated while recording) by site, largest first
+    frame = {"filename": "/x/megatron/core/layer.py", "line": 7, "name": "forward"}
+    snap = {"segments": [{"blocks": [
+        {"state": "active_allocated", "size": 8, "frames": [frame]},
+        {"state": "active_allocated", "size": 4, "frames": [frame]},
+        {"state": "active_allocated", "size": 99, "frames": []},  # allocated before recording
+        {"state": "inactive", "size": 50, "frames": [frame]},
+    ]}]}
+    assert bench_train.alive_sites(snap) == [{"site": "layer.py:7 forward", "gib": 12 / 2**30, "blocks": 2}]
 
 
 @pytest.mark.parametrize("name", ["openmath_nemotron_1p5b", "world_cpu"])
@@ -598,3 +651,27 @@ def test_train_and_eval_set_the_allocator_default_before_anything_starts_cuda(mo
     with pytest.raises(ConfigError, match="eval.benchmarks"):
         eval_run.main("eval_default", ["eval.benchmarks=[]"], [])
     assert calls == [("alloc", "megatron")]
+
+
+def test_ckpt_leftovers_counts_what_the_next_step_frees(tmp_path):
+    """bench/ckpt_leftovers.py's count: memory allocated before the mark and freed after it, by (free site,
+    allocation site); what is freed within a step, or never, does not count. Its CPU smoke run writes a row
+    per run."""
+    sys.path.insert(0, str(REPO))
+    from bench.ckpt_leftovers import carried, main
+
+    def ev(action, addr, size, where):
+        return {"action": action, "addr": addr, "size": size,
+                "frames": [{"filename": "/x/questa_nemo/model/m.py", "line": where, "name": "f"}]}
+
+    traces = [ev("alloc", 1, 100, 10), ev("alloc", 2, 50, 11), ev("free_requested", 2, 50, 12),
+              ev("alloc", 3, 7, 13),  # mark = 4: the second step starts
+              ev("alloc", 4, 9, 14), ev("free_requested", 1, 100, 15), ev("free_requested", 4, 9, 16)]
+    total, sites = carried(traces, mark=4)
+    assert total == 100
+    assert sites == [{"freed_at": "m.py:15 f", "allocated_at": "m.py:10 f", "gib": 100 / 2**30, "blocks": 1}]
+    out = tmp_path / "leftovers.json"
+    assert main(["--device", "cpu", "--tiny", "--runs", "64/mcore:recompute=full,ckpt=torch,clear=0",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["runs"]
+    assert [r["run"] for r in rows] == ["64/mcore:recompute=full,ckpt=torch,clear=0"] and rows[0]["seq"] == 256

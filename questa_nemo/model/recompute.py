@@ -76,6 +76,25 @@ def checkpoint_layers(layers, keep_attention: bool = False) -> None:
         layer._checkpointed = True
 
 
+# Drop what an early-stopped recompute leaves on the layer (see `run` below); a switch for
+# bench/ckpt_leftovers.py, which measures what it holds with and without.
+DROP_STOPPED_STASH = True
+
+
+def _drop_stash(layer) -> None:
+    """megatron-core's TransformerLayer (0.19) keeps `mlp_norm_manager`, an activation-offloading handle holding
+    the post-attention hidden states, from its pre-MLP norm until the end of its MLP, where it sets it back to
+    None. Torch's checkpoint stops a recompute early, before the MLP's down projection (its output is not
+    needed), so the recompute's handle stays on the layer, and through the hidden states' autograd graph
+    every tensor the recomputed attention saved, until the next forward replaces it: on an H100 at 32K tokens
+    0.64 GiB a layer, 17.95 GiB over 28 layers and +10.6 GiB of peak memory (docs/benchmarks.md (σ),
+    bench/ckpt_leftovers.py). Handles that offload (megatron's fine-grained activation offloading, which
+    this trainer does not turn on) are left alone."""
+    manager = getattr(layer, "mlp_norm_manager", None)
+    if manager is not None and not getattr(manager, "offload", False):
+        layer.mlp_norm_manager = None
+
+
 def _checkpointed_forward(forward, context_fn, *args, **kwargs):
     if not torch.is_grad_enabled():  # no backward will come: nothing to save or recompute
         return forward(*args, **kwargs)
@@ -84,6 +103,10 @@ def _checkpointed_forward(forward, context_fn, *args, **kwargs):
         # The recompute must issue the ops the forward issued: RoPE's cos / sin tables are cached across
         # layers (model/fused.py), so each run starts without them and computes its own.
         fused.forget_rope_tables()
-        return forward(*args, **kwargs)
+        try:
+            return forward(*args, **kwargs)
+        finally:  # the forward ended, or torch stopped the recompute early by raising through it
+            if DROP_STOPPED_STASH:
+                _drop_stash(getattr(forward, "__self__", None))
 
     return checkpoint(run, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
