@@ -121,7 +121,7 @@ PRESETS: dict[str, list[str]] = {
         "32768/hf:recompute=full,keepattn=1",
     ],
     "long_ckpt": [  # 32K full recompute by torch's checkpoint (as transformers' gradient checkpointing runs) and
-        # what one forward saves for backward (--saved-sites: where keep-attention's extra memory is allocated)
+        # what one forward saves for backward, by site with --saved-sites (docs/benchmarks.md (σ))
         "32768/hf:recompute=full",
         "32768/mcore:recompute=full",
         "32768/mcore:recompute=full,ckpt=torch",

@@ -105,9 +105,7 @@ def measure(spec: str, hf: dict, device: str, seq: int | None) -> dict:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
         step()
-    del model, loss_fn, optimizer
-    bench_train.free_device(device)
-    return out
+    return out  # the model and optimizer go with this frame; main frees the device after
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for spec in args.runs:
         results.append(measure(spec, hf, args.device, 256 if args.tiny else None))
+        bench_train.free_device(args.device)
         r = results[-1]
         if r["carried_gib"] is not None:
             top = r["carried_sites"][0]["freed_at"] if r["carried_sites"] else "-"

@@ -2,7 +2,8 @@
 
 Builds the GPTModel (our layer spec: SDPA attention, single-rank linears, fusions where they apply), runs three
 training steps, saves a full checkpoint (model, optimizer, RNG) with dist_checkpointing, loads it into a freshly
-built policy and checks that the weights match bit for bit and that the next step's loss is the same on both.
+built policy and checks that the weights match bit for bit and that the next step's loss is the same on both; then one step
+under torch's checkpoint keeping attention must leave no autograd graph on any layer.
 Prints one line `PASS megatron-core X (...)` or `FAIL megatron-core X: <stage>: <error>` and, with --json,
 writes {"version", "python", "torch", "status", "stage", "error", "seconds"}. Run by bench/megatron_versions.sh in
 a venv per version; exit code 0 on PASS, 1 on FAIL.
@@ -100,7 +101,43 @@ def run(stage: list[str]) -> str:
         diff = [k for k in next_a if not torch.equal(next_a[k], next_b[k])]
         if diff:
             raise AssertionError(f"the step after loading differs from the uninterrupted one: {diff[:3]}")
-    return f"built {sum(v.numel() for v in after.values())} parameters, 3 steps, saved, loaded, resumed exactly"
+    stage[0] = "recompute"
+    check_recompute_leaves_nothing(hf, optim, seqs)
+    return (f"built {sum(v.numel() for v in after.values())} parameters, 3 steps, saved, loaded, resumed exactly,"
+            " recompute left no graph")
+
+
+def graph_stashes(modules) -> list[str]:
+    """Attributes of any submodule that hold a tensor with an autograd graph, directly or one object deep (as
+    megatron-core 0.19's TransformerLayer.mlp_norm_manager holds its hidden states). After a training step there
+    should be none: such a tensor keeps its whole graph, saved activations included, until it is replaced."""
+    import torch
+
+    found = []
+    for chunk in modules:
+        for name, module in chunk.named_modules():
+            for attr, value in vars(module).items():
+                if attr.startswith("_"):  # torch's own: _parameters, _buffers, _modules, hooks
+                    continue
+                inner = [(attr, value)]
+                if hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, torch.Tensor, type)):
+                    inner += [(f"{attr}.{k}", v) for k, v in vars(value).items()]
+                found += [f"{name}.{a}" for a, v in inner if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+    return found
+
+
+def check_recompute_leaves_nothing(hf, optim, seqs) -> None:
+    """One step under torch's checkpoint keeping attention (model.recompute_impl: torch): its early-stopped
+    recompute must leave no graph on any layer (model/recompute.py `_drop_stash`)."""
+    from questa_nemo.config import ModelConfig
+
+    cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="full", recompute_impl="torch",
+                      recompute_keep_attention=True, seed=7)
+    policy = make_policy(hf, cfg, optim)
+    step(policy, seqs)
+    stashed = graph_stashes(policy.modules)
+    if stashed:
+        raise AssertionError(f"after a step under torch's checkpoint these still hold a graph: {stashed[:4]}")
 
 
 def weights_after_step(policy, seqs) -> dict:

@@ -159,7 +159,7 @@ class _StashingLayer(torch.nn.Module):
 def test_early_stopped_recompute_leaves_no_stash_on_the_layer(monkeypatch, drop):
     """Torch's checkpoint stops the recompute before the last matmul, so the layer's own reset never runs in
     backward: without model/recompute.py's drop the recomputed hidden states (and their graph) stay on the
-    layer until the next forward (17.95 GiB at 32K on the 1.5B shape, docs/benchmarks.md (sigma)); with it, nothing
+    layer until the next forward (17.98 GiB at 32K on the 1.5B shape, docs/benchmarks.md (sigma)); with it, nothing
     stays. A handle that offloads is megatron's business and is left alone."""
     from questa_nemo.model import recompute
 

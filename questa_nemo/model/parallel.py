@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import os
 import sys
 import threading
@@ -181,7 +182,13 @@ def destroy_at_exit() -> None:
     atexit.register(_teardown_at_exit)
 
 
-def _teardown_at_exit() -> None:
+def _exit_watchdog():
+    """Arm what ends the process with status 1 if the teardown outlives EXIT_TEARDOWN_S; returns its cancel.
+
+    A timer thread where one can start. Python 3.12 refuses new threads once the interpreter is shutting
+    down, which is when exit hooks run ("can't create new thread at interpreter shutdown"): there faulthandler's
+    own watchdog takes over, which needs no Python thread and prints every thread's stack before it exits."""
+
     def give_up() -> None:
         print(f"questa-nemo: process group teardown at exit did not finish in {EXIT_TEARDOWN_S:.0f} s; "
               "exiting with status 1", file=sys.stderr, flush=True)  # fmt: skip
@@ -189,13 +196,22 @@ def _teardown_at_exit() -> None:
 
     timer = threading.Timer(EXIT_TEARDOWN_S, give_up)
     timer.daemon = True
-    timer.start()
+    try:
+        timer.start()
+        return timer.cancel
+    except RuntimeError:  # its dump names _teardown_at_exit, where the stacks stopped
+        faulthandler.dump_traceback_later(EXIT_TEARDOWN_S, exit=True)
+        return faulthandler.cancel_dump_traceback_later
+
+
+def _teardown_at_exit() -> None:
+    cancel = _exit_watchdog()
     try:
         destroy_distributed()
     except Exception as e:  # the interpreter is leaving: say it, never raise from an exit hook
         print(f"questa-nemo: process group teardown at exit failed: {e}", file=sys.stderr, flush=True)
     finally:
-        timer.cancel()
+        cancel()
 
 
 # ------------------------------------------------------------------------------------------ collectives

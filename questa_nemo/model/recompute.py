@@ -87,7 +87,7 @@ def _drop_stash(layer) -> None:
     None. Torch's checkpoint stops a recompute early, before the MLP's down projection (its output is not
     needed), so the recompute's handle stays on the layer, and through the hidden states' autograd graph
     every tensor the recomputed attention saved, until the next forward replaces it: on an H100 at 32K tokens
-    0.64 GiB a layer, 17.95 GiB over 28 layers and +10.6 GiB of peak memory (docs/benchmarks.md (σ),
+    0.64 GiB a layer, 17.98 GiB over 28 layers and +10.6 GiB of peak memory (docs/benchmarks.md (σ),
     bench/ckpt_leftovers.py). Handles that offload (megatron's fine-grained activation offloading, which
     this trainer does not turn on) are left alone."""
     manager = getattr(layer, "mlp_norm_manager", None)
