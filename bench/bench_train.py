@@ -517,20 +517,29 @@ def train_step(forward, optimizer, accum: int, marks: dict[str, float] | None = 
     return loss
 
 
+SITE_CODE = ("questa_nemo", "megatron", "transformers", "checkpoint.py", "bench_train", "ckpt_leftovers")
+
+
+def frame_site(frames: list[dict], depth: int = 3) -> str:
+    """Where torch's memory history says a block was allocated or freed: its innermost `depth` frames in repo,
+    megatron, transformers or torch.utils.checkpoint code, else its innermost frame."""
+    named = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames
+             if any(k in f["filename"] for k in SITE_CODE)][:depth]
+    if named or not frames:
+        return " < ".join(named) or "?"
+    return f"{Path(frames[0]['filename']).name}:{frames[0]['line']}"
+
+
 def alive_sites(snap: dict, limit: int = 10) -> list[dict]:
-    """The largest allocation sites among the live blocks of a torch.cuda.memory._snapshot() taken with memory
-    history on (blocks without frames were allocated before recording and are left out); a site is the
-    innermost three frames in repo, megatron, transformers or torch.utils.checkpoint code."""
-    keep = ("questa_nemo", "megatron", "transformers", "checkpoint.py", "bench_train", "ckpt_leftovers")
+    """The largest allocation sites (`frame_site`) among the live blocks of a torch.cuda.memory._snapshot()
+    taken with memory history on (blocks without frames were allocated before recording and are left out)."""
     by_site: dict[str, list] = {}
     for segment in snap["segments"]:
         for block in segment["blocks"]:
             frames = block.get("frames") or []
             if block["state"] != "active_allocated" or not frames:
                 continue
-            named = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames
-                     if any(k in f["filename"] for k in keep)][:3]
-            site = " < ".join(named) or f"{Path(frames[0]['filename']).name}:{frames[0]['line']}"
+            site = frame_site(frames)
             entry = by_site.setdefault(site, [0, 0])
             entry[0] += block["size"]
             entry[1] += 1

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import bench_train  # noqa: E402
+from bench.bench_train import frame_site  # noqa: E402
 
 RUNS = [
     "32768/mcore:recompute=full",
@@ -36,16 +37,6 @@ RUNS = [
     "32768/mcore:recompute=full,keepattn=1,clear=0",
     "32768/mcore:recompute=full,keepattn=1,clear=1",
 ]
-KEEP = ("questa_nemo", "megatron", "transformers", "checkpoint.py", "ckpt_leftovers", "bench_train", "torch/")
-
-
-def _site(frames: list) -> str:
-    """The innermost four frames of repo, megatron, transformers or torch code."""
-    named = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames
-             if any(k in f["filename"] for k in KEEP)][:4]
-    return " < ".join(named) or "?"
-
-
 def carried(traces: list[dict], mark: int) -> tuple[int, list[dict]]:
     """Bytes allocated before trace index `mark` (the first step) and freed after it (the second), and the
     largest of them by (free site, allocation site)."""
@@ -59,7 +50,7 @@ def carried(traces: list[dict], mark: int) -> tuple[int, list[dict]]:
             at, size, frames = live.pop(event["addr"])
             if at < mark <= i:
                 total += size
-                entry = sites.setdefault((_site(event.get("frames") or []), _site(frames)), [0, 0])
+                entry = sites.setdefault((frame_site(event.get("frames") or [], 4), frame_site(frames, 4)), [0, 0])
                 entry[0] += size
                 entry[1] += 1
     top = [{"freed_at": k[0], "allocated_at": k[1], "gib": v[0] / 2**30, "blocks": v[1]}
