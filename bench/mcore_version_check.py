@@ -3,7 +3,8 @@
 Builds the GPTModel (our layer spec: SDPA attention, single-rank linears, fusions where they apply), runs three
 training steps, saves a full checkpoint (model, optimizer, RNG) with dist_checkpointing, loads it into a freshly
 built policy and checks that the weights match bit for bit and that the next step's loss is the same on both; then one step
-under torch's checkpoint keeping attention must leave no autograd graph on any layer.
+under torch's checkpoint keeping attention must leave no autograd graph on any layer, and a checkpoint as our
+.nemo holds must carry the `common.pt` older megatron-core (NeMo's) opens first.
 Prints one line `PASS megatron-core X (...)` or `FAIL megatron-core X: <stage>: <error>` and, with --json,
 writes {"version", "python", "torch", "status", "stage", "error", "seconds"}. Run by bench/megatron_versions.sh in
 a venv per version; exit code 0 on PASS, 1 on FAIL.
@@ -103,8 +104,10 @@ def run(stage: list[str]) -> str:
             raise AssertionError(f"the step after loading differs from the uninterrupted one: {diff[:3]}")
     stage[0] = "recompute"
     check_recompute_leaves_nothing(hf, optim, seqs)
+    stage[0] = "nemo_common"
+    check_nemo_weights_carry_common_pt()
     return (f"built {sum(v.numel() for v in after.values())} parameters, 3 steps, saved, loaded, resumed exactly,"
-            " recompute left no graph")
+            " recompute left no graph, .nemo weights carry common.pt")
 
 
 def graph_stashes(modules) -> list[str]:
@@ -138,6 +141,23 @@ def check_recompute_leaves_nothing(hf, optim, seqs) -> None:
     stashed = graph_stashes(policy.modules)
     if stashed:
         raise AssertionError(f"after a step under torch's checkpoint these still hold a graph: {stashed[:4]}")
+
+
+def check_nemo_weights_carry_common_pt() -> None:
+    """The torch_dist checkpoint inside our .nemo must hold `common.pt`: megatron-core before 0.17 (NeMo 25.09
+    ships 0.14) opens it first, and 0.17+ no longer writes it (model/nemo_io.py `write_legacy_common`)."""
+    import torch
+
+    from questa_nemo.model import nemo_io
+
+    with tempfile.TemporaryDirectory() as tmp:
+        nemo_io.save_layer_stacked(tmp, {"w": torch.arange(4.0)}, {"layers.x": [torch.ones(3), torch.zeros(3)]},
+                                   num_layers=2)
+        if not (Path(tmp) / nemo_io.COMMON_FILE).exists():
+            raise AssertionError(f"no {nemo_io.COMMON_FILE} in the saved checkpoint: {sorted(Path(tmp).iterdir())}")
+        back = nemo_io.load_tensors(tmp, ["w", "layers.x"])
+        if not (torch.equal(back["w"], torch.arange(4.0)) and back["layers.x"].shape == (2, 3)):
+            raise AssertionError("the checkpoint with common.pt does not read back the tensors saved")
 
 
 def weights_after_step(policy, seqs) -> dict:

@@ -64,7 +64,7 @@ def test_a_teardown_that_blocks_at_exit_ends_the_process_with_status_1(mode):
     done = _exit_child(mode)
     assert time.monotonic() - started < 60
     assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
-    if mode == "hang":
+    if mode == "hang" and sys.version_info < (3, 12):  # our timer thread
         assert "teardown at exit did not finish in 1 s" in done.stderr, done.stderr[-3000:]
-    else:  # faulthandler's watchdog: where every thread stood, the exit hook among them
+    else:  # no thread starts at exit (3.12+): faulthandler's watchdog, where every thread stood, the hook among them
         assert "Timeout (0:00:01)!" in done.stderr and "_teardown_at_exit" in done.stderr, done.stderr[-3000:]

@@ -187,3 +187,14 @@ def test_sharded_hf_export_writes_an_index(tmp_path):
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert_same_tensors(_tensors(tmp_path / "hf"), _hf_state(ref, tied=False))
+
+
+def test_legacy_common_file_is_added_only_where_missing(tmp_path):
+    """megatron-core 0.17+ writes no common.pt, which NeMo 25.09's megatron-core 0.14 opens first: the .nemo
+    writer adds the empty common state 0.14 itself writes (it must load without pickle), and leaves one that
+    exists alone. bench/mcore_version_check.py checks it on the real 0.19.2 in CI's install checks."""
+    nemo_io.write_legacy_common(tmp_path)
+    assert torch.load(tmp_path / nemo_io.COMMON_FILE, weights_only=True) == {}
+    torch.save({"kept": 1}, tmp_path / nemo_io.COMMON_FILE)
+    nemo_io.write_legacy_common(tmp_path)
+    assert torch.load(tmp_path / nemo_io.COMMON_FILE, weights_only=True) == {"kept": 1}

@@ -98,3 +98,20 @@ def save_layer_stacked(
         for i in range(num_layers):
             sharded[f"{key}#{i}"] = ShardedObject(key, None, (num_layers,), (i,), replica_id=0)
     dist_checkpointing.save(sharded, str(directory))
+    write_legacy_common(directory)
+
+
+COMMON_FILE = "common.pt"  # where megatron-core before 0.17 keeps a checkpoint's non-tensor state
+
+
+def write_legacy_common(directory: str | Path) -> None:
+    """Add the `common.pt` older megatron-core needs to the checkpoint in `directory`, if it has none.
+
+    megatron-core 0.17+ keeps the common (non-sharded) state inside the torch_dist files and writes no
+    `common.pt`; 0.14 (NeMo 25.09's) opens `common.pt` first and fails without it ("Common file ... does not
+    exist"), so an archive written under 0.19 could not be restored by NeMo. Every value we save is sharded, so
+    the common state is the empty dict 0.14 itself would write; 0.17+ reads a `common.pt` where there is one
+    (its "legacy" path), so both read the same thing."""
+    path = Path(directory) / COMMON_FILE
+    if not path.exists():
+        torch.save({}, path)
