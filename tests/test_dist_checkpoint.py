@@ -141,6 +141,14 @@ def test_disk_full_is_recognised_in_what_megatron_raises():
     assert checkpoint._disk_filled(wrapped)
     assert not checkpoint._disk_filled(RuntimeError("Worker failure: CUDA error"))
     assert not checkpoint._disk_filled(OSError(13, "Permission denied"))
+    # megatron-core 0.17+ (thread writers) drops the errno: free space below the save's need decides
+    threads = RuntimeError("Worker failure: An error is caught while starting worker 0, error: <class 'OSError'>")
+    failed = CheckpointException("write", {0: (threads, traceback.StackSummary())})
+    assert not checkpoint._disk_filled(failed)
+    assert checkpoint._ran_out_of_space(failed, free=10, need=100)
+    assert not checkpoint._ran_out_of_space(failed, free=100, need=100)  # room left: some other OSError
+    assert not checkpoint._ran_out_of_space(RuntimeError("Worker failure: CUDA error"), free=0, need=100)
+    assert checkpoint._ran_out_of_space(short, free=10**12, need=1)
 
 
 def test_directory_without_marker_is_not_a_checkpoint(tmp_path):

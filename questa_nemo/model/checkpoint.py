@@ -266,24 +266,38 @@ def _check_disk(final: Path, *sharded_state_dicts: object) -> int:
 
 
 _DISK_FULL_SIGNS = ("unexpected pos", "No space left on device", "Disk quota exceeded")
+# megatron-core 0.17+ writes in threads and reports a writer's OSError by its class alone ("Worker failure: An
+# error is caught while starting worker 0, error: <class 'OSError'>"): the errno is gone, so free space decides
+_WRITER_OS_ERROR_SIGNS = ("<class 'OSError'>",)
+
+
+def _exception_chain(exc: BaseException | None):
+    """`exc`, its causes and contexts, and the per-rank failures of torch's CheckpointException among them."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        # torch's CheckpointException: {rank: (exception, stack)} of the ranks whose writes failed
+        for failure in (getattr(exc, "failures", None) or {}).values():
+            yield from _exception_chain(failure[0] if isinstance(failure, tuple) else failure)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _disk_filled(exc: BaseException) -> bool:
     """Whether a failed save ran out of space: ENOSPC / EDQUOT anywhere in the exception chain, or the message
     of torch's zip writer after a short write (megatron's writer re-raises worker failures as text)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(sign in str(exc) for sign in _DISK_FULL_SIGNS):
-            return True
-        # torch's CheckpointException: {rank: (exception, stack)} of the ranks whose writes failed
-        for failure in (getattr(exc, "failures", None) or {}).values():
-            if _disk_filled(failure[0] if isinstance(failure, tuple) else failure):
-                return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(
+        (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or any(sign in str(e) for sign in _DISK_FULL_SIGNS)
+        for e in _exception_chain(exc)
+    )
+
+
+def _ran_out_of_space(exc: BaseException, free: int, need: int) -> bool:
+    """A failed save is a full disk when its exceptions say so, or when a writer failed with an OSError whose
+    errno megatron dropped (0.17+) and the checkpoint's file system has less free space than the save needs."""
+    writer_os_error = any(any(sign in str(e) for sign in _WRITER_OS_ERROR_SIGNS) for e in _exception_chain(exc))
+    return _disk_filled(exc) or (free < need and writer_os_error)
 
 
 def _save_strategy():
@@ -373,8 +387,9 @@ def _save(
             _write_json(tmp / "metadata.json", asdict(_layout(step, optimizer is not None)))
     except BaseException as e:
         # torch's CheckpointException (what megatron raises for a failed write) derives from BaseException
-        filled = not isinstance(e, (KeyboardInterrupt, SystemExit)) and _disk_filled(e)
-        free = _free_bytes(tmp) if filled else 0
+        failed = not isinstance(e, (KeyboardInterrupt, SystemExit))
+        free = _free_bytes(tmp) if failed else 0
+        filled = failed and _ran_out_of_space(e, free, need)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # earlier checkpoints were never touched
         if filled:

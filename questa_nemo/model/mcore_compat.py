@@ -13,7 +13,8 @@ What differs, read from each release's source (pip download --no-deps megatron-c
 - Core attention is built with `model_comm_pgs=` up to 0.14 and `pg_collection=` from 0.15
   (model/attention.py's SDPACoreAttention takes both).
 - The checkpoint writer's results queue: `filesystem_async._get_write_results_queue()` up to 0.16, public
-  `get_write_results_queue()` from 0.17.
+  `get_write_results_queue()` from 0.17; both fill the module global `_results_queue`, which we fill ourselves
+  (`start_write_results_queue`).
 - 0.17 and later require Python >= 3.12 (their wheels and metadata say so).
 The tested range is pyproject.toml's `megatron-core` pin; docs/install.md has the table, bench/megatron_versions.sh
 the check that fills it.
@@ -62,9 +63,50 @@ def dense_mlp_spec(backend):
 
 
 def start_write_results_queue() -> None:
-    """Start the checkpoint writer's results Manager now (model/checkpoint.py shields it from signals):
-    `_get_write_results_queue()` up to 0.16, public `get_write_results_queue()` from 0.17."""
+    """Start the checkpoint writer's results Manager now (model/checkpoint.py shields it from signals), as
+    megatron's `get_write_results_queue()` (`_get_write_results_queue()` up to 0.16) would: a spawned
+    SyncManager's Queue in `filesystem_async._results_queue`, the same global in every supported version.
+
+    Started here rather than by megatron's getter so that the server exits with the process that started it:
+    a trainer killed by SIGKILL runs no finalizer to stop it, and it ignores SIGTERM (shielded), so it stayed
+    alive, holding the few hundred MB of a spawned Python with torch, seven of them after one day of CI on
+    one machine (tests/test_train.py's SIGKILL resume)."""
+    import gc
+    import multiprocessing
+    import os
+    from multiprocessing.managers import SyncManager
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    getter = getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
-    getter()
+    global _writer_manager
+    if filesystem_async._results_queue is not None:
+        return
+    enabled = gc.isenabled()
+    gc.disable()  # as megatron's getter (0.17+ decorates it with _disable_gc)
+    try:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(_exit_with_parent, (os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()
+        _writer_manager = manager
+    finally:
+        if enabled:
+            gc.enable()
+
+
+_writer_manager = None  # the Manager start_write_results_queue started (its proxies keep it alive too)
+PARENT_POLL_S = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """The Manager server's initializer: a daemon thread ends the server once its parent process is gone (it
+    is reparented), within PARENT_POLL_S."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
