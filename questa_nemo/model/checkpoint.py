@@ -388,7 +388,10 @@ def _save(
     except BaseException as e:
         # torch's CheckpointException (what megatron raises for a failed write) derives from BaseException
         failed = not isinstance(e, (KeyboardInterrupt, SystemExit))
-        free = _free_bytes(tmp) if failed else 0
+        try:
+            free = _free_bytes(tmp) if failed else 0
+        except OSError:  # cannot tell: never hide the save's own error behind this one
+            free = need
         filled = failed and _ran_out_of_space(e, free, need)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # earlier checkpoints were never touched
