@@ -530,21 +530,22 @@ def frame_site(frames: list[dict], depth: int = 3) -> str:
     return f"{Path(frames[0]['filename']).name}:{frames[0]['line']}"
 
 
+def largest_sites(sized, limit: int) -> list[tuple[object, int, int]]:
+    """(site, bytes, blocks) of the `limit` sites holding the most bytes, from (site, block size) pairs."""
+    by_site: dict = {}
+    for site, size in sized:
+        entry = by_site.setdefault(site, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    return [(k, v[0], v[1]) for k, v in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:limit]]
+
+
 def alive_sites(snap: dict, limit: int = 10) -> list[dict]:
     """The largest allocation sites (`frame_site`) among the live blocks of a torch.cuda.memory._snapshot()
     taken with memory history on (blocks without frames were allocated before recording and are left out)."""
-    by_site: dict[str, list] = {}
-    for segment in snap["segments"]:
-        for block in segment["blocks"]:
-            frames = block.get("frames") or []
-            if block["state"] != "active_allocated" or not frames:
-                continue
-            site = frame_site(frames)
-            entry = by_site.setdefault(site, [0, 0])
-            entry[0] += block["size"]
-            entry[1] += 1
-    return [{"site": k, "gib": v[0] / 2**30, "blocks": v[1]}
-            for k, v in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:limit]]
+    live = ((frame_site(block["frames"]), block["size"]) for segment in snap["segments"]
+            for block in segment["blocks"] if block["state"] == "active_allocated" and block.get("frames"))
+    return [{"site": site, "gib": size / 2**30, "blocks": n} for site, size, n in largest_sites(live, limit)]
 
 
 def forward_saved(forward, sites: bool) -> tuple[float, list]:

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import bench_train  # noqa: E402
-from bench.bench_train import frame_site  # noqa: E402
+from bench.bench_train import frame_site, largest_sites  # noqa: E402
 
 RUNS = [
     "32768/mcore:recompute=full",
@@ -41,21 +41,17 @@ def carried(traces: list[dict], mark: int) -> tuple[int, list[dict]]:
     """Bytes allocated before trace index `mark` (the first step) and freed after it (the second), and the
     largest of them by (free site, allocation site)."""
     live: dict[int, tuple[int, int, list]] = {}
-    sites: dict[tuple[str, str], list] = {}
-    total = 0
+    sized = []
     for i, event in enumerate(traces):
         if event["action"] == "alloc":
             live[event["addr"]] = (i, event["size"], event.get("frames") or [])
         elif event["action"] == "free_requested" and event["addr"] in live:
             at, size, frames = live.pop(event["addr"])
             if at < mark <= i:
-                total += size
-                entry = sites.setdefault((frame_site(event.get("frames") or [], 4), frame_site(frames, 4)), [0, 0])
-                entry[0] += size
-                entry[1] += 1
-    top = [{"freed_at": k[0], "allocated_at": k[1], "gib": v[0] / 2**30, "blocks": v[1]}
-           for k, v in sorted(sites.items(), key=lambda kv: -kv[1][0])[:8]]
-    return total, top
+                sized.append(((frame_site(event.get("frames") or [], 4), frame_site(frames, 4)), size))
+    top = [{"freed_at": freed, "allocated_at": allocated, "gib": size / 2**30, "blocks": n}
+           for (freed, allocated), size, n in largest_sites(sized, 8)]
+    return sum(size for _, size in sized), top
 
 
 def measure(spec: str, hf: dict, device: str, seq: int | None) -> dict:

@@ -96,7 +96,7 @@ from questa_nemo.model import mcore_compat
 mcore_compat.start_write_results_queue()
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 assert filesystem_async._results_queue is not None
-print(mcore_compat._writer_manager._process.pid, flush=True)
+print(filesystem_async._results_queue._manager._process.pid, flush=True)  # the proxy's manager
 time.sleep(600)
 """
 

@@ -268,7 +268,7 @@ def _check_disk(final: Path, *sharded_state_dicts: object) -> int:
 _DISK_FULL_SIGNS = ("unexpected pos", "No space left on device", "Disk quota exceeded")
 # megatron-core 0.17+ writes in threads and reports a writer's OSError by its class alone ("Worker failure: An
 # error is caught while starting worker 0, error: <class 'OSError'>"): the errno is gone, so free space decides
-_WRITER_OS_ERROR_SIGNS = ("<class 'OSError'>",)
+_WRITER_OS_ERROR_SIGN = "<class 'OSError'>"
 
 
 def _exception_chain(exc: BaseException | None):
@@ -296,8 +296,9 @@ def _disk_filled(exc: BaseException) -> bool:
 def _ran_out_of_space(exc: BaseException, free: int, need: int) -> bool:
     """A failed save is a full disk when its exceptions say so, or when a writer failed with an OSError whose
     errno megatron dropped (0.17+) and the checkpoint's file system has less free space than the save needs."""
-    writer_os_error = any(any(sign in str(e) for sign in _WRITER_OS_ERROR_SIGNS) for e in _exception_chain(exc))
-    return _disk_filled(exc) or (free < need and writer_os_error)
+    if _disk_filled(exc):
+        return True
+    return free < need and any(_WRITER_OS_ERROR_SIGN in str(e) for e in _exception_chain(exc))
 
 
 def _save_strategy():

@@ -78,7 +78,6 @@ def start_write_results_queue() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    global _writer_manager
     if filesystem_async._results_queue is not None:
         return
     enabled = gc.isenabled()
@@ -86,14 +85,12 @@ def start_write_results_queue() -> None:
     try:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
         manager.start(_exit_with_parent, (os.getpid(),))
-        filesystem_async._results_queue = manager.Queue()
-        _writer_manager = manager
+        filesystem_async._results_queue = manager.Queue()  # its proxy keeps the manager alive, as megatron's does
     finally:
         if enabled:
             gc.enable()
 
 
-_writer_manager = None  # the Manager start_write_results_queue started (its proxies keep it alive too)
 PARENT_POLL_S = 1.0
 
 
