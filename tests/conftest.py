@@ -6,3 +6,12 @@ still does the arithmetic. QUESTA_NCCL_STRICT=0 in the environment turns it off.
 import os
 
 os.environ.setdefault("QUESTA_NCCL_STRICT", "1")
+
+# Triton decides when a kernel is defined (`triton.jit`) whether it runs through its CPU interpreter: on a
+# machine without a GPU the interpreter must be on before any test module imports our kernels, or a module
+# that sets it itself (test_triton_kernels.py and the like) comes too late in a run of the whole suite.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
