@@ -132,7 +132,9 @@ class ModelConfig:
     checkpoint: str | None = None  # weights to start from: HF folder, .nemo, GGUF, or one of our checkpoints
     tokenizer: str | None = None  # HF tokenizer folder; defaults to the hf_config folder
     params_dtype: str = "bf16"  # bf16 | fp32 (CPU runs use fp32)
-    attention: str = "auto"  # auto (TE if importable, else sdpa) | te | sdpa | local
+    # auto (TE if importable, else sdpa) | te | sdpa | local | fa4 (FlashAttention 4's kernels, pip flash-attn-4:
+    # Hopper / Blackwell GPUs; model/flash4.py; not with recompute_keep_attention)
+    attention: str = "auto"
     # how SDPA core attention attends packed micro-batches: sdpa = per-segment / batched SDPA calls; varlen = all
     # segments in one call of torch's flash variable-length kernel (GPU, bf16 / fp16, torch >= 2.10; not with
     # TE or local attention); auto = varlen where usable, else sdpa (model/megatron.py packed_varlen_on). auto:
@@ -173,6 +175,8 @@ class ModelConfig:
             raise ConfigError("model.recompute_impl", "needs recompute=full")
         if self.recompute_keep_attention and (self.recompute != "full" or self.recompute_impl != "torch"):
             raise ConfigError("model.recompute_keep_attention", "needs recompute=full and recompute_impl=torch")
+        if self.recompute_keep_attention and self.attention == "fa4":  # its policy keeps SDPA's ops by name
+            raise ConfigError("model.recompute_keep_attention", "keeps SDPA's attention output, not FA4's")
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
             raise ConfigError("model.virtual_pipeline", "needs pipeline_parallel >= 2")
         if self.sequence_parallel and self.tensor_parallel < 2:
@@ -678,7 +682,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.cut_mode": ("char", "token", "sentence", "step"),
     "data.answer_leak": ("keep", "drop", "recut"),
     "model.params_dtype": ("bf16", "fp32"),
-    "model.attention": ("auto", "te", "sdpa", "local"),
+    "model.attention": ("auto", "te", "sdpa", "local", "fa4"),
     "model.packed_attention": ("sdpa", "varlen", "auto"),
     "model.recompute": ("none", "full", "selective"),
     "model.recompute_impl": ("megatron", "torch"),

@@ -45,6 +45,7 @@ COMPONENTS = {
     "trtllm": Component("TensorRT-LLM", ("tensorrt-llm", "tensorrt_llm"), "tensorrt_llm"),
     "math_verify": Component("math-verify", ("math-verify", "math_verify"), "math_verify"),
     "transformers": Component("transformers", ("transformers",), "transformers"),
+    "fa4": Component("FlashAttention 4", ("flash-attn-4",), "flash_attn.cute"),  # model.attention=fa4
 }
 
 
@@ -127,6 +128,11 @@ def attention_availability(choice: str, gpus: Gpus) -> Availability:
         if problem is None and not gpus.count:
             problem = f"Transformer Engine needs a CUDA GPU: {key} unavailable on CPU"
         return Availability(key, problem is None, problem or "")
+    if choice == "fa4":
+        from questa_nemo.model.flash4 import fa4_problem
+
+        problem = fa4_problem("cuda" if gpus.count else "cpu")
+        return Availability(key, problem is None, "" if problem is None else f"{key} unavailable: {problem}")
     return Availability(key, True)  # sdpa and local are plain torch, on CPU and GPU
 
 
@@ -234,7 +240,7 @@ def capability_rows(gpus: Gpus) -> list[Availability]:
     te_error = import_error(COMPONENTS["te"].module)
     auto = "te" if te_error is None else "sdpa: Transformer Engine not importable"
     rows = [Availability("model.attention=auto", True, f"resolves to {auto}")]
-    rows += [attention_availability(a, gpus) for a in ("te", "sdpa", "local")]
+    rows += [attention_availability(a, gpus) for a in ("te", "sdpa", "local", "fa4")]
     varlen = packed_varlen_availability(gpus)  # TE's and megatron's local attention refuse it
     rows.append(Availability(varlen.key, True, "with SDPA core attention") if varlen.ok else varlen)
     rows += [rollout_availability(b, gpus) for b in ROLLOUT_BACKENDS]

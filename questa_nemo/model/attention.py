@@ -6,7 +6,8 @@ handles GQA natively. Packed (THD) micro-batches are attended per segment from `
 causal on its own, so no [T, T] block-diagonal mask is ever built: segments of similar length batched into
 one SDPA call, or one call each; or (`VarlenCoreAttention`, chosen by `model.packed_attention`, on GPU in
 bf16 / fp16) all in one call of torch's flash variable-length kernel (`torch.nn.attention.varlen`, torch >=
-2.10) when the segments lie back to back.
+2.10) when the segments lie back to back. `FA4CoreAttention` (`model.attention=fa4`) attends through
+FlashAttention 4's kernels instead (model/flash4.py), unpacked and packed alike.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 # megatron-free (model/varlen.py: what `questa-nemo doctor` asks too); varlen_available is re-exported
+from questa_nemo.model.flash4 import _first, fa4_dense, fa4_kernels  # noqa: F401  (fa4_dense: re-exported)
 from questa_nemo.model.varlen import varlen_available, varlen_kernel  # noqa: F401
 
 
@@ -126,8 +128,13 @@ def _varlen_attend(query, key, value, plan: SegmentPlan, scale: float, kernel=No
         query[:end], key[:end], value[:end], plan.cu, plan.cu, plan.longest, plan.longest,
         scale=scale, window_size=(-1, 0), **extra,
     )  # fmt: skip
-    if end < query.size(0):
-        out = torch.cat([out, out.new_zeros(query.size(0) - end, *out.shape[1:])])
+    return _zero_padded(out, query.size(0))
+
+
+def _zero_padded(out: torch.Tensor, rows: int) -> torch.Tensor:
+    """A variable-length kernel's output for the segments' rows, with zero rows for the padding after them."""
+    if out.size(0) < rows:
+        out = torch.cat([out, out.new_zeros(rows - out.size(0), *out.shape[1:])])
     return out
 
 
@@ -246,14 +253,19 @@ class SDPACoreAttention(MegatronModule):
         ignored: the mask is causal (per segment when packed); padding is handled by packing, not masking.
         """
         if attention_bias is not None:
-            raise ValueError("SDPACoreAttention: attention_bias is not supported")
+            raise ValueError(f"{type(self).__name__}: attention_bias is not supported")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            return _packed_forward(query, key, value, packed_seq_params, self.softmax_scale, self.varlen)
-        # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        out = causal_sdpa(q, k, v, self.softmax_scale)
+            return self._packed(query, key, value, packed_seq_params)
         s, b = query.shape[:2]
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return self._dense(query, key, value).reshape(s, b, -1)
+
+    def _packed(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
+        return _packed_forward(query, key, value, params, self.softmax_scale, self.varlen)
+
+    def _dense(self, query, key, value) -> torch.Tensor:
+        """[s, b, heads, d] (key / value: groups) -> [s, b, heads, d]."""
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # -> [b, h, s, d]
+        return causal_sdpa(q, k, v, self.softmax_scale).permute(2, 0, 1, 3)
 
 
 class VarlenCoreAttention(SDPACoreAttention):
@@ -262,3 +274,37 @@ class VarlenCoreAttention(SDPACoreAttention):
     (model.packed_attention=varlen, or auto where `varlen_available`)."""
 
     varlen = True
+
+
+@torch.compiler.disable
+def fa4_packed(query, key, value, params: PackedSeqParams, scale: float, varlen: bool, kernels=None):
+    """Packed rows [t, heads, d] -> [t, heads * d]: every segment in one call of FA4's variable-length kernel
+    when they lie back to back from row 0 (padding after them comes back as zeros), else as SDPA does."""
+    plan = _plan_for(params)
+    if plan.cu is None:
+        out = _attend(query, key, value, plan, scale, varlen)
+    else:
+        end = plan.end
+        out = _first(
+            (kernels or fa4_kernels()).varlen(
+                query[:end], key[:end], value[:end], cu_seqlens_q=plan.cu, cu_seqlens_k=plan.cu,
+                max_seqlen_q=plan.longest, max_seqlen_k=plan.longest, softmax_scale=scale, causal=True,
+            )
+        )  # fmt: skip
+        out = _zero_padded(out, query.size(0))
+    return out.reshape(out.size(0), -1)
+
+
+class FA4CoreAttention(SDPACoreAttention):
+    """Causal attention through FlashAttention 4 (model.attention=fa4; GPU, see model/flash4.py): unpacked
+    batches in one call, packed rows in one variable-length call (segments not back to back: as
+    VarlenCoreAttention). The model build refuses it where `fa4_problem` says it cannot run."""
+
+    varlen = True  # only for packed rows FA4's varlen call cannot take: torch's kernel where usable
+    kernels = None  # FA4 entry points; None: the installed package's (tests set a reference)
+
+    def _packed(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
+        return fa4_packed(query, key, value, params, self.softmax_scale, self.varlen, self.kernels)
+
+    def _dense(self, query, key, value) -> torch.Tensor:
+        return fa4_dense(query, key, value, self.softmax_scale, self.kernels)

@@ -19,7 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from questa_nemo.config import ConfigError, ModelConfig, check_choice
-from questa_nemo.model import mcore_compat, varlen
+from questa_nemo.model import flash4, mcore_compat, varlen
 from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, te_norm_names
 from questa_nemo.model.recompute import checkpoint_layers
 from questa_nemo.model.spec import QuestaSpecProvider, decoder_layer_spec
@@ -144,6 +144,7 @@ def spec_provider(cfg: ModelConfig) -> QuestaSpecProvider:
         fused_rope=fusions_on(cfg),
         fused_norm=fusions_on(cfg),
         varlen=packed_varlen_on(cfg),
+        fa4=fa4_on(cfg),
     )
 
 
@@ -167,6 +168,16 @@ def compile_on(cfg: ModelConfig) -> bool:
         raise ConfigError(
             "model.compile", "not supported with Transformer Engine attention (use attention=sdpa)"
         )
+    return True
+
+
+def fa4_on(cfg: ModelConfig) -> bool:
+    """model.attention=fa4: FlashAttention 4's core attention, refused where it cannot run (model/flash4.py)."""
+    if cfg.attention != "fa4":
+        return False
+    problem = flash4.fa4_problem("cuda" if torch.cuda.is_available() else "cpu")  # where build_model puts it
+    if problem is not None:
+        raise ConfigError("model.attention", f"fa4 unavailable: {problem}")
     return True
 
 

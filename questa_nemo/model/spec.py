@@ -38,7 +38,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from questa_nemo.model import fused, mcore_compat
-from questa_nemo.model.attention import SDPACoreAttention, VarlenCoreAttention
+from questa_nemo.model.attention import FA4CoreAttention, SDPACoreAttention, VarlenCoreAttention
 from questa_nemo.model.linear import ColumnLinear, RowLinear
 
 
@@ -48,7 +48,8 @@ class QuestaSpecProvider(BackendSpecProvider):
     sdpa: SDPA core attention (else megatron's O(s^2) `DotProductAttention`); swiglu: our fused SwiGLU as the
     MLP's activation submodule (megatron-core 0.15+); fused_rope: `apply_rope_fusion` on our Triton RoPE
     where TE's is missing; fused_norm: our Triton RMSNorm for the decoder layers' norms; varlen (with sdpa):
-    packed micro-batches through torch's variable-length kernel where usable (`VarlenCoreAttention`).
+    packed micro-batches through torch's variable-length kernel where usable (`VarlenCoreAttention`); fa4
+    (with sdpa): FlashAttention 4's kernels (`FA4CoreAttention`).
     """
 
     def __init__(
@@ -59,9 +60,10 @@ class QuestaSpecProvider(BackendSpecProvider):
         fused_rope: bool = False,
         fused_norm: bool = False,
         varlen: bool = False,
+        fa4: bool = False,
     ):
         self.sdpa, self.swiglu, self.fused_rope, self.fused_norm = sdpa, swiglu, fused_rope, fused_norm
-        self.varlen = varlen
+        self.varlen, self.fa4 = varlen, fa4
 
     def column_parallel_linear(self) -> type:
         return ColumnLinear
@@ -85,6 +87,8 @@ class QuestaSpecProvider(BackendSpecProvider):
     def core_attention(self) -> type:
         if not self.sdpa:
             return DotProductAttention
+        if self.fa4:
+            return FA4CoreAttention
         return VarlenCoreAttention if self.varlen else SDPACoreAttention
 
     def activation_func(self) -> type | None:
