@@ -6,9 +6,12 @@ forward + backward, so the module's choice of backend and layout rests on number
 attention as half of the dense 4 x s^2 x heads x head_dim (forward) and backward as twice the forward
 (the MFU convention, though flash backward recomputes the scores).
 
-Cases: backend (flash | cudnn | efficient | auto) x kv (gqa: 2 groups passed with enable_gqa | expanded:
+Cases: backend (flash | cudnn | efficient | auto | fa4) x kv (gqa: 2 groups passed with enable_gqa | expanded:
 groups repeated to the 12 heads) x layout (bhsd: contiguous [b, h, s, d] | sbhd: the permuted view of
-megatron's [s, b, h, d]).
+megatron's [s, b, h, d]). fa4 is FlashAttention 4 (pip flash-attn-4; model.attention=fa4), called as
+model/attention.py's FA4CoreAttention calls it, on the same tensors. With --check, each backend's output and
+gradients at the first length against an fp32 reference (the same bf16 inputs in fp32, SDPA's math in fp32),
+beside the bf16 cuDNN kernel's own error.
 
 GPU:  python bench/bench_attention.py --out bench/results/attention_h200.json
 """
@@ -62,14 +65,50 @@ def time_ms(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def attend(backend: str, q, k, v):
+    """Causal attention of [b, h, s, d] views by `backend` (fa4: through FA4CoreAttention's dense call)."""
+    if backend == "fa4":
+        from questa_nemo.model.flash4 import fa4_dense
+
+        # [b, h, s, d] -> the [s, b, h, d] views megatron hands core attention, and back
+        s_first = [x.permute(2, 0, 1, 3) for x in (q, k, v)]
+        return fa4_dense(*s_first, 1.0 / q.size(-1) ** 0.5).permute(1, 2, 0, 3)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+
+
+def errors(seq, heads, groups, dim, backends) -> dict:
+    """Max |error| of each backend's output and q / k / v gradients against fp32 attention of the same inputs."""
+    q, k, v = make_inputs(seq, heads, groups, dim, "gqa", "sbhd")
+    grad = torch.randn_like(q)
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    kr, vr = (x.repeat_interleave(heads // groups, dim=1) for x in ref_in[1:])
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = F.scaled_dot_product_attention(ref_in[0], kr, vr, is_causal=True)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.float())
+    out = {}
+    for backend in backends:
+        ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS.get(backend) else torch.enable_grad()
+        try:
+            with ctx:
+                o = attend(backend, q, k, v)
+                grads = torch.autograd.grad(o, (q, k, v), grad)
+        except (RuntimeError, ImportError) as e:
+            out[backend] = f"unsupported: {str(e).splitlines()[0][:200]}"
+            continue
+        row = {"out": (o.float() - ref).abs().max().item()}
+        for name, g, r in zip("qkv", grads, ref_grads):
+            row[f"grad_{name}"] = (g.float() - r).abs().max().item()
+        out[backend] = row
+    return out
+
+
 def measure(seq, heads, groups, dim, backend, kv, layout, iters) -> dict:
     q, k, v = make_inputs(seq, heads, groups, dim, kv, layout)
     grad = torch.randn_like(q)
-    gqa = k.size(1) != q.size(1)
-    ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS[backend] else torch.enable_grad()
+    ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS.get(backend) else torch.enable_grad()
 
     def forward():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return attend(backend, q, k, v)
 
     def forward_backward():
         q.grad = k.grad = v.grad = None
@@ -81,7 +120,7 @@ def measure(seq, heads, groups, dim, backend, kv, layout, iters) -> dict:
             with torch.no_grad():
                 fwd = time_ms(forward, iters)
             both = time_ms(forward_backward, iters)
-    except RuntimeError as e:  # backend rejects these inputs
+    except (RuntimeError, ImportError) as e:  # backend rejects these inputs, or is not installed
         return {**row, "status": f"unsupported: {str(e).splitlines()[0][:200]}"}
     flops_fwd = 2.0 * seq * seq * heads * dim  # causal half of 4 s^2 h d
     return {
@@ -94,6 +133,15 @@ def measure(seq, heads, groups, dim, backend, kv, layout, iters) -> dict:
     }
 
 
+def fa4_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flash-attn-4")
+    except PackageNotFoundError:
+        return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,12 +151,18 @@ def main(argv=None) -> int:
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--backends", nargs="*", default=[*BACKENDS, "fa4"])
+    parser.add_argument("--kv", nargs="*", default=["gqa", "expanded"])
+    parser.add_argument("--layouts", nargs="*", default=["bhsd", "sbhd"])
+    parser.add_argument("--check", action="store_true", help="errors against fp32 at the first length")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # questa_nemo, for the fa4 backend
+    check = errors(args.seqs[0], args.heads, args.groups, args.dim, args.backends) if args.check else {}
+    if check:
+        print("max |error| against fp32:", json.dumps(check), flush=True)
     rows = []
-    for seq, backend, kv, layout in itertools.product(
-        args.seqs, BACKENDS, ("gqa", "expanded"), ("bhsd", "sbhd")
-    ):
+    for seq, backend, kv, layout in itertools.product(args.seqs, args.backends, args.kv, args.layouts):
         row = measure(seq, args.heads, args.groups, args.dim, backend, kv, layout, args.iters)
         rows.append(row)
         if row["status"] == "ok":
@@ -125,6 +179,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
         "shape": {"heads": args.heads, "groups": args.groups, "head_dim": args.dim},
+        "fa4": fa4_version(),
+        "errors_vs_fp32": check,
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

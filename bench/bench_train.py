@@ -25,6 +25,8 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   keepattn=0|1                    recompute=full: keep each layer's attention output instead of recomputing it
                                   (mcore: model.recompute_keep_attention, implies ckpt=torch; hf: the same policy)
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
+  attn=fa4                        FlashAttention 4 (pip flash-attn-4) for attention: mcore model.attention=fa4,
+                                  hf attn_implementation="flash_attention_4" (its own FA4 integration)
   chunk=N                         mcore: tokens per log-prob chunk (default: ModelConfig's)
   docs=N|r1                       mcore: pack N equal causal sequences into the micro-batch (THD, default 1);
                                   r1: the rows the GRPO trainer packs from NeMo-RL-shaped lengths, in turn
@@ -139,6 +141,17 @@ PRESETS: dict[str, list[str]] = {
         "32768/mcore:recompute=full,keepattn=1",
         "32768/mcore:recompute=full,compile=1",
     ],
+    "fa4": [  # FlashAttention 4 on both sides against cuDNN's SDPA on both, 8K (compiled transformers) and 32K
+        # (full recompute, torch's checkpoint on ours); with --clocks each row's SM clock and power
+        "8192/hf:recompute=none,compile=1",
+        "8192/mcore:recompute=none,compile=1",
+        "8192/hf:recompute=none,compile=1,attn=fa4",
+        "8192/mcore:recompute=none,compile=1,attn=fa4",
+        "32768/hf:recompute=full",
+        "32768/mcore:recompute=full,ckpt=torch",
+        "32768/hf:recompute=full,attn=fa4",
+        "32768/mcore:recompute=full,ckpt=torch,attn=fa4",
+    ],
     "headmajor": [  # our SDPA inputs head-major, as transformers' are: the same cuDNN kernels ran 5% slower on ours
         "8192/hf:recompute=none,compile=1",
         "8192/mcore:recompute=none,compile=1",
@@ -187,6 +200,7 @@ class Run:
     attended: int | None = None  # attention length of the MFU count (packed: token-weighted mean segment)
     real_fraction: float = 1.0  # share of the row's tokens that are sequences (docs=r1: the rest is padding)
     varlen: bool = False  # varlen=1 and the packed rows took the kernel (where it cannot run the row fails)
+    clocks: dict = field(default_factory=dict)  # --clocks: SM clock, power and clock-limit reasons while timed
 
     @property
     def label(self) -> str:
@@ -200,7 +214,7 @@ def parse_run(text: str) -> Run:
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
     known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
-             "newstuff", "keepattn", "vcontig", "headmajor", "ckpt", "segplan", "varlen"}  # fmt: skip
+             "newstuff", "keepattn", "vcontig", "headmajor", "ckpt", "segplan", "varlen", "attn"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
     return Run(int(seq), impl, options)
@@ -250,7 +264,7 @@ def build_mcore(hf: dict, run: Run, device: str):
     recompute = run.options.get("recompute", "none")
     cfg = ModelConfig(
         params_dtype="bf16" if device == "cuda" else "fp32",
-        attention="sdpa",
+        attention="fa4" if run.options.get("attn") == "fa4" else "sdpa",
         recompute=recompute,
         recompute_num_layers=int(run.options["layers"]) if "layers" in run.options else None,
         fusions=run.options.get("fusions", "1") == "1",
@@ -375,7 +389,8 @@ def build_hf(hf: dict, run: Run, device: str):
     config = Qwen2Config(**fields, use_cache=False)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
-        model = Qwen2ForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        implementation = "flash_attention_4" if run.options.get("attn") == "fa4" else "sdpa"
+        model = Qwen2ForCausalLM._from_config(config, dtype=dtype, attn_implementation=implementation)
     model.train()
     recompute = run.options.get("recompute", "none")
     if recompute == "full":
@@ -591,6 +606,7 @@ def measure(
     peak: float | None,
     profile_dir: Path | None = None,
     saved_sites: bool = False,
+    clocks: bool = False,
 ) -> None:
     built_at = time.perf_counter()
     model, loss_fn = (build_mcore if run.impl == "mcore" else build_hf)(hf, run, device)
@@ -615,7 +631,10 @@ def measure(
         return train_step(forward, optimizer, accum)
 
     with sdpa_backend(run.options.get("sdpa", "auto")):
+        sampler = None
         for step in range(warmup + steps):
+            if step == warmup and clocks and device == "cuda":
+                sampler = ClockSampler()
             start = time.perf_counter()
             loss = step_once()
             if device == "cuda":
@@ -624,6 +643,8 @@ def measure(
                 raise RuntimeError(f"loss is {loss.item()}")
             if step >= warmup:
                 run.step_s.append(time.perf_counter() - start)
+        if sampler is not None:
+            run.clocks = sampler.stop()
         if device == "cuda":
             run.host_ms = host_timing(forward, optimizer, accum)
             try:  # a diagnostic: its failure must not cost the run its throughput
@@ -647,6 +668,58 @@ def measure(
     if device == "cuda":
         run.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
     run.status = "ok"
+
+
+class ClockSampler:
+    """The GPU's SM clock, power draw and clock-limit reasons (NVML, every `period` s on a thread) until
+    `stop()`, which returns their means and the share of samples under each limit reason. The same kernels run
+    slower where a step holds the card at its power limit at a lower clock; this says whether a row did."""
+
+    REASONS = {"sw_power_cap": 0x4, "hw_slowdown": 0x8, "sw_thermal": 0x20, "hw_thermal": 0x40,
+               "hw_power_brake": 0x80}  # fmt: skip  (nvmlClocksEventReason*; NVML's bit values)
+
+    def __init__(self, period: float = 0.01):
+        import threading
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nvml = pynvml
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        self.samples: list[tuple[int, float, int]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self.thread.start()
+
+    def _run(self, period: float) -> None:
+        nv, h = self.nvml, self.handle
+        reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or nv.nvmlDeviceGetCurrentClocksThrottleReasons
+        while not self.done.wait(period):
+            self.samples.append(
+                (nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM), nv.nvmlDeviceGetPowerUsage(h) / 1000, reasons(h))
+            )
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.thread.join()
+        return clock_summary(self.samples, self.nvml.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1000)
+
+
+def clock_summary(samples: list[tuple[int, float, int]], power_limit_w: float) -> dict:
+    """(SM MHz, W, clock-limit reason bits) samples -> means, the lowest clock and each reason's share."""
+    n = len(samples)
+    if not n:
+        return {}
+    out = {
+        "samples": n,
+        "sm_mhz_mean": sum(c for c, _, _ in samples) / n,
+        "sm_mhz_min": min(c for c, _, _ in samples),
+        "power_w_mean": sum(p for _, p, _ in samples) / n,
+        "power_limit_w": power_limit_w,
+    }
+    for name, bit in ClockSampler.REASONS.items():
+        out[f"share_{name}"] = sum(1 for _, _, r in samples if r & bit) / n
+    return out
 
 
 def check_fused_kernels(device: str) -> dict:
@@ -768,6 +841,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, default=None, help="write a kernel breakdown per run here")
     parser.add_argument("--saved-sites", action="store_true",
                         help="record where the memory a forward saves for backward was allocated (saved_sites)")
+    parser.add_argument("--clocks", action="store_true",
+                        help="sample the SM clock, power and clock-limit reasons during the timed steps (NVML)")
     args = parser.parse_args(argv)
 
     hf = TINY if args.tiny else QWEN25_15B
@@ -809,7 +884,9 @@ def main(argv: list[str] | None = None) -> int:
             run.status = "skipped: time budget"
             continue
         try:
-            measure(run, hf, args.device, args.steps, args.warmup, peak, args.profile, args.saved_sites)
+            measure(
+                run, hf, args.device, args.steps, args.warmup, peak, args.profile, args.saved_sites, args.clocks
+            )
         except torch.OutOfMemoryError:
             run.status = "oom"
         except Exception as e:  # one failing variant must not hide the others' numbers
@@ -823,6 +900,10 @@ def main(argv: list[str] | None = None) -> int:
         if run.saved_gib is not None:
             mem += f" (forward saves {run.saved_gib:.2f})"
         host = "  host " + "/".join(f"{v:.0f}" for v in run.host_ms.values()) if run.host_ms else ""
+        if run.clocks:
+            c = run.clocks
+            host += f"  SM {c['sm_mhz_mean']:.0f} MHz (min {c['sm_mhz_min']}) {c['power_w_mean']:.0f} W"
+            host += f" power-capped {c['share_sw_power_cap']:.0%}"
         print(f"{run.label:55s} {tps} tok/s  MFU {mfu}  peak {mem}  {run.status}{host}", flush=True)
         write_result()
     destroy_distributed()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -583,6 +584,36 @@ def test_bench_train_cpu_smoke(tmp_path):
         {"state": "inactive", "size": 50, "frames": [frame]},
     ]}]}
     assert bench_train.alive_sites(snap) == [{"site": "layer.py:7 forward", "gib": 12 / 2**30, "blocks": 2}]
+
+
+def test_bench_train_clock_sampler_summarises_nvml_readings(monkeypatch):
+    """--clocks on a GPU: NVML's SM clock, power (mW) and clock-limit reason bits sampled on a thread until
+    stopped, summarised as means and the share of samples under each reason (NVML stood in for by a module
+    of its calls)."""
+    import types
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_train
+
+    samples = [(1980, 650.0, 0x4), (1755, 700.0, 0x4), (1980, 400.0, 0x0)]
+    out = bench_train.clock_summary(samples, 700.0)
+    assert out["samples"] == 3 and out["sm_mhz_min"] == 1755
+    assert out["sm_mhz_mean"] == pytest.approx((1980 + 1755 + 1980) / 3)
+    assert out["power_w_mean"] == pytest.approx((650 + 700 + 400) / 3) and out["power_limit_w"] == 700
+    assert out["share_sw_power_cap"] == pytest.approx(2 / 3) and out["share_hw_slowdown"] == 0
+    assert bench_train.clock_summary([], 700.0) == {}
+    nvml = types.SimpleNamespace(
+        NVML_CLOCK_SM=0, nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: "gpu",
+        nvmlDeviceGetClockInfo=lambda h, kind: 1755, nvmlDeviceGetPowerUsage=lambda h: 690_000,
+        nvmlDeviceGetCurrentClocksEventReasons=lambda h: 0x4, nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
+    )  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    sampler = bench_train.ClockSampler(period=0.001)
+    time.sleep(0.05)
+    out = sampler.stop()
+    assert out["samples"] >= 1 and out["sm_mhz_mean"] == 1755 and out["power_w_mean"] == 690
+    assert out["power_limit_w"] == 700 and out["share_sw_power_cap"] == 1
 
 
 @pytest.mark.parametrize("name", ["openmath_nemotron_1p5b", "world_cpu"])
