@@ -24,7 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 # megatron-free (model/varlen.py: what `questa-nemo doctor` asks too); varlen_available is re-exported
-from questa_nemo.model.flash4 import _first, fa4_dense, fa4_kernels  # noqa: F401  (fa4_dense: re-exported)
+from questa_nemo.model.flash4 import fa4_dense, fa4_kernels, first_output  # noqa: F401  (fa4_dense: re-exported)
 from questa_nemo.model.varlen import varlen_available, varlen_kernel  # noqa: F401
 
 
@@ -285,7 +285,7 @@ def fa4_packed(query, key, value, params: PackedSeqParams, scale: float, varlen:
         out = _attend(query, key, value, plan, scale, varlen)
     else:
         end = plan.end
-        out = _first(
+        out = first_output(
             (kernels or fa4_kernels()).varlen(
                 query[:end], key[:end], value[:end], cu_seqlens_q=plan.cu, cu_seqlens_k=plan.cu,
                 max_seqlen_q=plan.longest, max_seqlen_k=plan.longest, softmax_scale=scale, causal=True,

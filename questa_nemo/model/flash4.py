@@ -2,9 +2,9 @@
 no CUDA toolkit needed) for `model.attention=fa4`: whether it can run here, and its two entry points.
 
 Kept apart from model/attention.py, which imports megatron, so that `questa-nemo doctor` asks the same
-question (and gives the same reasons) as the model build without importing megatron. Its kernels run on
-Hopper (sm_90) and Blackwell (sm_100 / sm_103) GPUs; on an H100 they were timed against cuDNN's SDPA in
-bench/bench_attention.py (docs/benchmarks.md).
+question (and gives the same reasons) as the model build without importing megatron. It is offered on
+Hopper (sm_90) and Blackwell (sm_100 / sm_103) GPUs, the ones its kernels are tuned for.
+bench/bench_attention.py times them against cuDNN's SDPA; that has not run yet (docs/benchmarks.md (τ)).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def fa4_problem(device: torch.device | str) -> str | None:
     return kernels if isinstance(kernels, str) else None
 
 
-def _first(result):
+def first_output(result):
     """FlashAttention's entry points return (out, lse); out alone where a version returns only that."""
     return result[0] if isinstance(result, tuple) else result
 
@@ -61,4 +61,4 @@ def fa4_dense(query, key, value, scale: float, kernels: FA4 | None = None) -> to
     attended as they are) -> [s, b, heads, d]; `kernels`: tests pass a reference with FA4's signatures."""
     dense = (kernels or fa4_kernels()).dense
     q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, s, h, d] views
-    return _first(dense(q, k, v, softmax_scale=scale, causal=True)).transpose(0, 1)
+    return first_output(dense(q, k, v, softmax_scale=scale, causal=True)).transpose(0, 1)
