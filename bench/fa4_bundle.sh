@@ -4,8 +4,8 @@
 # two device calls on one warm machine (the checkout and what a call carries are limited to 64 MiB together).
 # Run here (CPU machine with pip); then the first call carries .fa4a and copies it into .fa4stash/, the second
 # carries .fa4b and .whl and starts with
-#   cat .fa4stash/part_* .fa4b/part_* | tar xJ -C /tmp/fa4site && . bench/gpu_setup.sh &&
-#   export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+#   mkdir -p .fa4site && cat .fa4stash/part_* .fa4b/part_* | tar xJ -C .fa4site && . bench/gpu_setup.sh &&
+#   export PYTHONPATH=$PWD/.fa4site:$PWD/.fa4site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
 # What the CuTe DSL needs besides its two wheels of compiled libraries (found by importing flash_attn.cute on a
 # CPU: it imports without a GPU): nvidia-cutlass-dsl-libs-core (the DSL's Python, `cutlass.cute`) and tvm-ffi's
 # libtvm_ffi_testing.so (tvm_ffi loads it at import). cuda-bindings, protobuf, einops and triton are in the image.
