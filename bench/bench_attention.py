@@ -76,6 +76,15 @@ def attend(backend: str, q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
 
 
+def backend_context(backend: str):
+    """SDPA pinned to `backend`'s kernel; auto and fa4 (not an SDPA backend) run unpinned."""
+    return sdpa_kernel(BACKENDS[backend]) if BACKENDS.get(backend) else torch.enable_grad()
+
+
+def unsupported(e: Exception) -> str:
+    return f"unsupported: {str(e).splitlines()[0][:200]}"
+
+
 def errors(seq, heads, groups, dim, backends) -> dict:
     """Max |error| of each backend's output and q / k / v gradients against fp32 attention of the same inputs."""
     q, k, v = make_inputs(seq, heads, groups, dim, "gqa", "sbhd")
@@ -87,13 +96,12 @@ def errors(seq, heads, groups, dim, backends) -> dict:
     ref_grads = torch.autograd.grad(ref, ref_in, grad.float())
     out = {}
     for backend in backends:
-        ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS.get(backend) else torch.enable_grad()
         try:
-            with ctx:
+            with backend_context(backend):
                 o = attend(backend, q, k, v)
                 grads = torch.autograd.grad(o, (q, k, v), grad)
         except (RuntimeError, ImportError) as e:
-            out[backend] = f"unsupported: {str(e).splitlines()[0][:200]}"
+            out[backend] = unsupported(e)
             continue
         row = {"out": (o.float() - ref).abs().max().item()}
         for name, g, r in zip("qkv", grads, ref_grads):
@@ -105,7 +113,7 @@ def errors(seq, heads, groups, dim, backends) -> dict:
 def measure(seq, heads, groups, dim, backend, kv, layout, iters) -> dict:
     q, k, v = make_inputs(seq, heads, groups, dim, kv, layout)
     grad = torch.randn_like(q)
-    ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS.get(backend) else torch.enable_grad()
+    ctx = backend_context(backend)
 
     def forward():
         return attend(backend, q, k, v)
@@ -121,7 +129,7 @@ def measure(seq, heads, groups, dim, backend, kv, layout, iters) -> dict:
                 fwd = time_ms(forward, iters)
             both = time_ms(forward_backward, iters)
     except (RuntimeError, ImportError) as e:  # backend rejects these inputs, or is not installed
-        return {**row, "status": f"unsupported: {str(e).splitlines()[0][:200]}"}
+        return {**row, "status": unsupported(e)}
     flops_fwd = 2.0 * seq * seq * heads * dim  # causal half of 4 s^2 h d
     return {
         **row,

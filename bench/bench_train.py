@@ -702,7 +702,9 @@ class ClockSampler:
     def stop(self) -> dict:
         self.done.set()
         self.thread.join()
-        return clock_summary(self.samples, self.nvml.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1000)
+        limit = self.nvml.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1000
+        self.nvml.nvmlShutdown()  # each row's nvmlInit is matched (NVML counts them)
+        return clock_summary(self.samples, limit)
 
 
 def clock_summary(samples: list[tuple[int, float, int]], power_limit_w: float) -> dict:

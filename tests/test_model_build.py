@@ -606,6 +606,7 @@ def test_bench_train_clock_sampler_summarises_nvml_readings(monkeypatch):
         NVML_CLOCK_SM=0, nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: "gpu",
         nvmlDeviceGetClockInfo=lambda h, kind: 1755, nvmlDeviceGetPowerUsage=lambda h: 690_000,
         nvmlDeviceGetCurrentClocksEventReasons=lambda h: 0x4, nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
+        nvmlShutdown=lambda: None,
     )  # fmt: skip
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

@@ -24,7 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 # megatron-free (model/varlen.py: what `questa-nemo doctor` asks too); varlen_available is re-exported
-from questa_nemo.model.flash4 import fa4_dense, fa4_kernels, first_output  # noqa: F401  (fa4_dense: re-exported)
+from questa_nemo.model.flash4 import fa4_dense, fa4_kernels, first_output
 from questa_nemo.model.varlen import varlen_available, varlen_kernel  # noqa: F401
 
 
