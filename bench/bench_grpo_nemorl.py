@@ -298,6 +298,7 @@ def configure(args, hf_path: str, max_staleness: int):
     cfg.model.recompute_num_layers = args.recompute_num_layers
     cfg.rollout.producer_stream = args.producer_stream
     cfg.model.packed_attention = args.packed_attention
+    cfg.model.attention = args.attention
     # the async producer keeps max_staleness steps ahead through the last timed step, as in a long run (it
     # would otherwise stop early and the last steps would wait for no generation); their rollouts are dropped
     cfg.train.steps = args.steps + max_staleness
@@ -488,6 +489,10 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--packed-attention", default="auto", choices=("auto", "varlen", "sdpa"),
         help="model.packed_attention: packed rows through torch's flash varlen kernel (auto: where it can run) or SDPA",
+    )
+    p.add_argument(
+        "--attention", default="auto", choices=("auto", "sdpa", "fa4"),
+        help="model.attention for the log-prob and training passes (fa4: FlashAttention 4's kernels)",
     )
     p.add_argument("--out", default="bench/results/grpo_nemorl.json")
     args = p.parse_args(argv)

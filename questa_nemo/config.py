@@ -133,7 +133,7 @@ class ModelConfig:
     tokenizer: str | None = None  # HF tokenizer folder; defaults to the hf_config folder
     params_dtype: str = "bf16"  # bf16 | fp32 (CPU runs use fp32)
     # auto (TE if importable, else sdpa) | te | sdpa | local | fa4 (FlashAttention 4's kernels, pip flash-attn-4:
-    # Hopper / Blackwell GPUs; model/flash4.py; not with recompute_keep_attention)
+    # Hopper / Blackwell GPUs; model/flash4.py)
     attention: str = "auto"
     # how SDPA core attention attends packed micro-batches: sdpa = per-segment / batched SDPA calls; varlen = all
     # segments in one call of torch's flash variable-length kernel (GPU, bf16 / fp16, torch >= 2.10; not with
@@ -175,8 +175,6 @@ class ModelConfig:
             raise ConfigError("model.recompute_impl", "needs recompute=full")
         if self.recompute_keep_attention and (self.recompute != "full" or self.recompute_impl != "torch"):
             raise ConfigError("model.recompute_keep_attention", "needs recompute=full and recompute_impl=torch")
-        if self.recompute_keep_attention and self.attention == "fa4":  # its policy keeps SDPA's ops by name
-            raise ConfigError("model.recompute_keep_attention", "keeps SDPA's attention output, not FA4's")
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
             raise ConfigError("model.virtual_pipeline", "needs pipeline_parallel >= 2")
         if self.sequence_parallel and self.tensor_parallel < 2:

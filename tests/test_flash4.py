@@ -1,7 +1,9 @@
 """model.attention=fa4: FlashAttention 4's core attention (model/attention.py FA4CoreAttention, model/flash4.py).
 
-The kernels run on sm_90 / sm_100 GPUs only; here a reference with FA4's signatures (causal SDPA in fp32)
-stands in for them, so what is tested on CPU is our side: the layouts handed to the kernels, grouped heads
+The kernels run on sm_90 / sm_100 GPUs only; here a reference with the signatures of FA4's forward and backward
+(fp64 attention, and the backward FlashAttention computes from the forward's output and log-sum-exp) stands
+in for them, so what is tested on CPU is our side: the custom ops (torch's opcheck, no graph break when
+compiled, kept whole by recompute's keep-attention policy), the layouts handed to the kernels, grouped heads
 passed as they are, packed rows in one variable-length call with the padding zeroed, the SDPA fallback when
 segments are not back to back, and the refusals (build, config, doctor) with their reasons. The GPU run
 against cuDNN's SDPA is bench/bench_attention.py's (`--backends cudnn fa4 --check`).
@@ -20,33 +22,86 @@ from questa_nemo.model import attention, flash4
 from questa_nemo.model.attention import packed_causal_sdpa
 
 
-def _sdpa_bshd(q, k, v, scale):
-    """Causal attention of [b, s, h, d] / [b, s, g, d] tensors: the reference for FA4's kernels."""
-    out = attention.causal_sdpa(*(x.transpose(1, 2) for x in (q, k, v)), scale)
-    return out.transpose(1, 2)
+def _reference(q, k, v, scale):
+    """Causal attention of one sequence's [s, h, d] queries over [s, g, d] keys / values in fp64: (out, lse
+    [h, s], probabilities [h, s, s], keys and values expanded to h heads)."""
+    heads = q.size(1)
+    k, v = (x.double().repeat_interleave(heads // x.size(1), dim=1) for x in (k, v))
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    scores = scores.masked_fill(torch.ones(q.size(0), q.size(0), dtype=torch.bool).triu(1), float("-inf"))
+    lse = scores.logsumexp(-1)
+    probs = (scores - lse[..., None]).exp()
+    return torch.einsum("hqk,khd->qhd", probs, v), lse, probs, k, v
+
+
+def _reference_grads(q, k, v, out, dout, lse, scale):
+    """FlashAttention's backward from (out, lse) as its kernels compute it, for one sequence; grouped heads'
+    key / value gradients summed over their group."""
+    _, want_lse, probs, kx, vx = _reference(q, k, v, scale)
+    torch.testing.assert_close(lse.double(), want_lse)  # the forward's lse came back to the backward
+    dout, out = dout.double(), out.double()
+    dv = torch.einsum("hqk,qhd->khd", probs, dout)
+    dprobs = torch.einsum("qhd,khd->hqk", dout, vx)
+    dscores = probs * (dprobs - (dout * out).sum(-1).T[..., None])
+    dq = torch.einsum("hqk,khd->qhd", dscores, kx) * scale
+    dk = torch.einsum("hqk,qhd->khd", dscores, q.double()) * scale
+    group = q.size(1) // k.size(1)
+    dk, dv = (x.unflatten(1, (k.size(1), group)).sum(2) for x in (dk, dv))
+    return dq, dk, dv
 
 
 class ReferenceFA4:
-    """FA4's two entry points (flash_attn.cute.flash_attn_func / flash_attn_varlen_func) by causal SDPA, with
-    the arguments our glue must pass checked; `calls` counts them."""
+    """FA4's forward and backward (flash_attn.cute.interface's _flash_attn_fwd / _flash_attn_bwd) in fp64, with
+    the arguments our custom ops must pass checked (any other keyword fails); `calls` counts them."""
 
     def __init__(self):
-        self.calls = {"dense": 0, "varlen": 0}
+        self.calls = {"fwd": 0, "bwd": 0, "varlen": 0}
 
-    def dense(self, q, k, v, *, softmax_scale=None, causal=False):
-        assert causal and q.dim() == 4 and k.shape[:2] == q.shape[:2] and q.stride(-1) == 1
-        assert q.size(2) % k.size(2) == 0  # grouped heads as they are, never repeated
-        self.calls["dense"] += 1
-        return _sdpa_bshd(q, k, v, softmax_scale), None  # (out, lse)
-
-    def varlen(self, q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-               causal=False):  # fmt: skip
-        assert causal and torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
+    @staticmethod
+    def _segments(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        if cu_seqlens_q is None:
+            assert q.dim() == 4 and cu_seqlens_k is None and max_seqlen_q is None
+            return None
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32 and q.dim() == 3
         cu = cu_seqlens_q.tolist()
         assert q.size(0) == cu[-1] and max_seqlen_q == max_seqlen_k == max(b - a for a, b in zip(cu[:-1], cu[1:]))
-        self.calls["varlen"] += 1
-        parts = [_sdpa_bshd(*(x[a:b][None] for x in (q, k, v)), softmax_scale)[0] for a, b in zip(cu[:-1], cu[1:])]
-        return torch.cat(parts), None
+        return list(zip(cu[:-1], cu[1:]))
+
+    def fwd(self, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+            softmax_scale=None, causal=False, return_lse=False):  # fmt: skip
+        assert causal and return_lse and q.stride(-1) == 1 and q.size(-2) % k.size(-2) == 0  # groups as they are
+        segments = self._segments(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        self.calls["fwd"] += 1
+        if segments is None:  # [b, s, h, d]: lse [b, h, s]
+            outs = [_reference(q[i], k[i], v[i], softmax_scale)[:2] for i in range(q.size(0))]
+            out, lse = torch.stack([o for o, _ in outs]), torch.stack([x for _, x in outs])
+        else:  # [t, h, d]: lse [h, t]
+            self.calls["varlen"] += 1
+            outs = [_reference(q[a:b], k[a:b], v[a:b], softmax_scale)[:2] for a, b in segments]
+            out, lse = torch.cat([o for o, _ in outs]), torch.cat([x for _, x in outs], dim=1)
+        return out.to(q.dtype), lse.float(), None, None, None
+
+    def bwd(self, q, k, v, out, dout, lse, softmax_scale=None, causal=False, *, cu_seqlens_q=None,
+            cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):  # fmt: skip
+        assert causal and lse.dtype == torch.float32 and out.shape == q.shape and dout.shape == q.shape
+        segments = self._segments(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        self.calls["bwd"] += 1
+        if segments is None:
+            grads = [_reference_grads(q[i], k[i], v[i], out[i], dout[i], lse[i], softmax_scale) for i in range(q.size(0))]
+            dq, dk, dv = (torch.stack(g) for g in zip(*grads))
+        else:
+            grads = [_reference_grads(q[a:b], k[a:b], v[a:b], out[a:b], dout[a:b], lse[:, a:b], softmax_scale)
+                     for a, b in segments]  # fmt: skip
+            dq, dk, dv = (torch.cat(g) for g in zip(*grads))
+        return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The reference in place of the installed package's kernels (the custom ops look them up when called)."""
+    reference = ReferenceFA4()
+    monkeypatch.setattr(flash4, "fa4_kernels", lambda: flash4.FA4(reference.fwd, reference.bwd))
+    return reference
 
 
 def _qkv(s, b=1, heads=4, groups=2, d=8, seed=0):
@@ -55,18 +110,76 @@ def _qkv(s, b=1, heads=4, groups=2, d=8, seed=0):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_dense_call_matches_sdpa_core_attention(batch):
-    """megatron's [s, b, h, d] query / key / value through the FA4 call: SDPACoreAttention's output and
-    gradients, the kernel handed [b, s, h, d] views (no copies) with grouped heads as they are."""
+def test_dense_call_matches_sdpa_core_attention(batch, kernels):
+    """megatron's [s, b, h, d] query / key / value through the FA4 op: SDPACoreAttention's output and
+    gradients, the kernels handed [b, s, h, d] views (no copies) with grouped heads as they are, the backward
+    given the forward's own output and lse (the reference checks it)."""
     q, k, v = _qkv(13, batch)
-    kernels = ReferenceFA4()
-    got = attention.fa4_dense(q, k, v, 8**-0.5, kernels)
-    assert kernels.calls == {"dense": 1, "varlen": 0} and got.shape == q.shape
+    got = attention.fa4_dense(q, k, v, 8**-0.5)
+    assert kernels.calls == {"fwd": 1, "bwd": 0, "varlen": 0} and got.shape == q.shape
     want = attention.causal_sdpa(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), 8**-0.5).permute(2, 0, 1, 3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     up = torch.randn(got.shape)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), up), torch.autograd.grad(want, (q, k, v), up)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert kernels.calls["bwd"] == 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_custom_ops_pass_torchs_opcheck(packed, kernels):
+    """torch.library.opcheck: schema, the fake kernels' shapes, dtypes and strides against the real ones
+    (what torch.compile traces with), the autograd registration, and AOT dispatch."""
+    g = torch.Generator().manual_seed(4)
+    if packed:
+        q, k, v = (torch.randn(11, h, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+        args = (q, k, v, torch.tensor([0, 5, 11], dtype=torch.int32), 6, 8**-0.5)
+    else:
+        q, k, v = (x.transpose(0, 1) for x in _qkv(7, 2))  # [b, s, h, d] views, as fa4_dense passes them
+        args = (q, k, v, None, 0, 8**-0.5)
+    torch.library.opcheck(torch.ops.questa.fa4_attention.default, args)
+    out, lse = flash4.fa4_attention(*args)
+    dout = torch.randn(out.shape, generator=g)
+    backward_args = (dout, *(x.detach() for x in (*args[:3], out, lse)), *args[3:])  # no double backward
+    torch.library.opcheck(torch.ops.questa.fa4_attention_backward.default, backward_args)
+
+
+def test_compiled_callers_trace_the_ops_without_a_graph_break(kernels):
+    """A layer compiled around the dense call (megatron's layers under model.compile): one graph."""
+    import torch._dynamo
+
+    q, k, v = _qkv(9, 2)
+    torch._dynamo.reset()
+
+    def layer(q, k, v):
+        return (attention.fa4_dense(q * 2, k, v, 8**-0.5) + 1).sum()
+
+    explained = torch._dynamo.explain(layer)(q, k, v)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_keep_attention_keeps_the_fa4_output_through_recompute(kernels):
+    """recompute_keep_attention's policy with FA4: the forward runs once (its output and lse kept, not rerun
+    in backward), and the gradients are those of the plain call."""
+    from torch.utils.checkpoint import checkpoint
+
+    from questa_nemo.model.recompute import keep_attention_contexts
+
+    q, k, v = _qkv(10, 2)
+
+    def layer(q, k, v):
+        return attention.fa4_dense(q * 1.5, k, v, 8**-0.5).tanh()
+
+    up = torch.randn(10, 2, 4, 8)
+    want = torch.autograd.grad(layer(q, k, v), (q, k, v), up)
+    kernels.calls.update(fwd=0, bwd=0)
+    kept = checkpoint(layer, q, k, v, use_reentrant=False, context_fn=keep_attention_contexts)
+    got = torch.autograd.grad(kept, (q, k, v), up)
+    assert kernels.calls == {"fwd": 1, "bwd": 1, "varlen": 0}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    kernels.calls.update(fwd=0, bwd=0)  # the plain full recompute reruns it
+    torch.autograd.grad(checkpoint(layer, q, k, v, use_reentrant=False), (q, k, v), up)
+    assert kernels.calls["fwd"] == 2
 
 
 def _params(starts, lengths, total):
@@ -79,14 +192,13 @@ def _params(starts, lengths, total):
 
 
 @pytest.mark.parametrize("lengths", [[5, 6], [7, 7, 6, 1], [20, 2, 1]])
-def test_packed_rows_take_one_varlen_call_and_padding_is_zero(lengths):
+def test_packed_rows_take_one_varlen_call_and_padding_is_zero(lengths, kernels):
     g = torch.Generator().manual_seed(1)
     t = sum(lengths) + 3  # three rows of padding after the segments
     q, k, v = (torch.randn(t, h, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    kernels = ReferenceFA4()
-    got = attention.fa4_packed(q, k, v, _params(starts, lengths, t), 8**-0.5, False, kernels)
-    assert kernels.calls == {"dense": 0, "varlen": 1}
+    got = attention.fa4_packed(q, k, v, _params(starts, lengths, t), 8**-0.5, False)
+    assert kernels.calls == {"fwd": 1, "bwd": 0, "varlen": 1}
     want = packed_causal_sdpa(q, k, v, starts, lengths, scale=8**-0.5).reshape(t, -1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert got[sum(lengths) :].abs().max() == 0
@@ -95,17 +207,16 @@ def test_packed_rows_take_one_varlen_call_and_padding_is_zero(lengths):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_segments_with_gaps_fall_back_to_the_sdpa_path():
+def test_segments_with_gaps_fall_back_to_the_sdpa_path(kernels):
     """Segments that do not lie back to back from row 0 (a padded layout) cannot be one varlen call."""
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(16, h, 8, generator=g) for h in (4, 2, 2))
-    kernels = ReferenceFA4()
-    got = attention.fa4_packed(q, k, v, _params([0, 8], [5, 6], 16), 8**-0.5, False, kernels)
-    assert kernels.calls == {"dense": 0, "varlen": 0}
+    got = attention.fa4_packed(q, k, v, _params([0, 8], [5, 6], 16), 8**-0.5, False)
+    assert kernels.calls == {"fwd": 0, "bwd": 0, "varlen": 0}
     torch.testing.assert_close(got, packed_causal_sdpa(q, k, v, [0, 8], [5, 6], scale=8**-0.5).reshape(16, -1))
 
 
-def test_a_model_with_fa4_core_attention_gives_the_sdpa_models_outputs(single_process, monkeypatch):  # noqa: F811
+def test_a_model_with_fa4_core_attention_gives_the_sdpa_models_outputs(single_process, monkeypatch, kernels):  # noqa: F811
     """The whole GPTModel built with model.attention=fa4 (the availability check passed, the reference kernels
     in): every layer's core attention is FA4's and the outputs, unpacked and packed, are the SDPA model's."""
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -115,8 +226,6 @@ def test_a_model_with_fa4_core_attention_gives_the_sdpa_models_outputs(single_pr
     from questa_nemo.model.logprobs import final_hidden_states
 
     monkeypatch.setattr(flash4, "fa4_problem", lambda device: None)
-    kernels = ReferenceFA4()
-    monkeypatch.setattr(attention.FA4CoreAttention, "kernels", kernels)
     ref, hf = tiny_hf_model("qwen2")
     cu = torch.tensor([0, 9, 20], dtype=torch.int32)
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=11, max_seqlen_kv=11)
@@ -134,7 +243,7 @@ def test_a_model_with_fa4_core_attention_gives_the_sdpa_models_outputs(single_pr
                 final_hidden_states(model, ids, fused.segment_positions(cu, 20)[None], packed_seq_params=packed),
             )
     layers = hf["num_hidden_layers"]
-    assert kernels.calls == {"dense": layers, "varlen": layers}
+    assert kernels.calls == {"fwd": 2 * layers, "bwd": 0, "varlen": layers}
     for got, want in zip(outs["fa4"], outs["sdpa"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -167,11 +276,9 @@ def test_fa4_problem_names_what_is_missing(monkeypatch):
     assert problems == []
 
 
-def test_config_takes_fa4_and_refuses_it_with_keep_attention():
+def test_config_takes_fa4_with_keep_attention():
     assert load_config("default", ["model.attention=fa4"]).model.attention == "fa4"
-    cfg = ModelConfig(attention="fa4", recompute="full", recompute_impl="torch", recompute_keep_attention=True)
-    with pytest.raises(ConfigError, match="^model.recompute_keep_attention: keeps SDPA's attention output"):
-        cfg.validate()
+    ModelConfig(attention="fa4", recompute="full", recompute_impl="torch", recompute_keep_attention=True).validate()
 
 
 def test_fa4_kernels_gives_the_import_problem(monkeypatch):
@@ -200,34 +307,38 @@ def test_fa4_kernels_gives_the_import_problem(monkeypatch):
         flash4.fa4_kernels.cache_clear()
 
 
-# The parameters of FA4's entry points, as flash-attn-4 4.0.0b40 defines them (flash_attn/cute/interface.py,
-# read from the wheel on PyPI): every keyword our calls pass must be one of them.
+# The parameters of FA4's forward and backward, as flash-attn-4 4.0.0b40 defines them (flash_attn/cute/interface.py
+# _flash_attn_fwd / _flash_attn_bwd, read from the wheel on PyPI): every argument our ops pass must be one of
+# them, the positional ones in their places.
 FA4_PARAMETERS = {
-    "dense": ("q", "k", "v", "qv", "gather_kv_indices", "softmax_scale", "causal", "window_size",
-              "learnable_sink", "softcap", "num_splits", "pack_gqa", "deterministic", "score_mod",
-              "score_mod_bwd", "mask_mod", "aux_tensors", "aux_scalars", "block_sparse_tensors",
-              "block_sparse_tensors_bwd", "return_lse", "gather_bwd_recompute_p", "gather_bwd_token_chunk",
-              "config", "scales"),
-    "varlen": ("q", "k", "v", "qv", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
-               "min_seqlen_k", "seqused_q", "seqused_k", "gather_kv_indices", "page_table", "softmax_scale",
-               "causal", "window_size", "learnable_sink", "softcap", "num_splits", "pack_gqa", "deterministic",
-               "score_mod", "score_mod_bwd", "mask_mod", "block_sparse_tensors", "aux_tensors", "aux_scalars",
-               "return_lse", "scheduler_metadata", "seqlen_k_per_split", "disable_scheduler_metadata",
-               "gather_bwd_recompute_p", "gather_bwd_token_chunk", "config", "scales"),
+    "fwd": ("q", "k", "v", "qv", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "max_seqlen_q",
+            "max_seqlen_k", "min_seqlen_k", "page_table", "softmax_scale", "causal", "softcap", "window_size_left",
+            "window_size_right", "learnable_sink", "tile_mn", "mma_pv_is_rs", "intra_wg_overlap", "num_splits",
+            "pack_gqa", "_arch", "score_mod", "mask_mod", "block_sparse_tensors", "return_lse", "out", "lse",
+            "aux_tensors", "aux_scalars", "scales", "gather_kv_indices", "scheduler_metadata",
+            "seqlen_k_per_split", "disable_scheduler_metadata", "gather_bwd_recompute_p", "config"),
+    "bwd": ("q", "k", "v", "out", "dout", "lse", "softmax_scale", "causal", "softcap", "window_size_left",
+            "window_size_right", "m_block_size", "n_block_size", "num_threads", "pack_gqa", "num_stages_Q",
+            "num_stages_dO", "SdP_swapAB", "dKV_swapAB", "dQ_swapAB", "AtomLayoutMSdP", "AtomLayoutNdKV",
+            "AtomLayoutMdQ", "V_in_regs", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k",
+            "max_seqlen_q", "max_seqlen_k", "deterministic", "dq", "dk", "dv", "score_mod", "score_mod_bwd",
+            "mask_mod", "aux_tensors", "aux_scalars", "block_sparse_tensors", "dlse", "learnable_sink", "config"),
 }  # fmt: skip
+POSITIONAL = {"fwd": 3, "bwd": 6}  # what our ops pass by position: q, k, v (and out, dout, lse)
 
 
 def test_our_calls_pass_only_parameters_fa4_has():
-    """The reference's signatures are the keywords our glue passes (it fails on any other): each is one of
-    FA4's recorded parameters and, where the package is installed, of its own signatures."""
+    """The reference's signatures are what our ops pass (it fails on any other keyword): each is one of
+    FA4's recorded parameters and, where the package is installed, of its own functions' signatures."""
     import inspect
 
-    for name, fn in (("dense", ReferenceFA4.dense), ("varlen", ReferenceFA4.varlen)):
-        ours = [p for p in inspect.signature(fn).parameters if p != "self"]
+    for name in ("fwd", "bwd"):
+        ours = [p for p in inspect.signature(getattr(ReferenceFA4, name)).parameters if p != "self"]
         real = FA4_PARAMETERS[name]
         assert [p in real for p in ours] == [True] * len(ours), (name, ours)
-        assert ours[:3] == list(real[:3])  # q, k, v positionally first
+        assert ours[: POSITIONAL[name]] == list(real[: POSITIONAL[name]])
         kernels = flash4.fa4_kernels()  # where the package is installed: its own signature has them too
         if isinstance(kernels, flash4.FA4):
-            installed = inspect.signature(getattr(kernels, name)).parameters
+            installed = list(inspect.signature(getattr(kernels, name)).parameters)
             assert set(ours) <= set(installed), (name, sorted(set(ours) - set(installed)))
+            assert installed[: POSITIONAL[name]] == ours[: POSITIONAL[name]]

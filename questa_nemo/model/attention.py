@@ -24,7 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 # megatron-free (model/varlen.py: what `questa-nemo doctor` asks too); varlen_available is re-exported
-from questa_nemo.model.flash4 import fa4_dense, fa4_kernels, first_output
+from questa_nemo.model.flash4 import fa4_attention, fa4_dense
 from questa_nemo.model.varlen import varlen_available, varlen_kernel  # noqa: F401
 
 
@@ -276,8 +276,8 @@ class VarlenCoreAttention(SDPACoreAttention):
     varlen = True
 
 
-@torch.compiler.disable
-def fa4_packed(query, key, value, params: PackedSeqParams, scale: float, varlen: bool, kernels=None):
+@torch.compiler.disable  # the segment plan reads cu_seqlens on the host
+def fa4_packed(query, key, value, params: PackedSeqParams, scale: float, varlen: bool):
     """Packed rows [t, heads, d] -> [t, heads * d]: every segment in one call of FA4's variable-length kernel
     when they lie back to back from row 0 (padding after them comes back as zeros), else as SDPA does."""
     plan = _plan_for(params)
@@ -285,12 +285,7 @@ def fa4_packed(query, key, value, params: PackedSeqParams, scale: float, varlen:
         out = _attend(query, key, value, plan, scale, varlen)
     else:
         end = plan.end
-        out = first_output(
-            (kernels or fa4_kernels()).varlen(
-                query[:end], key[:end], value[:end], cu_seqlens_q=plan.cu, cu_seqlens_k=plan.cu,
-                max_seqlen_q=plan.longest, max_seqlen_k=plan.longest, softmax_scale=scale, causal=True,
-            )
-        )  # fmt: skip
+        out = fa4_attention(query[:end], key[:end], value[:end], plan.cu, plan.longest, scale)[0]
         out = _zero_padded(out, query.size(0))
     return out.reshape(out.size(0), -1)
 
@@ -301,10 +296,9 @@ class FA4CoreAttention(SDPACoreAttention):
     VarlenCoreAttention). The model build refuses it where `fa4_problem` says it cannot run."""
 
     varlen = True  # only for packed rows FA4's varlen call cannot take: torch's kernel where usable
-    kernels = None  # FA4 entry points; None: the installed package's (tests set a reference)
 
     def _packed(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
-        return fa4_packed(query, key, value, params, self.softmax_scale, self.varlen, self.kernels)
+        return fa4_packed(query, key, value, params, self.softmax_scale, self.varlen)
 
     def _dense(self, query, key, value) -> torch.Tensor:
-        return fa4_dense(query, key, value, self.softmax_scale, self.kernels)
+        return fa4_dense(query, key, value, self.softmax_scale)

@@ -259,7 +259,7 @@ def build_model(
     if cfg.recompute == "full" and cfg.recompute_impl == "torch":
         if cfg.recompute_keep_attention and uses_te(cfg):
             raise ConfigError(
-                "model.recompute_keep_attention", "needs SDPA attention (model.attention=sdpa), not TE's"
+                "model.recompute_keep_attention", "needs SDPA or FA4 attention (model.attention=sdpa | fa4), not TE's"
             )
         layers = model.decoder.layers
         checkpoint_layers(

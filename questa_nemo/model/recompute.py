@@ -14,9 +14,10 @@ log-sum-exp, RNG state) in the forward and hands them back during recompute; eve
 Attention's backward then runs from the recomputed query / key / value and the saved output, exactly what it
 would have used without recompute, so gradients are unchanged (the tests compare them).
 
-Only torch's attention ops are kept (model/attention.py: SDPA, and for packed rows torch's variable-length
-custom op `torch_attn::_varlen_attn`): Transformer Engine's attention is not one of them, so with TE the policy
-would save nothing; `build_model` refuses that combination.
+Only these attention ops are kept (model/attention.py): SDPA's, for packed rows torch's variable-length custom op
+`torch_attn::_varlen_attn`, and with model.attention=fa4 our FlashAttention 4 op `questa::fa4_attention`
+(model/flash4.py). Transformer Engine's attention is not one of them, so with TE the policy would save
+nothing; `build_model` refuses that combination.
 """
 
 from __future__ import annotations
@@ -31,17 +32,19 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-from questa_nemo.model import fused
+from questa_nemo.model import flash4, fused  # noqa: F401  (flash4: registers questa::fa4_attention, kept below)
 from questa_nemo.model.varlen import varlen_kernel
 
 _aten = torch.ops.aten
-# The fused SDPA ops torch dispatches to (CUDA: cuDNN / flash / memory-efficient; CPU: flash for CPU).
+# The fused SDPA ops torch dispatches to (CUDA: cuDNN / flash / memory-efficient; CPU: flash for CPU), and
+# FlashAttention 4's forward as our custom op (model/flash4.py).
 KEPT_OPS = frozenset(
     {
         _aten._scaled_dot_product_cudnn_attention.default,
         _aten._scaled_dot_product_flash_attention.default,
         _aten._scaled_dot_product_efficient_attention.default,
         _aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.questa.fa4_attention.default,  # registered by importing flash4
     }
 )
 
@@ -60,7 +63,7 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def keep_attention_contexts():
-    """`context_fn` for torch.utils.checkpoint: save the fused SDPA ops' outputs, recompute the rest."""
+    """`context_fn` for torch.utils.checkpoint: save the fused attention ops' outputs, recompute the rest."""
     return create_selective_checkpoint_contexts(_policy)
 
 
