@@ -5,7 +5,7 @@ kernels as torch custom ops.
 Kept apart from model/attention.py, which imports megatron, so that `questa-nemo doctor` asks the same
 question (and gives the same reasons) as the model build without importing megatron. It is offered on
 Hopper (sm_90) and Blackwell (sm_100 / sm_103) GPUs, the ones its kernels are tuned for. On an H100
-(docs/benchmarks.md (τ)) its kernels ran the 1.5B shape's attention 12-14% faster than cuDNN's SDPA forward and
+(docs/benchmarks.md (υ)) its kernels ran the 1.5B shape's attention 12-14% faster than cuDNN's SDPA forward and
 backward, at the same error against fp32.
 """
 
