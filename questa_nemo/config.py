@@ -175,6 +175,8 @@ class ModelConfig:
             raise ConfigError("model.recompute_impl", "needs recompute=full")
         if self.recompute_keep_attention and (self.recompute != "full" or self.recompute_impl != "torch"):
             raise ConfigError("model.recompute_keep_attention", "needs recompute=full and recompute_impl=torch")
+        if self.attention == "fa4" and self.params_dtype != "bf16":
+            raise ConfigError("model.params_dtype", "attention=fa4 needs bf16 (FlashAttention 4's kernels are bf16)")
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
             raise ConfigError("model.virtual_pipeline", "needs pipeline_parallel >= 2")
         if self.sequence_parallel and self.tensor_parallel < 2:

@@ -225,7 +225,7 @@ def test_a_model_with_fa4_core_attention_gives_the_sdpa_models_outputs(single_pr
     from questa_nemo.model import megatron as mg
     from questa_nemo.model.logprobs import final_hidden_states
 
-    monkeypatch.setattr(flash4, "fa4_problem", lambda device: None)
+    monkeypatch.setattr(flash4, "fa4_problem", lambda device, head_dim=None: None)
     ref, hf = tiny_hf_model("qwen2")
     cu = torch.tensor([0, 9, 20], dtype=torch.int32)
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=11, max_seqlen_kv=11)
@@ -272,13 +272,30 @@ def test_fa4_problem_names_what_is_missing(monkeypatch):
     assert flash4.fa4_problem("cuda") == flash4.NOT_INSTALLED
     monkeypatch.setattr(flash4, "fa4_kernels", lambda: flash4.FA4(None, None))
     assert flash4.fa4_problem("cuda") is None
+    assert flash4.fa4_problem("cuda", head_dim=128) is None
+    assert flash4.fa4_problem("cuda", head_dim=320) == (
+        "its kernels take head sizes 8-256 in multiples of 8 on sm_90, this model's is 320"
+    )
     problems = doctor.check_config(_config(model={"attention": "fa4"}), EIGHT_H100)
     assert problems == []
 
 
-def test_config_takes_fa4_with_keep_attention():
-    assert load_config("default", ["model.attention=fa4"]).model.attention == "fa4"
+def test_config_takes_fa4_with_keep_attention_and_refuses_it_in_fp32():
+    assert load_config("questa_partial_50", ["model.attention=fa4"]).model.attention == "fa4"
     ModelConfig(attention="fa4", recompute="full", recompute_impl="torch", recompute_keep_attention=True).validate()
+    with pytest.raises(ConfigError, match="^model.params_dtype: attention=fa4 needs bf16"):
+        ModelConfig(attention="fa4", params_dtype="fp32").validate()
+
+
+@pytest.mark.parametrize(
+    "head_dim, major, ok",
+    [(128, 9, True), (64, 9, True), (256, 9, True), (192, 9, True), (264, 9, False), (100, 9, False),
+     (128, 10, True), (256, 10, True), (192, 10, False), (4, 9, False)],
+)  # fmt: skip
+def test_head_sizes_fa4_takes(head_dim, major, ok):
+    """flash-attn-4's own rule (_validate_head_dims, bf16): a model outside it is refused at the build, not
+    by an assertion in the first step."""
+    assert (flash4.fa4_head_dim_problem(head_dim, major) is None) == ok
 
 
 def test_fa4_kernels_gives_the_import_problem(monkeypatch):

@@ -42,17 +42,30 @@ def fa4_kernels() -> FA4 | str:
     return FA4(_flash_attn_fwd, _flash_attn_bwd)
 
 
-def fa4_problem(device: torch.device | str) -> str | None:
-    """None when FlashAttention 4 can run on `device` (its GPU's architecture, the package imports), else why
-    not. The model build (model/megatron.py) and `questa-nemo doctor` both ask this."""
+def fa4_problem(device: torch.device | str, head_dim: int | None = None) -> str | None:
+    """None when FlashAttention 4 can run on `device` (its GPU's architecture, the package imports, and the
+    model's `head_dim` where given), else why not. The model build (model/megatron.py) and `questa-nemo
+    doctor` both ask this."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return NEEDS_GPU
     major, minor = torch.cuda.get_device_capability(device)
     if major not in ARCHS:
         return f"its kernels are for sm_90 / sm_100 GPUs, this one is sm_{major}{minor}"
+    if head_dim is not None and (problem := fa4_head_dim_problem(head_dim, major)) is not None:
+        return problem
     kernels = fa4_kernels()
     return kernels if isinstance(kernels, str) else None
+
+
+def fa4_head_dim_problem(head_dim: int, major: int) -> str | None:
+    """None when FA4's kernels take `head_dim` on a GPU of compute capability `major` (flash-attn-4's
+    `_validate_head_dims`: multiples of 8, up to 256 on sm_90, up to 128 or exactly 256 on sm_100), else why."""
+    fits = 8 <= head_dim <= 256 if major == 9 else 8 <= head_dim <= 128 or head_dim == 256
+    if head_dim % 8 == 0 and fits:
+        return None
+    allowed = "8-256" if major == 9 else "8-128 or 256"
+    return f"its kernels take head sizes {allowed} in multiples of 8 on sm_{major}0, this model's is {head_dim}"
 
 
 def _kernels() -> FA4:

@@ -77,7 +77,7 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
             "model.sequence_parallel", "needs Transformer Engine (megatron's torch norms reject it)"
         )
     shape = ModelShape.from_hf(hf)
-    backend = spec_provider(cfg)  # the modules, and the switches they need in the config
+    backend = spec_provider(cfg, shape.head_dim)  # the modules, and the switches they need in the config
     dtype = torch.bfloat16 if cfg.params_dtype == "bf16" else torch.float32
     recompute: dict = {}
     if cfg.recompute == "full" and cfg.recompute_impl == "torch":
@@ -135,16 +135,16 @@ def transformer_config_from_hf(hf: Mapping, cfg: ModelConfig) -> TransformerConf
     )
 
 
-def spec_provider(cfg: ModelConfig) -> QuestaSpecProvider:
+def spec_provider(cfg: ModelConfig, head_dim: int | None = None) -> QuestaSpecProvider:
     """Our modules for megatron (model/spec.py): without TE the whole decoder layer, with TE only the RoPE
-    fusion (TE's spec has TE's modules)."""
+    fusion (TE's spec has TE's modules). `head_dim`: the model's, checked against FA4's kernels with fa4."""
     return QuestaSpecProvider(
         sdpa=cfg.attention != "local",
         swiglu=own_swiglu_on(cfg),
         fused_rope=fusions_on(cfg),
         fused_norm=fusions_on(cfg),
         varlen=packed_varlen_on(cfg),
-        fa4=fa4_on(cfg),
+        fa4=fa4_on(cfg, head_dim),
     )
 
 
@@ -171,11 +171,13 @@ def compile_on(cfg: ModelConfig) -> bool:
     return True
 
 
-def fa4_on(cfg: ModelConfig) -> bool:
-    """model.attention=fa4: FlashAttention 4's core attention, refused where it cannot run (model/flash4.py)."""
+def fa4_on(cfg: ModelConfig, head_dim: int | None = None) -> bool:
+    """model.attention=fa4: FlashAttention 4's core attention, refused where it cannot run (model/flash4.py),
+    `head_dim` included where given."""
     if cfg.attention != "fa4":
         return False
-    problem = flash4.fa4_problem("cuda" if torch.cuda.is_available() else "cpu")  # where build_model puts it
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where build_model puts it
+    problem = flash4.fa4_problem(device, head_dim)
     if problem is not None:
         raise ConfigError("model.attention", f"fa4 unavailable: {problem}")
     return True
