@@ -248,6 +248,24 @@ def test_a_model_with_fa4_core_attention_gives_the_sdpa_models_outputs(single_pr
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_full_recompute_keeping_fa4s_attention_gives_the_sdpa_models_gradients(single_process, monkeypatch, kernels):  # noqa: F811
+    """The whole GPTModel with fa4 under torch's full recompute keeping attention (the fastest 32K setting on an
+    H100): the SDPA model's gradients without recompute, and FA4's forward run once a layer, never rerun."""
+    from test_model_build import _grads
+
+    monkeypatch.setattr(flash4, "fa4_problem", lambda device, head_dim=None: None)
+    ref, hf = tiny_hf_model("qwen2")
+    want = _grads(ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none"), ref, hf)
+    cfg = ModelConfig(params_dtype="fp32", attention="fa4", recompute="full", recompute_impl="torch",
+                      recompute_keep_attention=True)  # fmt: skip
+    got = _grads(cfg, ref, hf)
+    layers = hf["num_hidden_layers"]
+    assert kernels.calls == {"fwd": layers, "bwd": layers, "varlen": 0}
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU answers")
 def test_fa4_is_refused_with_the_reason_where_it_cannot_run():
     from questa_nemo.model import megatron as mg
