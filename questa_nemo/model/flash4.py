@@ -85,7 +85,12 @@ def _varlen(cu_seqlens: torch.Tensor | None, max_seqlen: int) -> dict:
 # graph break, and recompute's keep-attention policy (model/recompute.py) can keep the forward's outputs by
 # name, as it keeps SDPA's. Dense: q [b, s, h, d], k / v [b, s, g, d] (grouped heads as they are), lse
 # [b, h, s]; packed (cu_seqlens given): [t, h, d] rows, lse [h, t]. lse is fp32, for the backward only.
-@torch.library.custom_op("questa::fa4_attention", mutates_args=())
+# Explicit schemas: torch 2.4 (our floor) infers none from this module's postponed (string) annotations.
+@torch.library.custom_op(
+    "questa::fa4_attention",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, SymInt max_seqlen, float scale) -> (Tensor, Tensor)",
+)
 def fa4_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +107,12 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale):
     return out, q.new_empty(lse, dtype=torch.float32)
 
 
-@torch.library.custom_op("questa::fa4_attention_backward", mutates_args=())
+@torch.library.custom_op(
+    "questa::fa4_attention_backward",
+    mutates_args=(),
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, SymInt max_seqlen, "
+    "float scale) -> (Tensor, Tensor, Tensor)",
+)
 def fa4_attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens: torch.Tensor | None, max_seqlen: int, scale: float,
