@@ -407,7 +407,8 @@ def build_hf(hf: dict, run: Run, device: str):
     if run.options.get("compile") == "1":
         # transformers' FlashAttention-4 wrapper guards on each layer's integer layer_idx: at torch's default of 8
         # recompiles, layers 9-28 would run that wrapper uncompiled (a weaker baseline than a user would get)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(model.model.layers))
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 2 * len(model.model.layers)))
         for layer in model.model.layers:
             layer.compile()
 

@@ -93,7 +93,8 @@ class ReferenceFA4:
             grads = [_reference_grads(q[a:b], k[a:b], v[a:b], out[a:b], dout[a:b], lse[:, a:b], softmax_scale)
                      for a, b in segments]  # fmt: skip
             dq, dk, dv = (torch.cat(g) for g in zip(*grads))
-        return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+        # as FA4 allocates them: torch.empty_like of each input (a transposed view keeps its strides)
+        return tuple(torch.empty_like(x).copy_(g) for g, x in zip((dq, dk, dv), (q, k, v)))
 
 
 @pytest.fixture
@@ -141,6 +142,20 @@ def test_the_custom_ops_pass_torchs_opcheck(packed, kernels):
     dout = torch.randn(out.shape, generator=g)
     backward_args = (dout, *(x.detach() for x in (*args[:3], out, lse)), *args[3:])  # no double backward
     torch.library.opcheck(torch.ops.questa.fa4_attention_backward.default, backward_args)
+
+
+def test_lse_is_not_differentiable_and_gradients_keep_the_kernels_layout(kernels):
+    """lse is for the backward only (marked non-differentiable: a caller differentiating it gets an error, not
+    zeros); gradients come back as FA4 allocates them (empty_like of each input, for a transposed view its
+    strides, for a non-dense split of a fused projection contiguous): the layout the fake promises."""
+    q, k, v = (x.transpose(0, 1) for x in _qkv(6, 2))
+    out, lse = flash4.fa4_attention(q, k, v, None, 0, 8**-0.5)
+    assert out.requires_grad and not lse.requires_grad
+    fused = torch.randn(6, 2, 8, 8, requires_grad=True)  # [s, b, heads + 2 groups, d]: megatron's fused q/k/v
+    qs, ks, vs = (x.transpose(0, 1) for x in torch.split(fused, [4, 2, 2], dim=2))  # non-dense views
+    grads = torch.autograd.grad(flash4.fa4_attention(qs, ks, vs, None, 0, 8**-0.5)[0].sum(), (qs, ks, vs))
+    for g, x in zip(grads, (qs, ks, vs)):
+        assert g.stride() == torch.empty_like(x).stride()
 
 
 def test_compiled_callers_trace_the_ops_without_a_graph_break(kernels):

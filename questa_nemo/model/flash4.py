@@ -120,8 +120,11 @@ def fa4_attention_backward(
     grads = _kernels().bwd(
         q, k, v, out, dout, lse, softmax_scale=scale, causal=True, **_varlen(cu_seqlens, max_seqlen)
     )[:3]
-    # each gradient laid out as its input (what the fake below promises a compiled graph)
-    return tuple(g if g.stride() == x.stride() else torch.empty_like(x).copy_(g) for g, x in zip(grads, (q, k, v)))
+    # each gradient laid out as empty_like(its input), what the fake below promises a compiled graph (FA4 allocates
+    # them so; a copy only where it did not)
+    return tuple(
+        g if g.stride() == _empty_like_strides(x) else torch.empty_like(x).copy_(g) for g, x in zip(grads, (q, k, v))
+    )
 
 
 @fa4_attention_backward.register_fake
@@ -129,13 +132,18 @@ def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _empty_like_strides(x: torch.Tensor) -> tuple[int, ...]:
+    return torch.empty_like(x, device="meta").stride()
+
+
 def _setup(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, scale = inputs
     ctx.save_for_backward(q, k, v, *output, cu_seqlens)
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.mark_non_differentiable(output[1])  # lse: for the backward only
 
 
-def _backward(ctx, dout, dlse):  # lse is never differentiated (only the backward reads it): dlse is unused
+def _backward(ctx, dout, dlse):  # lse is not differentiable (marked above): dlse is unused
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = fa4_attention_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
     return dq, dk, dv, None, None, None
