@@ -27,8 +27,6 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
   attn=fa4                        FlashAttention 4 (pip flash-attn-4) for attention: mcore model.attention=fa4,
                                   hf attn_implementation="flash_attention_4" (its own FA4 integration)
-  fa4bwd=NAME|default             mcore, attn=fa4: FA4's sm_90 backward with bench/fa4_bwd_sweep.py's candidate
-                                  NAME, or FA4's own heuristic (default); absent: what model/flash4.py ships
   chunk=N                         mcore: tokens per log-prob chunk (default: ModelConfig's)
   docs=N|r1                       mcore: pack N equal causal sequences into the micro-batch (THD, default 1);
                                   r1: the rows the GRPO trainer packs from NeMo-RL-shaped lengths, in turn
@@ -217,7 +215,7 @@ def parse_run(text: str) -> Run:
     if impl not in ("mcore", "hf"):
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
-    known = {"fa4bwd", "recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
+    known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
              "newstuff", "keepattn", "vcontig", "headmajor", "ckpt", "segplan", "varlen", "attn"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
@@ -279,7 +277,6 @@ def build_mcore(hf: dict, run: Run, device: str):
     )
     model = build_model(hf, cfg)
     model.train()
-    fa4_backward_config(run, hf)
     if run.options.get("newstuff") == "0":
         torch_norms(model)
     from questa_nemo.model import attention
@@ -319,33 +316,6 @@ def build_mcore(hf: dict, run: Run, device: str):
         return -(out.logprobs * adv.t()).mean()
 
     return model, loss_fn
-
-
-FA4_BWD_SHIPPED: dict = {}  # model/flash4.py's SM90_BWD_FIELDS as the library ships it (filled at first use)
-
-
-def fa4_backward_config(run: Run, hf: dict) -> None:
-    """fa4bwd=NAME: FA4's sm_90 backward with the fields of fa4_bwd_sweep.py's candidate NAME for this model's
-    attention shape (our op only; transformers' FA4 keeps FA4's heuristic); fa4bwd=default: FA4's heuristic;
-    absent: what model/flash4.py ships."""
-    from fa4_bwd_sweep import CANDIDATES
-
-    from questa_nemo.model import flash4
-
-    if not FA4_BWD_SHIPPED:
-        FA4_BWD_SHIPPED["fields"] = dict(flash4.SM90_BWD_FIELDS)
-    flash4.SM90_BWD_FIELDS.clear()
-    flash4.SM90_BWD_FIELDS.update(FA4_BWD_SHIPPED["fields"])
-    name = run.options.get("fa4bwd")
-    if name is None:
-        return
-    flash4.SM90_BWD_FIELDS.clear()
-    if name != "default":
-        if name not in dict(CANDIDATES):
-            raise SystemExit(f"run {run.label}: fa4bwd={name} is none of {[n for n, _ in CANDIDATES]}")
-        head_dim = hf["hidden_size"] // hf["num_attention_heads"]
-        group = hf["num_attention_heads"] // hf["num_key_value_heads"]
-        flash4.SM90_BWD_FIELDS[(head_dim, group)] = dict(CANDIDATES)[name]
 
 
 def packed_rows(run: Run) -> list:

@@ -1,7 +1,9 @@
 """FlashAttention 4's backward on Hopper under other tile / MMA configurations than its heuristic picks, on the
 policy's attention shape (causal, grouped key / value heads, head size 128), timed against its default in one
-process. Where a configuration is faster at every length and its gradients match the default's, model/flash4.py
-may pass it; this is the measurement behind that.
+process, with each candidate's gradients compared to the default's. On an H100 (docs/benchmarks.md (φ),
+bench/results/fa4_bwd_sweep_h100.json) none was faster at 8K, one 2.3% faster at 32K only and no faster in a
+32K training step, so model/flash4.py keeps FA4's own choice; this is there to ask again on another card,
+shape or flash-attn-4 version.
 
 FA4's sm_90 backward heuristic (flash_attn.cute.config.select_sm90_bwd_tile) takes FlashAttention 3's C++
 tiles, tuned on H100 SXM; its config search (sm90_config_search.py) lists the feasible alternatives by

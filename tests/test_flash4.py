@@ -82,11 +82,10 @@ class ReferenceFA4:
         return out.to(q.dtype), lse.float(), None, None, None
 
     def bwd(self, q, k, v, out, dout, lse, softmax_scale=None, causal=False, *, cu_seqlens_q=None,
-            cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, config=None):  # fmt: skip
+            cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):  # fmt: skip
         assert causal and lse.dtype == torch.float32 and out.shape == q.shape and dout.shape == q.shape
         segments = self._segments(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         self.calls["bwd"] += 1
-        self.bwd_config = config
         if segments is None:
             grads = [_reference_grads(q[i], k[i], v[i], out[i], dout[i], lse[i], softmax_scale) for i in range(q.size(0))]
             dq, dk, dv = (torch.stack(g) for g in zip(*grads))
@@ -358,40 +357,6 @@ def test_fa4_kernels_gives_the_import_problem(monkeypatch):
         flash4.fa4_kernels.cache_clear()
 
 
-def test_a_tuned_backward_config_reaches_fa4(kernels, monkeypatch):
-    """Where SM90_BWD_FIELDS names the shape (head size, query heads a key head), the backward op hands FA4's
-    backward the config `_tuned_bwd` builds; on CPU tensors (no sm_90 GPU) there is none, FA4's own choice."""
-    q, k, v = _qkv(13)  # head size 8, 4 query heads over 2
-    monkeypatch.setitem(flash4.SM90_BWD_FIELDS, (8, 2), {"dQ_swapAB": True})
-    qb, kb = q.transpose(0, 1), k.transpose(0, 1)  # as the op sees them: [b, s, h, d]
-    assert flash4._tuned_bwd(qb, kb) == {}
-    attention.fa4_dense(q, k, v, 8**-0.5).sum().backward()
-    assert kernels.bwd_config is None
-    tuned = object()
-    monkeypatch.setattr(flash4, "_tuned_bwd", lambda q, k: {"config": tuned} if q.size(-2) == 4 else {})
-    attention.fa4_dense(q, k, v, 8**-0.5).sum().backward()
-    assert kernels.bwd_config is tuned
-
-
-def test_the_tuned_config_is_fa4s_choice_with_our_fields():
-    """`_sm90_bwd_config` is FA4's own sm_90 backward choice for the problem with the given fields replaced, and
-    FA4's validation takes it (run where flash-attn-4 imports: Python 3.12 with the package)."""
-    import dataclasses
-
-    if not isinstance(flash4.fa4_kernels(), flash4.FA4):
-        pytest.skip("flash-attn-4 is not importable here")
-    from flash_attn.cute.config import BwdHeuristicInputs, select_bwd_config, validate_bwd_config
-
-    fields = (("dQ_swapAB", True), ("tile_m", 80))
-    got = flash4._sm90_bwd_config(128, 12, 2, "torch.bfloat16", fields)
-    problem = BwdHeuristicInputs(
-        device_arch=90, head_dim=128, head_dim_v=128, num_heads=12, num_heads_kv=2, dtype="torch.bfloat16",
-        causal=True, max_seqlen_q=8192, max_seqlen_k=8192, total_q=8192, total_k=8192,
-    )  # fmt: skip
-    assert got == dataclasses.replace(select_bwd_config(problem), dQ_swapAB=True, tile_m=80)
-    validate_bwd_config(got, problem)
-
-
 # The parameters of FA4's forward and backward, as flash-attn-4 4.0.0b40 defines them (flash_attn/cute/interface.py
 # _flash_attn_fwd / _flash_attn_bwd, read from the wheel on PyPI): every argument our ops pass must be one of
 # them, the positional ones in their places.
@@ -427,3 +392,28 @@ def test_our_calls_pass_only_parameters_fa4_has():
             installed = list(inspect.signature(getattr(kernels, name)).parameters)
             assert set(ours) <= set(installed), (name, sorted(set(ours) - set(installed)))
             assert installed[: POSITIONAL[name]] == ours[: POSITIONAL[name]]
+
+
+def test_the_backward_sweep_picks_only_a_candidate_faster_at_every_length_with_the_defaults_gradients():
+    """bench/fa4_bwd_sweep.py's choice: faster than the slower of the default's two timings by 2% at every
+    length, gradients within 3x the default's run-to-run difference (or 1e-2), refused or failed ones never."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from fa4_bwd_sweep import best
+
+    def default(seq, ms):
+        return {"seq": seq, "name": "default", "ms_before_after": ms, "self_rel_err": 1e-3}
+
+    def row(seq, name, ms, err=1e-3):
+        return {"seq": seq, "name": name, "ms": ms, "max_rel_err": {"q": err, "k": err, "v": err}}
+
+    rows = [default(8, [1.0, 1.02]), default(32, [10.0, 10.0]),
+            row(8, "fast", 0.9), row(32, "fast", 9.5),  # 1.13x / 1.05x
+            row(8, "faster_at_8", 0.5), row(32, "faster_at_8", 10.1),  # slower at 32
+            row(8, "wrong", 0.5, err=0.5), row(32, "wrong", 5.0),  # its gradients differ
+            row(8, "one_length", 0.5), {"seq": 32, "name": "one_length", "error": "ValueError: refused"}]  # fmt: skip
+    assert best(rows) == "fast"
+    assert best(rows, min_speedup=1.06) == "default"  # fast is 1.05x at 32
+    assert best([default(8, [1.0, 1.0]), row(8, "noise", 0.99)]) == "default"

@@ -11,7 +11,6 @@ backward, at the same error against fp32.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -118,9 +117,8 @@ def fa4_attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens: torch.Tensor | None, max_seqlen: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    tuned = _tuned_bwd(q, k)
     grads = _kernels().bwd(
-        q, k, v, out, dout, lse, softmax_scale=scale, causal=True, **_varlen(cu_seqlens, max_seqlen), **tuned
+        q, k, v, out, dout, lse, softmax_scale=scale, causal=True, **_varlen(cu_seqlens, max_seqlen)
     )[:3]
     # each gradient laid out as empty_like(its input), what the fake below promises a compiled graph (FA4 allocates
     # them so; a copy only where it did not)
@@ -132,36 +130,6 @@ def fa4_attention_backward(
 @fa4_attention_backward.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-# FA4's sm_90 backward: fields of its BwdConfig that replace what its heuristic picks (FlashAttention 3's tiles),
-# by (head size, query heads a key / value head), where bench/fa4_bwd_sweep.py measured a faster configuration at
-# every length it ran with the same gradients. Empty: the heuristic's everywhere.
-SM90_BWD_FIELDS: dict[tuple[int, int], dict] = {}
-
-
-def _tuned_bwd(q: torch.Tensor, k: torch.Tensor) -> dict:
-    """{"config": FA4's BwdConfig with our fields} where SM90_BWD_FIELDS has this shape on an sm_90 GPU, else {}."""
-    if not SM90_BWD_FIELDS or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
-        return {}
-    fields = SM90_BWD_FIELDS.get((q.size(-1), q.size(-2) // k.size(-2)))
-    if fields is None:
-        return {}
-    key = tuple(sorted(fields.items()))
-    return {"config": _sm90_bwd_config(q.size(-1), q.size(-2), k.size(-2), str(q.dtype), key)}
-
-
-@functools.cache
-def _sm90_bwd_config(head_dim: int, heads: int, kv_heads: int, dtype: str, fields: tuple) -> object:
-    """FA4's own sm_90 choice for causal attention of this shape with `fields` replaced (FA4 validates the result
-    against the problem at every call, and refuses one its kernels cannot build)."""
-    from flash_attn.cute.config import BwdHeuristicInputs, select_bwd_config
-
-    problem = BwdHeuristicInputs(
-        device_arch=90, head_dim=head_dim, head_dim_v=head_dim, num_heads=heads, num_heads_kv=kv_heads, dtype=dtype,
-        causal=True,
-    )  # fmt: skip
-    return dataclasses.replace(select_bwd_config(problem), **dict(fields))
 
 
 def _empty_like_strides(x: torch.Tensor) -> tuple[int, ...]:
