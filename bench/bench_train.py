@@ -203,6 +203,7 @@ class Run:
     real_fraction: float = 1.0  # share of the row's tokens that are sequences (docs=r1: the rest is padding)
     varlen: bool = False  # varlen=1 and the packed rows took the kernel (where it cannot run the row fails)
     clocks: dict = field(default_factory=dict)  # --clocks: SM clock, power and clock-limit reasons while timed
+    syncs: list = field(default_factory=list)  # --sync-debug: host-synchronizing torch calls in one step, by site
 
     @property
     def label(self) -> str:
@@ -481,6 +482,16 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
         entry = host_ops.setdefault(e.name, [0, 0.0])
         entry[0] += 1
         entry[1] += e.self_cpu_time_total / 1e3
+    # CUDA runtime calls that can hold the host until the GPU drains (the host then launches into an empty queue)
+    blocking = ("ynchronize", "cudaMalloc", "cudaFree", "cudaMemcpy", "cudaHostAlloc", "cuMemAlloc", "cuMemFree",
+                "cuMemMap", "cuMemCreate", "cuModuleLoad", "cuLibraryLoad")  # fmt: skip
+    host_blocking = {n: v for n, v in host_ops.items() if any(b in n for b in blocking)}
+    gaps_before: dict[str, list] = {}  # GPU gaps over 50 us by the kernel that ended them: [count, ms]
+    for g, _, _, before, _ in gaps:
+        if g > 50:
+            entry = gaps_before.setdefault(before[:80], [0, 0.0])
+            entry[0] += 1
+            entry[1] += g / 1e3
     span_ms = (busy_until - first) / 1e3
     by_kind: dict[str, float] = {}
     by_name: dict[str, list] = {}
@@ -500,6 +511,10 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
         "largest_gaps": [
             {"us": g, "at_ms": at, "after": a[:100], "before": b[:100], "host_during": host_during(span)}
             for g, at, a, b, span in sorted(gaps, key=lambda gap: -gap[0])[:15]
+        ],
+        "host_blocking_calls": {n: {"calls": c, "self_ms": ms} for n, (c, ms) in sorted(host_blocking.items())},
+        "gaps_over_50us_by_next_kernel": [
+            {"before": n, "gaps": c, "ms": ms} for n, (c, ms) in sorted(gaps_before.items(), key=lambda kv: -kv[1][1])[:15]
         ],
         "host_self_ms_top": [
             {"name": n[:120], "calls": c, "self_ms": ms}
@@ -589,6 +604,36 @@ def forward_saved(forward, sites: bool) -> tuple[float, list]:
     return saved, top
 
 
+def synchronizing_sites(step, limit: int = 12) -> list[dict]:
+    """The calls in one step that make the host wait for the GPU (torch's sync debug mode, warn), by the
+    innermost frames of our, megatron's, transformers' or flash-attn's code that made them, with counts. A
+    sync inside a step empties the launch queue: the GPU then idles while the host launches the next kernels."""
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+    code = ("questa_nemo", "megatron", "transformers", "flash_attn", "bench_train")
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if any(c in f.filename for c in code)][-3:]
+        site = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+        key = f"{str(message)[:60]} @ {site or f'{filename}:{lineno}'}"
+        sites[key] = sites.get(key, 0) + 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown, warnings.showwarning = warnings.showwarning, record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    torch.cuda.synchronize()
+    return [{"site": k, "calls": n} for k, n in sorted(sites.items(), key=lambda kv: -kv[1])[:limit]]
+
+
 def host_timing(forward, optimizer, accum: int) -> dict[str, float]:
     """When the host finished issuing forward, backward and the optimizer step, and when the GPU finished
     (ms from the step's start). A step whose GPU finishes right after the host is bound by the host."""
@@ -613,6 +658,7 @@ def measure(
     profile_dir: Path | None = None,
     saved_sites: bool = False,
     clocks: bool = False,
+    sync_debug: bool = False,
 ) -> None:
     built_at = time.perf_counter()
     model, loss_fn = (build_mcore if run.impl == "mcore" else build_hf)(hf, run, device)
@@ -651,6 +697,8 @@ def measure(
                 run.step_s.append(time.perf_counter() - start)
         if sampler is not None:
             run.clocks = sampler.stop()
+        if device == "cuda" and sync_debug:
+            run.syncs = synchronizing_sites(step_once)
         if device == "cuda":
             run.host_ms = host_timing(forward, optimizer, accum)
             try:  # a diagnostic: its failure must not cost the run its throughput
@@ -851,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="record where the memory a forward saves for backward was allocated (saved_sites)")
     parser.add_argument("--clocks", action="store_true",
                         help="sample the SM clock, power and clock-limit reasons during the timed steps (NVML)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="one more step under torch's sync debug mode: which calls make the host wait (syncs)")
     args = parser.parse_args(argv)
 
     hf = TINY if args.tiny else QWEN25_15B
@@ -893,7 +943,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             measure(
-                run, hf, args.device, args.steps, args.warmup, peak, args.profile, args.saved_sites, args.clocks
+                run, hf, args.device, args.steps, args.warmup, peak, args.profile, args.saved_sites, args.clocks,
+                args.sync_debug,
             )
         except torch.OutOfMemoryError:
             run.status = "oom"
