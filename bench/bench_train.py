@@ -27,6 +27,7 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
   attn=fa4                        FlashAttention 4 (pip flash-attn-4) for attention: mcore model.attention=fa4,
                                   hf attn_implementation="flash_attention_4" (its own FA4 integration)
+  fa4direct=0|1                   mcore, attn=fa4: 0 = every forward through FA4's Python (flash4.FAST_FORWARD off)
   chunk=N                         mcore: tokens per log-prob chunk (default: ModelConfig's)
   docs=N|r1                       mcore: pack N equal causal sequences into the micro-batch (THD, default 1);
                                   r1: the rows the GRPO trainer packs from NeMo-RL-shaped lengths, in turn
@@ -216,7 +217,7 @@ def parse_run(text: str) -> Run:
     if impl not in ("mcore", "hf"):
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
-    known = {"recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
+    known = {"fa4direct", "recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
              "newstuff", "keepattn", "vcontig", "headmajor", "ckpt", "segplan", "varlen", "attn"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
@@ -278,6 +279,9 @@ def build_mcore(hf: dict, run: Run, device: str):
     )
     model = build_model(hf, cfg)
     model.train()
+    from questa_nemo.model import flash4
+
+    flash4.FAST_FORWARD = run.options.get("fa4direct", "1") == "1"  # set on every run
     if run.options.get("newstuff") == "0":
         torch_norms(model)
     from questa_nemo.model import attention

@@ -417,3 +417,96 @@ def test_the_backward_sweep_picks_only_a_candidate_faster_at_every_length_with_t
     assert best(rows) == "fast"
     assert best(rows, min_speedup=1.06) == "default"  # fast is 1.05x at 32
     assert best([default(8, [1.0, 1.0]), row(8, "noise", 0.99)]) == "default"
+
+
+def _fa4_shaped_forward(workspace: bool = False):
+    """A forward shaped like FA4's `_flash_attn_fwd`: its compile cache an attribute of the function, the
+    compiled kernel looked up there and called with q, k, v detached, the out / lse it allocated and
+    non-tensor arguments (with `workspace`, also a buffer of its own). Counts its Python calls and launches."""
+    from typing import NamedTuple
+
+    class AuxData(NamedTuple):  # as flash_attn.cute.utils defines it
+        tensors: tuple | None = None
+        scalars: tuple | None = None
+
+    counts = {"python": 0, "launches": 0}
+
+    def kernel(q, k, v, out, lse, scale, cu_q, cu_k, used_q, used_k, pages, left, right, sink, sparse, aux, *extra):
+        assert aux == AuxData(None, None) and cu_q is None and (len(extra) == 1) == workspace
+        counts["launches"] += 1
+        for i in range(q.size(0)):
+            o, log_z = _reference(q[i], k[i], v[i], scale)[:2]
+            out[i].copy_(o)
+            lse[i].copy_(log_z)
+
+    def fwd(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+        assert causal and return_lse
+        counts["python"] += 1
+        key = (q.shape, k.shape, q.dtype)
+        if key not in fwd.compile_cache:
+            fwd.compile_cache[key] = kernel
+        out = torch.empty(q.shape, dtype=q.dtype)
+        lse = torch.empty(q.size(0), q.size(2), q.size(1), dtype=torch.float32)
+        extra = (torch.zeros(4),) if workspace else ()
+        fwd.compile_cache[key](q.detach(), k.detach(), v.detach(), out, lse, softmax_scale, None, None, None, None,
+                               None, None, None, None, None, AuxData(None, None), *extra)  # fmt: skip
+        return out, lse, None, None, None
+
+    fwd.compile_cache = {}
+    return fwd, counts
+
+
+@pytest.fixture
+def fresh_direct(monkeypatch):
+    monkeypatch.setattr(flash4, "_direct", {})
+
+
+def _bshd(s=9, b=2, heads=4, groups=2, d=8, seed=0):
+    return [x.transpose(0, 1) for x in _qkv(s, b, heads, groups, d, seed)]
+
+
+def test_a_dense_problem_seen_before_launches_fa4s_kernel_without_its_python(fresh_direct):
+    """The first call of a problem goes through FA4's forward (recorded); later ones with other tensors of the
+    same layout call the kernel it compiled directly, with FA4's arguments and our tensors: the reference's
+    outputs, one Python call in all. The recording keeps none of the first call's tensors."""
+    fwd, counts = _fa4_shaped_forward()
+    for seed in range(3):
+        q, k, v = (x.detach() for x in _bshd(seed=seed))
+        out, lse = flash4._direct_forward(fwd, q, k, v, 8**-0.5)
+        for i in range(q.size(0)):
+            want, want_lse = _reference(q[i], k[i], v[i], 8**-0.5)[:2]
+            torch.testing.assert_close(out[i].double(), want)
+            torch.testing.assert_close(lse[i].double(), want_lse)
+    assert counts == {"python": 1, "launches": 3}
+    (recorded,) = flash4._direct.values()
+    assert sorted(recorded.slots.values()) == ["k", "lse", "out", "q", "v"]
+    assert not any(isinstance(a, torch.Tensor) for a in recorded.args)
+    q, k, v = (x.detach() for x in _bshd(s=5))  # another problem: recorded anew
+    flash4._direct_forward(fwd, q, k, v, 8**-0.5)
+    assert counts == {"python": 2, "launches": 4} and len(flash4._direct) == 2
+
+
+def test_a_call_with_buffers_of_fa4s_own_keeps_its_path(fresh_direct):
+    """A launch that also takes a tensor that is none of q, k, v, out and lse (a workspace, scheduler
+    metadata) cannot be replayed with our tensors alone: every call goes through FA4's forward."""
+    fwd, counts = _fa4_shaped_forward(workspace=True)
+    q, k, v = (x.detach() for x in _bshd())
+    first = flash4._direct_forward(fwd, q, k, v, 8**-0.5)[0]
+    again = flash4._direct_forward(fwd, q, k, v, 8**-0.5)[0]
+    assert counts == {"python": 2, "launches": 2} and list(flash4._direct.values()) == [None]
+    torch.testing.assert_close(first, again)
+    assert fwd.compile_cache.__class__ is dict  # FA4's cache put back after recording
+
+
+def test_the_op_takes_the_direct_forward_for_dense_calls_only(fresh_direct, kernels, monkeypatch):
+    """fa4_attention: dense calls through `_direct_forward` (unless FAST_FORWARD is off), packed calls through
+    FA4's forward with their segments, as before."""
+    seen = []
+    monkeypatch.setattr(flash4, "_direct_forward", lambda fwd, q, k, v, scale: seen.append(q.shape) or
+                        fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2])  # fmt: skip
+    q, k, v = _qkv(7)
+    attention.fa4_dense(q, k, v, 8**-0.5)
+    assert len(seen) == 1
+    monkeypatch.setattr(flash4, "FAST_FORWARD", False)
+    attention.fa4_dense(q, k, v, 8**-0.5)
+    assert len(seen) == 1 and kernels.calls["fwd"] == 2

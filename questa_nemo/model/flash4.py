@@ -94,10 +94,133 @@ def _varlen(cu_seqlens: torch.Tensor | None, max_seqlen: int) -> dict:
 def fa4_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _kernels().fwd(
-        q, k, v, **_varlen(cu_seqlens, max_seqlen), softmax_scale=scale, causal=True, return_lse=True
-    )[:2]
+    kernels = _kernels()
+    if cu_seqlens is None and FAST_FORWARD:
+        out, lse = _direct_forward(kernels.fwd, q, k, v, scale)
+    else:
+        out, lse = kernels.fwd(
+            q, k, v, **_varlen(cu_seqlens, max_seqlen), softmax_scale=scale, causal=True, return_lse=True
+        )[:2]
     return out.contiguous(), lse.contiguous()
+
+
+# FA4's forward spends ~0.37 ms of host time a call in Python before its kernel launches (heuristics, compile key,
+# cache lookup: docs/benchmarks.md (φ)); in a step's first forward the GPU waits for it at every layer. For a
+# dense problem seen before, `_direct_forward` calls the kernel FA4 compiled for it with the arguments FA4 passed
+# it, our tensors in place of the first call's. The first call of each problem goes through FA4 and is recorded;
+# where that call launched anything but one kernel reading q, k, v and writing out and lse (and arguments
+# that are not tensors), the problem keeps FA4's own path.
+FAST_FORWARD = True
+_direct: dict[tuple, object] = {}  # problem -> _Recorded, or None where FA4's own path stays
+
+
+class _Recorded(NamedTuple):
+    kernel: object  # FA4's compiled function
+    args: tuple  # its arguments at the first call, None where that call's tensors were
+    slots: dict  # argument index -> "q" | "k" | "v" | "out" | "lse"
+    out: tuple  # (shape, dtype) of the output FA4 allocated
+    lse: tuple
+
+
+def _problem(q, k, v, scale) -> tuple:
+    return (*(
+        (x.shape, x.stride(), x.dtype, x.data_ptr() % 16) for x in (q, k, v)
+    ), q.device, float(scale))  # fmt: skip
+
+
+def _direct_forward(fwd, q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    key = _problem(q, k, v, scale)
+    recorded = _direct.get(key, False)
+    if recorded is False:
+        out, lse, recorded = _record_forward(fwd, q, k, v, scale)
+        _direct[key] = recorded
+        return out, lse
+    if recorded is None:
+        return fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
+    out = torch.empty(recorded.out[0], dtype=recorded.out[1], device=q.device)
+    lse = torch.empty(recorded.lse[0], dtype=recorded.lse[1], device=q.device)
+    mine = {"q": q.detach(), "k": k.detach(), "v": v.detach(), "out": out, "lse": lse}
+    args = list(recorded.args)
+    for i, name in recorded.slots.items():
+        args[i] = mine[name]
+    recorded.kernel(*args)
+    return out, lse
+
+
+class _Recorder:
+    """FA4's compile cache (`_flash_attn_fwd.compile_cache`) for one call: lookups hand out the compiled
+    function wrapped to record its calls."""
+
+    def __init__(self, cache):
+        self.cache, self.calls = cache, []
+
+    def __getitem__(self, key):
+        kernel = self.cache[key]
+
+        def call(*args):
+            self.calls.append((kernel, args))
+            return kernel(*args)
+
+        return call
+
+    def __contains__(self, key):
+        return key in self.cache
+
+    def __setitem__(self, key, fn):
+        self.cache[key] = fn
+
+    def get(self, key, default=None):
+        return self[key] if key in self.cache else default
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+def _record_forward(fwd, q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor, _Recorded | None]:
+    """FA4's forward through its own path, with what it launched recorded: (out, lse, the recording where it
+    can be replayed with other tensors, else None)."""
+    cache = getattr(fwd, "compile_cache", None)
+    if cache is None:
+        return (*fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2], None)
+    recorder = fwd.compile_cache = _Recorder(cache)
+    try:
+        out, lse = fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
+    finally:
+        fwd.compile_cache = cache
+    return out, lse, _replayable(recorder.calls, q, k, v, out, lse)
+
+
+def _replayable(calls, q, k, v, out, lse) -> _Recorded | None:
+    if len(calls) != 1 or not (out.is_contiguous() and lse.is_contiguous()):
+        return None
+    kernel, args = calls[0]
+    ours = {"q": q, "k": k, "v": v, "out": out, "lse": lse}
+    slots = {}
+    for i, arg in enumerate(args):
+        if isinstance(arg, tuple) and any(isinstance(x, torch.Tensor) for x in _flat(arg)):
+            return None  # tensors inside a structure (aux tensors, block sparsity): not ours to swap
+        if not isinstance(arg, torch.Tensor):
+            continue
+        name = next((n for n, t in ours.items() if _same_view(arg, t)), None)
+        if name is None:
+            return None  # a buffer of FA4's own (scheduler metadata, a workspace): its path stays
+        slots[i] = name
+    if sorted(slots.values()) != sorted(ours):
+        return None
+    kept = tuple(None if i in slots else arg for i, arg in enumerate(args))  # not the first call's tensors
+    return _Recorded(kernel, kept, slots, (out.shape, out.dtype), (lse.shape, lse.dtype))
+
+
+def _flat(x):
+    for y in x:
+        if isinstance(y, (tuple, list)):
+            yield from _flat(y)
+        else:
+            yield y
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 @fa4_attention.register_fake
