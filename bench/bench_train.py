@@ -27,7 +27,8 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
   attn=fa4                        FlashAttention 4 (pip flash-attn-4) for attention: mcore model.attention=fa4,
                                   hf attn_implementation="flash_attention_4" (its own FA4 integration)
-  fa4direct=0|1                   mcore, attn=fa4: 0 = every forward through FA4's Python (flash4.FAST_FORWARD off)
+  fa4direct=0|1                   mcore, attn=fa4: 1 = dense forwards call FA4's compiled kernel directly after
+                                  their first call (flash4.FAST_FORWARD; default 0, FA4's own path every call)
   chunk=N                         mcore: tokens per log-prob chunk (default: ModelConfig's)
   docs=N|r1                       mcore: pack N equal causal sequences into the micro-batch (THD, default 1);
                                   r1: the rows the GRPO trainer packs from NeMo-RL-shaped lengths, in turn
@@ -281,7 +282,7 @@ def build_mcore(hf: dict, run: Run, device: str):
     model.train()
     from questa_nemo.model import flash4
 
-    flash4.FAST_FORWARD = run.options.get("fa4direct", "1") == "1"  # set on every run
+    flash4.FAST_FORWARD = run.options.get("fa4direct") == "1"  # set on every run (off: model/flash4.py's default)
     if run.options.get("newstuff") == "0":
         torch_norms(model)
     from questa_nemo.model import attention

@@ -499,8 +499,10 @@ def test_a_call_with_buffers_of_fa4s_own_keeps_its_path(fresh_direct):
 
 
 def test_the_op_takes_the_direct_forward_for_dense_calls_only(fresh_direct, kernels, monkeypatch):
-    """fa4_attention: dense calls through `_direct_forward` (unless FAST_FORWARD is off), packed calls through
-    FA4's forward with their segments, as before."""
+    """fa4_attention: with FAST_FORWARD on, dense calls through `_direct_forward`; off (the default until it has
+    run on a GPU), every call through FA4's forward."""
+    assert flash4.FAST_FORWARD is False
+    monkeypatch.setattr(flash4, "FAST_FORWARD", True)
     seen = []
     monkeypatch.setattr(flash4, "_direct_forward", lambda fwd, q, k, v, scale: seen.append(q.shape) or
                         fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2])  # fmt: skip

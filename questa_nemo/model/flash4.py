@@ -109,8 +109,9 @@ def fa4_attention(
 # dense problem seen before, `_direct_forward` calls the kernel FA4 compiled for it with the arguments FA4 passed
 # it, our tensors in place of the first call's. The first call of each problem goes through FA4 and is recorded;
 # where that call launched anything but one kernel reading q, k, v and writing out and lse (and arguments
-# that are not tensors), the problem keeps FA4's own path.
-FAST_FORWARD = True
+# that are not tensors), the problem keeps FA4's own path. Off until it has run on a GPU: bench/fa4_direct_check.py
+# (the direct call's outputs bit for bit against FA4's, its host time) and bench_train.py's fa4direct=1 rows.
+FAST_FORWARD = False
 _direct: dict[tuple, object] = {}  # problem -> _Recorded, or None where FA4's own path stays
 
 
