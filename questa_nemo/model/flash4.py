@@ -198,7 +198,7 @@ def _replayable(calls, q, k, v, out, lse) -> _Recorded | None:
     ours = {"q": q, "k": k, "v": v, "out": out, "lse": lse}
     slots = {}
     for i, arg in enumerate(args):
-        if isinstance(arg, tuple) and any(isinstance(x, torch.Tensor) for x in _flat(arg)):
+        if isinstance(arg, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in _flat(arg)):
             return None  # tensors inside a structure (aux tensors, block sparsity): not ours to swap
         if not isinstance(arg, torch.Tensor):
             continue
