@@ -487,7 +487,8 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
         entry = host_ops.setdefault(e.name, [0, 0.0])
         entry[0] += 1
         entry[1] += e.self_cpu_time_total / 1e3
-    # CUDA runtime calls that can hold the host until the GPU drains (the host then launches into an empty queue)
+    # CUDA runtime calls that can hold the host until the GPU drains (the host then launches into an empty queue);
+    # cudaMemcpyAsync blocks only for copies to or from pageable memory
     blocking = ("ynchronize", "cudaMalloc", "cudaFree", "cudaMemcpy", "cudaHostAlloc", "cuMemAlloc", "cuMemFree",
                 "cuMemMap", "cuMemCreate", "cuModuleLoad", "cuLibraryLoad")  # fmt: skip
     host_blocking = {n: v for n, v in host_ops.items() if any(b in n for b in blocking)}
@@ -612,7 +613,9 @@ def forward_saved(forward, sites: bool) -> tuple[float, list]:
 def synchronizing_sites(step, limit: int = 12) -> list[dict]:
     """The calls in one step that make the host wait for the GPU (torch's sync debug mode, warn), by the
     innermost frames of our, megatron's, transformers' or flash-attn's code that made them, with counts. A
-    sync inside a step empties the launch queue: the GPU then idles while the host launches the next kernels."""
+    sync inside a step empties the launch queue: the GPU then idles while the host launches the next kernels.
+    It sees torch's own synchronizing calls only (not another library's, nor the allocator's), and one made by
+    a backward function is reported at `loss.backward()`."""
     import traceback
     import warnings
 
@@ -620,6 +623,8 @@ def synchronizing_sites(step, limit: int = 12) -> list[dict]:
     code = ("questa_nemo", "megatron", "transformers", "flash_attn", "bench_train")
 
     def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):  # other warnings of the step (the debug mode's own notice)
+            return
         frames = [f for f in traceback.extract_stack()[:-1] if any(c in f.filename for c in code)][-3:]
         site = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
         key = f"{str(message)[:60]} @ {site or f'{filename}:{lineno}'}"

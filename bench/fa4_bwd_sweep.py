@@ -47,10 +47,14 @@ CANDIDATES: list[tuple[str, dict]] = [
 
 
 def time_call(fn, reps: int) -> float:
-    """Median ms of `reps` calls of fn (CUDA events around each)."""
+    """Median ms of `reps` calls of fn, each timed by CUDA events after the GPU was given a 2 ms sleep to work
+    through first, so that FA4's host time before its first kernel (~0.35 ms) is not counted as kernel time.
+    (fa4_bwd_sweep_h100.json was measured before that sleep: its times include that host time, which pulls
+    the 8K ratios towards 1 and makes its TFLOP/s a lower bound; the ordering is the same.)"""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(2_000_000)  # ~1-2 ms of GPU cycles: the host queues fn behind it
         start.record()
         fn()
         end.record()
@@ -65,7 +69,7 @@ def relative_errors(grads, ref) -> dict[str, float]:
 
 
 def best(rows: list[dict], min_speedup: float = 1.02) -> str:
-    """The candidate faster than the default by min_speedup at every length run (against the slower of the
+    """The candidate faster than the default by min_speedup at every length run (against the faster of the
     default's two timings, before and after), whose gradients differ from the default's by at most 3x the
     default's own run-to-run difference (or 1e-2): the fastest such by its slowest length, else "default"."""
     defaults = {r["seq"]: r for r in rows if r["name"] == "default"}
@@ -75,7 +79,7 @@ def best(rows: list[dict], min_speedup: float = 1.02) -> str:
             continue
         d = defaults[r["seq"]]
         ok = "ms" in r and max(r["max_rel_err"].values()) <= max(3 * d["self_rel_err"], 1e-2)
-        by_name.setdefault(r["name"], []).append(max(d["ms_before_after"]) / r["ms"] if ok else 0.0)
+        by_name.setdefault(r["name"], []).append(min(d["ms_before_after"]) / r["ms"] if ok else 0.0)
     good = {n: min(s) for n, s in by_name.items() if len(s) == len(defaults) and min(s) >= min_speedup}
     return max(good, key=good.get) if good else "default"
 

@@ -12,6 +12,8 @@ backward, at the same error against fp32.
 from __future__ import annotations
 
 import functools
+import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -107,12 +109,15 @@ def fa4_attention(
 # FA4's forward spends ~0.37 ms of host time a call in Python before its kernel launches (heuristics, compile key,
 # cache lookup: docs/benchmarks.md (φ)); in a step's first forward the GPU waits for it at every layer. For a
 # dense problem seen before, `_direct_forward` calls the kernel FA4 compiled for it with the arguments FA4 passed
-# it, our tensors in place of the first call's. The first call of each problem goes through FA4 and is recorded;
-# where that call launched anything but one kernel reading q, k, v and writing out and lse (and arguments
-# that are not tensors), the problem keeps FA4's own path. Off until it has run on a GPU: bench/fa4_direct_check.py
-# (the direct call's outputs bit for bit against FA4's, its host time) and bench_train.py's fa4direct=1 rows.
+# it, our tensors in place of the first call's. The first call of each problem goes through FA4, with the
+# kernels it takes from its forward compile cache recorded; the problem keeps FA4's own path unless that call
+# took exactly one and passed it no tensor but q, k, v, out and lse (a split-KV combine, scheduler metadata or a
+# copy FA4 makes of an input shows up there as another tensor). Off until it has run on a GPU:
+# bench/fa4_direct_check.py (the direct call's outputs bit for bit against FA4's, its host time) and
+# bench_train.py's fa4direct=1 rows.
 FAST_FORWARD = False
 _direct: dict[tuple, object] = {}  # problem -> _Recorded, or None where FA4's own path stays
+_recording = threading.Lock()  # one recording at a time: each swaps FA4's cache attribute and puts it back
 
 
 class _Recorded(NamedTuple):
@@ -124,9 +129,13 @@ class _Recorded(NamedTuple):
 
 
 def _problem(q, k, v, scale) -> tuple:
+    """What FA4's choice of kernel and arguments can depend on for a dense causal call: layouts, alignment,
+    device, scale, and the environment variables its heuristics read at each call (SM count, architecture).
+    (Its log level, also in its compile key, changes only what the kernel logs.)"""
+    env = tuple(os.environ.get(name) for name in ("FLASH_ATTENTION_NUM_SMS", "FLASH_ATTENTION_ARCH"))
     return (*(
         (x.shape, x.stride(), x.dtype, x.data_ptr() % 16) for x in (q, k, v)
-    ), q.device, float(scale))  # fmt: skip
+    ), q.device, float(scale), env)  # fmt: skip
 
 
 def _direct_forward(fwd, q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,11 +192,12 @@ def _record_forward(fwd, q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor, _R
     cache = getattr(fwd, "compile_cache", None)
     if cache is None:
         return (*fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2], None)
-    recorder = fwd.compile_cache = _Recorder(cache)
-    try:
-        out, lse = fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
-    finally:
-        fwd.compile_cache = cache
+    with _recording:
+        recorder = fwd.compile_cache = _Recorder(cache)
+        try:
+            out, lse = fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
+        finally:
+            fwd.compile_cache = cache
     return out, lse, _replayable(recorder.calls, q, k, v, out, lse)
 
 
