@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_attention import fa4_version
 
 # (name, fields replacing the heuristic's BwdConfig); the heuristic's own for hdim 128 causal on sm_90 is
 # tile 64 x 128, 2 / 2 / 2 stages, SdP_swapAB, AtomLayoutNdKV 2 (select_sm90_bwd_tile)
@@ -124,7 +125,7 @@ def main() -> None:
     result = {
         "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "flash_attn_4": _version("flash-attn-4"),
+        "flash_attn_4": fa4_version(),
         "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim, "causal": True},
         "reps": args.reps,
         "rows": rows,
@@ -187,15 +188,6 @@ def sweep_length(fa, seq: int, args, candidates, override: dict, chosen: list, g
     )
     print(f"seq {seq}: default again {default_ms[1]:.3f} ms", flush=True)
     return rows
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -100,10 +100,13 @@ def fa4_attention(
     if cu_seqlens is None and FAST_FORWARD:
         out, lse = _direct_forward(kernels.fwd, q, k, v, scale)
     else:
-        out, lse = kernels.fwd(
-            q, k, v, **_varlen(cu_seqlens, max_seqlen), softmax_scale=scale, causal=True, return_lse=True
-        )[:2]
+        out, lse = _through_fa4(kernels.fwd, q, k, v, scale, **_varlen(cu_seqlens, max_seqlen))
     return out.contiguous(), lse.contiguous()
+
+
+def _through_fa4(fwd, q, k, v, scale, **varlen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention by FA4's own forward (its Python, then its kernel): (out, lse)."""
+    return fwd(q, k, v, **varlen, softmax_scale=scale, causal=True, return_lse=True)[:2]
 
 
 # FA4's forward spends ~0.37 ms of host time a call in Python before its kernel launches (heuristics, compile key,
@@ -146,7 +149,7 @@ def _direct_forward(fwd, q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
         _direct[key] = recorded
         return out, lse
     if recorded is None:
-        return fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
+        return _through_fa4(fwd, q, k, v, scale)
     out = torch.empty(recorded.out[0], dtype=recorded.out[1], device=q.device)
     lse = torch.empty(recorded.lse[0], dtype=recorded.lse[1], device=q.device)
     mine = {"q": q.detach(), "k": k.detach(), "v": v.detach(), "out": out, "lse": lse}
@@ -191,11 +194,11 @@ def _record_forward(fwd, q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor, _R
     can be replayed with other tensors, else None)."""
     cache = getattr(fwd, "compile_cache", None)
     if cache is None:
-        return (*fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2], None)
+        return (*_through_fa4(fwd, q, k, v, scale), None)
     with _recording:
         recorder = fwd.compile_cache = _Recorder(cache)
         try:
-            out, lse = fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
+            out, lse = _through_fa4(fwd, q, k, v, scale)
         finally:
             fwd.compile_cache = cache
     return out, lse, _replayable(recorder.calls, q, k, v, out, lse)
