@@ -18,6 +18,9 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   rope=megatron                   mcore, fusions=1: megatron's unfused RoPE instead of ours
   swiglu=megatron                 mcore, fusions=1: megatron's torch.compile'd SwiGLU instead of ours
   compile=0|1                     torch.compile every decoder layer (both impls)
+  cgraph=1                        with compile=1: mode="reduce-overhead" (each compiled layer's forward and
+                                  backward replayed as CUDA graphs, torch's cudagraph trees; a step marked as
+                                  each micro-batch begins)
   newstuff=0|1                    mcore: 0 = the layers as before the Triton RMSNorm (torch's RMSNorm; default 1)
   vcontig=1                       mcore: attention's value made contiguous (it is a view into the fused qkv output)
   headmajor=1                     mcore: query, key and value copied head-major ([b, heads, s, d] storage) for SDPA
@@ -38,6 +41,12 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   varlen=0|1                      mcore, docs>1: 1 = packed attention in one call of torch's flash
                                   variable-length kernel (model.packed_attention=varlen); 0 (default) = sdpa
   accum=N                         N micro-batches (gradients accumulated) per optimizer step (default 1)
+  optim=megatron                  mcore: the trainer's gradients and optimizer instead of torch AdamW on bf16
+                                  weights (model/policy.py's MegatronPolicy: megatron DDP's fp32 main-grad
+                                  buffer, megatron's distributed Adam on fp32 master weights, grad clip 1.0)
+  wgrad=0|1                       mcore, optim=megatron: 1 = weight gradients added into the fp32 main grad by
+                                  the GEMM (model/linear.py WGRAD_INTO_MAIN_GRAD, the default); 0 = autograd's
+                                  bf16 gradient, then DDP's add
 
 GPU:  python bench/bench_train.py --device cuda --preset gpu --out bench/results/train_h200.json
       add --profile DIR for each run's kernel-time breakdown (one profiled step after the timed ones)
@@ -219,10 +228,17 @@ def parse_run(text: str) -> Run:
         raise SystemExit(f"run {text!r}: implementation must be mcore or hf")
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
     known = {"fa4direct", "recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
-             "newstuff", "keepattn", "vcontig", "headmajor", "ckpt", "segplan", "varlen", "attn"}  # fmt: skip
+             "newstuff", "keepattn", "vcontig", "headmajor", "ckpt", "segplan", "varlen", "attn", "optim",
+             "wgrad", "cgraph"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
+    if impl == "hf" and {"optim", "wgrad"} & set(options):
+        raise SystemExit(f"run {text!r}: optim and wgrad are ours (mcore) only")
     return Run(int(seq), impl, options)
+
+
+def cgraph(run: Run) -> bool:
+    return run.options.get("cgraph") == "1"
 
 
 def flops_per_token(hf: dict, seq: int) -> float:
@@ -275,14 +291,20 @@ def build_mcore(hf: dict, run: Run, device: str):
         fusions=run.options.get("fusions", "1") == "1",
         recompute_impl="torch" if run.options.get("keepattn") == "1" else run.options.get("ckpt", "megatron"),
         recompute_keep_attention=run.options.get("keepattn") == "1",
-        compile=run.options.get("compile") == "1",  # model.compile: every decoder layer
+        compile=run.options.get("compile") == "1" and not cgraph(run),  # model.compile: every decoder layer
         packed_attention="varlen" if run.options.get("varlen") == "1" else "sdpa",
     )
     model = build_model(hf, cfg)
     model.train()
+    if run.options.get("compile") == "1" and cgraph(run):
+        for layer in model.decoder.layers:  # model.compile's layers, in CUDA graphs
+            layer.compile(mode="reduce-overhead")
     from questa_nemo.model import flash4
 
     flash4.FAST_FORWARD = run.options.get("fa4direct") == "1"  # set on every run (off: model/flash4.py's default)
+    from questa_nemo.model import linear
+
+    linear.WGRAD_INTO_MAIN_GRAD = run.options.get("wgrad", "1") == "1"  # set on every run (only DDP's weights)
     if run.options.get("newstuff") == "0":
         torch_norms(model)
     from questa_nemo.model import attention
@@ -416,7 +438,7 @@ def build_hf(hf: dict, run: Run, device: str):
         name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
         setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 2 * len(model.model.layers)))
         for layer in model.model.layers:
-            layer.compile()
+            layer.compile(mode="reduce-overhead" if cgraph(run) else "default")
 
     def loss_fn(ids: torch.Tensor, targets: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=ids).logits  # [1, s, V]
@@ -535,6 +557,36 @@ def profile_step(step, label: str, out_dir: Path) -> dict:
     name = label.replace("/", "_").replace(":", "_").replace(",", "_").replace("=", "-")
     (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class TrainerOptimizer:
+    """optim=megatron: the trainer's gradient path and update behind torch's step / zero_grad. The model goes
+    into MegatronPolicy (megatron DDP, fp32 main grads; megatron's Adam on fp32 master weights, the recipe's
+    betas, weight decay and clip); step() is what the policy's train step does after the backward passes at
+    DP = 1 (DDP's gradient sync; the gradients into the fp32 master weights, their norm, our clip, megatron's
+    update and the bf16 weights copied back)."""
+
+    def __init__(self, model, hf: dict):
+        from questa_nemo.config import ModelConfig, OptimConfig
+        from questa_nemo.model.policy import MegatronPolicy
+
+        self.policy = MegatronPolicy(
+            [model], ModelConfig(), OptimConfig(lr=1e-6, warmup_ratio=0.0), total_steps=10**6,
+            micro_batch_tokens=0, vocab_size=hf["vocab_size"],
+        )  # fmt: skip
+
+    def step(self) -> None:
+        for chunk in self.policy.model_chunks:
+            chunk.finish_grad_sync()
+        optimizer = self.policy.optimizer
+        optimizer.prepare_grads()
+        self.policy._clip(float(optimizer.get_grad_norm()))
+        optimizer.step_with_ready_grads()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for chunk in self.policy.model_chunks:
+            chunk.zero_grad_buffer()
+        self.policy.optimizer.zero_grad(set_to_none)
 
 
 def train_step(forward, optimizer, accum: int, marks: dict[str, float] | None = None) -> torch.Tensor:
@@ -672,10 +724,13 @@ def measure(
 ) -> None:
     built_at = time.perf_counter()
     model, loss_fn = (build_mcore if run.impl == "mcore" else build_hf)(hf, run, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=1e-6, betas=(0.9, 0.95), weight_decay=0.05, fused=device == "cuda"
-    )
+    if run.options.get("optim") == "megatron":
+        optimizer = TrainerOptimizer(model, hf)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=1e-6, betas=(0.9, 0.95), weight_decay=0.05, fused=device == "cuda"
+        )
     run.build_s = time.perf_counter() - built_at
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, hf["vocab_size"], (1, run.seq), device=device, generator=g)
@@ -687,6 +742,8 @@ def measure(
     accum = int(run.options.get("accum", 1))
 
     def forward() -> torch.Tensor:
+        if cgraph(run):  # the previous micro-batch's graph outputs are dead: its backward ran
+            torch.compiler.cudagraph_mark_step_begin()
         return loss_fn(ids, targets, adv)
 
     def step_once() -> torch.Tensor:
@@ -847,10 +904,31 @@ def check_fused_kernels(device: str) -> dict:
         rope[f"rmsnorm_{name}_dx_max_abs_diff"] = (dx.float() - dx_ref).abs().max().item()
         rope[f"rmsnorm_{name}_dw_max_rel_diff"] = ((dw.float() - dw_ref).abs().max() / dw_ref.abs().max()).item()
     rope.update(check_varlen(g))
+    rope.update(check_wgrad(g))
     return {
         "swiglu_forward_max_abs_diff": (outs[0] - outs[1]).abs().max().item(),
         "swiglu_backward_max_abs_diff": (grads[0] - grads[1]).abs().max().item(),
         **rope,
+    }
+
+
+def check_wgrad(g: torch.Generator) -> dict:
+    """model/linear.py's weight gradient added into an fp32 main_grad (the MLP's down projection at 8K tokens,
+    two micro-batches) against float64, beside what DDP's hook does without it (a bf16 product, then the add)."""
+    from questa_nemo.model import linear
+
+    grad_output = torch.randn(2, 8192, 1536, device="cuda", dtype=torch.bfloat16, generator=g)
+    input_ = torch.randn(2, 8192, 8960, device="cuda", dtype=torch.bfloat16, generator=g)
+    fused, hook = (torch.zeros(1536, 8960, device="cuda") for _ in range(2))
+    for mb in range(2):
+        linear.add_weight_grad(fused, grad_output[mb], input_[mb])
+        hook.add_(grad_output[mb].t().mm(input_[mb]))
+    ref = sum(grad_output[mb].double().t().mm(input_[mb].double()) for mb in range(2))
+    scale = ref.abs().max().item()
+    return {
+        "wgrad_out_dtype_addmm": linear._has_out_dtype_addmm(torch.device("cuda")),
+        "wgrad_into_main_grad_max_rel_diff": (fused.double() - ref).abs().max().item() / scale,
+        "wgrad_hook_add_max_rel_diff": (hook.double() - ref).abs().max().item() / scale,
     }
 
 

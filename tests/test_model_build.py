@@ -563,13 +563,13 @@ def test_bench_train_cpu_smoke(tmp_path):
 
     out = tmp_path / "bench.json"
     runs = ["32/mcore:recompute=full,chunk=8", "32/mcore:recompute=selective,docs=3", "32/hf:recompute=none",
-            "32/mcore:recompute=full,keepattn=1,newstuff=0", "64/mcore:recompute=none,docs=r1,segplan=0",
-            "64/mcore:recompute=none,docs=r1"]  # fmt: skip
+            "32/mcore:recompute=full,keepattn=1,newstuff=0", "32/mcore:recompute=full,optim=megatron,accum=2",
+            "64/mcore:recompute=none,docs=r1,segplan=0", "64/mcore:recompute=none,docs=r1"]  # fmt: skip
     code = bench_train.main(["--device", "cpu", "--tiny", "--preset", "none", "--runs", *runs,
                              "--steps", "1", "--warmup", "1", "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert code == 0 and result["card"] == "cpu"
-    assert [r["status"] for r in result["runs"]] == ["ok"] * 6
+    assert [r["status"] for r in result["runs"]] == ["ok"] * 7
     r1 = result["runs"][-1]  # the trainer's packing of NeMo-RL-shaped lengths, in miniature: rows of several
     assert 1 < r1["attended"] < 64 and 0.95 <= r1["real_fraction"] <= 1  # sequences, each row >= 95% full
     assert all(bench_train.parse_run(run) for preset in bench_train.PRESETS.values() for run in preset)

@@ -1,0 +1,36 @@
+"""bench/train_pending.sh (the training rows written without a GPU, one detached run) on CPU with stand-in
+commands: every part runs in order whatever the one before returned, the log names each with its exit
+status, and the run says when it is done."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_pending.sh"
+
+
+def _stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_parts_run_in_order_and_the_run_says_it_is_done(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _stub(stubs, "nvidia-smi", "echo 'stand-in GPU, 700 W'\n")
+    # the direct-forward check fails: the rows still run
+    _stub(stubs, "python3", 'echo "python3 $*"\ncase "$*" in *fa4_direct_check*) exit 1;; esac\n')
+    run = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(SCRIPT), str(run)], env=env, timeout=60, check=True)
+    log = (run / "run.log").read_text()
+    steps = [line.split(":")[0].split()[-1] for line in log.splitlines() if line.startswith("[train_pending]")]
+    assert steps == ["fa4_direct_check", "train_8k", "train_cgraph", "train_8k_accum8", "train_32k", "profile",
+                     "train_wgrad", "test_linear"]  # fmt: skip
+    assert "fa4_direct_check: rc=1" in log and "train_8k: rc=0" in log
+    assert "fa4direct=1,accum=8" in log and "optim=megatron,accum=4,wgrad=0" in log and "cgraph=1" in log
+    assert (run / "done").exists()
