@@ -297,7 +297,10 @@ def build_mcore(hf: dict, run: Run, device: str):
     model = build_model(hf, cfg)
     model.train()
     if run.options.get("compile") == "1" and cgraph(run):
-        for layer in model.decoder.layers:  # model.compile's layers, in CUDA graphs
+        from questa_nemo.model.linear import keep_autograd_wgrad
+
+        for layer in model.decoder.layers:  # what build_model does under model.compile, in CUDA graphs
+            keep_autograd_wgrad(layer)
             layer.compile(mode="reduce-overhead")
     from questa_nemo.model import flash4
 

@@ -18,13 +18,14 @@
 # on one warm machine (the bundle does not fit one call's 64 MiB):
 #   carry [".fa4a"]:          mkdir -p .fa4stash && cp .fa4a/part_aa .fa4stash/
 #   carry [".fa4b", ".whl"]:  mkdir -p .fa4site && cat .fa4stash/part_* .fa4b/part_* | tar xJ -C .fa4site &&
-#                             . bench/gpu_setup.sh && (setsid bash bench/train_pending.sh /tmp/fa4run &) ;
-#                             sleep 5; bash bench/device_wait.sh /tmp/fa4run 560
-#   later calls:              bash bench/device_wait.sh /tmp/fa4run 560
-# Usage: bash bench/train_pending.sh RUN_DIR   (writes RUN_DIR/run.log, one JSON per part, RUN_DIR/done at the end)
+#                             . bench/gpu_setup.sh && (setsid bash bench/train_pending.sh &) ;
+#                             sleep 5; bash bench/device_wait.sh /tmp/train_pending 560
+#   later calls:              bash bench/device_wait.sh /tmp/train_pending 560
+# Usage: bash bench/train_pending.sh [RUN_DIR]   (default /tmp/train_pending; writes RUN_DIR/run.log, one JSON per
+# part, RUN_DIR/done at the end)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-R=${1:?usage: bench/train_pending.sh RUN_DIR}
+R=${1:-/tmp/train_pending}
 mkdir -p "$R"
 exec > "$R/run.log" 2>&1
 export PYTHONPATH=$PWD/.fa4site:$PWD/.fa4site/nvidia_cutlass_dsl/dsl_packages:/tmp/site:$PWD PYTHONUNBUFFERED=1

@@ -63,10 +63,20 @@ def test_add_weight_grad_is_autograds_product_then_ddps_add():
     assert torch.equal(main_grad, want)
 
 
-@pytest.mark.parametrize("recompute", ["none", "full"])
+RECOMPUTES = {  # ModelConfig fields: none; megatron's reentrant checkpoint (full, selective); torch's
+    "none": {},
+    "full": {"recompute": "full"},
+    "selective": {"recompute": "selective"},
+    "torch": {"recompute": "full", "recompute_impl": "torch"},  # saved tensors come back detached
+    "keep_attention": {"recompute": "full", "recompute_impl": "torch", "recompute_keep_attention": True},
+}
+
+
+@pytest.mark.parametrize("recompute", sorted(RECOMPUTES))
 def test_policy_steps_are_the_unfused_ones_bit_for_bit(monkeypatch, counted, recompute):
     base = policy_common.model_config
-    monkeypatch.setattr(policy_common, "model_config", lambda *a: dataclasses.replace(base(*a), recompute=recompute))
+    fields = RECOMPUTES[recompute]
+    monkeypatch.setattr(policy_common, "model_config", lambda *a: dataclasses.replace(base(*a), **fields))
     monkeypatch.setattr(linear, "WGRAD_INTO_MAIN_GRAD", False)
     try:
         _, unfused_norms, unfused = train(build_policy())
@@ -111,6 +121,26 @@ def _loss(policy, mb, model, hidden):
     logprobs, entropy = policy._token_logprobs(mb, model, hidden, 1.0)
     loss, stats = nll_loss(logprobs, entropy, mb)
     return loss, (loss.detach(), stats)
+
+
+def test_compiled_layers_keep_autograds_path_for_good(monkeypatch, counted):
+    """Under model.compile build_model takes every linear layer off the fused path, so a call dynamo runs
+    eagerly cannot take it either (a weight must not switch paths within a step: DDP's hook would drop its
+    later gradients)."""
+    from questa_nemo.model import megatron
+
+    monkeypatch.setattr(megatron, "compile_on", lambda cfg: True)  # compile is lazy: nothing compiles here
+    policy = build_policy()
+    try:
+        layers = [m for m in policy.modules[0].modules() if isinstance(m, (linear.ColumnLinear, linear.RowLinear))]
+        assert len(layers) == TINY_HF["num_hidden_layers"] * len(LINEARS)
+        assert not any(layer.fuse_wgrad for layer in layers)
+        for layer in policy.modules[0].decoder.layers:  # run them eagerly, as dynamo would in a fallback
+            layer._compiled_call_impl = None  # what nn.Module.compile set
+        train(policy, steps=1)
+        assert counted == []
+    finally:
+        destroy_distributed()
 
 
 def test_layers_without_main_grad_keep_autograds_gradient(counted):

@@ -14,8 +14,8 @@ DDP's hook adds each micro-batch's bf16 weight gradient into it: one more kernel
 GEMM (`gradient_accumulation_fusion`) needs apex's CUDA extension; `_LinearIntoMainGrad` does it with torch's
 `addmm(..., out_dtype=float32)` where torch has it (probed once per device type: torch 2.11 has it on CUDA,
 not on the CPU), telling DDP's hook through megatron's `grad_added_to_main_grad` flag, as megatron's fused path
-does. Not inside torch.compile'd layers (they keep autograd's path); on the CPU bit for bit autograd's
-arithmetic (tests/test_linear.py).
+does. Not in torch.compile'd layers (`keep_autograd_wgrad`: they keep autograd's path); on the CPU bit for bit
+autograd's arithmetic (tests/test_linear.py).
 """
 
 from __future__ import annotations
@@ -69,11 +69,16 @@ def add_weight_grad(main_grad: torch.Tensor, grad_output: torch.Tensor, input_: 
 
 
 class _LinearIntoMainGrad(torch.autograd.Function):
-    """F.linear whose weight gradient goes straight into `weight.main_grad` (megatron DDP's buffer)."""
+    """F.linear whose weight gradient goes straight into `weight.main_grad` (megatron DDP's buffer); the
+    weight gradient it returns to autograd is an uninitialised placeholder (torch.autograd.grad on these
+    weights would get it: read main_grad instead)."""
 
     @staticmethod
     def forward(ctx, input_, weight, bias):
         ctx.save_for_backward(input_, weight)
+        # the parameter itself: under torch's non-reentrant checkpoint (recompute_impl=torch) the saved weight
+        # comes back as a detached alias, without main_grad, and a flag set on it would not reach DDP's hook
+        ctx.param = weight
         ctx.has_bias = bias is not None
         return F.linear(input_, weight, bias)
 
@@ -82,10 +87,10 @@ class _LinearIntoMainGrad(torch.autograd.Function):
         input_, weight = ctx.saved_tensors
         grad_input = grad_output.matmul(weight)
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
-        add_weight_grad(weight.main_grad, grad_2d, input_.reshape(-1, input_.shape[-1]))
+        add_weight_grad(ctx.param.main_grad, grad_2d, input_.reshape(-1, input_.shape[-1]))
         # megatron's protocol: with the flag set, DDP's hook drops the returned placeholder instead of adding
         # it (the placeholder keeps the hook firing, as DDP's overlapped reduce counts on)
-        weight.grad_added_to_main_grad = True
+        ctx.param.grad_added_to_main_grad = True
         grad_weight = torch.empty_like(weight)
         return grad_input, grad_weight, grad_2d.sum(0) if ctx.has_bias else None
 
@@ -94,6 +99,7 @@ def _linear(layer, input_, bias):
     weight = layer.weight
     if (
         WGRAD_INTO_MAIN_GRAD
+        and layer.fuse_wgrad
         and weight.requires_grad
         and hasattr(weight, "main_grad")
         and hasattr(weight, "grad_added_to_main_grad")
@@ -107,6 +113,8 @@ def _linear(layer, input_, bias):
 class ColumnLinear(ColumnParallelLinear):
     """ColumnParallelLinear; at TP = 1 one F.linear."""
 
+    fuse_wgrad = True  # under DDP, the weight gradient into main_grad (off: keep_autograd_wgrad)
+
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if weight is not None or not _plain(self):
             return super().forward(input_, weight, runtime_gather_output)
@@ -118,9 +126,22 @@ class ColumnLinear(ColumnParallelLinear):
 class RowLinear(RowParallelLinear):
     """RowParallelLinear; at TP = 1 one F.linear."""
 
+    fuse_wgrad = True  # as ColumnLinear's
+
     def forward(self, input_):
         if not _plain(self):
             return super().forward(input_)
         if self.skip_bias_add:
             return _linear(self, input_, None), self.bias
         return _linear(self, input_, self.bias), None
+
+
+def keep_autograd_wgrad(module: torch.nn.Module) -> None:
+    """Take `module`'s TP = 1 linear layers off the fused weight gradient for good: for layers that are
+    torch.compile'd (build_model does this under model.compile). Once a weight's gradient has gone into
+    main_grad in a step, DDP's hook drops every later autograd gradient of it in that step, so a layer must not
+    switch paths within a step, as a compiled layer would whenever dynamo ran a call eagerly (a recompile
+    limit, a guard it cannot compile)."""
+    for layer in module.modules():
+        if isinstance(layer, (ColumnLinear, RowLinear)):
+            layer.fuse_wgrad = False

@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from questa_nemo.config import ConfigError, ModelConfig, check_choice
 from questa_nemo.model import flash4, mcore_compat, varlen
 from questa_nemo.model.convert import ModelShape, ShardLayout, hf_to_megatron, te_norm_names
+from questa_nemo.model.linear import keep_autograd_wgrad
 from questa_nemo.model.recompute import checkpoint_layers
 from questa_nemo.model.spec import QuestaSpecProvider, decoder_layer_spec
 
@@ -270,6 +271,7 @@ def build_model(
         )
     if compile_on(cfg):
         for layer in model.decoder.layers:  # one compiled graph serves every layer (parameters are inputs)
+            keep_autograd_wgrad(layer)  # no switch between paths if dynamo runs a call eagerly
             layer.compile()
     return model
 
