@@ -494,6 +494,10 @@ def arguments(argv=None) -> argparse.Namespace:
         "--attention", default="auto", choices=("auto", "sdpa", "fa4"),
         help="model.attention for the log-prob and training passes (fa4: FlashAttention 4's kernels)",
     )
+    p.add_argument(
+        "--wgrad-into-main-grad", action=argparse.BooleanOptionalAction, default=True,
+        help="model/linear.py WGRAD_INTO_MAIN_GRAD: weight gradients added into DDP's fp32 main grad by the GEMM",
+    )
     p.add_argument("--out", default="bench/results/grpo_nemorl.json")
     args = p.parse_args(argv)
     if args.recompute_num_layers is not None and (args.recompute != "full" or args.recompute_num_layers < 1):
@@ -515,6 +519,9 @@ def main(argv=None) -> int:
     from questa_nemo.model.parallel import cuda_allocator_defaults, init_distributed
 
     cuda_allocator_defaults("megatron")  # what `questa-nemo train` sets (model/parallel.py), unless the user did
+    from questa_nemo.model import linear
+
+    linear.WGRAD_INTO_MAIN_GRAD = args.wgrad_into_main_grad
     shape = TINY_QWEN2 if args.tiny else QWEN25_1P5B
     tmp = Path(tempfile.mkdtemp())
     (tmp / "config.json").write_text(json.dumps(shape))

@@ -13,7 +13,8 @@
 #   6. the trainer's own gradient path and update (optim=megatron: megatron DDP's fp32 main grads, megatron's
 #      Adam), eager, four micro-batches a step: weight gradients added into the main grad by the GEMM
 #      (model/linear.py, the default) against autograd's bf16 gradient then DDP's add; and tests/test_linear.py
-#      (its CUDA test: the fp32-from-bf16 GEMM against DDP's add)
+#      (its CUDA test: the fp32-from-bf16 GEMM against DDP's add); then the GRPO step shaped like NeMo-RL's
+#      table (FA4, sync) without and with it
 # Needs the FA4 bundle (bench/fa4_bundle.sh) unpacked in .fa4site and the wheels of bench/gpu_setup.sh. Two calls
 # on one warm machine (the bundle does not fit one call's 64 MiB):
 #   carry [".fa4a"]:          mkdir -p .fa4stash && cp .fa4a/part_aa .fa4stash/
@@ -52,4 +53,8 @@ TRAINER=8192/mcore:recompute=none,attn=fa4,optim=megatron,accum=4
 $TRAIN --out "$R/train_wgrad.json" --runs $TRAINER,wgrad=0 $TRAINER,wgrad=1 $TRAINER,wgrad=1 $TRAINER,wgrad=0
 step train_wgrad $?
 timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider tests/test_linear.py; step test_linear $?
+GRPO="python3 bench/bench_grpo_nemorl.py --steps 2 --staleness 0 --proximal train_forward --recompute none
+  --micro-batch-tokens 8192 --attention fa4"
+$GRPO --no-wgrad-into-main-grad --out "$R/grpo_wgrad0.json"; step grpo_wgrad0 $?
+$GRPO --out "$R/grpo_wgrad1.json"; step grpo_wgrad1 $?
 touch "$R/done"

@@ -30,7 +30,8 @@ def test_parts_run_in_order_and_the_run_says_it_is_done(tmp_path):
     log = (run / "run.log").read_text()
     steps = [line.split(":")[0].split()[-1] for line in log.splitlines() if line.startswith("[train_pending]")]
     assert steps == ["fa4_direct_check", "train_8k", "train_cgraph", "train_8k_accum8", "train_32k", "profile",
-                     "train_wgrad", "test_linear"]  # fmt: skip
+                     "train_wgrad", "test_linear", "grpo_wgrad0", "grpo_wgrad1"]  # fmt: skip
     assert "fa4_direct_check: rc=1" in log and "train_8k: rc=0" in log
     assert "fa4direct=1,accum=8" in log and "optim=megatron,accum=4,wgrad=0" in log and "cgraph=1" in log
+    assert "--no-wgrad-into-main-grad" in log
     assert (run / "done").exists()
