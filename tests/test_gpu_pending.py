@@ -3,29 +3,21 @@ in order, each under its own bound, chosen by name, and everything comes back in
 
 from __future__ import annotations
 
-import os
-import stat
 import subprocess
 import tarfile
 from pathlib import Path
 
+from stand_ins import stand_in_env
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_pending.sh"
 
 
-def _stub(folder: Path, name: str, body: str) -> None:
-    path = folder / name
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
 def test_parts_run_by_name_and_come_back_in_one_archive(tmp_path):
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    _stub(stubs, "nvidia-smi", "echo 'stand-in GPU, 80 GiB'\n")
-    _stub(stubs, "python3", 'echo "python3 $*"\ncase "$*" in *bench_grpo_nemorl*) exit 3;; esac\n')
+    env = stand_in_env(tmp_path, nvidia_smi="echo 'stand-in GPU, 80 GiB'\n",
+                       python3='echo "python3 $*"\ncase "$*" in *bench_grpo_nemorl*) exit 3;; esac\n')  # fmt: skip
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(out)}
+    env["OUT"] = str(out)
     result = subprocess.run(
         ["bash", str(SCRIPT), "200", "sampler_check", "grpo_varlen", "train_long"],
         env=env, capture_output=True, text=True, timeout=60, check=True,
@@ -43,11 +35,7 @@ def test_parts_run_by_name_and_come_back_in_one_archive(tmp_path):
 
 
 def test_parts_that_would_start_past_the_bound_are_skipped(tmp_path):
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    _stub(stubs, "nvidia-smi", "echo gpu\n")
-    _stub(stubs, "python3", "echo ran\n")
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(tmp_path)}
+    env = {**stand_in_env(tmp_path, nvidia_smi="echo gpu\n", python3="echo ran\n"), "OUT": str(tmp_path)}
     result = subprocess.run(["bash", str(SCRIPT), "40"], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert "train_packed: skipped" in result.stdout and "rc=" not in result.stdout
     assert (tmp_path / "pending.tar.gz").exists()
@@ -61,11 +49,7 @@ def test_unmeasured_parts_run_first_by_default(tmp_path):
     three (profile_decode's new, fn and sk variants at a rollout's tail, bench_skinny, bench_rollout's
     self-check and realistic row at 512 slots with engines paged, paged_fn and paged_fnsk), then the merge's
     two (variants new and loop, engines paged and paged_loop); the training rows last (all measured since)."""
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    _stub(stubs, "nvidia-smi", "echo gpu\n")
-    _stub(stubs, "python3", 'echo "python3 $*"\n')
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(tmp_path)}
+    env = {**stand_in_env(tmp_path, nvidia_smi="echo gpu\n", python3='echo "python3 $*"\n'), "OUT": str(tmp_path)}
     result = subprocess.run(
         ["bash", str(SCRIPT), "300"], env=env, capture_output=True, text=True, timeout=60, check=True
     )

@@ -4,28 +4,19 @@ status, and the run says when it is done."""
 
 from __future__ import annotations
 
-import os
-import stat
 import subprocess
 from pathlib import Path
+
+from stand_ins import stand_in_env
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_pending.sh"
 
 
-def _stub(folder: Path, name: str, body: str) -> None:
-    path = folder / name
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
 def test_parts_run_in_order_and_the_run_says_it_is_done(tmp_path):
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    _stub(stubs, "nvidia-smi", "echo 'stand-in GPU, 700 W'\n")
     # the direct-forward check fails: the rows still run
-    _stub(stubs, "python3", 'echo "python3 $*"\ncase "$*" in *fa4_direct_check*) exit 1;; esac\n')
+    env = stand_in_env(tmp_path, nvidia_smi="echo 'stand-in GPU, 700 W'\n",
+                       python3='echo "python3 $*"\ncase "$*" in *fa4_direct_check*) exit 1;; esac\n')  # fmt: skip
     run = tmp_path / "run"
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
     subprocess.run(["bash", str(SCRIPT), str(run)], env=env, timeout=60, check=True)
     log = (run / "run.log").read_text()
     steps = [line.split(":")[0].split()[-1] for line in log.splitlines() if line.startswith("[train_pending]")]
