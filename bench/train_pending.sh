@@ -8,7 +8,9 @@
 #   3. every compiled layer in CUDA graphs (cgraph=1: torch.compile's mode="reduce-overhead"), both sides, one
 #      and eight micro-batches a step; then part 2's rows at eight micro-batches a step (the GRPO step's shape)
 #   4. 32K, full recompute keeping attention, FA4: direct forward, direct + every layer compiled, transformers
-#      compiled (its strongest stock setting), then ours as before; each profiled
+#      compiled (its strongest stock setting), then ours as before, and with the log-prob head in one or two
+#      chunks (model.logprob_chunk_tokens 32768 / 16384: no / one chunk's logits recomputed in backward, each
+#      ~3.8 TFLOP, for 7.5 / 5 GB more peak memory); each profiled
 #   5. profiles of the direct forward at one and four micro-batches (where the GPU still waits)
 #   6. the trainer's own gradient path and update (optim=megatron: megatron DDP's fp32 main grads, megatron's
 #      Adam), eager, four micro-batches a step: weight gradients added into the main grad by the GEMM
@@ -44,7 +46,7 @@ $TRAIN --out "$R/train_fa4direct_accum8.json" --runs $HF,accum=8 $OURS,accum=8 $
 step train_8k_accum8 $?
 LONG=32768/mcore:recompute=full,attn=fa4,keepattn=1
 $TRAIN --steps 4 --out "$R/train_32k_fa4direct.json" --profile "$R/profile32k" --runs $LONG,fa4direct=1 $LONG,fa4direct=1,compile=1 \
-  32768/hf:recompute=full,compile=1,attn=fa4 $LONG
+  32768/hf:recompute=full,compile=1,attn=fa4 $LONG $LONG,chunk=32768 $LONG,chunk=16384
 step train_32k $?
 $TRAIN --steps 4 --out "$R/train_fa4direct_profile.json" --profile "$R/profile" --runs $OURS,fa4direct=1 \
   $OURS,fa4direct=1,accum=4
