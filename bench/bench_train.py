@@ -566,8 +566,8 @@ class TrainerOptimizer:
     """optim=megatron: the trainer's gradient path and update behind torch's step / zero_grad. The model goes
     into MegatronPolicy (megatron DDP, fp32 main grads; megatron's Adam on fp32 master weights, the recipe's
     betas, weight decay and clip); step() is what the policy's train step does after the backward passes at
-    DP = 1 (DDP's gradient sync; the gradients into the fp32 master weights, their norm, our clip, megatron's
-    update and the bf16 weights copied back)."""
+    DP = 1: DDP's gradient sync, then its `apply_gradients` (the gradients into the fp32 master weights, their
+    norm, the finite check, our clip, megatron's update and the bf16 weights copied back)."""
 
     def __init__(self, model, hf: dict):
         from questa_nemo.config import ModelConfig, OptimConfig
@@ -581,10 +581,7 @@ class TrainerOptimizer:
     def step(self) -> None:
         for chunk in self.policy.model_chunks:
             chunk.finish_grad_sync()
-        optimizer = self.policy.optimizer
-        optimizer.prepare_grads()
-        self.policy._clip(float(optimizer.get_grad_norm()))
-        optimizer.step_with_ready_grads()
+        self.policy.apply_gradients(loss=0.0)  # the step's loss is finite (measure() checks it)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for chunk in self.policy.model_chunks:

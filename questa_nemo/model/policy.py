@@ -326,6 +326,21 @@ class MegatronPolicy:
         outputs = self._run(micro_batches, loss_func, forward_only=False)
 
         loss, metrics = self._reduce_outputs(outputs, normaliser)
+        grad_norm, skipped = self.apply_gradients(loss)
+        return StepStats(
+            loss=loss,
+            grad_norm=grad_norm,
+            lr=self.lr,
+            skipped=skipped,
+            skipped_total=self.skipped_total,
+            num_micro_batches=n,
+            metrics=metrics,
+        )
+
+    def apply_gradients(self, loss: float) -> tuple[float, bool]:
+        """The update after a step's backward passes (and DDP's gradient sync): the gradients into the
+        optimizer, their global norm, then one clipped update, or none on every rank where any rank saw a
+        non-finite gradient or `loss` (the gradients are dropped). Returns (grad norm, skipped)."""
         found_inf = self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())
         flag = torch.tensor(
@@ -342,15 +357,7 @@ class MegatronPolicy:
             self.scheduler.step(increment=1)  # the lr of update k is the schedule at step k (k >= 1)
             self._clip(grad_norm)
             self.optimizer.step_with_ready_grads()
-        return StepStats(
-            loss=loss,
-            grad_norm=grad_norm,
-            lr=self.lr,
-            skipped=skipped,
-            skipped_total=self.skipped_total,
-            num_micro_batches=n,
-            metrics=metrics,
-        )
+        return grad_norm, skipped
 
     def _clip(self, grad_norm: float) -> None:
         """Scale the optimizer's (main) gradients so their global norm is at most `clip_grad`.
