@@ -279,7 +279,7 @@ def build_mcore(hf: dict, run: Run, device: str):
     """(model, step_loss(ids, targets, adv) -> loss) for our GPTModel."""
     from questa_nemo.config import ModelConfig
     from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
-    from questa_nemo.model.megatron import build_model
+    from questa_nemo.model.megatron import build_model, compile_layers
     from questa_nemo.model.policy import _packed_params
 
     recompute = run.options.get("recompute", "none")
@@ -297,11 +297,7 @@ def build_mcore(hf: dict, run: Run, device: str):
     model = build_model(hf, cfg)
     model.train()
     if run.options.get("compile") == "1" and cgraph(run):
-        from questa_nemo.model.linear import keep_autograd_wgrad
-
-        for layer in model.decoder.layers:  # what build_model does under model.compile, in CUDA graphs
-            keep_autograd_wgrad(layer)
-            layer.compile(mode="reduce-overhead")
+        compile_layers(model, mode="reduce-overhead")  # what build_model does under model.compile, in CUDA graphs
     from questa_nemo.model import flash4
 
     flash4.FAST_FORWARD = run.options.get("fa4direct") == "1"  # set on every run (off: model/flash4.py's default)

@@ -270,10 +270,17 @@ def build_model(
             keep_attention=cfg.recompute_keep_attention,
         )
     if compile_on(cfg):
-        for layer in model.decoder.layers:  # one compiled graph serves every layer (parameters are inputs)
-            keep_autograd_wgrad(layer)  # no switch between paths if dynamo runs a call eagerly
-            layer.compile()
+        compile_layers(model)
     return model
+
+
+def compile_layers(model: GPTModel, mode: str | None = None) -> None:
+    """torch.compile every decoder layer (model.compile; `mode` is torch.compile's). One compiled graph serves
+    every layer (parameters are inputs). Their linear layers keep autograd's weight gradient for good, so no
+    weight switches paths within a step when dynamo runs a call eagerly (model/linear.py)."""
+    for layer in model.decoder.layers:
+        keep_autograd_wgrad(layer)
+        layer.compile(mode=mode)
 
 
 def load_hf_weights(
