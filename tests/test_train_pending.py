@@ -20,8 +20,8 @@ def test_parts_run_in_order_and_the_run_says_it_is_done(tmp_path):
     subprocess.run(["bash", str(SCRIPT), str(run)], env=env, timeout=60, check=True)
     log = (run / "run.log").read_text()
     steps = [line.split(":")[0].split()[-1] for line in log.splitlines() if line.startswith("[train_pending]")]
-    assert steps == ["fa4_direct_check", "train_8k", "train_cgraph", "train_8k_accum8", "train_32k", "profile",
-                     "train_wgrad", "test_linear", "grpo_wgrad0", "grpo_wgrad1"]  # fmt: skip
+    assert steps == ["fa4_direct_check", "test_linear", "train_8k", "train_32k", "train_wgrad", "grpo_wgrad0",
+                     "grpo_wgrad1", "train_8k_accum8", "train_cgraph", "profile"]  # fmt: skip
     assert "fa4_direct_check: rc=1" in log and "train_8k: rc=0" in log
     assert "fa4direct=1,accum=8" in log and "optim=megatron,accum=4,wgrad=0" in log and "cgraph=1" in log
     assert "--no-wgrad-into-main-grad" in log
