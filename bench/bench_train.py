@@ -44,6 +44,9 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   optim=megatron                  mcore: the trainer's gradients and optimizer instead of torch AdamW on bf16
                                   weights (model/policy.py's MegatronPolicy: megatron DDP's fp32 main-grad
                                   buffer, megatron's distributed Adam on fp32 master weights, grad clip 1.0)
+  lpk=triton|compile              mcore: the log-prob head's per-chunk kernels on CUDA (model/logprobs.py
+                                  CUDA_KERNELS): triton (default: one read of the logits forward, 64-bit
+                                  offsets) or torch.compile'd torch (before)
   wgrad=0|1                       mcore, optim=megatron: 1 = weight gradients added into the fp32 main grad by
                                   the GEMM (model/linear.py WGRAD_INTO_MAIN_GRAD, the default); 0 = autograd's
                                   bf16 gradient, then DDP's add
@@ -229,11 +232,13 @@ def parse_run(text: str) -> Run:
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
     known = {"fa4direct", "recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
              "newstuff", "keepattn", "vcontig", "headmajor", "ckpt", "segplan", "varlen", "attn", "optim",
-             "wgrad", "cgraph"}  # fmt: skip
+             "wgrad", "cgraph", "lpk"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
-    if impl == "hf" and {"optim", "wgrad"} & set(options):
-        raise SystemExit(f"run {text!r}: optim and wgrad are ours (mcore) only")
+    if impl == "hf" and {"optim", "wgrad", "lpk"} & set(options):
+        raise SystemExit(f"run {text!r}: optim, wgrad and lpk are ours (mcore) only")
+    if options.get("lpk", "triton") not in ("triton", "compile"):
+        raise SystemExit(f"run {text!r}: lpk must be triton or compile")
     return Run(int(seq), impl, options)
 
 
@@ -304,6 +309,9 @@ def build_mcore(hf: dict, run: Run, device: str):
     from questa_nemo.model import linear
 
     linear.WGRAD_INTO_MAIN_GRAD = run.options.get("wgrad", "1") == "1"  # set on every run (only DDP's weights)
+    from questa_nemo.model import logprobs
+
+    logprobs.CUDA_KERNELS = run.options.get("lpk", "triton")  # set on every run
     if run.options.get("newstuff") == "0":
         torch_norms(model)
     from questa_nemo.model import attention
@@ -901,6 +909,7 @@ def check_fused_kernels(device: str) -> dict:
         rope[f"rmsnorm_{name}_dw_max_rel_diff"] = ((dw.float() - dw_ref).abs().max() / dw_ref.abs().max()).item()
     rope.update(check_varlen(g))
     rope.update(check_wgrad(g))
+    rope.update(check_logprob_head(g))
     return {
         "swiglu_forward_max_abs_diff": (outs[0] - outs[1]).abs().max().item(),
         "swiglu_backward_max_abs_diff": (grads[0] - grads[1]).abs().max().item(),
@@ -926,6 +935,64 @@ def check_wgrad(g: torch.Generator) -> dict:
         "wgrad_into_main_grad_max_rel_diff": (fused.double() - ref).abs().max().item() / scale,
         "wgrad_hook_add_max_rel_diff": (hook.double() - ref).abs().max().item() / scale,
     }
+
+
+def check_logprob_head(g: torch.Generator) -> dict:
+    """The log-prob head at the model's shape (2,048 tokens, 1,536 hidden, 151,936 vocabulary, bf16) on each of
+    its CUDA kernels against float64: log-probs, entropy, the hidden states' gradient. Then the Triton kernels
+    on one chunk of 14,200 x 151,936 logits (past 2^31 elements, as a 32K chunk is) in its last rows."""
+    from questa_nemo.model import logprobs, triton_kernels
+
+    hidden = (torch.randn(2048, 1536, device="cuda", generator=g) * 0.5).bfloat16()
+    weight = (torch.randn(151936, 1536, device="cuda", generator=g) * 0.05).bfloat16()
+    targets = torch.randint(0, 151936, (2048,), device="cuda", generator=g)
+    coef = torch.randn(2, 2048, device="cuda", generator=g)
+    h64 = hidden.double().requires_grad_()
+    ref = logprobs.naive_logprobs(h64 @ weight.double().t(), targets, 0.9)
+    (ref.logprobs @ coef[0].double() + ref.entropy @ coef[1].double()).backward()
+    out = {}
+    saved = logprobs.CUDA_KERNELS
+    try:
+        for kernels in ("triton", "compile"):
+            logprobs.CUDA_KERNELS = kernels
+            h = hidden.clone().requires_grad_()
+            got = logprobs.chunked_logprobs(h, weight, targets, 0.9, chunk_tokens=1024)
+            (got.logprobs @ coef[0] + got.entropy @ coef[1]).backward()
+            out[f"logprob_{kernels}_max_abs_diff"] = (got.logprobs.double() - ref.logprobs).abs().max().item()
+            out[f"entropy_{kernels}_max_abs_diff"] = (got.entropy.double() - ref.entropy).abs().max().item()
+            out[f"logprob_{kernels}_dhidden_max_rel_diff"] = (
+                (h.grad.double() - h64.grad).abs().max() / h64.grad.abs().max()
+            ).item()
+    finally:
+        logprobs.CUDA_KERNELS = saved
+    del hidden, weight, h64, ref
+    rows, vocab = 14200, 151936
+    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16, generator=g) * 3
+    target = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
+    row_max, sum_exp, weighted, picked = triton_kernels.logprob_stats(logits, target, 1.0)
+    tail = logits[-4:].double()
+    log_z = torch.logsumexp(tail, -1)
+    p = torch.exp(tail - log_z[:, None])
+    entropy = log_z - (p * tail).sum(-1)
+    ones = torch.ones(4, device="cuda")
+    grad = triton_kernels.logprob_grad(
+        logits[-4:], log_z.float(), entropy.float(), ones, ones * 0, target[-4:], 1.0
+    )  # fmt: skip
+    grad_big = triton_kernels.logprob_grad(
+        logits, torch.zeros(rows, device="cuda"), torch.zeros(rows, device="cuda"), torch.ones(rows, device="cuda"),
+        torch.zeros(rows, device="cuda"), target, 1.0,
+    )[-4:]  # fmt: skip
+    onehot = torch.nn.functional.one_hot(target[-4:], vocab).double()
+    out["logprob_big_chunk_log_z_max_abs_diff"] = ((row_max + sum_exp.log())[-4:].double() - log_z).abs().max().item()
+    out["logprob_big_chunk_picked_max_abs_diff"] = (
+        (picked[-4:].double() - tail.gather(1, target[-4:, None]).squeeze(1)).abs().max().item()
+    )
+    out["logprob_big_chunk_grad_max_abs_diff"] = (grad.double() - (onehot - p)).abs().max().item()
+    # log Z = 0, H = 0: d/dl = [v == t] - exp(l), the same kernel on every row of the big chunk (64-bit offsets)
+    out["logprob_big_chunk_grad_rows_max_abs_diff"] = (
+        (grad_big.double() - (onehot - torch.exp(tail))).abs().max() / torch.exp(tail).abs().max()
+    ).item()
+    return out
 
 
 def check_varlen(g: torch.Generator) -> dict:

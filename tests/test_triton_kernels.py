@@ -287,3 +287,62 @@ def test_skinny_kernel_compiles_for_hopper():
 
     done = compile_for_hopper(SKINNY_AOT, timeout=600)
     assert done.returncode == 0 and "all compiled" in done.stdout, done.stderr[-2000:]
+
+
+def test_logprob_stats_kernel_equals_the_reference():
+    """A vocabulary of 5,000 (three column blocks, the last ragged), rows strided inside a wider tensor,
+    temperature != 1, a target on another rank (-1): max, sums and target logit against float64."""
+    from questa_nemo.model.logprobs import logprob_stats_reference
+
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(4, 5003, generator=g) * 4
+    logits, target = wide[:, :5000], torch.tensor([0, 4999, 2048, -1])
+    got = triton_kernels.logprob_stats(logits, target, 0.7)
+    mine = target >= 0
+    expected = logprob_stats_reference(logits.double(), target.clamp(min=0), mine, 0.7)
+    for name, a, b in zip(("max", "sum", "weighted", "picked"), got, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_logprob_grad_kernel_equals_autograd():
+    """d(g_lp logp_target + g_h H) / d logits against autograd through the full log-softmax, bf16 logits."""
+    from questa_nemo.model.logprobs import naive_logprobs
+
+    g = torch.Generator().manual_seed(6)
+    n, v, temperature = 5, 4500, 1.3
+    logits = (torch.randn(n, v, generator=g) * 3).to(torch.bfloat16)
+    target = torch.tensor([3, 4499, 2047, 2048, -1])
+    g_lp, g_h = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    leaf = logits.double().requires_grad_()
+    ref = naive_logprobs(leaf, target.clamp(min=0), temperature)
+    # a target on another rank (-1): logp_target = (its logit there) - log Z, and only log Z is this rank's
+    lp = torch.where(target >= 0, ref.logprobs, -torch.logsumexp(leaf / temperature, -1))
+    (lp @ g_lp.double() + ref.entropy @ g_h.double()).backward()
+    log_z = torch.logsumexp(logits.double() / temperature, -1)
+    got = triton_kernels.logprob_grad(logits, log_z.float(), ref.entropy.detach().float(), g_lp, g_h, target,
+                                      temperature)  # fmt: skip
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), leaf.grad, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_tokens", [4, 16])
+def test_chunked_logprobs_on_the_triton_kernels_equal_eager(monkeypatch, chunk_tokens):
+    """The log-prob head with its CUDA kernels (mode "triton") on the CPU through the interpreter: values and
+    gradients as the eager path gives them, over several chunks (the last one kept) and one."""
+    from questa_nemo.model import logprobs
+
+    g = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(11, 8, generator=g), torch.randn(3000, 8, generator=g)
+    targets = torch.randint(0, 2990, (11,), generator=g)
+    coef = torch.randn(2, 11, generator=g)
+
+    def run(mode):
+        monkeypatch.setattr(logprobs, "_kernel_mode", lambda hidden, compiled: mode)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = logprobs.chunked_logprobs(h, w, targets, 0.8, vocab_size=2990, chunk_tokens=chunk_tokens)
+        (out.logprobs @ coef[0] + out.entropy @ coef[1]).backward()
+        return out.logprobs.detach(), out.entropy.detach(), h.grad, w.grad
+
+    for got, expected in zip(run("triton"), run("eager")):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -71,13 +71,43 @@ def _grad_logits(logits, log_z, entropy, g_lp, g_h, local_t, mine, temperature: 
     return (grad / temperature).to(logits.dtype)
 
 
+def logprob_stats_reference(logits, local_t, mine, temperature: float):
+    """What the Triton statistics kernel computes, in torch: (row max, sum exp(l - max), sum exp(l - max) l,
+    target logit or 0) with l = logits / temperature, each [n] in the statistics dtype."""
+    scaled = logits.to(_stats_dtype(logits)) / temperature
+    row_max = scaled.max(dim=-1).values
+    shifted = torch.exp(scaled - row_max[:, None])
+    picked = scaled.gather(1, local_t.clamp(0, scaled.size(1) - 1)[:, None]).squeeze(1)
+    return row_max, shifted.sum(-1), (shifted * scaled).sum(-1), torch.where(mine, picked, 0.0)
+
+
+def _triton_grad_logits(logits, log_z, entropy, g_lp, g_h, local_t, mine, temperature: float):
+    from questa_nemo.model.triton_kernels import logprob_grad
+
+    return logprob_grad(logits, log_z, entropy, g_lp, g_h, torch.where(mine, local_t, -1), temperature)
+
+
+def _triton_stats(logits, local_t, mine, temperature: float):
+    """-> (row max, sum exp(l - max), sum exp(l - max) l, target logit or 0), one read of the logits."""
+    from questa_nemo.model.triton_kernels import logprob_stats
+
+    return logprob_stats(logits, torch.where(mine, local_t, -1), temperature)
+
+
+# Which kernels run the per-chunk maths on CUDA: "triton" (model/triton_kernels.py: one read of the logits in
+# forward, 64-bit offsets) or "compile" (the functions above under torch.compile). Off CUDA: eager.
+CUDA_KERNELS = "triton"
 _EAGER = (_max_and_target, _exp_sums, _grad_logits)
 _COMPILED: tuple | None = None
 
 
-def _kernels(compiled: bool) -> tuple:
+def _kernels(mode: str) -> tuple:
+    """-> (max_and_target or the one-pass statistics, exp_sums or None, grad_logits) for mode eager /
+    compile / triton."""
     global _COMPILED
-    if not compiled:
+    if mode == "triton":
+        return _triton_stats, None, _triton_grad_logits
+    if mode == "eager":
         return _EAGER
     if _COMPILED is None:
         # automatic dynamic shapes: the chunk length becomes symbolic once it varies, the vocabulary stays a
@@ -86,14 +116,28 @@ def _kernels(compiled: bool) -> tuple:
     return _COMPILED
 
 
+def _kernel_mode(hidden: torch.Tensor, compiled: bool | None) -> str:
+    if compiled is False or (compiled is None and not hidden.is_cuda):
+        return "eager"
+    if (
+        CUDA_KERNELS == "triton"
+        and hidden.is_cuda
+        and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    ):
+        return "triton"
+    return "compile"
+
+
+def _distributed(group) -> bool:
+    return group is not None and dist.get_world_size(group) > 1
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, hidden, weight, targets, temperature, chunk_tokens, vocab_start, group, compiled, keep_last
-    ):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_tokens, vocab_start, group, mode, keep_last):
         # hidden [T, h]; weight [V_local, h] holding only real (unpadded) vocabulary rows;
         # targets [T] global token ids; vocab_start: global id of this rank's first row.
-        max_and_target, exp_sums, _ = _kernels(compiled)
+        max_and_target, exp_sums, _ = _kernels(mode)
         n_tokens, v_local = hidden.size(0), weight.size(0)
         stats_dtype = _stats_dtype(hidden)
         log_z = torch.empty(n_tokens, dtype=stats_dtype, device=hidden.device)
@@ -105,18 +149,24 @@ class _ChunkedLogprobs(torch.autograd.Function):
             local_t = targets[rows] - vocab_start
             mine = (local_t >= 0) & (local_t < v_local)
             n = local_t.size(0)
-            if v_local:
-                logits = hidden[rows] @ weight.t()  # [n, V_local], matmul dtype
-                row_max, picked = max_and_target(logits, local_t, mine, temperature)
-            else:  # this rank holds only vocabulary padding
-                logits = None
+            zeros = torch.zeros(n, dtype=stats_dtype, device=hidden.device)
+            if not v_local:  # this rank holds only vocabulary padding
+                logits, picked, sum_exp, weighted = None, zeros, zeros, zeros
                 row_max = torch.full((n,), -torch.inf, dtype=stats_dtype, device=hidden.device)
-                picked = torch.zeros(n, dtype=stats_dtype, device=hidden.device)
-            row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
-            if logits is not None:
-                sum_exp, weighted = exp_sums(logits, row_max, temperature)
+                row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
+            elif exp_sums is None:  # one pass: sums relative to this rank's max, rescaled to the global one
+                logits = hidden[rows] @ weight.t()  # [n, V_local], matmul dtype
+                row_max, sum_exp, weighted, picked = max_and_target(logits, local_t, mine, temperature)
+                if _distributed(group):
+                    local_max = row_max
+                    row_max = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)
+                    rescale = torch.exp(local_max - row_max)
+                    sum_exp, weighted = sum_exp * rescale, weighted * rescale
             else:
-                sum_exp = weighted = torch.zeros(n, dtype=stats_dtype, device=hidden.device)
+                logits = hidden[rows] @ weight.t()
+                row_max, picked = max_and_target(logits, local_t, mine, temperature)
+                row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
+                sum_exp, weighted = exp_sums(logits, row_max, temperature)
             if keep_last and start + chunk_tokens >= n_tokens:
                 kept = logits
             del logits
@@ -128,13 +178,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
             target_logit[rows] = picked
         ctx.save_for_backward(hidden, weight, targets, log_z, entropy, kept)
         ctx.temperature, ctx.chunk_tokens, ctx.vocab_start = temperature, chunk_tokens, vocab_start
-        ctx.group, ctx.compiled = group, compiled
+        ctx.group, ctx.mode = group, mode
         return target_logit - log_z, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, targets, log_z, entropy, kept = ctx.saved_tensors
-        _, _, grad_logits_fn = _kernels(ctx.compiled)
+        _, _, grad_logits_fn = _kernels(ctx.mode)
         v_local, n_tokens = weight.size(0), hidden.size(0)
         grad_hidden = torch.zeros_like(hidden)
         zeros = torch.zeros_like(log_z)
@@ -182,7 +232,8 @@ def chunked_logprobs(
     output_weight: [V_pad / tp, h], this TP rank's rows of the (padded) vocabulary; rows at global index
     >= vocab_size are padding and are excluded from the softmax. targets: [T] global token ids.
     Returns fp32 [T] (or [s, b]) tensors; differentiable in hidden and output_weight.
-    compiled: fuse the per-chunk softmax math with torch.compile (default: on CUDA; eager on CPU).
+    compiled: fuse the per-chunk softmax math (default: on CUDA, in the kernels CUDA_KERNELS names; eager on
+    the CPU); False: eager.
     """
     shape = targets.shape
     hidden = hidden.reshape(-1, hidden.size(-1))
@@ -202,7 +253,7 @@ def chunked_logprobs(
         int(chunk_tokens),
         vocab_start,
         tp_group,
-        hidden.is_cuda if compiled is None else compiled,
+        _kernel_mode(hidden, compiled),
         torch.is_grad_enabled() and (hidden.requires_grad or output_weight.requires_grad),
     )
     return TokenLogprobs(logprobs.reshape(shape), entropy.reshape(shape))

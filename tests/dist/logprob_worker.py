@@ -1,7 +1,8 @@
 """torchrun worker: chunked log-probs over a TP=2 vocabulary split equal the naive full-softmax ones.
 
 Launched by tests/test_model_logprobs.py as `torchrun --nproc-per-node 2 tests/dist/logprob_worker.py`.
-Values and gradients (hidden and this rank's weight rows) are compared in fp64; exits non-zero on mismatch.
+Values and gradients (hidden and this rank's weight rows) are compared in fp64, with the two-pass statistics
+and the one-pass ones; exits non-zero on mismatch.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from questa_nemo.config import ModelConfig
+from questa_nemo.model import logprobs
 from questa_nemo.model.logprobs import chunked_logprobs, naive_logprobs
 from questa_nemo.model.parallel import destroy_distributed, init_distributed
 
@@ -50,6 +52,15 @@ def main() -> None:
     # Padding inside rank 1's slice; rank 1 holding nothing but padding; temperature != 1.
     for vocab, padded, temperature in [(50, 64, 1.0), (30, 64, 0.6), (64, 64, 1.3)]:
         check(vocab, padded, temperature, info.tp_rank, info.tp_size, group)
+    # the one-pass statistics (the CUDA kernel's, here its torch reference): sums relative to each rank's
+    # own max, rescaled to the global max after the all-reduce
+    two_pass = logprobs._kernels
+    logprobs._kernels = lambda mode: (logprobs.logprob_stats_reference, None, logprobs._grad_logits)
+    try:
+        for vocab, padded, temperature in [(50, 64, 1.0), (30, 64, 0.6), (64, 64, 1.3)]:
+            check(vocab, padded, temperature, info.tp_rank, info.tp_size, group)
+    finally:
+        logprobs._kernels = two_pass
     print(f"rank {info.rank}: chunked log-probs match")
     destroy_distributed()
 
