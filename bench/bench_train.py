@@ -909,7 +909,10 @@ def check_fused_kernels(device: str) -> dict:
         rope[f"rmsnorm_{name}_dw_max_rel_diff"] = ((dw.float() - dw_ref).abs().max() / dw_ref.abs().max()).item()
     rope.update(check_varlen(g))
     rope.update(check_wgrad(g))
-    rope.update(check_logprob_head(g))
+    try:  # a failing check is a result to read, not a lost run
+        rope.update(check_logprob_head(g))
+    except Exception as e:  # noqa: BLE001
+        rope["logprob_check_error"] = repr(e)[:300]
     return {
         "swiglu_forward_max_abs_diff": (outs[0] - outs[1]).abs().max().item(),
         "swiglu_backward_max_abs_diff": (grads[0] - grads[1]).abs().max().item(),
