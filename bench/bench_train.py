@@ -44,9 +44,9 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   optim=megatron                  mcore: the trainer's gradients and optimizer instead of torch AdamW on bf16
                                   weights (model/policy.py's MegatronPolicy: megatron DDP's fp32 main-grad
                                   buffer, megatron's distributed Adam on fp32 master weights, grad clip 1.0)
-  lpk=triton|compile              mcore: the log-prob head's per-chunk kernels on CUDA (model/logprobs.py
-                                  CUDA_KERNELS): triton (default: one read of the logits forward, 64-bit
-                                  offsets) or torch.compile'd torch (before)
+  lpk=compile|triton              mcore: the log-prob head's per-chunk kernels on CUDA (model/logprobs.py
+                                  CUDA_KERNELS): compile (default: torch.compile'd torch) or triton (one
+                                  read of the logits forward, 64-bit offsets)
   wgrad=0|1                       mcore, optim=megatron: 1 = weight gradients added into the fp32 main grad by
                                   the GEMM (model/linear.py WGRAD_INTO_MAIN_GRAD, the default); 0 = autograd's
                                   bf16 gradient, then DDP's add
@@ -237,8 +237,8 @@ def parse_run(text: str) -> Run:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
     if impl == "hf" and {"optim", "wgrad", "lpk"} & set(options):
         raise SystemExit(f"run {text!r}: optim, wgrad and lpk are ours (mcore) only")
-    if options.get("lpk", "triton") not in ("triton", "compile"):
-        raise SystemExit(f"run {text!r}: lpk must be triton or compile")
+    if options.get("lpk", "compile") not in ("triton", "compile"):
+        raise SystemExit(f"run {text!r}: lpk must be compile or triton")
     return Run(int(seq), impl, options)
 
 
@@ -311,7 +311,7 @@ def build_mcore(hf: dict, run: Run, device: str):
     linear.WGRAD_INTO_MAIN_GRAD = run.options.get("wgrad", "1") == "1"  # set on every run (only DDP's weights)
     from questa_nemo.model import logprobs
 
-    logprobs.CUDA_KERNELS = run.options.get("lpk", "triton")  # set on every run
+    logprobs.CUDA_KERNELS = run.options.get("lpk", "compile")  # set on every run (model/logprobs.py's default)
     if run.options.get("newstuff") == "0":
         torch_norms(model)
     from questa_nemo.model import attention

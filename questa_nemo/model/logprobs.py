@@ -94,9 +94,10 @@ def _triton_stats(logits, local_t, mine, temperature: float):
     return logprob_stats(logits, torch.where(mine, local_t, -1), temperature)
 
 
-# Which kernels run the per-chunk maths on CUDA: "triton" (model/triton_kernels.py: one read of the logits in
-# forward, 64-bit offsets) or "compile" (the functions above under torch.compile). Off CUDA: eager.
-CUDA_KERNELS = "triton"
+# Which kernels run the per-chunk maths on CUDA: "compile" (the functions above under torch.compile, measured)
+# or "triton" (model/triton_kernels.py: one read of the logits in forward, 64-bit offsets; tested on the CPU
+# through Triton's interpreter, not yet run on a GPU: bench/train_pending.sh has its rows). Off CUDA: eager.
+CUDA_KERNELS = "compile"
 _EAGER = (_max_and_target, _exp_sums, _grad_logits)
 _COMPILED: tuple | None = None
 
