@@ -115,9 +115,9 @@ def _through_fa4(fwd, q, k, v, scale, **varlen) -> tuple[torch.Tensor, torch.Ten
 # it, our tensors in place of the first call's. The first call of each problem goes through FA4, with the
 # kernels it takes from its forward compile cache recorded; the problem keeps FA4's own path unless that call
 # took exactly one and passed it no tensor but q, k, v, out and lse (a split-KV combine, scheduler metadata or a
-# copy FA4 makes of an input shows up there as another tensor). Off until it has run on a GPU:
-# bench/fa4_direct_check.py (the direct call's outputs bit for bit against FA4's, its host time) and
-# bench_train.py's fa4direct=1 rows.
+# copy FA4 makes of an input shows up there as another tensor). Off: on an H100 (docs/benchmarks.md (χ)) it was
+# bit for bit FA4's forward and cut the host time a call from 0.14 to 0.04 ms, but the 8K and 32K training steps
+# did not get faster (GPU-bound: 2.1 ms idle in 183.5), so FA4's private interface is not worth reaching into.
 FAST_FORWARD = False
 _direct: dict[tuple, object] = {}  # problem -> _Recorded, or None where FA4's own path stays
 _recording = threading.Lock()  # one recording at a time: each swaps FA4's cache attribute and puts it back
