@@ -498,6 +498,10 @@ def arguments(argv=None) -> argparse.Namespace:
         "--wgrad-into-main-grad", action=argparse.BooleanOptionalAction, default=True,
         help="model/linear.py WGRAD_INTO_MAIN_GRAD: weight gradients added into DDP's fp32 main grad by the GEMM",
     )
+    p.add_argument(
+        "--logprob-kernels", default="compile", choices=("compile", "triton"),
+        help="model/logprobs.py CUDA_KERNELS: the log-prob head's per-chunk kernels on CUDA",
+    )
     p.add_argument("--out", default="bench/results/grpo_nemorl.json")
     args = p.parse_args(argv)
     if args.recompute_num_layers is not None and (args.recompute != "full" or args.recompute_num_layers < 1):
@@ -522,6 +526,9 @@ def main(argv=None) -> int:
     from questa_nemo.model import linear
 
     linear.WGRAD_INTO_MAIN_GRAD = args.wgrad_into_main_grad
+    from questa_nemo.model import logprobs
+
+    logprobs.CUDA_KERNELS = args.logprob_kernels
     shape = TINY_QWEN2 if args.tiny else QWEN25_1P5B
     tmp = Path(tempfile.mkdtemp())
     (tmp / "config.json").write_text(json.dumps(shape))

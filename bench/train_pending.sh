@@ -7,7 +7,7 @@
 #      Triton's (triton: one read of the logits forward, a gradient kernel with 64-bit offsets), interleaved, with
 #      transformers compiled (its strongest stock setting) between them; then Triton's at the default chunk
 #   3. 8K, one and eight micro-batches a step, every layer compiled on both sides: the same two, transformers
-#      compiled beside them
+#      compiled beside them; then the GRPO step shaped like NeMo-RL's table (FA4, sync) on each
 # Done in an earlier run (bench/results/train_pending_h100/, docs/benchmarks.md (χ)): FA4's direct forward, CUDA
 # graphs, the trainer's weight gradients into the main grad, the GRPO step with and without them.
 # Needs the FA4 bundle (bench/fa4_bundle.sh) unpacked in .fa4site and the wheels of bench/gpu_setup.sh. Two calls
@@ -39,4 +39,8 @@ $TRAIN --out "$R/train_8k_lpk.json" --runs $HF $OURS,lpk=compile $OURS,lpk=trito
 step train_8k $?
 $TRAIN --out "$R/train_8k_lpk_accum8.json" --runs $HF,accum=8 $OURS,lpk=compile,accum=8 $OURS,lpk=triton,accum=8
 step train_8k_accum8 $?
+GRPO="python3 bench/bench_grpo_nemorl.py --steps 2 --staleness 0 --proximal train_forward --recompute none
+  --micro-batch-tokens 8192 --attention fa4"
+$GRPO --logprob-kernels compile --out "$R/grpo_lpk_compile.json"; step grpo_lpk_compile $?
+$GRPO --logprob-kernels triton --out "$R/grpo_lpk_triton.json"; step grpo_lpk_triton $?
 touch "$R/done"
