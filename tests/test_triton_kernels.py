@@ -346,3 +346,40 @@ def test_chunked_logprobs_on_the_triton_kernels_equal_eager(monkeypatch, chunk_t
 
     for got, expected in zip(run("triton"), run("eager")):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+LOGPROB_AOT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from questa_nemo.model import triton_kernels as tk
+
+common = {"v": "i32", "stride": "i64", "temperature": "fp32", "BLOCK": "constexpr"}
+stats = {"logits_ptr": "*bf16", "target_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+         "weighted_ptr": "*fp32", "picked_ptr": "*fp32", **common}
+grad = {"logits_ptr": "*bf16", "grad_ptr": "*bf16", "log_z_ptr": "*fp32", "entropy_ptr": "*fp32",
+        "g_lp_ptr": "*fp32", "g_h_ptr": "*fp32", "target_ptr": "*i64", **common}
+for fn, signature in ((tk._logprob_stats_kernel, stats), (tk._logprob_grad_kernel, grad)):
+    # what Triton's launcher specializes on when the pointers, the vocabulary and the row stride are multiples of
+    # 16 (151,936 and 49,152 are): the logits then load 8 bf16 at a time
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
+               if name.endswith("_ptr") or name in ("v", "stride")}
+    source = ASTSource(fn=fn, signature=signature, constexprs={"BLOCK": tk.LOGPROB_BLOCK}, attrs=aligned)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert kernel.asm["cubin"] and "ld.global.v4" in kernel.asm["ptx"], fn
+print("compiled")
+"""
+
+
+def test_logprob_kernels_compile_for_hopper():
+    """Ahead of time, no GPU: the log-prob head's two kernels as launched on bf16 logits (block 2,048, 8 warps,
+    a 64-bit row stride) lower to PTX and assemble for sm_90 (the interpreter accepts code the compiler does not),
+    and with aligned arguments read the logits in 16-byte loads."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from rollout_models import compile_for_hopper
+
+    done = compile_for_hopper(LOGPROB_AOT, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]
