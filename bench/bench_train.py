@@ -587,10 +587,8 @@ class TrainerOptimizer:
             chunk.finish_grad_sync()
         self.policy.apply_gradients(loss=0.0)  # the step's loss is finite (measure() checks it)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for chunk in self.policy.model_chunks:
-            chunk.zero_grad_buffer()
-        self.policy.optimizer.zero_grad(set_to_none)
+    def zero_grad(self, set_to_none: bool = True) -> None:  # megatron's optimizer sets them to None
+        self.policy.zero_grads()
 
 
 def train_step(forward, optimizer, accum: int, marks: dict[str, float] | None = None) -> torch.Tensor:

@@ -74,11 +74,8 @@ def _grad_logits(logits, log_z, entropy, g_lp, g_h, local_t, mine, temperature: 
 def logprob_stats_reference(logits, local_t, mine, temperature: float):
     """What the Triton statistics kernel computes, in torch: (row max, sum exp(l - max), sum exp(l - max) l,
     target logit or 0) with l = logits / temperature, each [n] in the statistics dtype."""
-    scaled = logits.to(_stats_dtype(logits)) / temperature
-    row_max = scaled.max(dim=-1).values
-    shifted = torch.exp(scaled - row_max[:, None])
-    picked = scaled.gather(1, local_t.clamp(0, scaled.size(1) - 1)[:, None]).squeeze(1)
-    return row_max, shifted.sum(-1), (shifted * scaled).sum(-1), torch.where(mine, picked, 0.0)
+    row_max, picked = _max_and_target(logits, local_t, mine, temperature)
+    return row_max, *_exp_sums(logits, row_max, temperature), picked
 
 
 def _triton_grad_logits(logits, log_z, entropy, g_lp, g_h, local_t, mine, temperature: float):
@@ -150,24 +147,24 @@ class _ChunkedLogprobs(torch.autograd.Function):
             local_t = targets[rows] - vocab_start
             mine = (local_t >= 0) & (local_t < v_local)
             n = local_t.size(0)
-            zeros = torch.zeros(n, dtype=stats_dtype, device=hidden.device)
             if not v_local:  # this rank holds only vocabulary padding
+                zeros = torch.zeros(n, dtype=stats_dtype, device=hidden.device)
                 logits, picked, sum_exp, weighted = None, zeros, zeros, zeros
                 row_max = torch.full((n,), -torch.inf, dtype=stats_dtype, device=hidden.device)
                 row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
-            elif exp_sums is None:  # one pass: sums relative to this rank's max, rescaled to the global one
-                logits = hidden[rows] @ weight.t()  # [n, V_local], matmul dtype
-                row_max, sum_exp, weighted, picked = max_and_target(logits, local_t, mine, temperature)
-                if _distributed(group):
-                    local_max = row_max
-                    row_max = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)
-                    rescale = torch.exp(local_max - row_max)
-                    sum_exp, weighted = sum_exp * rescale, weighted * rescale
             else:
-                logits = hidden[rows] @ weight.t()
-                row_max, picked = max_and_target(logits, local_t, mine, temperature)
-                row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
-                sum_exp, weighted = exp_sums(logits, row_max, temperature)
+                logits = hidden[rows] @ weight.t()  # [n, V_local], matmul dtype
+                if exp_sums is None:  # one pass: sums relative to this rank's max, rescaled to the global one
+                    row_max, sum_exp, weighted, picked = max_and_target(logits, local_t, mine, temperature)
+                    if _distributed(group):
+                        local_max = row_max
+                        row_max = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)
+                        rescale = torch.exp(local_max - row_max)
+                        sum_exp, weighted = sum_exp * rescale, weighted * rescale
+                else:
+                    row_max, picked = max_and_target(logits, local_t, mine, temperature)
+                    row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
+                    sum_exp, weighted = exp_sums(logits, row_max, temperature)
             if keep_last and start + chunk_tokens >= n_tokens:
                 kept = logits
             del logits

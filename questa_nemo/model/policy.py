@@ -320,9 +320,7 @@ class MegatronPolicy:
             return scaled, (loss_sum.detach(), {k: v.detach() for k, v in stats.items()})
 
         self.train()
-        for chunk in self.model_chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        self.zero_grads()
         outputs = self._run(micro_batches, loss_func, forward_only=False)
 
         loss, metrics = self._reduce_outputs(outputs, normaliser)
@@ -337,6 +335,12 @@ class MegatronPolicy:
             metrics=metrics,
         )
 
+    def zero_grads(self) -> None:
+        """Clear DDP's main-grad buffers and the optimizer's gradients."""
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
     def apply_gradients(self, loss: float) -> tuple[float, bool]:
         """The update after a step's backward passes (and DDP's gradient sync): the gradients into the
         optimizer, their global norm, then one clipped update, or none on every rank where any rank saw a
@@ -349,9 +353,7 @@ class MegatronPolicy:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         skipped = bool(flag.item())
         if skipped:
-            self.optimizer.zero_grad()
-            for chunk in self.model_chunks:
-                chunk.zero_grad_buffer()
+            self.zero_grads()
             self.skipped_total += 1
         else:
             self.scheduler.step(increment=1)  # the lr of update k is the schedule at step k (k >= 1)
