@@ -47,6 +47,8 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   lpk=compile|triton              mcore: the log-prob head's per-chunk kernels on CUDA (model/logprobs.py
                                   CUDA_KERNELS): compile (default: torch.compile'd torch) or triton (one
                                   read of the logits forward, 64-bit offsets)
+  qkvrope=0|1                     mcore, fusions=1, unpacked rows: 1 (default) = megatron's fused QKV split +
+                                  RoPE path on our kernels (model/fused.py FUSED_QKV_ROPE); 0 = the split path
   wgrad=0|1                       mcore, optim=megatron: 1 = weight gradients added into the fp32 main grad by
                                   the GEMM (model/linear.py WGRAD_INTO_MAIN_GRAD, the default); 0 = autograd's
                                   bf16 gradient, then DDP's add
@@ -232,11 +234,11 @@ def parse_run(text: str) -> Run:
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
     known = {"fa4direct", "recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
              "newstuff", "keepattn", "vcontig", "headmajor", "ckpt", "segplan", "varlen", "attn", "optim",
-             "wgrad", "cgraph", "lpk"}  # fmt: skip
+             "wgrad", "cgraph", "lpk", "qkvrope"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
-    if impl == "hf" and {"optim", "wgrad", "lpk"} & set(options):
-        raise SystemExit(f"run {text!r}: optim, wgrad and lpk are ours (mcore) only")
+    if impl == "hf" and {"optim", "wgrad", "lpk", "qkvrope"} & set(options):
+        raise SystemExit(f"run {text!r}: optim, wgrad, lpk and qkvrope are ours (mcore) only")
     if options.get("lpk", "compile") not in ("triton", "compile"):
         raise SystemExit(f"run {text!r}: lpk must be compile or triton")
     return Run(int(seq), impl, options)
@@ -299,6 +301,9 @@ def build_mcore(hf: dict, run: Run, device: str):
         compile=run.options.get("compile") == "1" and not cgraph(run),  # model.compile: every decoder layer
         packed_attention="varlen" if run.options.get("varlen") == "1" else "sdpa",
     )
+    from questa_nemo.model import fused
+
+    fused.FUSED_QKV_ROPE = run.options.get("qkvrope", "1") == "1"  # set on every run (model/fused.py's default)
     model = build_model(hf, cfg)
     model.train()
     if run.options.get("compile") == "1" and cgraph(run):
@@ -890,6 +895,10 @@ def check_fused_kernels(device: str) -> dict:
     rope["rope_thd_max_abs_diff"] = (
         (fused.fused_rope_thd(packed, cu, freqs[:5192]).float() - thd_ref).abs().max().item()
     )
+    try:  # the fused QKV split + RoPE (megatron's fused_single_qkv_rope path) vs the fp32 split path
+        rope.update(check_qkv_rope(mixed, freqs, g))
+    except Exception as e:  # noqa: BLE001
+        rope["qkv_rope_check_error"] = repr(e)[:300]
     # RMSNorm at the model's shape: ours (Triton) and torch's (the layers before) vs the fp32 reference
     x = (torch.randn(8192, 1536, device="cuda", generator=g) * 4).bfloat16().requires_grad_()
     w = (1 + 0.1 * torch.randn(1536, device="cuda", generator=g)).bfloat16().requires_grad_()
@@ -936,6 +945,29 @@ def check_wgrad(g: torch.Generator) -> dict:
         "wgrad_into_main_grad_max_rel_diff": (fused.double() - ref).abs().max().item() / scale,
         "wgrad_hook_add_max_rel_diff": (hook.double() - ref).abs().max().item() / scale,
     }
+
+
+def check_qkv_rope(mixed: torch.Tensor, freqs: torch.Tensor, g: torch.Generator) -> dict:
+    """fused.fused_qkv_rope on the GPU (its Triton kernels) against the same function on an fp32 CPU copy
+    (megatron's split, the query reshaped, RoPE on each): query, key, value and the fused projection's
+    gradient."""
+    from questa_nemo.model import fused
+
+    split = [6 * 128, 128, 128]
+    t = mixed.detach().requires_grad_()
+    outs = fused.fused_qkv_rope(t, freqs, freqs, split)
+    ups = [torch.randn(o.shape, device="cuda", dtype=torch.bfloat16, generator=g) for o in outs]
+    (grad,) = torch.autograd.grad(outs, t, ups)
+    ref_in = mixed.detach().float().cpu().requires_grad_()
+    refs = fused.fused_qkv_rope(ref_in, freqs.cpu(), freqs.cpu(), split)
+    (grad_ref,) = torch.autograd.grad(refs, ref_in, [u.float().cpu() for u in ups])
+    result = {
+        f"qkv_rope_{name}_max_abs_diff": (o.float().cpu() - r).abs().max().item()
+        for name, o, r in zip(("query", "key", "value"), outs, refs, strict=True)
+    }
+    result["qkv_rope_grad_max_abs_diff"] = (grad.float().cpu() - grad_ref).abs().max().item()
+    result["qkv_rope_value_is_view"] = outs[2].data_ptr() == t.data_ptr() + 7 * 128 * t.element_size()
+    return result
 
 
 def check_logprob_head(g: torch.Generator) -> dict:

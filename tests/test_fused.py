@@ -182,15 +182,47 @@ def test_rmsnorm_equals_torch_rmsnorm_values_and_gradients():
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
-def test_model_built_with_fusions_equals_unfused(single_process, monkeypatch):
-    """The spec with fusions (our RMSNorm and SwiGLU submodules, our RoPE through megatron's fusion slot) gives
-    the unfused model's log-probs and gradients; on CPU every fused op runs its eager reference maths."""
+def _uninstall() -> None:
+    """megatron's slots as CPU runs find them (install() filled them)."""
+    from megatron.core.transformer import attention as mcore_attention
+
+    rope_utils.fused_apply_rotary_pos_emb = None
+    rope_utils.fused_apply_rotary_pos_emb_thd = None
+    if fused.qkv_rope_supported():
+        mcore_attention.HAVE_FUSED_QKV_ROPE = False
+        mcore_attention.__dict__.pop("apply_fused_qkv_rotary_pos_emb", None)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_model_built_with_fusions_equals_unfused(single_process, monkeypatch, packed):
+    """The spec with fusions (our RMSNorm and SwiGLU submodules, our RoPE through megatron's fusion slots, in
+    megatron-core 0.16+ the fused QKV split + RoPE for unpacked rows) gives the unfused model's log-probs and
+    gradients; on CPU every fused op runs its eager reference maths. Packed rows take megatron's split path
+    (with the fused flag on megatron would refuse them)."""
     from questa_nemo.model import megatron as mg
     from questa_nemo.model.logprobs import chunked_logprobs, final_hidden_states, output_weight
 
     ref, hf = tiny_hf_model("qwen2")
     cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none")
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(6))
+    if packed:
+        ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(6))
+        cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+        params = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=13, max_seqlen_kv=13
+        )
+        positions = fused.segment_positions(cu, 20)[None]
+    else:
+        ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(6))
+        params, positions = None, torch.arange(12).expand_as(ids)
+    qkv_calls = []
+    counted = fused.fused_qkv_rope
+
+    def counting(*args, **kwargs):
+        qkv_calls.append(1)
+        return counted(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "fused_qkv_rope", counting)
+    _uninstall()  # install() puts the function in megatron's slot once: the counting one here
 
     def loss_and_grads(fusions: bool):
         monkeypatch.setattr(mg, "fusions_on", lambda cfg: fusions)
@@ -198,7 +230,9 @@ def test_model_built_with_fusions_equals_unfused(single_process, monkeypatch):
         mg.load_hf_weights(model, ref.state_dict(), hf, cfg)
         norms = [type(layer.input_layernorm) for layer in model.decoder.layers]
         assert all(n is (fused.RMSNorm if fusions else torch.nn.RMSNorm) for n in norms), norms
-        hidden = final_hidden_states(model, ids, torch.arange(12).expand_as(ids))
+        attention = type(model.decoder.layers[0].self_attention)
+        assert (attention is fused.FusedQKVSelfAttention) == (fusions and fused.qkv_rope_supported())
+        hidden = final_hidden_states(model, ids, positions, packed_seq_params=params)
         out = chunked_logprobs(hidden, output_weight(model), ids.t(), vocab_size=VOCAB)
         out.logprobs.sum().backward()
         return out.logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -207,9 +241,32 @@ def test_model_built_with_fusions_equals_unfused(single_process, monkeypatch):
         expected, expected_grads = loss_and_grads(fusions=False)
         got, got_grads = loss_and_grads(fusions=True)
     finally:
-        rope_utils.fused_apply_rotary_pos_emb = None  # as CPU runs find it (install() filled it)
-        rope_utils.fused_apply_rotary_pos_emb_thd = None
+        _uninstall()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert set(got_grads) == set(expected_grads)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    layers = hf["num_hidden_layers"]
+    assert len(qkv_calls) == (0 if packed or not fused.qkv_rope_supported() else layers)
+
+
+def test_fused_qkv_rope_equals_megatron_split_then_rope():
+    """megatron's split path (views of the fused projection, the query reshaped, megatron's RoPE on each) and
+    the fused function: values and the gradient of the fused projection; a split it cannot take raises."""
+    g = torch.Generator().manual_seed(7)
+    dim, q_per_group = 16, 3
+    freqs = _freqs(10, dim)
+    qkv = torch.randn(10, 2, 2, (q_per_group + 2) * dim, generator=g, requires_grad=True)
+    split = [q_per_group * dim, dim, dim]
+    query, key, value = torch.split(qkv, split, dim=3)
+    query = query.reshape(10, 2, -1, dim)
+    expected = [rope_utils._apply_rotary_pos_emb_bshd(t, freqs) for t in (query, key)] + [value]
+    got = fused.fused_qkv_rope(qkv, freqs, freqs, split)
+    upstream = [torch.randn(t.shape, generator=g) for t in expected]
+    grad_expected = torch.autograd.grad(expected, qkv, upstream)[0]
+    grad_got = torch.autograd.grad(got, qkv, upstream)[0]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grad_got, grad_expected)
+    with pytest.raises(ValueError, match="unexpected split"):
+        fused.fused_qkv_rope(qkv, freqs, freqs, [q_per_group * dim, dim, dim // 2])

@@ -44,6 +44,8 @@ def megatron_local_spec_with_our_modules(cfg: ModelConfig) -> ModuleSpec:
         mlp.activation_func = fused.SwiGLU
     if mm.fusions_on(cfg):
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = fused.RMSNorm
+        if fused.qkv_rope_supported():  # megatron-core 0.16+: its fused QKV split + RoPE path for unpacked rows
+            spec.submodules.self_attention.module = fused.FusedQKVSelfAttention
     return spec
 
 

@@ -20,8 +20,11 @@ def test_parts_run_in_order_and_the_run_says_it_is_done(tmp_path):
     subprocess.run(["bash", str(SCRIPT), str(run)], env=env, timeout=60, check=True)
     log = (run / "run.log").read_text()
     steps = [line.split(":")[0].split()[-1] for line in log.splitlines() if line.startswith("[train_pending]")]
-    assert steps == ["test_linear", "train_32k", "train_8k", "train_8k_accum8", "grpo_lpk_compile", "grpo_lpk_triton"]
-    assert "test_linear: rc=1" in log and "train_32k: rc=0" in log
-    assert "chunk=32768,lpk=triton" in log and "chunk=32768,lpk=compile" in log and "lpk=triton,accum=8" in log
+    assert steps == [
+        "tests", "train_32k", "train_8k", "train_8k_accum8", "grpo_lpk_compile", "grpo_lpk_triton"
+    ]
+    assert "tests: rc=1" in log and "train_32k: rc=0" in log
+    assert "chunk=32768,lpk=triton,qkvrope=1" in log and "chunk=32768,lpk=compile,qkvrope=0" in log
+    assert "lpk=triton,accum=8" in log
     assert "32768/hf:recompute=full,compile=1,attn=fa4" in log and "--logprob-kernels triton" in log
     assert (run / "done").exists()

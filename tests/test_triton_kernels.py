@@ -48,6 +48,30 @@ def test_rope_kernel_equals_megatron_and_inverts(layout):
     torch.testing.assert_close(triton_kernels.rope(upstream, cos, sin, inverse=True), grad)
 
 
+def test_qkv_rope_kernels_equal_the_split_path():
+    """The fused QKV split + RoPE kernels against the split path (model/fused.py's eager branch: megatron's
+    split, the query reshaped, RoPE on each): a strided fused projection (a view of a wider one), 3 query heads
+    a group (a partly masked head block), strided upstream gradients."""
+    g = torch.Generator().manual_seed(8)
+    dim, q_per_group, groups = 16, 3, 2
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    angles = torch.outer(torch.arange(10).float(), inv)
+    freqs = torch.cat((angles, angles), -1)[:, None, None, :]
+    wide = torch.randn(10, 2, groups, (q_per_group + 3) * dim, generator=g)
+    qkv = wide[..., dim:].requires_grad_()  # leaf view: strides of the wider tensor
+    split = [q_per_group * dim, dim, dim]
+    cos, sin = freqs.cos(), freqs.sin()
+    query, key = triton_kernels.qkv_rope(qkv.detach(), cos, sin, q_per_group)
+    expected = fused.fused_qkv_rope(qkv, freqs, freqs, split)  # eager on CPU tensors
+    torch.testing.assert_close(query, expected[0])
+    torch.testing.assert_close(key, expected[1])
+    upstream = [torch.randn(t.shape[:-1] + (2 * dim,), generator=g)[..., :dim] for t in expected]  # strided
+    (grad,) = torch.autograd.grad(expected, qkv, upstream)
+    got = triton_kernels.qkv_rope_backward(*upstream, cos, sin)
+    assert got.is_contiguous() and got.shape == qkv.shape
+    torch.testing.assert_close(got, grad)
+
+
 @pytest.mark.parametrize("rows, programs", [(9, 4), (8, 1), (5, 16), (130, 1)])
 def test_rmsnorm_kernels_equal_the_reference(rows, programs):
     """Hidden size 24 (a partly masked block); row blocks with a ragged last one, one program, more programs
@@ -140,9 +164,18 @@ def test_model_on_the_triton_kernels_equals_the_unfused_model(monkeypatch):
         )
         monkeypatch.setattr(fused, "_rotate", lambda t, cos, sin: fused._RopeFunction.apply(t, cos, sin))
         monkeypatch.setattr(fused.SwiGLU, "forward", lambda self, y: SwiGLUOnTriton.apply(y))
+        monkeypatch.setattr(fused, "_qkv_kernel_usable", lambda qkv, cos, half: True)
+        qkv_calls = []
+        original = fused._QKVRopeFunction.apply
+        monkeypatch.setattr(fused._QKVRopeFunction, "apply", lambda *a: qkv_calls.append(1) or original(*a))
         got, got_grads = run(fusions=True)
+        assert len(qkv_calls) == 2 * hf["num_hidden_layers"]  # forward and recompute (megatron-core 0.16+)
     finally:
         rope_utils.fused_apply_rotary_pos_emb = rope_utils.fused_apply_rotary_pos_emb_thd = None
+        from megatron.core.transformer import attention as mcore_attention
+
+        mcore_attention.HAVE_FUSED_QKV_ROPE = False
+        mcore_attention.__dict__.pop("apply_fused_qkv_rotary_pos_emb", None)
         destroy_distributed()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for name, grad in expected_grads.items():
@@ -369,6 +402,40 @@ for fn, signature in ((tk._logprob_stats_kernel, stats), (tk._logprob_grad_kerne
     assert kernel.asm["cubin"] and "ld.global.v4" in kernel.asm["ptx"], fn
 print("compiled")
 """
+
+
+QKV_ROPE_AOT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from questa_nemo.model import triton_kernels as tk
+
+const = {"QPG": 6, "BLOCK_Q": 8, "HALF": 64}  # Qwen2.5-1.5B: 12 query heads in 2 groups, head dim 128
+forward = {"qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_ptr": "*bf16", "k_ptr": "*bf16",
+           "batch": "i32", "groups": "i32", "stride_s": "i64", "stride_b": "i32", "stride_g": "i32"}
+backward = {"dq_ptr": "*bf16", "dk_ptr": "*bf16", "dv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+            "dqkv_ptr": "*bf16", "batch": "i32", "groups": "i32",
+            **{f"{t}_{dim}": "i32" for t in ("dq", "dk", "dv") for dim in "sbh"}}
+for fn, signature in ((tk._qkv_rope_kernel, forward), (tk._qkv_rope_backward_kernel, backward)):
+    signature = {**signature, **{name: "constexpr" for name in const}}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=const),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert kernel.asm["cubin"], fn
+print("compiled")
+"""
+
+
+def test_qkv_rope_kernels_compile_for_hopper():
+    """Ahead of time, no GPU: the fused QKV split + RoPE kernels at the 1.5B model's head layout assemble for
+    sm_90."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from rollout_models import compile_for_hopper
+
+    done = compile_for_hopper(QKV_ROPE_AOT, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]
 
 
 def test_logprob_kernels_compile_for_hopper():

@@ -130,6 +130,122 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
     return out
 
 
+# ------------------------------------------------------------------------------------------ QKV split + RoPE
+# megatron's fused QKV projection output is [s, b, groups, (q_per_group + 2) * d]: each key/value group's query
+# heads, then its key, then its value. megatron splits it into strided views and copies the query into
+# [s, b, heads, d] (its `reshape` cannot be a view) before RoPE reads it again; in the backward the split's
+# gradient is a `cat` of the three gradients. These two kernels do each direction in one pass (megatron's
+# `fused_single_qkv_rope`; model/fused.py): forward, read a group's query and key heads once and write them
+# rotated and contiguous; backward, write the rotated-back query and key gradients and the value gradient
+# straight into the fused projection's gradient.
+@triton.jit
+def _qkv_rope_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, batch, groups, stride_s, stride_b, stride_g,
+    QPG: tl.constexpr, BLOCK_Q: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    """One (position, batch row, group) per program: its QPG query heads and its key head, rotated."""
+    row = tl.program_id(0)
+    g = tl.program_id(1)
+    s, b = row // batch, row % batch
+    d = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + s.to(tl.int64) * 2 * HALF + d)  # both halves of a table row are equal
+    sin = tl.load(sin_ptr + s.to(tl.int64) * 2 * HALF + d)
+    base = qkv_ptr + s.to(tl.int64) * stride_s + b * stride_b + g * stride_g
+    h = tl.arange(0, BLOCK_Q)
+    mask = (h < QPG)[:, None]
+    src = base + h[:, None] * 2 * HALF + d[None, :]
+    x1 = tl.load(src, mask=mask).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask).to(tl.float32)
+    dst = q_ptr + ((row.to(tl.int64) * groups + g) * QPG + h[:, None]) * 2 * HALF + d[None, :]
+    tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(q_ptr.dtype.element_ty), mask=mask)
+    k1 = tl.load(base + QPG * 2 * HALF + d).to(tl.float32)
+    k2 = tl.load(base + QPG * 2 * HALF + HALF + d).to(tl.float32)
+    kdst = k_ptr + (row.to(tl.int64) * groups + g) * 2 * HALF + d
+    tl.store(kdst, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty))
+    tl.store(kdst + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _qkv_rope_backward_kernel(
+    dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqkv_ptr, batch, groups,
+    dq_s, dq_b, dq_h, dk_s, dk_b, dk_h, dv_s, dv_b, dv_h,
+    QPG: tl.constexpr, BLOCK_Q: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    """One (position, batch row, group) per program: the group's slice of the fused projection's gradient,
+    [query heads rotated back | key rotated back | value], from dq [s, b, heads, d], dk / dv [s, b, groups, d]
+    (any strides but d's)."""
+    row = tl.program_id(0)
+    g = tl.program_id(1)
+    s, b = row // batch, row % batch
+    s64 = s.to(tl.int64)
+    d = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + s64 * 2 * HALF + d)
+    sin = tl.load(sin_ptr + s64 * 2 * HALF + d)
+    h = tl.arange(0, BLOCK_Q)
+    mask = (h < QPG)[:, None]
+    src = dq_ptr + s64 * dq_s + b * dq_b + (g * QPG + h[:, None]) * dq_h + d[None, :]
+    x1 = tl.load(src, mask=mask).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask).to(tl.float32)
+    base = dqkv_ptr + (row.to(tl.int64) * groups + g) * (QPG + 2) * 2 * HALF
+    dst = base + h[:, None] * 2 * HALF + d[None, :]
+    tl.store(dst, (x1 * cos[None, :] + x2 * sin[None, :]).to(dqkv_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos[None, :] - x1 * sin[None, :]).to(dqkv_ptr.dtype.element_ty), mask=mask)
+    ksrc = dk_ptr + s64 * dk_s + b * dk_b + g * dk_h + d
+    k1 = tl.load(ksrc).to(tl.float32)
+    k2 = tl.load(ksrc + HALF).to(tl.float32)
+    tl.store(base + QPG * 2 * HALF + d, (k1 * cos + k2 * sin).to(dqkv_ptr.dtype.element_ty))
+    tl.store(base + QPG * 2 * HALF + HALF + d, (k2 * cos - k1 * sin).to(dqkv_ptr.dtype.element_ty))
+    full = tl.arange(0, 2 * HALF)
+    v = tl.load(dv_ptr + s64 * dv_s + b * dv_b + g * dv_h + full)
+    tl.store(base + (QPG + 1) * 2 * HALF + full, v.to(dqkv_ptr.dtype.element_ty))
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def qkv_rope(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_per_group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv [s, b, groups, (q_per_group + 2) * d] (any strides but the last) -> the rotated query
+    [s, b, groups * q_per_group, d] and key [s, b, groups, d], contiguous; fp32 tables cos / sin [s, ..., d]."""
+    s, b, groups, width = qkv.shape
+    dim = width // (q_per_group + 2)
+    qkv = _last_dim_contiguous(qkv)
+    cos, sin = cos.reshape(-1, dim).contiguous(), sin.reshape(-1, dim).contiguous()
+    q = torch.empty(s, b, groups * q_per_group, dim, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(s, b, groups, dim, dtype=qkv.dtype, device=qkv.device)
+    if q.numel():
+        _qkv_rope_kernel[(s * b, groups)](
+            qkv, cos, sin, q, k, b, groups, qkv.stride(0), qkv.stride(1), qkv.stride(2),
+            QPG=q_per_group, BLOCK_Q=triton.next_power_of_2(q_per_group), HALF=dim // 2, num_warps=4,
+        )  # fmt: skip
+    return q, k
+
+
+def qkv_rope_backward(
+    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of `qkv_rope` (with the value a view of qkv's last d columns of each group) at upstream
+    gradients dq [s, b, heads, d], dk and dv [s, b, groups, d] -> [s, b, groups, (heads / groups + 2) * d],
+    contiguous."""
+    s, b, heads, dim = dq.shape
+    groups = dk.size(2)
+    q_per_group = heads // groups
+    dq, dk, dv = _last_dim_contiguous(dq), _last_dim_contiguous(dk), _last_dim_contiguous(dv)
+    cos, sin = cos.reshape(-1, dim).contiguous(), sin.reshape(-1, dim).contiguous()
+    dqkv = torch.empty(s, b, groups, (q_per_group + 2) * dim, dtype=dq.dtype, device=dq.device)
+    if dqkv.numel():
+        _qkv_rope_backward_kernel[(s * b, groups)](
+            dq, dk, dv, cos, sin, dqkv, b, groups,
+            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            QPG=q_per_group, BLOCK_Q=triton.next_power_of_2(q_per_group), HALF=dim // 2, num_warps=4,
+        )  # fmt: skip
+    return dqkv
+
+
 # ------------------------------------------------------------------------------------------ log-prob head
 # model/logprobs.py's per-chunk softmax maths on one chunk's logits [n, V] (V: this rank's vocabulary rows,
 # ~152K): one program per row (statistics) or per row and column block (gradient), 64-bit row offsets, so a
