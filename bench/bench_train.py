@@ -47,8 +47,8 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   lpk=compile|triton              mcore: the log-prob head's per-chunk kernels on CUDA (model/logprobs.py
                                   CUDA_KERNELS): compile (default: torch.compile'd torch) or triton (one
                                   read of the logits forward, 64-bit offsets)
-  qkvrope=0|1                     mcore, fusions=1, unpacked rows: 1 (default) = megatron's fused QKV split +
-                                  RoPE path on our kernels (model/fused.py FUSED_QKV_ROPE); 0 = the split path
+  qkvrope=0|1                     mcore, fusions=1, unpacked rows: 1 = megatron's fused QKV split + RoPE path
+                                  on our kernels (model/fused.py FUSED_QKV_ROPE); 0 (default) = the split path
   wgrad=0|1                       mcore, optim=megatron: 1 = weight gradients added into the fp32 main grad by
                                   the GEMM (model/linear.py WGRAD_INTO_MAIN_GRAD, the default); 0 = autograd's
                                   bf16 gradient, then DDP's add
@@ -303,7 +303,7 @@ def build_mcore(hf: dict, run: Run, device: str):
     )
     from questa_nemo.model import fused
 
-    fused.FUSED_QKV_ROPE = run.options.get("qkvrope", "1") == "1"  # set on every run (model/fused.py's default)
+    fused.FUSED_QKV_ROPE = run.options.get("qkvrope", "0") == "1"  # set on every run (model/fused.py's default)
     model = build_model(hf, cfg)
     model.train()
     if run.options.get("compile") == "1" and cgraph(run):

@@ -5,7 +5,7 @@
 #   2. 32K, full recompute keeping attention, FA4, the log-prob head in one chunk (model.logprob_chunk_tokens
 #      32768): its per-chunk kernels torch.compile'd (model/logprobs.py CUDA_KERNELS=compile, the default) against
 #      Triton's (triton: one read of the logits forward, a gradient kernel with 64-bit offsets), each with and
-#      without the fused QKV split + RoPE (model/fused.py FusedQKVSelfAttention, qkvrope=1 the default),
+#      without the fused QKV split + RoPE (model/fused.py FusedQKVSelfAttention, qkvrope=1; off by default),
 #      interleaved, with transformers compiled (its strongest stock setting) between them
 #   3. 8K, one and eight micro-batches a step, every layer compiled on both sides: the same, transformers
 #      compiled beside them; then the GRPO step shaped like NeMo-RL's table (FA4, sync; packed rows, so the

@@ -222,6 +222,7 @@ def test_model_built_with_fusions_equals_unfused(single_process, monkeypatch, pa
         return counted(*args, **kwargs)
 
     monkeypatch.setattr(fused, "fused_qkv_rope", counting)
+    monkeypatch.setattr(fused, "FUSED_QKV_ROPE", True)  # off by default until run on a GPU
     _uninstall()  # install() puts the function in megatron's slot once: the counting one here
 
     def loss_and_grads(fusions: bool):

@@ -44,7 +44,7 @@ def megatron_local_spec_with_our_modules(cfg: ModelConfig) -> ModuleSpec:
         mlp.activation_func = fused.SwiGLU
     if mm.fusions_on(cfg):
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = fused.RMSNorm
-        if fused.qkv_rope_supported():  # megatron-core 0.16+: its fused QKV split + RoPE path for unpacked rows
+        if fused.FUSED_QKV_ROPE and fused.qkv_rope_supported():  # megatron-core 0.16+: its fused QKV split + RoPE path for unpacked rows
             spec.submodules.self_attention.module = fused.FusedQKVSelfAttention
     return spec
 
@@ -77,8 +77,10 @@ def gpu_fusions(monkeypatch):
     monkeypatch.setattr(mm, "fusions_on", lambda cfg: cfg.fusions)
 
 
+@pytest.mark.parametrize("qkv", [False, True])
 @pytest.mark.parametrize("attention,fusions", CONFIGS)
-def test_the_provider_builds_megatrons_local_spec_with_our_modules(gpu_fusions, attention, fusions):
+def test_the_provider_builds_megatrons_local_spec_with_our_modules(gpu_fusions, attention, fusions, qkv, monkeypatch):
+    monkeypatch.setattr(fused, "FUSED_QKV_ROPE", qkv)
     cfg = ModelConfig(params_dtype="fp32", attention=attention, fusions=fusions)
     ours = mm.layer_spec(cfg)
     assert tree(ours) == tree(megatron_local_spec_with_our_modules(cfg))

@@ -165,6 +165,7 @@ def test_model_on_the_triton_kernels_equals_the_unfused_model(monkeypatch):
         monkeypatch.setattr(fused, "_rotate", lambda t, cos, sin: fused._RopeFunction.apply(t, cos, sin))
         monkeypatch.setattr(fused.SwiGLU, "forward", lambda self, y: SwiGLUOnTriton.apply(y))
         monkeypatch.setattr(fused, "_qkv_kernel_usable", lambda qkv, cos, half: True)
+        monkeypatch.setattr(fused, "FUSED_QKV_ROPE", True)
         qkv_calls = []
         original = fused._QKVRopeFunction.apply
         monkeypatch.setattr(fused._QKVRopeFunction, "apply", lambda *a: qkv_calls.append(1) or original(*a))
