@@ -27,6 +27,8 @@ A run is `SEQ/IMPL:key=value,...`, IMPL in {mcore, hf}; keys:
   ckpt=megatron|torch             mcore, recompute=full: megatron's reentrant checkpoint or torch's (model.recompute_impl)
   keepattn=0|1                    recompute=full: keep each layer's attention output instead of recomputing it
                                   (mcore: model.recompute_keep_attention, implies ckpt=torch; hf: the same policy)
+  keepswiglu=1                    mcore, keepattn=1: also keep each layer's SwiGLU output through recompute
+                                  (model.recompute_keep_swiglu)
   sdpa=auto|flash|cudnn|efficient SDPA backend for the run
   attn=fa4                        FlashAttention 4 (pip flash-attn-4) for attention: mcore model.attention=fa4,
                                   hf attn_implementation="flash_attention_4" (its own FA4 integration)
@@ -234,11 +236,11 @@ def parse_run(text: str) -> Run:
     options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
     known = {"fa4direct", "recompute", "layers", "fusions", "rope", "swiglu", "compile", "sdpa", "chunk", "docs", "accum",
              "newstuff", "keepattn", "vcontig", "headmajor", "ckpt", "segplan", "varlen", "attn", "optim",
-             "wgrad", "cgraph", "lpk", "qkvrope"}  # fmt: skip
+             "wgrad", "cgraph", "lpk", "qkvrope", "keepswiglu"}  # fmt: skip
     if set(options) - known:
         raise SystemExit(f"run {text!r}: unknown keys {sorted(set(options) - known)}")
-    if impl == "hf" and {"optim", "wgrad", "lpk", "qkvrope"} & set(options):
-        raise SystemExit(f"run {text!r}: optim, wgrad, lpk and qkvrope are ours (mcore) only")
+    if impl == "hf" and {"optim", "wgrad", "lpk", "qkvrope", "keepswiglu"} & set(options):
+        raise SystemExit(f"run {text!r}: optim, wgrad, lpk, qkvrope and keepswiglu are ours (mcore) only")
     if options.get("lpk", "compile") not in ("triton", "compile"):
         raise SystemExit(f"run {text!r}: lpk must be compile or triton")
     return Run(int(seq), impl, options)
@@ -298,6 +300,7 @@ def build_mcore(hf: dict, run: Run, device: str):
         fusions=run.options.get("fusions", "1") == "1",
         recompute_impl="torch" if run.options.get("keepattn") == "1" else run.options.get("ckpt", "megatron"),
         recompute_keep_attention=run.options.get("keepattn") == "1",
+        recompute_keep_swiglu=run.options.get("keepswiglu") == "1",
         compile=run.options.get("compile") == "1" and not cgraph(run),  # model.compile: every decoder layer
         packed_attention="varlen" if run.options.get("varlen") == "1" else "sdpa",
     )

@@ -6,7 +6,8 @@
 #      32768): its per-chunk kernels torch.compile'd (model/logprobs.py CUDA_KERNELS=compile, the default) against
 #      Triton's (triton: one read of the logits forward, a gradient kernel with 64-bit offsets), each with and
 #      without the fused QKV split + RoPE (model/fused.py FusedQKVSelfAttention, qkvrope=1; off by default),
-#      interleaved, with transformers compiled (its strongest stock setting) between them
+#      interleaved, with transformers compiled (its strongest stock setting) between them; and with each layer's
+#      SwiGLU output kept through recompute (model.recompute_keep_swiglu, keepswiglu=1: its forward not rerun)
 #   3. 8K, one and eight micro-batches a step, every layer compiled on both sides: the same, transformers
 #      compiled beside them; then the GRPO step shaped like NeMo-RL's table (FA4, sync; packed rows, so the
 #      split path) on each log-prob kernel choice
@@ -34,7 +35,7 @@ TRAIN="python3 bench/bench_train.py --device cuda --preset none --steps 8 --time
 LONG=32768/mcore:recompute=full,attn=fa4,keepattn=1,chunk=32768
 HF32=32768/hf:recompute=full,compile=1,attn=fa4
 $TRAIN --steps 4 --out "$R/train_32k_lpk.json" --runs $LONG,lpk=compile,qkvrope=0 $LONG,lpk=triton,qkvrope=0 $HF32 \
-  $LONG,lpk=triton,qkvrope=1 $LONG,lpk=compile,qkvrope=1 $HF32
+  $LONG,lpk=triton,qkvrope=1 $LONG,lpk=triton,qkvrope=1,keepswiglu=1 $LONG,lpk=compile,qkvrope=1 $HF32
 step train_32k $?
 HF=8192/hf:recompute=none,compile=1
 OURS=8192/mcore:recompute=none,compile=1,attn=fa4

@@ -151,6 +151,9 @@ class ModelConfig:
     # recompute_impl=torch: keep each layer's SDPA attention output instead of recomputing attention in backward
     # (about s x hidden x 2 bytes more a layer; not with TE attention)
     recompute_keep_attention: bool = False
+    # recompute_impl=torch: keep each layer's SwiGLU output instead of rerunning it in backward (s x ffn x 2 bytes
+    # more a layer: 587 MB at 32K on the 1.5B shape; needs our fused SwiGLU: fusions on a GPU, not with TE)
+    recompute_keep_swiglu: bool = False
     fusions: bool = True  # fused RoPE, SwiGLU and RMSNorm kernels (model/fused.py; GPU only, ignored on CPU)
     compile: bool = False  # torch.compile every decoder layer (GPU only, ignored on CPU; not with TE attention)
     tensor_parallel: int = 1
@@ -175,6 +178,8 @@ class ModelConfig:
             raise ConfigError("model.recompute_impl", "needs recompute=full")
         if self.recompute_keep_attention and (self.recompute != "full" or self.recompute_impl != "torch"):
             raise ConfigError("model.recompute_keep_attention", "needs recompute=full and recompute_impl=torch")
+        if self.recompute_keep_swiglu and (self.recompute != "full" or self.recompute_impl != "torch"):
+            raise ConfigError("model.recompute_keep_swiglu", "needs recompute=full and recompute_impl=torch")
         if self.attention == "fa4" and self.params_dtype != "bf16":
             raise ConfigError("model.params_dtype", "attention=fa4 needs bf16 (FlashAttention 4's kernels are bf16)")
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:

@@ -197,6 +197,11 @@ def check_config(cfg: Config, gpus: Gpus | None = None) -> list[str]:
     te = resolves_to_te(cfg.model.attention)
     if cfg.model.compile and gpus.count and te:
         problems.append("model.compile: not supported with Transformer Engine attention (use attention=sdpa)")
+    if cfg.model.recompute_keep_swiglu:  # the build's check (model/megatron.py), but for megatron's version
+        if not cfg.model.fusions or not gpus.count:
+            problems.append("model.recompute_keep_swiglu: needs our fused SwiGLU (model.fusions on a GPU)")
+        elif te:
+            problems.append("model.recompute_keep_swiglu: not with Transformer Engine (its MLP has its own activation)")
     if gpus.count:
         m = cfg.model
         model_parallel = m.tensor_parallel * m.pipeline_parallel * m.context_parallel

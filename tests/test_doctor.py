@@ -58,6 +58,19 @@ def test_model_compile_is_refused_with_te_attention_on_gpu_and_ignored_on_cpu():
     assert rows["model.compile=true"] == "ignored on CPU (eager)"
 
 
+def test_keep_swiglu_needs_the_fused_swiglu_on_a_gpu():
+    """model.recompute_keep_swiglu keeps our SwiGLU op's output: refused without it (CPU, fusions off, TE)."""
+    keep = {"recompute": "full", "recompute_impl": "torch", "recompute_keep_swiglu": True, "attention": "sdpa"}
+    assert doctor.check_config(_config(model=keep), EIGHT_H100) == []
+    asked = "model.recompute_keep_swiglu: needs our fused SwiGLU (model.fusions on a GPU)"
+    assert doctor.check_config(_config(model=keep), CPU) == [asked]
+    assert doctor.check_config(_config(model={**keep, "fusions": False}), EIGHT_H100) == [asked]
+    te = doctor.check_config(_config(model={**keep, "attention": "te"}), EIGHT_H100)
+    assert any(p.startswith("model.recompute_keep_swiglu: not with Transformer Engine") for p in te)
+    with pytest.raises(ConfigError, match="model.recompute_keep_swiglu"):
+        _config(model={"recompute_keep_swiglu": True}).model.validate()  # megatron's recompute
+
+
 def test_packed_varlen_attention_is_blocked_where_it_cannot_run():
     """model.packed_attention=varlen is refused with the model build's own reason (model/varlen.py); auto falls
     back to sdpa and is never a problem."""

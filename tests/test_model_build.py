@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from tiny_hf import VOCAB, tiny_hf_model  # noqa: E402
 
-from questa_nemo.config import ModelConfig  # noqa: E402
+from questa_nemo.config import ConfigError, ModelConfig  # noqa: E402
 from questa_nemo.model import attention  # noqa: E402
 from questa_nemo.model.attention import packed_causal_sdpa  # noqa: E402
 
@@ -376,8 +376,8 @@ def test_keep_attention_keeps_the_varlen_op():
         pytest.skip("this torch has no torch.nn.attention.varlen")
     op = torch.ops.torch_attn._varlen_attn.default
     assert op in recompute.kept_ops() and recompute.KEPT_OPS <= recompute.kept_ops()
-    assert recompute._policy(None, op) == CheckpointPolicy.MUST_SAVE
-    assert recompute._policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert recompute._policy(recompute.kept_ops(), None, op) == CheckpointPolicy.MUST_SAVE
+    assert recompute._policy(recompute.kept_ops(), None, torch.ops.aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
     if not torch.cuda.is_available():
         return
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -707,3 +707,57 @@ def test_ckpt_leftovers_counts_what_the_next_step_frees(tmp_path):
                  "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["runs"]
     assert [r["run"] for r in rows] == ["64/mcore:recompute=full,ckpt=torch,clear=0"] and rows[0]["seq"] == 256
+
+
+def test_keep_swiglu_keeps_the_swiglu_op_through_recompute(monkeypatch):
+    """model.recompute_keep_swiglu: backward does not rerun our SwiGLU op (it does without the knob), and the
+    gradients are those of the model without recompute. Our SwiGLU on the CPU (fusions forced on) is the
+    custom op's eager maths."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from questa_nemo.model import megatron as mg
+    from questa_nemo.model.logprobs import final_hidden_states
+    from questa_nemo.model.parallel import destroy_distributed, init_distributed
+
+    class CountSwiGLU(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func is torch.ops.questa.swiglu.default
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(mg, "fusions_on", lambda cfg: True)
+    ref, hf = tiny_hf_model("qwen2")
+    layers = hf["num_hidden_layers"]
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(9))
+
+    def run(**recompute):
+        cfg = ModelConfig(params_dtype="fp32", attention="sdpa", **recompute)
+        cfg.validate()
+        model = mg.build_model(hf, cfg)
+        mg.load_hf_weights(model, ref.state_dict(), hf, cfg)
+        model.train()
+        hidden = final_hidden_states(model, ids, torch.arange(8)[None])
+        with CountSwiGLU() as backward:
+            hidden.float().pow(2).mean().backward()
+        return backward.calls, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    init_distributed(ModelConfig(params_dtype="fp32"))
+    try:
+        if not mg.own_swiglu_on(ModelConfig()):  # megatron-core 0.14: megatron's SwiGLU, refused
+            with pytest.raises(ConfigError, match="model.recompute_keep_swiglu"):
+                run(recompute="full", recompute_impl="torch", recompute_keep_swiglu=True)
+            return
+        _, expected = run(recompute="none")
+        rerun, _ = run(recompute="full", recompute_impl="torch")
+        kept, got = run(recompute="full", recompute_impl="torch", recompute_keep_swiglu=True)
+        both, _ = run(
+            recompute="full", recompute_impl="torch", recompute_keep_swiglu=True, recompute_keep_attention=True
+        )
+    finally:
+        rope_utils.fused_apply_rotary_pos_emb = rope_utils.fused_apply_rotary_pos_emb_thd = None
+        destroy_distributed()
+    assert (rerun, kept, both) == (layers, 0, 0)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)

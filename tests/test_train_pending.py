@@ -25,6 +25,6 @@ def test_parts_run_in_order_and_the_run_says_it_is_done(tmp_path):
     ]
     assert "tests: rc=1" in log and "train_32k: rc=0" in log
     assert "chunk=32768,lpk=triton,qkvrope=1" in log and "chunk=32768,lpk=compile,qkvrope=0" in log
-    assert "lpk=triton,accum=8" in log
+    assert "lpk=triton,accum=8" in log and "qkvrope=1,keepswiglu=1" in log
     assert "32768/hf:recompute=full,compile=1,attn=fa4" in log and "--logprob-kernels triton" in log
     assert (run / "done").exists()

@@ -269,24 +269,49 @@ def swiglu_reference_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cat((d_gate, g * gate * sig), dim=-1).to(y.dtype)
 
 
-class _SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y):
-        ctx.save_for_backward(y)
-        if y.is_cuda:
-            from questa_nemo.model.triton_kernels import swiglu_forward
+# A custom op, not an autograd.Function, so that a selective recompute policy can keep its output
+# (model/recompute.py, model.recompute_keep_swiglu): the dispatcher sees one op where the Triton launch inside a
+# Function would show it only an `empty`.
+@torch.library.custom_op("questa::swiglu", mutates_args=())
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for y = [gate | up] ([..., 2f] -> [..., f]): the Triton kernel on CUDA, else fp32 eager."""
+    if y.is_cuda:
+        from questa_nemo.model.triton_kernels import swiglu_forward
 
-            return swiglu_forward(y)
-        return swiglu_reference(y)
+        return swiglu_forward(y)
+    return swiglu_reference(y)
 
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        if y.is_cuda:
-            from questa_nemo.model.triton_kernels import swiglu_backward
 
-            return swiglu_backward(g, y)
-        return swiglu_reference_backward(g, y)
+@swiglu.register_fake
+def _(y):
+    return y.new_empty(*y.shape[:-1], y.shape[-1] // 2)
+
+
+@torch.library.custom_op("questa::swiglu_backward", mutates_args=())
+def swiglu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gradient of `swiglu` at y for upstream gradient g."""
+    if y.is_cuda:
+        from questa_nemo.model.triton_kernels import swiglu_backward as triton_swiglu_backward
+
+        return triton_swiglu_backward(g, y)
+    return swiglu_reference_backward(g, y)
+
+
+@swiglu_backward.register_fake
+def _(g, y):
+    return torch.empty_like(y)
+
+
+def _swiglu_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_grad(ctx, g):
+    (y,) = ctx.saved_tensors
+    return swiglu_backward(g, y)
+
+
+swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
 class SwiGLU(torch.nn.Module):
@@ -296,7 +321,7 @@ class SwiGLU(torch.nn.Module):
         super().__init__()
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return _SwiGLUFunction.apply(y)
+        return swiglu(y)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Nothing to save; megatron-core 0.15 and 0.16's MLP asks each of its children for this."""

@@ -264,10 +264,16 @@ def build_model(
             raise ConfigError(
                 "model.recompute_keep_attention", "needs SDPA or FA4 attention (model.attention=sdpa | fa4), not TE's"
             )
+        if cfg.recompute_keep_swiglu and not own_swiglu_on(cfg):
+            raise ConfigError(
+                "model.recompute_keep_swiglu",
+                "needs our fused SwiGLU (model.fusions on a GPU, no Transformer Engine, megatron-core 0.15+)",
+            )
         layers = model.decoder.layers
         checkpoint_layers(
             layers if cfg.recompute_num_layers is None else layers[: cfg.recompute_num_layers],
             keep_attention=cfg.recompute_keep_attention,
+            keep_swiglu=cfg.recompute_keep_swiglu,
         )
     if compile_on(cfg):
         compile_layers(model)
