@@ -507,7 +507,8 @@ def test_varlen_core_attention_on_cpu_attends_packed_rows_through_sdpa(single_pr
 def test_layers_trace_under_torch_compile_with_packed_batches(single_process, monkeypatch):
     """model.compile's path, traced by dynamo (eager backend: no C++ compiler needed): our fused modules (CPU
     reference maths) and packed attention (kept eager) give the uncompiled model's outputs and gradients over
-    micro-batches of varying packing; compile is off on CPU (`compile_on`)."""
+    micro-batches of varying packing, and an unpacked one through the fused QKV split + RoPE path
+    (`FusedQKVSelfAttention`, megatron-core 0.16+; its flag set per call); compile is off on CPU (`compile_on`)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from questa_nemo.model import fused
@@ -518,6 +519,7 @@ def test_layers_trace_under_torch_compile_with_packed_batches(single_process, mo
     cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none", compile=True)
     assert not mg.compile_on(cfg)
     monkeypatch.setattr(mg, "fusions_on", lambda cfg: True)
+    monkeypatch.setattr(fused, "FUSED_QKV_ROPE", True)
     models = []
     for compiled in (False, True):
         model = mg.build_model(hf, cfg)
@@ -527,7 +529,7 @@ def test_layers_trace_under_torch_compile_with_packed_batches(single_process, mo
                 layer.compile(backend="eager")
         models.append(model)
     try:
-        for cuts in ([0, 9, 20], [0, 4, 11, 17], [0, 15]):
+        for cuts in ([0, 9, 20], [0, 4, 11, 17], [0, 15], [0, 13]):
             cu = torch.tensor(cuts, dtype=torch.int32)
             longest = int(cu.diff().max())
             params = PackedSeqParams(
@@ -539,6 +541,8 @@ def test_layers_trace_under_torch_compile_with_packed_batches(single_process, mo
             )
             ids = torch.randint(0, VOCAB, (1, cuts[-1]), generator=torch.Generator().manual_seed(cuts[1]))
             positions = fused.segment_positions(cu, cuts[-1])[None]
+            if cuts == [0, 13]:  # one unpacked sequence
+                params, positions = None, torch.arange(13)[None]
             outs, grads = [], []
             for model in models:
                 model.zero_grad()
@@ -553,8 +557,12 @@ def test_layers_trace_under_torch_compile_with_packed_batches(single_process, mo
     finally:
         torch._dynamo.reset()
         from megatron.core.models.common.embeddings import rope_utils
+        from megatron.core.transformer import attention as mcore_attention
 
         rope_utils.fused_apply_rotary_pos_emb = rope_utils.fused_apply_rotary_pos_emb_thd = None
+        if fused.qkv_rope_supported():
+            mcore_attention.HAVE_FUSED_QKV_ROPE = False
+            mcore_attention.__dict__.pop("apply_fused_qkv_rotary_pos_emb", None)
 
 
 def test_bench_train_cpu_smoke(tmp_path):
