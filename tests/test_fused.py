@@ -124,17 +124,28 @@ def test_model_logits_with_fused_rope_equal_unfused(single_process):
     assert calls, "megatron did not call the fused RoPE"
 
 
-def test_swiglu_equals_megatron_glu_values_and_gradients():
+@pytest.mark.parametrize("as_op", [False, True])
+def test_swiglu_equals_megatron_glu_values_and_gradients(as_op):
+    """The module through its autograd Function and through the custom op (`as_op`, what recompute keeps)."""
     g = torch.Generator().manual_seed(3)
     y = torch.randn(5, 2, 12, generator=g, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(5, 2, 6, generator=g, dtype=torch.float64)
-    ours = fused.SwiGLU()(y)
+    module = fused.SwiGLU()
+    module.as_op = as_op
+    ours = module(y)
     (grad_ours,) = torch.autograd.grad(ours, y, upstream)
     gate, up = torch.chunk(y, 2, dim=-1)
     ref = torch.nn.functional.silu(gate) * up  # megatron MLP's unfused glu
     (grad_ref,) = torch.autograd.grad(ref, y, upstream)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=1e-12)
+
+
+def test_swiglu_custom_op_registration_passes_torch_opcheck():
+    """The op's schema, fake (meta) kernel and autograd registration, as torch.compile and recompute see them."""
+    y = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(fused.swiglu, (y,))
+    torch.library.opcheck(fused.swiglu_backward, (torch.randn(3, 4, dtype=torch.float64), y.detach()))
 
 
 def test_model_with_swiglu_submodule_equals_megatron_glu(single_process):

@@ -269,17 +269,42 @@ def swiglu_reference_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cat((d_gate, g * gate * sig), dim=-1).to(y.dtype)
 
 
-# A custom op, not an autograd.Function, so that a selective recompute policy can keep its output
-# (model/recompute.py, model.recompute_keep_swiglu): the dispatcher sees one op where the Triton launch inside a
-# Function would show it only an `empty`.
-@torch.library.custom_op("questa::swiglu", mutates_args=())
-def swiglu(y: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for y = [gate | up] ([..., 2f] -> [..., f]): the Triton kernel on CUDA, else fp32 eager."""
+def _swiglu_forward(y: torch.Tensor) -> torch.Tensor:
     if y.is_cuda:
         from questa_nemo.model.triton_kernels import swiglu_forward
 
         return swiglu_forward(y)
     return swiglu_reference(y)
+
+
+def _swiglu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if y.is_cuda:
+        from questa_nemo.model.triton_kernels import swiglu_backward as triton_swiglu_backward
+
+        return triton_swiglu_backward(g, y)
+    return swiglu_reference_backward(g, y)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        ctx.save_for_backward(y)
+        return _swiglu_forward(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return _swiglu_backward(g, y)
+
+
+# The same maths as a custom op, so that a selective recompute policy can keep its output (model/recompute.py,
+# model.recompute_keep_swiglu): the dispatcher sees one op where the Triton launch inside the Function shows it
+# only an `empty`. A custom op costs more host time a call (~25 us more than the Function on our CPU), so
+# layers use it only when it is kept.
+@torch.library.custom_op("questa::swiglu", mutates_args=())
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for y = [gate | up] ([..., 2f] -> [..., f]): the Triton kernel on CUDA, else fp32 eager."""
+    return _swiglu_forward(y)
 
 
 @swiglu.register_fake
@@ -290,11 +315,7 @@ def _(y):
 @torch.library.custom_op("questa::swiglu_backward", mutates_args=())
 def swiglu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The gradient of `swiglu` at y for upstream gradient g."""
-    if y.is_cuda:
-        from questa_nemo.model.triton_kernels import swiglu_backward as triton_swiglu_backward
-
-        return triton_swiglu_backward(g, y)
-    return swiglu_reference_backward(g, y)
+    return _swiglu_backward(g, y)
 
 
 @swiglu_backward.register_fake
@@ -315,13 +336,15 @@ swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
 class SwiGLU(torch.nn.Module):
-    """The MLP's activation submodule: [..., 2f] fc1 output -> [..., f]."""
+    """The MLP's activation submodule: [..., 2f] fc1 output -> [..., f]. `as_op`: through the custom op
+    (set by model/recompute.py where its output is kept), else the autograd Function."""
 
     def __init__(self, config=None):
         super().__init__()
+        self.as_op = False
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return swiglu(y)
+        return swiglu(y) if self.as_op else _SwiGLUFunction.apply(y)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Nothing to save; megatron-core 0.15 and 0.16's MLP asks each of its children for this."""

@@ -86,6 +86,11 @@ def checkpoint_layers(layers, keep_attention: bool = False, keep_swiglu: bool = 
         frozenset({torch.ops.questa.swiglu.default}) if keep_swiglu else frozenset()
     )
     context_fn = functools.partial(keep_contexts, kept) if kept else noop_context_fn
+    if keep_swiglu:  # the policy sees the SwiGLU only as the custom op
+        for layer in layers:
+            for module in layer.modules():
+                if isinstance(module, fused.SwiGLU):
+                    module.as_op = True
     for layer in layers:
         if getattr(layer, "_checkpointed", False):
             continue
