@@ -247,6 +247,7 @@ def test_model_built_with_fusions_equals_unfused(single_process, monkeypatch, pa
         hidden = final_hidden_states(model, ids, positions, packed_seq_params=params)
         out = chunked_logprobs(hidden, output_weight(model), ids.t(), vocab_size=VOCAB)
         out.logprobs.sum().backward()
+        assert not getattr(model.config, "fused_single_qkv_rope", False)  # set per call only
         return out.logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     try:

@@ -28,8 +28,6 @@ sequences take positions from the start of their own segment in `cu_seqlens`, as
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings import rope_utils
@@ -216,15 +214,14 @@ def qkv_rope_supported() -> bool:
 class FusedQKVSelfAttention(SelfAttention):
     """megatron's SelfAttention on its `fused_single_qkv_rope` path (`fused_qkv_rope` after `install()`) for
     the calls megatron takes it for (unpacked training micro-batches) and on its split path for the others
-    (packed ones, `packed_seq_params` set), which megatron refuses while the flag is on: the flag sits on a
-    copy of the config of this module's own, set per call. At a 32K-token sequence the split path's query
+    (packed ones, `packed_seq_params` set), which megatron refuses while the flag is on: the flag is set on
+    the model's config for the length of each call and put back after it. At a 32K-token sequence the split path's query
     copy and gradient `cat` took 10 ms of a 1.2 s H100 step. Where the fused path cannot serve the layer at
     all (a query group split over tensor-parallel ranks, context parallelism, gated attention) it never
     takes it."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        self.config = copy.copy(config)  # the flag below is this module's alone
         self._fusable = (
             not config.test_mode
             and not config.flash_decode
@@ -235,14 +232,20 @@ class FusedQKVSelfAttention(SelfAttention):
         )
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.config.fused_single_qkv_rope = (
+        fused_now = (
             self._fusable
             and mcore_attention.HAVE_FUSED_QKV_ROPE
             and kwargs.get("packed_seq_params") is None
             and kwargs.get("inference_context") is None
             and _both_given(kwargs.get("rotary_pos_emb"))
         )
-        return super().forward(hidden_states, *args, **kwargs)
+        config = self.config
+        before = config.fused_single_qkv_rope
+        config.fused_single_qkv_rope = fused_now
+        try:
+            return super().forward(hidden_states, *args, **kwargs)
+        finally:
+            config.fused_single_qkv_rope = before
 
 
 def _both_given(rotary_pos_emb) -> bool:
