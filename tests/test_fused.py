@@ -283,3 +283,34 @@ def test_fused_qkv_rope_equals_megatron_split_then_rope():
     torch.testing.assert_close(grad_got, grad_expected)
     with pytest.raises(ValueError, match="unexpected split"):
         fused.fused_qkv_rope(qkv, freqs, freqs, [q_per_group * dim, dim, dim // 2])
+
+
+def test_fused_qkv_path_follows_the_models_rope_fusion_switch(single_process, monkeypatch):
+    """FusedQKVSelfAttention takes the fused path only while the model's `apply_rope_fusion` is on (megatron's
+    fused QKV path ignores that switch), and puts the config's flag back after each call."""
+    from questa_nemo.model import megatron as mg
+    from questa_nemo.model.logprobs import final_hidden_states
+
+    if not fused.qkv_rope_supported():
+        pytest.skip("megatron-core before 0.16 has no fused_single_qkv_rope path")
+    ref, hf = tiny_hf_model("qwen2")
+    cfg = ModelConfig(params_dtype="fp32", attention="sdpa", recompute="none")
+    calls = []
+    counted = fused.fused_qkv_rope
+    monkeypatch.setattr(fused, "fused_qkv_rope", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    monkeypatch.setattr(fused, "FUSED_QKV_ROPE", True)
+    monkeypatch.setattr(mg, "fusions_on", lambda cfg: True)
+    _uninstall()
+    try:
+        model = mg.build_model(hf, cfg)
+        mg.load_hf_weights(model, ref.state_dict(), hf, cfg)
+        ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(8))
+        with torch.no_grad():
+            fused_out = final_hidden_states(model, ids, torch.arange(10)[None])
+            assert len(calls) == hf["num_hidden_layers"] and not model.config.fused_single_qkv_rope
+            model.config.apply_rope_fusion = False  # megatron's unfused RoPE, and so its split path
+            plain_out = final_hidden_states(model, ids, torch.arange(10)[None])
+    finally:
+        _uninstall()
+    assert len(calls) == hf["num_hidden_layers"]
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)

@@ -215,10 +215,10 @@ class FusedQKVSelfAttention(SelfAttention):
     """megatron's SelfAttention on its `fused_single_qkv_rope` path (`fused_qkv_rope` after `install()`) for
     the calls megatron takes it for (unpacked training micro-batches) and on its split path for the others
     (packed ones, `packed_seq_params` set), which megatron refuses while the flag is on: the flag is set on
-    the model's config for the length of each call and put back after it. At a 32K-token sequence the split path's query
-    copy and gradient `cat` took 10 ms of a 1.2 s H100 step. Where the fused path cannot serve the layer at
-    all (a query group split over tensor-parallel ranks, context parallelism, gated attention) it never
-    takes it."""
+    the model's config for the length of each call and put back after it. At a 32K-token sequence the split
+    path's query copy and gradient `cat` took 10 ms of a 1.2 s H100 step. Where the fused path cannot serve
+    the layer at all (a query group split over tensor-parallel ranks, context parallelism, gated attention)
+    it never takes it, nor while the model's RoPE fusion is off (`apply_rope_fusion`)."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -234,6 +234,7 @@ class FusedQKVSelfAttention(SelfAttention):
     def forward(self, hidden_states, *args, **kwargs):
         fused_now = (
             self._fusable
+            and self.config.apply_rope_fusion
             and mcore_attention.HAVE_FUSED_QKV_ROPE
             and kwargs.get("packed_seq_params") is None
             and kwargs.get("inference_context") is None
