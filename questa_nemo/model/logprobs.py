@@ -29,8 +29,12 @@ class TokenLogprobs(NamedTuple):
     entropy: torch.Tensor  # [T], entropy of that same distribution
 
 
+def _distributed(group) -> bool:
+    return group is not None and dist.get_world_size(group) > 1
+
+
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
+    if _distributed(group):
         dist.all_reduce(t, op=op, group=group)
     return t
 
@@ -124,10 +128,6 @@ def _kernel_mode(hidden: torch.Tensor, compiled: bool | None) -> str:
     ):
         return "triton"
     return "compile"
-
-
-def _distributed(group) -> bool:
-    return group is not None and dist.get_world_size(group) > 1
 
 
 class _ChunkedLogprobs(torch.autograd.Function):

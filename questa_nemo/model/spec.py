@@ -16,8 +16,8 @@ the interface megatron's own local / TE / inference specs are built from:
   per-call hooks between the q/k split and core attention take neither `packed_seq_params` nor a stable
   signature), so the provider fills the empty slots with ours (`fused.install`) when it turns the fusion on.
   With the fusion and `fused.FUSED_QKV_ROPE` on (megatron-core 0.16+) the self-attention is
-  `fused.FusedQKVSelfAttention`: megatron's,
-  taking megatron's fused QKV-split-and-RoPE path for unpacked micro-batches, with our kernel in its slot.
+  `fused.FusedQKVSelfAttention`: megatron's, taking megatron's fused QKV-split-and-RoPE path for unpacked
+  micro-batches, with our kernel in its slot.
   (RoPE inside our core attention, with the GPTModel's own RoPE off, would drop `model.rotary_pos_emb`, which
   the rollout decoder reads, and leave megatron's local attention and CPU runs without megatron's RoPE.)
 

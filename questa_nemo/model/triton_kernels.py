@@ -91,6 +91,13 @@ def swiglu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ RoPE
 @triton.jit
+def _rotate(x1, x2, cos, sin):
+    """Rotate-half RoPE of the two halves of a head: (x1 cos - x2 sin, x2 cos + x1 sin); with -sin, the opposite
+    rotation (a rotation's backward)."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, batch, heads, stride_s, stride_b, stride_h,
     SIGN: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -108,17 +115,27 @@ def _rope_kernel(
     cos = tl.load(cos_ptr + s.to(tl.int64) * 2 * HALF + d)[None, :]  # both halves of a table row are equal
     sin = SIGN * tl.load(sin_ptr + s.to(tl.int64) * 2 * HALF + d)[None, :]
     dst = out_ptr + (row.to(tl.int64) * heads + h[:, None]) * 2 * HALF + d[None, :]
-    tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    o1, o2 = _rotate(x1, x2, cos, sin)
+    tl.store(dst, o1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself where its last dim is contiguous (the kernels take any other strides), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _table_rows(cos: torch.Tensor, sin: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables [s, ..., d] as the kernels read them: one contiguous row of d per position."""
+    return cos.reshape(-1, dim).contiguous(), sin.reshape(-1, dim).contiguous()
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """x [s, b, heads, d] (any strides, d contiguous) rotated by fp32 tables cos / sin [s, 1, 1, d] (or
     [s, d]); inverse: the opposite rotation. Returns a contiguous tensor of x's shape and dtype."""
     s, b, heads, dim = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    cos, sin = cos.reshape(-1, dim).contiguous(), sin.reshape(-1, dim).contiguous()
+    x = _last_dim_contiguous(x)
+    cos, sin = _table_rows(cos, sin, dim)
     out = torch.empty(s, b, heads, dim, dtype=x.dtype, device=x.device)
     if out.numel():
         block_h = min(triton.next_power_of_2(heads), 16)
@@ -157,13 +174,15 @@ def _qkv_rope_kernel(
     x1 = tl.load(src, mask=mask).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask).to(tl.float32)
     dst = q_ptr + ((row.to(tl.int64) * groups + g) * QPG + h[:, None]) * 2 * HALF + d[None, :]
-    tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(q_ptr.dtype.element_ty), mask=mask)
+    q1, q2 = _rotate(x1, x2, cos[None, :], sin[None, :])
+    tl.store(dst, q1.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, q2.to(q_ptr.dtype.element_ty), mask=mask)
     k1 = tl.load(base + QPG * 2 * HALF + d).to(tl.float32)
     k2 = tl.load(base + QPG * 2 * HALF + HALF + d).to(tl.float32)
     kdst = k_ptr + (row.to(tl.int64) * groups + g) * 2 * HALF + d
-    tl.store(kdst, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty))
-    tl.store(kdst + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty))
+    k1, k2 = _rotate(k1, k2, cos, sin)
+    tl.store(kdst, k1.to(k_ptr.dtype.element_ty))
+    tl.store(kdst + HALF, k2.to(k_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -181,7 +200,7 @@ def _qkv_rope_backward_kernel(
     s64 = s.to(tl.int64)
     d = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + s64 * 2 * HALF + d)
-    sin = tl.load(sin_ptr + s64 * 2 * HALF + d)
+    sin = -tl.load(sin_ptr + s64 * 2 * HALF + d)  # rotated back
     h = tl.arange(0, BLOCK_Q)
     mask = (h < QPG)[:, None]
     src = dq_ptr + s64 * dq_s + b * dq_b + (g * QPG + h[:, None]) * dq_h + d[None, :]
@@ -189,20 +208,16 @@ def _qkv_rope_backward_kernel(
     x2 = tl.load(src + HALF, mask=mask).to(tl.float32)
     base = dqkv_ptr + (row.to(tl.int64) * groups + g) * (QPG + 2) * 2 * HALF
     dst = base + h[:, None] * 2 * HALF + d[None, :]
-    tl.store(dst, (x1 * cos[None, :] + x2 * sin[None, :]).to(dqkv_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, (x2 * cos[None, :] - x1 * sin[None, :]).to(dqkv_ptr.dtype.element_ty), mask=mask)
+    q1, q2 = _rotate(x1, x2, cos[None, :], sin[None, :])
+    tl.store(dst, q1.to(dqkv_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, q2.to(dqkv_ptr.dtype.element_ty), mask=mask)
     ksrc = dk_ptr + s64 * dk_s + b * dk_b + g * dk_h + d
-    k1 = tl.load(ksrc).to(tl.float32)
-    k2 = tl.load(ksrc + HALF).to(tl.float32)
-    tl.store(base + QPG * 2 * HALF + d, (k1 * cos + k2 * sin).to(dqkv_ptr.dtype.element_ty))
-    tl.store(base + QPG * 2 * HALF + HALF + d, (k2 * cos - k1 * sin).to(dqkv_ptr.dtype.element_ty))
+    k1, k2 = _rotate(tl.load(ksrc).to(tl.float32), tl.load(ksrc + HALF).to(tl.float32), cos, sin)
+    tl.store(base + QPG * 2 * HALF + d, k1.to(dqkv_ptr.dtype.element_ty))
+    tl.store(base + QPG * 2 * HALF + HALF + d, k2.to(dqkv_ptr.dtype.element_ty))
     full = tl.arange(0, 2 * HALF)
     v = tl.load(dv_ptr + s64 * dv_s + b * dv_b + g * dv_h + full)
     tl.store(base + (QPG + 1) * 2 * HALF + full, v.to(dqkv_ptr.dtype.element_ty))
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def qkv_rope(
@@ -213,7 +228,7 @@ def qkv_rope(
     s, b, groups, width = qkv.shape
     dim = width // (q_per_group + 2)
     qkv = _last_dim_contiguous(qkv)
-    cos, sin = cos.reshape(-1, dim).contiguous(), sin.reshape(-1, dim).contiguous()
+    cos, sin = _table_rows(cos, sin, dim)
     q = torch.empty(s, b, groups * q_per_group, dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(s, b, groups, dim, dtype=qkv.dtype, device=qkv.device)
     if q.numel():
@@ -234,7 +249,7 @@ def qkv_rope_backward(
     groups = dk.size(2)
     q_per_group = heads // groups
     dq, dk, dv = _last_dim_contiguous(dq), _last_dim_contiguous(dk), _last_dim_contiguous(dv)
-    cos, sin = cos.reshape(-1, dim).contiguous(), sin.reshape(-1, dim).contiguous()
+    cos, sin = _table_rows(cos, sin, dim)
     dqkv = torch.empty(s, b, groups, (q_per_group + 2) * dim, dtype=dq.dtype, device=dq.device)
     if dqkv.numel():
         _qkv_rope_backward_kernel[(s * b, groups)](
@@ -305,14 +320,10 @@ def _logprob_grad_kernel(
     tl.store(grad_ptr + row * v + cols, (grad / temperature).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _row_major(logits: torch.Tensor) -> torch.Tensor:
-    return logits if logits.stride(-1) == 1 else logits.contiguous()
-
-
 def logprob_stats(logits: torch.Tensor, target: torch.Tensor, temperature: float):
     """logits [n, V] (rows may be strided), target [n] local column or -1 (the target is on another rank) ->
     fp32 [n] each: (max of l, sum exp(l - max), sum exp(l - max) l, l[target] or 0), l = logits / temperature."""
-    logits = _row_major(logits)
+    logits = _last_dim_contiguous(logits)
     n, v = logits.shape
     out = torch.empty(4, n, dtype=torch.float32, device=logits.device)
     if n and v:
@@ -329,7 +340,7 @@ def logprob_stats(logits: torch.Tensor, target: torch.Tensor, temperature: float
 def logprob_grad(logits, log_z, entropy, g_lp, g_h, target, temperature: float) -> torch.Tensor:
     """The gradient of sum g_lp logp_target + g_h H with respect to logits [n, V] (contiguous, logits' dtype);
     log_z, entropy, g_lp, g_h: fp32 [n]; target [n]: local column or -1."""
-    logits = _row_major(logits)
+    logits = _last_dim_contiguous(logits)
     n, v = logits.shape
     grad = torch.empty(n, v, dtype=logits.dtype, device=logits.device)
     if grad.numel():
